@@ -1,0 +1,1 @@
+"""The fedpersona device side: Flower ClientApp and the device's own state."""

@@ -1,0 +1,239 @@
+"""One device's federated round, independent of the Flower API style that drives it.
+
+:class:`Device` holds the user's data and the device's own state; :meth:`Device.train` and
+:meth:`Device.evaluate` take the global shared tensors and return the shared tensors to send
+plus scalar metrics. The Message-API ClientApp wraps them today; a legacy ``NumPyClient``
+behind ``secaggplus_mod`` can wrap the same calls.
+
+The base model and its peft wrapper are cached per process (:func:`get_runtime`): a Ray actor
+serves many simulated devices with one model, and every call re-loads that device's tensors in
+place, so no state leaks from one device to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from common.config import RunConfig
+from common.data import Encoded, UserData, encode, user_for_partition
+from common.lora import (
+    build_peft_model,
+    export_adapter,
+    get_lora_tensors,
+    init_lora_tensors,
+    load_lora_tensors,
+    lora_shapes,
+)
+from common.model import load_base_model, load_tokenizer, model_dir
+from common.personalization import Strategy, get_strategy
+from common.train import evaluate_loss, train_steps
+from client.state import DeviceState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """A loaded base model with the strategy's adapters, shared by devices in one process."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    strategy: Strategy
+    init: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    shared_names: list[str]
+    personal_names: list[str]
+    trainable_names: list[str]
+    base_ref: str
+
+
+_RUNTIMES: dict[tuple, Runtime] = {}
+_ENCODED: dict[tuple, tuple[tuple[Encoded, ...], tuple[Encoded, ...]]] = {}
+
+
+def get_runtime(cfg: RunConfig) -> Runtime:
+    """Load (once per process) the base model and wrap it for ``cfg``'s strategy and LoRA."""
+    key = (cfg.model, cfg.strategy)
+    if key not in _RUNTIMES:
+        strategy = get_strategy(cfg.strategy)
+        _RUNTIMES.clear()  # one model per process: a new config replaces the old one
+        base = load_base_model(cfg.model.name)
+        model = build_peft_model(base, cfg.model, strategy)
+        shapes = lora_shapes(model)
+        shared, personal, _ = strategy.split(list(shapes))
+        _RUNTIMES[key] = Runtime(
+            model=model,
+            tokenizer=load_tokenizer(cfg.model.name),
+            strategy=strategy,
+            init=init_lora_tensors(shapes, seed=cfg.model.init_seed),
+            shapes=shapes,
+            shared_names=shared,
+            personal_names=personal,
+            trainable_names=[n for n in shapes if strategy.is_trainable(n)],
+            base_ref=str(model_dir(cfg.model.name)),
+        )
+    return _RUNTIMES[key]
+
+
+def shared_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the shared tensors for ``cfg`` (what the server sends)."""
+    rt = get_runtime(cfg)
+    return {n: rt.shapes[n] for n in rt.shared_names}
+
+
+class Device:
+    """A user's device in one run: its data, its state dir and its rounds.
+
+    Args:
+        cfg: Parsed run config.
+        partition_id: This node's partition (selects the user).
+        num_partitions: Number of partitions (users) in the federation.
+        data_dir: The device's own state directory.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, *, partition_id: int, num_partitions: int, data_dir: Path
+    ) -> None:
+        self.cfg = cfg
+        self.partition_id = partition_id
+        self.user: UserData = user_for_partition(
+            partition_id,
+            num_partitions,
+            min_lines=cfg.data.min_lines,
+            seed=cfg.seed,
+            test_fraction=cfg.data.test_fraction,
+        )
+        self.rt = get_runtime(cfg)
+        m = cfg.model
+        self.state = DeviceState(
+            data_dir,
+            user=self.user.user,
+            strategy=cfg.strategy,
+            model=m.name,
+            lora=f"r={m.lora_r},alpha={m.lora_alpha},targets={','.join(m.lora_targets)},"
+            f"seed={m.init_seed}",
+        )
+        self.train_set, self.test_set = self._encoded()
+
+    def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...]]:
+        key = (self.user.user, self.cfg.model.name, self.cfg.data)
+        if key not in _ENCODED:
+            tok, n = self.rt.tokenizer, self.cfg.data.max_seq_len
+            train = tuple(encode(s, tok, n) for s in self.user.train)
+            test = tuple(encode(s, tok, n) for s in self.user.test[: self.cfg.data.max_test_samples])
+            _ENCODED[key] = (train, test)
+        return _ENCODED[key]
+
+    @property
+    def pad_id(self) -> int:
+        """Padding token id of the tokenizer."""
+        return int(self.rt.tokenizer.pad_token_id)
+
+    def _compose(
+        self, global_shared: dict[str, torch.Tensor], personal: dict[str, torch.Tensor] | None,
+        *, personal_overrides_shared: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Init tensors, overlaid by the global shared ones, then by the device's personal ones."""
+        tensors = dict(self.rt.init)
+        tensors.update(global_shared)
+        for name, value in (personal or {}).items():
+            if personal_overrides_shared or name not in global_shared:
+                tensors[name] = value
+        return tensors
+
+    def _loss(self, tensors: dict[str, torch.Tensor]) -> float:
+        load_lora_tensors(self.rt.model, tensors)
+        return evaluate_loss(
+            self.rt.model, self.test_set, batch_size=self.cfg.train.batch_size, pad_id=self.pad_id
+        )
+
+    def train(
+        self, global_shared: dict[str, torch.Tensor], *, server_round: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
+        """Train locally from the global shared tensors and this device's personal ones.
+
+        Returns:
+            ``(shared tensors to send, scalar metrics)``; personal tensors are saved here.
+        """
+        personal = self.state.load_personal()
+        start = self._compose(global_shared, personal, personal_overrides_shared=False)
+        load_lora_tensors(self.rt.model, start)
+        seed = zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user.user}".encode())
+        loss = train_steps(
+            self.rt.model,
+            self.rt.trainable_names,
+            self.train_set,
+            steps=self.cfg.train.local_steps,
+            batch_size=self.cfg.train.batch_size,
+            learning_rate=self.cfg.train.learning_rate,
+            seed=seed,
+            pad_id=self.pad_id,
+        )
+        after = get_lora_tensors(self.rt.model)
+        self.state.save_personal({n: after[n] for n in self.rt.personal_names})
+        self.state.meta.rounds_trained += 1
+        self.state.meta.last_round = server_round
+        self.state.save_meta()
+        shared = {n: after[n] for n in self.rt.shared_names}
+        return shared, {"train_loss": loss, "num-examples": len(self.train_set),
+                        "partition_id": self.partition_id}
+
+    @torch.no_grad()
+    def evaluate(
+        self, global_shared: dict[str, torch.Tensor], *, server_round: int
+    ) -> dict[str, float | int]:
+        """Held-out loss of the base, the global (cold-start) and this device's personal model.
+
+        Also refreshes ``personal_adapter/`` (peft format) with the model the device now uses.
+        """
+        if self.state.meta.base_loss is None:
+            with self.rt.model.disable_adapter():
+                self.state.meta.base_loss = evaluate_loss(
+                    self.rt.model, self.test_set,
+                    batch_size=self.cfg.train.batch_size, pad_id=self.pad_id,
+                )
+        global_loss = self._loss(self._compose(global_shared, None, personal_overrides_shared=False))
+        personal = self.state.load_personal()
+        if personal is None:
+            personal_tensors = self._compose(global_shared, None, personal_overrides_shared=False)
+            personal_loss = global_loss
+        else:
+            personal_tensors = self._compose(global_shared, personal, personal_overrides_shared=True)
+            personal_loss = self._loss(personal_tensors)
+        export_adapter(
+            personal_tensors,
+            self.cfg.model,
+            self.state.adapter_dir,
+            base_model=self.rt.base_ref,
+            adapters=self.rt.strategy.adapters,
+            note={
+                "kind": "personal",
+                "user": self.user.user,
+                "strategy": self.cfg.strategy,
+                "round": server_round,
+                "combination": "sum of adapters "
+                + " + ".join(self.rt.strategy.adapters)
+                + (" as one rank-2r adapter" if len(self.rt.strategy.adapters) > 1 else ""),
+            },
+        )
+        self.state.meta.history.append(
+            {"round": server_round, "global_loss": global_loss, "personal_loss": personal_loss}
+        )
+        self.state.save_meta()
+        return {
+            "partition_id": self.partition_id,
+            "n_train": len(self.user.train),
+            "n_test": len(self.test_set),
+            "base_loss": float(self.state.meta.base_loss),
+            "global_loss": global_loss,
+            "personal_loss": personal_loss,
+            "win": int(personal_loss < global_loss),
+            "num-examples": len(self.test_set),
+        }

@@ -1,0 +1,1 @@
+"""Code shared by the fedpersona ServerApp, ClientApp and simulations."""

@@ -1,0 +1,221 @@
+"""Run configuration: parse Flower's flat ``run_config`` once into frozen, validated dataclasses.
+
+Every tunable lives in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (kebab case, dotted
+groups). :func:`parse_run_config` is the only place that reads those keys; everything else
+receives the typed :class:`RunConfig`. Invalid values raise ``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("fedavg-ft", "ffa", "fedsa", "dual")
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"invalid run config `{key}`: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model and LoRA adapter settings."""
+
+    name: str = "smollm2"
+    lora_r: int = 4
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    init_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", "must be 'smollm2', 'tiny' or a local directory")
+        _require(1 <= self.lora_r <= 256, "model.lora-r", f"must be in [1, 256], got {self.lora_r}")
+        _require(self.lora_alpha > 0, "model.lora-alpha", f"must be > 0, got {self.lora_alpha}")
+        _require(
+            0.0 <= self.lora_dropout < 1.0,
+            "model.lora-dropout",
+            f"must be in [0, 1), got {self.lora_dropout}",
+        )
+        _require(
+            len(self.lora_targets) > 0 and all(self.lora_targets),
+            "model.lora-targets",
+            "must name at least one module, e.g. 'q_proj,v_proj'",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Per-user Shakespeare data: which roles become users and how samples are cut."""
+
+    min_lines: int = 200
+    num_users: int = 0
+    test_fraction: float = 0.2
+    max_seq_len: int = 96
+    max_test_samples: int = 16
+
+    def __post_init__(self) -> None:
+        _require(self.min_lines >= 1, "data.min-lines", f"must be >= 1, got {self.min_lines}")
+        _require(self.num_users >= 0, "data.num-users", f"must be >= 0, got {self.num_users}")
+        _require(
+            0.0 < self.test_fraction < 1.0,
+            "data.test-fraction",
+            f"must be in (0, 1), got {self.test_fraction}",
+        )
+        _require(
+            16 <= self.max_seq_len <= 4096,
+            "data.max-seq-len",
+            f"must be in [16, 4096], got {self.max_seq_len}",
+        )
+        _require(
+            self.max_test_samples >= 1,
+            "data.max-test-samples",
+            f"must be >= 1, got {self.max_test_samples}",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on a device, per round."""
+
+    local_steps: int = 5
+    batch_size: int = 4
+    learning_rate: float = 5e-3
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, "train.local-steps", f"must be >= 1, got {self.local_steps}")
+        _require(self.batch_size >= 1, "train.batch-size", f"must be >= 1, got {self.batch_size}")
+        _require(
+            0.0 < self.learning_rate < 1.0,
+            "train.learning-rate",
+            f"must be in (0, 1), got {self.learning_rate}",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs, parsed from ``context.run_config``."""
+
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    round_timeout: float = 3600.0
+    seed: int = 42
+    strategy: str = "fedsa"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = ""
+    run_name: str = ""
+    device_root: str = ""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_server_rounds >= 1,
+            "num-server-rounds",
+            f"must be >= 1, got {self.num_server_rounds}",
+        )
+        for key, value in (
+            ("fraction-train", self.fraction_train),
+            ("fraction-evaluate", self.fraction_evaluate),
+        ):
+            _require(0.0 < value <= 1.0, key, f"must be in (0, 1], got {value}")
+        _require(self.round_timeout > 0, "round-timeout", "must be > 0 seconds")
+        _require(
+            self.strategy in STRATEGIES,
+            "personalization.strategy",
+            f"must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}",
+        )
+
+    def run_dir(self, run_id: int) -> Path:
+        """Where this run's outputs go: ``<output.dir>/<output.run-name>``.
+
+        Defaults: ``$FEDPERSONA_HOME/runs`` (``~/.fedpersona/runs``) and ``run-<run_id>``.
+        """
+        root = self.output_dir or os.path.join(
+            os.environ.get("FEDPERSONA_HOME", os.path.expanduser("~/.fedpersona")), "runs"
+        )
+        return Path(root).expanduser() / (self.run_name or f"run-{run_id}")
+
+    def simulated_device_dir(self, run_id: int, user: str) -> Path:
+        """State dir of a simulated device that has no ``data-dir`` in its node config."""
+        root = Path(self.device_root) if self.device_root else self.run_dir(run_id) / "devices"
+        return root / user
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view of the config (for ``summary.json``)."""
+        return asdict(self)
+
+
+# Flat run-config key -> (dataclass path, converter). The only list of accepted keys.
+_KEYS: dict[str, tuple[str, Any]] = {
+    "num-server-rounds": ("num_server_rounds", int),
+    "fraction-train": ("fraction_train", float),
+    "fraction-evaluate": ("fraction_evaluate", float),
+    "round-timeout": ("round_timeout", float),
+    "seed": ("seed", int),
+    "personalization.strategy": ("strategy", str),
+    "model.name": ("model.name", str),
+    "model.lora-r": ("model.lora_r", int),
+    "model.lora-alpha": ("model.lora_alpha", float),
+    "model.lora-dropout": ("model.lora_dropout", float),
+    "model.lora-targets": (
+        "model.lora_targets",
+        lambda v: tuple(t.strip() for t in str(v).split(",") if t.strip()),
+    ),
+    "model.init-seed": ("model.init_seed", int),
+    "data.min-lines": ("data.min_lines", int),
+    "data.num-users": ("data.num_users", int),
+    "data.test-fraction": ("data.test_fraction", float),
+    "data.max-seq-len": ("data.max_seq_len", int),
+    "data.max-test-samples": ("data.max_test_samples", int),
+    "train.local-steps": ("train.local_steps", int),
+    "train.batch-size": ("train.batch_size", int),
+    "train.learning-rate": ("train.learning_rate", float),
+    "output.dir": ("output_dir", str),
+    "output.run-name": ("run_name", str),
+    "simulation.device-root": ("device_root", str),
+}
+
+
+def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """Parse Flower's flat run config into a validated :class:`RunConfig`.
+
+    Args:
+        run_config: ``context.run_config`` (keys like ``"model.lora-r"``).
+
+    Returns:
+        The frozen, validated configuration.
+
+    Raises:
+        ValueError: On an unknown key, a value of the wrong type, or an out-of-range value;
+            the message names the key.
+    """
+    top: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    for key, raw in run_config.items():
+        if key not in _KEYS:
+            raise ValueError(
+                f"unknown run config key `{key}`; known keys: {', '.join(sorted(_KEYS))}"
+            )
+        path, convert = _KEYS[key]
+        if isinstance(raw, bool) and convert in (int, float):
+            raise ValueError(f"invalid run config `{key}`: expected a number, got {raw!r}")
+        try:
+            value = convert(raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"invalid run config `{key}`: cannot parse {raw!r} ({err})") from err
+        if "." in path:
+            group, attr = path.split(".", 1)
+            groups[group][attr] = value
+        else:
+            top[path] = value
+    return RunConfig(
+        model=ModelConfig(**groups["model"]),
+        data=DataConfig(**groups["data"]),
+        train=TrainConfig(**groups["train"]),
+        **top,
+    )

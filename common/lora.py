@@ -1,0 +1,194 @@
+"""LoRA adapters with peft: build, deterministic initialisation, tensor get/set, peft export.
+
+Every party (server and devices) must start from the *same* LoRA initialisation without
+exchanging it: :func:`init_lora_tensors` draws each tensor from a generator seeded by
+``(model.init-seed, parameter name)``, independent of module order and of the device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from common.config import ModelConfig
+from common.personalization import GLOBAL_ADAPTER, PERSONAL_ADAPTER, Strategy
+from common.personalization.base import adapter_of, is_lora_a
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def lora_config(cfg: ModelConfig, *, rank_multiplier: int = 1) -> LoraConfig:
+    """peft ``LoraConfig`` for ``cfg`` (``rank_multiplier`` widens it for concatenation)."""
+    return LoraConfig(
+        r=cfg.lora_r * rank_multiplier,
+        lora_alpha=cfg.lora_alpha * rank_multiplier,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_peft_model(base: PreTrainedModel, cfg: ModelConfig, strategy: Strategy) -> PeftModel:
+    """Wrap ``base`` with the strategy's LoRA adapter(s), all active, deterministically set.
+
+    Raises:
+        ValueError: If ``model.lora-targets`` matches no module of the base model.
+    """
+    try:
+        model = get_peft_model(base, lora_config(cfg), adapter_name=GLOBAL_ADAPTER)
+    except ValueError as err:
+        raise ValueError(
+            f"model.lora-targets={','.join(cfg.lora_targets)!r} do not match the base model: "
+            f"{err}"
+        ) from err
+    for adapter in strategy.adapters[1:]:
+        model.add_adapter(adapter, lora_config(cfg))
+    model.base_model.set_adapter(list(strategy.adapters))
+    load_lora_tensors(model, init_lora_tensors(lora_shapes(model), seed=cfg.init_seed))
+    return model
+
+
+def build_skeleton(config: PretrainedConfig, cfg: ModelConfig, strategy: Strategy) -> PeftModel:
+    """The peft model on the ``meta`` device: names and shapes only, no memory, no weights."""
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+        model = get_peft_model(base, lora_config(cfg), adapter_name=GLOBAL_ADAPTER)
+        for adapter in strategy.adapters[1:]:
+            model.add_adapter(adapter, lora_config(cfg))
+    return model
+
+
+def lora_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every LoRA tensor of ``model``, in module order."""
+    return {
+        name: tuple(p.shape)
+        for name, p in model.named_parameters()
+        if ".lora_A." in name or ".lora_B." in name
+    }
+
+
+def init_lora_tensors(shapes: dict[str, tuple[int, ...]], *, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic LoRA initialisation (peft's default distribution: A ~ kaiming-uniform
+    with a=sqrt(5), i.e. U(±1/sqrt(fan_in)); B = 0), seeded per parameter name."""
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if is_lora_a(name):
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            bound = 1.0 / math.sqrt(shape[1])
+            out[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        else:
+            out[name] = torch.zeros(shape)
+    return out
+
+
+def get_lora_tensors(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Detached fp32 CPU copies of the named LoRA tensors (all LoRA tensors by default)."""
+    params = dict(model.named_parameters())
+    names = list(lora_shapes(model)) if names is None else names
+    return {n: params[n].detach().to("cpu", torch.float32).clone() for n in names}
+
+
+@torch.no_grad()
+def load_lora_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into the model's LoRA parameters in place (no re-wrapping).
+
+    Raises:
+        ValueError: On an unknown name, a shape mismatch or a non-finite value.
+    """
+    params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        if name not in params:
+            raise ValueError(f"unknown LoRA tensor {name!r} for this model and strategy")
+        target = params[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"shape mismatch for {name}: got {tuple(value.shape)}, "
+                f"expected {tuple(target.shape)}"
+            )
+        if not torch.isfinite(value).all():
+            raise ValueError(f"non-finite values in LoRA tensor {name}")
+        target.copy_(value.to(target.device, target.dtype))
+
+
+def _peft_key(name: str, adapter: str) -> str:
+    return name.replace(f".{adapter}.weight", ".weight")
+
+
+def export_adapter(
+    tensors: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: Path,
+    *,
+    base_model: str,
+    adapters: tuple[str, ...] = (GLOBAL_ADAPTER,),
+    note: dict | None = None,
+) -> Path:
+    """Write LoRA tensors as a standard peft adapter (``PeftModel.from_pretrained`` loads it).
+
+    With two adapters (``dual``), the sum B_g A_g + B_p A_p is written exactly as one adapter
+    of rank 2r and alpha 2·alpha: [B_g | B_p] [A_g ; A_p], with the same alpha/r scaling.
+
+    Args:
+        tensors: Every LoRA tensor of ``adapters``, keyed by peft parameter name.
+        cfg: LoRA settings used to train them.
+        out_dir: Target directory (replaced atomically).
+        base_model: Value for ``base_model_name_or_path`` (a local path or a name).
+        adapters: Which adapters ``tensors`` holds, combined by summation.
+        note: Extra JSON written as ``fedpersona.json`` (what the adapter is).
+    """
+    per_adapter: list[dict[str, torch.Tensor]] = []
+    for adapter in adapters:
+        part = {
+            _peft_key(n, adapter): t.to(torch.float32).contiguous()
+            for n, t in tensors.items()
+            if adapter_of(n) == adapter
+        }
+        if not part:
+            raise ValueError(f"no tensors for adapter {adapter!r}")
+        per_adapter.append(part)
+    merged: dict[str, torch.Tensor] = {}
+    for key in per_adapter[0]:
+        dim = 0 if ".lora_A." in key else 1
+        merged[key] = torch.cat([p[key] for p in per_adapter], dim=dim).contiguous()
+    config = lora_config(cfg, rank_multiplier=len(adapters))
+    config.base_model_name_or_path = base_model
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(merged, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        if note is not None:
+            (tmp / "fedpersona.json").write_text(json.dumps(note, indent=2, sort_keys=True))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+__all__ = [
+    "PERSONAL_ADAPTER",
+    "build_peft_model",
+    "build_skeleton",
+    "export_adapter",
+    "get_lora_tensors",
+    "init_lora_tensors",
+    "load_lora_tensors",
+    "lora_config",
+    "lora_shapes",
+]

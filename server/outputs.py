@@ -1,0 +1,88 @@
+"""A run's outputs: ``summary.json`` and the global adapter in peft format.
+
+Definitions (DESIGN.md): ``base`` is the pre-trained model without adapter; ``global`` is what
+a brand-new user gets from the federation (its cold-start model); ``personal`` is each
+device's own model. ``win_rate`` is the share of users whose personal loss is below their
+global loss; ``ppl_gain`` is the median over users of 1 - ppl_personal / ppl_global.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.personalization import Strategy
+
+
+def per_user_rows(clients: dict[int, dict[str, float]], users: list[str]) -> list[dict[str, Any]]:
+    """One row per evaluated user with its latest held-out losses."""
+    rows = []
+    for pid in sorted(clients):
+        c = clients[pid]
+        rows.append(
+            {
+                "partition_id": pid,
+                "user": users[pid] if pid < len(users) else f"partition-{pid}",
+                "n_train": int(c["n_train"]),
+                "n_test": int(c["n_test"]),
+                "base_loss": c["base_loss"],
+                "global_loss": c["global_loss"],
+                "personal_loss": c["personal_loss"],
+            }
+        )
+    return rows
+
+
+def win_rate(rows: list[dict[str, Any]]) -> float:
+    """Share of users whose personal model has lower held-out loss than the global one."""
+    if not rows:
+        return float("nan")
+    return sum(r["personal_loss"] < r["global_loss"] for r in rows) / len(rows)
+
+
+def ppl_gain(rows: list[dict[str, Any]]) -> float:
+    """Median over users of ``1 - ppl_personal / ppl_global``."""
+    if not rows:
+        return float("nan")
+    return statistics.median(
+        1.0 - math.exp(r["personal_loss"] - r["global_loss"]) for r in rows
+    )
+
+
+def write_summary(
+    run_dir: Path,
+    *,
+    cfg: RunConfig,
+    strategy: Strategy,
+    rounds: list[dict[str, Any]],
+    clients: dict[int, dict[str, float]],
+    users: list[str],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Write ``summary.json`` atomically and return it."""
+    rows = per_user_rows(clients, users)
+    summary = {
+        "config": cfg.to_dict(),
+        "strategy": strategy.name,
+        "cold_start_model": strategy.cold_start,
+        "rounds": rounds,
+        "clients": rows,
+        "win_rate": win_rate(rows),
+        "ppl_gain": ppl_gain(rows),
+        "base_loss": statistics.fmean(r["base_loss"] for r in rows) if rows else None,
+        "global_loss": statistics.fmean(r["global_loss"] for r in rows) if rows else None,
+        "personal_loss": statistics.fmean(r["personal_loss"] for r in rows) if rows else None,
+        "timings": timings,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".summary.", dir=run_dir)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(summary, handle, indent=2, allow_nan=True)
+    os.replace(tmp, run_dir / "summary.json")
+    return summary

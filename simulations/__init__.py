@@ -1,0 +1,1 @@
+"""Local multi-client simulations: presets and the `fedpersona simulate` driver."""

@@ -1,0 +1,234 @@
+"""``fedpersona simulate``: a local multi-client federation on Flower's Simulation Engine.
+
+It runs the real thing — ``flwr run`` against a ``flower-superlink --simulation`` (Ray) — in a
+sandbox that leaves nothing behind:
+
+* its own ``FLWR_HOME`` inside the run directory, holding a SuperLink connection to a
+  superlink this driver starts on a free 127.0.0.1 port and stops by PID when done (with every
+  process it spawned, Ray included);
+* runtime dependency installation disabled (``uv sync`` would pull a multi-GB CUDA torch);
+* the run config written to ``run-config.toml`` and passed with ``--run-config``;
+* Flower's log streamed to ``flwr.log`` and summarised as a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from common.config import parse_run_config
+from simulations.presets import get_preset
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+_ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+_FEDPERSONA = re.compile(r"fedpersona (round \d+: .*|: win_rate=.*)")
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` overrides; values are TOML literals, else plain strings.
+
+    Raises:
+        ValueError: If an item has no ``=``.
+    """
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"flower-superlink did not open 127.0.0.1:{port} in {timeout:.0f} s")
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate ``proc`` and every descendant (Ray workers, ServerApp, SuperExec) by PID."""
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def simulate(
+    preset: str = "quick",
+    overrides: dict[str, Any] | None = None,
+    out: Path | str = "runs",
+    *,
+    run_name: str | None = None,
+    on_line: Callable[[str], None] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Run one simulated federation and return its run directory (with ``summary.json``).
+
+    Args:
+        preset: ``tiny``, ``quick`` or ``full``.
+        overrides: Run-config overrides (``--set``), applied after the preset.
+        out: Parent directory of the run directory.
+        run_name: Run directory name; default ``<preset>-<strategy>-<timestamp>``.
+        on_line: Called with every line Flower prints.
+        on_round: Called with ``(round, total)`` when a round starts.
+
+    Raises:
+        ValueError: On an invalid preset or config (before anything starts).
+        RuntimeError: If the run fails or writes no summary.
+    """
+    spec = get_preset(preset)
+    run_config: dict[str, Any] = {**spec.run_config, **(overrides or {})}
+    num_supernodes = int(run_config.get("data.num-users") or spec.num_supernodes)
+    run_config["data.num-users"] = num_supernodes
+    cfg = parse_run_config(run_config)  # fail fast, before any process starts
+    out = Path(out).expanduser().resolve()
+    name = run_name or f"{preset}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = out / name
+    if run_dir.exists():
+        raise ValueError(f"{run_dir} already exists; pick another --out or run name")
+    run_config["output.dir"] = str(out)
+    run_config["output.run-name"] = name
+    run_dir.mkdir(parents=True)
+
+    flwr_home = run_dir / ".flwr"
+    flwr_home.mkdir()
+    port = _free_port()
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedpersona-sim"\n\n'
+        f'[superlink.fedpersona-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    config_file = run_dir / "run-config.toml"
+    config_file.write_text(
+        "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in sorted(run_config.items()))
+    )
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fpray-"))
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_TMPDIR": str(ray_tmp),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    bin_dir = Path(sys.executable).parent
+    log_path = run_dir / "flwr.log"
+    superlink = subprocess.Popen(
+        [
+            str(bin_dir / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation", "subprocess",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--database", str(flwr_home / "state.db"),
+            "--disable-runtime-dependency-installation",
+            "--log-file", str(run_dir / "superlink.log"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_port(port, superlink)
+        cmd = [
+            str(bin_dir / "flwr"),
+            "run",
+            str(PROJECT_DIR),
+            "fedpersona-sim",
+            "--stream",
+            "--run-config", str(config_file),
+            "--federation-config",
+            f"num-supernodes={num_supernodes} "
+            f"client-resources-num-cpus={int(spec.cpus_per_client)} "
+            f"client-resources-num-gpus={spec.gpus_per_client}",
+        ]
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                cwd=PROJECT_DIR, start_new_session=True,
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if on_line:
+                    on_line(line.rstrip("\n"))
+                match = _ROUND.search(line)
+                if match and on_round:
+                    on_round(int(match.group(1)), int(match.group(2)))
+                if (run_dir / "summary.json").exists() and "win_rate=" in line:
+                    break
+            # The stream ends when the run ends; give `flwr` a moment, then stop it.
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                stop_process_tree(proc)
+    finally:
+        stop_process_tree(superlink)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        raise RuntimeError(f"the run wrote no summary; see {log_path}")
+    return run_dir

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 SYSTEM_PROMPT = "Answer in character, in the voice of the play."
 _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
-_INLINE_DIRECTION = re.compile(r"_*\\?\[[^\]]*\]_*")
+_INLINE_DIRECTION = re.compile(r"[_*]*\\?\[[^\]]*\][_*]*")
 IGNORE_INDEX = -100
 
 
@@ -66,7 +66,7 @@ def plays_dir() -> Path:
 
 
 def _clean(line: str) -> str:
-    return _INLINE_DIRECTION.sub("", line).strip().strip("_").strip()
+    return _INLINE_DIRECTION.sub("", line).strip().strip("_*").strip()
 
 
 def parse_play(text: str) -> list[list[Speech]]:

@@ -160,7 +160,8 @@ def simulate(
     config_file.write_text(
         "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in sorted(run_config.items()))
     )
-    ray_tmp = Path(tempfile.mkdtemp(prefix="fpray-"))
+    # Ray's socket paths must stay short: a /tmp dir named after the run, not under run_dir.
+    ray_tmp = Path(tempfile.mkdtemp(prefix=f"fpray-{name[:24]}-", dir="/tmp"))
     env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),

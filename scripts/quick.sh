@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the main job: the `quick` federated simulation on SmolLM2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec fedpersona simulate --preset quick --out runs "$@"

@@ -1,0 +1,78 @@
+"""Compare the four personalization strategies on one preset: same seed, same users.
+
+``python -m simulations.compare --preset quick --out runs/compare`` runs one simulation per
+strategy, one after another, and writes ``comparison.md`` and ``comparison.json`` with base /
+global / personal loss, win rate, ppl gain and wall-clock minutes per strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common.config import STRATEGIES
+from simulations.simulate import simulate
+
+
+def compare(preset: str, out: Path, strategies: tuple[str, ...] = STRATEGIES) -> list[dict]:
+    """Run ``preset`` once per strategy and return one row per strategy."""
+    rows = []
+    for strategy in strategies:
+        t0 = time.time()
+        run_dir = simulate(
+            preset, {"personalization.strategy": strategy}, out, run_name=f"{preset}-{strategy}"
+        )
+        minutes = (time.time() - t0) / 60
+        s = json.loads((run_dir / "summary.json").read_text())
+        rows.append(
+            {
+                "strategy": strategy,
+                "users": len(s["clients"]),
+                "rounds": len(s["rounds"]),
+                "base_loss": s["base_loss"],
+                "global_loss": s["global_loss"],
+                "personal_loss": s["personal_loss"],
+                "win_rate": s["win_rate"],
+                "ppl_gain": s["ppl_gain"],
+                "minutes": minutes,
+                "cold_start_model": s["cold_start_model"],
+                "run_dir": str(run_dir),
+            }
+        )
+        _write(out, preset, rows)
+    return rows
+
+
+def _write(out: Path, preset: str, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2))
+    lines = [
+        f"| strategy ({preset}) | base loss | global loss | personal loss | win_rate | ppl_gain "
+        "| minutes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['strategy']}` | {r['base_loss']:.3f} | {r['global_loss']:.3f} | "
+            f"{r['personal_loss']:.3f} | {r['win_rate']:.2f} | {r['ppl_gain']:.3f} | "
+            f"{r['minutes']:.1f} |"
+        )
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    args = parser.parse_args()
+    rows = compare(args.preset, args.out.resolve(), tuple(args.strategies.split(",")))
+    print((args.out / "comparison.md").read_text())
+    del rows
+
+
+if __name__ == "__main__":
+    main()

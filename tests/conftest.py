@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny-model run configs and a helper to build Flower messages."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
+
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from common.config import RunConfig, parse_run_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested TOML tables into Flower's dotted run-config keys."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def default_run_config() -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of pyproject.toml, flattened as Flower does."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return flatten(data["tool"]["flwr"]["app"]["config"])
+
+
+def tiny_run_config(**overrides: Any) -> dict[str, Any]:
+    """Default run config on the tiny model, 4 users, with ``overrides`` (dotted keys)."""
+    cfg = default_run_config()
+    cfg.update(
+        {
+            "model.name": "tiny",
+            "data.num-users": 4,
+            "data.max-seq-len": 48,
+            "data.max-test-samples": 4,
+            "train.local-steps": 2,
+            "train.batch-size": 2,
+            "train.learning-rate": 0.05,
+        }
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg() -> RunConfig:
+    """Parsed tiny run config (strategy ``fedsa``)."""
+    return parse_run_config(tiny_run_config())
+
+
+def make_context(run_config: dict[str, Any], node_config: dict[str, Any], run_id: int = 7) -> Context:
+    """A hand-built ClientApp context."""
+    return Context(
+        run_id=run_id, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+
+
+def make_message(arrays: ArrayRecord, message_type: str, server_round: int = 1) -> Message:
+    """A server-to-client message carrying ``arrays`` and the round number."""
+    # Flower stamps new messages with the identity of the running task; tests are that task.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    return Message(content=content, dst_node_id=1, message_type=message_type)

@@ -1,0 +1,51 @@
+"""Run-config parsing: defaults, overrides and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import STRATEGIES, parse_run_config
+from tests.conftest import default_run_config
+
+
+def test_pyproject_defaults_parse() -> None:
+    # Execute
+    cfg = parse_run_config(default_run_config())
+
+    # Assert
+    assert cfg.model.name == "smollm2"
+    assert cfg.strategy in STRATEGIES
+    assert cfg.model.lora_targets == ("q_proj", "v_proj")
+    assert cfg.data.test_fraction == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("model.lora-r", 0),
+        ("personalization.strategy", "fedprox"),
+        ("data.test-fraction", 1.5),
+        ("train.learning-rate", -1.0),
+        ("num-server-rounds", 0),
+        ("model.lora-targets", ""),
+        ("train.local-steps", "many"),
+    ],
+)
+def test_invalid_values_name_the_key(key: str, value: object) -> None:
+    # Prepare
+    raw = default_run_config() | {key: value}
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=key):
+        parse_run_config(raw)
+
+
+def test_unknown_key_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown run config key `model.lora-rank`"):
+        parse_run_config({"model.lora-rank": 8})
+
+
+def test_run_dir_defaults_use_run_id(tmp_path) -> None:
+    cfg = parse_run_config({"output.dir": str(tmp_path)})
+    assert cfg.run_dir(12) == tmp_path / "run-12"
+    assert cfg.simulated_device_dir(12, "u@p") == tmp_path / "run-12" / "devices" / "u@p"

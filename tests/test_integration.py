@@ -1,0 +1,145 @@
+"""End to end with real Flower processes on 127.0.0.1 (tiny model).
+
+* ``fedpersona simulate --preset tiny``: ``flwr run`` on the Simulation Engine (Ray).
+* A real ``flower-superlink`` with two real ``flower-supernode`` processes, driven by
+  ``flwr run`` — the deployment path.
+
+Every process started here is stopped by PID, and the tests check that none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from peft import PeftModel
+
+from common.model import load_base_model
+from simulations.simulate import PROJECT_DIR, _free_port, _wait_port, simulate, stop_process_tree
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if text in cmd and proc.pid != os.getpid():
+            found.append(cmd[:200])
+    return found
+
+
+def _check_summary(run_dir: Path, n_users: int, n_rounds: int) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("config", "rounds", "clients", "win_rate", "ppl_gain", "timings"):
+        assert key in summary
+    assert len(summary["rounds"]) == n_rounds
+    for row in summary["rounds"]:
+        for key in ("train_loss", "global_loss", "personal_loss", "win_rate", "seconds"):
+            assert key in row
+        assert row["evaluated"] == n_users and row["updates"] == n_users
+    assert len(summary["clients"]) == n_users
+    for row in summary["clients"]:
+        for key in ("user", "n_train", "n_test", "base_loss", "global_loss", "personal_loss"):
+            assert key in row
+    return summary
+
+
+def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
+    # Execute
+    run_dir = simulate("tiny", {"personalization.strategy": "fedsa"}, tmp_path, run_name="sim")
+
+    # Assert: outputs
+    summary = _check_summary(run_dir, n_users=4, n_rounds=2)
+    rounds, clients = summary["rounds"], summary["clients"]
+    # Loss fell: each user's personal model beats the base model, and round 2 beats round 1.
+    assert all(c["personal_loss"] < c["base_loss"] for c in clients)
+    assert rounds[1]["personal_loss"] < rounds[0]["personal_loss"]
+    assert rounds[1]["train_loss"] < rounds[0]["train_loss"]
+    # The personal model beats the global (cold-start) one for most users.
+    assert summary["win_rate"] >= 0.75
+    assert summary["ppl_gain"] > 0
+    base = load_base_model("tiny")
+    PeftModel.from_pretrained(base, str(run_dir / "global_adapter"))
+    for row in clients:
+        adapter = run_dir / "devices" / row["user"] / "personal_adapter"
+        assert (adapter / "adapter_model.safetensors").is_file()
+    PeftModel.from_pretrained(load_base_model("tiny"), str(adapter))
+    # Nothing left running: superlink, ServerApp, Ray.
+    assert _processes_mentioning(str(run_dir)) == []
+    assert _processes_mentioning("fpray-sim-") == []
+
+
+def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
+    # Prepare
+    port = _free_port()
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], log: str) -> subprocess.Popen:
+        handle = open(tmp_path / log, "w")
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        procs.append(proc)
+        return proc
+
+    run_config = tmp_path / "run-config.toml"
+    run_config.write_text(
+        '"model.name" = "tiny"\n"num-server-rounds" = 2\n"data.num-users" = 2\n'
+        '"data.max-seq-len" = 48\n"data.max-test-samples" = 4\n"train.local-steps" = 4\n'
+        '"train.batch-size" = 2\n"train.learning-rate" = 0.05\n'
+        f'"output.dir" = "{tmp_path}"\n"output.run-name" = "deploy"\n"round-timeout" = 300\n'
+    )
+    try:
+        superlink = start(
+            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+             "--port", str(port), "--disable-runtime-dependency-installation",
+             "--database", str(tmp_path / "superlink.db")],
+            "superlink.log",
+        )
+        _wait_port(port, superlink)
+        for pid in range(2):
+            start(
+                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                 "--host", "127.0.0.1", "--port", str(_free_port()),
+                 "--node-config",
+                 f'partition-id={pid} num-partitions=2 data-dir="{tmp_path / f"device{pid}"}"'],
+                f"supernode{pid}.log",
+            )
+
+        # Execute
+        result = subprocess.run(
+            [str(BIN / "flwr"), "run", str(PROJECT_DIR), "local-test", "--stream",
+             "--run-config", str(run_config)],
+            env=env, capture_output=True, text=True, timeout=600, cwd=PROJECT_DIR,
+        )
+    finally:
+        for proc in reversed(procs):
+            stop_process_tree(proc)
+
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = _check_summary(tmp_path / "deploy", n_users=2, n_rounds=2)
+    assert all(c["personal_loss"] < c["base_loss"] for c in summary["clients"])
+    for pid in range(2):
+        assert (tmp_path / f"device{pid}" / "personal_adapter" / "adapter_config.json").is_file()
+        assert (tmp_path / f"device{pid}" / "personal.safetensors").is_file()
+    assert _processes_mentioning(str(tmp_path)) == []

@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 
 from client.device import Device, shared_shapes
 from common.config import parse_run_config
+from common.data import user_for_partition
 from common.serialization import (
     ALLOWED_EVAL_METRICS,
     ALLOWED_TRAIN_METRICS,
@@ -17,7 +18,6 @@ from common.serialization import (
     build_outbound_record,
     from_arrayrecord,
 )
-from common.data import user_for_partition
 
 app = ClientApp()
 
@@ -37,7 +37,10 @@ def _device(context: Context) -> Device:
         data_dir = Path(str(node["data-dir"])).expanduser()
     else:
         user = user_for_partition(
-            partition_id, num_partitions, min_lines=cfg.data.min_lines, seed=cfg.seed,
+            partition_id,
+            num_partitions,
+            min_lines=cfg.data.min_lines,
+            seed=cfg.seed,
             test_fraction=cfg.data.test_fraction,
         )
         data_dir = cfg.simulated_device_dir(context.run_id, user.user)

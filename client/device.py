@@ -21,6 +21,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from client.state import DeviceState
 from common.config import RunConfig
 from common.data import Encoded, UserData, encode, user_for_partition
 from common.lora import (
@@ -34,7 +35,6 @@ from common.lora import (
 from common.model import load_base_model, load_tokenizer, model_dir
 from common.personalization import Strategy, get_strategy
 from common.train import evaluate_loss, train_steps
-from client.state import DeviceState
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,9 @@ class Device:
         if key not in _ENCODED:
             tok, n = self.rt.tokenizer, self.cfg.data.max_seq_len
             train = tuple(encode(s, tok, n) for s in self.user.train)
-            test = tuple(encode(s, tok, n) for s in self.user.test[: self.cfg.data.max_test_samples])
+            test = tuple(
+                encode(s, tok, n) for s in self.user.test[: self.cfg.data.max_test_samples]
+            )
             _ENCODED[key] = (train, test)
         return _ENCODED[key]
 
@@ -137,8 +139,11 @@ class Device:
         return int(self.rt.tokenizer.pad_token_id)
 
     def _compose(
-        self, global_shared: dict[str, torch.Tensor], personal: dict[str, torch.Tensor] | None,
-        *, personal_overrides_shared: bool,
+        self,
+        global_shared: dict[str, torch.Tensor],
+        personal: dict[str, torch.Tensor] | None,
+        *,
+        personal_overrides_shared: bool,
     ) -> dict[str, torch.Tensor]:
         """Init tensors, overlaid by the global shared ones, then by the device's personal ones."""
         tensors = dict(self.rt.init)
@@ -182,8 +187,11 @@ class Device:
         self.state.meta.last_round = server_round
         self.state.save_meta()
         shared = {n: after[n] for n in self.rt.shared_names}
-        return shared, {"train_loss": loss, "num-examples": len(self.train_set),
-                        "partition_id": self.partition_id}
+        return shared, {
+            "train_loss": loss,
+            "num-examples": len(self.train_set),
+            "partition_id": self.partition_id,
+        }
 
     @torch.no_grad()
     def evaluate(
@@ -196,16 +204,22 @@ class Device:
         if self.state.meta.base_loss is None:
             with self.rt.model.disable_adapter():
                 self.state.meta.base_loss = evaluate_loss(
-                    self.rt.model, self.test_set,
-                    batch_size=self.cfg.train.batch_size, pad_id=self.pad_id,
+                    self.rt.model,
+                    self.test_set,
+                    batch_size=self.cfg.train.batch_size,
+                    pad_id=self.pad_id,
                 )
-        global_loss = self._loss(self._compose(global_shared, None, personal_overrides_shared=False))
+        global_loss = self._loss(
+            self._compose(global_shared, None, personal_overrides_shared=False)
+        )
         personal = self.state.load_personal()
         if personal is None:
             personal_tensors = self._compose(global_shared, None, personal_overrides_shared=False)
             personal_loss = global_loss
         else:
-            personal_tensors = self._compose(global_shared, personal, personal_overrides_shared=True)
+            personal_tensors = self._compose(
+                global_shared, personal, personal_overrides_shared=True
+            )
             personal_loss = self._loss(personal_tensors)
         export_adapter(
             personal_tensors,

@@ -92,9 +92,7 @@ class DeviceState:
 
     def save_meta(self) -> None:
         """Persist the metadata atomically."""
-        _atomic_write_bytes(
-            self.root / META_FILE, json.dumps(asdict(self.meta), indent=2).encode()
-        )
+        _atomic_write_bytes(self.root / META_FILE, json.dumps(asdict(self.meta), indent=2).encode())
 
     def load_personal(self) -> dict[str, torch.Tensor] | None:
         """The stored personal tensors, or ``None`` for a device that has not trained yet.
@@ -108,7 +106,9 @@ class DeviceState:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"corrupted personal tensors {path}: {err}; restore or remove it") from err
+            raise ValueError(
+                f"corrupted personal tensors {path}: {err}; restore or remove it"
+            ) from err
 
     def save_personal(self, tensors: dict[str, torch.Tensor]) -> None:
         """Persist the personal tensors atomically."""

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(help="fedpersona: federated, privacy-preserving LLM personalization.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="fedpersona: federated, privacy-preserving LLM personalization.", no_args_is_help=True
+)
 console = Console()
 
 
@@ -22,37 +24,49 @@ def _root() -> None:
 
 @app.command()
 def simulate(
-    preset: str = typer.Option("quick", help="tiny | quick | full"),
-    set_: list[str] = typer.Option([], "--set", help="Run-config override key=value (repeatable)"),
-    out: Path = typer.Option(Path("runs"), help="Parent directory of the run directory"),
-    name: str = typer.Option("", help="Run directory name (default: preset-strategy-time)"),
-    verbose: bool = typer.Option(False, help="Echo Flower's full log"),
+    preset: Annotated[str, typer.Option(help="tiny | quick | full")] = "quick",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Run-config override key=value (repeatable)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Parent directory of the run directory")] = Path("runs"),
+    name: Annotated[
+        str, typer.Option(help="Run directory name (default: preset-strategy-time)")
+    ] = "",
+    verbose: Annotated[bool, typer.Option(help="Echo Flower's full log")] = False,
 ) -> None:
     """Run a local multi-client federation (Flower Simulation Engine on Ray)."""
     from simulations.simulate import parse_set
     from simulations.simulate import simulate as run
 
     try:
-        overrides = parse_set(set_)
+        overrides = parse_set(set_ or [])
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
     ) as progress:
         task = progress.add_task(f"{preset}: starting", total=None)
 
         def on_round(current: int, total: int) -> None:
-            progress.update(task, description=f"{preset}: round {current}/{total}",
-                            completed=current - 1, total=total)
+            progress.update(
+                task,
+                description=f"{preset}: round {current}/{total}",
+                completed=current - 1,
+                total=total,
+            )
 
         def on_line(line: str) -> None:
             if verbose or "fedpersona" in line or "ERROR" in line or "Traceback" in line:
                 progress.console.print(line, markup=False, highlight=False)
 
         try:
-            run_dir = run(preset, overrides, out, run_name=name or None,
-                          on_line=on_line, on_round=on_round)
+            run_dir = run(
+                preset, overrides, out, run_name=name or None, on_line=on_line, on_round=on_round
+            )
         except (ValueError, RuntimeError, TimeoutError) as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(1) from None
@@ -62,8 +76,12 @@ def simulate(
     for col in ("user", "base", "global", "personal"):
         table.add_column(col)
     for row in summary["clients"]:
-        table.add_row(row["user"], f"{row['base_loss']:.3f}", f"{row['global_loss']:.3f}",
-                      f"{row['personal_loss']:.3f}")
+        table.add_row(
+            row["user"],
+            f"{row['base_loss']:.3f}",
+            f"{row['global_loss']:.3f}",
+            f"{row['personal_loss']:.3f}",
+        )
     console.print(table)
     console.print(
         f"win_rate={summary['win_rate']:.3f}  ppl_gain={summary['ppl_gain']:.4f}  "

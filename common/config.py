@@ -86,7 +86,9 @@ class TrainConfig:
     learning_rate: float = 5e-3
 
     def __post_init__(self) -> None:
-        _require(self.local_steps >= 1, "train.local-steps", f"must be >= 1, got {self.local_steps}")
+        _require(
+            self.local_steps >= 1, "train.local-steps", f"must be >= 1, got {self.local_steps}"
+        )
         _require(self.batch_size >= 1, "train.batch-size", f"must be >= 1, got {self.batch_size}")
         _require(
             0.0 < self.learning_rate < 1.0,

@@ -121,7 +121,7 @@ def _role_samples(scenes: list[list[Speech]], role: str) -> tuple[list[Sample], 
     samples: list[Sample] = []
     n_lines = 0
     for scene in scenes:
-        for prev, cur in zip(scene, scene[1:]):
+        for prev, cur in zip(scene, scene[1:], strict=False):
             if cur.speaker == role and prev.speaker != role:
                 samples.append(Sample(prompt=prev.text, reply=cur.text))
         n_lines += sum(s.n_lines for s in scene if s.speaker == role)
@@ -226,7 +226,9 @@ def encode(sample: Sample, tokenizer: PreTrainedTokenizerBase, max_len: int) -> 
     reply_ids = tokenizer(sample.reply + end, add_special_tokens=False)["input_ids"]
     reply_keep = min(len(reply_ids), max(max_len - len(prompt_ids), max_len // 2))
     reply_ids = reply_ids[:reply_keep]
-    prompt_ids = list(prompt_ids)[len(prompt_ids) - (max_len - reply_keep) :][: max_len - reply_keep]
+    prompt_ids = list(prompt_ids)[len(prompt_ids) - (max_len - reply_keep) :][
+        : max_len - reply_keep
+    ]
     ids = prompt_ids + reply_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + reply_ids
     return Encoded(tuple(ids), tuple(labels))

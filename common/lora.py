@@ -49,8 +49,7 @@ def build_peft_model(base: PreTrainedModel, cfg: ModelConfig, strategy: Strategy
         model = get_peft_model(base, lora_config(cfg), adapter_name=GLOBAL_ADAPTER)
     except ValueError as err:
         raise ValueError(
-            f"model.lora-targets={','.join(cfg.lora_targets)!r} do not match the base model: "
-            f"{err}"
+            f"model.lora-targets={','.join(cfg.lora_targets)!r} do not match the base model: {err}"
         ) from err
     for adapter in strategy.adapters[1:]:
         model.add_adapter(adapter, lora_config(cfg))
@@ -92,7 +91,9 @@ def init_lora_tensors(shapes: dict[str, tuple[int, ...]], *, seed: int) -> dict[
     return out
 
 
-def get_lora_tensors(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+def get_lora_tensors(
+    model: torch.nn.Module, names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Detached fp32 CPU copies of the named LoRA tensors (all LoRA tensors by default)."""
     params = dict(model.named_parameters())
     names = list(lora_shapes(model)) if names is None else names

@@ -63,11 +63,15 @@ def train_steps(
     losses: list[float] = []
     try:
         for _ in range(steps):
-            batch = collate([samples[rng.randrange(len(samples))] for _ in range(batch_size)], pad_id)
+            batch = collate(
+                [samples[rng.randrange(len(samples))] for _ in range(batch_size)], pad_id
+            )
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss
             if not torch.isfinite(loss):
-                raise ValueError(f"non-finite training loss {loss.item()}; lower train.learning-rate")
+                raise ValueError(
+                    f"non-finite training loss {loss.item()}; lower train.learning-rate"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -50,9 +50,7 @@ def ppl_gain(rows: list[dict[str, Any]]) -> float:
     """Median over users of ``1 - ppl_personal / ppl_global``."""
     if not rows:
         return float("nan")
-    return statistics.median(
-        1.0 - math.exp(r["personal_loss"] - r["global_loss"]) for r in rows
-    )
+    return statistics.median(1.0 - math.exp(r["personal_loss"] - r["global_loss"]) for r in rows)
 
 
 def write_summary(

@@ -74,7 +74,9 @@ def main(grid: Grid, context: Context) -> None:
     users = [
         u.user
         for u in select_users(
-            n_users, min_lines=cfg.data.min_lines, seed=cfg.seed,
+            n_users,
+            min_lines=cfg.data.min_lines,
+            seed=cfg.seed,
             test_fraction=cfg.data.test_fraction,
         )
     ]

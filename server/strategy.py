@@ -10,12 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from logging import INFO
 
 from common.serialization import METRICS_KEY
 
@@ -69,7 +69,10 @@ class PersonaFedAvg(FedAvg):
         rows = _metrics(replies)
         for row in rows:
             self.clients[int(row["partition_id"])] = row
-        record: dict[str, float | int] = {"round": server_round, **self._train.get(server_round, {})}
+        record: dict[str, float | int] = {
+            "round": server_round,
+            **self._train.get(server_round, {}),
+        }
         if rows:
             record.update(
                 global_loss=statistics.fmean(r["global_loss"] for r in rows),

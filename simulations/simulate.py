@@ -13,6 +13,7 @@ sandbox that leaves nothing behind:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -90,26 +91,18 @@ def stop_process_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         procs = []
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=timeout)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def simulate(
@@ -179,12 +172,17 @@ def simulate(
             str(bin_dir / "flower-superlink"),
             "--insecure",
             "--simulation",
-            "--isolation", "subprocess",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--database", str(flwr_home / "state.db"),
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(flwr_home / "state.db"),
             "--disable-runtime-dependency-installation",
-            "--log-file", str(run_dir / "superlink.log"),
+            "--log-file",
+            str(run_dir / "superlink.log"),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -199,7 +197,8 @@ def simulate(
             str(PROJECT_DIR),
             "fedpersona-sim",
             "--stream",
-            "--run-config", str(config_file),
+            "--run-config",
+            str(config_file),
             "--federation-config",
             f"num-supernodes={num_supernodes} "
             f"client-resources-num-cpus={int(spec.cpus_per_client)} "
@@ -207,8 +206,13 @@ def simulate(
         ]
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                cwd=PROJECT_DIR, start_new_session=True,
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=PROJECT_DIR,
+                start_new_session=True,
             )
             assert proc.stdout is not None
             for line in proc.stdout:

@@ -13,7 +13,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
-
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from common.config import RunConfig, parse_run_config  # noqa: E402
@@ -63,7 +62,9 @@ def tiny_cfg() -> RunConfig:
     return parse_run_config(tiny_run_config())
 
 
-def make_context(run_config: dict[str, Any], node_config: dict[str, Any], run_id: int = 7) -> Context:
+def make_context(
+    run_config: dict[str, Any], node_config: dict[str, Any], run_id: int = 7
+) -> Context:
     """A hand-built ClientApp context."""
     return Context(
         run_id=run_id, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config

@@ -43,7 +43,8 @@ def test_train_reply_holds_only_shared_tensors(tmp_path, strategy) -> None:
     assert not personal_only & set(reply.content["arrays"].keys())
     # The shared tensors changed (they were trained), except ffa/fedsa's untrained parts.
     moved = [
-        n for n, a in reply.content["arrays"].items()
+        n
+        for n, a in reply.content["arrays"].items()
         if not torch.equal(torch.from_numpy(a.numpy()), rt.init[n])
     ]
     assert moved
@@ -88,7 +89,13 @@ def test_evaluate_writes_a_loadable_personal_adapter(tmp_path) -> None:
     metrics = dict(reply.content["metrics"])
     assert "arrays" not in reply.content
     assert set(metrics) == {
-        "partition_id", "n_train", "n_test", "base_loss", "global_loss", "personal_loss", "win",
+        "partition_id",
+        "n_train",
+        "n_test",
+        "base_loss",
+        "global_loss",
+        "personal_loss",
+        "win",
         "num-examples",
     }
     assert metrics["win"] == int(metrics["personal_loss"] < metrics["global_loss"])

@@ -9,6 +9,7 @@ Every process started here is stopped by PID, and the tests check that none is l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -92,9 +93,10 @@ def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
     procs: list[subprocess.Popen] = []
+    logs = contextlib.ExitStack()
 
     def start(cmd: list[str], log: str) -> subprocess.Popen:
-        handle = open(tmp_path / log, "w")
+        handle = logs.enter_context(open(tmp_path / log, "w"))  # noqa: SIM115
         proc = subprocess.Popen(
             cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -110,30 +112,58 @@ def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
     )
     try:
         superlink = start(
-            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-             "--port", str(port), "--disable-runtime-dependency-installation",
-             "--database", str(tmp_path / "superlink.db")],
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+                "--database",
+                str(tmp_path / "superlink.db"),
+            ],
             "superlink.log",
         )
         _wait_port(port, superlink)
         for pid in range(2):
             start(
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                 "--host", "127.0.0.1", "--port", str(_free_port()),
-                 "--node-config",
-                 f'partition-id={pid} num-partitions=2 data-dir="{tmp_path / f"device{pid}"}"'],
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(_free_port()),
+                    "--node-config",
+                    f'partition-id={pid} num-partitions=2 data-dir="{tmp_path / f"device{pid}"}"',
+                ],
                 f"supernode{pid}.log",
             )
 
         # Execute
         result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(PROJECT_DIR), "local-test", "--stream",
-             "--run-config", str(run_config)],
-            env=env, capture_output=True, text=True, timeout=600, cwd=PROJECT_DIR,
+            [
+                str(BIN / "flwr"),
+                "run",
+                str(PROJECT_DIR),
+                "local-test",
+                "--stream",
+                "--run-config",
+                str(run_config),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=PROJECT_DIR,
         )
     finally:
         for proc in reversed(procs):
             stop_process_tree(proc)
+        logs.close()
 
     # Assert
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -99,8 +99,11 @@ def test_exported_adapter_reproduces_the_model(tmp_path, strategy) -> None:
 
     # Execute
     out = export_adapter(
-        get_lora_tensors(model), CFG, tmp_path / "adapter",
-        base_model=str(model_dir("tiny")), adapters=strat.adapters,
+        get_lora_tensors(model),
+        CFG,
+        tmp_path / "adapter",
+        base_model=str(model_dir("tiny")),
+        adapters=strat.adapters,
     )
     loaded = PeftModel.from_pretrained(load_base_model("tiny"), str(out)).eval()
     with torch.no_grad():

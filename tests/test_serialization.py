@@ -20,15 +20,17 @@ from common.serialization import (
 
 @settings(max_examples=25, deadline=None)
 @given(
-    shapes=st.lists(
-        st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4
-    ),
+    shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
     seed=st.integers(0, 2**16),
 )
 def test_round_trip_is_exact(shapes, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
-    tensors = {f"t{i}.lora_A.default.weight": torch.randn(s, generator=gen) for i, s in enumerate(shapes)}
-    back = from_arrayrecord(to_arrayrecord(tensors), {n: tuple(t.shape) for n, t in tensors.items()})
+    tensors = {
+        f"t{i}.lora_A.default.weight": torch.randn(s, generator=gen) for i, s in enumerate(shapes)
+    }
+    back = from_arrayrecord(
+        to_arrayrecord(tensors), {n: tuple(t.shape) for n, t in tensors.items()}
+    )
     assert list(back) == list(tensors)
     for name in tensors:
         assert torch.equal(back[name], tensors[name])
@@ -51,18 +53,24 @@ def test_outbound_record_holds_only_shared_tensors_and_allowed_metrics() -> None
     shared = {"x.lora_A.default.weight": torch.ones(2, 2)}
     personal = {"x.lora_B.default.weight": torch.ones(2, 2)}
     record = build_outbound_record(
-        shared, shared_names=shared, metrics={"train_loss": 1.0, "num-examples": 3},
+        shared,
+        shared_names=shared,
+        metrics={"train_loss": 1.0, "num-examples": 3},
         allowed_metrics=ALLOWED_TRAIN_METRICS,
     )
     assert list(record["arrays"].keys()) == list(shared)
     assert dict(record["metrics"]) == {"train_loss": 1.0, "num-examples": 3}
     with pytest.raises(ValueError, match="exactly the shared tensors"):
         build_outbound_record(
-            shared | personal, shared_names=shared, metrics={},
+            shared | personal,
+            shared_names=shared,
+            metrics={},
             allowed_metrics=ALLOWED_TRAIN_METRICS,
         )
     with pytest.raises(ValueError, match="may not leave the device"):
         build_outbound_record(
-            {}, shared_names=(), metrics={"per_example_loss_0": 1.0},
+            {},
+            shared_names=(),
+            metrics={"per_example_loss_0": 1.0},
             allowed_metrics=ALLOWED_EVAL_METRICS,
         )

@@ -1,11 +1,21 @@
-"""fedpersona ClientApp: thin Flower wiring around :class:`client.device.Device`."""
+"""fedpersona ClientApp: thin Flower wiring around :class:`client.device.Device`.
+
+One app serves both server paths. Message-API messages carry ``arrays`` + ``config``; the
+SecAgg+ path uses Flower's legacy records (``fitins.*`` / ``evaluateins.*``) and the SecAgg+
+protocol stages, which :func:`secagg_when_requested` hands to Flower's ``secaggplus_mod``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from client.device import Device, shared_shapes
 from common.config import parse_run_config
@@ -15,11 +25,21 @@ from common.serialization import (
     ALLOWED_TRAIN_METRICS,
     ARRAYS_KEY,
     CONFIG_KEY,
+    NUM_EXAMPLES_KEY,
     build_outbound_record,
     from_arrayrecord,
+    ordered_tensors,
 )
 
-app = ClientApp()
+
+def secagg_when_requested(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
+    """Run Flower's ``secaggplus_mod`` for SecAgg+ messages; pass others straight through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+app = ClientApp(mods=[secagg_when_requested])
 
 
 def _device(context: Context) -> Device:
@@ -47,16 +67,41 @@ def _device(context: Context) -> Device:
     return Device(cfg, partition_id=partition_id, num_partitions=num_partitions, data_dir=data_dir)
 
 
+def _incoming(msg: Message, device: Device, kind: str) -> tuple[dict[str, torch.Tensor], int, bool]:
+    """Global shared tensors and round number from either record style; validated."""
+    shapes = shared_shapes(device.cfg)
+    legacy_key = f"{kind}.parameters"
+    if legacy_key in msg.content.array_records:
+        to_ins = (
+            compat.recorddict_to_fitins if kind == "fitins" else compat.recorddict_to_evaluateins
+        )
+        ins = to_ins(msg.content, keep_input=True)
+        arrays = parameters_to_ndarrays(ins.parameters)
+        tensors = ordered_tensors(arrays, device.rt.shared_names, shapes)
+        return tensors, int(ins.config["server-round"]), True
+    tensors = from_arrayrecord(msg.content[ARRAYS_KEY], shapes)
+    return tensors, int(msg.content[CONFIG_KEY]["server-round"]), False
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train on the device's data; reply with the shared tensors only."""
+    """Train on the device's data; reply with the clipped (noised) shared update only."""
     device = _device(context)
-    shapes = shared_shapes(device.cfg)
-    global_shared = from_arrayrecord(msg.content[ARRAYS_KEY], shapes)
-    server_round = int(msg.content[CONFIG_KEY]["server-round"])
-    shared, metrics = device.train(global_shared, server_round=server_round)
+    global_shared, server_round, legacy = _incoming(msg, device, "fitins")
+    result = device.train(global_shared, server_round=server_round)
+    metrics = dict(result.metrics)
+    if legacy:
+        # SecAgg+ sums the update weighted by num_examples: 1 per participant, 0 if declined.
+        metrics[NUM_EXAMPLES_KEY] = int(metrics["weight"])
+        outbound = result.update
+    else:
+        outbound = {n: global_shared[n] + result.update[n] for n in result.update}
     content = build_outbound_record(
-        shared, shared_names=shapes, metrics=metrics, allowed_metrics=ALLOWED_TRAIN_METRICS
+        outbound,
+        shared_names=device.rt.shared_names,
+        metrics=metrics,
+        allowed_metrics=ALLOWED_TRAIN_METRICS,
+        legacy="fitres" if legacy else None,
     )
     return Message(content=content, reply_to=msg)
 
@@ -65,10 +110,13 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate base, global and personal models on the device's held-out text."""
     device = _device(context)
-    global_shared = from_arrayrecord(msg.content[ARRAYS_KEY], shared_shapes(device.cfg))
-    server_round = int(msg.content[CONFIG_KEY]["server-round"])
+    global_shared, server_round, legacy = _incoming(msg, device, "evaluateins")
     metrics = device.evaluate(global_shared, server_round=server_round)
     content = build_outbound_record(
-        {}, shared_names=(), metrics=metrics, allowed_metrics=ALLOWED_EVAL_METRICS
+        {},
+        shared_names=device.rt.shared_names,
+        metrics=metrics,
+        allowed_metrics=ALLOWED_EVAL_METRICS,
+        legacy="evaluateres" if legacy else None,
     )
     return Message(content=content, reply_to=msg)

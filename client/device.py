@@ -21,9 +21,13 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
 from client.state import DeviceState
 from common.config import RunConfig
 from common.data import Encoded, UserData, encode, user_for_partition
+from common.dp.clipping import clip_update
+from common.dp.noise import add_gaussian_noise
+from common.dp.policy import client_noise_std, uniform_weights, user_level_sample_rate
 from common.lora import (
     build_peft_model,
     export_adapter,
@@ -34,7 +38,7 @@ from common.lora import (
 )
 from common.model import load_base_model, load_tokenizer, model_dir
 from common.personalization import Strategy, get_strategy
-from common.train import evaluate_loss, train_steps
+from common.train import evaluate_loss, train_steps, train_steps_dp
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,25 @@ def shared_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     return {n: rt.shapes[n] for n in rt.shared_names}
 
 
+LEDGER_FILE = "ledger.json"
+
+
+@dataclass
+class TrainResult:
+    """What one training round produced on the device.
+
+    Attributes:
+        update: The shared tensors' update (new - global), clipped to ``dp.clip-norm`` and, in
+            ``distributed`` mode, noised; all zeros when the device declined.
+        metrics: Scalar metrics allowed to leave the device.
+        declined: The ledger refused this round; nothing was trained or spent.
+    """
+
+    update: dict[str, torch.Tensor]
+    metrics: dict[str, float | int]
+    declined: bool
+
+
 class Device:
     """A user's device in one run: its data, its state dir and its rounds.
 
@@ -120,7 +143,19 @@ class Device:
             lora=f"r={m.lora_r},alpha={m.lora_alpha},targets={','.join(m.lora_targets)},"
             f"seed={m.init_seed}",
         )
+        self.num_partitions = num_partitions
         self.train_set, self.test_set = self._encoded()
+        self.ledger_path = Path(data_dir) / LEDGER_FILE
+        self.ledger = PrivacyLedger.load(
+            self.ledger_path,
+            LedgerPolicy(
+                epsilon_cap=cfg.privacy.epsilon_cap,
+                delta=cfg.privacy.delta,
+                accountant=cfg.privacy.accountant,
+                period_days=cfg.privacy.period_days,
+                period_epsilon_cap=cfg.privacy.period_epsilon_cap,
+            ),
+        )
 
     def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...]]:
         key = (self.user.user, self.cfg.model.name, self.cfg.data)
@@ -159,39 +194,103 @@ class Device:
             self.rt.model, self.test_set, batch_size=self.cfg.train.batch_size, pad_id=self.pad_id
         )
 
-    def train(
-        self, global_shared: dict[str, torch.Tensor], *, server_round: int
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
-        """Train locally from the global shared tensors and this device's personal ones.
+    def planned_charges(
+        self,
+    ) -> tuple[tuple[float, float, int] | None, tuple[float, float, int] | None]:
+        """``(record, user)`` charges of one round, each ``(σ, q, steps)`` or ``None``."""
+        dp = self.cfg.dp
+        record = None
+        if dp.local_enabled:
+            q = min(1.0, self.cfg.train.batch_size / len(self.train_set))
+            record = (dp.local_noise_multiplier, q, self.cfg.train.local_steps)
+        user = None
+        if dp.adds_noise:
+            user = (dp.noise_multiplier, user_level_sample_rate(self.cfg), 1)
+        return record, user
 
-        Returns:
-            ``(shared tensors to send, scalar metrics)``; personal tensors are saved here.
+    def _privacy_metrics(self) -> dict[str, float]:
+        s = self.ledger.summary()
+        return {"record_epsilon": s["record_epsilon"], "user_epsilon": s["user_epsilon"]}
+
+    def train(self, global_shared: dict[str, torch.Tensor], *, server_round: int) -> TrainResult:
+        """One round: check the ledger, train locally, clip and noise the shared update.
+
+        Personal tensors and the ledger are saved here; only the returned update and metrics
+        may leave the device (through the outbound-record builder).
         """
+        record, user = self.planned_charges()
+        try:
+            self.ledger.check(record=record, user=user)
+        except BudgetExhausted as err:
+            logger.warning("device %s declines round %s: %s", self.user.user, server_round, err)
+            self.ledger.note_declined(server_round=server_round, reason=str(err))
+            self.ledger.save(self.ledger_path)
+            zeros = {n: torch.zeros_like(t) for n, t in global_shared.items()}
+            return TrainResult(
+                zeros,
+                {
+                    "partition_id": self.partition_id,
+                    "declined": 1,
+                    "weight": 0,
+                    "num-examples": 0,
+                    **self._privacy_metrics(),
+                },
+                declined=True,
+            )
+
         personal = self.state.load_personal()
         start = self._compose(global_shared, personal, personal_overrides_shared=False)
         load_lora_tensors(self.rt.model, start)
         seed = zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user.user}".encode())
-        loss = train_steps(
-            self.rt.model,
-            self.rt.trainable_names,
-            self.train_set,
+        common = dict(
             steps=self.cfg.train.local_steps,
             batch_size=self.cfg.train.batch_size,
             learning_rate=self.cfg.train.learning_rate,
             seed=seed,
             pad_id=self.pad_id,
         )
+        if self.cfg.dp.local_enabled:
+            loss, _ = train_steps_dp(
+                self.rt.model,
+                self.rt.trainable_names,
+                self.train_set,
+                noise_multiplier=self.cfg.dp.local_noise_multiplier,
+                max_grad_norm=self.cfg.dp.local_max_grad_norm,
+                **common,
+            )
+        else:
+            loss = train_steps(self.rt.model, self.rt.trainable_names, self.train_set, **common)
         after = get_lora_tensors(self.rt.model)
+        update = {n: after[n] - global_shared[n].to(after[n].dtype) for n in self.rt.shared_names}
+        norm = None
+        if self.cfg.dp.clip_norm > 0:
+            update, norm = clip_update(update, clip_norm=self.cfg.dp.clip_norm)
+        std = client_noise_std(self.cfg, self.num_partitions)
+        if std > 0:
+            update = add_gaussian_noise(update, std=std)
+
         self.state.save_personal({n: after[n] for n in self.rt.personal_names})
+        self.ledger.charge(server_round=server_round, record=record, user=user)
+        self.ledger.save(self.ledger_path)
         self.state.meta.rounds_trained += 1
         self.state.meta.last_round = server_round
+        self.state.meta.history.append(
+            {"round": server_round, "train_loss": loss, "update_norm_before_clip": norm}
+        )
         self.state.save_meta()
-        shared = {n: after[n] for n in self.rt.shared_names}
-        return shared, {
-            "train_loss": loss,
-            "num-examples": len(self.train_set),
-            "partition_id": self.partition_id,
-        }
+        weight = 1 if uniform_weights(self.cfg) else len(self.train_set)
+        return TrainResult(
+            update,
+            {
+                "train_loss": loss,
+                "num-examples": len(self.train_set),
+                "weight": weight,
+                "declined": 0,
+                "partition_id": self.partition_id,
+                **self._privacy_metrics(),
+            },
+            declined=False,
+        )
 
     @torch.no_grad()
     def evaluate(
@@ -250,4 +349,6 @@ class Device:
             "personal_loss": personal_loss,
             "win": int(personal_loss < global_loss),
             "num-examples": len(self.test_set),
+            "declined_rounds": len(self.ledger.declined),
+            **self._privacy_metrics(),
         }

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("fedavg-ft", "ffa", "fedsa", "dual")
+NOISE_MODES = ("distributed", "central", "none")
+ACCOUNTANTS = ("rdp", "prv")
 
 
 def _require(cond: bool, key: str, msg: str) -> None:
@@ -98,6 +100,107 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """User-level DP on the shared update, and record-level DP-SGD on the device.
+
+    ``noise_mode``: ``distributed`` (each client adds N(0, (σC)²/m_min) before SecAgg+),
+    ``central`` (the server adds N(0, (σC)²) to the unmasked sum) or ``none`` (clipping only
+    when ``clip_norm`` > 0). ``min_clients`` is m_min, the fewest updates the server accepts
+    for a round (0: every sampled client must report).
+    """
+
+    noise_mode: str = "distributed"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    min_clients: int = 0
+    local_enabled: bool = False
+    local_noise_multiplier: float = 1.0
+    local_max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.noise_mode in NOISE_MODES,
+            "dp.noise-mode",
+            f"must be one of {', '.join(NOISE_MODES)}; got {self.noise_mode!r}",
+        )
+        _require(self.clip_norm >= 0, "dp.clip-norm", f"must be >= 0, got {self.clip_norm}")
+        _require(
+            self.noise_mode == "none" or self.clip_norm > 0,
+            "dp.clip-norm",
+            "must be > 0 when dp.noise-mode adds noise (it is the sensitivity)",
+        )
+        _require(
+            self.noise_multiplier >= 0,
+            "dp.noise-multiplier",
+            f"must be >= 0, got {self.noise_multiplier}",
+        )
+        _require(self.min_clients >= 0, "dp.min-clients", f"must be >= 0, got {self.min_clients}")
+        _require(
+            self.local_noise_multiplier >= 0,
+            "dp.local.noise-multiplier",
+            f"must be >= 0, got {self.local_noise_multiplier}",
+        )
+        _require(
+            self.local_max_grad_norm > 0,
+            "dp.local.max-grad-norm",
+            f"must be > 0, got {self.local_max_grad_norm}",
+        )
+
+    @property
+    def adds_noise(self) -> bool:
+        """True if the federation adds Gaussian noise to the aggregate."""
+        return self.noise_mode != "none" and self.noise_multiplier > 0
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """SecAgg+ settings; the quantization parameters are derived (see common.secagg)."""
+
+    enabled: bool = True
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.67
+    timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_shares > 0, "secagg.num-shares", "must be > 0 (count or fraction)")
+        _require(
+            self.reconstruction_threshold > 0,
+            "secagg.reconstruction-threshold",
+            "must be > 0 (count or fraction)",
+        )
+        _require(self.timeout > 0, "secagg.timeout", "must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Privacy budgets: per-device caps (the ledger) and the federation's target."""
+
+    epsilon_cap: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    verifiable_sampling: bool = False
+    target_epsilon: float = 0.0
+    period_days: float = 0.0
+    period_epsilon_cap: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.epsilon_cap > 0, "privacy.epsilon-cap", f"must be > 0, got {self.epsilon_cap}"
+        )
+        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
+        _require(
+            self.accountant in ACCOUNTANTS,
+            "privacy.accountant",
+            f"must be one of {', '.join(ACCOUNTANTS)}; got {self.accountant!r}",
+        )
+        _require(self.target_epsilon >= 0, "privacy.target-epsilon", "must be >= 0 (0 = no target)")
+        _require(self.period_days >= 0, "privacy.period-days", "must be >= 0 (0 = no period)")
+        _require(
+            self.period_epsilon_cap >= 0, "privacy.period-epsilon-cap", "must be >= 0 (0 = none)"
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs, parsed from ``context.run_config``."""
 
@@ -110,6 +213,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output_dir: str = ""
     run_name: str = ""
     device_root: str = ""
@@ -152,6 +258,14 @@ class RunConfig:
         return asdict(self)
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 # Flat run-config key -> (dataclass path, converter). The only list of accepted keys.
 _KEYS: dict[str, tuple[str, Any]] = {
     "num-server-rounds": ("num_server_rounds", int),
@@ -177,6 +291,24 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "train.local-steps": ("train.local_steps", int),
     "train.batch-size": ("train.batch_size", int),
     "train.learning-rate": ("train.learning_rate", float),
+    "dp.noise-mode": ("dp.noise_mode", str),
+    "dp.clip-norm": ("dp.clip_norm", float),
+    "dp.noise-multiplier": ("dp.noise_multiplier", float),
+    "dp.min-clients": ("dp.min_clients", int),
+    "dp.local.enabled": ("dp.local_enabled", _bool),
+    "dp.local.noise-multiplier": ("dp.local_noise_multiplier", float),
+    "dp.local.max-grad-norm": ("dp.local_max_grad_norm", float),
+    "secagg.enabled": ("secagg.enabled", _bool),
+    "secagg.num-shares": ("secagg.num_shares", float),
+    "secagg.reconstruction-threshold": ("secagg.reconstruction_threshold", float),
+    "secagg.timeout": ("secagg.timeout", float),
+    "privacy.epsilon-cap": ("privacy.epsilon_cap", float),
+    "privacy.delta": ("privacy.delta", float),
+    "privacy.accountant": ("privacy.accountant", str),
+    "privacy.verifiable-sampling": ("privacy.verifiable_sampling", _bool),
+    "privacy.target-epsilon": ("privacy.target_epsilon", float),
+    "privacy.period-days": ("privacy.period_days", float),
+    "privacy.period-epsilon-cap": ("privacy.period_epsilon_cap", float),
     "output.dir": ("output_dir", str),
     "output.run-name": ("run_name", str),
     "simulation.device-root": ("device_root", str),
@@ -197,14 +329,21 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
             the message names the key.
     """
     top: dict[str, Any] = {}
-    groups: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    groups: dict[str, dict[str, Any]] = {
+        "model": {},
+        "data": {},
+        "train": {},
+        "dp": {},
+        "secagg": {},
+        "privacy": {},
+    }
     for key, raw in run_config.items():
         if key not in _KEYS:
             raise ValueError(
                 f"unknown run config key `{key}`; known keys: {', '.join(sorted(_KEYS))}"
             )
         path, convert = _KEYS[key]
-        if isinstance(raw, bool) and convert in (int, float):
+        if isinstance(raw, bool) and convert is not _bool:
             raise ValueError(f"invalid run config `{key}`: expected a number, got {raw!r}")
         try:
             value = convert(raw)
@@ -219,5 +358,8 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         model=ModelConfig(**groups["model"]),
         data=DataConfig(**groups["data"]),
         train=TrainConfig(**groups["train"]),
+        dp=DPConfig(**groups["dp"]),
+        secagg=SecAggConfig(**groups["secagg"]),
+        privacy=PrivacyConfig(**groups["privacy"]),
         **top,
     )

@@ -8,11 +8,13 @@ Record keys follow Flower's own conventions (``"arrays"``, ``"metrics"``, ``"con
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -20,7 +22,17 @@ CONFIG_KEY = "config"
 NUM_EXAMPLES_KEY = "num-examples"
 
 # Scalar metrics a device may report (DESIGN.md, "What leaves the device").
-ALLOWED_TRAIN_METRICS = frozenset({NUM_EXAMPLES_KEY, "train_loss", "partition_id"})
+ALLOWED_TRAIN_METRICS = frozenset(
+    {
+        NUM_EXAMPLES_KEY,
+        "train_loss",
+        "partition_id",
+        "weight",
+        "declined",
+        "record_epsilon",
+        "user_epsilon",
+    }
+)
 ALLOWED_EVAL_METRICS = frozenset(
     {
         NUM_EXAMPLES_KEY,
@@ -31,6 +43,9 @@ ALLOWED_EVAL_METRICS = frozenset(
         "global_loss",
         "personal_loss",
         "win",
+        "record_epsilon",
+        "user_epsilon",
+        "declined_rounds",
     }
 )
 
@@ -72,28 +87,65 @@ def from_arrayrecord(
 def build_outbound_record(
     shared: Mapping[str, torch.Tensor],
     *,
-    shared_names: Collection[str],
+    shared_names: Sequence[str],
     metrics: Mapping[str, float | int],
     allowed_metrics: frozenset[str],
+    legacy: str | None = None,
 ) -> RecordDict:
     """Build the only record a device sends to the server.
 
     Args:
-        shared: The shared (federated) tensors; nothing else may be passed.
-        shared_names: Every shared tensor name of the strategy; ``shared`` must equal it.
+        shared: The shared (federated) tensors — or their clipped, noised update; nothing
+            else may be passed.
+        shared_names: Every shared tensor name of the strategy, in canonical order;
+            ``shared`` must hold exactly these.
         metrics: Scalar metrics, each in ``allowed_metrics``.
         allowed_metrics: The scalar metrics this message type may carry.
+        legacy: ``None`` for the Message API; ``"fitres"`` / ``"evaluateres"`` for Flower's
+            legacy workflow (the SecAgg+ path), whose arrays are an unnamed list in
+            ``shared_names`` order.
 
     Raises:
         ValueError: If a non-shared tensor or a non-allowed metric would leave the device.
     """
-    if set(shared) != set(shared_names):
-        leaked = sorted(set(shared) - set(shared_names))
-        raise ValueError(f"outbound record must hold exactly the shared tensors; extra {leaked}")
+    if set(shared) and set(shared) != set(shared_names):
+        leaked = sorted(set(shared) ^ set(shared_names))
+        raise ValueError(f"outbound record must hold exactly the shared tensors; off by {leaked}")
     bad = sorted(set(metrics) - allowed_metrics)
     if bad:
         raise ValueError(f"metrics {bad} may not leave the device")
-    content = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
-    if shared:
-        content[ARRAYS_KEY] = to_arrayrecord(shared)
-    return content
+    if legacy is None:
+        content = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
+        if shared:
+            content[ARRAYS_KEY] = to_arrayrecord(shared)
+        return content
+    num_examples = int(metrics.get(NUM_EXAMPLES_KEY, 0))
+    scalars = {k: v for k, v in metrics.items() if k != NUM_EXAMPLES_KEY}
+    status = Status(code=Code.OK, message="declined" if scalars.get("declined") else "ok")
+    if legacy == "fitres":
+        arrays = [shared[n].detach().to("cpu", torch.float32).numpy() for n in shared_names]
+        res = FitRes(status, ndarrays_to_parameters(arrays), num_examples, scalars)
+        return compat.fitres_to_recorddict(res, keep_input=False)
+    if legacy == "evaluateres":
+        if shared:
+            raise ValueError("an evaluate reply carries no tensors")
+        loss = float(scalars.get("personal_loss", 0.0))
+        return compat.evaluateres_to_recorddict(EvaluateRes(status, loss, num_examples, scalars))
+    raise ValueError(f"unknown legacy record type {legacy!r}")
+
+
+def ordered_tensors(
+    arrays: list[np.ndarray], names: Sequence[str], expected: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Name an unnamed legacy array list (in ``names`` order) and validate it like
+    :func:`from_arrayrecord`.
+
+    Raises:
+        ValueError: On a wrong count, shape or a non-finite value.
+    """
+    if len(arrays) != len(names):
+        raise ValueError(f"expected {len(names)} arrays, got {len(arrays)}")
+    record = ArrayRecord(
+        {n: Array(np.asarray(a, dtype=np.float32)) for n, a in zip(names, arrays, strict=True)}
+    )
+    return from_arrayrecord(record, expected)

@@ -84,6 +84,97 @@ def train_steps(
     return sum(losses) / len(losses)
 
 
+def _per_sample_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over samples of each sample's mean reply-token loss (per-sample DP needs this)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logp = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+    )
+    mask = (labels != -100).float()
+    return ((logp * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).sum()
+
+
+def train_steps_dp(
+    model: torch.nn.Module,
+    trainable: Sequence[str],
+    samples: Sequence[Encoded],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int,
+    pad_id: int,
+) -> tuple[float, float]:
+    """DP-SGD (Opacus) on the named parameters: Poisson batches, per-sample clipping, noise.
+
+    Per-sample gradients come from Opacus' ``GradSampleModule`` and clipping + Gaussian noise
+    from its ``DPOptimizer`` (over AdamW), so an Opacus accountant fed ``(noise_multiplier,
+    sample_rate, steps)`` gives this training's record-level ε. Every trainable tensor,
+    personal ones included, goes through DP-SGD: in ``fedsa`` and ``dual`` the personal tensors
+    shape the shared tensors' gradients, so training them without noise would void the
+    guarantee on what is released.
+
+    Returns:
+        ``(mean training loss per sample, sample rate)``.
+
+    Raises:
+        ValueError: If there is nothing to train on or the loss becomes non-finite.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    if not samples:
+        raise ValueError("no training samples on this device")
+    sample_rate = min(1.0, batch_size / len(samples))
+    wanted = set(trainable)
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+        if name in wanted:
+            params.append(param)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    optimizer = DPOptimizer(
+        torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=max(1, round(sample_rate * len(samples))),
+        loss_reduction="sum",
+    )
+    device = params[0].device
+    rng = random.Random(seed)  # Poisson sampling of the batch
+    losses: list[float] = []
+    gsm.train()
+    try:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            chosen = [s for s in samples if rng.random() < sample_rate]
+            if chosen:
+                batch = {k: v.to(device) for k, v in collate(chosen, pad_id).items()}
+                loss = _per_sample_loss_sum(gsm, batch)
+                if not torch.isfinite(loss):
+                    raise ValueError("non-finite training loss; lower train.learning-rate")
+                loss.backward()
+                losses.append(float(loss.detach()) / len(chosen))
+            else:
+                # An empty Poisson batch still takes a (pure-noise) step, as the analysis assumes.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            optimizer.step()
+    finally:
+        gsm.remove_hooks()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        model.eval()
+    return (sum(losses) / len(losses) if losses else float("nan")), sample_rate
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int, pad_id: int

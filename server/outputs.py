@@ -34,6 +34,9 @@ def per_user_rows(clients: dict[int, dict[str, float]], users: list[str]) -> lis
                 "base_loss": c["base_loss"],
                 "global_loss": c["global_loss"],
                 "personal_loss": c["personal_loss"],
+                "record_epsilon": c.get("record_epsilon", 0.0),
+                "user_epsilon": c.get("user_epsilon", 0.0),
+                "declined_rounds": int(c.get("declined_rounds", 0)),
             }
         )
     return rows
@@ -62,6 +65,7 @@ def write_summary(
     clients: dict[int, dict[str, float]],
     users: list[str],
     timings: dict[str, float],
+    privacy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``summary.json`` atomically and return it."""
     rows = per_user_rows(clients, users)
@@ -76,6 +80,7 @@ def write_summary(
         "base_loss": statistics.fmean(r["base_loss"] for r in rows) if rows else None,
         "global_loss": statistics.fmean(r["global_loss"] for r in rows) if rows else None,
         "personal_loss": statistics.fmean(r["personal_loss"] for r in rows) if rows else None,
+        "privacy": privacy or {},
         "timings": timings,
     }
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,26 +1,31 @@
-"""FedAvg over the shared LoRA tensors, recording what each round did.
+"""Message-API aggregation (the path without SecAgg+): FedAvg over the shared LoRA tensors,
+with user-level DP when configured.
 
-The aggregation itself is Flower's ``FedAvg`` (weighted by ``num-examples``); this subclass
-adds bookkeeping for ``summary.json``: per-round losses, win rate and wall time, and each
-user's latest held-out losses.
+Devices send their shared tensors as ``global + update``, where the update is already clipped
+to ``C`` (and, in ``distributed`` mode, noised). This strategy drops declined replies, refuses
+to release a round with fewer than m_min updates, averages per user (weight 1) when DP is on,
+adds N(0, (σC)²)/m in ``central`` mode, and charges the federation accountant for each
+released round. ``privacy.target-epsilon`` stops training before the target would be passed.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import secrets
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.serialization import METRICS_KEY
+from server.recorder import RoundRecorder
 
 
-def _metrics(replies: Iterable[Message]) -> list[dict[str, float]]:
+def reply_metrics(replies: Iterable[Message]) -> list[dict[str, float]]:
+    """Metrics of the replies that carry content."""
     out = []
     for msg in replies:
         if msg.has_error() or METRICS_KEY not in msg.content:
@@ -30,68 +35,107 @@ def _metrics(replies: Iterable[Message]) -> list[dict[str, float]]:
 
 
 class PersonaFedAvg(FedAvg):
-    """``FedAvg`` that records per-round and per-user metrics."""
+    """``FedAvg`` with declines, m_min, central noise, accounting and bookkeeping.
 
-    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    Args:
+        recorder: Shared run bookkeeping (holds the federation accountant, if any).
+        min_updates: m_min; rounds with fewer updates are discarded.
+        central_noise_std: Std of the noise added to the *sum* (σC) in central mode, else 0.
+        target_epsilon: Stop before the federation's ε would pass this (0 = no target).
+        **kwargs: ``FedAvg`` arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        recorder: RoundRecorder,
+        min_updates: int,
+        central_noise_std: float = 0.0,
+        target_epsilon: float = 0.0,
+        **kwargs,  # type: ignore[no-untyped-def]
+    ) -> None:
         super().__init__(**kwargs)
-        self.rounds: list[dict[str, float | int]] = []
-        self.clients: dict[int, dict[str, float]] = {}
-        self._round_start: dict[int, float] = {}
-        self._train: dict[int, dict[str, float]] = {}
+        self.recorder = recorder
+        self.min_updates = min_updates
+        self.central_noise_std = central_noise_std
+        self.target_epsilon = target_epsilon
+        self.stopped_at: int | None = None
+
+    def _over_target(self) -> bool:
+        acc = self.recorder.accountant
+        return bool(
+            self.target_epsilon > 0
+            and acc is not None
+            and acc.epsilon("rdp", extra_rounds=1) > self.target_epsilon
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample nodes as FedAvg does; start the round's clock."""
-        self._round_start[server_round] = time.time()
+        """Sample as FedAvg does, unless the privacy target forbids another round."""
+        self.recorder.start(server_round)
+        if self.stopped_at is not None or self._over_target():
+            self.stopped_at = self.stopped_at or server_round
+            log(WARNING, "privacy.target-epsilon reached: no training in round %s", server_round)
+            return []
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the shared tensors (FedAvg); note the mean train loss and update count."""
+        """Average the participants' shared tensors; discard under-populated rounds."""
         replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        rows = _metrics(replies)
-        self._train[server_round] = {
-            "train_loss": statistics.fmean(r["train_loss"] for r in rows) if rows else float("nan"),
-            "updates": len(rows),
-            "failures": len(replies) - len(rows),
-        }
+        ok = [m for m in replies if not m.has_error()]
+        rows = reply_metrics(ok)
+        participants = [m for m, r in zip(ok, rows, strict=True) if not r.get("declined")]
+        failures = len(replies) - len(ok)
+        if len(participants) < self.min_updates:
+            log(
+                WARNING,
+                "round %s discarded: %s updates < m_min=%s (releasing it would give less noise "
+                "and a weaker guarantee than promised)",
+                server_round,
+                len(participants),
+                self.min_updates,
+            )
+            self.recorder.trained(
+                server_round,
+                rows,
+                failures=failures,
+                released=False,
+                note=f"discarded: {len(participants)} updates < m_min {self.min_updates}",
+            )
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, participants)
+        if arrays is not None and self.central_noise_std > 0:
+            arrays = _add_noise(arrays, self.central_noise_std / len(participants))
+        if self.recorder.accountant is not None:
+            self.recorder.accountant.release()
+        self.recorder.trained(server_round, rows, failures=failures, released=arrays is not None)
         return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluate as FedAvg does (also after a stop: the model is still worth measuring)."""
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Aggregate as FedAvg does, and record the round's per-user losses and win rate."""
+        """Aggregate as FedAvg does and record the round's per-user losses."""
         replies = list(replies)
         aggregated = super().aggregate_evaluate(server_round, replies)
-        rows = _metrics(replies)
-        for row in rows:
-            self.clients[int(row["partition_id"])] = row
-        record: dict[str, float | int] = {
-            "round": server_round,
-            **self._train.get(server_round, {}),
-        }
-        if rows:
-            record.update(
-                global_loss=statistics.fmean(r["global_loss"] for r in rows),
-                personal_loss=statistics.fmean(r["personal_loss"] for r in rows),
-                base_loss=statistics.fmean(r["base_loss"] for r in rows),
-                win_rate=statistics.fmean(r["win"] for r in rows),
-                evaluated=len(rows),
-            )
-        record["seconds"] = time.time() - self._round_start.get(server_round, time.time())
-        self.rounds.append(record)
-        log(
-            INFO,
-            "fedpersona round %s: train_loss=%.4f global_loss=%.4f personal_loss=%.4f "
-            "win_rate=%.2f (%.1f s)",
-            server_round,
-            record.get("train_loss", float("nan")),
-            record.get("global_loss", float("nan")),
-            record.get("personal_loss", float("nan")),
-            record.get("win_rate", float("nan")),
-            record["seconds"],
-        )
+        self.recorder.evaluated(server_round, reply_metrics(replies))
         return aggregated
+
+
+def _add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:
+    """``arrays + N(0, std²)`` from a CSPRNG-seeded generator."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    noised = {}
+    for name in arrays:
+        value = arrays[name].numpy()
+        noised[name] = Array((value + rng.normal(0.0, std, size=value.shape)).astype(np.float32))
+    log(INFO, "central DP: added N(0, %.3g²) to the averaged update", std)
+    return ArrayRecord(noised)

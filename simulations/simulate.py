@@ -34,7 +34,7 @@ from common.config import parse_run_config
 from simulations.presets import get_preset
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-_ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+_ROUND = re.compile(r"\[ROUND (\d+)(?:/(\d+))?\]")
 _FEDPERSONA = re.compile(r"fedpersona (round \d+: .*|: win_rate=.*)")
 
 
@@ -222,7 +222,7 @@ def simulate(
                     on_line(line.rstrip("\n"))
                 match = _ROUND.search(line)
                 if match and on_round:
-                    on_round(int(match.group(1)), int(match.group(2)))
+                    on_round(int(match.group(1)), int(match.group(2) or cfg.num_server_rounds))
                 if (run_dir / "summary.json").exists() and "win_rate=" in line:
                     break
             # The stream ends when the run ends; give `flwr` a moment, then stop it.

@@ -13,7 +13,7 @@ from client.client_app import train as client_train
 from client.device import Device, get_runtime, shared_shapes
 from common.config import parse_run_config
 from common.model import load_base_model
-from common.serialization import to_arrayrecord
+from common.serialization import ALLOWED_EVAL_METRICS, ALLOWED_TRAIN_METRICS, to_arrayrecord
 from tests.conftest import make_context, make_message, tiny_run_config
 
 
@@ -37,7 +37,8 @@ def test_train_reply_holds_only_shared_tensors(tmp_path, strategy) -> None:
     # Assert
     assert set(reply.content["arrays"].keys()) == set(shapes)
     assert set(reply.content.keys()) == {"arrays", "metrics"}
-    assert set(reply.content["metrics"].keys()) <= {"train_loss", "num-examples", "partition_id"}
+    assert set(reply.content["metrics"].keys()) <= ALLOWED_TRAIN_METRICS
+    assert reply.content["metrics"]["declined"] == 0
     rt = get_runtime(cfg)
     personal_only = set(rt.personal_names) - set(rt.shared_names)
     assert not personal_only & set(reply.content["arrays"].keys())
@@ -55,7 +56,8 @@ def test_personal_state_survives_a_device_restart(tmp_path) -> None:
     cfg = parse_run_config(tiny_run_config(**{"personalization.strategy": "fedsa"}))
     g = _global_init(cfg)
     device = Device(cfg, partition_id=0, num_partitions=4, data_dir=tmp_path)
-    shared, _ = device.train(g, server_round=1)
+    result = device.train(g, server_round=1)
+    shared = {n: g[n] + result.update[n] for n in g}
     before = device.state.load_personal()
     first = device.evaluate(shared, server_round=1)
 
@@ -88,16 +90,7 @@ def test_evaluate_writes_a_loadable_personal_adapter(tmp_path) -> None:
     # Assert
     metrics = dict(reply.content["metrics"])
     assert "arrays" not in reply.content
-    assert set(metrics) == {
-        "partition_id",
-        "n_train",
-        "n_test",
-        "base_loss",
-        "global_loss",
-        "personal_loss",
-        "win",
-        "num-examples",
-    }
+    assert set(metrics) == ALLOWED_EVAL_METRICS
     assert metrics["win"] == int(metrics["personal_loss"] < metrics["global_loss"])
     adapter = tmp_path / "personal_adapter"
     model = PeftModel.from_pretrained(load_base_model("tiny"), str(adapter))

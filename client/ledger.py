@@ -1,0 +1,253 @@
+"""The device's privacy ledger: what this device has spent, and whether it may spend more.
+
+Two budgets, each an Opacus accountant history:
+
+* **record-level** — local DP-SGD steps on the shared parameters (needs no trust in anyone);
+* **user-level** — the federation's Gaussian noise on the aggregate, charged only for rounds in
+  which this device actually sent an update. With no verifiable sampling the device charges
+  each round at sample rate 1 (no amplification credit).
+
+Before training, :meth:`PrivacyLedger.check` computes what the round would cost and raises
+:class:`BudgetExhausted` if either ε would pass ``privacy.epsilon-cap``; the device then
+declines the round. Lifetime totals are never erased: an optional per-period cap (e.g. 30
+days) limits what a period may spend on top of, not instead of, the lifetime cap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.dp.accounting import epsilon
+
+LEDGER_VERSION = 1
+KINDS = ("record", "user")
+
+
+class BudgetExhausted(RuntimeError):
+    """Releasing this round's update would push ε past a cap."""
+
+
+@dataclass(frozen=True)
+class LedgerPolicy:
+    """Caps the device enforces.
+
+    Attributes:
+        epsilon_cap: Lifetime cap on each of record- and user-level ε.
+        delta: δ of every ε.
+        accountant: ``rdp`` or ``prv``.
+        period_days: Length of a budget period (0 = no per-period cap).
+        period_epsilon_cap: Cap on ε spent within one period.
+    """
+
+    epsilon_cap: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    period_days: float = 0.0
+    period_epsilon_cap: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.epsilon_cap > 0:
+            raise ValueError(f"privacy.epsilon-cap must be > 0, got {self.epsilon_cap}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+        if self.period_days < 0 or self.period_epsilon_cap < 0:
+            raise ValueError("privacy.period-days and privacy.period-epsilon-cap must be >= 0")
+
+
+class PrivacyLedger:
+    """Record- and user-level privacy spend of one device, with caps and persistence."""
+
+    def __init__(self, policy: LedgerPolicy) -> None:
+        self.policy = policy
+        # Each event: {"kind", "time", "round", "noise_multiplier", "sample_rate", "steps"}.
+        self.events: list[dict[str, Any]] = []
+        self.declined: list[dict[str, Any]] = []
+
+    def _history(self, kind: str, since: float | None = None) -> list[tuple[float, float, int]]:
+        return [
+            (e["noise_multiplier"], e["sample_rate"], e["steps"])
+            for e in self.events
+            if e["kind"] == kind and (since is None or e["time"] >= since)
+        ]
+
+    def epsilon(self, kind: str) -> float:
+        """Lifetime ε of ``kind`` (``record`` or ``user``)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown budget kind {kind!r}")
+        return epsilon(
+            self._history(kind), delta=self.policy.delta, accountant=self.policy.accountant
+        )
+
+    def rounds_charged(self) -> int:
+        """Number of rounds with a user-level charge (rounds this device sent an update)."""
+        return len({e["round"] for e in self.events if e["kind"] == "user"})
+
+    def _after(
+        self, kind: str, planned: list[tuple[float, float, int]], since: float | None
+    ) -> float:
+        return epsilon(
+            self._history(kind, since) + planned,
+            delta=self.policy.delta,
+            accountant=self.policy.accountant,
+        )
+
+    def check(
+        self,
+        *,
+        record: tuple[float, float, int] | None,
+        user: tuple[float, float, int] | None,
+        now: float | None = None,
+    ) -> dict[str, float]:
+        """What spending ``record`` / ``user`` (each ``(σ, q, steps)``) would bring ε to.
+
+        Returns:
+            ``{"record": ε_after, "user": ε_after}``.
+
+        Raises:
+            BudgetExhausted: If a lifetime or period cap would be exceeded.
+        """
+        now = time.time() if now is None else now
+        result: dict[str, float] = {}
+        for kind, planned in (("record", record), ("user", user)):
+            steps = [planned] if planned is not None else []
+            eps = self._after(kind, steps, None)
+            result[kind] = eps
+            if steps and eps > self.policy.epsilon_cap:
+                raise BudgetExhausted(
+                    f"privacy budget exhausted: {kind}-level ε would reach {eps:.3f} > cap "
+                    f"{self.policy.epsilon_cap:.3f} (δ={self.policy.delta:g}); the device "
+                    "declines this round. Raise `privacy.epsilon-cap` or increase the noise."
+                )
+            if steps and self.policy.period_days > 0 and self.policy.period_epsilon_cap > 0:
+                since = now - self.policy.period_days * 86400
+                period_eps = self._after(kind, steps, since)
+                if period_eps > self.policy.period_epsilon_cap:
+                    raise BudgetExhausted(
+                        f"period budget exhausted: {kind}-level ε in the last "
+                        f"{self.policy.period_days:g} days would reach {period_eps:.3f} > "
+                        f"{self.policy.period_epsilon_cap:.3f}; wait for the next period"
+                    )
+        return result
+
+    def charge(
+        self,
+        *,
+        server_round: int,
+        record: tuple[float, float, int] | None,
+        user: tuple[float, float, int] | None,
+        now: float | None = None,
+    ) -> None:
+        """Record the spend of a round whose update was actually sent."""
+        now = time.time() if now is None else now
+        for kind, planned in (("record", record), ("user", user)):
+            if planned is None:
+                continue
+            sigma, q, steps = planned
+            self.events.append(
+                {
+                    "kind": kind,
+                    "time": now,
+                    "round": int(server_round),
+                    "noise_multiplier": float(sigma),
+                    "sample_rate": float(q),
+                    "steps": int(steps),
+                }
+            )
+
+    def note_declined(self, *, server_round: int, reason: str, now: float | None = None) -> None:
+        """Remember a round this device declined (nothing was spent)."""
+        self.declined.append(
+            {
+                "round": int(server_round),
+                "time": time.time() if now is None else now,
+                "reason": reason,
+            }
+        )
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for status displays: ε spent per kind, cap and charged rounds."""
+        return {
+            "record_epsilon": self.epsilon("record"),
+            "user_epsilon": self.epsilon("user"),
+            "epsilon_cap": self.policy.epsilon_cap,
+            "delta": self.policy.delta,
+            "rounds_charged": float(self.rounds_charged()),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to restore the ledger (JSON-serializable)."""
+        return {
+            "version": LEDGER_VERSION,
+            "accountant": self.policy.accountant,
+            "delta": self.policy.delta,
+            "events": [dict(e) for e in self.events],
+            "declined": [dict(d) for d in self.declined],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`.
+
+        Raises:
+            ValueError: On missing keys, a different version/accountant/δ, or bad events.
+        """
+        required = {"version", "accountant", "delta", "events", "declined"}
+        if not isinstance(state, dict) or set(state) != required:
+            raise ValueError(f"ledger state must have exactly the keys {sorted(required)}")
+        if state["version"] != LEDGER_VERSION:
+            raise ValueError(f"ledger version {state['version']!r} is not {LEDGER_VERSION}")
+        if state["accountant"] != self.policy.accountant or not math.isclose(
+            float(state["delta"]), self.policy.delta
+        ):
+            raise ValueError(
+                f"ledger was kept with accountant={state['accountant']!r}, δ={state['delta']}; "
+                f"this policy uses {self.policy.accountant!r}, δ={self.policy.delta}"
+            )
+        events = []
+        for e in state["events"]:
+            keys = {"kind", "time", "round", "noise_multiplier", "sample_rate", "steps"}
+            if not isinstance(e, dict) or set(e) != keys or e["kind"] not in KINDS:
+                raise ValueError(f"malformed ledger event {e!r}")
+            if e["noise_multiplier"] < 0 or not 0 < e["sample_rate"] <= 1 or e["steps"] < 1:
+                raise ValueError(f"invalid ledger event {e!r}")
+            events.append(dict(e))
+        self.events = events
+        self.declined = [dict(d) for d in state["declined"]]
+
+    def save(self, path: Path) -> None:
+        """Write the ledger atomically (temp file + fsync + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.state_dict(), handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: Path, policy: LedgerPolicy) -> PrivacyLedger:
+        """Load the ledger at ``path`` (a fresh one if the file does not exist).
+
+        Raises:
+            ValueError: If the file exists but is corrupted or does not match ``policy``.
+        """
+        ledger = cls(policy)
+        path = Path(path)
+        if path.exists():
+            try:
+                state = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"corrupted privacy ledger {path}: {err}; restore it") from err
+            ledger.load_state_dict(state)
+        return ledger

@@ -1,0 +1,1 @@
+"""Differential privacy: update clipping, Gaussian noise and accountants (Opacus-backed)."""

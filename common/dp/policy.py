@@ -1,0 +1,42 @@
+"""The numbers both sides derive identically from the run config: m_min, noise, charges.
+
+Server and devices compute these from the (public) run config, never from per-round server
+messages: a device does not let the server talk it into less noise.
+"""
+
+from __future__ import annotations
+
+from common.config import RunConfig
+from common.dp.noise import distributed_noise_std
+
+
+def min_updates(cfg: RunConfig, num_nodes: int) -> int:
+    """m_min: the fewest updates the server accepts for a round.
+
+    ``dp.min-clients`` when set, else every client the server samples per round.
+    """
+    if cfg.dp.min_clients > 0:
+        return cfg.dp.min_clients
+    return max(2, int(num_nodes * cfg.fraction_train))
+
+
+def client_noise_std(cfg: RunConfig, num_nodes: int) -> float:
+    """Per-client noise std under distributed DP (0 otherwise)."""
+    if cfg.dp.noise_mode != "distributed" or not cfg.dp.adds_noise:
+        return 0.0
+    return distributed_noise_std(
+        noise_multiplier=cfg.dp.noise_multiplier,
+        clip_norm=cfg.dp.clip_norm,
+        min_clients=min_updates(cfg, num_nodes),
+    )
+
+
+def user_level_sample_rate(cfg: RunConfig) -> float:
+    """Sampling rate a *device* may credit: 1 unless sampling is verifiable (config)."""
+    return cfg.fraction_train if cfg.privacy.verifiable_sampling else 1.0
+
+
+def uniform_weights(cfg: RunConfig) -> bool:
+    """Average per user (weight 1) rather than per example: needed for user-level DP's
+    sensitivity bound and for SecAgg+'s bounded weights."""
+    return cfg.secagg.enabled or cfg.dp.clip_norm > 0

@@ -1,0 +1,100 @@
+"""SecAgg+ quantization parameters, derived from the DP settings instead of guessed.
+
+Flower's SecAgg+ fails *silently* when these are wrong: values beyond ``clipping_range`` are
+clipped, a ``modulus_range`` too small for the client count wraps around, and a weight above
+``max_weight`` overflows. fedpersona sends each client's clipped (and, with distributed DP,
+noised) update with weight 1, so every parameter follows from ``C``, the noise and the number
+of clients; :func:`derive_secagg_params` refuses settings that would overflow or lose precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MODULUS_RANGE = 2**32  # Flower's upper limit (masks are uint32)
+# Per-entry tail bound for the distributed noise: P(|N(0,1)| > 7) ≈ 2.6e-12.
+NOISE_TAIL_SIGMAS = 7.0
+# Quantization noise must stay far below the signal it rides on.
+MAX_RELATIVE_QUANTIZATION_ERROR = 1e-2
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Arguments for ``SecAggPlusWorkflow`` plus the numbers that justify them."""
+
+    num_shares: int | float
+    reconstruction_threshold: int | float
+    max_weight: float
+    clipping_range: float
+    quantization_range: int
+    modulus_range: int
+    quantization_step: float
+
+
+def derive_secagg_params(
+    *,
+    clip_norm: float,
+    noise_std: float,
+    num_clients: int,
+    num_params: int,
+    num_shares: float,
+    reconstruction_threshold: float,
+) -> SecAggParams:
+    """Derive SecAgg+ parameters for updates of L2 norm ≤ ``clip_norm`` plus N(0, noise_std²).
+
+    Args:
+        clip_norm: ``C``; an update entry is at most ``C`` in magnitude.
+        noise_std: Per-client, per-entry noise std (0 without distributed noise).
+        num_clients: Most clients that can contribute to one sum.
+        num_params: Number of shared parameters (sets the per-entry signal scale).
+        num_shares: ``secagg.num-shares`` (a count > 2, or a fraction of clients).
+        reconstruction_threshold: ``secagg.reconstruction-threshold`` (count or fraction).
+
+    Raises:
+        ValueError: If the sum could overflow the modulus or quantization would swamp the
+            signal (the message says which key to change).
+    """
+    if clip_norm <= 0:
+        raise ValueError("SecAgg+ needs dp.clip-norm > 0: it bounds every value it quantizes")
+    if num_clients < 2:
+        raise ValueError(f"SecAgg+ needs at least 2 clients per round, got {num_clients}")
+    # Every entry of a clipped update lies in [-C, C]; the noise adds a tail we bound too.
+    clipping_range = clip_norm + NOISE_TAIL_SIGMAS * noise_std
+    # Each client contributes values in [0, q) plus the weight factor; the sum of
+    # num_clients of them must stay below the modulus: q * (num_clients + 1) <= 2**32.
+    quantization_range = 2 ** int(math.floor(math.log2(MODULUS_RANGE / (num_clients + 1))))
+    if quantization_range < 2**8:
+        raise ValueError(
+            f"{num_clients} clients leave only {quantization_range} quantization levels under "
+            "the 2**32 modulus; sample fewer clients per round (fraction-train)"
+        )
+    step = 2 * clipping_range / quantization_range
+    # Stochastic rounding adds error of std <= step/2 per entry. Compare it with the smallest
+    # scale that matters: the DP noise, or (without noise) a typical entry of a norm-C update.
+    signal = noise_std if noise_std > 0 else clip_norm / math.sqrt(max(num_params, 1))
+    if step / 2 > MAX_RELATIVE_QUANTIZATION_ERROR * signal:
+        raise ValueError(
+            f"SecAgg+ quantization step {step:.3g} would swamp the signal ({signal:.3g} per "
+            f"entry) with {num_clients} clients; lower dp.clip-norm's ratio to the noise, or "
+            "sample fewer clients per round"
+        )
+    shares: int | float = int(num_shares) if num_shares > 1 else float(num_shares)
+    if isinstance(shares, int) and shares <= 2:
+        raise ValueError("secagg.num-shares as a count must be > 2 (or a fraction in (0, 1])")
+    threshold: int | float = (
+        int(reconstruction_threshold)
+        if reconstruction_threshold > 1
+        else float(reconstruction_threshold)
+    )
+    if isinstance(threshold, int) and isinstance(shares, int) and threshold >= shares:
+        raise ValueError("secagg.reconstruction-threshold must be below secagg.num-shares")
+    return SecAggParams(
+        num_shares=shares,
+        reconstruction_threshold=threshold,
+        max_weight=1.0,
+        clipping_range=clipping_range,
+        quantization_range=quantization_range,
+        modulus_range=MODULUS_RANGE,
+        quantization_step=step,
+    )

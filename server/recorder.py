@@ -1,0 +1,94 @@
+"""Bookkeeping of a run, shared by both aggregation paths (Message API and SecAgg+).
+
+Per round: training loss, how many updates were aggregated / declined / failed, whether the
+round was released, the federation's user-level ε after it, the held-out losses, the win rate
+and the wall time. Per user: the latest held-out losses and the device's own ledger ε.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from logging import INFO
+from typing import Any
+
+from flwr.common.logger import log
+
+from server.accountant import FederationAccountant
+
+
+def _mean(rows: list[dict[str, float]], key: str) -> float:
+    values = [r[key] for r in rows if key in r]
+    return statistics.fmean(values) if values else math.nan
+
+
+class RoundRecorder:
+    """Collects what ``summary.json`` reports about rounds and users."""
+
+    def __init__(self, accountant: FederationAccountant | None) -> None:
+        self.accountant = accountant
+        self.rounds: list[dict[str, Any]] = []
+        self.clients: dict[int, dict[str, float]] = {}
+        self._start: dict[int, float] = {}
+        self._train: dict[int, dict[str, Any]] = {}
+
+    def start(self, server_round: int) -> None:
+        """Start the round's clock."""
+        self._start.setdefault(server_round, time.time())
+
+    def trained(
+        self,
+        server_round: int,
+        rows: list[dict[str, float]],
+        *,
+        failures: int,
+        released: bool,
+        note: str = "",
+    ) -> None:
+        """Record a training phase: ``rows`` are the replies' metrics (declines included)."""
+        participants = [r for r in rows if not r.get("declined")]
+        record: dict[str, Any] = {
+            "train_loss": _mean(participants, "train_loss"),
+            "updates": len(participants),
+            "declined": len(rows) - len(participants),
+            "failures": failures,
+            "released": released,
+        }
+        if note:
+            record["note"] = note
+        if self.accountant is not None:
+            record["user_epsilon"] = self.accountant.epsilon("rdp")
+            record["user_epsilon_prv"] = self.accountant.epsilon("prv")
+        self._train[server_round] = record
+
+    def evaluated(self, server_round: int, rows: list[dict[str, float]]) -> dict[str, Any]:
+        """Record an evaluation phase and close the round; returns the round's record."""
+        for row in rows:
+            self.clients[int(row["partition_id"])] = row
+        record: dict[str, Any] = {"round": server_round, **self._train.get(server_round, {})}
+        if rows:
+            record.update(
+                global_loss=_mean(rows, "global_loss"),
+                personal_loss=_mean(rows, "personal_loss"),
+                base_loss=_mean(rows, "base_loss"),
+                win_rate=_mean(rows, "win"),
+                evaluated=len(rows),
+            )
+        record["seconds"] = time.time() - self._start.get(server_round, time.time())
+        self.rounds.append(record)
+        log(
+            INFO,
+            "fedpersona round %s: train_loss=%.4f global_loss=%.4f personal_loss=%.4f "
+            "win_rate=%.2f updates=%s declined=%s user_eps=%.3f (%.1f s)",
+            server_round,
+            record.get("train_loss", math.nan),
+            record.get("global_loss", math.nan),
+            record.get("personal_loss", math.nan),
+            record.get("win_rate", math.nan),
+            record.get("updates", 0),
+            record.get("declined", 0),
+            record.get("user_epsilon", math.nan),
+            record["seconds"],
+        )
+        return record

@@ -40,6 +40,7 @@ def derive_secagg_params(
     num_params: int,
     num_shares: float,
     reconstruction_threshold: float,
+    max_weight: float = 1.0,
 ) -> SecAggParams:
     """Derive SecAgg+ parameters for updates of L2 norm ≤ ``clip_norm`` plus N(0, noise_std²).
 
@@ -50,6 +51,8 @@ def derive_secagg_params(
         num_params: Number of shared parameters (sets the per-entry signal scale).
         num_shares: ``secagg.num-shares`` (a count > 2, or a fraction of clients).
         reconstruction_threshold: ``secagg.reconstruction-threshold`` (count or fraction).
+        max_weight: Largest weight a client may send (fedpersona sends 1 per participant;
+            weighting by example counts needs the largest count here).
 
     Raises:
         ValueError: If the sum could overflow the modulus or quantization would swamp the
@@ -57,6 +60,8 @@ def derive_secagg_params(
     """
     if clip_norm <= 0:
         raise ValueError("SecAgg+ needs dp.clip-norm > 0: it bounds every value it quantizes")
+    if max_weight < 1:
+        raise ValueError(f"max_weight must be >= 1, got {max_weight}")
     if num_clients < 2:
         raise ValueError(f"SecAgg+ needs at least 2 clients per round, got {num_clients}")
     # Every entry of a clipped update lies in [-C, C]; the noise adds a tail we bound too.
@@ -92,7 +97,7 @@ def derive_secagg_params(
     return SecAggParams(
         num_shares=shares,
         reconstruction_threshold=threshold,
-        max_weight=1.0,
+        max_weight=float(max_weight),
         clipping_range=clipping_range,
         quantization_range=quantization_range,
         modulus_range=MODULUS_RANGE,

@@ -1,0 +1,99 @@
+"""An in-process Flower ``Grid`` that delivers messages to a real ``ClientApp``.
+
+Server workflows (Flower's own ``DefaultWorkflow`` / ``SecAggPlusWorkflow`` and fedpersona's
+strategies) run unchanged against it; it can lose a chosen node at a chosen SecAgg+ stage or
+message type, as a crashed device would: no reply arrives.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from types import SimpleNamespace
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class InProcessGrid(Grid):
+    """Deliver each message to ``app`` with that node's persistent ``Context``.
+
+    Args:
+        app: The ClientApp every node runs.
+        node_configs: ``node_id -> node_config``.
+        run_config: The run config every node sees.
+        drop: ``stage or message type -> node ids`` that never answer it.
+    """
+
+    def __init__(
+        self,
+        app: ClientApp,
+        node_configs: dict[int, dict[str, Any]],
+        run_config: dict[str, Any] | None = None,
+        drop: dict[str, set[int]] | None = None,
+    ) -> None:
+        self.app = app
+        self.contexts = {
+            nid: Context(
+                run_id=1,
+                node_id=nid,
+                node_config=cfg,
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for nid, cfg in node_configs.items()
+        }
+        self.drop = drop or {}
+        self.delivered: list[tuple[int, str]] = []
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    # Grid API -----------------------------------------------------------------------
+    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+        pass
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+        return SimpleNamespace(run_id=1)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]  # noqa: D102
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        raise NotImplementedError("use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        raise NotImplementedError("use send_and_receive")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Run the ClientApp for each message; lost nodes simply do not answer."""
+        replies = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            stage = msg.metadata.message_type
+            if RECORD_KEY_CONFIGS in msg.content.config_records:
+                stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, stage))
+            self.delivered.append((nid, stage))
+            if nid in self.drop.get(stage, set()):
+                continue
+            TaskIdentity.node_id = nid
+            # A real transport serializes each message: no two nodes share one content object
+            # (secaggplus_mod pops keys from what it receives).
+            msg = copy.deepcopy(msg)
+            try:
+                reply = self.app(msg, self.contexts[nid])
+            except Exception as err:  # noqa: BLE001 - a crashing client is an error reply
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            finally:
+                TaskIdentity.node_id = 0
+            replies.append(reply)
+        return replies

@@ -1,0 +1,239 @@
+"""SecAgg+ with Flower's real workflow and mod: exactness, dropouts at every stage, declines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from client.client_app import app as fedpersona_app
+from client.device import get_runtime
+from client.ledger import LedgerPolicy, PrivacyLedger
+from common.config import parse_run_config
+from common.secagg import derive_secagg_params
+from server.recorder import RoundRecorder
+from server.secagg import RobustSecAggPlusWorkflow, SecAggDPStrategy
+from tests.conftest import tiny_run_config
+from tests.flower_harness import InProcessGrid
+
+STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+
+
+def _vector_app(updates: dict[int, list[np.ndarray]], weights: dict[int, int]) -> ClientApp:
+    """A ClientApp whose node ``i`` returns ``updates[i]`` with weight ``weights[i]``."""
+    app = ClientApp(mods=[secaggplus_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        nid = context.node_id
+        res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(updates[nid]), weights[nid], {})
+        return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+    return app
+
+
+def _run_round(grid: InProcessGrid, strategy: SecAggDPStrategy, params) -> None:  # type: ignore[no-untyped-def]
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    workflow = DefaultWorkflow(
+        fit_workflow=RobustSecAggPlusWorkflow(
+            num_shares=params.num_shares,
+            reconstruction_threshold=params.reconstruction_threshold,
+            max_weight=params.max_weight,
+            clipping_range=params.clipping_range,
+            quantization_range=params.quantization_range,
+            modulus_range=params.modulus_range,
+            timeout=30,
+        ),
+        evaluate_workflow=lambda grid, context: None,
+    )
+    workflow(grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy))
+
+
+def _strategy(shapes, n_nodes: int, min_updates: int) -> SecAggDPStrategy:  # type: ignore[no-untyped-def]
+    return SecAggDPStrategy(
+        shared_names=[f"t{i}" for i in range(len(shapes))],
+        initial=[np.zeros(s, dtype=np.float32) for s in shapes],
+        recorder=RoundRecorder(None),
+        min_updates=min_updates,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_nodes=n_nodes,
+    )
+
+
+def _clipped_updates(n: int, shapes, clip: float, rng: np.random.Generator) -> dict:  # type: ignore[no-untyped-def]
+    out = {}
+    for nid in range(1, n + 1):
+        arrays = [rng.normal(size=s).astype(np.float32) for s in shapes]
+        norm = np.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays))
+        scale = min(1.0, clip / norm)
+        out[nid] = [a * scale for a in arrays]
+    return out
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_clients=st.integers(3, 6),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    weights=st.lists(st.integers(1, 50), min_size=6, max_size=6),
+    seed=st.integers(0, 1000),
+)
+def test_secagg_sum_equals_weighted_mean_within_quantization(n_clients, sizes, weights, seed):
+    # Prepare
+    rng = np.random.default_rng(seed)
+    shapes = [(s,) for s in sizes]
+    clip = 1.0
+    updates = _clipped_updates(n_clients, shapes, clip, rng)
+    w = {nid: weights[nid - 1] for nid in updates}
+    params = derive_secagg_params(
+        clip_norm=clip,
+        noise_std=0.0,
+        num_clients=n_clients,
+        num_params=sum(sizes),
+        num_shares=1.0,
+        reconstruction_threshold=0.67,
+        max_weight=max(w.values()),
+    )
+    grid = InProcessGrid(_vector_app(updates, w), {nid: {} for nid in updates})
+    strategy = _strategy(shapes, n_clients, min_updates=n_clients)
+
+    # Execute
+    _run_round(grid, strategy, params)
+
+    # Assert: the unmasked result is the plain weighted mean, up to quantization.
+    total = sum(w.values())
+    for i in range(len(shapes)):
+        expected = sum(w[n] * updates[n][i] for n in updates) / total
+        # Each client's value is quantized (step) and its weight ratio too (1/q_range).
+        bound = params.quantization_step * 2 + 4 * params.clipping_range / params.quantization_range
+        np.testing.assert_allclose(strategy.current[i], expected, atol=bound + 1e-6)
+    assert strategy.recorder.rounds == [] and strategy.recorder._train[1]["released"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_one_of_five_dropped_at_each_stage(stage) -> None:
+    # Prepare
+    rng = np.random.default_rng(0)
+    shapes = [(7,), (3, 4)]
+    updates = _clipped_updates(5, shapes, 1.0, rng)
+    weights = dict.fromkeys(updates, 1)
+    params = derive_secagg_params(
+        clip_norm=1.0,
+        noise_std=0.0,
+        num_clients=5,
+        num_params=19,
+        num_shares=1.0,
+        reconstruction_threshold=0.6,
+    )
+    lost = 3
+    grid = InProcessGrid(
+        _vector_app(updates, weights), {n: {} for n in updates}, drop={stage: {lost}}
+    )
+    strategy = _strategy(shapes, 5, min_updates=4)
+
+    # Execute
+    _run_round(grid, strategy, params)
+
+    # Assert: the round completed; the sum holds exactly the vectors that were masked in.
+    record = strategy.recorder._train[1]
+    assert record["released"] is True
+    # A node lost while unmasking had already sent its masked vector: it is in the sum.
+    included = list(updates) if stage == "unmask" else [n for n in updates if n != lost]
+    assert record["updates"] == len(included)
+    for i in range(len(shapes)):
+        expected = sum(updates[n][i] for n in included) / len(included)
+        np.testing.assert_allclose(
+            strategy.current[i], expected, atol=3 * params.quantization_step + 1e-6
+        )
+
+
+def test_too_few_updates_discard_the_round() -> None:
+    rng = np.random.default_rng(1)
+    shapes = [(5,)]
+    updates = _clipped_updates(5, shapes, 1.0, rng)
+    params = derive_secagg_params(
+        clip_norm=1.0,
+        noise_std=0.0,
+        num_clients=5,
+        num_params=5,
+        num_shares=1.0,
+        reconstruction_threshold=0.6,
+    )
+    grid = InProcessGrid(
+        _vector_app(updates, dict.fromkeys(updates, 1)),
+        {n: {} for n in updates},
+        drop={"collect_masked_vectors": {2}},
+    )
+    strategy = _strategy(shapes, 5, min_updates=5)
+    _run_round(grid, strategy, params)
+    assert strategy.recorder._train[1]["released"] is False
+    np.testing.assert_array_equal(strategy.current[0], np.zeros(5, dtype=np.float32))
+
+
+def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
+    # Prepare: five real fedpersona devices (tiny model); device 4 has spent its budget.
+    raw = tiny_run_config(**{"data.num-users": 5, "train.local-steps": 1})
+    cfg = parse_run_config(raw)
+    dirs = {nid: tmp_path / f"device{nid}" for nid in range(1, 6)}
+    policy = LedgerPolicy(epsilon_cap=cfg.privacy.epsilon_cap, delta=cfg.privacy.delta)
+    spent = PrivacyLedger(policy)
+    spent.charge(server_round=0, record=None, user=(cfg.dp.noise_multiplier, 1.0, 1))
+    spent.charge(server_round=0, record=None, user=(cfg.dp.noise_multiplier, 1.0, 1))
+    spent.charge(server_round=0, record=None, user=(cfg.dp.noise_multiplier, 1.0, 1))
+    spent.save(dirs[4] / "ledger.json")
+    before = json.loads((dirs[4] / "ledger.json").read_text())["events"]
+    rt = get_runtime(cfg)
+    shapes = [tuple(rt.shapes[n]) for n in rt.shared_names]
+    node_cfgs = {
+        nid: {"partition-id": nid - 1, "num-partitions": 5, "data-dir": str(d)}
+        for nid, d in dirs.items()
+    }
+    grid = InProcessGrid(fedpersona_app, node_cfgs, run_config=raw)
+    params = derive_secagg_params(
+        clip_norm=cfg.dp.clip_norm,
+        noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / 5**0.5,
+        num_clients=5,
+        num_params=sum(int(np.prod(s)) for s in shapes),
+        num_shares=1.0,
+        reconstruction_threshold=0.6,
+    )
+    strategy = SecAggDPStrategy(
+        shared_names=rt.shared_names,
+        initial=[rt.init[n].numpy() for n in rt.shared_names],
+        recorder=RoundRecorder(None),
+        min_updates=4,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_nodes=5,
+    )
+
+    # Execute
+    _run_round(grid, strategy, params)
+
+    # Assert
+    record = strategy.recorder._train[1]
+    assert record["released"] is True
+    assert record["declined"] == 1 and record["updates"] == 4
+    after = json.loads((dirs[4] / "ledger.json").read_text())
+    assert after["events"] == before  # nothing charged for the declined round
+    assert len(after["declined"]) == 1 and "budget exhausted" in after["declined"][0]["reason"]
+    for nid in (1, 2, 3, 5):
+        ledger = json.loads((dirs[nid] / "ledger.json").read_text())
+        assert [e["round"] for e in ledger["events"]] == [1]
+    moved = sum(
+        float(np.abs(c - rt.init[n].numpy()).sum())
+        for c, n in zip(strategy.current, rt.shared_names, strict=True)
+    )
+    assert moved > 0
+    assert not torch.isnan(torch.tensor(strategy.current[0])).any()

@@ -1,0 +1,168 @@
+"""Clipping, noise and accounting: properties, a statistical test, and agreement with Opacus."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from common.dp.accounting import epsilon, make_accountant, noise_for_target
+from common.dp.clipping import clip_update, global_norm
+from common.dp.noise import add_gaussian_noise, distributed_noise_std
+from common.secagg import derive_secagg_params
+from server.accountant import FederationAccountant
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 8)), min_size=1, max_size=4),
+    scale=st.floats(1e-6, 1e4),
+    clip=st.floats(1e-4, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_clipped_norm_never_exceeds_c(shapes, scale, clip, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    delta = {f"p{i}": torch.randn(s, generator=gen) * scale for i, s in enumerate(shapes)}
+    clipped, norm = clip_update(delta, clip_norm=clip)
+    assert global_norm(clipped) <= clip
+    assert norm == pytest.approx(global_norm(delta))
+    if norm <= clip:  # small updates pass through unchanged
+        for name in delta:
+            assert torch.allclose(clipped[name], delta[name])
+    else:  # large ones keep their direction
+        ratio = [
+            float((clipped[n] / delta[n])[delta[n] != 0].mean()) for n in delta if delta[n].any()
+        ]
+        assert max(ratio) - min(ratio) < 1e-4
+
+
+def test_clip_rejects_non_finite_and_bad_norm() -> None:
+    with pytest.raises(ValueError, match="not finite"):
+        clip_update({"a": torch.tensor([float("nan")])}, clip_norm=1.0)
+    with pytest.raises(ValueError, match="clip-norm"):
+        clip_update({"a": torch.ones(2)}, clip_norm=0.0)
+
+
+def test_distributed_noise_sums_to_the_configured_variance() -> None:
+    # Prepare: m_min clients each add N(0, (σC)²/m_min); their sum must be N(0, (σC)²).
+    sigma, clip, m_min, n = 1.3, 0.5, 6, 200_000
+    std = distributed_noise_std(noise_multiplier=sigma, clip_norm=clip, min_clients=m_min)
+    zero = {"w": torch.zeros(n, dtype=torch.float64)}
+
+    # Execute
+    total = sum(
+        add_gaussian_noise(zero, std=std, generator=torch.Generator().manual_seed(i))["w"]
+        for i in range(m_min)
+    )
+
+    # Assert: the sample variance of 200k draws is within 2 % of (σC)² (≈ 6 standard errors).
+    target = (sigma * clip) ** 2
+    assert float(total.var()) == pytest.approx(target, rel=0.02)
+    assert abs(float(total.mean())) < 5 * sigma * clip / math.sqrt(n)
+
+
+def test_default_noise_generator_is_not_reproducible() -> None:
+    zero = {"w": torch.zeros(16)}
+    a = add_gaussian_noise(zero, std=1.0)["w"]
+    b = add_gaussian_noise(zero, std=1.0)["w"]
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv"])
+def test_epsilon_matches_opacus_for_the_same_history(name) -> None:
+    history = [(1.1, 0.01, 100), (0.9, 0.02, 50), (1.1, 0.01, 10)]
+    ours = epsilon(history, delta=1e-5, accountant=name)
+    acc = RDPAccountant() if name == "rdp" else PRVAccountant()
+    for sigma, q, steps in history:
+        for _ in range(steps):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    assert ours == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6 if name == "rdp" else 1e-2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(sigma=st.floats(0.5, 5.0), q=st.floats(0.01, 1.0), steps=st.integers(1, 30))
+def test_epsilon_grows_with_steps_and_shrinks_with_noise(sigma, q, steps) -> None:
+    base = epsilon([(sigma, q, steps)], delta=1e-5)
+    assert epsilon([(sigma, q, steps + 1)], delta=1e-5) >= base
+    assert epsilon([(sigma * 1.5, q, steps)], delta=1e-5) <= base
+
+
+def test_no_noise_is_infinite_epsilon_and_bad_history_is_rejected() -> None:
+    assert epsilon([(0.0, 1.0, 1)], delta=1e-5) == math.inf
+    assert epsilon([], delta=1e-5) == 0.0
+    with pytest.raises(ValueError):
+        make_accountant("rdp", [(1.0, 1.5, 1)])
+    with pytest.raises(ValueError, match="unknown accountant"):
+        make_accountant("gdp-ish")
+
+
+def test_noise_for_target_is_the_physical_limit() -> None:
+    # DESIGN.md: N = 1000 users, 100 a round, 50 rounds, ε = 1 -> σ ≈ 3.
+    sigma = noise_for_target(target_epsilon=1.0, delta=1e-5, sample_rate=0.1, steps=50)
+    assert 2.8 < sigma < 3.4
+    assert epsilon([(sigma, 0.1, 50)], delta=1e-5) <= 1.0
+    assert epsilon([(sigma * 0.9, 0.1, 50)], delta=1e-5) > 1.0
+
+
+def test_federation_accountant_round_trip_and_rejects_wrong_state() -> None:
+    acc = FederationAccountant(noise_multiplier=2.0, sample_rate=0.5, delta=1e-5)
+    acc.release()
+    acc.release()
+    state = acc.state_dict()
+    other = FederationAccountant(noise_multiplier=2.0, sample_rate=0.5, delta=1e-5)
+    other.load_state_dict(state)
+    assert other.epsilon() == acc.epsilon() == epsilon([(2.0, 0.5, 1)] * 2, delta=1e-5)
+    assert acc.epsilon(extra_rounds=1) > acc.epsilon()
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        FederationAccountant(noise_multiplier=1.0, sample_rate=0.5, delta=1e-5).load_state_dict(
+            state
+        )
+    with pytest.raises(ValueError, match="keys"):
+        other.load_state_dict({"history": []})
+
+
+def test_secagg_params_refuse_overflow_and_precision_loss() -> None:
+    ok = derive_secagg_params(
+        clip_norm=1.0,
+        noise_std=0.3,
+        num_clients=8,
+        num_params=10_000,
+        num_shares=1.0,
+        reconstruction_threshold=0.67,
+    )
+    # The sum of every client's quantized values fits the modulus.
+    assert ok.quantization_range * (8 + 1) <= ok.modulus_range
+    assert ok.clipping_range >= 1.0 + 7 * 0.3
+    with pytest.raises(ValueError, match="clip-norm"):
+        derive_secagg_params(
+            clip_norm=0.0,
+            noise_std=0.0,
+            num_clients=8,
+            num_params=10,
+            num_shares=1.0,
+            reconstruction_threshold=0.67,
+        )
+    with pytest.raises(ValueError, match="quantization"):
+        derive_secagg_params(
+            clip_norm=1.0,
+            noise_std=0.0,
+            num_clients=2**25,
+            num_params=10,
+            num_shares=1.0,
+            reconstruction_threshold=0.67,
+        )
+    with pytest.raises(ValueError, match="swamp"):
+        derive_secagg_params(
+            clip_norm=1.0,
+            noise_std=0.0,
+            num_clients=1000,
+            num_params=10**12,
+            num_shares=1.0,
+            reconstruction_threshold=0.67,
+        )
+    assert np.isfinite(ok.quantization_step)

@@ -1,0 +1,99 @@
+"""The device's privacy ledger: caps, declines, periods, persistence, Opacus agreement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
+
+DAY = 86400.0
+
+
+def test_declines_exactly_when_the_cap_would_be_crossed() -> None:
+    ledger = PrivacyLedger(LedgerPolicy(epsilon_cap=1.0, delta=1e-5))
+    user = (7.1, 1.0, 1)
+    charged = 0
+    while True:
+        try:
+            after = ledger.check(record=None, user=user)
+        except BudgetExhausted as err:
+            assert "privacy budget exhausted" in str(err) and "privacy.epsilon-cap" in str(err)
+            break
+        assert after["user"] <= 1.0
+        ledger.charge(server_round=charged + 1, record=None, user=user)
+        charged += 1
+    assert charged == 3  # σ = 7.1 buys three rounds under ε = 1 without sampling credit
+    assert ledger.epsilon("user") <= 1.0
+    assert ledger.rounds_charged() == 3
+
+
+def test_epsilon_matches_opacus_accountant() -> None:
+    ledger = PrivacyLedger(LedgerPolicy(epsilon_cap=100.0, delta=1e-5))
+    ledger.charge(server_round=1, record=(1.0, 0.04, 5), user=(3.0, 1.0, 1))
+    ledger.charge(server_round=2, record=(1.0, 0.04, 5), user=(3.0, 1.0, 1))
+    acc = RDPAccountant()
+    for _ in range(10):
+        acc.step(noise_multiplier=1.0, sample_rate=0.04)
+    assert ledger.epsilon("record") == pytest.approx(acc.get_epsilon(delta=1e-5))
+
+
+def test_period_cap_limits_recent_spend_without_erasing_lifetime() -> None:
+    policy = LedgerPolicy(epsilon_cap=10.0, delta=1e-5, period_days=30, period_epsilon_cap=1.0)
+    ledger = PrivacyLedger(policy)
+    t0 = 1_000_000_000.0
+    user = (7.1, 1.0, 1)
+    for r in range(3):
+        ledger.charge(server_round=r, record=None, user=user, now=t0)
+    with pytest.raises(BudgetExhausted, match="period budget"):
+        ledger.check(record=None, user=user, now=t0 + DAY)
+    lifetime = ledger.epsilon("user")
+    # A new period allows spending again; the lifetime total still counts everything.
+    ledger.check(record=None, user=user, now=t0 + 31 * DAY)
+    ledger.charge(server_round=4, record=None, user=user, now=t0 + 31 * DAY)
+    assert ledger.epsilon("user") > lifetime
+    assert len(ledger.events) == 4
+
+
+def test_round_trip_and_rejects_wrong_state(tmp_path) -> None:
+    policy = LedgerPolicy(epsilon_cap=5.0, delta=1e-5)
+    ledger = PrivacyLedger(policy)
+    ledger.charge(server_round=1, record=(1.0, 0.1, 3), user=(2.0, 1.0, 1))
+    ledger.note_declined(server_round=2, reason="cap")
+    path = tmp_path / "ledger.json"
+    ledger.save(path)
+    loaded = PrivacyLedger.load(path, policy)
+    assert loaded.state_dict() == ledger.state_dict()
+    assert loaded.epsilon("user") == ledger.epsilon("user")
+
+    state = ledger.state_dict()
+    for bad in (
+        {k: v for k, v in state.items() if k != "events"},
+        {**state, "version": 99},
+        {**state, "accountant": "prv"},
+        {**state, "events": [{"kind": "user"}]},
+        {**state, "events": [{**state["events"][0], "sample_rate": 2.0}]},
+    ):
+        with pytest.raises(ValueError):
+            PrivacyLedger(policy).load_state_dict(bad)
+    with pytest.raises(ValueError, match="δ"):
+        PrivacyLedger.load(path, LedgerPolicy(epsilon_cap=5.0, delta=1e-6))
+
+
+def test_corrupted_ledger_is_reported_and_kept(tmp_path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text('{"version": 1, "events": [')
+    with pytest.raises(ValueError, match="corrupted privacy ledger"):
+        PrivacyLedger.load(path, LedgerPolicy())
+    assert path.read_text() == '{"version": 1, "events": ['
+
+
+def test_save_is_atomic_json(tmp_path) -> None:
+    ledger = PrivacyLedger(LedgerPolicy())
+    ledger.charge(server_round=1, record=None, user=(7.1, 1.0, 1))
+    path = tmp_path / "ledger.json"
+    ledger.save(path)
+    assert json.loads(path.read_text())["events"][0]["round"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]

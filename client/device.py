@@ -195,9 +195,15 @@ class Device:
         )
 
     def planned_charges(
-        self,
+        self, server_round: int
     ) -> tuple[tuple[float, float, int] | None, tuple[float, float, int] | None]:
-        """``(record, user)`` charges of one round, each ``(σ, q, steps)`` or ``None``."""
+        """``(record, user)`` charges of one round, each ``(σ, q, steps)`` or ``None``.
+
+        User level: without verifiable sampling a round this device joins costs one Gaussian
+        mechanism at q = 1 (rounds it sits out cost nothing). With verifiable sampling every
+        federation round counts at rate q, so joining round t charges the rounds since the
+        last charge — the same history the server's accountant holds.
+        """
         dp = self.cfg.dp
         record = None
         if dp.local_enabled:
@@ -205,7 +211,14 @@ class Device:
             record = (dp.local_noise_multiplier, q, self.cfg.train.local_steps)
         user = None
         if dp.adds_noise:
-            user = (dp.noise_multiplier, user_level_sample_rate(self.cfg), 1)
+            q = user_level_sample_rate(self.cfg)
+            steps = 1
+            if q < 1.0:
+                last = max(
+                    (e["round"] for e in self.ledger.events if e["kind"] == "user"), default=0
+                )
+                steps = max(1, server_round - last)
+            user = (dp.noise_multiplier, q, steps)
         return record, user
 
     def _privacy_metrics(self) -> dict[str, float]:
@@ -218,7 +231,7 @@ class Device:
         Personal tensors and the ledger are saved here; only the returned update and metrics
         may leave the device (through the outbound-record builder).
         """
-        record, user = self.planned_charges()
+        record, user = self.planned_charges(server_round)
         try:
             self.ledger.check(record=record, user=user)
         except BudgetExhausted as err:

@@ -89,6 +89,68 @@ def simulate(
     )
 
 
+privacy_app = typer.Typer(help="Privacy helpers.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
+
+
+@privacy_app.command("noise")
+def privacy_noise(
+    population: Annotated[int, typer.Option(help="Number of users in the federation")],
+    per_round: Annotated[int, typer.Option(help="Users sampled per round")],
+    rounds: Annotated[int, typer.Option(help="Number of rounds")],
+    target_epsilon: Annotated[float, typer.Option(help="User-level ε to stay under")] = 1.0,
+    delta: Annotated[float, typer.Option(help="δ")] = 1e-5,
+    accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
+) -> None:
+    """Print the noise multiplier σ that DP-FedAvg needs for a target user-level ε.
+
+    This is the physical limit: below this σ no training schedule meets the target. The
+    noise on the averaged update is σC/m, so a small federation pays in utility.
+    """
+    from common.dp.accounting import epsilon, noise_for_target
+
+    if not 0 < per_round <= population:
+        raise typer.BadParameter("need 0 < per-round <= population")
+    q = per_round / population
+    sigma = noise_for_target(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sample_rate=q,
+        steps=rounds,
+        accountant=accountant,
+    )
+    eps = epsilon([(sigma, q, rounds)], delta=delta, accountant=accountant)
+    table = Table(title="DP-FedAvg noise for a user-level budget")
+    for col in (
+        "population",
+        "per round",
+        "q",
+        "rounds",
+        "target ε",
+        "δ",
+        "σ",
+        "ε at σ",
+        "noise std on the mean / C",
+    ):
+        table.add_column(col)
+    table.add_row(
+        str(population),
+        str(per_round),
+        f"{q:.4g}",
+        str(rounds),
+        f"{target_epsilon:g}",
+        f"{delta:g}",
+        f"{sigma:.3f}",
+        f"{eps:.3f}",
+        f"{sigma / per_round:.4f}",
+    )
+    console.print(table)
+    console.print(
+        f"assumes uniform sampling of {per_round}/{population} users per round ({accountant} "
+        "accountant); a device that cannot verify the sampling charges q = 1 per round it joins."
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

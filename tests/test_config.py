@@ -49,3 +49,40 @@ def test_run_dir_defaults_use_run_id(tmp_path) -> None:
     cfg = parse_run_config({"output.dir": str(tmp_path)})
     assert cfg.run_dir(12) == tmp_path / "run-12"
     assert cfg.simulated_device_dir(12, "u@p") == tmp_path / "run-12" / "devices" / "u@p"
+
+
+def test_privacy_noise_helper_prints_the_needed_sigma() -> None:
+    from typer.testing import CliRunner
+
+    from common.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "privacy",
+            "noise",
+            "--population",
+            "1000",
+            "--per-round",
+            "100",
+            "--rounds",
+            "50",
+            "--target-epsilon",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "3.203" in result.output  # σ for N=1000, 100/round, 50 rounds, ε=1 (RDP)
+
+
+def test_dp_and_secagg_keys_are_validated() -> None:
+    with pytest.raises(ValueError, match="dp.noise-mode"):
+        parse_run_config({"dp.noise-mode": "local"})
+    with pytest.raises(ValueError, match="dp.clip-norm"):
+        parse_run_config({"dp.clip-norm": 0.0, "dp.noise-mode": "central"})
+    with pytest.raises(ValueError, match="secagg.enabled"):
+        parse_run_config({"secagg.enabled": "yes"})
+    with pytest.raises(ValueError, match="privacy.delta"):
+        parse_run_config({"privacy.delta": 0.5 * 3})
+    cfg = parse_run_config({"dp.noise-mode": "none", "dp.clip-norm": 0.0})
+    assert not cfg.dp.adds_noise

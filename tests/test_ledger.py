@@ -97,3 +97,40 @@ def test_save_is_atomic_json(tmp_path) -> None:
     ledger.save(path)
     assert json.loads(path.read_text())["events"][0]["round"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]
+
+
+def test_device_charges_match_the_server_accountant_with_verifiable_sampling(tmp_path) -> None:
+    # Prepare: q = 0.25; the device joins rounds 1 and 4 of 4.
+    from client.device import Device
+    from common.config import parse_run_config
+    from common.dp.accounting import epsilon
+    from tests.conftest import tiny_run_config
+
+    raw = tiny_run_config(
+        **{"privacy.verifiable-sampling": True, "fraction-train": 0.25, "privacy.epsilon-cap": 50.0}
+    )
+    device = Device(parse_run_config(raw), partition_id=0, num_partitions=4, data_dir=tmp_path)
+    sigma = device.cfg.dp.noise_multiplier
+
+    # Execute
+    _, first = device.planned_charges(1)
+    device.ledger.charge(server_round=1, record=None, user=first)
+    _, later = device.planned_charges(4)
+    device.ledger.charge(server_round=4, record=None, user=later)
+
+    # Assert: the device has charged all four federation rounds at rate q, as the server does.
+    assert first == (sigma, 0.25, 1) and later == (sigma, 0.25, 3)
+    assert device.ledger.epsilon("user") == pytest.approx(epsilon([(sigma, 0.25, 4)], delta=1e-5))
+
+
+def test_without_verifiable_sampling_each_joined_round_costs_q_one(tmp_path) -> None:
+    from client.device import Device
+    from common.config import parse_run_config
+    from tests.conftest import tiny_run_config
+
+    device = Device(
+        parse_run_config(tiny_run_config()), partition_id=1, num_partitions=4, data_dir=tmp_path
+    )
+    record, user = device.planned_charges(7)
+    assert record is None
+    assert user == (device.cfg.dp.noise_multiplier, 1.0, 1)

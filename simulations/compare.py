@@ -13,16 +13,24 @@ import time
 from pathlib import Path
 
 from common.config import STRATEGIES
-from simulations.simulate import simulate
+from simulations.simulate import parse_set, simulate
 
 
-def compare(preset: str, out: Path, strategies: tuple[str, ...] = STRATEGIES) -> list[dict]:
-    """Run ``preset`` once per strategy and return one row per strategy."""
+def compare(
+    preset: str,
+    out: Path,
+    strategies: tuple[str, ...] = STRATEGIES,
+    extra: dict | None = None,
+) -> list[dict]:
+    """Run ``preset`` once per strategy (plus ``extra`` overrides); one row per strategy."""
     rows = []
     for strategy in strategies:
         t0 = time.time()
         run_dir = simulate(
-            preset, {"personalization.strategy": strategy}, out, run_name=f"{preset}-{strategy}"
+            preset,
+            {**(extra or {}), "personalization.strategy": strategy},
+            out,
+            run_name=f"{preset}-{strategy}",
         )
         minutes = (time.time() - t0) / 60
         s = json.loads((run_dir / "summary.json").read_text())
@@ -68,10 +76,10 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
     args = parser.parse_args()
-    rows = compare(args.preset, args.out.resolve(), tuple(args.strategies.split(",")))
+    compare(args.preset, args.out.resolve(), tuple(args.strategies.split(",")), parse_set(args.set))
     print((args.out / "comparison.md").read_text())
-    del rows
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_write_bytes
 from common.dp.accounting import epsilon
 
 LEDGER_VERSION = 1
@@ -222,18 +221,7 @@ class PrivacyLedger:
 
     def save(self, path: Path) -> None:
         """Write the ledger atomically (temp file + fsync + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.state_dict(), handle, indent=1)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(Path(path), json.dumps(self.state_dict(), indent=1).encode())
 
     @classmethod
     def load(cls, path: Path, policy: LedgerPolicy) -> PrivacyLedger:

@@ -9,14 +9,14 @@ complete adapter the device generates with, in peft format.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from common.atomic import atomic_write_bytes
 
 PERSONAL_FILE = "personal.safetensors"
 META_FILE = "device.json"
@@ -35,20 +35,6 @@ class DeviceMeta:
     rounds_trained: int = 0
     last_round: int = 0
     history: list[dict] = field(default_factory=list)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class DeviceState:
@@ -92,7 +78,7 @@ class DeviceState:
 
     def save_meta(self) -> None:
         """Persist the metadata atomically."""
-        _atomic_write_bytes(self.root / META_FILE, json.dumps(asdict(self.meta), indent=2).encode())
+        atomic_write_bytes(self.root / META_FILE, json.dumps(asdict(self.meta), indent=2).encode())
 
     def load_personal(self) -> dict[str, torch.Tensor] | None:
         """The stored personal tensors, or ``None`` for a device that has not trained yet.
@@ -113,12 +99,5 @@ class DeviceState:
     def save_personal(self, tensors: dict[str, torch.Tensor]) -> None:
         """Persist the personal tensors atomically."""
         blob = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
-        path = self.root / PERSONAL_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.root)
-        os.close(fd)
-        try:
-            save_file(blob, tmp, metadata={"format": "pt", **self._expect})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        data = save(blob, metadata={"format": "pt", **self._expect})
+        atomic_write_bytes(self.root / PERSONAL_FILE, data)

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from common.atomic import atomic_write_dir
 from common.config import ModelConfig
 from common.personalization import GLOBAL_ADAPTER, PERSONAL_ADAPTER, Strategy
 from common.personalization.base import adapter_of, is_lora_a
@@ -165,21 +163,14 @@ def export_adapter(
     config = lora_config(cfg, rank_multiplier=len(adapters))
     config.base_model_name_or_path = base_model
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def _write(tmp: Path) -> None:
         save_file(merged, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         if note is not None:
             (tmp / "fedpersona.json").write_text(json.dumps(note, indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    atomic_write_dir(Path(out_dir), _write)
+    return Path(out_dir)
 
 
 __all__ = [

@@ -20,8 +20,6 @@ import fcntl
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +39,8 @@ from transformers import (  # noqa: E402  (offline env must be set before import
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from common.atomic import atomic_write_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _smollm2_tokenizer_dir() -> Path:
         gguf = gguf_path()
         logger.info("Extracting the SmolLM2 tokenizer from %s (once)", gguf)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        _atomic_dir_write(target, tok.save_pretrained)
+        atomic_write_dir(target, tok.save_pretrained)
     return target
 
 
@@ -143,22 +143,8 @@ def _smollm2_model_dir() -> Path:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
 
-        _atomic_dir_write(target, _save)
+        atomic_write_dir(target, _save)
     return target
-
-
-def _atomic_dir_write(target: Path, write) -> None:  # type: ignore[no-untyped-def]
-    """Write a directory under a temporary name and rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _local_dir(name: str) -> Path:
@@ -195,7 +181,7 @@ def _tiny_model_dir() -> Path:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
 
-        _atomic_dir_write(target, _save)
+        atomic_write_dir(target, _save)
     return target
 
 

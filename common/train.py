@@ -15,6 +15,19 @@ import torch
 from common.data import Encoded, collate
 
 
+def _unfreeze_only(model: torch.nn.Module, trainable: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Let gradients flow to the named parameters only; return them in model order."""
+    wanted = set(trainable)
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+        if name in wanted:
+            params.append(param)
+    if len(params) != len(wanted):
+        raise ValueError("some trainable names are not parameters of the model")
+    return params
+
+
 def train_steps(
     model: torch.nn.Module,
     trainable: Sequence[str],
@@ -48,14 +61,7 @@ def train_steps(
     """
     if not samples:
         raise ValueError("no training samples on this device")
-    wanted = set(trainable)
-    params = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in wanted)
-        if name in wanted:
-            params.append(param)
-    if len(params) != len(wanted):
-        raise ValueError("some trainable names are not parameters of the model")
+    params = _unfreeze_only(model, trainable)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     device = next(model.parameters()).device
     rng = random.Random(seed)
@@ -129,12 +135,7 @@ def train_steps_dp(
     if not samples:
         raise ValueError("no training samples on this device")
     sample_rate = min(1.0, batch_size / len(samples))
-    wanted = set(trainable)
-    params = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in wanted)
-        if name in wanted:
-            params.append(param)
+    params = _unfreeze_only(model, trainable)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     optimizer = DPOptimizer(
         torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0),

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.personalization import Strategy
 
@@ -83,9 +82,7 @@ def write_summary(
         "privacy": privacy or {},
         "timings": timings,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".summary.", dir=run_dir)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(summary, handle, indent=2, allow_nan=True)
-    os.replace(tmp, run_dir / "summary.json")
+    atomic_write_bytes(
+        run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True).encode()
+    )
     return summary

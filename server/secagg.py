@@ -31,9 +31,10 @@ from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
-from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
+from common.secagg import SecAggParams
 from server.recorder import RoundRecorder
 
 
@@ -52,6 +53,24 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
             )
         state.sampled_node_ids = set(state.active_node_ids)
         return ok
+
+
+def secagg_workflow(
+    params: SecAggParams, *, timeout: float, evaluate: bool = True
+) -> DefaultWorkflow:
+    """Flower's ``DefaultWorkflow`` whose fit rounds run :class:`RobustSecAggPlusWorkflow`."""
+    fit = RobustSecAggPlusWorkflow(
+        num_shares=params.num_shares,
+        reconstruction_threshold=params.reconstruction_threshold,
+        max_weight=params.max_weight,
+        clipping_range=params.clipping_range,
+        quantization_range=params.quantization_range,
+        modulus_range=params.modulus_range,
+        timeout=timeout,
+    )
+    if evaluate:
+        return DefaultWorkflow(fit_workflow=fit)
+    return DefaultWorkflow(fit_workflow=fit, evaluate_workflow=lambda grid, context: None)
 
 
 class SecAggDPStrategy(Strategy):

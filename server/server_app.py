@@ -16,7 +16,6 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, parse_run_config
@@ -30,7 +29,7 @@ from common.serialization import from_arrayrecord, to_arrayrecord
 from server.accountant import FederationAccountant
 from server.outputs import write_summary
 from server.recorder import RoundRecorder
-from server.secagg import RobustSecAggPlusWorkflow, SecAggDPStrategy
+from server.secagg import SecAggDPStrategy, secagg_workflow
 from server.strategy import PersonaFedAvg
 
 app = ServerApp()
@@ -140,17 +139,7 @@ def main(grid: Grid, context: Context) -> None:
             central_noise_std=central_std,
             target_epsilon=cfg.privacy.target_epsilon,
         )
-        workflow = DefaultWorkflow(
-            fit_workflow=RobustSecAggPlusWorkflow(
-                num_shares=params.num_shares,
-                reconstruction_threshold=params.reconstruction_threshold,
-                max_weight=params.max_weight,
-                clipping_range=params.clipping_range,
-                quantization_range=params.quantization_range,
-                modulus_range=params.modulus_range,
-                timeout=cfg.secagg.timeout,
-            )
-        )
+        workflow = secagg_workflow(params, timeout=cfg.secagg.timeout)
         workflow(
             grid,
             LegacyContext(

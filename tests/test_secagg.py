@@ -13,7 +13,6 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +22,7 @@ from client.ledger import LedgerPolicy, PrivacyLedger
 from common.config import parse_run_config
 from common.secagg import derive_secagg_params
 from server.recorder import RoundRecorder
-from server.secagg import RobustSecAggPlusWorkflow, SecAggDPStrategy
+from server.secagg import SecAggDPStrategy, secagg_workflow
 from tests.conftest import tiny_run_config
 from tests.flower_harness import InProcessGrid
 
@@ -45,18 +44,7 @@ def _vector_app(updates: dict[int, list[np.ndarray]], weights: dict[int, int]) -
 
 def _run_round(grid: InProcessGrid, strategy: SecAggDPStrategy, params) -> None:  # type: ignore[no-untyped-def]
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    workflow = DefaultWorkflow(
-        fit_workflow=RobustSecAggPlusWorkflow(
-            num_shares=params.num_shares,
-            reconstruction_threshold=params.reconstruction_threshold,
-            max_weight=params.max_weight,
-            clipping_range=params.clipping_range,
-            quantization_range=params.quantization_range,
-            modulus_range=params.modulus_range,
-            timeout=30,
-        ),
-        evaluate_workflow=lambda grid, context: None,
-    )
+    workflow = secagg_workflow(params, timeout=30, evaluate=False)
     workflow(grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy))
 
 

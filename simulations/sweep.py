@@ -5,7 +5,8 @@ For each target ε the noise multiplier σ comes from the accountant (the smalle
 account with verifiable sampling (the simulation's server samples uniformly) and cap at the
 target, so every number in the table comes from the run's own accountants.
 
-``python -m simulations.sweep --preset tiny --users 200 --per-round 20 --rounds 5`` writes
+``python -m simulations.sweep --preset tiny --users 200 --per-round 20 --rounds 5
+--set personalization.strategy=dual --set data.min-lines=100`` writes
 ``sweep.md``, ``sweep.json`` and ``sweep.png`` under ``--out``.
 """
 
@@ -30,6 +31,7 @@ def sweep(
     per_round: int,
     rounds: int,
     delta: float = 1e-5,
+    eval_fraction: float = 0.5,
     epsilons: tuple[float, ...] = EPSILONS,
     extra: dict | None = None,
 ) -> list[dict]:
@@ -41,7 +43,7 @@ def sweep(
             "data.num-users": users,
             "num-server-rounds": rounds,
             "fraction-train": q,
-            "fraction-evaluate": q,
+            "fraction-evaluate": eval_fraction,
             "privacy.delta": delta,
             "privacy.verifiable-sampling": True,
             **(extra or {}),
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--per-round", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--eval-fraction", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
     args = parser.parse_args()

@@ -134,3 +134,63 @@ def test_without_verifiable_sampling_each_joined_round_costs_q_one(tmp_path) -> 
     record, user = device.planned_charges(7)
     assert record is None
     assert user == (device.cfg.dp.noise_multiplier, 1.0, 1)
+
+
+def test_local_dp_sgd_charges_record_level_epsilon(tmp_path) -> None:
+    # Prepare: Opacus DP-SGD on the device, 2 steps at the device's Poisson rate.
+    from client.device import Device
+    from common.config import parse_run_config
+    from common.dp.accounting import epsilon
+    from tests.conftest import tiny_run_config
+
+    raw = tiny_run_config(
+        **{
+            "dp.local.enabled": True,
+            "dp.local.noise-multiplier": 1.2,
+            "privacy.epsilon-cap": 50.0,
+            "dp.noise-mode": "none",
+        }
+    )
+    device = Device(parse_run_config(raw), partition_id=0, num_partitions=4, data_dir=tmp_path)
+    rt = device.rt
+    g = {n: rt.init[n] for n in rt.shared_names}
+
+    # Execute
+    result = device.train(g, server_round=1)
+
+    # Assert
+    q = device.cfg.train.batch_size / len(device.train_set)
+    assert not result.declined
+    assert device.ledger.epsilon("record") == pytest.approx(
+        epsilon([(1.2, q, device.cfg.train.local_steps)], delta=1e-5)
+    )
+    assert result.metrics["record_epsilon"] == pytest.approx(device.ledger.epsilon("record"))
+    assert any(float(t.abs().sum()) > 0 for t in result.update.values())
+    assert device.ledger.epsilon("user") == 0.0  # no user-level noise, nothing charged
+    from common.dp.clipping import global_norm
+
+    assert global_norm(result.update) <= device.cfg.dp.clip_norm
+
+
+def test_server_stops_before_the_target_epsilon() -> None:
+    import numpy as np
+
+    from server.accountant import FederationAccountant
+    from server.recorder import RoundRecorder
+    from server.secagg import SecAggDPStrategy
+
+    acc = FederationAccountant(noise_multiplier=7.1, sample_rate=1.0, delta=1e-5)
+    strategy = SecAggDPStrategy(
+        shared_names=["w"],
+        initial=[np.zeros(2, dtype=np.float32)],
+        recorder=RoundRecorder(acc),
+        min_updates=2,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_nodes=2,
+        target_epsilon=0.8,
+    )
+    acc.release()
+    acc.release()  # ε = 0.79 after two rounds; a third would give 0.99 > 0.8
+    assert strategy.configure_fit(3, None, client_manager=None) == []  # type: ignore[arg-type]
+    assert strategy.stopped_at == 3

@@ -74,3 +74,38 @@ def test_outbound_record_holds_only_shared_tensors_and_allowed_metrics() -> None
             metrics={"per_example_loss_0": 1.0},
             allowed_metrics=ALLOWED_EVAL_METRICS,
         )
+
+
+def test_legacy_outbound_record_is_the_ordered_shared_update_only() -> None:
+    from flwr.common import parameters_to_ndarrays
+
+    names = ["a.lora_A.default.weight", "b.lora_A.default.weight"]
+    update = {names[1]: torch.full((2,), 2.0), names[0]: torch.ones(3)}
+    record = build_outbound_record(
+        update,
+        shared_names=names,
+        metrics={"num-examples": 1, "train_loss": 0.5, "weight": 1, "declined": 0},
+        allowed_metrics=ALLOWED_TRAIN_METRICS,
+        legacy="fitres",
+    )
+    from flwr.compat.common import recorddict_compat as compat
+
+    res = compat.recorddict_to_fitres(record, keep_input=True)
+    arrays = parameters_to_ndarrays(res.parameters)
+    assert [a.tolist() for a in arrays] == [[1.0, 1.0, 1.0], [2.0, 2.0]]  # shared_names order
+    assert res.num_examples == 1
+    assert set(res.metrics) == {"train_loss", "weight", "declined"}
+    assert set(record.keys()) == {
+        "fitres.parameters",
+        "fitres.num_examples",
+        "fitres.metrics",
+        "fitres.status",
+    }
+    with pytest.raises(ValueError, match="may not leave"):
+        build_outbound_record(
+            update,
+            shared_names=names,
+            metrics={"loss_of_line_3": 1.0},
+            allowed_metrics=ALLOWED_TRAIN_METRICS,
+            legacy="fitres",
+        )

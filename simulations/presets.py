@@ -29,6 +29,9 @@ PRESETS: dict[str, Preset] = {
         run_config={
             "model.name": "tiny",
             "num-server-rounds": 2,
+            # 4 users: the DP noise on the mean is σC/4 per entry; keep it well below the
+            # tiny model's LoRA scale (see README, "Privacy").
+            "dp.clip-norm": 0.01,
             "data.max-seq-len": 64,
             "data.max-test-samples": 8,
             "train.local-steps": 8,

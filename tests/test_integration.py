@@ -107,7 +107,7 @@ def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
     run_config.write_text(
         '"model.name" = "tiny"\n"num-server-rounds" = 2\n"data.num-users" = 2\n'
         '"data.max-seq-len" = 48\n"data.max-test-samples" = 4\n"train.local-steps" = 4\n'
-        '"train.batch-size" = 2\n"train.learning-rate" = 0.05\n'
+        '"train.batch-size" = 2\n"train.learning-rate" = 0.05\n"dp.clip-norm" = 0.005\n'
         f'"output.dir" = "{tmp_path}"\n"output.run-name" = "deploy"\n"round-timeout" = 300\n'
     )
     try:

@@ -123,11 +123,11 @@ class PersonaFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Aggregate as FedAvg does and record the round's per-user losses."""
-        replies = list(replies)
-        aggregated = super().aggregate_evaluate(server_round, replies)
-        self.recorder.evaluated(server_round, reply_metrics(replies))
-        return aggregated
+        """Record the round's per-user losses; return their means (unweighted: per user)."""
+        record = self.recorder.evaluated(server_round, reply_metrics(replies))
+        keys = ("global_loss", "personal_loss", "base_loss", "win_rate")
+        means = {k: float(record[k]) for k in keys if k in record}
+        return MetricRecord(means) if means else None
 
 
 def _add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:

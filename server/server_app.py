@@ -73,6 +73,8 @@ def privacy_report(cfg: RunConfig, *, m_min: int, sample_rate: float, acc) -> di
             "note": "per device, from its own Opacus accountant: see clients[].record_epsilon",
         },
         "secure_aggregation": "SecAgg+" if cfg.secagg.enabled else "off",
+        "not_covered": "the scalar metrics devices report in the clear (train and held-out "
+        "losses, counts) are not part of any ε above",
         "device_epsilon_cap": cfg.privacy.epsilon_cap,
     }
 

@@ -63,6 +63,8 @@ PRESETS: dict[str, Preset] = {
             "train.local-steps": 10,
             "train.batch-size": 8,
             "train.learning-rate": 0.003,
+            # 8 rounds at q = 1 within each device's ε = 1 cap (fedpersona privacy noise).
+            "dp.noise-multiplier": 11.5,
         },
     ),
 }

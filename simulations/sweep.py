@@ -31,7 +31,7 @@ def sweep(
     per_round: int,
     rounds: int,
     delta: float = 1e-5,
-    eval_fraction: float = 0.5,
+    eval_fraction: float = 0.2,
     epsilons: tuple[float, ...] = EPSILONS,
     extra: dict | None = None,
 ) -> list[dict]:
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--per-round", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--eval-fraction", type=float, default=0.5)
+    parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
     args = parser.parse_args()
@@ -141,6 +141,7 @@ def main() -> None:
         users=args.users,
         per_round=args.per_round,
         rounds=args.rounds,
+        eval_fraction=args.eval_fraction,
         extra=parse_set(args.set),
     )
     print((args.out / "sweep.md").read_text())

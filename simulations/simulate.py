@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -105,6 +106,17 @@ def stop_process_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         proc.wait(timeout=timeout)
 
 
+def _exit_on_sigterm():  # type: ignore[no-untyped-def]
+    """Turn SIGTERM into ``SystemExit`` (main thread only); return the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _raise(signum, frame):  # type: ignore[no-untyped-def]
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, _raise)
+
+
 def simulate(
     preset: str = "quick",
     overrides: dict[str, Any] | None = None,
@@ -167,6 +179,8 @@ def simulate(
     }
     bin_dir = Path(sys.executable).parent
     log_path = run_dir / "flwr.log"
+    # SIGTERM must unwind through `finally` too, or the superlink and Ray outlive us.
+    previous = _exit_on_sigterm()
     superlink = subprocess.Popen(
         [
             str(bin_dir / "flower-superlink"),
@@ -215,24 +229,27 @@ def simulate(
                 start_new_session=True,
             )
             assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if on_line:
-                    on_line(line.rstrip("\n"))
-                match = _ROUND.search(line)
-                if match and on_round:
-                    on_round(int(match.group(1)), int(match.group(2) or cfg.num_server_rounds))
-                if (run_dir / "summary.json").exists() and "win_rate=" in line:
-                    break
-            # The stream ends when the run ends; give `flwr` a moment, then stop it.
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    if on_line:
+                        on_line(line.rstrip("\n"))
+                    match = _ROUND.search(line)
+                    if match and on_round:
+                        on_round(int(match.group(1)), int(match.group(2) or cfg.num_server_rounds))
+                    if (run_dir / "summary.json").exists() and "win_rate=" in line:
+                        break
+                # The stream ends when the run ends; give `flwr` a moment to exit.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)
+            finally:
                 stop_process_tree(proc)
     finally:
         stop_process_tree(superlink)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     summary = run_dir / "summary.json"
     if not summary.exists():
         raise RuntimeError(f"the run wrote no summary; see {log_path}")

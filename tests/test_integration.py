@@ -173,3 +173,27 @@ def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
         assert (tmp_path / f"device{pid}" / "personal_adapter" / "adapter_config.json").is_file()
         assert (tmp_path / f"device{pid}" / "personal.safetensors").is_file()
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_sigterm_during_a_simulation_leaves_no_process(tmp_path) -> None:
+    # Prepare: a simulation in a child process.
+    import signal
+    import time
+
+    code = (
+        "from simulations.simulate import simulate; "
+        f"simulate('tiny', {{}}, r'{tmp_path}', run_name='term')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_DIR, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "term" / "flwr.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(5)  # the superlink is up and `flwr run` has started
+
+    # Execute
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+
+    # Assert
+    assert _processes_mentioning(str(tmp_path / "term")) == []
+    assert _processes_mentioning("fpray-term-") == []

@@ -56,28 +56,31 @@ def sweep(
             overrides.update({"dp.noise-multiplier": sigma, "privacy.epsilon-cap": eps})
         name = f"{preset}-eps-{'inf' if math.isinf(eps) else f'{eps:g}'}"
         run_dir = simulate(preset, overrides, out, run_name=name)
-        s = json.loads((run_dir / "summary.json").read_text())
-        user = s["privacy"]["user_level"]
-        rows.append(
-            {
-                "target_epsilon": eps,
-                "noise_multiplier": sigma,
-                "epsilon_rdp": user.get("epsilon_rdp", math.inf),
-                "epsilon_prv": user.get("epsilon_prv", math.inf),
-                "max_device_user_epsilon": max(
-                    (c["user_epsilon"] for c in s["clients"]), default=0.0
-                ),
-                "global_loss": s["global_loss"],
-                "personal_loss": s["personal_loss"],
-                "base_loss": s["base_loss"],
-                "win_rate": s["win_rate"],
-                "ppl_gain": s["ppl_gain"],
-                "declined": sum(r.get("declined", 0) for r in s["rounds"]),
-                "run_dir": str(run_dir),
-            }
-        )
+        rows.append(row_from_run(eps, sigma, run_dir))
         _write(out, preset, users, per_round, rounds, rows)
     return rows
+
+
+def row_from_run(target_epsilon: float, sigma: float, run_dir: Path) -> dict:
+    """One table row from a finished run: its accountants' ε and its last round's losses
+    (the users evaluated in that round, all under the final model)."""
+    s = json.loads((Path(run_dir) / "summary.json").read_text())
+    user = s["privacy"]["user_level"]
+    last = s["rounds"][-1]
+    return {
+        "target_epsilon": target_epsilon,
+        "noise_multiplier": sigma,
+        "epsilon_rdp": user.get("epsilon_rdp", math.inf),
+        "epsilon_prv": user.get("epsilon_prv", math.inf),
+        "max_device_user_epsilon": max((c["user_epsilon"] for c in s["clients"]), default=0.0),
+        "base_loss": last["base_loss"],
+        "global_loss": last["global_loss"],
+        "personal_loss": last["personal_loss"],
+        "win_rate": last["win_rate"],
+        "evaluated": last["evaluated"],
+        "declined": sum(r.get("declined", 0) for r in s["rounds"]),
+        "run_dir": str(run_dir),
+    }
 
 
 def _fmt(x: float) -> str:
@@ -91,10 +94,10 @@ def _write(
     (out / "sweep.json").write_text(json.dumps(rows, indent=2, default=str))
     lines = [
         f"Privacy–utility sweep: preset `{preset}`, {users} users, {per_round} per round, "
-        f"{rounds} rounds.",
+        f"{rounds} rounds. Losses: mean over the users evaluated in the last round.",
         "",
         "| target ε | σ | ε (RDP) | ε (PRV) | max device ε | global loss | personal loss "
-        "| win_rate | ppl_gain |",
+        "| win_rate | declined |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -102,7 +105,7 @@ def _write(
             f"| {_fmt(r['target_epsilon'])} | {r['noise_multiplier']:.3f} | "
             f"{_fmt(r['epsilon_rdp'])} | {_fmt(r['epsilon_prv'])} | "
             f"{_fmt(r['max_device_user_epsilon'])} | {r['global_loss']:.4f} | "
-            f"{r['personal_loss']:.4f} | {r['win_rate']:.2f} | {r['ppl_gain']:.4f} |"
+            f"{r['personal_loss']:.4f} | {r['win_rate']:.2f} | {r['declined']} |"
         )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     import matplotlib

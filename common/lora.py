@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from common.atomic import atomic_write_dir
 from common.config import ModelConfig
-from common.personalization import GLOBAL_ADAPTER, PERSONAL_ADAPTER, Strategy
+from common.personalization import GLOBAL_ADAPTER, Strategy
 from common.personalization.base import adapter_of, is_lora_a
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -174,7 +174,6 @@ def export_adapter(
 
 
 __all__ = [
-    "PERSONAL_ADAPTER",
     "build_peft_model",
     "build_skeleton",
     "export_adapter",

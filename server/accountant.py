@@ -35,6 +35,10 @@ class FederationAccountant:
         history = self.history + [self._step()] * extra_rounds
         return epsilon(history, delta=self.delta, accountant=accountant)
 
+    def next_round_exceeds(self, target_epsilon: float) -> bool:
+        """True if releasing one more round would pass ``target_epsilon`` (0 = no target)."""
+        return target_epsilon > 0 and self.epsilon("rdp", extra_rounds=1) > target_epsilon
+
     def release(self) -> None:
         """Charge one released round."""
         self.history.append(self._step())

@@ -129,9 +129,7 @@ class SecAggDPStrategy(Strategy):
         self.recorder.start(server_round)
         acc = self.recorder.accountant
         if self.stopped_at is not None or (
-            self.target_epsilon > 0
-            and acc is not None
-            and acc.epsilon("rdp", extra_rounds=1) > self.target_epsilon
+            acc is not None and acc.next_round_exceeds(self.target_epsilon)
         ):
             self.stopped_at = self.stopped_at or server_round
             log(WARNING, "privacy.target-epsilon reached: no training in round %s", server_round)

@@ -61,20 +61,15 @@ class PersonaFedAvg(FedAvg):
         self.target_epsilon = target_epsilon
         self.stopped_at: int | None = None
 
-    def _over_target(self) -> bool:
-        acc = self.recorder.accountant
-        return bool(
-            self.target_epsilon > 0
-            and acc is not None
-            and acc.epsilon("rdp", extra_rounds=1) > self.target_epsilon
-        )
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample as FedAvg does, unless the privacy target forbids another round."""
         self.recorder.start(server_round)
-        if self.stopped_at is not None or self._over_target():
+        acc = self.recorder.accountant
+        if self.stopped_at is not None or (
+            acc is not None and acc.next_round_exceeds(self.target_epsilon)
+        ):
             self.stopped_at = self.stopped_at or server_round
             log(WARNING, "privacy.target-epsilon reached: no training in round %s", server_round)
             return []
@@ -113,12 +108,6 @@ class PersonaFedAvg(FedAvg):
             self.recorder.accountant.release()
         self.recorder.trained(server_round, rows, failures=failures, released=arrays is not None)
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Evaluate as FedAvg does (also after a stop: the model is still worth measuring)."""
-        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

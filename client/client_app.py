@@ -7,7 +7,8 @@ protocol stages, which :func:`secagg_when_requested` hands to Flower's ``secaggp
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from flwr.app import Context, Message
@@ -17,7 +18,7 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.device import Device, shared_shapes
+from client.device import Device, open_node_store, shared_shapes
 from common.config import parse_run_config
 from common.data import user_for_partition
 from common.serialization import (
@@ -42,7 +43,9 @@ def secagg_when_requested(msg: Message, ctxt: Context, call_next):  # type: igno
 app = ClientApp(mods=[secagg_when_requested])
 
 
-def _device(context: Context) -> Device:
+@contextmanager
+def _device(context: Context) -> Iterator[Device]:
+    """The device for this node, with its encrypted store open for the message's duration."""
     cfg = parse_run_config(dict(context.run_config))
     node = context.node_config
     try:
@@ -50,12 +53,11 @@ def _device(context: Context) -> Device:
         num_partitions = int(node["num-partitions"])
     except KeyError as err:
         raise ValueError(
-            f"node config lacks {err}; start the SuperNode with "
-            "--node-config 'partition-id=N num-partitions=M data-dir=\"DIR\"'"
+            f"node config lacks {err}; start the SuperNode with --node-config 'partition-id=N "
+            'num-partitions=M data-dir="DIR" key-file="FILE"\''
         ) from None
-    if "data-dir" in node:
-        data_dir = Path(str(node["data-dir"])).expanduser()
-    else:
+    simulated_dir = None
+    if "data-dir" not in node:
         user = user_for_partition(
             partition_id,
             num_partitions,
@@ -63,8 +65,12 @@ def _device(context: Context) -> Device:
             seed=cfg.seed,
             test_fraction=cfg.data.test_fraction,
         )
-        data_dir = cfg.simulated_device_dir(context.run_id, user.user)
-    return Device(cfg, partition_id=partition_id, num_partitions=num_partitions, data_dir=data_dir)
+        simulated_dir = cfg.simulated_device_dir(context.run_id, user.user)
+    store = open_node_store(node, simulated_dir=simulated_dir)
+    try:
+        yield Device(cfg, partition_id=partition_id, num_partitions=num_partitions, store=store)
+    finally:
+        store.close()
 
 
 def _incoming(msg: Message, device: Device, kind: str) -> tuple[dict[str, torch.Tensor], int, bool]:
@@ -86,9 +92,9 @@ def _incoming(msg: Message, device: Device, kind: str) -> tuple[dict[str, torch.
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on the device's data; reply with the clipped (noised) shared update only."""
-    device = _device(context)
-    global_shared, server_round, legacy = _incoming(msg, device, "fitins")
-    result = device.train(global_shared, server_round=server_round)
+    with _device(context) as device:
+        global_shared, server_round, legacy = _incoming(msg, device, "fitins")
+        result = device.train(global_shared, server_round=server_round)
     metrics = dict(result.metrics)
     if legacy:
         # SecAgg+ sums the update weighted by num_examples: 1 per participant, 0 if declined.
@@ -109,9 +115,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate base, global and personal models on the device's held-out text."""
-    device = _device(context)
-    global_shared, server_round, legacy = _incoming(msg, device, "evaluateins")
-    metrics = device.evaluate(global_shared, server_round=server_round)
+    with _device(context) as device:
+        global_shared, server_round, legacy = _incoming(msg, device, "evaluateins")
+        metrics = device.evaluate(global_shared, server_round=server_round)
     content = build_outbound_record(
         {},
         shared_names=device.rt.shared_names,

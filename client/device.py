@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -23,7 +25,9 @@ from transformers import PreTrainedTokenizerBase
 
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
 from client.state import DeviceState
-from common.config import RunConfig
+from client.store import DEFAULT_RETENTION_DAYS, LocalStore
+from common.config import ModelConfig, RunConfig
+from common.crypto import Secret, create_key_file, resolve_secret
 from common.data import Encoded, UserData, encode, user_for_partition
 from common.dp.clipping import clip_update
 from common.dp.noise import add_gaussian_noise
@@ -86,13 +90,56 @@ def get_runtime(cfg: RunConfig) -> Runtime:
     return _RUNTIMES[key]
 
 
+def open_node_store(
+    node_config: Mapping[str, Any], *, simulated_dir: Path | None = None
+) -> LocalStore:
+    """Open (creating on first use) the encrypted store a SuperNode's node config points at.
+
+    ``data-dir`` names the store's directory and ``key-file`` its key (else
+    ``$FEDPERSONA_PASSPHRASE``); ``retention-days`` overrides the 28-day default. A simulated
+    device (no ``data-dir``) keeps its store in ``simulated_dir`` and a generated key file
+    beside it, ``<dir>.key`` — convenient for simulations, not a protection on a real device.
+
+    Raises:
+        ValueError: If a real device has no key.
+    """
+    retention = float(node_config.get("retention-days", DEFAULT_RETENTION_DAYS))
+    if "data-dir" in node_config:
+        root = Path(str(node_config["data-dir"])).expanduser()
+        key_file = node_config.get("key-file")
+        secret = resolve_secret(key_file=None if key_file is None else str(key_file))
+    else:
+        if simulated_dir is None:
+            raise ValueError("node config has no data-dir")
+        root = simulated_dir
+        key_path = root.with_name(root.name + ".key")
+        if not key_path.exists():
+            create_key_file(key_path)
+        secret = Secret(key_file=key_path)
+    return LocalStore.open(root, secret, create=True, retention_days=retention)
+
+
+SETTINGS_BLOB = "settings"
+# Run-config keys a device keeps so that its assistant can rebuild the federation's model.
+SETTINGS_PREFIXES = ("model.", "personalization.", "privacy.", "data.max-seq-len")
+
+
+def settings_from(cfg: RunConfig) -> dict[str, Any]:
+    """The subset of a run config the device needs to rebuild its model on its own."""
+    return {k: v for k, v in cfg.to_flat().items() if k.startswith(SETTINGS_PREFIXES)}
+
+
+def lora_fingerprint(m: ModelConfig) -> str:
+    """LoRA settings as one string: state trained under other settings is refused."""
+    return (
+        f"r={m.lora_r},alpha={m.lora_alpha},targets={','.join(m.lora_targets)},seed={m.init_seed}"
+    )
+
+
 def shared_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the shared tensors for ``cfg`` (what the server sends)."""
     rt = get_runtime(cfg)
     return {n: rt.shapes[n] for n in rt.shared_names}
-
-
-LEDGER_FILE = "ledger.json"
 
 
 @dataclass
@@ -118,11 +165,11 @@ class Device:
         cfg: Parsed run config.
         partition_id: This node's partition (selects the user).
         num_partitions: Number of partitions (users) in the federation.
-        data_dir: The device's own state directory.
+        store: The device's open encrypted store (profile, state, ledger).
     """
 
     def __init__(
-        self, cfg: RunConfig, *, partition_id: int, num_partitions: int, data_dir: Path
+        self, cfg: RunConfig, *, partition_id: int, num_partitions: int, store: LocalStore
     ) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
@@ -134,20 +181,21 @@ class Device:
             test_fraction=cfg.data.test_fraction,
         )
         self.rt = get_runtime(cfg)
-        m = cfg.model
+        self.store = store
         self.state = DeviceState(
-            data_dir,
+            store,
             user=self.user.user,
             strategy=cfg.strategy,
-            model=m.name,
-            lora=f"r={m.lora_r},alpha={m.lora_alpha},targets={','.join(m.lora_targets)},"
-            f"seed={m.init_seed}",
+            model=cfg.model.name,
+            lora=lora_fingerprint(cfg.model),
         )
+        settings = settings_from(cfg)
+        if store.get_json(SETTINGS_BLOB) != settings:
+            store.put_json(SETTINGS_BLOB, settings)
         self.num_partitions = num_partitions
         self.train_set, self.test_set = self._encoded()
-        self.ledger_path = Path(data_dir) / LEDGER_FILE
         self.ledger = PrivacyLedger.load(
-            self.ledger_path,
+            store,
             LedgerPolicy(
                 epsilon_cap=cfg.privacy.epsilon_cap,
                 delta=cfg.privacy.delta,
@@ -237,7 +285,7 @@ class Device:
         except BudgetExhausted as err:
             logger.warning("device %s declines round %s: %s", self.user.user, server_round, err)
             self.ledger.note_declined(server_round=server_round, reason=str(err))
-            self.ledger.save(self.ledger_path)
+            self.ledger.save(self.store)
             zeros = {n: torch.zeros_like(t) for n, t in global_shared.items()}
             return TrainResult(
                 zeros,
@@ -284,7 +332,7 @@ class Device:
 
         self.state.save_personal({n: after[n] for n in self.rt.personal_names})
         self.ledger.charge(server_round=server_round, record=record, user=user)
-        self.ledger.save(self.ledger_path)
+        self.ledger.save(self.store)
         self.state.meta.rounds_trained += 1
         self.state.meta.last_round = server_round
         self.state.meta.history.append(
@@ -305,13 +353,44 @@ class Device:
             declined=False,
         )
 
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """Every LoRA tensor of the model this device generates with: init, overlaid by the
+        last global shared tensors, overlaid by the personal ones."""
+        return self._compose(
+            self.state.load_global() or {},
+            self.state.load_personal(),
+            personal_overrides_shared=True,
+        )
+
+    def export_adapter(self, out_dir: Path) -> Path:
+        """Write the device's current model (global + personal) as a peft adapter."""
+        adapters = self.rt.strategy.adapters
+        return export_adapter(
+            self.model_tensors(),
+            self.cfg.model,
+            out_dir,
+            base_model=self.rt.base_ref,
+            adapters=adapters,
+            note={
+                "kind": "personal",
+                "user": self.user.user,
+                "strategy": self.cfg.strategy,
+                "round": self.state.meta.last_round,
+                "combination": "sum of adapters "
+                + " + ".join(adapters)
+                + (" as one rank-2r adapter" if len(adapters) > 1 else ""),
+            },
+        )
+
     @torch.no_grad()
     def evaluate(
         self, global_shared: dict[str, torch.Tensor], *, server_round: int
     ) -> dict[str, float | int]:
         """Held-out loss of the base, the global (cold-start) and this device's personal model.
 
-        Also refreshes ``personal_adapter/`` (peft format) with the model the device now uses.
+        Also keeps the global shared tensors and both losses in the store: the on-device
+        assistant composes its model from them and switches to the personal adapter only once
+        it beats the global one here.
         """
         if self.state.meta.base_loss is None:
             with self.rt.model.disable_adapter():
@@ -326,29 +405,14 @@ class Device:
         )
         personal = self.state.load_personal()
         if personal is None:
-            personal_tensors = self._compose(global_shared, None, personal_overrides_shared=False)
             personal_loss = global_loss
         else:
-            personal_tensors = self._compose(
-                global_shared, personal, personal_overrides_shared=True
+            personal_loss = self._loss(
+                self._compose(global_shared, personal, personal_overrides_shared=True)
             )
-            personal_loss = self._loss(personal_tensors)
-        export_adapter(
-            personal_tensors,
-            self.cfg.model,
-            self.state.adapter_dir,
-            base_model=self.rt.base_ref,
-            adapters=self.rt.strategy.adapters,
-            note={
-                "kind": "personal",
-                "user": self.user.user,
-                "strategy": self.cfg.strategy,
-                "round": server_round,
-                "combination": "sum of adapters "
-                + " + ".join(self.rt.strategy.adapters)
-                + (" as one rank-2r adapter" if len(self.rt.strategy.adapters) > 1 else ""),
-            },
-        )
+        self.state.save_global(global_shared)
+        self.state.meta.global_loss = global_loss
+        self.state.meta.personal_loss = personal_loss
         self.state.meta.history.append(
             {"round": server_round, "global_loss": global_loss, "personal_loss": personal_loss}
         )

@@ -15,17 +15,16 @@ days) limits what a period may spend on top of, not instead of, the lifetime cap
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write_bytes
+from client.store import LocalStore, StoreCorrupted
 from common.dp.accounting import epsilon
 
 LEDGER_VERSION = 1
+LEDGER_BLOB = "ledger"
 KINDS = ("record", "user")
 
 
@@ -219,23 +218,22 @@ class PrivacyLedger:
         self.events = events
         self.declined = [dict(d) for d in state["declined"]]
 
-    def save(self, path: Path) -> None:
-        """Write the ledger atomically (temp file + fsync + rename)."""
-        atomic_write_bytes(Path(path), json.dumps(self.state_dict(), indent=1).encode())
+    def save(self, store: LocalStore) -> None:
+        """Write the ledger into the device's encrypted store (one transaction)."""
+        store.put_json(LEDGER_BLOB, self.state_dict())
 
     @classmethod
-    def load(cls, path: Path, policy: LedgerPolicy) -> PrivacyLedger:
-        """Load the ledger at ``path`` (a fresh one if the file does not exist).
+    def load(cls, store: LocalStore, policy: LedgerPolicy) -> PrivacyLedger:
+        """Load the ledger from ``store`` (a fresh one if the store has none yet).
 
         Raises:
-            ValueError: If the file exists but is corrupted or does not match ``policy``.
+            ValueError: If the stored ledger is corrupted or does not match ``policy``.
         """
         ledger = cls(policy)
-        path = Path(path)
-        if path.exists():
-            try:
-                state = json.loads(path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"corrupted privacy ledger {path}: {err}; restore it") from err
+        try:
+            state = store.get_json(LEDGER_BLOB)
+        except StoreCorrupted as err:
+            raise ValueError(f"corrupted privacy ledger: {err}; restore the store") from err
+        if state is not None:
             ledger.load_state_dict(state)
         return ledger

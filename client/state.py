@@ -1,26 +1,30 @@
-"""A device's own state between rounds: its personal LoRA tensors and a small JSON record.
+"""A device's model state between rounds, kept in its encrypted :class:`~client.store.LocalStore`.
 
-Lives in the device's data dir (``node_config['data-dir']``; in simulation one directory per
-simulated device). Writes are atomic (temp file + ``os.replace``), so a device killed
-mid-write keeps its previous state. The directory also holds ``personal_adapter/``, the
-complete adapter the device generates with, in peft format.
+Three blobs, each written in one transaction (a device killed mid-write keeps the previous
+version):
+
+``personal``  the personal LoRA tensors (safetensors bytes) — never leave the device;
+``global``    the last global shared tensors the federation sent (so the assistant can compose
+              global + personal without a server);
+``device``    a JSON record: user, strategy, model/LoRA fingerprint, rounds, loss history.
+
+State written under another user, strategy or LoRA configuration is refused rather than
+silently mixed.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
-from common.atomic import atomic_write_bytes
+from client.store import LocalStore, StoreCorrupted
 
-PERSONAL_FILE = "personal.safetensors"
-META_FILE = "device.json"
-ADAPTER_DIR = "personal_adapter"
+PERSONAL_BLOB = "personal"
+GLOBAL_BLOB = "global"
+META_BLOB = "device"
 
 
 @dataclass
@@ -34,70 +38,89 @@ class DeviceMeta:
     base_loss: float | None = None
     rounds_trained: int = 0
     last_round: int = 0
+    # Latest held-out losses from the federation's evaluate round: the assistant uses the
+    # personal adapter only once it beats the global one (cold start).
+    global_loss: float | None = None
+    personal_loss: float | None = None
     history: list[dict] = field(default_factory=list)
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Serialize tensors (as contiguous fp32 on CPU) to safetensors bytes."""
+    blob = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
+    return save(blob, metadata={"format": "pt", **metadata})
+
+
+def tensors_from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`tensors_to_bytes`.
+
+    Raises:
+        ValueError: If ``data`` is not a valid safetensors payload.
+    """
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as err:
+        raise ValueError(f"corrupted {what} tensors in the device store: {err}") from err
 
 
 class DeviceState:
     """Load and save one device's personal tensors and metadata.
 
     Args:
-        root: The device's data dir.
+        store: The device's open LocalStore.
         user: User id this device holds.
         strategy: Personalization strategy name.
-        model: ``model.name`` and LoRA settings, as one string; state from another
-            configuration is refused rather than silently mixed.
+        model: ``model.name``.
+        lora: LoRA settings as one string.
     """
 
-    def __init__(self, root: Path, *, user: str, strategy: str, model: str, lora: str) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self, store: LocalStore, *, user: str, strategy: str, model: str, lora: str
+    ) -> None:
+        self.store = store
         self._expect = {"user": user, "strategy": strategy, "model": model, "lora": lora}
         self.meta = self._load_meta()
 
-    @property
-    def adapter_dir(self) -> Path:
-        """Where the complete personal adapter (peft format) is written."""
-        return self.root / ADAPTER_DIR
-
     def _load_meta(self) -> DeviceMeta:
-        path = self.root / META_FILE
-        if not path.exists():
+        try:
+            raw = self.store.get_json(META_BLOB)
+        except StoreCorrupted as err:
+            raise ValueError(f"corrupted device state: {err}") from err
+        if raw is None:
             return DeviceMeta(**self._expect)
         try:
-            meta = DeviceMeta(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"corrupted device state {path}: {err}; restore or remove it") from err
+            meta = DeviceMeta(**raw)
+        except TypeError as err:
+            raise ValueError(
+                f"corrupted device state in {self.store.root}: {err}; restore the store"
+            ) from err
         for key, want in self._expect.items():
             have = getattr(meta, key)
             if have != want:
                 raise ValueError(
-                    f"device state in {self.root} belongs to {key}={have!r}, this run uses "
-                    f"{want!r}; point node-config data-dir elsewhere or remove that directory"
+                    f"device state in {self.store.root} belongs to {key}={have!r}, this run "
+                    f"uses {want!r}; point node-config data-dir elsewhere or forget that store"
                 )
         return meta
 
     def save_meta(self) -> None:
-        """Persist the metadata atomically."""
-        atomic_write_bytes(self.root / META_FILE, json.dumps(asdict(self.meta), indent=2).encode())
+        """Persist the metadata (one transaction)."""
+        self.store.put_json(META_BLOB, asdict(self.meta))
 
     def load_personal(self) -> dict[str, torch.Tensor] | None:
-        """The stored personal tensors, or ``None`` for a device that has not trained yet.
-
-        Raises:
-            ValueError: If the file is corrupted.
-        """
-        path = self.root / PERSONAL_FILE
-        if not path.exists():
-            return None
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(
-                f"corrupted personal tensors {path}: {err}; restore or remove it"
-            ) from err
+        """The stored personal tensors, or ``None`` for a device that has not trained yet."""
+        data = self.store.get_blob(PERSONAL_BLOB)
+        return None if data is None else tensors_from_bytes(data, "personal")
 
     def save_personal(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Persist the personal tensors atomically."""
-        blob = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
-        data = save(blob, metadata={"format": "pt", **self._expect})
-        atomic_write_bytes(self.root / PERSONAL_FILE, data)
+        """Persist the personal tensors (one transaction)."""
+        self.store.put_blob(PERSONAL_BLOB, tensors_to_bytes(tensors, self._expect))
+
+    def load_global(self) -> dict[str, torch.Tensor] | None:
+        """The last global shared tensors received, or ``None``."""
+        data = self.store.get_blob(GLOBAL_BLOB)
+        return None if data is None else tensors_from_bytes(data, "global")
+
+    def save_global(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep the latest global shared tensors."""
+        self.store.put_blob(GLOBAL_BLOB, tensors_to_bytes(tensors, self._expect))

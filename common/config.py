@@ -257,6 +257,16 @@ class RunConfig:
         """Plain-JSON view of the config (for ``summary.json``)."""
         return asdict(self)
 
+    def to_flat(self) -> dict[str, Any]:
+        """The config as Flower's flat run config (inverse of :func:`parse_run_config`)."""
+        out: dict[str, Any] = {}
+        for key, (path, _) in _KEYS.items():
+            value: Any = self
+            for attr in path.split("."):
+                value = getattr(value, attr)
+            out[key] = ",".join(value) if isinstance(value, tuple) else value
+        return out
+
 
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):

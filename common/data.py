@@ -206,24 +206,29 @@ class Encoded:
 
 
 def encode(sample: Sample, tokenizer: PreTrainedTokenizerBase, max_len: int) -> Encoded:
-    """Tokenize one chat turn with the model's chat template; loss only on the reply.
+    """Tokenize one chat turn (the federation's system prompt + the sample's prompt)."""
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": sample.prompt},
+    ]
+    return encode_messages(messages, sample.reply, tokenizer, max_len)
+
+
+def encode_messages(
+    messages: list[dict[str, str]], reply: str, tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> Encoded:
+    """Tokenize chat ``messages`` + ``reply`` with the model's chat template; loss on the reply.
 
     When too long, the reply keeps at least half the budget and the prompt is cut from the
     left (its oldest words go first).
     """
     prompt_ids = tokenizer.apply_chat_template(
-        [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": sample.prompt},
-        ],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=False,
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
         prompt_ids = prompt_ids["input_ids"]
     end = tokenizer.eos_token or ""
-    reply_ids = tokenizer(sample.reply + end, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(reply + end, add_special_tokens=False)["input_ids"]
     reply_keep = min(len(reply_ids), max(max_len - len(prompt_ids), max_len // 2))
     reply_ids = reply_ids[:reply_keep]
     prompt_ids = list(prompt_ids)[len(prompt_ids) - (max_len - reply_keep) :][

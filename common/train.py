@@ -15,7 +15,7 @@ import torch
 from common.data import Encoded, collate
 
 
-def _unfreeze_only(model: torch.nn.Module, trainable: Sequence[str]) -> list[torch.nn.Parameter]:
+def unfreeze_only(model: torch.nn.Module, trainable: Sequence[str]) -> list[torch.nn.Parameter]:
     """Let gradients flow to the named parameters only; return them in model order."""
     wanted = set(trainable)
     params = []
@@ -61,7 +61,7 @@ def train_steps(
     """
     if not samples:
         raise ValueError("no training samples on this device")
-    params = _unfreeze_only(model, trainable)
+    params = unfreeze_only(model, trainable)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     device = next(model.parameters()).device
     rng = random.Random(seed)
@@ -135,7 +135,7 @@ def train_steps_dp(
     if not samples:
         raise ValueError("no training samples on this device")
     sample_rate = min(1.0, batch_size / len(samples))
-    params = _unfreeze_only(model, trainable)
+    params = unfreeze_only(model, trainable)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     optimizer = DPOptimizer(
         torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0),

@@ -14,7 +14,13 @@ from client.device import Device, get_runtime, shared_shapes
 from common.config import parse_run_config
 from common.model import load_base_model
 from common.serialization import ALLOWED_EVAL_METRICS, ALLOWED_TRAIN_METRICS, to_arrayrecord
-from tests.conftest import make_context, make_message, tiny_run_config
+from tests.conftest import (
+    device_node_config,
+    make_context,
+    make_message,
+    open_test_store,
+    tiny_run_config,
+)
 
 
 def _global_init(cfg):
@@ -28,7 +34,7 @@ def test_train_reply_holds_only_shared_tensors(tmp_path, strategy) -> None:
     raw = tiny_run_config(**{"personalization.strategy": strategy})
     cfg = parse_run_config(raw)
     shapes = shared_shapes(cfg)
-    ctx = make_context(raw, {"partition-id": 1, "num-partitions": 4, "data-dir": str(tmp_path)})
+    ctx = make_context(raw, device_node_config(tmp_path / "dev", 1, 4))
     msg = make_message(to_arrayrecord(_global_init(cfg)), "train")
 
     # Execute
@@ -55,14 +61,16 @@ def test_personal_state_survives_a_device_restart(tmp_path) -> None:
     # Prepare
     cfg = parse_run_config(tiny_run_config(**{"personalization.strategy": "fedsa"}))
     g = _global_init(cfg)
-    device = Device(cfg, partition_id=0, num_partitions=4, data_dir=tmp_path)
-    result = device.train(g, server_round=1)
-    shared = {n: g[n] + result.update[n] for n in g}
-    before = device.state.load_personal()
-    first = device.evaluate(shared, server_round=1)
+    with open_test_store(tmp_path / "dev") as store:
+        device = Device(cfg, partition_id=0, num_partitions=4, store=store)
+        result = device.train(g, server_round=1)
+        shared = {n: g[n] + result.update[n] for n in g}
+        before = device.state.load_personal()
+        first = device.evaluate(shared, server_round=1)
 
-    # Execute: a new process would build a new Device from the same dir.
-    restarted = Device(cfg, partition_id=0, num_partitions=4, data_dir=tmp_path)
+    # Execute: a new process would open the same store and build a new Device.
+    store = open_test_store(tmp_path / "dev")
+    restarted = Device(cfg, partition_id=0, num_partitions=4, store=store)
     again = restarted.evaluate(shared, server_round=1)
 
     # Assert
@@ -73,26 +81,32 @@ def test_personal_state_survives_a_device_restart(tmp_path) -> None:
     assert again["personal_loss"] == pytest.approx(first["personal_loss"], abs=1e-6)
     assert first["global_loss"] == pytest.approx(first["base_loss"], abs=1e-6)  # fedsa cold start
     assert restarted.state.meta.rounds_trained == 1
-    meta = json.loads((tmp_path / "device.json").read_text())
+    meta = store.get_json("device")
     assert meta["user"] == device.user.user and meta["strategy"] == "fedsa"
+    assert meta["global_loss"] == pytest.approx(again["global_loss"])
+    assert all(torch.equal(restarted.state.load_global()[n], shared[n]) for n in shared)
+    store.close()
 
 
-def test_evaluate_writes_a_loadable_personal_adapter(tmp_path) -> None:
+def test_evaluate_then_export_a_loadable_personal_adapter(tmp_path) -> None:
     # Prepare
     raw = tiny_run_config(**{"personalization.strategy": "dual"})
     cfg = parse_run_config(raw)
-    ctx = make_context(raw, {"partition-id": 2, "num-partitions": 4, "data-dir": str(tmp_path)})
+    ctx = make_context(raw, device_node_config(tmp_path / "dev", 2, 4))
     client_train(make_message(to_arrayrecord(_global_init(cfg)), "train"), ctx)
 
     # Execute
     reply = client_evaluate(make_message(to_arrayrecord(_global_init(cfg)), "evaluate"), ctx)
+    with open_test_store(tmp_path / "dev") as store:
+        adapter = Device(cfg, partition_id=2, num_partitions=4, store=store).export_adapter(
+            tmp_path / "adapter"
+        )
 
     # Assert
     metrics = dict(reply.content["metrics"])
     assert "arrays" not in reply.content
     assert set(metrics) == ALLOWED_EVAL_METRICS
     assert metrics["win"] == int(metrics["personal_loss"] < metrics["global_loss"])
-    adapter = tmp_path / "personal_adapter"
     model = PeftModel.from_pretrained(load_base_model("tiny"), str(adapter))
     assert model.peft_config["default"].r == 2 * cfg.model.lora_r
     note = json.loads((adapter / "fedpersona.json").read_text())
@@ -101,29 +115,32 @@ def test_evaluate_writes_a_loadable_personal_adapter(tmp_path) -> None:
 
 def test_state_from_another_strategy_is_refused(tmp_path) -> None:
     cfg = parse_run_config(tiny_run_config(**{"personalization.strategy": "fedsa"}))
-    device = Device(cfg, partition_id=0, num_partitions=4, data_dir=tmp_path)
-    device.state.save_meta()
-    other = parse_run_config(tiny_run_config(**{"personalization.strategy": "dual"}))
-    with pytest.raises(ValueError, match="strategy='fedsa'"):
-        Device(other, partition_id=0, num_partitions=4, data_dir=tmp_path)
+    with open_test_store(tmp_path / "dev") as store:
+        device = Device(cfg, partition_id=0, num_partitions=4, store=store)
+        device.state.save_meta()
+        other = parse_run_config(tiny_run_config(**{"personalization.strategy": "dual"}))
+        with pytest.raises(ValueError, match="strategy='fedsa'"):
+            Device(other, partition_id=0, num_partitions=4, store=store)
 
 
 def test_corrupted_state_is_reported_not_overwritten(tmp_path) -> None:
     cfg = parse_run_config(tiny_run_config())
-    device = Device(cfg, partition_id=0, num_partitions=4, data_dir=tmp_path)
-    device.train(_global_init(cfg), server_round=1)
-    blob = tmp_path / "personal.safetensors"
-    blob.write_bytes(b"\x00garbage" + blob.read_bytes()[9:])
-    corrupted = blob.read_bytes()
-    with pytest.raises(ValueError, match="corrupted personal tensors"):
-        device.train(_global_init(cfg), server_round=2)
-    assert blob.read_bytes() == corrupted
+    with open_test_store(tmp_path / "dev") as store:
+        device = Device(cfg, partition_id=0, num_partitions=4, store=store)
+        device.train(_global_init(cfg), server_round=1)
+        corrupted = b"\x00garbage" + store.get_blob("personal")[9:]
+        store.put_blob("personal", corrupted)
+        ledger = store.get_json("ledger")
+        with pytest.raises(ValueError, match="corrupted personal tensors"):
+            device.train(_global_init(cfg), server_round=2)
+        assert store.get_blob("personal") == corrupted
+        assert store.get_json("ledger") == ledger  # nothing charged for the failed round
 
 
 def test_missing_partition_config_is_a_clear_error(tmp_path) -> None:
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
-    ctx = make_context(raw, {"data-dir": str(tmp_path)})
+    ctx = make_context(raw, {"data-dir": str(tmp_path / "dev")})
     with pytest.raises(ValueError, match="partition-id"):
         client_train(make_message(to_arrayrecord(_global_init(cfg)), "train"), ctx)
 
@@ -132,7 +149,8 @@ def test_wrong_shapes_from_the_server_are_rejected(tmp_path) -> None:
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
     bad = {n: torch.zeros(t.shape[0] + 1, t.shape[1]) for n, t in _global_init(cfg).items()}
-    ctx = make_context(raw, {"partition-id": 0, "num-partitions": 4, "data-dir": str(tmp_path)})
+    ctx = make_context(raw, device_node_config(tmp_path / "dev", 0, 4))
     with pytest.raises(ValueError, match="shape mismatch"):
         client_train(make_message(to_arrayrecord(bad), "train"), ctx)
-    assert not (tmp_path / "personal.safetensors").exists()
+    with open_test_store(tmp_path / "dev") as store:
+        assert store.get_blob("personal") is None and store.get_json("ledger") is None

@@ -20,8 +20,11 @@ import psutil
 import pytest
 from peft import PeftModel
 
+from client.store import LocalStore
+from common.crypto import Secret
 from common.model import load_base_model
 from simulations.simulate import PROJECT_DIR, _free_port, _wait_port, simulate, stop_process_tree
+from tests.conftest import device_key, open_test_store
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -68,10 +71,15 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     assert summary["ppl_gain"] > 0
     base = load_base_model("tiny")
     PeftModel.from_pretrained(base, str(run_dir / "global_adapter"))
+    # Each simulated device kept its encrypted store (personal tensors, global, ledger).
     for row in clients:
-        adapter = run_dir / "devices" / row["user"] / "personal_adapter"
-        assert (adapter / "adapter_model.safetensors").is_file()
-    PeftModel.from_pretrained(load_base_model("tiny"), str(adapter))
+        store = LocalStore.open(
+            run_dir / "devices" / row["user"],
+            Secret(key_file=run_dir / "devices" / f"{row['user']}.key"),
+        )
+        with store:
+            assert {"personal", "global", "device", "ledger"} <= set(store.blob_sizes())
+            assert store.get_json("device")["rounds_trained"] >= 1
     # Nothing left running: superlink, ServerApp, Ray.
     assert _processes_mentioning(str(run_dir)) == []
     assert _processes_mentioning("fpray-sim-") == []
@@ -138,7 +146,8 @@ def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
                     "--port",
                     str(_free_port()),
                     "--node-config",
-                    f'partition-id={pid} num-partitions=2 data-dir="{tmp_path / f"device{pid}"}"',
+                    f'partition-id={pid} num-partitions=2 data-dir="{tmp_path / f"device{pid}"}" '
+                    f'key-file="{device_key(tmp_path / f"device{pid}")}"',
                 ],
                 f"supernode{pid}.log",
             )
@@ -170,8 +179,10 @@ def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
     summary = _check_summary(tmp_path / "deploy", n_users=2, n_rounds=2)
     assert all(c["personal_loss"] < c["base_loss"] for c in summary["clients"])
     for pid in range(2):
-        assert (tmp_path / f"device{pid}" / "personal_adapter" / "adapter_config.json").is_file()
-        assert (tmp_path / f"device{pid}" / "personal.safetensors").is_file()
+        with open_test_store(tmp_path / f"device{pid}") as store:
+            assert store.get_json("device")["rounds_trained"] == 2
+            assert store.get_blob("personal") is not None
+            assert len(store.get_json("ledger")["events"]) == 2
     assert _processes_mentioning(str(tmp_path)) == []
 
 

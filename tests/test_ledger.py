@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from opacus.accountants import RDPAccountant
 
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
+from tests.conftest import open_test_store
 
 DAY = 86400.0
 
@@ -62,9 +61,9 @@ def test_round_trip_and_rejects_wrong_state(tmp_path) -> None:
     ledger = PrivacyLedger(policy)
     ledger.charge(server_round=1, record=(1.0, 0.1, 3), user=(2.0, 1.0, 1))
     ledger.note_declined(server_round=2, reason="cap")
-    path = tmp_path / "ledger.json"
-    ledger.save(path)
-    loaded = PrivacyLedger.load(path, policy)
+    store = open_test_store(tmp_path / "dev")
+    ledger.save(store)
+    loaded = PrivacyLedger.load(store, policy)
     assert loaded.state_dict() == ledger.state_dict()
     assert loaded.epsilon("user") == ledger.epsilon("user")
 
@@ -79,24 +78,27 @@ def test_round_trip_and_rejects_wrong_state(tmp_path) -> None:
         with pytest.raises(ValueError):
             PrivacyLedger(policy).load_state_dict(bad)
     with pytest.raises(ValueError, match="δ"):
-        PrivacyLedger.load(path, LedgerPolicy(epsilon_cap=5.0, delta=1e-6))
+        PrivacyLedger.load(store, LedgerPolicy(epsilon_cap=5.0, delta=1e-6))
+    store.close()
 
 
 def test_corrupted_ledger_is_reported_and_kept(tmp_path) -> None:
-    path = tmp_path / "ledger.json"
-    path.write_text('{"version": 1, "events": [')
-    with pytest.raises(ValueError, match="corrupted privacy ledger"):
-        PrivacyLedger.load(path, LedgerPolicy())
-    assert path.read_text() == '{"version": 1, "events": ['
+    with open_test_store(tmp_path / "dev") as store:
+        store.put_blob("ledger", b'{"version": 1, "events": [')
+        with pytest.raises(ValueError, match="corrupted privacy ledger"):
+            PrivacyLedger.load(store, LedgerPolicy())
+        assert store.get_blob("ledger") == b'{"version": 1, "events": ['
 
 
-def test_save_is_atomic_json(tmp_path) -> None:
+def test_saved_ledger_survives_reopening_the_store(tmp_path) -> None:
     ledger = PrivacyLedger(LedgerPolicy())
     ledger.charge(server_round=1, record=None, user=(7.1, 1.0, 1))
-    path = tmp_path / "ledger.json"
-    ledger.save(path)
-    assert json.loads(path.read_text())["events"][0]["round"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]
+    with open_test_store(tmp_path / "dev") as store:
+        ledger.save(store)
+    with open_test_store(tmp_path / "dev") as store:
+        loaded = PrivacyLedger.load(store, LedgerPolicy())
+    assert loaded.events[0]["round"] == 1
+    assert loaded.epsilon("user") == pytest.approx(ledger.epsilon("user"))
 
 
 def test_device_charges_match_the_server_accountant_with_verifiable_sampling(tmp_path) -> None:
@@ -104,12 +106,17 @@ def test_device_charges_match_the_server_accountant_with_verifiable_sampling(tmp
     from client.device import Device
     from common.config import parse_run_config
     from common.dp.accounting import epsilon
-    from tests.conftest import tiny_run_config
+    from tests.conftest import open_test_store, tiny_run_config
 
     raw = tiny_run_config(
         **{"privacy.verifiable-sampling": True, "fraction-train": 0.25, "privacy.epsilon-cap": 50.0}
     )
-    device = Device(parse_run_config(raw), partition_id=0, num_partitions=4, data_dir=tmp_path)
+    device = Device(
+        parse_run_config(raw),
+        partition_id=0,
+        num_partitions=4,
+        store=open_test_store(tmp_path / "dev"),
+    )
     sigma = device.cfg.dp.noise_multiplier
 
     # Execute
@@ -126,10 +133,13 @@ def test_device_charges_match_the_server_accountant_with_verifiable_sampling(tmp
 def test_without_verifiable_sampling_each_joined_round_costs_q_one(tmp_path) -> None:
     from client.device import Device
     from common.config import parse_run_config
-    from tests.conftest import tiny_run_config
+    from tests.conftest import open_test_store, tiny_run_config
 
     device = Device(
-        parse_run_config(tiny_run_config()), partition_id=1, num_partitions=4, data_dir=tmp_path
+        parse_run_config(tiny_run_config()),
+        partition_id=1,
+        num_partitions=4,
+        store=open_test_store(tmp_path / "dev"),
     )
     record, user = device.planned_charges(7)
     assert record is None
@@ -141,7 +151,7 @@ def test_local_dp_sgd_charges_record_level_epsilon(tmp_path) -> None:
     from client.device import Device
     from common.config import parse_run_config
     from common.dp.accounting import epsilon
-    from tests.conftest import tiny_run_config
+    from tests.conftest import open_test_store, tiny_run_config
 
     raw = tiny_run_config(
         **{
@@ -151,7 +161,12 @@ def test_local_dp_sgd_charges_record_level_epsilon(tmp_path) -> None:
             "dp.noise-mode": "none",
         }
     )
-    device = Device(parse_run_config(raw), partition_id=0, num_partitions=4, data_dir=tmp_path)
+    device = Device(
+        parse_run_config(raw),
+        partition_id=0,
+        num_partitions=4,
+        store=open_test_store(tmp_path / "dev"),
+    )
     rt = device.rt
     g = {n: rt.init[n] for n in rt.shared_names}
 

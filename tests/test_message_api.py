@@ -13,7 +13,7 @@ from common.serialization import to_arrayrecord
 from server.accountant import FederationAccountant
 from server.recorder import RoundRecorder
 from server.strategy import PersonaFedAvg
-from tests.conftest import tiny_run_config
+from tests.conftest import device_node_config, tiny_run_config
 from tests.flower_harness import InProcessGrid
 
 
@@ -30,10 +30,7 @@ def test_message_api_round_with_and_without_central_noise(tmp_path, mode) -> Non
     )
     cfg = parse_run_config(raw)
     rt = get_runtime(cfg)
-    nodes = {
-        nid: {"partition-id": nid - 1, "num-partitions": 3, "data-dir": str(tmp_path / f"d{nid}")}
-        for nid in (1, 2, 3)
-    }
+    nodes = {nid: device_node_config(tmp_path / f"d{nid}", nid - 1, 3) for nid in (1, 2, 3)}
     grid = InProcessGrid(fedpersona_app, nodes, run_config=raw)
     acc = (
         FederationAccountant(noise_multiplier=cfg.dp.noise_multiplier, sample_rate=1.0, delta=1e-5)

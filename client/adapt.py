@@ -106,7 +106,7 @@ def adapt_on_feedback(
             if not torch.isfinite(loss):
                 raise ValueError("non-finite loss during feedback adaptation")
             if step == 0:
-                first = float(loss)
+                first = loss.item()
             loss.backward()
             optimizer.step()
     except ValueError:

@@ -43,7 +43,7 @@ from client.store import LocalStore
 from common.config import parse_run_config
 from common.data import Encoded, encode_messages
 from common.embedding import Embedder, get_embedder, user_embedding
-from common.lora import load_lora_tensors
+from common.lora import export_adapter, load_lora_tensors
 from common.personalization.base import is_lora_b
 from common.pii import scrub
 
@@ -483,6 +483,18 @@ class Assistant:
             assert self.router is not None
             gates = self.router.gates(self.user_vector())
             return {e.name: float(g) for e, g in zip(self.router.experts, gates, strict=True)}
+
+    def export_adapter(self, out_dir: Path) -> Path:
+        """Write the personal model (global + personal tensors) as a peft adapter."""
+        adapters = self.rt.strategy.adapters
+        return export_adapter(
+            self.personal_tensors(),
+            self.cfg.model,
+            out_dir,
+            base_model=self.rt.base_ref,
+            adapters=adapters,
+            note={"kind": "personal", "strategy": self.cfg.strategy, "user": "this device"},
+        )
 
     def budget(self) -> dict[str, Any]:
         """The device's privacy ledger: ε spent per kind, caps, what the numbers assume."""

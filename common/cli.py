@@ -89,6 +89,14 @@ def simulate(
     )
 
 
+def _device_app() -> typer.Typer:
+    from client.cli import app as device_app
+
+    return device_app
+
+
+app.add_typer(_device_app(), name="device")
+
 privacy_app = typer.Typer(help="Privacy helpers.", no_args_is_help=True)
 app.add_typer(privacy_app, name="privacy")
 

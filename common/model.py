@@ -58,6 +58,14 @@ TINY_CONFIG = dict(
 )
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and warnings (for interactive CLIs)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def cache_dir() -> Path:
     """Return the fedpersona cache directory (``$FEDPERSONA_CACHE`` or ``~/.cache/fedpersona``)."""
     root = os.environ.get("FEDPERSONA_CACHE") or Path.home() / ".cache" / "fedpersona"

@@ -307,7 +307,11 @@ _CITY_STATE_ZIP = re.compile(rf"(?<![\w])(?:{_CITY}),[ \t]*{_STATE}[ \t]+{_ZIP}"
 # Person names (case-sensitive; the cue is matched separately and kept).
 _UP = "A-ZÀ-ÖØ-Þ"
 _LO = "a-zß-öø-ÿ"
-_NAME_WORD = rf"(?:[{_UP}][{_LO}]+(?:['’-]?[{_UP}][{_LO}]+)?|[{_UP}]['’][{_UP}][{_LO}]+)(?![\w'’])"
+# A whole capitalized word (O'Brien, McDonald, Jean-Luc), possibly possessive ("Smith's").
+_NAME_WORD = (
+    rf"(?:[{_UP}][{_LO}]+(?:['’-]?[{_UP}][{_LO}]+)?|[{_UP}]['’][{_UP}][{_LO}]+)"
+    r"(?!\w|['’](?!s\b)\w)"
+)
 _FULL_NAME = rf"{_NAME_WORD}(?:[ \t]+(?:[{_UP}]\.[ \t]*)?{_NAME_WORD}){{0,2}}"
 
 _HONORIFIC = r"(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Sir|Madam|Mme|Mlle)"
@@ -374,7 +378,7 @@ _NOT_A_NAME_WORDS = """
     too totally trying tuesday unable under until up upset us very waiting was we wednesday
     welcome well were what when where which while who whoever why will with without
     wondering world worried would yes yesterday yet you your yours yourself
-    january february march april june july august september october november december
+    january february march july august september october november december
     doctor dr mister sales service services billing admin hr it's i'm i'll i've
     speaker president chair chairman chairwoman secretary officer
 """

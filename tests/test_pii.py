@@ -82,6 +82,7 @@ SCRUBBED = [
     ("Prof. Marie-Claire Dubois", "Prof. [NAME]"),
     ("Dear José,\nthank you", "Dear [NAME],\nthank you"),
     ("Thanks, Dr. McDonald", "Thanks, Dr. [NAME]"),
+    ("Is Dr. Smith's office open?", "Is Dr. [NAME]'s office open?"),
     ("From: Bob Jones <bob.jones@example.com>", "From: [NAME] <[EMAIL]>"),
     # URL_CREDENTIALS
     ("DSN postgres://admin:s3cret@db.internal:5432/app", "DSN postgres://[URL_CREDENTIALS]/app"),
@@ -131,6 +132,7 @@ UNCHANGED = [
     "I'm Sorry, I can't do that.",
     "I'm Going home, I am American after all.",
     "Thanks, I'll check.",
+    "Thanks, Don't forget the milk.",
     "Hello World!",
     "Dear Sir or Madam,",
     "Chapter 12, page 345, line 6789",

@@ -1,0 +1,398 @@
+"""``fedpersona device …``: the user's side — init, chat, ask, feedback, profile, serve, forget.
+
+Every command works on one device data dir (``--data-dir`` or ``$FEDPERSONA_DATA_DIR``) and
+unlocks its encrypted store with ``--key-file`` or a passphrase (``$FEDPERSONA_PASSPHRASE``, or
+typed when asked). Nothing here talks to any server; ``serve`` binds 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from client.store import DEFAULT_RETENTION_DAYS, LocalStore, StoreError
+from common.crypto import PASSPHRASE_ENV, Secret, StoreKeyError, resolve_secret
+
+app = typer.Typer(help="The on-device assistant (encrypted, local, private).", no_args_is_help=True)
+console = Console()
+
+DataDir = Annotated[
+    Path,
+    typer.Option(envvar="FEDPERSONA_DATA_DIR", help="The device's data dir (encrypted store)"),
+]
+KeyFile = Annotated[
+    Path | None,
+    typer.Option(envvar="FEDPERSONA_KEY_FILE", help=f"0600 key file (else ${PASSPHRASE_ENV})"),
+]
+Retention = Annotated[float, typer.Option(help="Delete interactions older than this many days")]
+
+
+def _secret(key_file: Path | None, *, confirm: bool = False) -> Secret:
+    try:
+        return resolve_secret(key_file=key_file)
+    except ValueError:
+        phrase = typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm)
+        return Secret(passphrase=phrase)
+
+
+def _fail(err: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {err}")
+    return typer.Exit(1)
+
+
+def _open(data_dir: Path, key_file: Path | None, retention: float) -> LocalStore:
+    try:
+        return LocalStore.open(data_dir, _secret(key_file), retention_days=retention)
+    except (StoreError, StoreKeyError, FileNotFoundError, ValueError) as err:
+        raise _fail(err) from None
+
+
+def _assistant(data_dir: Path, key_file: Path | None, retention: float):  # type: ignore[no-untyped-def]
+    from client.assistant import Assistant
+    from common.model import quiet_transformers
+
+    quiet_transformers()
+    store = _open(data_dir, key_file, retention)
+    try:
+        return Assistant(store)
+    except (ValueError, FileNotFoundError) as err:
+        store.close()
+        raise _fail(err) from None
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command()
+def init(
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    model: Annotated[str, typer.Option(help="smollm2 | tiny | a local HF model dir")] = "smollm2",
+    strategy: Annotated[str, typer.Option(help="fedsa | dual | ffa | fedavg-ft")] = "fedsa",
+    new_key_file: Annotated[
+        bool, typer.Option(help="Create --key-file (0600) instead of using a passphrase")
+    ] = False,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Create the device's encrypted store, default profile and API token."""
+    from client.assistant import init_device
+    from common.crypto import create_key_file
+
+    if new_key_file:
+        if key_file is None:
+            raise typer.BadParameter("--new-key-file needs --key-file PATH")
+        create_key_file(key_file)
+    secret = _secret(key_file, confirm=True)
+    try:
+        store = LocalStore.create(data_dir, secret, retention_days=retention_days)
+    except (StoreError, ValueError) as err:
+        raise _fail(err) from None
+    with store:
+        try:
+            settings = init_device(store, model=model, strategy=strategy)
+        except ValueError as err:
+            store.close()
+            LocalStore.forget(data_dir)
+            raise _fail(err) from None
+        token = store.get_meta("api_token")
+    console.print(f"device store created in {data_dir} ({secret.kind})")
+    console.print(
+        f"model {settings['model.name']}, strategy {settings['personalization.strategy']}"
+    )
+    console.print(f"local API token: {token}")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="What to ask")],
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    candidates: Annotated[int, typer.Option(help="Samples to rerank")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature")] = 0.8,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed")] = None,
+    task: Annotated[str | None, typer.Option(help="Your current task or app")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Ask once; prints the answer and its interaction id (for `feedback`)."""
+    assistant = _assistant(data_dir, key_file, retention_days)
+    with assistant.store:
+        try:
+            answer = assistant.ask(
+                question,
+                n=candidates,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed,
+                task=task,
+            )
+        except ValueError as err:
+            raise _fail(err) from None
+    if as_json:
+        print(json.dumps(vars(answer), indent=1))
+        return
+    console.print(answer.text, markup=False, highlight=False)
+    console.print(
+        f"[dim]#{answer.interaction_id} · model: {answer.variant} · "
+        f"{answer.timings_ms['generate']:.0f} ms[/dim]"
+    )
+
+
+@app.command()
+def feedback(
+    interaction_id: Annotated[int, typer.Argument(help="The answer's id (from ask/chat)")],
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    rating: Annotated[float | None, typer.Option(help="1-5 stars")] = None,
+    preferred: Annotated[str | None, typer.Option(help="The answer you wanted instead")] = None,
+    edit: Annotated[str | None, typer.Option(help="Your edited version of the answer")] = None,
+    reject: Annotated[bool, typer.Option(help="Mark the answer as bad")] = False,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Rate, prefer, edit or reject an answer; the personal model adapts immediately."""
+    assistant = _assistant(data_dir, key_file, retention_days)
+    with assistant.store:
+        try:
+            result = assistant.feedback(
+                interaction_id, rating=rating, preferred=preferred, edit=edit, reject=reject
+            )
+        except ValueError as err:
+            raise _fail(err) from None
+    msg = f"feedback #{result.feedback_id} stored"
+    if result.adapted:
+        msg += f"; personal model adapted in {result.adapt_ms:.0f} ms"
+    if result.drift:
+        msg += "; drift detected, re-adapted on recent examples"
+    console.print(msg + f"; answering with: {result.variant}")
+
+
+@app.command()
+def chat(
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit")] = 96,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Interactive chat. After an answer: /rate N, /prefer TEXT, /edit TEXT, /bad; /quit."""
+    assistant = _assistant(data_dir, key_file, retention_days)
+    last = None
+    with assistant.store:
+        while True:
+            try:
+                line = console.input("[bold]you>[/bold] ").strip()
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            try:
+                if line.startswith("/"):
+                    cmd, _, arg = line.partition(" ")
+                    if last is None:
+                        raise ValueError("ask something first")
+                    kw = {
+                        "/rate": lambda a: {"rating": float(a)},
+                        "/prefer": lambda a: {"preferred": a},
+                        "/edit": lambda a: {"edit": a},
+                        "/bad": lambda a: {"reject": True},
+                    }.get(cmd)
+                    if kw is None:
+                        raise ValueError("commands: /rate N, /prefer TEXT, /edit TEXT, /bad, /quit")
+                    result = assistant.feedback(last, **kw(arg))
+                    adapted = f"; adapted in {result.adapt_ms:.0f} ms" if result.adapted else ""
+                    console.print(f"[dim]noted{adapted} · model: {result.variant}[/dim]")
+                    continue
+                answer = assistant.ask(line, max_new_tokens=max_new_tokens)
+            except ValueError as err:
+                console.print(f"[red]{err}[/red]")
+                continue
+            last = answer.interaction_id
+            console.print(answer.text, markup=False, highlight=False)
+            console.print(f"[dim]#{last} · {answer.variant}[/dim]")
+
+
+@app.command()
+def profile(
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="key=value, e.g. tone=poetic (repeatable)")
+    ] = None,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Show the profile, or change explicit preferences with --set."""
+    from client.profile import CHOICES, Profile
+
+    with _open(data_dir, key_file, retention_days) as store:
+        try:
+            current = Profile.from_dict(store.get_profile() or {})
+            if set_:
+                current = current.updated(_parse_sets(set_))
+                store.put_profile(current.to_dict())
+        except ValueError as err:
+            raise _fail(err) from None
+    table = Table(title="profile")
+    table.add_column("key")
+    table.add_column("value")
+    table.add_column("choices")
+    for key, choices in CHOICES.items():
+        table.add_row(key, str(getattr(current, key)), " | ".join(choices))
+    table.add_row("domains", ", ".join(current.domains), "comma-separated")
+    console.print(table)
+    console.print(f"[dim]{current.describe()}[/dim]")
+
+
+@app.command()
+def status(
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Profile, history, personal adapter, ε spent / cap and retention."""
+    assistant = _assistant(data_dir, key_file, retention_days)
+    with assistant.store:
+        info = assistant.status()
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    b, pa = info["budget"], info["personal_adapter"]
+    table = Table(title=f"device {data_dir}", show_header=False)
+    table.add_column("")
+    table.add_column("")
+    table.add_row("model", f"{info['model']} / {info['strategy']}")
+    table.add_row("profile", info["profile"])
+    table.add_row("history", f"{info['interactions']} interactions, {info['feedback']} feedback")
+    table.add_row(
+        "personal adapter",
+        f"{pa['bytes']} B, {pa['rounds_trained']} federated rounds" if pa["present"] else "none",
+    )
+    table.add_row("answering with", f"{info['active_model']} ({info['gate']})")
+    table.add_row(
+        "privacy",
+        f"user ε {b['user_epsilon']:.3f} / cap {b['epsilon_cap']:g} (δ={b['delta']:g}), "
+        f"record ε {b['record_epsilon']:.3f}",
+    )
+    table.add_row("retention", f"{info['retention_days']:g} days")
+    table.add_row("store", f"{info['store_bytes']} B on disk, encrypted")
+    console.print(table)
+
+
+@app.command()
+def budget(
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """The privacy ledger: ε spent, cap, rounds charged/declined, what ε assumes."""
+    assistant = _assistant(data_dir, key_file, retention_days)
+    with assistant.store:
+        info = assistant.budget()
+    print(json.dumps(info, indent=1))
+
+
+@app.command()
+def token(data_dir: DataDir, key_file: KeyFile = None) -> None:
+    """Print the local API's bearer token."""
+    with _open(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
+        print(store.get_meta("api_token"))
+
+
+@app.command()
+def export(
+    data_dir: DataDir,
+    out: Annotated[Path, typer.Option(help="JSON file to write (plaintext!)")],
+    key_file: KeyFile = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="Also write the personal adapter (peft format) here")
+    ] = None,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Write everything the device holds about you as readable JSON (and the adapter)."""
+    from common.atomic import atomic_write_bytes
+
+    if adapter is not None:
+        assistant = _assistant(data_dir, key_file, retention_days)
+        with assistant.store:
+            data = assistant.store.export()
+            assistant.export_adapter(adapter)
+    else:
+        with _open(data_dir, key_file, retention_days) as store:
+            data = store.export()
+    atomic_write_bytes(out, json.dumps(data, indent=1).encode())
+    os.chmod(out, 0o600)
+    console.print(f"exported {len(data['interactions'])} interactions to {out} (mode 0600)")
+
+
+@app.command()
+def forget(
+    data_dir: DataDir,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+) -> None:
+    """Erase everything: shred the wrapped key (crypto-erase), then delete the database."""
+    if not LocalStore.exists(data_dir):
+        raise _fail(StoreError(f"no device store in {data_dir}"))
+    if not yes and not typer.confirm(f"Erase the device store in {data_dir} for good?"):
+        raise typer.Exit(1)
+    removed = LocalStore.forget(data_dir)
+    console.print(f"erased: {', '.join(removed)}")
+
+
+@app.command()
+def serve(
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    host: Annotated[str, typer.Option(help="Loopback only")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8765,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Serve the local HTTP API (OpenAI-compatible chat) on 127.0.0.1."""
+    import uvicorn
+
+    from client.api import check_loopback, create_app
+
+    try:
+        check_loopback(host)
+    except ValueError as err:
+        raise _fail(err) from None
+    assistant = _assistant(data_dir, key_file, retention_days)
+    with assistant.store:
+        token_ = assistant.store.get_meta("api_token")
+        if not token_:
+            raise _fail(StoreError("no API token in the store; run `fedpersona device init`"))
+        console.print(f"serving on http://{host}:{port} (bearer token: `fedpersona device token`)")
+        uvicorn.run(create_app(assistant, token=token_), host=host, port=port, log_level="info")
+
+
+@app.command("expert-add")
+def expert_add(
+    name: Annotated[str, typer.Argument(help="Expert name")],
+    adapter_dir: Annotated[Path, typer.Argument(help="A peft adapter dir (same base and LoRA)")],
+    data_dir: DataDir,
+    about: Annotated[str, typer.Option(help="What the expert is good at (embedded)")],
+    key_file: KeyFile = None,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Install an expert adapter for the router (e.g. a federation cluster's adapter)."""
+    assistant = _assistant(data_dir, key_file, retention_days)
+    with assistant.store:
+        try:
+            gates = assistant.add_expert(name, adapter_dir, about=about)
+        except (ValueError, FileNotFoundError) as err:
+            raise _fail(err) from None
+    console.print("router gates for you: " + ", ".join(f"{k}={v:.2f}" for k, v in gates.items()))

@@ -35,6 +35,8 @@ from client.assistant import Assistant
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_CONTENT = 8_000
+# Module level: route signatures are resolved from module globals (postponed annotations).
+BEARER = HTTPBearer(auto_error=False)
 
 
 class ChatMessage(BaseModel):
@@ -111,19 +113,38 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
         description="Local, private assistant API of one fedpersona device.",
     )
     metrics = Metrics()
-    bearer = HTTPBearer(auto_error=False)
 
-    def auth(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+    def auth(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        # The middleware already refused bad tokens; this declares the scheme in OpenAPI and
+        # guards any route the middleware's path rule might miss.
+        if creds is None or not authorized(f"Bearer {creds.credentials}"):
             raise HTTPException(
                 status_code=401,
                 detail="missing or wrong bearer token (see `fedpersona device token`)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    def authorized(header: str | None) -> bool:
+        scheme, _, value = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(
+            value.strip().encode(), token.encode()
+        )
+
     @app.middleware("http")
     async def count(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response = await call_next(request)
+        # Auth before anything else (body validation included): an unauthenticated caller
+        # learns nothing but 401.
+        path = request.url.path
+        if (path.startswith("/v1/") or path == "/metrics") and not authorized(
+            request.headers.get("authorization")
+        ):
+            response = JSONResponse(
+                status_code=401,
+                content={"detail": "missing or wrong bearer token (see `fedpersona device token`)"},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         metrics.requests.labels(
             getattr(route, "path", "unmatched"), str(response.status_code)

@@ -60,8 +60,11 @@ TINY_CONFIG = dict(
 
 def quiet_transformers() -> None:
     """Silence transformers' progress bars and warnings (for interactive CLIs)."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 

@@ -1,0 +1,166 @@
+"""The local HTTP API through a real uvicorn server on 127.0.0.1 and an HTTP client."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from client.api import check_loopback, create_app
+from client.assistant import Assistant, init_device
+from simulations.simulate import _free_port
+from tests.conftest import open_test_store
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    store = open_test_store(tmp_path_factory.mktemp("api") / "dev")
+    init_device(store, model="tiny")
+    assistant = Assistant(store)
+    token = store.get_meta("api_token")
+    port = _free_port()
+    config = uvicorn.Config(
+        create_app(assistant, token=token), host="127.0.0.1", port=port, log_level="warning"
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    yield client, token, assistant
+    client.close()
+    srv.should_exit = True
+    thread.join(timeout=30)
+    store.close()
+    assert not thread.is_alive()
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_probes_are_open_everything_else_needs_the_token(server) -> None:
+    client, token, _ = server
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["status"] == "ready"
+    for method, path in [
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/feedback"),
+        ("GET", "/v1/profile"),
+        ("PUT", "/v1/profile"),
+        ("GET", "/v1/budget"),
+        ("GET", "/metrics"),
+    ]:
+        assert client.request(method, path).status_code == 401
+        wrong = client.request(method, path, headers=_auth("x" * 43), json={})
+        assert wrong.status_code == 401, path
+
+
+def test_chat_feedback_profile_budget_metrics(server) -> None:
+    client, token, assistant = server
+    before = assistant.store.count_interactions()
+
+    # Execute: an OpenAI-shaped chat request.
+    reply = client.post(
+        "/v1/chat/completions",
+        headers=_auth(token),
+        json={
+            "model": "anything",
+            "messages": [
+                {"role": "system", "content": "Keep it short."},
+                {"role": "user", "content": "How do I tie a bowline?"},
+            ],
+            "max_tokens": 8,
+            "seed": 3,
+        },
+    )
+
+    # Assert
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["total_tokens"] > 0
+    iid = body["fedpersona"]["interaction_id"]
+    assert assistant.store.count_interactions() == before + 1
+
+    fb = client.post(
+        "/v1/feedback", headers=_auth(token), json={"interaction_id": iid, "preferred": "Loop."}
+    )
+    assert fb.status_code == 200 and fb.json()["adapted"] is True
+
+    put = client.put("/v1/profile", headers=_auth(token), json={"tone": "poetic"})
+    assert put.status_code == 200 and put.json()["tone"] == "poetic"
+    got = client.get("/v1/profile", headers=_auth(token)).json()
+    assert got["tone"] == "poetic" and got["implicit"]["liked"] is True
+
+    budget = client.get("/v1/budget", headers=_auth(token)).json()
+    assert budget["epsilon_cap"] == 1.0 and budget["user_epsilon"] == 0.0
+
+    metrics = client.get("/metrics", headers=_auth(token))
+    assert metrics.status_code == 200
+    assert 'fedpersona_requests_total{route="/v1/chat/completions",status="200"}' in metrics.text
+    assert "fedpersona_feedback_adaptation_seconds_count 1.0" in metrics.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        ("POST", "/v1/chat/completions", {"messages": []}, 422, "at least 1"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": " "}]},
+            400,
+            "non-empty user message",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+            400,
+            "stream",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "wizard", "content": "x"}]},
+            422,
+            "role",
+        ),
+        ("POST", "/v1/feedback", {"interaction_id": 9999, "rating": 5}, 422, "no interaction"),
+        ("POST", "/v1/feedback", {"interaction_id": 1, "rating": 11}, 422, "less than or equal"),
+        ("POST", "/v1/feedback", {"interaction_id": 1}, 422, "give a rating"),
+        ("PUT", "/v1/profile", {"tone": "angry"}, 422, "profile.tone"),
+        ("PUT", "/v1/profile", {"implicit": {}}, 422, "learned on the device"),
+        ("PUT", "/v1/profile", {"shoe_size": 9}, 422, "unknown profile key"),
+    ],
+)
+def test_bad_requests_get_4xx_and_change_nothing(server, method, path, body, status, message):
+    client, token, assistant = server
+    before = (
+        assistant.store.count_interactions(),
+        len(assistant.store.feedback()),
+        assistant.store.get_profile(),
+    )
+    reply = client.request(method, path, headers=_auth(token), json=body)
+    assert reply.status_code == status, reply.text
+    assert message in reply.text
+    after = (
+        assistant.store.count_interactions(),
+        len(assistant.store.feedback()),
+        assistant.store.get_profile(),
+    )
+    assert after == before
+
+
+def test_only_loopback_binds() -> None:
+    check_loopback("127.0.0.1")
+    with pytest.raises(ValueError, match="127.0.0.1"):
+        check_loopback("0.0.0.0")

@@ -1,0 +1,160 @@
+"""``fedpersona device …`` end to end on the tiny model, and no plaintext user data at rest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from client.client_app import evaluate as client_evaluate
+from client.client_app import train as client_train
+from client.device import get_runtime
+from client.store import LocalStore
+from common.cli import app
+from common.config import parse_run_config
+from common.crypto import Secret
+from common.model import load_base_model
+from common.serialization import to_arrayrecord
+from tests.conftest import device_node_config, make_context, make_message, tiny_run_config
+
+PASSPHRASE = "a passphrase for tests"
+SECRETS = [
+    "The lighthouse keeper hums Vivaldi at midnight",
+    "my grandmother's marmalade uses bergamot and smoked salt",
+    "quixotic zeppelin",
+]
+
+
+@pytest.fixture
+def run(monkeypatch):
+    monkeypatch.setenv("FEDPERSONA_PASSPHRASE", PASSPHRASE)
+    runner = CliRunner()
+
+    def invoke(*args: str, ok: bool = True):
+        result = runner.invoke(app, ["device", *args])
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
+
+
+def test_device_cli_end_to_end(tmp_path, run) -> None:
+    d = str(tmp_path / "dev")
+
+    # init, ask, feedback
+    out = run("init", "--data-dir", d, "--model", "tiny").output
+    assert "device store created" in out and "local API token" in out
+    answer = json.loads(
+        run(
+            "ask",
+            "How do I bake bread?",
+            "--data-dir",
+            d,
+            "--max-new-tokens",
+            "8",
+            "--seed",
+            "1",
+            "--json",
+        ).output
+    )
+    assert answer["interaction_id"] == 1 and answer["variant"] == "global"
+    out = run("feedback", "1", "--data-dir", d, "--preferred", "Knead it well.").output
+    assert "personal model adapted in" in out
+
+    # profile: set, show, refuse a bad value with the key named
+    out = run("profile", "--data-dir", d, "--set", "tone=poetic", "--set", "domains=baking").output
+    assert "poetic" in out and "baking" in out
+    bad = run("profile", "--data-dir", d, "--set", "tone=angry", ok=False)
+    assert bad.exit_code == 1 and "profile.tone" in bad.output
+
+    # status, budget, token
+    status = json.loads(run("status", "--data-dir", d, "--json").output)
+    assert status["interactions"] == 1 and status["feedback"] == 1
+    assert status["personal_adapter"]["present"] and status["retention_days"] == 28
+    assert status["budget"]["epsilon_cap"] == 1.0
+    assert json.loads(run("budget", "--data-dir", d).output)["user_epsilon"] == 0.0
+    token = run("token", "--data-dir", d).output.strip()
+    assert len(token) >= 40
+
+    # export: readable JSON + a loadable peft adapter
+    out_json, adapter = tmp_path / "me.json", tmp_path / "adapter"
+    run("export", "--data-dir", d, "--out", str(out_json), "--adapter", str(adapter))
+    exported = json.loads(out_json.read_text())
+    assert exported["interactions"][0]["prompt"] == "How do I bake bread?"
+    assert exported["profile"]["tone"] == "poetic"
+    assert [f["text"] for f in exported["feedback"]] == ["Knead it well."]
+    PeftModel.from_pretrained(load_base_model("tiny"), str(adapter))
+
+    # wrong passphrase: a clear error, the store untouched
+    wrong = CliRunner().invoke(
+        app, ["device", "status", "--data-dir", d], env={"FEDPERSONA_PASSPHRASE": "nope nope nope"}
+    )
+    assert wrong.exit_code == 1 and "wrong passphrase" in wrong.output
+
+    # forget
+    assert "erased" in run("forget", "--data-dir", d, "--yes").output
+    gone = run("status", "--data-dir", d, ok=False)
+    assert gone.exit_code == 1 and "device init" in gone.output
+
+
+def test_console_script_is_installed_and_refuses_non_loopback(tmp_path) -> None:
+    exe = Path(sys.executable).parent / "fedpersona"
+    result = subprocess.run(
+        [str(exe), "device", "serve", "--data-dir", str(tmp_path), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "127.0.0.1" in result.stdout
+
+
+def test_clientapp_and_assistant_share_one_store_with_no_plaintext_at_rest(tmp_path, run) -> None:
+    # Prepare: a device initialized by the CLI (key file), then a federated round on its store.
+    d = tmp_path / "dev"
+    key = tmp_path / "dev.key"
+    run("init", "--data-dir", str(d), "--model", "tiny", "--key-file", str(key), "--new-key-file")
+    raw = tiny_run_config()
+    cfg = parse_run_config(raw)
+    rt = get_runtime(cfg)
+    g = {n: rt.init[n] for n in rt.shared_names}
+    node = device_node_config(d, 0, 4)
+    assert node["key-file"] == str(key)
+    ctx = make_context(raw, node)
+    client_train(make_message(to_arrayrecord(g), "train"), ctx)
+    client_evaluate(make_message(to_arrayrecord(g), "evaluate"), ctx)
+
+    # Execute: the user writes known sentences through every path that stores text.
+    kf = ["--data-dir", str(d), "--key-file", str(key)]
+    run("ask", SECRETS[0], *kf, "--max-new-tokens", "8", "--seed", "2")
+    run("feedback", "1", *kf, "--edit", SECRETS[1])
+    run("profile", *kf, "--set", f"domains={SECRETS[2]}")
+
+    # Assert: the assistant sees the federation's state; no file holds the sentences.
+    status = json.loads(run("status", *kf, "--json").output)
+    assert status["personal_adapter"]["rounds_trained"] == 1
+    assert status["budget"]["rounds_charged"] == 1
+    with LocalStore.open(d, Secret(key_file=key)) as store:
+        assert store.get_interaction(1).response == SECRETS[1]  # it is there, encrypted
+        _assert_no_plaintext(d)  # while open (WAL present)
+    _assert_no_plaintext(d)  # and after close
+    assert sorted(p.name for p in d.iterdir()) == ["store.db", "store.key"]
+
+
+def _assert_no_plaintext(root) -> None:
+    needles = []
+    for text in SECRETS:
+        for word in text.split():
+            if len(word) >= 7:
+                needles += [word.encode(), word.encode("utf-16-le")]
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        found = [n for n in needles if n in data]
+        assert not found, f"{path.name} holds plaintext {found[:3]}"

@@ -30,6 +30,7 @@ from client.adapt import (
     Expert,
     ExpertRouter,
     Gate,
+    GraphedAdapter,
     adapt_on_feedback,
     example_loss,
     hot_swap,
@@ -151,6 +152,7 @@ class Assistant:
         if m.personal_loss is not None and m.global_loss is not None:
             self.gate.federated = (m.personal_loss, m.global_loss)
         self.router = self._load_router()
+        self._graphed: GraphedAdapter | bool | None = None
         self.variant = ""
         self.activate()
 
@@ -391,6 +393,7 @@ class Assistant:
 
     def _adapt(self, prompt: str, context: dict, target: str) -> tuple[float, bool]:
         example = self._encode(prompt, context, target)
+        graphed = self._graphed_adapter()  # built once on a GPU, before the tensors below
         personal = self.personal_tensors()
         # Prequential: both models score the example before it is trained on.
         load_lora_tensors(self.rt.model, self.global_tensors())
@@ -399,22 +402,29 @@ class Assistant:
         personal_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
         self.gate.record(personal_loss=personal_loss, global_loss=global_loss)
         drift = self.drift.update(personal_loss)
-        if drift:
-            examples = self._positive_examples(2 * self.drift.window)
-            weights = self.drift.replay_weights(len(examples))
-            steps = 2 * self.feedback_steps
-            logger.info("drift detected: re-adapting on %d recent examples", len(examples))
-        else:
-            examples, weights, steps = [example], None, self.feedback_steps
-        _, ms = adapt_on_feedback(
-            self.rt.model,
-            self.rt.personal_names,
-            examples,
-            steps=steps,
-            learning_rate=self.feedback_lr,
-            pad_id=self.pad_id,
-            weights=weights,
-        )
+        try:
+            if graphed is not None and not drift:
+                _, ms = graphed.run(example, steps=self.feedback_steps)
+            else:
+                if drift:
+                    examples = self._positive_examples(2 * self.drift.window)
+                    weights = self.drift.replay_weights(len(examples))
+                    steps = 2 * self.feedback_steps
+                    logger.info("drift detected: re-adapting on %d recent examples", len(examples))
+                else:
+                    examples, weights, steps = [example], None, self.feedback_steps
+                _, ms = adapt_on_feedback(
+                    self.rt.model,
+                    self.rt.personal_names,
+                    examples,
+                    steps=steps,
+                    learning_rate=self.feedback_lr,
+                    pad_id=self.pad_id,
+                    weights=weights,
+                )
+        except ValueError:
+            self.activate()  # back to the stored tensors; nothing was saved
+            raise
         params = dict(self.rt.model.named_parameters())
         self.state.save_personal(
             {n: params[n].detach().to("cpu", torch.float32) for n in self.rt.personal_names}
@@ -423,6 +433,24 @@ class Assistant:
         self.store.put_json(DRIFT_BLOB, self.drift.state_dict())
         self.activate()
         return ms, drift
+
+    def _graphed_adapter(self) -> GraphedAdapter | None:
+        """The CUDA-graph feedback step on a GPU (built once); ``None`` on CPU."""
+        if self._graphed is None:
+            self._graphed = False
+            if next(self.rt.model.parameters()).is_cuda:
+                try:
+                    self._graphed = GraphedAdapter(
+                        self.rt.model,
+                        self.rt.personal_names,
+                        seq_len=self.cfg.data.max_seq_len,
+                        learning_rate=self.feedback_lr,
+                        pad_id=self.pad_id,
+                    )
+                except RuntimeError as err:  # capture unsupported here: eager steps instead
+                    logger.warning("CUDA graph capture failed (%s); using eager steps", err)
+                self.activate()
+        return self._graphed or None
 
     # ---- profile, experts, status -------------------------------------------------------
 

@@ -40,7 +40,7 @@ from client.engine import build_messages, rerank, retrieve
 from client.ledger import LedgerPolicy, PrivacyLedger
 from client.profile import Profile, extract_context
 from client.state import DeviceState, tensors_from_bytes, tensors_to_bytes
-from client.store import LocalStore
+from client.store import Interaction, LocalStore
 from common.config import parse_run_config
 from common.data import Encoded, encode_messages
 from common.embedding import Embedder, get_embedder, user_embedding
@@ -271,6 +271,8 @@ class Assistant:
             context = extract_context(task=task)
             query = self.embedder.encode_one(clean)
             history = retrieve(query, self.store.interactions(limit=500))
+            for r in history:
+                r.endorsed = self._endorsed(r.interaction)
             messages = build_messages(self.profile, clean, context=context, history=history)
             if system:
                 messages[0]["content"] += "\n" + scrub(system)
@@ -304,6 +306,18 @@ class Assistant:
     def _encode(self, prompt: str, context: dict, reply: str) -> Encoded:
         messages = build_messages(self.profile, prompt, context=context or None)
         return encode_messages(messages, reply, self.rt.tokenizer, self.cfg.data.max_seq_len)
+
+    def _endorsed(self, inter: Interaction) -> str | None:
+        """The answer the user endorsed for ``inter`` (latest preferred/edit, or a 4–5 rating)."""
+        endorsed = None
+        for fb in self.store.feedback(interaction_id=inter.id):
+            if fb.kind in ("preferred", "edit") and fb.text:
+                endorsed = fb.text
+            elif fb.kind == "rating" and fb.value is not None and fb.value >= 4:
+                endorsed = inter.response
+            elif fb.kind == "reject" or (fb.kind == "rating" and (fb.value or 0) <= 2):
+                endorsed = None
+        return endorsed
 
     def _positive_examples(self, limit: int) -> list[Encoded]:
         """The most recent answers the user endorsed (oldest first), for replay."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from client.state import DeviceState
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common.config import ModelConfig, RunConfig
 from common.crypto import Secret, create_key_file, resolve_secret
-from common.data import Encoded, UserData, encode, user_for_partition
+from common.data import Encoded, Sample, UserData, encode, user_for_partition
 from common.dp.clipping import clip_update
 from common.dp.noise import add_gaussian_noise
 from common.dp.policy import client_noise_std, uniform_weights, user_level_sample_rate
@@ -42,6 +42,7 @@ from common.lora import (
 )
 from common.model import load_base_model, load_tokenizer, model_dir
 from common.personalization import Strategy, get_strategy
+from common.pii import scrub
 from common.train import evaluate_loss, train_steps, train_steps_dp
 
 logger = logging.getLogger(__name__)
@@ -209,10 +210,13 @@ class Device:
         key = (self.user.user, self.cfg.model.name, self.cfg.data)
         if key not in _ENCODED:
             tok, n = self.rt.tokenizer, self.cfg.data.max_seq_len
-            train = tuple(encode(s, tok, n) for s in self.user.train)
-            test = tuple(
-                encode(s, tok, n) for s in self.user.test[: self.cfg.data.max_test_samples]
-            )
+
+            def clean(s: Sample) -> Encoded:
+                # The user's text is PII-scrubbed before it is trained or evaluated on.
+                return encode(replace(s, prompt=scrub(s.prompt), reply=scrub(s.reply)), tok, n)
+
+            train = tuple(clean(s) for s in self.user.train)
+            test = tuple(clean(s) for s in self.user.test[: self.cfg.data.max_test_samples])
             _ENCODED[key] = (train, test)
         return _ENCODED[key]
 

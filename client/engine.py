@@ -81,10 +81,12 @@ RETRIEVE_MIN_SIM = 0.35
 
 @dataclass
 class Retrieved:
-    """A past interaction and its similarity to the current request."""
+    """A past interaction, its similarity to the current request, and the answer the user
+    endorsed for it (rated 4–5, preferred or edited), if any."""
 
     interaction: Interaction
     similarity: float
+    endorsed: str | None = None
 
 
 def system_prompt(
@@ -110,12 +112,15 @@ def system_prompt(
             bits.append(f"their current task: {context['task']}")
         parts.append("Context: " + "; ".join(bits) + ".")
     if history:
-        lines = [
-            f"- they asked: {_clip(r.interaction.prompt, 160)} / you answered: "
-            f"{_clip(r.interaction.response, 160)}"
-            for r in history
-        ]
-        parts.append("Earlier, relevant exchanges with this user:\n" + "\n".join(lines))
+        # Past requests show what the user cares about; only answers the user endorsed are
+        # shown (a small model copies whatever answer it is given).
+        lines = []
+        for r in history:
+            line = f"- they asked: {_clip(r.interaction.prompt, 160)}"
+            if r.endorsed:
+                line += f" / an answer they liked: {_clip(r.endorsed, 160)}"
+            lines.append(line)
+        parts.append("Earlier, related requests from this user:\n" + "\n".join(lines))
     return " ".join(p for p in parts if p and "\n" not in p) + "".join(
         "\n" + p for p in parts if "\n" in p
     )

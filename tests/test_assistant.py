@@ -103,7 +103,10 @@ def test_retrieval_finds_the_relevant_past_interaction() -> None:
         i.embedding = emb.encode_one(i.prompt)
     hits = retrieve(emb.encode_one("a good bread recipe"), past)
     assert [h.interaction.id for h in hits] == [1]
-    assert system_prompt(Profile(), history=hits).count("they asked") == 1
+    prompt = system_prompt(Profile(), history=hits)
+    assert prompt.count("they asked") == 1 and "Feed the starter" not in prompt
+    hits[0].endorsed = "Feed the starter."
+    assert "an answer they liked: Feed the starter." in system_prompt(Profile(), history=hits)
 
 
 def test_rerank_drops_candidates_that_leak_pii() -> None:

@@ -84,7 +84,8 @@ def test_personal_state_survives_a_device_restart(tmp_path) -> None:
     meta = store.get_json("device")
     assert meta["user"] == device.user.user and meta["strategy"] == "fedsa"
     assert meta["global_loss"] == pytest.approx(again["global_loss"])
-    assert all(torch.equal(restarted.state.load_global()[n], shared[n]) for n in shared)
+    kept = restarted.state.load_global()  # stored in fp16: 11 significant bits
+    assert all(torch.allclose(kept[n], shared[n], rtol=1e-3, atol=1e-6) for n in shared)
     store.close()
 
 

@@ -535,7 +535,15 @@ class Assistant:
             out_dir,
             base_model=self.rt.base_ref,
             adapters=adapters,
-            note={"kind": "personal", "strategy": self.cfg.strategy, "user": "this device"},
+            note={
+                "kind": "personal",
+                "user": self.state.meta.user,
+                "strategy": self.cfg.strategy,
+                "round": self.state.meta.last_round,
+                "combination": "sum of adapters "
+                + " + ".join(adapters)
+                + (" as one rank-2r adapter" if len(adapters) > 1 else ""),
+            },
         )
 
     def budget(self) -> dict[str, Any]:

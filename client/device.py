@@ -34,7 +34,6 @@ from common.dp.noise import add_gaussian_noise
 from common.dp.policy import client_noise_std, uniform_weights, user_level_sample_rate
 from common.lora import (
     build_peft_model,
-    export_adapter,
     get_lora_tensors,
     init_lora_tensors,
     load_lora_tensors,
@@ -355,35 +354,6 @@ class Device:
                 **self._privacy_metrics(),
             },
             declined=False,
-        )
-
-    def model_tensors(self) -> dict[str, torch.Tensor]:
-        """Every LoRA tensor of the model this device generates with: init, overlaid by the
-        last global shared tensors, overlaid by the personal ones."""
-        return self._compose(
-            self.state.load_global() or {},
-            self.state.load_personal(),
-            personal_overrides_shared=True,
-        )
-
-    def export_adapter(self, out_dir: Path) -> Path:
-        """Write the device's current model (global + personal) as a peft adapter."""
-        adapters = self.rt.strategy.adapters
-        return export_adapter(
-            self.model_tensors(),
-            self.cfg.model,
-            out_dir,
-            base_model=self.rt.base_ref,
-            adapters=adapters,
-            note={
-                "kind": "personal",
-                "user": self.user.user,
-                "strategy": self.cfg.strategy,
-                "round": self.state.meta.last_round,
-                "combination": "sum of adapters "
-                + " + ".join(adapters)
-                + (" as one rank-2r adapter" if len(adapters) > 1 else ""),
-            },
         )
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from client.assistant import Assistant
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
 from client.device import Device, get_runtime, shared_shapes
@@ -98,10 +99,8 @@ def test_evaluate_then_export_a_loadable_personal_adapter(tmp_path) -> None:
 
     # Execute
     reply = client_evaluate(make_message(to_arrayrecord(_global_init(cfg)), "evaluate"), ctx)
-    with open_test_store(tmp_path / "dev") as store:
-        adapter = Device(cfg, partition_id=2, num_partitions=4, store=store).export_adapter(
-            tmp_path / "adapter"
-        )
+    with open_test_store(tmp_path / "dev") as store:  # the device's assistant exports it
+        adapter = Assistant(store).export_adapter(tmp_path / "adapter")
 
     # Assert
     metrics = dict(reply.content["metrics"])

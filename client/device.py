@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
 from client.state import DeviceState
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
+from common import audit
 from common.config import ModelConfig, RunConfig
 from common.crypto import Secret, create_key_file, resolve_secret
 from common.data import Encoded, Sample, UserData, encode, user_for_partition
@@ -206,7 +207,7 @@ class Device:
         )
 
     def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...]]:
-        key = (self.user.user, self.cfg.model.name, self.cfg.data)
+        key = (self.user.user, self.cfg.model.name, self.cfg.data, self.cfg.audit)
         if key not in _ENCODED:
             tok, n = self.rt.tokenizer, self.cfg.data.max_seq_len
 
@@ -214,7 +215,9 @@ class Device:
                 # The user's text is PII-scrubbed before it is trained or evaluated on.
                 return encode(replace(s, prompt=scrub(s.prompt), reply=scrub(s.reply)), tok, n)
 
-            train = tuple(clean(s) for s in self.user.train)
+            # Audit canaries are planted after scrubbing (they are the audit's own secrets).
+            planted = [encode(s, tok, n) for s in audit.planted(self.cfg, self.partition_id)]
+            train = tuple(clean(s) for s in self.user.train) + tuple(planted)
             test = tuple(clean(s) for s in self.user.test[: self.cfg.data.max_test_samples])
             _ENCODED[key] = (train, test)
         return _ENCODED[key]

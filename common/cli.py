@@ -33,6 +33,9 @@ def simulate(
         str, typer.Option(help="Run directory name (default: preset-strategy-time)")
     ] = "",
     verbose: Annotated[bool, typer.Option(help="Echo Flower's full log")] = False,
+    with_report: Annotated[
+        bool, typer.Option("--report", help="Then evaluate the run and write its report")
+    ] = False,
 ) -> None:
     """Run a local multi-client federation (Flower Simulation Engine on Ray)."""
     from simulations.simulate import parse_set
@@ -87,6 +90,26 @@ def simulate(
         f"win_rate={summary['win_rate']:.3f}  ppl_gain={summary['ppl_gain']:.4f}  "
         f"total={summary['timings']['total_s']:.0f} s"
     )
+    if with_report:
+        report(run_dir, sweep=None)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (has summary.json)")],
+    sweep: Annotated[
+        Path | None, typer.Option(help="sweep.json from `python -m simulations.sweep`")
+    ] = None,
+) -> None:
+    """Evaluate a run (if not done yet) and write report/report.html + report.md + PNGs."""
+    from simulations.report import build_report
+
+    if not (run_dir / "summary.json").exists():
+        raise typer.BadParameter(f"{run_dir} has no summary.json")
+    with console.status("evaluating and plotting (minutes on CPU for SmolLM2)…"):
+        path = build_report(run_dir, sweep=sweep)
+    console.print(f"report: {path}")
+    console.print((path.parent / "report.md").read_text().split("\n\n")[1])
 
 
 def _device_app() -> typer.Typer:

@@ -201,6 +201,20 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Privacy audits: Secret Sharer canaries planted in some users' training data."""
+
+    canaries: int = 0
+    canary_repeats: int = 20
+    canary_users: int = 1
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.canaries <= 100, "audit.canaries", "must be in [0, 100]")
+        _require(self.canary_repeats >= 1, "audit.canary-repeats", "must be >= 1")
+        _require(self.canary_users >= 1, "audit.canary-users", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs, parsed from ``context.run_config``."""
 
@@ -216,6 +230,7 @@ class RunConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     output_dir: str = ""
     run_name: str = ""
     device_root: str = ""
@@ -256,6 +271,29 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view of the config (for ``summary.json``)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict` (e.g. the ``config`` of a run's ``summary.json``)."""
+        groups = {
+            "model": ModelConfig,
+            "data": DataConfig,
+            "train": TrainConfig,
+            "dp": DPConfig,
+            "secagg": SecAggConfig,
+            "privacy": PrivacyConfig,
+            "audit": AuditConfig,
+        }
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in groups:
+                group = dict(value)
+                if key == "model":
+                    group["lora_targets"] = tuple(group["lora_targets"])
+                kwargs[key] = groups[key](**group)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
 
     def to_flat(self) -> dict[str, Any]:
         """The config as Flower's flat run config (inverse of :func:`parse_run_config`)."""
@@ -319,6 +357,9 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "privacy.target-epsilon": ("privacy.target_epsilon", float),
     "privacy.period-days": ("privacy.period_days", float),
     "privacy.period-epsilon-cap": ("privacy.period_epsilon_cap", float),
+    "audit.canaries": ("audit.canaries", int),
+    "audit.canary-repeats": ("audit.canary_repeats", int),
+    "audit.canary-users": ("audit.canary_users", int),
     "output.dir": ("output_dir", str),
     "output.run-name": ("run_name", str),
     "simulation.device-root": ("device_root", str),
@@ -346,6 +387,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         "dp": {},
         "secagg": {},
         "privacy": {},
+        "audit": {},
     }
     for key, raw in run_config.items():
         if key not in _KEYS:
@@ -371,5 +413,6 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         dp=DPConfig(**groups["dp"]),
         secagg=SecAggConfig(**groups["secagg"]),
         privacy=PrivacyConfig(**groups["privacy"]),
+        audit=AuditConfig(**groups["audit"]),
         **top,
     )

@@ -205,6 +205,27 @@ def evaluate_loss(
     return total / count
 
 
+@torch.no_grad()
+def per_example_losses(
+    model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int, pad_id: int
+) -> list[float]:
+    """Mean reply-token cross-entropy of each sample (for membership and canary audits)."""
+    device = next(model.parameters()).device
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(samples), batch_size):
+        batch = collate(list(samples[start : start + batch_size]), pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        mask = (labels != -100).float()
+        out += (per_token.sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return out
+
+
 def perplexity(loss: float) -> float:
     """``exp(loss)``, capped to stay finite in JSON."""
     return math.exp(min(loss, 50.0))

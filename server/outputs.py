@@ -9,11 +9,11 @@ global loss; ``ppl_gain`` is the median over users of 1 - ppl_personal / ppl_glo
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
 
+from common import metrics
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.personalization import Strategy
@@ -43,16 +43,12 @@ def per_user_rows(clients: dict[int, dict[str, float]], users: list[str]) -> lis
 
 def win_rate(rows: list[dict[str, Any]]) -> float:
     """Share of users whose personal model has lower held-out loss than the global one."""
-    if not rows:
-        return float("nan")
-    return sum(r["personal_loss"] < r["global_loss"] for r in rows) / len(rows)
+    return metrics.win_rate([r["personal_loss"] for r in rows], [r["global_loss"] for r in rows])
 
 
 def ppl_gain(rows: list[dict[str, Any]]) -> float:
     """Median over users of ``1 - ppl_personal / ppl_global``."""
-    if not rows:
-        return float("nan")
-    return statistics.median(1.0 - math.exp(r["personal_loss"] - r["global_loss"]) for r in rows)
+    return metrics.ppl_gain([r["personal_loss"] for r in rows], [r["global_loss"] for r in rows])
 
 
 def write_summary(

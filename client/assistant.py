@@ -41,6 +41,7 @@ from client.ledger import LedgerPolicy, PrivacyLedger
 from client.profile import Profile, extract_context
 from client.state import DeviceState, tensors_from_bytes, tensors_to_bytes
 from client.store import Interaction, LocalStore
+from common import ab
 from common.config import parse_run_config
 from common.data import Encoded, encode_messages
 from common.embedding import Embedder, get_embedder, user_embedding
@@ -111,6 +112,8 @@ class Assistant:
         embedder: Sentence embedder (default: the process-wide all-MiniLM-L6-v2).
         feedback_steps: Gradient steps per feedback.
         feedback_lr: SGD learning rate of feedback adaptation.
+        ab_test: Take part in the federated A/B test: each answer comes from the personal or
+            the global model by a coin flip, and its rating is reported as a secure sum.
     """
 
     def __init__(
@@ -120,8 +123,10 @@ class Assistant:
         embedder: Embedder | None = None,
         feedback_steps: int = 3,
         feedback_lr: float = 0.05,
+        ab_test: bool = False,
     ) -> None:
         self.store = store
+        self.ab_test = ab_test
         self.lock = threading.RLock()  # one generation / adaptation at a time
         settings = store.get_json(SETTINGS_BLOB)
         if settings is None:
@@ -277,20 +282,33 @@ class Assistant:
             if system:
                 messages[0]["content"] += "\n" + scrub(system)
             t1 = time.perf_counter()
-            texts = self.generate(
-                messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-            )
+            variant = self.variant
+            if self.ab_test:
+                # Federated A/B test: a coin picks the model for this answer; the user's
+                # rating of it is counted (as a secure sum) in the next federated round.
+                variant = secrets.choice(ab.ARMS)
+                hot_swap(
+                    self.rt.model,
+                    self.personal_tensors() if variant == "personal" else self.global_tensors(),
+                )
+            try:
+                texts = self.generate(
+                    messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+                )
+            finally:
+                if self.ab_test:
+                    self.activate()
             t2 = time.perf_counter()
             ranked = rerank(texts, self.embedder.encode(texts), query=query, profile=self.profile)
             best = ranked[0]
             interaction_id = self.store.add_interaction(
-                clean, best.text, context=context, embedding=query, variant=self.variant
+                clean, best.text, context=context, embedding=query, variant=variant
             )
             t3 = time.perf_counter()
         return Answer(
             interaction_id=interaction_id,
             text=scrub(best.text),
-            variant=self.variant,
+            variant=variant,
             candidates=[{"text": s.text, "score": s.score, "parts": s.parts} for s in ranked],
             retrieved=[r.interaction.id for r in history],
             context=context,

@@ -53,14 +53,16 @@ def _open(data_dir: Path, key_file: Path | None, retention: float) -> LocalStore
         raise _fail(err) from None
 
 
-def _assistant(data_dir: Path, key_file: Path | None, retention: float):  # type: ignore[no-untyped-def]
+def _assistant(  # type: ignore[no-untyped-def]
+    data_dir: Path, key_file: Path | None, retention: float, *, ab_test: bool = False
+):
     from client.assistant import Assistant
     from common.model import quiet_transformers
 
     quiet_transformers()
     store = _open(data_dir, key_file, retention)
     try:
-        return Assistant(store)
+        return Assistant(store, ab_test=ab_test)
     except (ValueError, FileNotFoundError) as err:
         store.close()
         raise _fail(err) from None
@@ -126,10 +128,13 @@ def ask(
     seed: Annotated[int | None, typer.Option(help="Sampling seed")] = None,
     task: Annotated[str | None, typer.Option(help="Your current task or app")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    ab_test: Annotated[
+        bool, typer.Option(help="Join the federated A/B test (coin-chosen model)")
+    ] = False,
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """Ask once; prints the answer and its interaction id (for `feedback`)."""
-    assistant = _assistant(data_dir, key_file, retention_days)
+    assistant = _assistant(data_dir, key_file, retention_days, ab_test=ab_test)
     with assistant.store:
         try:
             answer = assistant.ask(
@@ -359,6 +364,9 @@ def serve(
     key_file: KeyFile = None,
     host: Annotated[str, typer.Option(help="Loopback only")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8765,
+    ab_test: Annotated[
+        bool, typer.Option(help="Join the federated A/B test (coin-chosen model)")
+    ] = False,
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """Serve the local HTTP API (OpenAI-compatible chat) on 127.0.0.1."""
@@ -370,7 +378,7 @@ def serve(
         check_loopback(host)
     except ValueError as err:
         raise _fail(err) from None
-    assistant = _assistant(data_dir, key_file, retention_days)
+    assistant = _assistant(data_dir, key_file, retention_days, ab_test=ab_test)
     with assistant.store:
         token_ = assistant.store.get_meta("api_token")
         if not token_:

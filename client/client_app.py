@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
@@ -19,6 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from client.device import Device, open_node_store, shared_shapes
+from common import ab
 from common.config import parse_run_config
 from common.data import user_for_partition
 from common.serialization import (
@@ -96,18 +98,27 @@ def train(msg: Message, context: Context) -> Message:
         global_shared, server_round, legacy = _incoming(msg, device, "fitins")
         result = device.train(global_shared, server_round=server_round)
     metrics = dict(result.metrics)
+    cfg = device.cfg
+    ab_vector = None
     if legacy:
         # SecAgg+ sums the update weighted by num_examples: 1 per participant, 0 if declined.
         metrics[NUM_EXAMPLES_KEY] = int(metrics["weight"])
         outbound = result.update
+        if cfg.ab.interactions:
+            # Every device appends the same-shaped vector (zeros when declining).
+            counts = result.ab if result.ab is not None else np.zeros(ab.FIELDS)
+            ab_vector = counts / ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
     else:
         outbound = {n: global_shared[n] + result.update[n] for n in result.update}
+        if result.ab is not None:
+            metrics.update(ab.to_metrics(result.ab))
     content = build_outbound_record(
         outbound,
         shared_names=device.rt.shared_names,
         metrics=metrics,
         allowed_metrics=ALLOWED_TRAIN_METRICS,
         legacy="fitres" if legacy else None,
+        ab_vector=ab_vector,
     )
     return Message(content=content, reply_to=msg)
 

@@ -13,12 +13,14 @@ place, so no state leaks from one device to the next.
 from __future__ import annotations
 
 import logging
+import random
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
@@ -26,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
 from client.state import DeviceState
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
-from common import audit
+from common import ab, audit
 from common.config import ModelConfig, RunConfig
 from common.crypto import Secret, create_key_file, resolve_secret
 from common.data import Encoded, Sample, UserData, encode, user_for_partition
@@ -43,7 +45,7 @@ from common.lora import (
 from common.model import load_base_model, load_tokenizer, model_dir
 from common.personalization import Strategy, get_strategy
 from common.pii import scrub
-from common.train import evaluate_loss, train_steps, train_steps_dp
+from common.train import evaluate_loss, per_example_losses, train_steps, train_steps_dp
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +154,13 @@ class TrainResult:
             ``distributed`` mode, noised; all zeros when the device declined.
         metrics: Scalar metrics allowed to leave the device.
         declined: The ledger refused this round; nothing was trained or spent.
+        ab: The round's A/B counts ``[n, Σr, Σr²]`` per arm (``common/ab.py``), or ``None``.
     """
 
     update: dict[str, torch.Tensor]
     metrics: dict[str, float | int]
     declined: bool
+    ab: np.ndarray | None = None
 
 
 class Device:
@@ -275,6 +279,49 @@ class Device:
             user = (dp.noise_multiplier, q, steps)
         return record, user
 
+    def ab_counts(
+        self,
+        global_shared: dict[str, torch.Tensor],
+        personal: dict[str, torch.Tensor] | None,
+        server_round: int,
+    ) -> np.ndarray | None:
+        """This round's A/B counts: the user's ratings of answers from a coin-chosen model.
+
+        Ratings the assistant recorded in the store come first; in simulation a simulated
+        user rates answers to held-out prompts (``common.ab.simulated_rating``). At most
+        ``ab.interactions`` per round, so the vector stays inside the SecAgg+ range.
+        """
+        k = self.cfg.ab.interactions
+        if k == 0:
+            return None
+        last = int(self.store.get_meta("ab_reported_until", "0") or 0)
+        stored = self.store.rated_variants(after_feedback_id=last)[-k:]
+        pairs = [(v, r) for _, v, r in stored if v in ab.ARMS]
+        if stored:
+            self.store.set_meta("ab_reported_until", str(stored[-1][0]))
+        missing = k - len(pairs)
+        if self.cfg.ab.simulate_ratings and missing > 0:
+            rng = random.Random(f"ab:{self.cfg.seed}:{server_round}:{self.user.user}")
+            idx = [(server_round * k + i) % len(self.test_set) for i in range(missing)]
+            samples = [self.test_set[i] for i in idx]
+            arms = [rng.choice(ab.ARMS) for _ in idx]
+            models = {
+                "base": self.rt.init,
+                "global": self._compose(global_shared, None, personal_overrides_shared=False),
+                "personal": self._compose(global_shared, personal, personal_overrides_shared=True),
+            }
+            losses = {}
+            for name, tensors in models.items():
+                load_lora_tensors(self.rt.model, tensors)
+                losses[name] = per_example_losses(
+                    self.rt.model, samples, batch_size=self.cfg.train.batch_size, pad_id=self.pad_id
+                )
+            pairs += [
+                (arm, ab.simulated_rating(losses[arm][i], losses["base"][i]))
+                for i, arm in enumerate(arms)
+            ]
+        return ab.counts(pairs)
+
     def _privacy_metrics(self) -> dict[str, float]:
         s = self.ledger.summary()
         return {"record_epsilon": s["record_epsilon"], "user_epsilon": s["user_epsilon"]}
@@ -306,6 +353,7 @@ class Device:
             )
 
         personal = self.state.load_personal()
+        ab_counts = self.ab_counts(global_shared, personal, server_round)
         start = self._compose(global_shared, personal, personal_overrides_shared=False)
         load_lora_tensors(self.rt.model, start)
         seed = zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user.user}".encode())
@@ -357,6 +405,7 @@ class Device:
                 **self._privacy_metrics(),
             },
             declined=False,
+            ab=ab_counts,
         )
 
     @torch.no_grad()

@@ -467,6 +467,18 @@ class LocalStore:
             args = (interaction_id,)
         return [Feedback(*r) for r in self._query(sql + " ORDER BY id", args)]
 
+    def rated_variants(self, *, after_feedback_id: int = 0) -> list[tuple[int, str, float]]:
+        """``(feedback id, variant, rating)`` of rated interactions that recorded a variant."""
+        return [
+            (int(r[0]), str(r[1]), float(r[2]))
+            for r in self._query(
+                "SELECT f.id, i.variant, f.value FROM feedback f JOIN interactions i "
+                "ON f.interaction_id = i.id WHERE f.kind = 'rating' AND f.value IS NOT NULL "
+                "AND i.variant IS NOT NULL AND f.id > ? ORDER BY f.id",
+                (after_feedback_id,),
+            )
+        ]
+
     # ---- retention, export, forget -------------------------------------------------------
 
     def purge_expired(self, *, now: float | None = None) -> int:

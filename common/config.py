@@ -215,6 +215,17 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class ABConfig:
+    """Federated A/B test of the personal vs the global model (see ``common/ab.py``)."""
+
+    interactions: int = 4
+    simulate_ratings: bool = True
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.interactions <= 64, "ab.interactions", "must be in [0, 64]")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs, parsed from ``context.run_config``."""
 
@@ -231,6 +242,7 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    ab: ABConfig = field(default_factory=ABConfig)
     output_dir: str = ""
     run_name: str = ""
     device_root: str = ""
@@ -283,6 +295,7 @@ class RunConfig:
             "secagg": SecAggConfig,
             "privacy": PrivacyConfig,
             "audit": AuditConfig,
+            "ab": ABConfig,
         }
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -360,6 +373,8 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "audit.canaries": ("audit.canaries", int),
     "audit.canary-repeats": ("audit.canary_repeats", int),
     "audit.canary-users": ("audit.canary_users", int),
+    "ab.interactions": ("ab.interactions", int),
+    "ab.simulate-ratings": ("ab.simulate_ratings", _bool),
     "output.dir": ("output_dir", str),
     "output.run-name": ("run_name", str),
     "simulation.device-root": ("device_root", str),
@@ -388,6 +403,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         "secagg": {},
         "privacy": {},
         "audit": {},
+        "ab": {},
     }
     for key, raw in run_config.items():
         if key not in _KEYS:
@@ -414,5 +430,6 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         secagg=SecAggConfig(**groups["secagg"]),
         privacy=PrivacyConfig(**groups["privacy"]),
         audit=AuditConfig(**groups["audit"]),
+        ab=ABConfig(**groups["ab"]),
         **top,
     )

@@ -16,6 +16,8 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
+from common import ab
+
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
@@ -31,6 +33,7 @@ ALLOWED_TRAIN_METRICS = frozenset(
         "declined",
         "record_epsilon",
         "user_epsilon",
+        *ab.METRIC_KEYS,
     }
 )
 ALLOWED_EVAL_METRICS = frozenset(
@@ -91,6 +94,7 @@ def build_outbound_record(
     metrics: Mapping[str, float | int],
     allowed_metrics: frozenset[str],
     legacy: str | None = None,
+    ab_vector: np.ndarray | None = None,
 ) -> RecordDict:
     """Build the only record a device sends to the server.
 
@@ -104,6 +108,8 @@ def build_outbound_record(
         legacy: ``None`` for the Message API; ``"fitres"`` / ``"evaluateres"`` for Flower's
             legacy workflow (the SecAgg+ path), whose arrays are an unnamed list in
             ``shared_names`` order.
+        ab_vector: ``fitres`` only: the scaled A/B counts (``common/ab.py``), appended after
+            the shared tensors so that SecAgg+ sums them with the update.
 
     Raises:
         ValueError: If a non-shared tensor or a non-allowed metric would leave the device.
@@ -124,6 +130,10 @@ def build_outbound_record(
     status = Status(code=Code.OK, message="declined" if scalars.get("declined") else "ok")
     if legacy == "fitres":
         arrays = [shared[n].detach().to("cpu", torch.float32).numpy() for n in shared_names]
+        if ab_vector is not None:
+            if ab_vector.shape != (ab.FIELDS,):
+                raise ValueError(f"A/B vector must have shape ({ab.FIELDS},)")
+            arrays.append(np.asarray(ab_vector, dtype=np.float32))
         res = FitRes(status, ndarrays_to_parameters(arrays), num_examples, scalars)
         return compat.fitres_to_recorddict(res, keep_input=False)
     if legacy == "evaluateres":

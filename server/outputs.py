@@ -61,6 +61,7 @@ def write_summary(
     users: list[str],
     timings: dict[str, float],
     privacy: dict[str, Any] | None = None,
+    ab_test: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``summary.json`` atomically and return it."""
     rows = per_user_rows(clients, users)
@@ -76,6 +77,7 @@ def write_summary(
         "global_loss": statistics.fmean(r["global_loss"] for r in rows) if rows else None,
         "personal_loss": statistics.fmean(r["personal_loss"] for r in rows) if rows else None,
         "privacy": privacy or {},
+        "ab_test": ab_test,
         "timings": timings,
     }
     atomic_write_bytes(

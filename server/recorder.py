@@ -13,6 +13,7 @@ import time
 from logging import INFO
 from typing import Any
 
+import numpy as np
 from flwr.common.logger import log
 
 from server.accountant import FederationAccountant
@@ -32,6 +33,7 @@ class RoundRecorder:
         self.clients: dict[int, dict[str, float]] = {}
         self._start: dict[int, float] = {}
         self._train: dict[int, dict[str, Any]] = {}
+        self.ab_rounds: list[np.ndarray] = []
 
     def start(self, server_round: int) -> None:
         """Start the round's clock."""
@@ -61,6 +63,11 @@ class RoundRecorder:
             record["user_epsilon"] = self.accountant.epsilon("rdp")
             record["user_epsilon_prv"] = self.accountant.epsilon("prv")
         self._train[server_round] = record
+
+    def ab(self, server_round: int, counts: np.ndarray) -> None:
+        """Record the round's summed A/B counts ``[n, Σr, Σr²]`` per arm."""
+        self.ab_rounds.append(np.asarray(counts, dtype=np.float64))
+        log(INFO, "fedpersona round %s: A/B counts %s", server_round, np.round(counts, 3).tolist())
 
     def evaluated(self, server_round: int, rows: list[dict[str, float]]) -> dict[str, Any]:
         """Record an evaluation phase and close the round; returns the round's record."""

@@ -100,8 +100,10 @@ class SecAggDPStrategy(Strategy):
         min_nodes: int,
         central_noise_std: float = 0.0,
         target_epsilon: float = 0.0,
+        ab_scale: float | None = None,
     ) -> None:
         super().__init__()
+        self.ab_scale = ab_scale
         self.shared_names = shared_names
         self.current = [np.asarray(a, dtype=np.float32) for a in initial]
         self.recorder = recorder
@@ -147,6 +149,11 @@ class SecAggDPStrategy(Strategy):
         rows = [{k: float(v) for k, v in res.metrics.items()} for _, res in results]
         m = sum(1 for r in rows if not r.get("declined"))
         mean = parameters_to_ndarrays(results[0][1].parameters) if results else []
+        ab_mean = None
+        if self.ab_scale and len(mean) == len(self.current) + 1:
+            # The A/B counts rode along, scaled; the mean over the m participants × m × scale
+            # is the federation-wide sum (the only thing SecAgg+ reveals).
+            ab_mean, mean = mean[-1], mean[:-1]
         problem = ""
         if m < self.min_updates:
             problem = f"{m} updates < m_min {self.min_updates}"
@@ -174,6 +181,8 @@ class SecAggDPStrategy(Strategy):
             mean = [a + rng.normal(0.0, std, size=a.shape) for a in mean]
             log(INFO, "central DP: added N(0, %.3g²) to the mean update", std)
         self.current = [(c + u).astype(np.float32) for c, u in zip(self.current, mean, strict=True)]
+        if ab_mean is not None and self.ab_scale and np.isfinite(ab_mean).all():
+            self.recorder.ab(server_round, np.asarray(ab_mean, np.float64) * m * self.ab_scale)
         if self.recorder.accountant is not None:
             self.recorder.accountant.release()
         self.recorder.trained(server_round, rows, failures=len(failures), released=True)

@@ -18,6 +18,7 @@ from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.serverapp import Grid, ServerApp
 
+from common import ab
 from common.config import RunConfig, parse_run_config
 from common.data import select_users
 from common.dp.policy import client_noise_std, min_updates
@@ -126,7 +127,8 @@ def main(grid: Grid, context: Context) -> None:
             clip_norm=cfg.dp.clip_norm,
             noise_std=client_noise_std(cfg, num_nodes),
             num_clients=n_sampled,
-            num_params=sum(init[n].numel() for n in shared_names),
+            num_params=sum(init[n].numel() for n in shared_names)
+            + (ab.FIELDS if cfg.ab.interactions else 0),
             num_shares=cfg.secagg.num_shares,
             reconstruction_threshold=cfg.secagg.reconstruction_threshold,
         )
@@ -140,6 +142,9 @@ def main(grid: Grid, context: Context) -> None:
             min_nodes=max(2, cfg.data.num_users),
             central_noise_std=central_std,
             target_epsilon=cfg.privacy.target_epsilon,
+            ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
+            if cfg.ab.interactions
+            else None,
         )
         workflow = secagg_workflow(params, timeout=cfg.secagg.timeout)
         workflow(
@@ -209,6 +214,9 @@ def main(grid: Grid, context: Context) -> None:
         clients=recorder.clients,
         users=users,
         privacy=privacy_report(cfg, m_min=m_min, sample_rate=sample_rate, acc=acc),
+        ab_test=ab.summarize(recorder.ab_rounds, secure=cfg.secagg.enabled)
+        if recorder.ab_rounds
+        else None,
         timings={
             "setup_s": t_setup - t0,
             "rounds_s": t_rounds - t_setup,

@@ -20,6 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from common import ab
 from common.serialization import METRICS_KEY
 from server.recorder import RoundRecorder
 
@@ -106,6 +107,10 @@ class PersonaFedAvg(FedAvg):
             arrays = _add_noise(arrays, self.central_noise_std / len(participants))
         if self.recorder.accountant is not None:
             self.recorder.accountant.release()
+        counts = [ab.from_metrics(r) for r in rows if not r.get("declined")]
+        counts = [c for c in counts if c is not None]
+        if counts:  # without SecAgg+ the server sees each device's counts (summary says so)
+            self.recorder.ab(server_round, np.sum(counts, axis=0))
         self.recorder.trained(server_round, rows, failures=failures, released=arrays is not None)
         return arrays, metrics
 

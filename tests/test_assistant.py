@@ -234,3 +234,35 @@ def test_hot_swap_changes_outputs_without_reloading_the_base(assistant) -> None:
     assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight is base_weight
     assistant.activate()
     torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def test_ab_test_answers_come_from_both_arms_and_their_ratings_are_counted(tmp_path) -> None:
+    # Prepare: an A/B-testing assistant; the user rates every answer.
+    from client.device import Device
+    from common.config import parse_run_config
+    from tests.conftest import tiny_run_config
+
+    store = open_test_store(tmp_path / "ab")
+    init_device(store, model="tiny")
+    a = Assistant(store, ab_test=True)
+    variants = []
+    for i in range(12):
+        answer = a.ask(f"question number {i}", n=1, max_new_tokens=4, seed=i)
+        variants.append(answer.variant)
+        a.feedback(answer.interaction_id, rating=5 if answer.variant == "personal" else 2)
+
+    # Execute: the device's next federated round counts them (no simulated user).
+    cfg = parse_run_config(tiny_run_config(**{"ab.simulate-ratings": False}))
+    device = Device(cfg, partition_id=0, num_partitions=4, store=store)
+    g = {n: device.rt.init[n] for n in device.rt.shared_names}
+    counts = device.ab_counts(g, None, server_round=1)
+    again = device.ab_counts(g, None, server_round=2)
+    store.close()
+
+    # Assert
+    assert set(variants) == {"global", "personal"}
+    k = cfg.ab.interactions
+    recent = variants[-k:]
+    assert counts[0] == recent.count("global") and counts[3] == recent.count("personal")
+    assert counts[1] == 2 * recent.count("global") and counts[4] == 5 * recent.count("personal")
+    assert again.sum() == 0  # each rating is reported once

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from common import ab
 from common.metrics import (
     attribution_accuracy,
     cold_start_k,
@@ -119,3 +120,20 @@ def test_welch_matches_scipy_on_raw_samples() -> None:
     ci = ref.confidence_interval(0.95)
     assert (out["ci_low"], out["ci_high"]) == pytest.approx((ci.low, ci.high))
     assert math.isnan(welch_test((1, 3.0, 9.0), (5, 15.0, 50.0))["p_value"])
+
+
+def test_ab_counts_ratings_and_summary() -> None:
+    ratings = [ab.simulated_rating(loss, 3.0) for loss in (1.0, 2.5, 3.0, 3.5, 6.0)]
+    assert ratings == sorted(ratings, reverse=True) and ratings[0] == 5 and ratings[-1] == 1
+    assert ratings[2] == 3  # as good as the base model
+    c = ab.counts([("global", 3), ("personal", 5), ("personal", 4)])
+    np.testing.assert_array_equal(c, [1, 3, 9, 2, 9, 41])
+    assert ab.from_metrics(ab.to_metrics(c)).tolist() == c.tolist()
+    # Every coordinate of a full round fits inside the clipping range after scaling.
+    full = ab.counts([("personal", 5)] * 4)
+    assert np.abs(full / ab.scale(4, 0.05)).max() <= 0.05 + 1e-12
+    rounds = [ab.counts([("global", 3), ("global", 2), ("personal", 5), ("personal", 4)])] * 3
+    summary = ab.summarize(rounds)
+    assert summary["n_a"] == 6 and summary["mean_b"] == 4.5 and summary["diff"] == 2.0
+    assert summary["ci_low"] > 0 and summary["p_value"] < 0.01
+    assert summary["satisfaction"][0]["mean_personal"] == 4.5

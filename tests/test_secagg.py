@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from client.client_app import app as fedpersona_app
 from client.device import get_runtime
 from client.ledger import LedgerPolicy, PrivacyLedger
+from common import ab
 from common.config import parse_run_config
 from common.secagg import derive_secagg_params
 from server.recorder import RoundRecorder
@@ -188,7 +189,7 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
         clip_norm=cfg.dp.clip_norm,
         noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / 5**0.5,
         num_clients=5,
-        num_params=sum(int(np.prod(s)) for s in shapes),
+        num_params=sum(int(np.prod(s)) for s in shapes) + ab.FIELDS,
         num_shares=1.0,
         reconstruction_threshold=0.6,
     )
@@ -200,6 +201,7 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_nodes=5,
+        ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
     )
 
     # Execute
@@ -218,6 +220,11 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
     assert len(after["declined"]) == 1 and "budget exhausted" in after["declined"][0]["reason"]
     for nid in (1, 2, 3, 5):
         assert [e["round"] for e in ledgers[nid]["events"]] == [1]
+    # The A/B counts of the 4 participants arrived as one securely summed vector.
+    (counts,) = strategy.recorder.ab_rounds
+    k = cfg.ab.interactions
+    assert counts[0] + counts[3] == pytest.approx(4 * k, abs=1e-3)  # n_global + n_personal
+    assert 4 * k <= counts[1] + counts[4] <= 5 * 4 * k + 1e-3  # ratings in 1..5
     moved = sum(
         float(np.abs(c - rt.init[n].numpy()).sum())
         for c, n in zip(strategy.current, rt.shared_names, strict=True)

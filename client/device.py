@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import zlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,7 +67,10 @@ class Runtime:
 
 
 _RUNTIMES: dict[tuple, Runtime] = {}
-_ENCODED: dict[tuple, tuple[tuple[Encoded, ...], tuple[Encoded, ...]]] = {}
+# Tokenized data of the devices this process served lately (a Ray actor serves many simulated
+# devices); bounded, so memory stays flat in the number of users.
+_ENCODED: OrderedDict[tuple, tuple[tuple[Encoded, ...], tuple[Encoded, ...]]] = OrderedDict()
+ENCODED_CACHE_SIZE = 16
 
 
 def get_runtime(cfg: RunConfig) -> Runtime:
@@ -224,6 +228,9 @@ class Device:
             train = tuple(clean(s) for s in self.user.train) + tuple(planted)
             test = tuple(clean(s) for s in self.user.test[: self.cfg.data.max_test_samples])
             _ENCODED[key] = (train, test)
+            while len(_ENCODED) > ENCODED_CACHE_SIZE:
+                _ENCODED.popitem(last=False)
+        _ENCODED.move_to_end(key)
         return _ENCODED[key]
 
     @property

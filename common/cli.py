@@ -112,6 +112,28 @@ def report(
     console.print((path.parent / "report.md").read_text().split("\n\n")[1])
 
 
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Where bench.json / bench.md go")] = Path("runs/bench"),
+    model: Annotated[str, typer.Option(help="smollm2 | tiny")] = "smollm2",
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    quick_scaling: Annotated[
+        bool, typer.Option(help="Scale to 1,000 users at 10 per round only")
+    ] = False,
+) -> None:
+    """Run the benchmark suite (privacy cost, throughput, device, scaling); print the table."""
+    import torch
+
+    from simulations.bench import run_suite
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda: no CUDA device here")
+    with console.status("benchmarking (about 15 min on 2 CPU cores)…"):
+        results = run_suite(out.resolve(), model=model, device=device, quick_scaling=quick_scaling)
+    console.print((out / "bench.md").read_text())
+    console.print(f"JSON: {out / 'bench.json'} ({results['total_s'] / 60:.1f} min)")
+
+
 def _device_app() -> typer.Typer:
     from client.cli import app as device_app
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -44,11 +45,15 @@ def round_times(preset: str, out: Path, rounds: int) -> dict:
 def step_times(model_name: str, steps: int) -> dict:
     """Seconds per plain AdamW step vs per Opacus DP-SGD step (same model and batch size)."""
     from client.device import Device
+    from client.store import LocalStore
     from common.config import parse_run_config
+    from common.crypto import Secret, create_key_file
     from common.train import train_steps, train_steps_dp
 
     cfg = parse_run_config({"model.name": model_name, "data.num-users": 8})
-    device = Device(cfg, partition_id=0, num_partitions=8, data_dir=Path(tempfile.mkdtemp()))
+    tmp = Path(tempfile.mkdtemp())
+    store = LocalStore.create(tmp / "dev", Secret(key_file=create_key_file(tmp / "dev.key")))
+    device = Device(cfg, partition_id=0, num_partitions=8, store=store)
     rt = device.rt
     common = dict(batch_size=4, learning_rate=1e-3, seed=0, pad_id=device.pad_id)
     # Warm-up both paths once, then time.
@@ -76,6 +81,8 @@ def step_times(model_name: str, steps: int) -> dict:
         **common,
     )
     dp = (time.perf_counter() - t0) / steps
+    store.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     return {
         "model": model_name,
         "plain_step_s": plain,

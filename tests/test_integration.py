@@ -23,6 +23,8 @@ from peft import PeftModel
 from client.store import LocalStore
 from common.crypto import Secret
 from common.model import load_base_model
+from simulations.evaluate import evaluate_run
+from simulations.report import build_report
 from simulations.simulate import PROJECT_DIR, _free_port, _wait_port, simulate, stop_process_tree
 from tests.conftest import device_key, open_test_store
 
@@ -57,7 +59,12 @@ def _check_summary(run_dir: Path, n_users: int, n_rounds: int) -> dict:
 
 def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     # Execute
-    run_dir = simulate("tiny", {"personalization.strategy": "fedsa"}, tmp_path, run_name="sim")
+    run_dir = simulate(
+        "tiny",
+        {"personalization.strategy": "fedsa", "audit.canaries": 1},
+        tmp_path,
+        run_name="sim",
+    )
 
     # Assert: outputs
     summary = _check_summary(run_dir, n_users=4, n_rounds=2)
@@ -80,9 +87,36 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
         with store:
             assert {"personal", "global", "device", "ledger"} <= set(store.blob_sizes())
             assert store.get_json("device")["rounds_trained"] >= 1
+    # The federated A/B test arrived as SecAgg+ sums: 4 devices × ab.interactions per round.
+    ab = summary["ab_test"]
+    assert ab["n_a"] + ab["n_b"] == pytest.approx(2 * 4 * 4, abs=1e-3)
+    assert len(ab["satisfaction"]) == 2 and "SecAgg+" in ab["privacy"]
     # Nothing left running: superlink, ServerApp, Ray.
     assert _processes_mentioning(str(run_dir)) == []
     assert _processes_mentioning("fpray-sim-") == []
+
+    # Evaluate the run and build its report (small settings: tiny model, few samples).
+    evaluation = evaluate_run(
+        run_dir,
+        prompts_per_user=2,
+        max_new_tokens=4,
+        mia_per_user=6,
+        references=31,
+        new_users=2,
+        ks=(0, 2),
+        drift_pairs=1,
+    )
+    targets = {row["metric"]: row for row in evaluation["seed_targets"]}
+    assert targets["win_rate"]["measured"] == summary["win_rate"]
+    assert 0 <= targets["mia_auc (global)"]["measured"] <= 1
+    assert 0 <= targets["attribution_acc@10"]["measured"] <= 1
+    assert len(evaluation["canaries"]["global"]) == 1
+    assert 0 <= evaluation["canaries"]["global"][0] <= 5.0  # log2(32)
+    assert set(evaluation["cold_start"]["win_rate_by_k"]) == {"0", "2"}
+    html_path = build_report(run_dir)
+    page = html_path.read_text()
+    assert page.count("data:image/png;base64,") >= 7  # six plots + A/B
+    assert "mia_auc (global)" in (html_path.parent / "report.md").read_text()
 
 
 def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:

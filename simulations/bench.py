@@ -1,0 +1,239 @@
+"""``fedpersona bench``: the benchmark suite — every figure a ratio measured in one run.
+
+1. **privacy** — round time with SecAgg+ + distributed DP / plain FedAvg (tiny federation),
+   and one Opacus DP-SGD step / one plain step on SmolLM2 (``simulations.bench_privacy``);
+2. **throughput** — a device's full federated round (ledger check, local training, clipping,
+   noise, A/B counts, encrypted store writes) in training tokens/s against a bare peft
+   training loop on the same model, batches and steps;
+3. **device** — adapter hot-swap, one-feedback adaptation and encrypted bytes per user
+   (``simulations.bench_device``);
+4. **scaling** — simulated federations of 100 and 1,000 users (tiny model) with 10–100
+   sampled per round: peak memory of the whole process tree (must stay flat in the number
+   of users) and seconds per round against clients per round.
+
+Prints JSON and a Markdown table and writes both under ``--out``. ``--device cuda`` runs the
+model benchmarks on a GPU (the scaling part stays on the CPU simulation engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from simulations.simulate import simulate
+
+
+def throughput(model: str, device_name: str, *, steps: int = 6) -> dict:
+    """Tokens/s of a fedpersona device round vs a bare peft loop (same batches)."""
+    import random
+    import zlib
+
+    from client.device import Device, get_runtime
+    from client.store import LocalStore
+    from common.config import parse_run_config
+    from common.crypto import Secret, create_key_file
+    from common.data import collate
+    from common.train import unfreeze_only
+
+    raw = {
+        "model.name": model,
+        "data.num-users": 8,
+        "train.local-steps": steps,
+        "train.batch-size": 4,
+        "data.max-seq-len": 96,
+        "privacy.epsilon-cap": 100.0,  # a throughput run must not be declined
+    }
+    cfg = parse_run_config(raw)
+    rt = get_runtime(cfg)
+    if device_name != "cpu":
+        rt.model.to(device_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        key = create_key_file(Path(tmp) / "k.key")
+        store = LocalStore.create(Path(tmp) / "dev", Secret(key_file=key))
+        device = Device(cfg, partition_id=0, num_partitions=8, store=store)
+        g = {n: rt.init[n] for n in rt.shared_names}
+        device.train(g, server_round=1)  # warm-up (first-call allocations)
+        # Tokens the round trains on: the same seeded batches train_steps draws.
+        seed = zlib.crc32(f"{cfg.seed}:2:{device.user.user}".encode())
+        rng = random.Random(seed)
+        batches = [
+            collate(
+                [device.train_set[rng.randrange(len(device.train_set))] for _ in range(4)],
+                device.pad_id,
+            )
+            for _ in range(steps)
+        ]
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        start = time.perf_counter()
+        device.train(g, server_round=2)
+        ours = time.perf_counter() - start
+        store.close()
+
+    # The bare loop: peft model, AdamW on the same parameters, the same batches.
+    from common.lora import load_lora_tensors
+
+    load_lora_tensors(rt.model, rt.init)
+    params = unfreeze_only(rt.model, rt.trainable_names)
+    opt = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+    dev = next(rt.model.parameters()).device
+    rt.model.train()
+    start = time.perf_counter()
+    for b in batches:
+        b = {k: v.to(dev) for k, v in b.items()}
+        loss = rt.model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    bare = time.perf_counter() - start
+    rt.model.eval()
+    return {
+        "model": model,
+        "steps": steps,
+        "tokens": tokens,
+        "device_round_s": ours,
+        "bare_loop_s": bare,
+        "device_tokens_per_s": tokens / ours,
+        "bare_tokens_per_s": tokens / bare,
+        "ratio_device_over_bare": (tokens / ours) / (tokens / bare),
+    }
+
+
+class PeakRSS:
+    """Polls the summed RSS of this process and all its descendants (Ray workers included)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def scaling(out: Path, grid: list[tuple[int, int]], *, rounds: int = 2) -> list[dict]:
+    """Seconds per round and peak memory for (population, clients per round) pairs."""
+    rows = []
+    for population, per_round in grid:
+        overrides = {
+            "data.num-users": population,
+            "data.min-lines": 5,
+            "data.max-test-samples": 2,
+            "train.local-steps": 2,
+            "fraction-train": per_round / population,
+            "fraction-evaluate": min(10, per_round) / population,
+            "num-server-rounds": rounds,
+            "privacy.epsilon-cap": 100.0,
+            "dp.min-clients": max(2, per_round // 2),
+        }
+        start = time.perf_counter()
+        with PeakRSS() as mem:
+            run_dir = simulate("tiny", overrides, out, run_name=f"scale-{population}-{per_round}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        later = summary["rounds"][1:] or summary["rounds"]
+        rows.append(
+            {
+                "population": population,
+                "clients_per_round": per_round,
+                "updates_last_round": summary["rounds"][-1].get("updates"),
+                "seconds_per_round": statistics.fmean(r["seconds"] for r in later),
+                "peak_rss_mib": mem.peak / 2**20,
+                "wall_s": time.perf_counter() - start,
+            }
+        )
+    return rows
+
+
+def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False) -> dict:
+    """Every benchmark; returns the JSON-serializable results."""
+    from simulations import bench_device, bench_privacy
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results: dict = {"model": model, "device": device, "threads": torch.get_num_threads()}
+    results["privacy_round"] = bench_privacy.round_times("tiny", out / "runs", rounds=4)
+    results["privacy_opacus"] = bench_privacy.step_times(model, steps=3)
+    results["throughput"] = throughput(model, device)
+    results["device"] = bench_device.bench(
+        "smollm2-shape" if device == "cuda" and model == "smollm2" else model,
+        device,
+        store=True,
+    )
+    grid = (
+        [(100, 10), (1000, 10)]
+        if quick_scaling
+        else [(100, 10), (1000, 10), (1000, 30), (1000, 100)]
+    )
+    results["scaling"] = scaling(out / "runs", grid)
+    results["total_s"] = time.perf_counter() - t0
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    (out / "bench.md").write_text(markdown(results) + "\n")
+    return results
+
+
+def markdown(r: dict) -> str:
+    """The suite as one Markdown table (+ the scaling table)."""
+    p, o, t, d = r["privacy_round"], r["privacy_opacus"], r["throughput"], r["device"]
+    rows = [
+        (
+            "round time, SecAgg+ + DP / plain FedAvg (tiny)",
+            f"{p['secagg_dp']:.2f} s / {p['plain']:.2f} s = **{p['ratio']:.2f}×**",
+        ),
+        (
+            f"Opacus DP-SGD step / plain step ({r['model']})",
+            f"{o['opacus_step_s'] * 1000:.0f} ms / {o['plain_step_s'] * 1000:.0f} ms = "
+            f"**{o['ratio']:.2f}×**",
+        ),
+        (
+            "device round / bare peft loop, tokens/s",
+            f"{t['device_tokens_per_s']:.0f} / {t['bare_tokens_per_s']:.0f} = "
+            f"**{t['ratio_device_over_bare']:.2f}×**",
+        ),
+        (
+            "adapter hot-swap (in place) vs reload",
+            f"{d['swap_inplace_ms']:.1f} ms vs "
+            f"{d['swap_reload_base_ms']:.0f} ms (**{d['ratio_reload_over_inplace']:.0f}×**)",
+        ),
+        ("one feedback (3 steps, 1×64 tokens)", f"**{d['one_feedback_ms']:.0f} ms**"),
+    ]
+    if "store_bytes_100_interactions" in d:
+        rows.append(
+            (
+                "encrypted state per user (0 / 100 interactions)",
+                f"{d['store_bytes_0_interactions']:,} / {d['store_bytes_100_interactions']:,} B",
+            )
+        )
+    lines = ["| benchmark | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    lines += ["", "| users | clients/round | s/round | peak RSS (MiB) |", "|---|---|---|---|"]
+    lines += [
+        f"| {s['population']} | {s['clients_per_round']} | {s['seconds_per_round']:.1f} | "
+        f"{s['peak_rss_mib']:.0f} |"
+        for s in r["scaling"]
+    ]
+    lines.append(f"\n{r['device']} · {r['threads']} threads · total {r['total_s'] / 60:.1f} min")
+    return "\n".join(lines)

@@ -91,7 +91,7 @@ def simulate(
         f"total={summary['timings']['total_s']:.0f} s"
     )
     if with_report:
-        report(run_dir, sweep=None)
+        report(run_dir, sweep=None, compare=None)
 
 
 @app.command()
@@ -100,14 +100,19 @@ def report(
     sweep: Annotated[
         Path | None, typer.Option(help="sweep.json from `python -m simulations.sweep`")
     ] = None,
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(help="Runs of the same setup at other noise levels (repeatable)"),
+    ] = None,
 ) -> None:
     """Evaluate a run (if not done yet) and write report/report.html + report.md + PNGs."""
     from simulations.report import build_report
 
-    if not (run_dir / "summary.json").exists():
-        raise typer.BadParameter(f"{run_dir} has no summary.json")
+    for d in [run_dir, *(compare or [])]:
+        if not (d / "summary.json").exists():
+            raise typer.BadParameter(f"{d} has no summary.json")
     with console.status("evaluating and plotting (minutes on CPU for SmolLM2)…"):
-        path = build_report(run_dir, sweep=sweep)
+        path = build_report(run_dir, sweep=sweep, compare=compare)
     console.print(f"report: {path}")
     console.print((path.parent / "report.md").read_text().split("\n\n")[1])
 

@@ -36,7 +36,7 @@ import torch
 from client.adapt import adapt_on_feedback
 from client.device import get_runtime
 from client.state import GLOBAL_BLOB, PERSONAL_BLOB, tensors_from_bytes
-from client.store import LocalStore
+from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common import audit, metrics
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 
 # The seed's targets (DESIGN.md "Seed requirements"), as (comparison, value).
 SEED_TARGETS: dict[str, tuple[str, Any]] = {
-    "attribution_acc@10": (">", 0.85),
-    "win_rate": (">", 0.85),
+    "personalization accuracy (attribution_acc@10)": (">", 0.85),
+    "preference alignment (win_rate)": (">", 0.85),
     "style_consistency": (">", 0.80),
     "context_relevance": (">", 0.90),
     "novelty (distinct-2)": ("in", (0.6, 0.8)),
@@ -62,6 +62,9 @@ SEED_TARGETS: dict[str, tuple[str, Any]] = {
     "cold_start_k": ("<=", 5),
     "user ε": ("<", 1.0),
     "user embedding dim": ("in", (256, 1024)),
+    "adaptation latency, one feedback (ms, this machine)": ("<", 100),
+    "state per user (bytes, largest store)": ("<", 1_000_000),
+    "data retention (days)": ("<", 30),
 }
 
 
@@ -99,6 +102,7 @@ class Evaluator:
         )
         self.global_tensors, self.personal = self._load_devices()
         self._enc: dict[tuple[str, str], list[Encoded]] = {}
+        self.adapt_ms: list[float] = []
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -119,6 +123,14 @@ class Evaluator:
             personal[user.user] = {} if p is None else tensors_from_bytes(p, "personal")
         glob = {**self.rt.init, **(shared or {})}
         return glob, {u: {**glob, **t} for u, t in personal.items()}
+
+    def largest_store(self) -> int:
+        """Bytes on disk of the largest simulated device store (database + wrapped key)."""
+        sizes = []
+        for user in self.users:
+            d = self._device_dir(user.user)
+            sizes.append(sum(p.stat().st_size for p in d.iterdir() if p.is_file()))
+        return max(sizes)
 
     def encoded(self, user: UserData, split: str, limit: int) -> list[Encoded]:
         """Scrubbed, tokenized samples of ``user`` (as the device trains/evaluates on them)."""
@@ -282,7 +294,7 @@ class Evaluator:
     ) -> dict[str, torch.Tensor]:
         load_lora_tensors(self.rt.model, tensors)
         for e in examples:
-            adapt_on_feedback(
+            _, ms = adapt_on_feedback(
                 self.rt.model,
                 self.rt.personal_names,
                 [e],
@@ -290,6 +302,7 @@ class Evaluator:
                 learning_rate=0.05,
                 pad_id=self.pad,
             )
+            self.adapt_ms.append(ms)
         params = dict(self.rt.model.named_parameters())
         return {**tensors, **{n: params[n].detach().clone() for n in self.rt.personal_names}}
 
@@ -317,6 +330,7 @@ class Evaluator:
                 curve[k].append(int(personal < glob))
         rates = {k: float(np.mean(v)) for k, v in curve.items()}
         return {
+            "adapt_ms_median": float(np.median(self.adapt_ms)) if self.adapt_ms else None,
             "users": [u.user for u in fresh],
             "win_rate_by_k": rates,
             "cold_start_k": metrics.cold_start_k(rates, threshold=0.85),
@@ -412,8 +426,8 @@ def evaluate_run(
     rounds = ev.summary.get("rounds", [])
     user_eps = max((r.get("user_epsilon") or 0.0 for r in rounds), default=None)
     measured = {
-        "attribution_acc@10": personalization["attribution_acc@10"],
-        "win_rate": personalization["win_rate"],
+        "personalization accuracy (attribution_acc@10)": personalization["attribution_acc@10"],
+        "preference alignment (win_rate)": personalization["win_rate"],
         "style_consistency": gens["style_consistency"],
         "context_relevance": gens["context_relevance"],
         "novelty (distinct-2)": gens["novelty"]["distinct_2"],
@@ -423,6 +437,9 @@ def evaluate_run(
         "cold_start_k": cold["cold_start_k"],
         "user ε": user_eps,
         "user embedding dim": 384,
+        "adaptation latency, one feedback (ms, this machine)": cold["adapt_ms_median"],
+        "state per user (bytes, largest store)": ev.largest_store(),
+        "data retention (days)": DEFAULT_RETENTION_DAYS,
     }
     table = [
         {

@@ -195,8 +195,21 @@ def plot_ab(ab: dict, out: Path) -> Path:
     return _save(fig, out / "ab.png")
 
 
-def build_report(run_dir: Path, *, sweep: Path | None = None, evaluate: bool = True) -> Path:
-    """Write ``RUN_DIR/report/{report.html, report.md, *.png}``; return the HTML path."""
+def build_report(
+    run_dir: Path,
+    *,
+    sweep: Path | None = None,
+    compare: list[Path] | None = None,
+    evaluate: bool = True,
+) -> Path:
+    """Write ``RUN_DIR/report/{report.html, report.md, *.png}``; return the HTML path.
+
+    Args:
+        run_dir: The run to report on.
+        sweep: ``sweep.json`` of ``simulations.sweep`` for the ε–utility plot.
+        compare: Other runs of the same setup at other noise levels (ε–utility plot).
+        evaluate: Run the evaluation if ``evaluation.json`` is missing.
+    """
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     ev_path = run_dir / "evaluation.json"
@@ -217,8 +230,14 @@ def build_report(run_dir: Path, *, sweep: Path | None = None, evaluate: bool = T
         ("Drift recovery", plot_drift(ev, out)),
         ("Membership inference", plot_mia(ev, out)),
     ]
-    if sweep is not None:
-        rows = json.loads(Path(sweep).read_text())
+    rows = json.loads(Path(sweep).read_text()) if sweep is not None else []
+    if compare:
+        from simulations.sweep import row_from_run
+
+        for d in [run_dir, *compare]:
+            dp = json.loads((Path(d) / "summary.json").read_text())["config"]["dp"]
+            rows.append(row_from_run(0.0, dp["noise_multiplier"], Path(d)))
+    if rows:
         figures.append(("Privacy–utility", plot_sweep(rows, out)))
     ab = summary.get("ab_test")
     if ab and ab.get("n_a", 0) and ab.get("n_b", 0):

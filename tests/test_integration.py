@@ -107,9 +107,11 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
         drift_pairs=1,
     )
     targets = {row["metric"]: row for row in evaluation["seed_targets"]}
-    assert targets["win_rate"]["measured"] == summary["win_rate"]
+    assert targets["preference alignment (win_rate)"]["measured"] == summary["win_rate"]
     assert 0 <= targets["mia_auc (global)"]["measured"] <= 1
-    assert 0 <= targets["attribution_acc@10"]["measured"] <= 1
+    assert 0 <= targets["personalization accuracy (attribution_acc@10)"]["measured"] <= 1
+    assert targets["data retention (days)"]["meets"] is True
+    assert 0 < targets["state per user (bytes, largest store)"]["measured"] < 1_000_000
     assert len(evaluation["canaries"]["global"]) == 1
     assert 0 <= evaluation["canaries"]["global"][0] <= 5.0  # log2(32)
     assert set(evaluation["cold_start"]["win_rate_by_k"]) == {"0", "2"}

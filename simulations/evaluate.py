@@ -399,8 +399,9 @@ def evaluate_run(
     new_users: int = 4,
     ks: tuple[int, ...] = (0, 1, 2, 3, 5, 8),
     drift_pairs: int = 2,
+    parts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run every evaluation on ``run_dir``; write and return ``evaluation.json``."""
+    """Run the evaluations (all, or ``parts``) on ``run_dir``; write ``evaluation.json``."""
     start = time.perf_counter()
     ev = Evaluator(run_dir)
     timings: dict[str, float] = {}
@@ -412,32 +413,47 @@ def evaluate_run(
         logger.info("evaluate: %s done in %.0f s", name, timings[name])
         return result
 
-    personalization = timed("loss_matrix", ev.loss_matrix)
-    gens = timed(
-        "generations",
-        ev.generations,
-        prompts_per_user=prompts_per_user,
-        max_new_tokens=max_new_tokens,
+    everything = {"personalization", "generation", "membership", "canaries", "cold_start", "drift"}
+    parts = everything if parts is None else set(parts)
+    if parts - everything:
+        raise ValueError(f"unknown parts {sorted(parts - everything)}; known: {sorted(everything)}")
+    empty: dict[str, Any] = {}
+    personalization = timed("loss_matrix", ev.loss_matrix) if "personalization" in parts else empty
+    gens = (
+        timed(
+            "generations",
+            ev.generations,
+            prompts_per_user=prompts_per_user,
+            max_new_tokens=max_new_tokens,
+        )
+        if "generation" in parts
+        else empty
     )
-    mia = timed("membership", ev.membership, per_user=mia_per_user)
-    canary = timed("canaries", ev.canaries, references=references)
-    cold = timed("cold_start", ev.cold_start, new_users=new_users, ks=list(ks))
-    drift = timed("drift", ev.drift, pairs=drift_pairs, before=8, after=8)
+    mia = timed("membership", ev.membership, per_user=mia_per_user) if "membership" in parts else {}
+    canary = timed("canaries", ev.canaries, references=references) if "canaries" in parts else None
+    cold = (
+        timed("cold_start", ev.cold_start, new_users=new_users, ks=list(ks))
+        if "cold_start" in parts
+        else empty
+    )
+    drift = (
+        timed("drift", ev.drift, pairs=drift_pairs, before=8, after=8) if "drift" in parts else {}
+    )
     rounds = ev.summary.get("rounds", [])
     user_eps = max((r.get("user_epsilon") or 0.0 for r in rounds), default=None)
     measured = {
-        "personalization accuracy (attribution_acc@10)": personalization["attribution_acc@10"],
-        "preference alignment (win_rate)": personalization["win_rate"],
-        "style_consistency": gens["style_consistency"],
-        "context_relevance": gens["context_relevance"],
-        "novelty (distinct-2)": gens["novelty"]["distinct_2"],
-        "mia_auc (global)": mia["global"]["mia_auc"],
-        "mia_auc (personal, worst case)": mia["personal"]["mia_auc"],
-        "leakage_rate": gens["leakage_rate"],
-        "cold_start_k": cold["cold_start_k"],
+        "personalization accuracy (attribution_acc@10)": personalization.get("attribution_acc@10"),
+        "preference alignment (win_rate)": personalization.get("win_rate"),
+        "style_consistency": gens.get("style_consistency"),
+        "context_relevance": gens.get("context_relevance"),
+        "novelty (distinct-2)": gens.get("novelty", {}).get("distinct_2"),
+        "mia_auc (global)": mia.get("global", {}).get("mia_auc"),
+        "mia_auc (personal, worst case)": mia.get("personal", {}).get("mia_auc"),
+        "leakage_rate": gens.get("leakage_rate"),
+        "cold_start_k": cold.get("cold_start_k"),
         "user ε": user_eps,
         "user embedding dim": 384,
-        "adaptation latency, one feedback (ms, this machine)": cold["adapt_ms_median"],
+        "adaptation latency, one feedback (ms, this machine)": cold.get("adapt_ms_median"),
         "state per user (bytes, largest store)": ev.largest_store(),
         "data retention (days)": DEFAULT_RETENTION_DAYS,
     }
@@ -477,6 +493,12 @@ def main() -> None:
     parser.add_argument("--references", type=int, default=1023)
     parser.add_argument("--new-users", type=int, default=4)
     parser.add_argument("--drift-pairs", type=int, default=2)
+    parser.add_argument(
+        "--parts",
+        default="",
+        help="comma-separated subset of personalization,generation,membership,canaries,"
+        "cold_start,drift (default: all)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = evaluate_run(
@@ -487,6 +509,7 @@ def main() -> None:
         references=args.references,
         new_users=args.new_users,
         drift_pairs=args.drift_pairs,
+        parts=[p for p in args.parts.split(",") if p] or None,
     )
     for row in result["seed_targets"]:
         print(f"{row['metric']:34s} {row['target']:>14s}  {row['measured']}  {row['meets']}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -440,7 +441,10 @@ def evaluate_run(
         timed("drift", ev.drift, pairs=drift_pairs, before=8, after=8) if "drift" in parts else {}
     )
     rounds = ev.summary.get("rounds", [])
-    user_eps = max((r.get("user_epsilon") or 0.0 for r in rounds), default=None)
+    user_level = ev.summary.get("privacy", {}).get("user_level", {})
+    user_eps = user_level.get("epsilon_rdp", user_level.get("epsilon"))  # inf without noise
+    if user_eps is None:
+        user_eps = max((r.get("user_epsilon", math.inf) for r in rounds), default=math.inf)
     measured = {
         "personalization accuracy (attribution_acc@10)": personalization.get("attribution_acc@10"),
         "preference alignment (win_rate)": personalization.get("win_rate"),

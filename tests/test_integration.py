@@ -114,7 +114,7 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     assert 0 < targets["state per user (bytes, largest store)"]["measured"] < 1_000_000
     assert len(evaluation["canaries"]["global"]) == 1
     assert 0 <= evaluation["canaries"]["global"][0] <= 5.0  # log2(32)
-    assert set(evaluation["cold_start"]["win_rate_by_k"]) == {"0", "2"}
+    assert {str(k) for k in evaluation["cold_start"]["win_rate_by_k"]} == {"0", "2"}
     html_path = build_report(run_dir)
     page = html_path.read_text()
     assert page.count("data:image/png;base64,") >= 7  # six plots + A/B

@@ -140,6 +140,7 @@ def scaling(out: Path, grid: list[tuple[int, int]], *, rounds: int = 2) -> list[
     """Seconds per round and peak memory for (population, clients per round) pairs."""
     rows = []
     for population, per_round in grid:
+        shares = per_round if per_round <= 11 else 11
         overrides = {
             "data.num-users": population,
             "data.min-lines": 5,
@@ -152,8 +153,9 @@ def scaling(out: Path, grid: list[tuple[int, int]], *, rounds: int = 2) -> list[
             "dp.min-clients": max(2, per_round // 2),
             # SecAgg+ as designed for large rounds: each client shares its keys with a
             # neighbourhood (Shamir reconstruction is quadratic in the share count).
-            "secagg.num-shares": float(min(per_round, 10)),
-            "secagg.reconstruction-threshold": float(min(per_round, 10) // 2 + 1),
+            # (Flower's neighbourhoods need an odd share count.)
+            "secagg.num-shares": float(shares),
+            "secagg.reconstruction-threshold": float(shares // 2 + 1),
         }
         start = time.perf_counter()
         with PeakRSS() as mem:

@@ -185,7 +185,7 @@ def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False
     results["privacy_round"] = bench_privacy.round_times("tiny", out / "runs", rounds=4)
     results["privacy_opacus"] = bench_privacy.step_times(model, steps=3)
     results["throughput"] = throughput(model, device)
-    results["device"] = bench_device.bench(
+    results["device_bench"] = bench_device.bench(
         "smollm2-shape" if device == "cuda" and model == "smollm2" else model,
         device,
         store=True,
@@ -204,7 +204,8 @@ def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False
 
 def markdown(r: dict) -> str:
     """The suite as one Markdown table (+ the scaling table)."""
-    p, o, t, d = r["privacy_round"], r["privacy_opacus"], r["throughput"], r["device"]
+    p, o, t = r["privacy_round"], r["privacy_opacus"], r["throughput"]
+    d = r["device_bench"] if "device_bench" in r else r["device"]
     rows = [
         (
             "round time, SecAgg+ + DP / plain FedAvg (tiny)",
@@ -241,5 +242,6 @@ def markdown(r: dict) -> str:
         f"{s['peak_rss_mib']:.0f} |"
         for s in r["scaling"]
     ]
-    lines.append(f"\n{r['device']} · {r['threads']} threads · total {r['total_s'] / 60:.1f} min")
+    where = r["device"] if isinstance(r["device"], str) else d["device"]
+    lines.append(f"\n{where} · {r['threads']} threads · total {r['total_s'] / 60:.1f} min")
     return "\n".join(lines)

@@ -167,8 +167,12 @@ def simulate(
     )
     # Ray's socket paths must stay short: a /tmp dir named after the run, not under run_dir.
     ray_tmp = Path(tempfile.mkdtemp(prefix=f"fpray-{name[:24]}-", dir="/tmp"))
+    bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,
+        # The superlink starts `flower-superexec` and `flwr-serverapp` by name: find them
+        # in this interpreter's bin even when the venv is not activated.
+        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -177,7 +181,6 @@ def simulate(
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    bin_dir = Path(sys.executable).parent
     log_path = run_dir / "flwr.log"
     # SIGTERM must unwind through `finally` too, or the superlink and Ray outlive us.
     previous = _exit_on_sigterm()

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("fedavg-ft", "ffa", "fedsa", "dual")
+QUANTIZATIONS = ("none", "4bit")
+DTYPES = ("auto", "float32", "bfloat16")
 NOISE_MODES = ("distributed", "central", "none")
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -32,9 +34,21 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     init_seed: int = 1234
+    quantization: str = "none"
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must be 'smollm2', 'tiny' or a local directory")
+        _require(
+            self.quantization in QUANTIZATIONS,
+            "model.quantization",
+            f"must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}",
+        )
+        _require(
+            self.dtype in DTYPES,
+            "model.dtype",
+            f"must be one of {', '.join(DTYPES)}; got {self.dtype!r}",
+        )
         _require(1 <= self.lora_r <= 256, "model.lora-r", f"must be in [1, 256], got {self.lora_r}")
         _require(self.lora_alpha > 0, "model.lora-alpha", f"must be > 0, got {self.lora_alpha}")
         _require(
@@ -246,6 +260,7 @@ class RunConfig:
     output_dir: str = ""
     run_name: str = ""
     device_root: str = ""
+    resume: bool = True
 
     def __post_init__(self) -> None:
         _require(
@@ -344,6 +359,8 @@ _KEYS: dict[str, tuple[str, Any]] = {
         lambda v: tuple(t.strip() for t in str(v).split(",") if t.strip()),
     ),
     "model.init-seed": ("model.init_seed", int),
+    "model.quantization": ("model.quantization", str),
+    "model.dtype": ("model.dtype", str),
     "data.min-lines": ("data.min_lines", int),
     "data.num-users": ("data.num_users", int),
     "data.test-fraction": ("data.test_fraction", float),
@@ -378,6 +395,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "output.dir": ("output_dir", str),
     "output.run-name": ("run_name", str),
     "simulation.device-root": ("device_root", str),
+    "resume": ("resume", _bool),
 }
 
 

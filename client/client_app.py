@@ -7,6 +7,7 @@ protocol stages, which :func:`secagg_when_requested` hands to Flower's ``secaggp
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,6 +43,7 @@ def secagg_when_requested(msg: Message, ctxt: Context, call_next):  # type: igno
     return call_next(msg, ctxt)
 
 
+logger = logging.getLogger(__name__)
 app = ClientApp(mods=[secagg_when_requested])
 
 
@@ -76,7 +78,24 @@ def _device(context: Context) -> Iterator[Device]:
 
 
 def _incoming(msg: Message, device: Device, kind: str) -> tuple[dict[str, torch.Tensor], int, bool]:
-    """Global shared tensors and round number from either record style; validated."""
+    """Global shared tensors and round number from either record style, validated.
+
+    Raises:
+        ValueError: The message has the wrong records, keys, shapes, dtypes or sizes, a
+            non-finite value, or no valid ``server-round``; the reason is logged, nothing
+            on the device is touched.
+    """
+    try:
+        return _parse_incoming(msg, device, kind)
+    except (KeyError, TypeError, ValueError) as err:
+        reason = f"rejecting the server's {kind} message: {type(err).__name__}: {err}"
+        logger.error(reason)
+        raise ValueError(reason) from None
+
+
+def _parse_incoming(
+    msg: Message, device: Device, kind: str
+) -> tuple[dict[str, torch.Tensor], int, bool]:
     shapes = shared_shapes(device.cfg)
     legacy_key = f"{kind}.parameters"
     if legacy_key in msg.content.array_records:
@@ -86,9 +105,20 @@ def _incoming(msg: Message, device: Device, kind: str) -> tuple[dict[str, torch.
         ins = to_ins(msg.content, keep_input=True)
         arrays = parameters_to_ndarrays(ins.parameters)
         tensors = ordered_tensors(arrays, device.rt.shared_names, shapes)
-        return tensors, int(ins.config["server-round"]), True
+        return tensors, _round(ins.config.get("server-round")), True
+    if ARRAYS_KEY not in msg.content.array_records:
+        raise ValueError(f"no `{ARRAYS_KEY}` array record (got {sorted(msg.content.keys())})")
+    if CONFIG_KEY not in msg.content.config_records:
+        raise ValueError(f"no `{CONFIG_KEY}` config record")
     tensors = from_arrayrecord(msg.content[ARRAYS_KEY], shapes)
-    return tensors, int(msg.content[CONFIG_KEY]["server-round"]), False
+    return tensors, _round(msg.content[CONFIG_KEY].get("server-round")), False
+
+
+def _round(value: object) -> int:
+    """The server round from a message's config: a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`server-round` must be a positive integer, got {value!r}")
+    return value
 
 
 @app.train()

@@ -65,8 +65,12 @@ def from_arrayrecord(
 ) -> dict[str, torch.Tensor]:
     """Unpack an ``ArrayRecord``, checking names, shapes and finiteness against ``expected``.
 
+    The declared shape and dtype are checked before the bytes are decoded, so an oversized
+    payload is refused without being materialized.
+
     Raises:
-        ValueError: On missing or unexpected names, wrong shapes, or NaN/Inf values.
+        ValueError: On missing or unexpected names, wrong shapes or dtypes, undecodable bytes,
+            or NaN/Inf values.
     """
     names = set(record.keys())
     missing = sorted(set(expected) - names)
@@ -78,7 +82,15 @@ def from_arrayrecord(
         )
     out: dict[str, torch.Tensor] = {}
     for name, shape in expected.items():
-        arr = record[name].numpy()
+        declared = tuple(record[name].shape)
+        if declared != tuple(shape):
+            raise ValueError(f"shape mismatch for {name}: got {declared}, expected {shape}")
+        if record[name].dtype not in ("float32", "float16", "float64"):
+            raise ValueError(f"{name} has dtype {record[name].dtype}, expected floating point")
+        try:
+            arr = record[name].numpy()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{name} cannot be decoded: {err}") from err
         if tuple(arr.shape) != tuple(shape):
             raise ValueError(f"shape mismatch for {name}: got {arr.shape}, expected {shape}")
         if not np.isfinite(arr).all():
@@ -151,11 +163,60 @@ def ordered_tensors(
     :func:`from_arrayrecord`.
 
     Raises:
-        ValueError: On a wrong count, shape or a non-finite value.
+        ValueError: On a wrong count, shape or dtype, or a non-finite value.
     """
     if len(arrays) != len(names):
         raise ValueError(f"expected {len(names)} arrays, got {len(arrays)}")
+    for name, arr in zip(names, arrays, strict=True):
+        if np.asarray(arr).dtype.kind != "f":
+            raise ValueError(f"{name} has dtype {np.asarray(arr).dtype}, expected floating point")
     record = ArrayRecord(
         {n: Array(np.asarray(a, dtype=np.float32)) for n, a in zip(names, arrays, strict=True)}
     )
     return from_arrayrecord(record, expected)
+
+
+def reply_problem(
+    content: RecordDict,
+    *,
+    expected: Mapping[str, tuple[int, ...]] | None,
+    allowed_metrics: frozenset[str],
+    required_metrics: Sequence[str] = (),
+) -> str:
+    """Why a device's Message-API reply is malformed ('' when it is well formed).
+
+    A well-formed reply holds exactly one ``metrics`` record (allowed keys, finite numbers,
+    ``required_metrics`` present) and, for training (``expected`` given), exactly the shared
+    tensors under ``arrays``: the expected names and shapes, float32, finite. Nothing else.
+    """
+    expected_keys = {METRICS_KEY} | ({ARRAYS_KEY} if expected is not None else set())
+    keys = set(content.keys())
+    if keys != expected_keys:
+        return f"record keys {sorted(keys)}, expected {sorted(expected_keys)}"
+    metrics = content[METRICS_KEY]
+    if not isinstance(metrics, MetricRecord):
+        return f"`{METRICS_KEY}` is a {type(metrics).__name__}, expected a MetricRecord"
+    bad = sorted(set(metrics) - allowed_metrics)
+    if bad:
+        return f"metrics {bad[:5]} are not allowed"
+    missing = [k for k in required_metrics if k not in metrics]
+    if missing:
+        return f"metrics {missing} missing"
+    for key, value in metrics.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"metric {key} is a {type(value).__name__}, expected a number"
+        if not np.isfinite(value):
+            return f"metric {key} is not finite"
+    if expected is None:
+        return ""
+    arrays = content[ARRAYS_KEY]
+    if not isinstance(arrays, ArrayRecord):
+        return f"`{ARRAYS_KEY}` is a {type(arrays).__name__}, expected an ArrayRecord"
+    for name in arrays:
+        if arrays[name].dtype != "float32":
+            return f"{name} has dtype {arrays[name].dtype}, expected float32"
+    try:
+        from_arrayrecord(arrays, expected)
+    except ValueError as err:
+        return str(err)
+    return ""

@@ -35,6 +35,34 @@ class RoundRecorder:
         self._train: dict[int, dict[str, Any]] = {}
         self.ab_rounds: list[np.ndarray] = []
 
+    def export_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the bookkeeping (see :mod:`server.checkpoint`)."""
+        closed = {r["round"] for r in self.rounds}
+        return {
+            "rounds": self.rounds,
+            "clients": self.clients,
+            "ab_rounds": [a.tolist() for a in self.ab_rounds],
+            "pending_train": {k: v for k, v in self._train.items() if k not in closed},
+        }
+
+    def restore(
+        self,
+        *,
+        rounds: list[dict[str, Any]],
+        clients: dict[int, dict[str, float]],
+        ab_rounds: list[list[float]],
+        pending_train: dict[int, dict[str, Any]],
+    ) -> None:
+        """Continue from a checkpoint. A round trained but never evaluated before the
+        restart is closed with its training record and a note."""
+        self.rounds = list(rounds)
+        self.clients = dict(clients)
+        self.ab_rounds = [np.asarray(a, dtype=np.float64) for a in ab_rounds]
+        for server_round, record in sorted(pending_train.items()):
+            note = "; ".join(filter(None, [record.get("note"), "not evaluated: server restarted"]))
+            self.rounds.append({"round": server_round, **record, "note": note})
+        self.rounds.sort(key=lambda r: r["round"])
+
     def start(self, server_round: int) -> None:
         """Start the round's clock."""
         self._start.setdefault(server_round, time.time())

@@ -14,6 +14,7 @@ two flwr 1.42 problems fixed and DP done by fedpersona rather than the stock wra
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -24,10 +25,12 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    bytes_to_ndarray,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
@@ -38,8 +41,80 @@ from common.secagg import SecAggParams
 from server.recorder import RoundRecorder
 
 
+class _MaskedVectorGate:
+    """A grid proxy for the collect-masked-vectors stage: replies whose masked vector has the
+    wrong count, shapes, dtype or range are logged and dropped, so SecAgg+ treats their sender
+    as a dropout (its masks are removed through the survivors' shares) instead of crashing or
+    silently broadcasting a malformed vector into the sum."""
+
+    def __init__(self, grid, shapes: list[tuple[int, ...]], mod_range: int) -> None:  # type: ignore[no-untyped-def]
+        self._grid = grid
+        self._shapes = shapes
+        self._mod_range = mod_range
+        self.rejected: list[str] = []
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._grid, name)
+
+    def problem(self, msg) -> str:  # type: ignore[no-untyped-def]
+        """Why a masked-vector reply is malformed ('' if it is fine)."""
+        try:
+            raw = msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            vector = [bytes_to_ndarray(b) for b in raw]
+        except Exception as err:  # noqa: BLE001 - any undecodable reply is malformed
+            return f"undecodable masked vector ({type(err).__name__}: {err})"
+        if len(vector) != len(self._shapes):
+            return f"{len(vector)} arrays, expected {len(self._shapes)}"
+        for i, (arr, shape) in enumerate(zip(vector, self._shapes, strict=True)):
+            if tuple(arr.shape) != shape:
+                return f"array {i} has shape {tuple(arr.shape)}, expected {shape}"
+            if arr.dtype.kind not in "iu":
+                return f"array {i} has dtype {arr.dtype}, expected integers"
+            if arr.size and (arr.min() < 0 or arr.max() >= self._mod_range):
+                return f"array {i} is outside [0, {self._mod_range})"
+        return ""
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        """Forward, then drop malformed replies (errors pass through: Flower counts them)."""
+        kept = []
+        for msg in self._grid.send_and_receive(messages, timeout=timeout):
+            reason = "" if msg.has_error() else self.problem(msg)
+            if reason:
+                log(
+                    WARNING,
+                    "SecAgg+: rejecting node %s's masked vector: %s",
+                    msg.metadata.src_node_id,
+                    reason,
+                )
+                self.rejected.append(reason)
+                continue
+            kept.append(msg)
+        return kept
+
+
 class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """``SecAggPlusWorkflow`` that survives a client lost before the masked vectors."""
+    """``SecAggPlusWorkflow`` that survives a client lost before the masked vectors and
+    rejects malformed masked vectors (their senders count as dropouts).
+
+    Args:
+        shapes: Shapes of the vector each device sums (shared tensors, then the A/B
+            counts when they ride along); ``None`` skips the masked-vector check.
+        **kwargs: ``SecAggPlusWorkflow`` arguments.
+    """
+
+    def __init__(self, *, shapes: list[tuple[int, ...]] | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        # SecAgg+ puts the quantized weight factor first.
+        self.masked_shapes = [(1,), *shapes] if shapes is not None else None
+
+    def collect_masked_vectors_stage(self, grid, context, state: WorkflowState) -> bool:  # type: ignore[no-untyped-def]
+        """Flower's stage, behind :class:`_MaskedVectorGate`."""
+        if self.masked_shapes is None:
+            return super().collect_masked_vectors_stage(grid, context, state)
+        gate = _MaskedVectorGate(grid, self.masked_shapes, state.mod_range)
+        ok = super().collect_masked_vectors_stage(gate, context, state)
+        state.failures.extend(Exception(f"rejected: {r}") for r in gate.rejected)
+        return ok
 
     def share_keys_stage(self, grid, context, state: WorkflowState) -> bool:  # type: ignore[no-untyped-def]
         """Run share-keys, then forget nodes that did not complete setup and share-keys."""
@@ -56,10 +131,16 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
 
 
 def secagg_workflow(
-    params: SecAggParams, *, timeout: float, evaluate: bool = True
+    params: SecAggParams,
+    *,
+    timeout: float,
+    evaluate: bool = True,
+    shapes: list[tuple[int, ...]] | None = None,
 ) -> DefaultWorkflow:
-    """Flower's ``DefaultWorkflow`` whose fit rounds run :class:`RobustSecAggPlusWorkflow`."""
+    """Flower's ``DefaultWorkflow`` whose fit rounds run :class:`RobustSecAggPlusWorkflow`
+    (``shapes``: what each masked vector must hold; see there)."""
     fit = RobustSecAggPlusWorkflow(
+        shapes=shapes,
         num_shares=params.num_shares,
         reconstruction_threshold=params.reconstruction_threshold,
         max_weight=params.max_weight,
@@ -86,6 +167,11 @@ class SecAggDPStrategy(Strategy):
         min_nodes: Nodes to wait for before sampling.
         central_noise_std: σC in central mode, else 0.
         target_epsilon: Stop before the federation ε would pass this (0 = none).
+        ab_scale: Scale of the A/B counts appended to the update (``None``: not appended).
+        round_offset: Rounds already done before this ServerApp started (a resumed run):
+            Flower's round r is the run's round ``round_offset + r``.
+        on_round_end: Called with the run's round after its training phase and again after
+            its evaluation (the ServerApp checkpoints there).
     """
 
     def __init__(
@@ -101,8 +187,13 @@ class SecAggDPStrategy(Strategy):
         central_noise_std: float = 0.0,
         target_epsilon: float = 0.0,
         ab_scale: float | None = None,
+        round_offset: int = 0,
+        on_round_end: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
+        self.round_offset = round_offset
+        self.on_round_end = on_round_end
+        self.sampled: dict[int, int] = {}
         self.ab_scale = ab_scale
         self.shared_names = shared_names
         self.current = [np.asarray(a, dtype=np.float32) for a in initial]
@@ -128,6 +219,7 @@ class SecAggDPStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Sample clients for a SecAgg+ round (none once the privacy target is reached)."""
+        server_round += self.round_offset
         self.recorder.start(server_round)
         acc = self.recorder.accountant
         if self.stopped_at is not None or (
@@ -137,7 +229,9 @@ class SecAggDPStrategy(Strategy):
             log(WARNING, "privacy.target-epsilon reached: no training in round %s", server_round)
             return []
         fit_ins = FitIns(parameters, {"server-round": server_round})
-        return [(c, fit_ins) for c in self._sample(client_manager, self.fraction_train)]
+        clients = self._sample(client_manager, self.fraction_train)
+        self.sampled[server_round] = len(clients)
+        return [(c, fit_ins) for c in clients]
 
     def aggregate_fit(
         self,
@@ -146,8 +240,23 @@ class SecAggDPStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Apply the securely aggregated mean update, or discard the round."""
+        server_round += self.round_offset
+        try:
+            return self._aggregate_fit(server_round, results, failures)
+        finally:
+            if self.on_round_end is not None:
+                self.on_round_end(server_round)
+
+    def _aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rows = [{k: float(v) for k, v in res.metrics.items()} for _, res in results]
         m = sum(1 for r in rows if not r.get("declined"))
+        # Stragglers and dropouts: sampled but neither a result nor a reported failure.
+        lost = max(0, self.sampled.get(server_round, 0) - len(results) - len(failures))
         mean = parameters_to_ndarrays(results[0][1].parameters) if results else []
         ab_mean = None
         if self.ab_scale and len(mean) == len(self.current) + 1:
@@ -170,7 +279,7 @@ class SecAggDPStrategy(Strategy):
             self.recorder.trained(
                 server_round,
                 rows,
-                failures=len(failures),
+                failures=len(failures) + lost,
                 released=False,
                 note=f"discarded: {problem}",
             )
@@ -185,13 +294,14 @@ class SecAggDPStrategy(Strategy):
             self.recorder.ab(server_round, np.asarray(ab_mean, np.float64) * m * self.ab_scale)
         if self.recorder.accountant is not None:
             self.recorder.accountant.release()
-        self.recorder.trained(server_round, rows, failures=len(failures), released=True)
+        self.recorder.trained(server_round, rows, failures=len(failures) + lost, released=True)
         return ndarrays_to_parameters(self.current), {}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Every sampled device evaluates base / global / personal on its held-out text."""
+        server_round += self.round_offset
         self.recorder.start(server_round)
         ins = EvaluateIns(ndarrays_to_parameters(self.current), {"server-round": server_round})
         return [(c, ins) for c in self._sample(client_manager, self.fraction_evaluate)]
@@ -203,8 +313,11 @@ class SecAggDPStrategy(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Record the round's per-user losses."""
+        server_round += self.round_offset
         rows = [{k: float(v) for k, v in res.metrics.items()} for _, res in results]
         record = self.recorder.evaluated(server_round, rows)
+        if self.on_round_end is not None:
+            self.on_round_end(server_round)
         return record.get("personal_loss"), {}
 
     def evaluate(

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.serverapp import Grid, ServerApp
@@ -27,6 +28,7 @@ from common.model import load_model_config, model_dir
 from common.personalization import GLOBAL_ADAPTER, get_strategy
 from common.secagg import derive_secagg_params
 from common.serialization import from_arrayrecord, to_arrayrecord
+from server import checkpoint
 from server.accountant import FederationAccountant
 from server.outputs import write_summary
 from server.recorder import RoundRecorder
@@ -80,9 +82,26 @@ def privacy_report(cfg: RunConfig, *, m_min: int, sample_rate: float, acc) -> di
     }
 
 
+def _resume_state(
+    cfg: RunConfig, run_dir: Path, shapes: dict[str, tuple[int, ...]]
+) -> checkpoint.ServerState | None:
+    """The checkpoint to continue from, if ``resume`` and the run dir has a usable one."""
+    if not cfg.resume:
+        return None
+    state = checkpoint.load(run_dir)
+    if state is not None:
+        checkpoint.check_compatible(state, cfg.to_flat(), shapes)
+    return state
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` of train + evaluate and write the run's outputs."""
+    """Run ``num-server-rounds`` of train + evaluate and write the run's outputs.
+
+    After every round the run's state is checkpointed under ``<run_dir>/checkpoint/``; a
+    ServerApp started again on the same run dir (same ``output.dir`` / ``output.run-name``,
+    ``resume = true``) continues at the next round with the same accounting.
+    """
     t0 = time.time()
     cfg = parse_run_config(dict(context.run_config))
     strategy = get_strategy(cfg.strategy)
@@ -102,6 +121,7 @@ def main(grid: Grid, context: Context) -> None:
     init = init_lora_tensors(lora_shapes(skeleton), seed=cfg.model.init_seed)
     del skeleton
     shared_names, _, _ = strategy.split(list(init))
+    shapes = {n: tuple(init[n].shape) for n in shared_names}
     num_nodes = cfg.data.num_users or max(2, len(list(grid.get_node_ids())))
     m_min = min_updates(cfg, num_nodes)
     n_sampled = max(2, int(num_nodes * cfg.fraction_train))
@@ -116,25 +136,77 @@ def main(grid: Grid, context: Context) -> None:
         else None
     )
     recorder = RoundRecorder(acc)
+    current = {n: init[n].numpy() for n in shared_names}
+    stopped_at: int | None = None
+    done, elapsed_before = 0, 0.0
+    resumed = _resume_state(cfg, run_dir, shapes)
+    if resumed is not None:
+        done, elapsed_before, stopped_at = resumed.round, resumed.elapsed_s, resumed.stopped_at
+        current = dict(zip(resumed.shared_names, resumed.shared, strict=True))
+        if acc is not None and resumed.accountant is not None:
+            acc.load_state_dict(resumed.accountant)
+        recorder.restore(
+            rounds=resumed.rounds,
+            clients=resumed.clients,
+            ab_rounds=resumed.ab_rounds,
+            pending_train=resumed.pending_train,
+        )
+        checkpoint.restore_rng(resumed.rng)
+        log(
+            INFO,
+            "fedpersona: resuming %s after round %s of %s (user ε so far %s)",
+            run_dir,
+            done,
+            cfg.num_server_rounds,
+            acc.epsilon("rdp") if acc is not None else "n/a",
+        )
+    remaining = max(0, cfg.num_server_rounds - done)
+
+    def save_checkpoint(server_round: int, stopped: int | None) -> None:
+        """Persist the run's state after ``server_round`` (atomically)."""
+        book = recorder.export_state()
+        checkpoint.save(
+            run_dir,
+            checkpoint.ServerState(
+                round=server_round,
+                shared_names=list(shared_names),
+                shared=[current[n] for n in shared_names],
+                config=cfg.to_flat(),
+                accountant=acc.state_dict() if acc is not None else None,
+                rounds=book["rounds"],
+                clients=book["clients"],
+                ab_rounds=book["ab_rounds"],
+                pending_train=book["pending_train"],
+                stopped_at=stopped,
+                rng=checkpoint.capture_rng(),
+                elapsed_s=elapsed_before + time.time() - t0,
+            ),
+        )
+
     central_std = (
         cfg.dp.noise_multiplier * cfg.dp.clip_norm
         if cfg.dp.noise_mode == "central" and cfg.dp.adds_noise
         else 0.0
     )
     t_setup = time.time()
-    if cfg.secagg.enabled:
+    if remaining and cfg.secagg.enabled:
+        with_ab = bool(cfg.ab.interactions)
         params = derive_secagg_params(
             clip_norm=cfg.dp.clip_norm,
             noise_std=client_noise_std(cfg, num_nodes),
             num_clients=n_sampled,
-            num_params=sum(init[n].numel() for n in shared_names)
-            + (ab.FIELDS if cfg.ab.interactions else 0),
+            num_params=sum(init[n].numel() for n in shared_names) + (ab.FIELDS if with_ab else 0),
             num_shares=cfg.secagg.num_shares,
             reconstruction_threshold=cfg.secagg.reconstruction_threshold,
         )
+
+        def secagg_round_end(server_round: int) -> None:
+            current.update(zip(shared_names, legacy.current, strict=True))
+            save_checkpoint(server_round, legacy.stopped_at)
+
         legacy = SecAggDPStrategy(
             shared_names=shared_names,
-            initial=[init[n].numpy() for n in shared_names],
+            initial=[current[n] for n in shared_names],
             recorder=recorder,
             min_updates=m_min,
             fraction_train=cfg.fraction_train,
@@ -142,28 +214,39 @@ def main(grid: Grid, context: Context) -> None:
             min_nodes=max(2, cfg.data.num_users),
             central_noise_std=central_std,
             target_epsilon=cfg.privacy.target_epsilon,
-            ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
-            if cfg.ab.interactions
-            else None,
+            ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm) if with_ab else None,
+            round_offset=done,
+            on_round_end=secagg_round_end,
         )
-        workflow = secagg_workflow(params, timeout=cfg.secagg.timeout)
+        legacy.stopped_at = stopped_at
+        workflow = secagg_workflow(
+            params,
+            timeout=cfg.secagg.timeout,
+            shapes=[shapes[n] for n in shared_names] + ([(ab.FIELDS,)] if with_ab else []),
+        )
         workflow(
             grid,
             LegacyContext(
                 context=context,
-                config=ServerConfig(
-                    num_rounds=cfg.num_server_rounds, round_timeout=cfg.round_timeout
-                ),
+                config=ServerConfig(num_rounds=remaining, round_timeout=cfg.round_timeout),
                 strategy=legacy,
             ),
         )
-        final_shared = {n: np.asarray(a) for n, a in zip(shared_names, legacy.current, strict=True)}
-    else:
+    elif remaining:
+
+        def fedavg_round_end(server_round: int, arrays: ArrayRecord | None) -> None:
+            if arrays is not None:
+                current.update((n, t.numpy()) for n, t in from_arrayrecord(arrays, shapes).items())
+            save_checkpoint(server_round, fed.stopped_at)
+
         fed = PersonaFedAvg(
             recorder=recorder,
             min_updates=m_min,
             central_noise_std=central_std,
             target_epsilon=cfg.privacy.target_epsilon,
+            shapes=shapes,
+            round_offset=done,
+            on_round_end=fedavg_round_end,
             fraction_train=cfg.fraction_train,
             fraction_evaluate=cfg.fraction_evaluate,
             min_train_nodes=n_sampled,
@@ -171,24 +254,19 @@ def main(grid: Grid, context: Context) -> None:
             min_available_nodes=max(2, cfg.data.num_users),
             weighted_by_key="weight",
         )
-        result = fed.start(
+        fed.stopped_at = stopped_at
+        fed.start(
             grid=grid,
-            initial_arrays=to_arrayrecord({n: init[n] for n in shared_names}),
-            num_rounds=cfg.num_server_rounds,
+            initial_arrays=to_arrayrecord({n: torch.from_numpy(current[n]) for n in shared_names}),
+            num_rounds=remaining,
             timeout=cfg.round_timeout,
             train_config=ConfigRecord({}),
             evaluate_config=ConfigRecord({}),
         )
-        final_shared = {
-            n: t.numpy()
-            for n, t in from_arrayrecord(
-                result.arrays, {n: tuple(init[n].shape) for n in shared_names}
-            ).items()
-        }
     t_rounds = time.time()
 
     final = {n: t for n, t in init.items() if f".{GLOBAL_ADAPTER}." in n}
-    final.update({n: torch.from_numpy(np.array(a)) for n, a in final_shared.items()})
+    final.update({n: torch.from_numpy(np.array(a)) for n, a in current.items()})
     export_adapter(
         final,
         cfg.model,
@@ -221,6 +299,7 @@ def main(grid: Grid, context: Context) -> None:
             "setup_s": t_setup - t0,
             "rounds_s": t_rounds - t_setup,
             "total_s": time.time() - t0,
+            **({"resumed_after_round": done, "before_restart_s": elapsed_before} if done else {}),
         },
     )
     log(

@@ -11,7 +11,7 @@ released round. ``privacy.target-epsilon`` stops training before the target woul
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
@@ -21,7 +21,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import ab
-from common.serialization import METRICS_KEY
+from common.serialization import (
+    ALLOWED_EVAL_METRICS,
+    ALLOWED_TRAIN_METRICS,
+    METRICS_KEY,
+    reply_problem,
+)
 from server.recorder import RoundRecorder
 
 
@@ -43,6 +48,12 @@ class PersonaFedAvg(FedAvg):
         min_updates: m_min; rounds with fewer updates are discarded.
         central_noise_std: Std of the noise added to the *sum* (σC) in central mode, else 0.
         target_epsilon: Stop before the federation's ε would pass this (0 = no target).
+        shapes: The shared tensors' names and shapes: a training reply must hold exactly
+            these (float32, finite) or it is rejected with a logged reason.
+        round_offset: Rounds already done before this ServerApp started (a resumed run):
+            Flower's round r is the run's round ``round_offset + r``.
+        on_round_end: Called with the run's round and its current arrays after the training
+            phase, and with ``None`` arrays after the evaluation (the ServerApp checkpoints).
         **kwargs: ``FedAvg`` arguments.
     """
 
@@ -53,9 +64,16 @@ class PersonaFedAvg(FedAvg):
         min_updates: int,
         central_noise_std: float = 0.0,
         target_epsilon: float = 0.0,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        round_offset: int = 0,
+        on_round_end: Callable[[int, ArrayRecord | None], None] | None = None,
         **kwargs,  # type: ignore[no-untyped-def]
     ) -> None:
         super().__init__(**kwargs)
+        self.shapes = dict(shapes) if shapes is not None else None
+        self.round_offset = round_offset
+        self.on_round_end = on_round_end
+        self.sampled: dict[int, int] = {}
         self.recorder = recorder
         self.min_updates = min_updates
         self.central_noise_std = central_noise_std
@@ -66,6 +84,7 @@ class PersonaFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample as FedAvg does, unless the privacy target forbids another round."""
+        server_round += self.round_offset
         self.recorder.start(server_round)
         acc = self.recorder.accountant
         if self.stopped_at is not None or (
@@ -74,17 +93,47 @@ class PersonaFedAvg(FedAvg):
             self.stopped_at = self.stopped_at or server_round
             log(WARNING, "privacy.target-epsilon reached: no training in round %s", server_round)
             return []
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sampled[server_round] = len(messages)
+        return messages
+
+    def _well_formed(self, server_round: int, replies: list[Message], *, train: bool) -> list:
+        """Replies without an error whose content is well formed; the others are logged."""
+        kept = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            reason = reply_problem(
+                msg.content,
+                expected=self.shapes if train else None,
+                allowed_metrics=ALLOWED_TRAIN_METRICS if train else ALLOWED_EVAL_METRICS,
+                required_metrics=("weight",) if train else ("partition_id",),
+            )
+            if reason:
+                log(
+                    WARNING,
+                    "round %s: rejecting node %s's %s reply: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    "train" if train else "evaluate",
+                    reason,
+                )
+                continue
+            kept.append(msg)
+        return kept
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the participants' shared tensors; discard under-populated rounds."""
+        server_round += self.round_offset
         replies = list(replies)
-        ok = [m for m in replies if not m.has_error()]
+        ok = self._well_formed(server_round, replies, train=True)
         rows = reply_metrics(ok)
         participants = [m for m, r in zip(ok, rows, strict=True) if not r.get("declined")]
-        failures = len(replies) - len(ok)
+        # Failed, malformed, and never-answered (stragglers, dropouts) replies.
+        failures = max(len(replies), self.sampled.get(server_round, 0)) - len(ok)
+        arrays, metrics = None, None
         if len(participants) < self.min_updates:
             log(
                 WARNING,
@@ -101,27 +150,52 @@ class PersonaFedAvg(FedAvg):
                 released=False,
                 note=f"discarded: {len(participants)} updates < m_min {self.min_updates}",
             )
-            return None, None
-        arrays, metrics = super().aggregate_train(server_round, participants)
-        if arrays is not None and self.central_noise_std > 0:
-            arrays = _add_noise(arrays, self.central_noise_std / len(participants))
-        if self.recorder.accountant is not None:
-            self.recorder.accountant.release()
-        counts = [ab.from_metrics(r) for r in rows if not r.get("declined")]
-        counts = [c for c in counts if c is not None]
-        if counts:  # without SecAgg+ the server sees each device's counts (summary says so)
-            self.recorder.ab(server_round, np.sum(counts, axis=0))
-        self.recorder.trained(server_round, rows, failures=failures, released=arrays is not None)
+        else:
+            arrays, metrics = super().aggregate_train(server_round, participants)
+            if arrays is not None and not all(np.isfinite(arrays[n].numpy()).all() for n in arrays):
+                log(WARNING, "round %s discarded: the mean is not finite", server_round)
+                self.recorder.trained(
+                    server_round,
+                    rows,
+                    failures=failures,
+                    released=False,
+                    note="discarded: the mean is not finite",
+                )
+                arrays, metrics = None, None
+            else:
+                if arrays is not None and self.central_noise_std > 0:
+                    arrays = _add_noise(arrays, self.central_noise_std / len(participants))
+                if self.recorder.accountant is not None:
+                    self.recorder.accountant.release()
+                counts = [ab.from_metrics(r) for r in rows if not r.get("declined")]
+                counts = [c for c in counts if c is not None]
+                if counts:  # without SecAgg+ the server sees each device's counts (summary says so)
+                    self.recorder.ab(server_round, np.sum(counts, axis=0))
+                self.recorder.trained(
+                    server_round, rows, failures=failures, released=arrays is not None
+                )
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, arrays)
         return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Record the round's per-user losses; return their means (unweighted: per user)."""
-        record = self.recorder.evaluated(server_round, reply_metrics(replies))
+        server_round += self.round_offset
+        ok = self._well_formed(server_round, list(replies), train=False)
+        record = self.recorder.evaluated(server_round, reply_metrics(ok))
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, None)
         keys = ("global_loss", "personal_loss", "base_loss", "win_rate")
         means = {k: float(record[k]) for k in keys if k in record}
         return MetricRecord(means) if means else None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's evaluation sampling, at the run's round number."""
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
 
 def _add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:

@@ -1,0 +1,168 @@
+"""The server's checkpoint: everything a restarted ServerApp needs to continue a run.
+
+After every round (its training phase, then again after its evaluation) the ServerApp writes
+``<run_dir>/checkpoint/server.npz`` atomically (:func:`common.atomic.atomic_write_bytes`): the
+shared adapter tensors, the last completed round, the federation accountant's history, the
+run's records (rounds, users, A/B counts), the sampling RNG state and the config the run was
+started with. A ServerApp started on the same run dir with ``resume = true`` continues at the
+next round with the same privacy accounting; a config that differs in anything but the round
+count and timeouts is refused, naming the keys.
+
+FedAvg here has no server optimizer (the mean update is applied as is), so there is no
+optimizer state to keep; ``server_optimizer`` records that explicitly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.atomic import atomic_write_bytes
+
+VERSION = 1
+FILE = Path("checkpoint") / "server.npz"
+# Keys a resumed run may change: how long it runs and how long it waits.
+MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "secagg.timeout", "resume"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, from another run, or inconsistent."""
+
+
+@dataclass
+class ServerState:
+    """A run's state after ``round`` completed rounds."""
+
+    round: int
+    shared_names: list[str]
+    shared: list[np.ndarray]
+    config: dict[str, Any]
+    accountant: dict[str, Any] | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    clients: dict[int, dict[str, float]] = field(default_factory=dict)
+    ab_rounds: list[list[float]] = field(default_factory=list)
+    pending_train: dict[int, dict[str, Any]] = field(default_factory=dict)
+    stopped_at: int | None = None
+    rng: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+def capture_rng() -> dict[str, Any]:
+    """State of the RNGs that drive sampling (Flower samples nodes with ``random``)."""
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss]}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def save(run_dir: Path, state: ServerState) -> Path:
+    """Write the checkpoint atomically; returns its path."""
+    meta = {
+        "version": VERSION,
+        "round": state.round,
+        "shared_names": state.shared_names,
+        "config": state.config,
+        "accountant": state.accountant,
+        "rounds": state.rounds,
+        "clients": {str(k): v for k, v in state.clients.items()},
+        "ab_rounds": state.ab_rounds,
+        "pending_train": {str(k): v for k, v in state.pending_train.items()},
+        "stopped_at": state.stopped_at,
+        "rng": state.rng,
+        "elapsed_s": state.elapsed_s,
+        "server_optimizer": None,  # FedAvg applies the mean update directly: no state
+    }
+    buf = io.BytesIO()
+    arrays = {f"shared_{i}": np.asarray(a, np.float32) for i, a in enumerate(state.shared)}
+    np.savez(
+        buf,
+        meta=np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8),
+        **arrays,
+    )
+    path = Path(run_dir) / FILE
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load(run_dir: Path) -> ServerState | None:
+    """The run dir's checkpoint, or ``None`` if it has none.
+
+    Raises:
+        CheckpointError: If the file exists but cannot be read or is inconsistent.
+    """
+    path = Path(run_dir) / FILE
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            shared = [np.array(data[f"shared_{i}"]) for i in range(len(meta["shared_names"]))]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({err}); move it away to start over"
+        ) from err
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} != {VERSION}")
+    for array in shared:
+        if array.dtype != np.float32 or not np.isfinite(array).all():
+            raise CheckpointError(f"{path}: shared tensors must be finite float32")
+    return ServerState(
+        round=int(meta["round"]),
+        shared_names=list(meta["shared_names"]),
+        shared=shared,
+        config=dict(meta["config"]),
+        accountant=meta["accountant"],
+        rounds=list(meta["rounds"]),
+        clients={int(k): v for k, v in meta["clients"].items()},
+        ab_rounds=[list(map(float, r)) for r in meta["ab_rounds"]],
+        pending_train={int(k): v for k, v in meta["pending_train"].items()},
+        stopped_at=meta["stopped_at"],
+        rng=meta["rng"],
+        elapsed_s=float(meta["elapsed_s"]),
+    )
+
+
+def check_compatible(
+    state: ServerState, config: dict[str, Any], shared: dict[str, tuple[int, ...]]
+) -> None:
+    """Refuse a checkpoint written under another config or for other tensors.
+
+    Raises:
+        CheckpointError: Naming the differing keys (or tensors).
+    """
+    differing = sorted(
+        key
+        for key in set(state.config) | set(config)
+        if key not in MAY_CHANGE and state.config.get(key) != config.get(key)
+    )
+    if differing:
+        detail = ", ".join(
+            f"{k}: {state.config.get(k)!r} -> {config.get(k)!r}" for k in differing[:5]
+        )
+        raise CheckpointError(
+            f"the run's checkpoint was written under another config ({detail}); use another "
+            "output.run-name, or set resume = false to start this run over"
+        )
+    if state.shared_names != list(shared) or any(
+        tuple(a.shape) != tuple(shared[n])
+        for n, a in zip(state.shared_names, state.shared, strict=True)
+    ):
+        raise CheckpointError("the checkpoint's shared tensors do not match the model")

@@ -43,7 +43,7 @@ from common.lora import (
     load_lora_tensors,
     lora_shapes,
 )
-from common.model import load_base_model, load_tokenizer, model_dir
+from common.model import load_base_for, load_tokenizer, model_dir
 from common.personalization import Strategy, get_strategy
 from common.pii import scrub
 from common.train import evaluate_loss, per_example_losses, train_steps, train_steps_dp
@@ -79,7 +79,7 @@ def get_runtime(cfg: RunConfig) -> Runtime:
     if key not in _RUNTIMES:
         strategy = get_strategy(cfg.strategy)
         _RUNTIMES.clear()  # one model per process: a new config replaces the old one
-        base = load_base_model(cfg.model.name)
+        base = load_base_for(cfg.model)
         model = build_peft_model(base, cfg.model, strategy)
         shapes = lora_shapes(model)
         shared, personal, _ = strategy.split(list(shapes))

@@ -40,6 +40,9 @@ def lora_config(cfg: ModelConfig, *, rank_multiplier: int = 1) -> LoraConfig:
 def build_peft_model(base: PreTrainedModel, cfg: ModelConfig, strategy: Strategy) -> PeftModel:
     """Wrap ``base`` with the strategy's LoRA adapter(s), all active, deterministically set.
 
+    The LoRA tensors are fp32 on any base (fp32, bf16 or a 4-bit QLoRA base from
+    :func:`common.model.load_base_model`), with the same names and shapes.
+
     Raises:
         ValueError: If ``model.lora-targets`` matches no module of the base model.
     """
@@ -52,8 +55,22 @@ def build_peft_model(base: PreTrainedModel, cfg: ModelConfig, strategy: Strategy
     for adapter in strategy.adapters[1:]:
         model.add_adapter(adapter, lora_config(cfg))
     model.base_model.set_adapter(list(strategy.adapters))
+    _lora_in_fp32(model)
     load_lora_tensors(model, init_lora_tensors(lora_shapes(model), seed=cfg.init_seed))
     return model
+
+
+@torch.no_grad()
+def _lora_in_fp32(model: torch.nn.Module) -> None:
+    """Hold every LoRA tensor in fp32, whatever the base's dtype (bf16, fp16 or 4-bit).
+
+    peft already upcasts adapters by default (``autocast_adapter_dtype``); this makes the
+    federation's invariant explicit: devices with different bases train and exchange the same
+    fp32 tensors, and AdamW's updates do not round away in bf16.
+    """
+    for name, param in model.named_parameters():
+        if (".lora_A." in name or ".lora_B." in name) and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
 
 
 def build_skeleton(config: PretrainedConfig, cfg: ModelConfig, strategy: Strategy) -> PeftModel:

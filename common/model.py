@@ -9,6 +9,11 @@ Hugging Face directory.
 * ``"tiny"`` — a random 2-layer Llama (hidden 64) with the real SmolLM2 tokenizer; for tests.
 * any other value — a local directory holding a transformers model and tokenizer.
 
+``model.dtype`` and ``model.quantization`` select how the base is held: fp32 on a CPU and bf16
+on a GPU by default, or a 4-bit NF4 QLoRA base on CUDA via bitsandbytes (imported only then).
+Whatever the base, peft keeps the LoRA tensors in fp32, so every device exchanges the same
+tensors.
+
 Nothing here touches a model hub: ``HF_HUB_OFFLINE`` is forced and every load is
 ``local_files_only``; a missing model is a ``FileNotFoundError`` that says how to get it.
 """
@@ -41,6 +46,7 @@ from transformers import (  # noqa: E402  (offline env must be set before import
 )
 
 from common.atomic import atomic_write_dir  # noqa: E402
+from common.config import ModelConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,9 @@ TINY_CONFIG = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=True,
 )
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Attribute set on a 4-bit base: the dtype its matmuls run in (see compute_dtype).
+COMPUTE_DTYPE_ATTR = "fedpersona_compute_dtype"
 
 
 def quiet_transformers() -> None:
@@ -229,22 +238,149 @@ def load_model_config(name: str) -> PretrainedConfig:
     return AutoConfig.from_pretrained(str(model_dir(name)), local_files_only=True)
 
 
-def load_base_model(name: str, *, device: torch.device | None = None) -> PreTrainedModel:
+class QuantizationUnavailable(RuntimeError):
+    """``model.quantization`` asks for what this machine cannot do (no CUDA, no bitsandbytes)."""
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of the base weights for ``model.dtype`` on ``device``.
+
+    ``"auto"`` is bf16 on a CUDA device that supports it (else fp16) and fp32 on a CPU;
+    ``"float32"`` and ``"bfloat16"`` are taken as asked, on any device (bf16 on a CPU is slow
+    but valid).
+
+    Raises:
+        ValueError: For any other value; the message names ``model.dtype``.
+    """
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"invalid `model.dtype` {dtype!r}: must be one of auto, {', '.join(_DTYPES)}")
+
+
+def _require_4bit_support(device: torch.device) -> None:
+    """Fail fast, before bitsandbytes is imported or a weight is read, if 4-bit cannot run."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        why = (
+            "this machine has no CUDA GPU"
+            if not torch.cuda.is_available()
+            else f"the model was asked for on {device}"
+        )
+        raise QuantizationUnavailable(
+            f'`model.quantization = "4bit"` requires CUDA (bitsandbytes NF4), but {why}; '
+            'set `model.quantization = "none"` to train the full-precision base instead'
+        )
+    for package, pin in (("bitsandbytes", "bitsandbytes>=0.46.1"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(package) is None:
+            raise QuantizationUnavailable(
+                f'`model.quantization = "4bit"` needs the `{package}` package, which is not '
+                f"installed: `pip install '{pin}'`, or set `model.quantization = \"none\"`"
+            )
+
+
+def _load_4bit(path: Path, device: torch.device, compute: torch.dtype) -> PreTrainedModel:
+    """QLoRA base: NF4 weights with double quantization, ``compute`` matmuls, ready for LoRA.
+
+    Norms and embeddings are upcast to fp32 by peft's ``prepare_model_for_kbit_training`` (as
+    peft recommends for k-bit training); gradient checkpointing stays off: a 135M model's
+    activations are small, and recomputing them would only slow the step down.
+    """
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        quantization_config=bnb,
+        device_map={"": index},
+        dtype=compute,
+        local_files_only=True,
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # After peft's upcast no weight shows the compute dtype any more: record it.
+    setattr(model, COMPUTE_DTYPE_ATTR, compute)
+    return model
+
+
+def load_base_model(
+    name: str,
+    *,
+    device: torch.device | None = None,
+    dtype: str = "auto",
+    quantization: str = "none",
+) -> PreTrainedModel:
     """Load the base causal LM for ``model.name`` in eval mode.
 
     Args:
         name: ``"smollm2"``, ``"tiny"`` or a local model directory.
-        device: Target device; defaults to :func:`select_device` (CUDA + bf16 if present).
+        device: Target device; defaults to :func:`select_device` (CUDA if present, else CPU).
+        dtype: ``model.dtype``: ``"auto"`` (bf16 on CUDA, fp16 where bf16 is unsupported,
+            fp32 on CPU), ``"float32"`` or ``"bfloat16"``. With 4-bit it is the compute dtype.
+        quantization: ``model.quantization``: ``"none"`` or ``"4bit"`` (bitsandbytes NF4 with
+            double quantization; CUDA only).
+
+    Returns:
+        The model; :func:`compute_dtype` tells which dtype its matmuls run in.
 
     Raises:
+        QuantizationUnavailable: ``"4bit"`` without a CUDA device or without bitsandbytes;
+            raised before anything is imported or loaded.
+        ValueError: An unknown ``dtype`` or ``quantization``.
         FileNotFoundError: If the model is not available locally.
     """
     if device is None:
-        device, dtype = select_device()
+        device, _ = select_device()
+    if quantization not in ("none", "4bit"):
+        raise ValueError(f"invalid `model.quantization` {quantization!r}: must be 'none' or '4bit'")
+    if quantization == "4bit":
+        _require_4bit_support(device)  # first: fails in microseconds, nothing imported or read
+    compute = resolve_dtype(dtype, device)
+    if quantization == "4bit":
+        model = _load_4bit(model_dir(name), device, compute)
     else:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir(name)), dtype=dtype, local_files_only=True
-    )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir(name)), dtype=compute, local_files_only=True
+        ).to(device)
     model.config.use_cache = False
-    return model.to(device).eval()
+    return model.eval()
+
+
+def load_base_for(model_cfg: ModelConfig, device: torch.device | None = None) -> PreTrainedModel:
+    """Load the base model exactly as ``model_cfg`` asks (name, ``model.dtype``,
+    ``model.quantization``); the one entry point for callers that hold a :class:`ModelConfig`.
+
+    Raises:
+        QuantizationUnavailable: ``model.quantization = "4bit"`` on a machine without CUDA.
+        FileNotFoundError: If the model is not available locally.
+    """
+    return load_base_model(
+        model_cfg.name, device=device, dtype=model_cfg.dtype, quantization=model_cfg.quantization
+    )
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the base model's matmuls run in (peft wrappers are looked through).
+
+    For a 4-bit base, the bitsandbytes compute dtype (recorded by :func:`load_base_model`, or
+    read from the model's quantizer); otherwise the dtype of the weights, read from the input
+    embeddings so that a later ``model.to(dtype)`` is followed.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    marked = getattr(base, COMPUTE_DTYPE_ATTR, None)
+    if isinstance(marked, torch.dtype):
+        return marked
+    quantizer = getattr(base, "hf_quantizer", None)
+    if getattr(base, "is_loaded_in_4bit", False) and quantizer is not None:
+        return quantizer.quantization_config.bnb_4bit_compute_dtype
+    if hasattr(base, "get_input_embeddings"):
+        return base.get_input_embeddings().weight.dtype
+    return next(base.parameters()).dtype

@@ -179,6 +179,7 @@ def ordered_tensors(
 def reply_problem(
     content: RecordDict,
     *,
+    train: bool,
     expected: Mapping[str, tuple[int, ...]] | None,
     allowed_metrics: frozenset[str],
     required_metrics: Sequence[str] = (),
@@ -186,10 +187,10 @@ def reply_problem(
     """Why a device's Message-API reply is malformed ('' when it is well formed).
 
     A well-formed reply holds exactly one ``metrics`` record (allowed keys, finite numbers,
-    ``required_metrics`` present) and, for training (``expected`` given), exactly the shared
-    tensors under ``arrays``: the expected names and shapes, float32, finite. Nothing else.
+    ``required_metrics`` present) and, for training, one ``arrays`` record of float32 arrays:
+    exactly the ``expected`` names and shapes when given, finite. Nothing else.
     """
-    expected_keys = {METRICS_KEY} | ({ARRAYS_KEY} if expected is not None else set())
+    expected_keys = {METRICS_KEY} | ({ARRAYS_KEY} if train else set())
     keys = set(content.keys())
     if keys != expected_keys:
         return f"record keys {sorted(keys)}, expected {sorted(expected_keys)}"
@@ -207,7 +208,7 @@ def reply_problem(
             return f"metric {key} is a {type(value).__name__}, expected a number"
         if not np.isfinite(value):
             return f"metric {key} is not finite"
-    if expected is None:
+    if not train:
         return ""
     arrays = content[ARRAYS_KEY]
     if not isinstance(arrays, ArrayRecord):
@@ -216,7 +217,7 @@ def reply_problem(
         if arrays[name].dtype != "float32":
             return f"{name} has dtype {arrays[name].dtype}, expected float32"
     try:
-        from_arrayrecord(arrays, expected)
+        from_arrayrecord(arrays, expected or {n: tuple(arrays[n].shape) for n in arrays})
     except ValueError as err:
         return str(err)
     return ""

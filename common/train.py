@@ -2,10 +2,16 @@
 
 Both the Message-API ClientApp and a legacy/SecAgg+ client call these; they take a model, the
 names of the tensors to train and tokenized samples, and return plain numbers.
+
+Whatever the base (fp32, bf16 or a 4-bit QLoRA base), the LoRA tensors are fp32 and every loss
+is computed on fp32 logits. On CUDA the forward pass runs under ``torch.autocast`` in the base's
+compute dtype (with a gradient scaler for fp16); on a CPU nothing is wrapped, so the fp32 path
+is exactly plain PyTorch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Sequence
@@ -13,6 +19,28 @@ from collections.abc import Sequence
 import torch
 
 from common.data import Encoded, collate
+from common.model import compute_dtype
+
+
+def autocast_for(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    """Mixed precision for one forward pass of ``model``.
+
+    ``torch.autocast`` to the base's compute dtype when the model is on CUDA with a bf16, fp16
+    or 4-bit base; a no-op otherwise. On a CPU a bf16 base needs no autocast: its matmuls are
+    bf16 already and peft runs the fp32 LoRA path on an fp32 copy of the input.
+    """
+    dtype = compute_dtype(model)
+    if next(model.parameters()).device.type != "cuda" or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _grad_scaler(model: torch.nn.Module) -> torch.amp.GradScaler | None:
+    """A loss scaler where gradients would underflow (fp16 autocast on CUDA), else ``None``."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return (
+        torch.amp.GradScaler("cuda") if on_cuda and compute_dtype(model) == torch.float16 else None
+    )
 
 
 def unfreeze_only(model: torch.nn.Module, trainable: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -63,6 +91,7 @@ def train_steps(
         raise ValueError("no training samples on this device")
     params = unfreeze_only(model, trainable)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    scaler = _grad_scaler(model)
     device = next(model.parameters()).device
     rng = random.Random(seed)
     model.train()
@@ -73,14 +102,22 @@ def train_steps(
                 [samples[rng.randrange(len(samples))] for _ in range(batch_size)], pad_id
             )
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
+            with autocast_for(model):
+                # transformers computes the causal-LM loss on fp32 logits; .float() makes that
+                # explicit (a no-op on an fp32 tensor).
+                loss = model(**batch).loss.float()
             if not torch.isfinite(loss):
                 raise ValueError(
                     f"non-finite training loss {loss.item()}; lower train.learning-rate"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             losses.append(float(loss.detach()))
     finally:
         model.eval()
@@ -115,6 +152,9 @@ def train_steps_dp(
     pad_id: int,
 ) -> tuple[float, float]:
     """DP-SGD (Opacus) on the named parameters: Poisson batches, per-sample clipping, noise.
+
+    The forward pass is not autocast: Opacus' per-sample gradients need the LoRA layers'
+    activations and backprops in the parameters' fp32 (peft casts them for a bf16 base).
 
     Per-sample gradients come from Opacus' ``GradSampleModule`` and clipping + Gaussian noise
     from its ``DPOptimizer`` (over AdamW), so an Opacus accountant fed ``(noise_multiplier,
@@ -191,7 +231,10 @@ def evaluate_loss(
     for start in range(0, len(samples), batch_size):
         batch = collate(list(samples[start : start + batch_size]), pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with autocast_for(model):
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
         shift_logits = logits[:, :-1].float()
         shift_labels = batch["labels"][:, 1:]
         mask = shift_labels != -100
@@ -216,7 +259,10 @@ def per_example_losses(
     for start in range(0, len(samples), batch_size):
         batch = collate(list(samples[start : start + batch_size]), pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with autocast_for(model):
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
         labels = batch["labels"][:, 1:]
         per_token = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"

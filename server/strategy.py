@@ -105,6 +105,7 @@ class PersonaFedAvg(FedAvg):
                 continue
             reason = reply_problem(
                 msg.content,
+                train=train,
                 expected=self.shapes if train else None,
                 allowed_metrics=ALLOWED_TRAIN_METRICS if train else ALLOWED_EVAL_METRICS,
                 required_metrics=("weight",) if train else ("partition_id",),

@@ -121,95 +121,125 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     assert "mia_auc (global)" in (html_path.parent / "report.md").read_text()
 
 
-def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
-    # Prepare
-    port = _free_port()
-    flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
-    procs: list[subprocess.Popen] = []
-    logs = contextlib.ExitStack()
+class LocalFederation:
+    """A real ``flower-superlink`` and ``n`` ``flower-supernode`` processes on 127.0.0.1
+    (insecure; TLS and node auth are tested in tests/test_deployment.py), each device with its
+    own encrypted store under ``tmp_path/device<i>``; ``flwr run`` drives runs against it.
+    Every process is stopped by PID on exit."""
 
-    def start(cmd: list[str], log: str) -> subprocess.Popen:
-        handle = logs.enter_context(open(tmp_path / log, "w"))  # noqa: SIM115
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    def __init__(self, tmp_path: Path, n: int) -> None:
+        self.tmp, self.n = tmp_path, n
+        self.port = _free_port()
+        flwr_home = tmp_path / "flwr-home"
+        flwr_home.mkdir()
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        procs.append(proc)
+        self.env = {
+            **os.environ,
+            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }
+        self.procs: list[subprocess.Popen] = []
+        self.logs = contextlib.ExitStack()
+
+    def _start(self, cmd: list[str], log: str) -> subprocess.Popen:
+        handle = self.logs.enter_context(open(self.tmp / log, "w"))  # noqa: SIM115
+        proc = subprocess.Popen(
+            cmd, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append(proc)
         return proc
 
-    run_config = tmp_path / "run-config.toml"
-    run_config.write_text(
-        '"model.name" = "tiny"\n"num-server-rounds" = 2\n"data.num-users" = 2\n'
-        '"data.max-seq-len" = 48\n"data.max-test-samples" = 4\n"train.local-steps" = 4\n'
-        '"train.batch-size" = 2\n"train.learning-rate" = 0.05\n"dp.clip-norm" = 0.005\n'
-        f'"output.dir" = "{tmp_path}"\n"output.run-name" = "deploy"\n"round-timeout" = 300\n'
-    )
-    try:
-        superlink = start(
+    def __enter__(self) -> LocalFederation:
+        superlink = self._start(
             [
                 str(BIN / "flower-superlink"),
                 "--insecure",
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(port),
+                str(self.port),
                 "--disable-runtime-dependency-installation",
                 "--database",
-                str(tmp_path / "superlink.db"),
+                str(self.tmp / "superlink.db"),
             ],
             "superlink.log",
         )
-        _wait_port(port, superlink)
-        for pid in range(2):
-            start(
+        self.superlink = superlink
+        _wait_port(self.port, superlink)
+        for pid in range(self.n):
+            data_dir = self.tmp / f"device{pid}"
+            self._start(
                 [
                     str(BIN / "flower-supernode"),
                     "--insecure",
                     "--superlink",
-                    f"127.0.0.1:{port}",
+                    f"127.0.0.1:{self.port}",
                     "--host",
                     "127.0.0.1",
                     "--port",
                     str(_free_port()),
                     "--node-config",
-                    f'partition-id={pid} num-partitions=2 data-dir="{tmp_path / f"device{pid}"}" '
-                    f'key-file="{device_key(tmp_path / f"device{pid}")}"',
+                    f'partition-id={pid} num-partitions={self.n} data-dir="{data_dir}" '
+                    f'key-file="{device_key(data_dir)}"',
                 ],
                 f"supernode{pid}.log",
             )
+        return self
 
-        # Execute
-        result = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(PROJECT_DIR),
-                "local-test",
-                "--stream",
-                "--run-config",
-                str(run_config),
-            ],
-            env=env,
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            stop_process_tree(proc)
+        self.logs.close()
+
+    def flwr(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI against this federation."""
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=timeout,
             cwd=PROJECT_DIR,
         )
-    finally:
-        for proc in reversed(procs):
-            stop_process_tree(proc)
-        logs.close()
+
+    def run_config(self, name: str, **extra: object) -> Path:
+        """A tiny-model run config file writing to ``tmp_path/<name>``."""
+        values: dict[str, object] = {
+            "model.name": "tiny",
+            "num-server-rounds": 2,
+            "data.num-users": self.n,
+            "data.max-seq-len": 48,
+            "data.max-test-samples": 4,
+            "train.local-steps": 4,
+            "train.batch-size": 2,
+            "train.learning-rate": 0.05,
+            "dp.clip-norm": 0.005,
+            "output.dir": str(self.tmp),
+            "output.run-name": name,
+            "round-timeout": 300,
+            **extra,
+        }
+        path = self.tmp / f"{name}.toml"
+        path.write_text("".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in values.items()))
+        return path
+
+
+def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
+    # Execute
+    with LocalFederation(tmp_path, 2) as fed:
+        result = fed.flwr(
+            "run",
+            str(PROJECT_DIR),
+            "local-test",
+            "--stream",
+            "--run-config",
+            str(fed.run_config("deploy")),
+        )
 
     # Assert
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -220,6 +250,82 @@ def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
             assert store.get_json("device")["rounds_trained"] == 2
             assert store.get_blob("personal") is not None
             assert len(store.get_json("ledger")["events"]) == 2
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+def _server_app_processes(superlink: subprocess.Popen) -> list[psutil.Process]:
+    """The ServerApp processes the SuperLink started (its descendants only)."""
+    found = []
+    for proc in psutil.Process(superlink.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if any("flwr-serverapp" in part for part in proc.cmdline()):
+                found.append(proc)
+    return found
+
+
+def test_deployment_server_app_killed_after_round_1_resumes_with_the_same_epsilon(
+    tmp_path,
+) -> None:
+    # Prepare: 3 rounds with central DP (the Message-API path: 2 messages per round).
+    import time
+
+    from server import checkpoint
+    from server.accountant import FederationAccountant
+
+    n_rounds = 3
+    with LocalFederation(tmp_path, 2) as fed:
+        config = fed.run_config(
+            "resume",
+            **{
+                "num-server-rounds": n_rounds,
+                "secagg.enabled": False,
+                "dp.noise-mode": "central",
+                "dp.noise-multiplier": 1.0,
+                "privacy.epsilon-cap": 100.0,
+            },
+        )
+        submitted = fed.flwr(
+            "run", str(PROJECT_DIR), "local-test", "--run-config", str(config), "--format", "json"
+        )
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        run_id = json.loads(submitted.stdout)["run-id"]
+
+        # Execute: SIGKILL the ServerApp once round 1 is checkpointed, then run again.
+        deadline = time.monotonic() + 420
+        saved = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(checkpoint.CheckpointError):
+                saved = checkpoint.load(tmp_path / "resume")
+            if saved is not None and saved.round >= 1:
+                break
+            time.sleep(0.5)
+        killed = _server_app_processes(fed.superlink)
+        for proc in killed:
+            proc.kill()
+        psutil.wait_procs(killed, timeout=30)
+        fed.flwr("stop", str(run_id), "local-test")
+        restarted = fed.flwr(
+            "run", str(PROJECT_DIR), "local-test", "--stream", "--run-config", str(config)
+        )
+
+    # Assert
+    assert saved is not None and saved.round == 1 and killed
+    assert restarted.returncode == 0, restarted.stdout[-3000:] + restarted.stderr[-3000:]
+    summary = json.loads((tmp_path / "resume" / "summary.json").read_text())
+    assert summary["timings"]["resumed_after_round"] >= 1
+    assert [r["round"] for r in summary["rounds"]] == list(range(1, n_rounds + 1))
+    released = [r for r in summary["rounds"] if r["released"]]
+    assert len(released) == n_rounds
+    uninterrupted = FederationAccountant(noise_multiplier=1.0, sample_rate=1.0, delta=1e-5)
+    for _ in range(n_rounds):
+        uninterrupted.release()
+    user = summary["privacy"]["user_level"]
+    assert user["rounds_released"] == n_rounds
+    assert user["epsilon_rdp"] == pytest.approx(uninterrupted.epsilon("rdp"), rel=1e-9)
+    for pid in range(2):  # devices kept their state through the restart
+        with open_test_store(tmp_path / f"device{pid}") as store:
+            rounds = {e["round"] for e in store.get_json("ledger")["events"]}
+            assert rounds == set(range(1, n_rounds + 1))
     assert _processes_mentioning(str(tmp_path)) == []
 
 

@@ -338,21 +338,20 @@ class Assistant:
         return endorsed
 
     def _positive_examples(self, limit: int) -> list[Encoded]:
-        """The most recent answers the user endorsed (oldest first), for replay."""
+        """The answers the user endorsed (see :meth:`_endorsed`) for the ``limit`` most
+        recently rated interactions, oldest first, for replay."""
         out: list[Encoded] = []
+        seen: set[int] = set()
         for fb in reversed(self.store.feedback()):
             if len(out) >= limit:
                 break
-            target = None
-            if fb.kind in ("preferred", "edit") and fb.text:
-                target = fb.text
-            elif fb.kind == "rating" and fb.value is not None and fb.value >= 4:
-                inter = self.store.get_interaction(fb.interaction_id)
-                target = None if inter is None else inter.response
-            if target is not None and fb.interaction_id is not None:
-                inter = self.store.get_interaction(fb.interaction_id)
-                if inter is not None:
-                    out.append(self._encode(inter.prompt, inter.context, target))
+            if fb.interaction_id is None or fb.interaction_id in seen:
+                continue
+            seen.add(fb.interaction_id)
+            inter = self.store.get_interaction(fb.interaction_id)
+            target = None if inter is None else self._endorsed(inter)
+            if inter is not None and target is not None:
+                out.append(self._encode(inter.prompt, inter.context, target))
         return list(reversed(out))
 
     def feedback(

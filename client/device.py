@@ -17,7 +17,7 @@ import random
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common import ab, audit
 from common.config import ModelConfig, RunConfig
 from common.crypto import Secret, create_key_file, resolve_secret
-from common.data import Encoded, Sample, UserData, encode, user_for_partition
+from common.data import Encoded, UserData, encode, encode_scrubbed, user_for_partition
 from common.dp.clipping import clip_update
 from common.dp.noise import add_gaussian_noise
 from common.dp.policy import client_noise_std, uniform_weights, user_level_sample_rate
@@ -45,7 +45,6 @@ from common.lora import (
 )
 from common.model import load_base_for, load_tokenizer, model_dir
 from common.personalization import Strategy, get_strategy
-from common.pii import scrub
 from common.train import evaluate_loss, per_example_losses, train_steps, train_steps_dp
 
 logger = logging.getLogger(__name__)
@@ -218,15 +217,12 @@ class Device:
         key = (self.user.user, self.cfg.model.name, self.cfg.data, self.cfg.audit)
         if key not in _ENCODED:
             tok, n = self.rt.tokenizer, self.cfg.data.max_seq_len
-
-            def clean(s: Sample) -> Encoded:
-                # The user's text is PII-scrubbed before it is trained or evaluated on.
-                return encode(replace(s, prompt=scrub(s.prompt), reply=scrub(s.reply)), tok, n)
-
             # Audit canaries are planted after scrubbing (they are the audit's own secrets).
             planted = [encode(s, tok, n) for s in audit.planted(self.cfg, self.partition_id)]
-            train = tuple(clean(s) for s in self.user.train) + tuple(planted)
-            test = tuple(clean(s) for s in self.user.test[: self.cfg.data.max_test_samples])
+            train = tuple(encode_scrubbed(s, tok, n) for s in self.user.train) + tuple(planted)
+            test = tuple(
+                encode_scrubbed(s, tok, n) for s in self.user.test[: self.cfg.data.max_test_samples]
+            )
             _ENCODED[key] = (train, test)
             while len(_ENCODED) > ENCODED_CACHE_SIZE:
                 _ENCODED.popitem(last=False)

@@ -13,11 +13,13 @@ import functools
 import importlib.util
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from common.pii import scrub
 
 SYSTEM_PROMPT = "Answer in character, in the voice of the play."
 _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
@@ -212,6 +214,14 @@ def encode(sample: Sample, tokenizer: PreTrainedTokenizerBase, max_len: int) -> 
         {"role": "user", "content": sample.prompt},
     ]
     return encode_messages(messages, sample.reply, tokenizer, max_len)
+
+
+def encode_scrubbed(sample: Sample, tokenizer: PreTrainedTokenizerBase, max_len: int) -> Encoded:
+    """:func:`encode` after PII-scrubbing the prompt and reply: how a device's own text is
+    tokenized before it is trained or evaluated on (devices and the evaluation alike)."""
+    return encode(
+        replace(sample, prompt=scrub(sample.prompt), reply=scrub(sample.reply)), tokenizer, max_len
+    )
 
 
 def encode_messages(

@@ -42,7 +42,7 @@ from common import audit, metrics
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.crypto import Secret
-from common.data import SYSTEM_PROMPT, Encoded, UserData, encode, select_users
+from common.data import SYSTEM_PROMPT, Encoded, UserData, encode, encode_scrubbed, select_users
 from common.embedding import get_embedder
 from common.lora import load_lora_tensors
 from common.pii import scrub
@@ -139,9 +139,7 @@ class Evaluator:
         if key not in self._enc:
             samples = (user.train if split == "train" else user.test)[:limit]
             n = self.cfg.data.max_seq_len
-            self._enc[key] = [
-                encode(type(s)(scrub(s.prompt), scrub(s.reply)), self.tok, n) for s in samples
-            ]
+            self._enc[key] = [encode_scrubbed(s, self.tok, n) for s in samples]
         return self._enc[key]
 
     def losses(self, tensors: dict[str, torch.Tensor], samples: list[Encoded]) -> list[float]:

@@ -29,6 +29,11 @@ def test_pyproject_defaults_parse() -> None:
         ("num-server-rounds", 0),
         ("model.lora-targets", ""),
         ("train.local-steps", "many"),
+        ("model.quantization", "8bit"),
+        ("model.dtype", "float16"),
+        ("resume", "maybe"),
+        ("round-timeout", 0),
+        ("secagg.timeout", -1),
     ],
 )
 def test_invalid_values_name_the_key(key: str, value: object) -> None:

@@ -35,6 +35,11 @@ from client.assistant import Assistant
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_CONTENT = 8_000
+# Sampling divides the logits by the temperature: far below this they overflow to inf and the
+# sampler fails (temperature=1e-100 was a 500). 0.01 is already as good as greedy.
+MIN_TEMPERATURE = 0.01
+# Ids are SQLite INTEGERs: a larger one made the store raise OverflowError (a 500).
+MAX_ID = 2**63 - 1
 # Module level: route signatures are resolved from module globals (postponed annotations).
 BEARER = HTTPBearer(auto_error=False)
 
@@ -53,7 +58,7 @@ class ChatRequest(BaseModel):
 
     model: str = "fedpersona"
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
-    temperature: float = Field(default=0.8, gt=0.0, le=2.0)
+    temperature: float = Field(default=0.8, ge=MIN_TEMPERATURE, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1, le=1024)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1024)
     n: int = Field(default=1, ge=1, le=1)
@@ -68,7 +73,7 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    interaction_id: int = Field(ge=1)
+    interaction_id: int = Field(ge=1, le=MAX_ID)
     rating: float | None = Field(default=None, ge=1, le=5)
     preferred: str | None = Field(default=None, min_length=1, max_length=MAX_CONTENT)
     edit: str | None = Field(default=None, min_length=1, max_length=MAX_CONTENT)
@@ -153,7 +158,12 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
 
     @app.exception_handler(ValueError)
     async def value_error(_: Request, err: ValueError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": str(err)})
+        # The shape every route declares for 422 (FastAPI's HTTPValidationError), so clients
+        # parse the assistant's refusals like the framework's own.
+        return JSONResponse(
+            status_code=422,
+            content={"detail": [{"loc": ["body"], "msg": str(err), "type": "value_error"}]},
+        )
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -387,15 +387,19 @@ class Device:
         if std > 0:
             update = add_gaussian_noise(update, std=std)
 
-        self.state.save_personal({n: after[n] for n in self.rt.personal_names})
-        self.ledger.charge(server_round=server_round, record=record, user=user)
-        self.ledger.save(self.store)
-        self.state.meta.rounds_trained += 1
-        self.state.meta.last_round = server_round
-        self.state.meta.history.append(
-            {"round": server_round, "train_loss": loss, "update_norm_before_clip": norm}
-        )
-        self.state.save_meta()
+        # One transaction: a device killed here restarts with the previous round's personal
+        # tensors, ledger and record, or with all three of this round's (the update is only
+        # sent after the charge is committed).
+        with self.store.batch():
+            self.state.save_personal({n: after[n] for n in self.rt.personal_names})
+            self.ledger.charge(server_round=server_round, record=record, user=user)
+            self.ledger.save(self.store)
+            self.state.meta.rounds_trained += 1
+            self.state.meta.last_round = server_round
+            self.state.meta.history.append(
+                {"round": server_round, "train_loss": loss, "update_norm_before_clip": norm}
+            )
+            self.state.save_meta()
         weight = 1 if uniform_weights(self.cfg) else len(self.train_set)
         return TrainResult(
             update,

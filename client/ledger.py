@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,23 @@ from common.dp.accounting import epsilon
 LEDGER_VERSION = 1
 LEDGER_BLOB = "ledger"
 KINDS = ("record", "user")
+EVENT_KEYS = {"kind", "time", "round", "noise_multiplier", "sample_rate", "steps"}
+DECLINED_KEYS = {"round", "time", "reason"}
+
+
+def _real(v: Any) -> bool:
+    """A finite JSON number (``bool`` is not a number here)."""
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+# What each event value must be; a NaN or a string would make ε NaN or crash the accountant.
+EVENT_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "time": (_real, "a finite number"),
+    "round": (lambda v: type(v) is int, "an integer"),
+    "noise_multiplier": (lambda v: _real(v) and v >= 0, "a finite number >= 0"),
+    "sample_rate": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "steps": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+}
 
 
 class BudgetExhausted(RuntimeError):
@@ -198,25 +216,40 @@ class PrivacyLedger:
         required = {"version", "accountant", "delta", "events", "declined"}
         if not isinstance(state, dict) or set(state) != required:
             raise ValueError(f"ledger state must have exactly the keys {sorted(required)}")
-        if state["version"] != LEDGER_VERSION:
-            raise ValueError(f"ledger version {state['version']!r} is not {LEDGER_VERSION}")
-        if state["accountant"] != self.policy.accountant or not math.isclose(
-            float(state["delta"]), self.policy.delta
+        if type(state["version"]) is not int or state["version"] != LEDGER_VERSION:
+            raise ValueError(f"ledger version {state['version']!r:.40} is not {LEDGER_VERSION}")
+        if (
+            state["accountant"] != self.policy.accountant
+            or not _real(state["delta"])
+            or not math.isclose(state["delta"], self.policy.delta)
         ):
             raise ValueError(
-                f"ledger was kept with accountant={state['accountant']!r}, δ={state['delta']}; "
-                f"this policy uses {self.policy.accountant!r}, δ={self.policy.delta}"
+                f"ledger was kept with accountant={state['accountant']!r:.40}, "
+                f"δ={state['delta']!r:.40}; this policy uses {self.policy.accountant!r}, "
+                f"δ={self.policy.delta}"
             )
+        for key in ("events", "declined"):
+            if type(state[key]) is not list:
+                raise ValueError(f"ledger {key} must be a list, got {state[key]!r:.80}")
         events = []
         for e in state["events"]:
-            keys = {"kind", "time", "round", "noise_multiplier", "sample_rate", "steps"}
-            if not isinstance(e, dict) or set(e) != keys or e["kind"] not in KINDS:
-                raise ValueError(f"malformed ledger event {e!r}")
-            if e["noise_multiplier"] < 0 or not 0 < e["sample_rate"] <= 1 or e["steps"] < 1:
-                raise ValueError(f"invalid ledger event {e!r}")
+            if not isinstance(e, dict) or set(e) != EVENT_KEYS or e["kind"] not in KINDS:
+                raise ValueError(f"malformed ledger event {e!r:.200}")
+            for key, (valid, what) in EVENT_CHECKS.items():
+                if not valid(e[key]):
+                    raise ValueError(
+                        f"invalid ledger event: {key} must be {what}, got {e[key]!r:.40} "
+                        f"(event {e!r:.200})"
+                    )
             events.append(dict(e))
+        declined = []
+        for d in state["declined"]:
+            if not isinstance(d, dict) or set(d) != DECLINED_KEYS:
+                raise ValueError(f"malformed declined round in the ledger: {d!r:.200}")
+            declined.append(dict(d))
+        # Assigned only once everything is valid: a refused state leaves the ledger as it was.
         self.events = events
-        self.declined = [dict(d) for d in state["declined"]]
+        self.declined = declined
 
     def save(self, store: LocalStore) -> None:
         """Write the ledger into the device's encrypted store (one transaction)."""

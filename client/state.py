@@ -14,7 +14,9 @@ silently mixed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -45,6 +47,31 @@ class DeviceMeta:
     history: list[dict] = field(default_factory=list)
 
 
+def _optional_loss(v: Any) -> bool:
+    # NaN/inf are numbers here: a diverged evaluation is a fact the device itself records.
+    return v is None or type(v) in (int, float)
+
+
+def _count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+# What each stored DeviceMeta field must hold: a check and its description for the error.
+META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (lambda v: type(v) is str, "a string") for k in ("user", "strategy", "model", "lora")},
+    **{
+        k: (_optional_loss, "null or a number")
+        for k in ("base_loss", "global_loss", "personal_loss")
+    },
+    "rounds_trained": (_count, "a non-negative integer"),
+    "last_round": (_count, "a non-negative integer"),
+    "history": (
+        lambda v: type(v) is list and all(type(h) is dict for h in v),
+        "a list of objects",
+    ),
+}
+
+
 # LoRA tensors are small-valued; fp16 keeps 11 significant bits (vs bf16's 8) and halves the
 # bytes a user's state takes on the device. Out-of-range tensors stay fp32.
 FP16_SAFE = 60_000.0
@@ -67,12 +94,19 @@ def tensors_from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
     """Inverse of :func:`tensors_to_bytes`.
 
     Raises:
-        ValueError: If ``data`` is not a valid safetensors payload.
+        ValueError: If ``data`` is not a valid safetensors payload, or a tensor holds NaN/inf.
     """
     try:
-        return {n: t.to(torch.float32) for n, t in load(data).items()}
+        tensors = {n: t.to(torch.float32) for n, t in load(data).items()}
     except (SafetensorError, ValueError) as err:
         raise ValueError(f"corrupted {what} tensors in the device store: {err}") from err
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"corrupted {what} tensors in the device store: {name!r} holds non-finite "
+                "values; restore the store from a backup or retrain"
+            )
+    return tensors
 
 
 class DeviceState:
@@ -106,6 +140,13 @@ class DeviceState:
             raise ValueError(
                 f"corrupted device state in {self.store.root}: {err}; restore the store"
             ) from err
+        for key, (valid, what) in META_TYPES.items():
+            value = getattr(meta, key)
+            if not valid(value):
+                raise ValueError(
+                    f"corrupted device state in {self.store.root}: {key} must be {what}, got "
+                    f"{value!r:.80}; restore the store"
+                )
         for key, want in self._expect.items():
             have = getattr(meta, key)
             if have != want:

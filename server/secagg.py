@@ -193,6 +193,8 @@ class SecAggDPStrategy(Strategy):
         super().__init__()
         self.round_offset = round_offset
         self.on_round_end = on_round_end
+        self.rejoin_wait = 60.0
+        self._assembled = False
         self.sampled: dict[int, int] = {}
         self.ab_scale = ab_scale
         self.shared_names = shared_names
@@ -211,9 +213,19 @@ class SecAggDPStrategy(Strategy):
         return ndarrays_to_parameters(self.current)
 
     def _sample(self, client_manager: ClientManager, fraction: float) -> list[ClientProxy]:
-        client_manager.wait_for(self.min_nodes, timeout=3600)
-        n = max(int(client_manager.num_available() * fraction), min(2, self.min_nodes))
-        return client_manager.sample(num_clients=n, min_num_clients=self.min_nodes)
+        """Sample from the nodes online. Before the first round wait (up to an hour) for the
+        federation to assemble; later, wait at most ``rejoin_wait`` s for lost nodes to come
+        back, then go on with those online (a dead node must not stall the run; the m_min
+        check decides whether the round may be released)."""
+        timeout = self.rejoin_wait if self._assembled else 3600
+        self._assembled = client_manager.wait_for(self.min_nodes, timeout=timeout) or (
+            self._assembled
+        )
+        available = client_manager.num_available()
+        n = min(available, max(int(available * fraction), min(2, self.min_nodes)))
+        if n < self.min_nodes:
+            log(WARNING, "%s of %s nodes online: sampling %s", available, self.min_nodes, n)
+        return client_manager.sample(num_clients=n, min_num_clients=n) if n else []
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -253,11 +253,10 @@ class SecAggDPStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Apply the securely aggregated mean update, or discard the round."""
         server_round += self.round_offset
-        try:
-            return self._aggregate_fit(server_round, results, failures)
-        finally:
-            if self.on_round_end is not None:
-                self.on_round_end(server_round)
+        result = self._aggregate_fit(server_round, results, failures)
+        if self.on_round_end is not None:  # checkpoint only a round that was decided
+            self.on_round_end(server_round)
+        return result
 
     def _aggregate_fit(
         self,

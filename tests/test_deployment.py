@@ -31,7 +31,13 @@ from typing import Any
 import psutil
 import pytest
 
-from simulations.simulate import PROJECT_DIR, _free_port, _wait_port, stop_process_tree
+from simulations.simulate import (
+    PROJECT_DIR,
+    _free_port,
+    _toml_value,
+    _wait_port,
+    stop_process_tree,
+)
 from tests.conftest import device_key, open_test_store
 from tests.test_integration import BIN, _check_summary, _processes_mentioning
 
@@ -59,14 +65,6 @@ def _tagged(tag: str) -> list[psutil.Process]:
 def _json_out(text: str) -> dict[str, Any]:
     """The JSON object in a ``flwr ... --format json`` output."""
     return json.loads(text[text.index("{") : text.rindex("}") + 1])
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 class Deployment:

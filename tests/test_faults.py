@@ -192,6 +192,19 @@ def _message_api_app(corrupt_node: int, kind: str) -> ClientApp:
     return app
 
 
+def _fedavg_of_three() -> PersonaFedAvg:
+    """The Message-API strategy over three nodes, m_min 2, checking replies against SHAPES."""
+    return PersonaFedAvg(
+        recorder=RoundRecorder(None),
+        min_updates=2,
+        shapes=SHAPES,
+        min_train_nodes=3,
+        min_evaluate_nodes=3,
+        min_available_nodes=3,
+        weighted_by_key="weight",
+    )
+
+
 @pytest.mark.parametrize(
     "kind",
     [
@@ -208,15 +221,7 @@ def _message_api_app(corrupt_node: int, kind: str) -> ClientApp:
 def test_server_rejects_a_malformed_reply_and_averages_the_rest(kind, caplog) -> None:
     # Prepare
     grid = InProcessGrid(_message_api_app(3, kind), {1: {}, 2: {}, 3: {}})
-    strategy = PersonaFedAvg(
-        recorder=RoundRecorder(None),
-        min_updates=2,
-        shapes=SHAPES,
-        min_train_nodes=3,
-        min_evaluate_nodes=3,
-        min_available_nodes=3,
-        weighted_by_key="weight",
-    )
+    strategy = _fedavg_of_three()
     initial = ArrayRecord({n: Array(np.zeros(s, np.float32)) for n, s in SHAPES.items()})
 
     # Execute
@@ -239,15 +244,7 @@ def test_server_rejects_a_malformed_reply_and_averages_the_rest(kind, caplog) ->
 
 def test_replies_that_never_come_count_as_failures() -> None:
     grid = InProcessGrid(_message_api_app(0, ""), {1: {}, 2: {}, 3: {}}, drop={"train": {2}})
-    strategy = PersonaFedAvg(
-        recorder=RoundRecorder(None),
-        min_updates=2,
-        shapes=SHAPES,
-        min_train_nodes=3,
-        min_evaluate_nodes=3,
-        min_available_nodes=3,
-        weighted_by_key="weight",
-    )
+    strategy = _fedavg_of_three()
     initial = ArrayRecord({n: Array(np.zeros(s, np.float32)) for n, s in SHAPES.items()})
     strategy.start(
         grid=grid,

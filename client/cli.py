@@ -42,7 +42,7 @@ def _secret(key_file: Path | None, *, confirm: bool = False) -> Secret:
 
 
 def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}")
+    console.print(f"[red]error:[/red] {err}", soft_wrap=True)  # paths stay copyable
     return typer.Exit(1)
 
 
@@ -404,3 +404,29 @@ def expert_add(
         except (ValueError, FileNotFoundError) as err:
             raise _fail(err) from None
     console.print("router gates for you: " + ", ".join(f"{k}={v:.2f}" for k, v in gates.items()))
+
+
+@app.command()
+def worker(
+    socket: Annotated[
+        Path, typer.Option(help="Unix socket to answer on; the SuperNode's worker-socket")
+    ],
+    preload: Annotated[
+        bool, typer.Option(help="Import torch/transformers/peft before the first message")
+    ] = True,
+) -> None:
+    """Keep this device's model loaded for its SuperNode's ClientApp (one per device).
+
+    Start it beside ``flower-supernode … --node-config '… worker-socket="SOCKET"'``; the
+    ClientApp then forwards training and evaluation here instead of loading the model for
+    every message. Unix socket only (0600, with a 0600 key beside it); stops on SIGTERM.
+    """
+    import logging
+
+    from client.worker import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        serve(socket, preload=preload)
+    except (ValueError, RuntimeError) as err:
+        raise _fail(err) from None

@@ -212,3 +212,7 @@ def privacy_noise(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

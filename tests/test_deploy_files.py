@@ -128,6 +128,11 @@ def _services(compose: dict[str, Any], prefix: str) -> dict[str, dict[str, Any]]
     return {n: s for n, s in compose["services"].items() if n.startswith(prefix)}
 
 
+def _flower_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every service but the device workers (which run fedpersona, not a Flower CLI)."""
+    return {n: s for n, s in compose["services"].items() if not n.startswith("worker-")}
+
+
 def _command(service: dict[str, Any]) -> tuple[str, list[str]]:
     entrypoint = service["entrypoint"]
     return entrypoint[0], [*entrypoint[1:], *service.get("command", [])]
@@ -150,7 +155,7 @@ def _containers(docs: list[dict[str, Any]]) -> dict[str, tuple[dict, dict]]:
 def test_compose_commands_use_only_flags_of_the_pinned_clis(compose, cli_flags) -> None:
     # Execute
     unknown = []
-    for name, service in compose["services"].items():
+    for name, service in _flower_services(compose).items():
         cli, args = _command(service)
         assert cli in CLIS, f"{name}: entrypoint {cli} is not a Flower CLI"
         unknown += [f"{name}: {cli} {f}" for f in _flags(args) if f not in cli_flags[cli]]
@@ -196,7 +201,9 @@ def test_compose_volumes_are_named_and_each_device_has_its_own(compose) -> None:
     for name, service in devices.items():
         stores = [m.split(":")[0] for m in service["volumes"] if m.split(":")[1] == "/device"]
         assert len(stores) == 1, f"{name} has no store volume on /device"
-        assert named[stores[0]] == [name], f"{stores[0]} is shared: {named[stores[0]]}"
+        worker = "worker-" + name.removeprefix("clientapp-")
+        # Shared with the device's own worker only, which opens the store for the ClientApp.
+        assert sorted(named[stores[0]]) == [name, worker], f"{stores[0]}: {named[stores[0]]}"
         device_volumes.append(stores[0])
     assert len(set(device_volumes)) == len(devices) >= 2
     superlink = compose["services"]["superlink"]
@@ -217,7 +224,8 @@ def test_compose_publishes_ports_on_loopback_only(compose) -> None:
     assert published, "the SuperLink publishes no port"
     assert all(p.startswith("127.0.0.1:") for _, p in published), published
     modes = [s["network_mode"] for s in compose["services"].values() if "network_mode" in s]
-    assert all(m.startswith("service:") for m in modes), modes  # never the host's network
+    # Never the host's network: a SuperNode's, or none at all (the device workers).
+    assert all(m.startswith("service:") or m == "none" for m in modes), modes
 
 
 def test_compose_nodes_and_executors_reach_their_apis(compose) -> None:
@@ -289,7 +297,7 @@ def test_compose_certificates_are_make_certs_outputs(compose, cert_names) -> Non
 
 
 def test_compose_health_checks_probe_each_health_server(compose) -> None:
-    for name, service in compose["services"].items():
+    for name, service in _flower_services(compose).items():
         # Prepare
         address = _arg(_command(service)[1], "--health-server-address")
         test = " ".join(service.get("healthcheck", {}).get("test", []))
@@ -316,6 +324,39 @@ def test_compose_is_secure_by_default(compose) -> None:
         i = name.removeprefix("clientapp-")
         value = service["environment"]["FEDPERSONA_PASSPHRASE"]
         assert value.startswith(f"${{FEDPERSONA_PASSPHRASE_{i}:?"), value
+
+
+def test_compose_device_workers_match_their_supernodes(compose) -> None:
+    from typer.main import get_command
+
+    from client import worker
+    from common.cli import app
+
+    # Prepare
+    device_cli = get_command(app).commands["device"]
+    workers = _services(compose, "worker-")
+    supernodes = _services(compose, "supernode-")
+
+    # Assert: one worker per device; its socket is its SuperNode's worker-socket, on the
+    # volume its ClientApps share; it unlocks the same store; the health check pings it.
+    assert len(workers) == len(supernodes) >= 2
+    for name, service in workers.items():
+        i = name.removeprefix("worker-")
+        assert service["entrypoint"] == ["fedpersona"]
+        command = service["command"]
+        assert command[:2] == ["device", "worker"]
+        ctx = device_cli.commands["worker"].make_context("worker", list(command[2:]))
+        sock = str(ctx.params["socket"])
+        node_config = _arg(_command(supernodes[f"supernode-{i}"])[1], "--node-config")
+        assert f'{worker.SOCKET_KEY}="{sock}"' in node_config, name
+        store = [m for m in service["volumes"] if m.endswith(":/device")]
+        assert store == [f"device-{i}:/device"] and sock.startswith("/device/"), name
+        clientapp = compose["services"][f"clientapp-{i}"]
+        assert store[0] in clientapp["volumes"]
+        env = service["environment"]["FEDPERSONA_PASSPHRASE"]
+        assert env == clientapp["environment"]["FEDPERSONA_PASSPHRASE"], name
+        assert service["network_mode"] == "none" and "ports" not in service
+        assert f"ping('{sock}')" in " ".join(service["healthcheck"]["test"]), name
 
 
 # ---- deploy/k8s -----------------------------------------------------------------------------

@@ -1,0 +1,257 @@
+"""The device's long-lived worker: torch and the model load once per device, not per message.
+
+Flower 1.42 runs every message in a fresh ``flwr-clientapp`` process, under ``subprocess``
+and ``process`` isolation alike: each one would import torch, transformers and peft and load
+the base model again (about 12 s on 2 CPU cores before any work). The worker is the
+long-lived half of the ClientApp. It runs beside the SuperNode::
+
+    fedpersona device worker --socket /var/lib/fedpersona/worker.sock
+
+and the SuperNode names it in its node config (``worker-socket="…"``). The ClientApp
+(:mod:`client.client_app`, Flower only) then runs the SecAgg+ protocol stages itself and
+forwards each training and evaluation message here, where :mod:`client.handlers` answers it
+with the model already in memory (:func:`client.device.get_runtime` caches it per process).
+
+The channel is a Unix socket, so nothing listens on the network. The worker writes a random
+key next to it (``<socket>.key``, mode 0600) and answers only a peer that proves knowledge of
+it (``multiprocessing.connection``'s HMAC handshake); messages travel as Flower's own protobuf
+record encoding and JSON, never pickle. One message at a time, in arrival order: the device's
+store is opened by one request at a time, as in a ClientApp process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+logger = logging.getLogger(__name__)
+
+SOCKET_KEY = "worker-socket"  # the node-config key naming the worker's socket
+KINDS = ("train", "evaluate")
+PROTOCOL = 1
+MAX_HEADER_BYTES = 1 << 20
+MAX_CONTENT_BYTES = 1 << 31
+_UNIX_PATH_MAX = 104  # the shortest sun_path limit among Linux (108) and macOS (104)
+
+
+PING = "ping"  # a health probe: the worker answers it without touching any device state
+
+
+class WorkerUnavailable(RuntimeError):
+    """No worker answers at the configured socket (not started, stale, or wrong key)."""
+
+
+def key_path(socket_path: str | Path) -> Path:
+    """Where the worker keeps the key a ClientApp needs to talk to it."""
+    return Path(f"{socket_path}.key")
+
+
+def forward(socket_path: str, kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """Have the device's worker answer a ``train``/``evaluate`` message; return its reply.
+
+    Raises:
+        WorkerUnavailable: Nothing answers at ``socket_path`` (the caller may answer the
+            message itself).
+        ValueError: The worker rejected the message (the reason it logged).
+        RuntimeError: The worker failed or died while answering.
+    """
+    if kind not in (*KINDS, PING):
+        raise ValueError(f"unknown message kind {kind!r}; expected one of {KINDS}")
+    try:
+        key = bytes.fromhex(key_path(socket_path).read_text().strip())
+    except (OSError, ValueError) as err:
+        raise WorkerUnavailable(
+            f"no usable worker key at {key_path(socket_path)} ({err}); is "
+            f"`fedpersona device worker --socket {socket_path}` running?"
+        ) from None
+    try:
+        conn = Client(socket_path, family="AF_UNIX", authkey=key)
+    except (OSError, AuthenticationError, EOFError) as err:
+        raise WorkerUnavailable(f"no device worker answers at {socket_path} ({err})") from None
+    header = {
+        "protocol": PROTOCOL,
+        "kind": kind,
+        "run_id": context.run_id,
+        "node_id": context.node_id,
+        "node_config": dict(context.node_config),
+        "run_config": dict(context.run_config),
+    }
+    with conn:
+        try:
+            conn.send_bytes(json.dumps(header).encode())
+            conn.send_bytes(recorddict_to_proto(content).SerializeToString())
+            status = json.loads(conn.recv_bytes(MAX_HEADER_BYTES))
+            if status.get("ok"):
+                return recorddict_from_proto(
+                    ProtoRecordDict.FromString(conn.recv_bytes(MAX_CONTENT_BYTES))
+                )
+        except (EOFError, OSError) as err:
+            raise RuntimeError(
+                f"the device worker at {socket_path} dropped the {kind} message ({err!r}); "
+                "its store keeps the last committed round"
+            ) from None
+    error = status.get("error", "unknown error")
+    if status.get("type") == "ValueError":
+        raise ValueError(error)
+    raise RuntimeError(f"the device worker failed on the {kind} message: {error}")
+
+
+def ping(socket_path: str | Path) -> bool:
+    """Whether a worker answers at ``socket_path`` (a container health check)."""
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    try:
+        forward(str(socket_path), PING, RecordDict(), context)
+    except (WorkerUnavailable, RuntimeError, ValueError):
+        return False
+    return True
+
+
+def serve(socket_path: str | Path, *, preload: bool = True) -> None:
+    """Answer ClientApp messages on ``socket_path`` until SIGTERM/SIGINT.
+
+    Raises:
+        ValueError: The socket path is too long for a Unix socket.
+        RuntimeError: Another worker already answers on it.
+    """
+    path = Path(socket_path).absolute()
+    if len(os.fsencode(path)) >= _UNIX_PATH_MAX:
+        raise ValueError(f"socket path too long for a Unix socket ({len(str(path))} bytes): {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _claim(path)
+    key = secrets.token_bytes(32)
+    _write_private(key_path(path), key.hex())
+    if preload:  # torch, transformers and peft, once; the model loads with the first message
+        import client.handlers  # noqa: F401
+
+    def _stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(0)
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        old_umask = os.umask(0o177)  # the socket is born 0600: only this user may connect
+        try:
+            listener = Listener(str(path), family="AF_UNIX", authkey=key)
+        finally:
+            os.umask(old_umask)
+        with listener:
+            logger.info("device worker (pid %d) ready on %s", os.getpid(), path)
+            while True:
+                try:
+                    conn = listener.accept()
+                except AuthenticationError as err:
+                    logger.warning("refused a connection: %s", err)
+                    continue
+                except (EOFError, OSError) as err:  # the peer left during the handshake
+                    logger.debug("connection closed during the handshake: %s", err)
+                    continue
+                with conn:
+                    _answer(conn)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for p in (path, key_path(path)):
+            p.unlink(missing_ok=True)
+        logger.info("device worker on %s stopped", path)
+
+
+def _answer(conn: Connection) -> None:
+    """Read one request, run it, send the reply; a bad request gets an error reply."""
+    start = time.perf_counter()
+    try:
+        header = json.loads(conn.recv_bytes(MAX_HEADER_BYTES))
+        content = recorddict_from_proto(
+            ProtoRecordDict.FromString(conn.recv_bytes(MAX_CONTENT_BYTES))
+        )
+    except Exception as err:  # a peer with the key that sends garbage: refuse, keep serving
+        logger.error("unreadable request: %s: %s", type(err).__name__, err)
+        _send(conn, {"ok": False, "type": "ValueError", "error": f"unreadable request: {err}"})
+        return
+    try:
+        reply = _run(header, content)
+    except ValueError as err:
+        _send(conn, {"ok": False, "type": "ValueError", "error": str(err)})
+        return
+    except Exception as err:  # noqa: BLE001 - reported to the ClientApp, the worker lives on
+        logger.exception("%s message failed", header.get("kind"))
+        error = f"{type(err).__name__}: {err}"
+        _send(conn, {"ok": False, "type": type(err).__name__, "error": error})
+        return
+    if _send(conn, {"ok": True}):
+        _send_bytes(conn, recorddict_to_proto(reply).SerializeToString())
+    if header.get("kind") != PING:
+        logger.info(
+            "run %s: %s answered in %.2f s",
+            header.get("run_id"),
+            header.get("kind"),
+            time.perf_counter() - start,
+        )
+
+
+def _run(header: dict[str, Any], content: RecordDict) -> RecordDict:
+    from client import handlers
+
+    if header.get("protocol") != PROTOCOL:
+        raise ValueError(f"protocol {header.get('protocol')!r}, this worker speaks {PROTOCOL}")
+    kind = header.get("kind")
+    if kind == PING:
+        return RecordDict()
+    if kind not in KINDS:
+        raise ValueError(f"unknown message kind {kind!r}; expected one of {KINDS}")
+    context = Context(
+        run_id=int(header["run_id"]),
+        node_id=int(header["node_id"]),
+        node_config=dict(header["node_config"]),
+        state=RecordDict(),
+        run_config=dict(header["run_config"]),
+    )
+    return handlers.answer(kind, content, context)
+
+
+def _send(conn: Connection, status: dict[str, Any]) -> bool:
+    return _send_bytes(conn, json.dumps(status).encode())
+
+
+def _send_bytes(conn: Connection, data: bytes) -> bool:
+    try:
+        conn.send_bytes(data)
+        return True
+    except OSError as err:  # the ClientApp went away (its message timed out): nothing to do
+        logger.warning("the ClientApp left before the reply: %s", err)
+        return False
+
+
+def _claim(path: Path) -> None:
+    """Take ``path`` for a new socket: refuse a live worker, remove a stale socket file."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_socket():
+        raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # stale: its worker died without cleaning up
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"another device worker already answers on {path}")
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -11,6 +11,7 @@ released round. ``privacy.target-epsilon`` stops training before the target woul
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
@@ -54,8 +55,15 @@ class PersonaFedAvg(FedAvg):
             Flower's round r is the run's round ``round_offset + r``.
         on_round_end: Called with the run's round and its current arrays after the training
             phase, and with ``None`` arrays after the evaluation (the ServerApp checkpoints).
-        **kwargs: ``FedAvg`` arguments.
+        **kwargs: ``FedAvg`` arguments. ``min_available_nodes``, ``min_train_nodes`` and
+            ``min_evaluate_nodes`` are what a round asks for: before the first round the
+            strategy waits up to ``assemble_wait`` s for them, later up to ``rejoin_wait`` s
+            for lost nodes, then samples from the nodes online (Flower's sampling would wait
+            forever for a node that died; the m_min check decides whether a round is released).
     """
+
+    assemble_wait = 3600.0
+    rejoin_wait = 60.0
 
     def __init__(
         self,
@@ -79,6 +87,21 @@ class PersonaFedAvg(FedAvg):
         self.central_noise_std = central_noise_std
         self.target_epsilon = target_epsilon
         self.stopped_at: int | None = None
+        self._wanted = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
+        self._assembled = False
+
+    def _await_nodes(self, grid: Grid) -> None:
+        """Wait (bounded) for the wanted nodes; lower this round's minimums to those online."""
+        wanted = self._wanted[0]
+        deadline = time.monotonic() + (self.rejoin_wait if self._assembled else self.assemble_wait)
+        while (online := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
+            time.sleep(1)
+        self._assembled = self._assembled or online >= wanted
+        if online < wanted:
+            log(WARNING, "%s of %s nodes online: sampling from those online", online, wanted)
+        self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = (
+            min(w, online) for w in self._wanted
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -93,6 +116,7 @@ class PersonaFedAvg(FedAvg):
             self.stopped_at = self.stopped_at or server_round
             log(WARNING, "privacy.target-epsilon reached: no training in round %s", server_round)
             return []
+        self._await_nodes(grid)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = len(messages)
         return messages
@@ -196,6 +220,7 @@ class PersonaFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's evaluation sampling, at the run's round number."""
+        self._await_nodes(grid)
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -192,6 +193,19 @@ def _message_api_app(corrupt_node: int, kind: str) -> ClientApp:
     return app
 
 
+def _run_from_zeros(strategy: PersonaFedAvg, grid: InProcessGrid, num_rounds: int = 1):  # type: ignore[no-untyped-def]
+    """``strategy.start`` from all-zero shared tensors; returns Flower's result."""
+    initial = ArrayRecord({n: Array(np.zeros(s, np.float32)) for n, s in SHAPES.items()})
+    return strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=num_rounds,
+        timeout=30,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+    )
+
+
 def _fedavg_of_three() -> PersonaFedAvg:
     """The Message-API strategy over three nodes, m_min 2, checking replies against SHAPES."""
     return PersonaFedAvg(
@@ -222,17 +236,9 @@ def test_server_rejects_a_malformed_reply_and_averages_the_rest(kind, caplog) ->
     # Prepare
     grid = InProcessGrid(_message_api_app(3, kind), {1: {}, 2: {}, 3: {}})
     strategy = _fedavg_of_three()
-    initial = ArrayRecord({n: Array(np.zeros(s, np.float32)) for n, s in SHAPES.items()})
 
     # Execute
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=1,
-        timeout=30,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
-    )
+    result = _run_from_zeros(strategy, grid)
 
     # Assert
     (record,) = strategy.recorder.rounds
@@ -245,17 +251,39 @@ def test_server_rejects_a_malformed_reply_and_averages_the_rest(kind, caplog) ->
 def test_replies_that_never_come_count_as_failures() -> None:
     grid = InProcessGrid(_message_api_app(0, ""), {1: {}, 2: {}, 3: {}}, drop={"train": {2}})
     strategy = _fedavg_of_three()
-    initial = ArrayRecord({n: Array(np.zeros(s, np.float32)) for n, s in SHAPES.items()})
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=1,
-        timeout=30,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
-    )
+    _run_from_zeros(strategy, grid)
     (record,) = strategy.recorder.rounds
     assert record["updates"] == 2 and record["failures"] == 1 and record["released"]
+
+
+class _ShrinkingGrid(InProcessGrid):
+    """Node 3 goes offline (unlisted, never answers) once round 1's training was delivered."""
+
+    def get_node_ids(self):  # type: ignore[no-untyped-def]  # noqa: D102
+        return [n for n in self.contexts if n != 3 or not self.delivered]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]  # noqa: D102
+        gone = bool(self.delivered)
+        alive = [m for m in messages if not (gone and m.metadata.dst_node_id == 3)]
+        return super().send_and_receive(alive, timeout=timeout)
+
+
+def test_a_node_lost_after_round_one_does_not_stall_the_message_api_path(caplog) -> None:
+    # Prepare: every round wants all three nodes; node 3 is gone after round 1's training.
+    grid = _ShrinkingGrid(_message_api_app(0, ""), {1: {}, 2: {}, 3: {}})
+    strategy = _fedavg_of_three()
+    strategy.rejoin_wait = 0.5
+
+    # Execute
+    start = time.monotonic()
+    _run_from_zeros(strategy, grid, num_rounds=3)
+
+    # Assert: rounds 2 and 3 ran with the two nodes online and were released (m_min 2).
+    assert time.monotonic() - start < 60
+    assert [r["updates"] for r in strategy.recorder.rounds] == [3, 2, 2]
+    assert all(r["released"] for r in strategy.recorder.rounds)
+    assert strategy.sampled == {1: 3, 2: 2, 3: 2}
+    assert any("2 of 3 nodes online" in r.getMessage() for r in caplog.records)
 
 
 # ---- SecAgg+: malformed masked vectors, non-finite or misshapen sums ------------------------

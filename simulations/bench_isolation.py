@@ -1,6 +1,6 @@
-"""Round time of a real deployment: ClientApps under ``--isolation subprocess`` vs ``process``.
+"""Round time of a real deployment: per-message ClientApps vs the long-lived device worker.
 
-    python -m simulations.bench_isolation [--rounds 3] [--nodes 2]
+    python -m simulations.bench_isolation [--rounds 3] [--nodes 2] [--modes subprocess worker]
 
 Starts, side by side in one run and one after the other (``--repeats`` times per mode, in
 ABBA order so that a drift in machine load weighs on both alike), the same deployment on
@@ -11,13 +11,18 @@ time from ``summary.json``:
 * ``subprocess``: each SuperNode starts its own ``flower-superexec``, which starts a fresh
   ``flwr-clientapp`` for every message;
 * ``process``: each SuperNode runs with ``--isolation process`` beside a ``flower-superexec``
-  started on its own and kept running (what the ``clientapp-<i>`` containers of
-  docker-compose.yml run).
+  started on its own and kept running;
+* ``worker``: as ``process``, plus one ``fedpersona device worker`` per device named in the
+  SuperNode's ``worker-socket`` node config (what docker-compose.yml runs): the ClientApps
+  forward training and evaluation to it, and it keeps torch and the model loaded.
 
 In Flower 1.42 a ``flwr-clientapp`` takes one task token and exits, whichever the mode; the
 long-lived process in ``process`` mode is the executor, not the ClientApp. The benchmark also
-counts the ClientApp processes started and times one cold import of the ClientApp module, the
-floor that every message pays. Writes ``bench_isolation_cpu.json`` and ``.md`` to ``--out``.
+counts the ClientApp processes started and times cold imports in a fresh interpreter: the
+ClientApp module (every message pays it; Flower only) and the model half
+(:mod:`client.handlers`: torch, transformers, peft), which per-message ClientApps pay for every
+training and evaluation message and the worker once. Writes ``bench_isolation_cpu.json`` and
+``.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from common.crypto import create_key_file
 from simulations.simulate import PROJECT_DIR, _free_port, _wait_port, stop_process_tree
 
 BIN = Path(sys.executable).parent
-MODES = ("subprocess", "process")
+MODES = ("subprocess", "process", "worker")
 CLIENTAPP_STARTED = "Start `flwr-clientapp` process"
 
 
@@ -155,6 +160,7 @@ def run_mode(mode: str, root: Path, *, rounds: int, nodes: int) -> dict[str, Any
              "--database", root / "superlink.db", "--disable-runtime-dependency-installation"],
         )  # fmt: skip
         _wait_port(port, superlink)
+        isolation = "subprocess" if mode == "subprocess" else "process"
         for i in range(nodes):
             runtime = _free_port()
             data_dir = root / f"device{i}"
@@ -162,13 +168,18 @@ def run_mode(mode: str, root: Path, *, rounds: int, nodes: int) -> dict[str, Any
                 f'partition-id={i} num-partitions={nodes} data-dir="{data_dir}" '
                 f'key-file="{_key_file(data_dir)}"'
             )
+            if mode == "worker":
+                sock = root / f"worker{i}.sock"
+                node_config += f' worker-socket="{sock}"'
+                worker = [BIN / "fedpersona", "device", "worker", "--socket", sock]
+                _wait_socket(sock, procs.start(f"worker{i}", worker))
             procs.start(
                 f"supernode{i}",
                 [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                 "--host", "127.0.0.1", "--port", str(runtime), "--isolation", mode,
+                 "--host", "127.0.0.1", "--port", str(runtime), "--isolation", isolation,
                  "--node-config", node_config],
             )  # fmt: skip
-            if mode == "process":
+            if mode != "subprocess":
                 procs.start(
                     f"clientapp{i}",
                     [BIN / "flower-superexec", "--runtime-api-address", f"127.0.0.1:{runtime}",
@@ -208,6 +219,17 @@ def run_mode(mode: str, root: Path, *, rounds: int, nodes: int) -> dict[str, Any
     }
 
 
+def _wait_socket(sock: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until a device worker listens on ``sock``."""
+    from client.worker import key_path
+
+    deadline = time.monotonic() + timeout
+    while not (sock.is_socket() and key_path(sock).exists()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the device worker for {sock} did not start (exit {proc.poll()})")
+        time.sleep(0.2)
+
+
 def _key_file(data_dir: Path) -> Path:
     """A 0600 device key file beside ``data_dir`` (created once)."""
     key = data_dir.with_name(data_dir.name + ".key")
@@ -225,12 +247,9 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def clientapp_cold_import_s() -> float:
-    """Seconds a fresh interpreter takes to import the ClientApp module (every message pays)."""
-    code = (
-        "import time; t = time.perf_counter(); import client.client_app; "
-        "print(time.perf_counter() - t)"
-    )
+def cold_import_s(module: str) -> float:
+    """Seconds a fresh interpreter takes to import ``module``."""
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
     res = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -240,7 +259,7 @@ def clientapp_cold_import_s() -> float:
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
     if res.returncode != 0:
-        raise RuntimeError(f"importing client.client_app failed:\n{res.stderr[-2000:]}")
+        raise RuntimeError(f"importing {module} failed:\n{res.stderr[-2000:]}")
     return float(res.stdout.strip().splitlines()[-1])
 
 
@@ -283,15 +302,15 @@ def to_markdown(result: dict[str, Any]) -> str:
         )
     for mode, m in result["modes"].items():
         lines.append(f"| all | `{mode}` | **{m['mean_round_s_after_first']:.1f}** | | | |")
-    if result.get("ratio_process_over_subprocess") is not None:
-        lines.append(
-            f"| | ratio process / subprocess | **{result['ratio_process_over_subprocess']:.2f}** "
-            "| | | |"
-        )
+    for mode, ratio in result["ratio_over_subprocess"].items():
+        lines.append(f"| | ratio {mode} / subprocess | **{ratio:.2f}** | | | |")
     lines += [
         "",
-        f"Cold import of the ClientApp module in a fresh interpreter: "
-        f"{result['clientapp_cold_import_s']:.1f} s (paid by every message in both modes).",
+        "Cold imports in a fresh interpreter: the ClientApp module (Flower only; every message) "
+        f"{result['cold_import_s']['client.client_app']:.1f} s; the model half "
+        f"(`client.handlers`: torch, transformers, peft) "
+        f"{result['cold_import_s']['client.handlers']:.1f} s — per training/evaluation message "
+        "without a worker, once per device with one.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -301,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=["subprocess", "worker"], choices=MODES)
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode, in ABBA order")
     parser.add_argument("--out", type=Path, default=PROJECT_DIR / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
@@ -322,13 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         "nodes": args.nodes,
         "runs": runs,
         "modes": modes,
-        "ratio_process_over_subprocess": (
-            modes["process"]["mean_round_s_after_first"]
-            / modes["subprocess"]["mean_round_s_after_first"]
-            if {"process", "subprocess"} <= set(modes)
-            else None
-        ),
-        "clientapp_cold_import_s": clientapp_cold_import_s(),
+        "ratio_over_subprocess": {
+            mode: m["mean_round_s_after_first"] / modes["subprocess"]["mean_round_s_after_first"]
+            for mode, m in modes.items()
+            if mode != "subprocess" and "subprocess" in modes
+        },
+        "cold_import_s": {m: cold_import_s(m) for m in ("client.client_app", "client.handlers")},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_isolation_cpu.json").write_text(json.dumps(result, indent=1) + "\n")

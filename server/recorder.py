@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,18 @@ class RoundRecorder:
             note = "; ".join(filter(None, [record.get("note"), "not evaluated: server restarted"]))
             self.rounds.append({"round": server_round, **record, "note": note})
         self.rounds.sort(key=lambda r: r["round"])
+
+    def open_round(
+        self, server_round: int, *, stopped_at: int | None, target_epsilon: float
+    ) -> int | None:
+        """Start ``server_round``'s record; return the round at which training stopped because
+        another release would pass ``privacy.target-epsilon`` (``None``: this one may train)."""
+        self.start(server_round)
+        acc = self.accountant
+        if stopped_at is None and (acc is None or not acc.next_round_exceeds(target_epsilon)):
+            return None
+        log(WARNING, "privacy.target-epsilon reached: no training in round %s", server_round)
+        return stopped_at or server_round
 
     def start(self, server_round: int) -> None:
         """Start the round's clock."""

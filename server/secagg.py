@@ -232,13 +232,10 @@ class SecAggDPStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Sample clients for a SecAgg+ round (none once the privacy target is reached)."""
         server_round += self.round_offset
-        self.recorder.start(server_round)
-        acc = self.recorder.accountant
-        if self.stopped_at is not None or (
-            acc is not None and acc.next_round_exceeds(self.target_epsilon)
-        ):
-            self.stopped_at = self.stopped_at or server_round
-            log(WARNING, "privacy.target-epsilon reached: no training in round %s", server_round)
+        self.stopped_at = self.recorder.open_round(
+            server_round, stopped_at=self.stopped_at, target_epsilon=self.target_epsilon
+        )
+        if self.stopped_at is not None:
             return []
         fit_ins = FitIns(parameters, {"server-round": server_round})
         clients = self._sample(client_manager, self.fraction_train)

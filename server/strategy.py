@@ -108,13 +108,10 @@ class PersonaFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Sample as FedAvg does, unless the privacy target forbids another round."""
         server_round += self.round_offset
-        self.recorder.start(server_round)
-        acc = self.recorder.accountant
-        if self.stopped_at is not None or (
-            acc is not None and acc.next_round_exceeds(self.target_epsilon)
-        ):
-            self.stopped_at = self.stopped_at or server_round
-            log(WARNING, "privacy.target-epsilon reached: no training in round %s", server_round)
+        self.stopped_at = self.recorder.open_round(
+            server_round, stopped_at=self.stopped_at, target_epsilon=self.target_epsilon
+        )
+        if self.stopped_at is not None:
             return []
         self._await_nodes(grid)
         messages = list(super().configure_train(server_round, arrays, config, grid))

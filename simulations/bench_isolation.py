@@ -28,7 +28,6 @@ training and evaluation message and the worker once. Writes ``bench_isolation_cp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -43,85 +42,11 @@ from typing import Any
 import flwr
 import psutil
 
-from common.crypto import create_key_file
-from simulations.simulate import PROJECT_DIR, _free_port, _wait_port, stop_process_tree
+from simulations.deployment import LocalDeployment, processes_mentioning, tiny_run_config
+from simulations.simulate import PROJECT_DIR
 
-BIN = Path(sys.executable).parent
 MODES = ("subprocess", "process", "worker")
 CLIENTAPP_STARTED = "Start `flwr-clientapp` process"
-
-
-def run_config(out: Path, name: str, rounds: int, nodes: int) -> dict[str, Any]:
-    """The integration tests' tiny run config (SecAgg+ on, the default), ``rounds`` rounds."""
-    return {
-        "model.name": "tiny",
-        "num-server-rounds": rounds,
-        "data.num-users": nodes,
-        "data.max-seq-len": 48,
-        "data.max-test-samples": 4,
-        "train.local-steps": 4,
-        "train.batch-size": 2,
-        "train.learning-rate": 0.05,
-        "dp.clip-norm": 0.005,
-        "round-timeout": 300,
-        "output.dir": str(out),
-        "output.run-name": name,
-    }
-
-
-def _toml(config: dict[str, Any]) -> str:
-    def value(v: Any) -> str:
-        return repr(v) if isinstance(v, (int, float)) else json.dumps(str(v))
-
-    return "".join(f"{json.dumps(k)} = {value(v)}\n" for k, v in config.items())
-
-
-class _Processes:
-    """Processes of one deployment: each logs to ``<root>/<name>.log``, all stopped by PID."""
-
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root, self.env = root, env
-        self.procs: list[subprocess.Popen] = []
-        self._logs = contextlib.ExitStack()
-
-    def start(self, name: str, cmd: list[str | Path]) -> subprocess.Popen:
-        log = self._logs.enter_context(open(self.root / f"{name}.log", "w"))  # noqa: SIM115
-        proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=self.root,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            stop_process_tree(proc)
-        self._logs.close()
-
-
-def _wait_online(env: dict[str, str], cwd: Path, count: int, timeout: float = 120) -> None:
-    """Wait until the SuperLink lists ``count`` online SuperNodes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        res = subprocess.run(
-            [str(BIN / "flwr"), "supernode", "list", "bench", "--format", "json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=cwd,
-        )
-        if res.returncode == 0 and "{" in res.stdout:
-            text = res.stdout[res.stdout.index("{") : res.stdout.rindex("}") + 1]
-            nodes = json.loads(text)["nodes"]
-            if sum(n["status"] == "online" for n in nodes) >= count:
-                return
-        time.sleep(1)
-    raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout:.0f} s")
 
 
 def run_mode(mode: str, root: Path, *, rounds: int, nodes: int) -> dict[str, Any]:
@@ -134,68 +59,27 @@ def run_mode(mode: str, root: Path, *, rounds: int, nodes: int) -> dict[str, Any
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    (root / "flwr-home").mkdir(parents=True)
-    port = _free_port()
-    (root / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    (root / "run-config.toml").write_text(_toml(run_config(root, "run", rounds, nodes)))
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-        "FLWR_HOME": str(root / "flwr-home"),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    procs = _Processes(root, env)
+    root.mkdir(parents=True)
+    d = LocalDeployment(root, federation="bench")
+    config = tiny_run_config(root, "run", **{"num-server-rounds": rounds, "data.num-users": nodes})
     load_before = os.getloadavg()[0]
     try:
-        superlink = procs.start(
-            "superlink",
-            [BIN / "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-             "--database", root / "superlink.db", "--disable-runtime-dependency-installation"],
-        )  # fmt: skip
-        _wait_port(port, superlink)
-        isolation = "subprocess" if mode == "subprocess" else "process"
+        d.start_superlink()
         for i in range(nodes):
-            runtime = _free_port()
-            data_dir = root / f"device{i}"
-            node_config = (
-                f'partition-id={i} num-partitions={nodes} data-dir="{data_dir}" '
-                f'key-file="{_key_file(data_dir)}"'
+            d.start_device(
+                i,
+                nodes,
+                isolation="subprocess" if mode == "subprocess" else "process",
+                worker=mode == "worker",
             )
-            if mode == "worker":
-                sock = root / f"worker{i}.sock"
-                node_config += f' worker-socket="{sock}"'
-                worker = [BIN / "fedpersona", "device", "worker", "--socket", sock]
-                _wait_socket(sock, procs.start(f"worker{i}", worker))
-            procs.start(
-                f"supernode{i}",
-                [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                 "--host", "127.0.0.1", "--port", str(runtime), "--isolation", isolation,
-                 "--node-config", node_config],
-            )  # fmt: skip
-            if mode != "subprocess":
-                procs.start(
-                    f"clientapp{i}",
-                    [BIN / "flower-superexec", "--runtime-api-address", f"127.0.0.1:{runtime}",
-                     "--insecure"],
-                )  # fmt: skip
-        _wait_online(env, root, nodes)
+        d.wait_online(nodes)
+        run_args = ["run", PROJECT_DIR, d.federation, "--stream"]
         t0 = time.perf_counter()
-        res = subprocess.run(
-            [str(BIN / "flwr"), "run", str(PROJECT_DIR), "bench", "--stream",
-             "--run-config", str(root / "run-config.toml")],
-            env=env, capture_output=True, text=True, timeout=1800, cwd=PROJECT_DIR,
-        )  # fmt: skip
+        res = d.flwr(*run_args, "--run-config", d.write_run_config(config), timeout=1800)
         wall = time.perf_counter() - t0
     finally:
-        procs.stop()
-    left = _processes_mentioning(str(root))
+        left = d.stop()
+    left += processes_mentioning(str(root))
     if res.returncode != 0 or left:
         raise RuntimeError(
             f"{mode}: flwr run exited {res.returncode}, left running: {left}\n"
@@ -217,34 +101,6 @@ def run_mode(mode: str, root: Path, *, rounds: int, nodes: int) -> dict[str, Any
         # Other work on the machine skews the timings: the 1-minute load before and after.
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-
-
-def _wait_socket(sock: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Wait until a device worker listens on ``sock``."""
-    from client.worker import key_path
-
-    deadline = time.monotonic() + timeout
-    while not (sock.is_socket() and key_path(sock).exists()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the device worker for {sock} did not start (exit {proc.poll()})")
-        time.sleep(0.2)
-
-
-def _key_file(data_dir: Path) -> Path:
-    """A 0600 device key file beside ``data_dir`` (created once)."""
-    key = data_dir.with_name(data_dir.name + ".key")
-    if not key.exists():
-        create_key_file(key)
-    return key
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
-        if text in cmd and proc.pid != os.getpid():
-            found.append(cmd[:200])
-    return found
 
 
 def cold_import_s(module: str) -> float:

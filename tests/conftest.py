@@ -17,7 +17,8 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from client.store import LocalStore  # noqa: E402
 from common.config import RunConfig, parse_run_config  # noqa: E402
-from common.crypto import Secret, create_key_file  # noqa: E402
+from common.crypto import Secret  # noqa: E402
+from simulations.deployment import device_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,14 +80,6 @@ def make_message(arrays: ArrayRecord, message_type: str, server_round: int = 1) 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
     return Message(content=content, dst_node_id=1, message_type=message_type)
-
-
-def device_key(data_dir: Path) -> Path:
-    """A 0600 key file beside ``data_dir`` (created once), as a real device keeps one."""
-    key = Path(data_dir).with_name(Path(data_dir).name + ".key")
-    if not key.exists():
-        create_key_file(key)
-    return key
 
 
 def device_node_config(data_dir: Path, partition_id: int, num_partitions: int) -> dict[str, Any]:

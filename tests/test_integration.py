@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,22 +22,17 @@ from peft import PeftModel
 from client.store import LocalStore
 from common.crypto import Secret
 from common.model import load_base_model
+from simulations.deployment import (
+    LocalDeployment,
+    processes_mentioning,
+    tiny_run_config,
+)
 from simulations.evaluate import evaluate_run
 from simulations.report import build_report
-from simulations.simulate import PROJECT_DIR, _free_port, _wait_port, simulate, stop_process_tree
-from tests.conftest import device_key, open_test_store
+from simulations.simulate import PROJECT_DIR, simulate
+from tests.conftest import open_test_store
 
 pytestmark = pytest.mark.integration
-BIN = Path(sys.executable).parent
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
-        if text in cmd and proc.pid != os.getpid():
-            found.append(cmd[:200])
-    return found
 
 
 def _check_summary(run_dir: Path, n_users: int, n_rounds: int) -> dict:
@@ -92,8 +86,8 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     assert ab["n_a"] + ab["n_b"] == pytest.approx(2 * 4 * 4, abs=1e-3)
     assert len(ab["satisfaction"]) == 2 and "SecAgg+" in ab["privacy"]
     # Nothing left running: superlink, ServerApp, Ray.
-    assert _processes_mentioning(str(run_dir)) == []
-    assert _processes_mentioning("fpray-sim-") == []
+    assert processes_mentioning(str(run_dir)) == []
+    assert processes_mentioning("fpray-sim-") == []
 
     # Evaluate the run and build its report (small settings: tiny model, few samples).
     evaluation = evaluate_run(
@@ -121,112 +115,26 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     assert "mia_auc (global)" in (html_path.parent / "report.md").read_text()
 
 
-class LocalFederation:
+class LocalFederation(LocalDeployment):
     """A real ``flower-superlink`` and ``n`` ``flower-supernode`` processes on 127.0.0.1
-    (insecure; TLS and node auth are tested in tests/test_deployment.py), each device with its
-    own encrypted store under ``tmp_path/device<i>``; ``flwr run`` drives runs against it.
-    Every process is stopped by PID on exit."""
+    (insecure; TLS, node auth and device workers are tested in tests/test_deployment.py), each
+    device with its own encrypted store under ``tmp_path/device<i>``; ``flwr run`` drives runs
+    against it (federation ``local-test``). Every process is stopped by PID on exit."""
 
     def __init__(self, tmp_path: Path, n: int) -> None:
-        self.tmp, self.n = tmp_path, n
-        self.port = _free_port()
-        flwr_home = tmp_path / "flwr-home"
-        flwr_home.mkdir()
-        (flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-        self.env = {
-            **os.environ,
-            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-        }
-        self.procs: list[subprocess.Popen] = []
-        self.logs = contextlib.ExitStack()
-
-    def _start(self, cmd: list[str], log: str) -> subprocess.Popen:
-        handle = self.logs.enter_context(open(self.tmp / log, "w"))  # noqa: SIM115
-        proc = subprocess.Popen(
-            cmd, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.procs.append(proc)
-        return proc
+        super().__init__(tmp_path, federation="local-test")
+        self.n = n
 
     def __enter__(self) -> LocalFederation:
-        superlink = self._start(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--disable-runtime-dependency-installation",
-                "--database",
-                str(self.tmp / "superlink.db"),
-            ],
-            "superlink.log",
-        )
-        self.superlink = superlink
-        _wait_port(self.port, superlink)
-        for pid in range(self.n):
-            data_dir = self.tmp / f"device{pid}"
-            self._start(
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{self.port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(_free_port()),
-                    "--node-config",
-                    f'partition-id={pid} num-partitions={self.n} data-dir="{data_dir}" '
-                    f'key-file="{device_key(data_dir)}"',
-                ],
-                f"supernode{pid}.log",
-            )
+        self.superlink = self.start_superlink()
+        for i in range(self.n):
+            self.start_device(i, self.n)
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in reversed(self.procs):
-            stop_process_tree(proc)
-        self.logs.close()
-
-    def flwr(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Run the ``flwr`` CLI against this federation."""
-        return subprocess.run(
-            [str(BIN / "flwr"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=PROJECT_DIR,
-        )
 
     def run_config(self, name: str, **extra: object) -> Path:
         """A tiny-model run config file writing to ``tmp_path/<name>``."""
-        values: dict[str, object] = {
-            "model.name": "tiny",
-            "num-server-rounds": 2,
-            "data.num-users": self.n,
-            "data.max-seq-len": 48,
-            "data.max-test-samples": 4,
-            "train.local-steps": 4,
-            "train.batch-size": 2,
-            "train.learning-rate": 0.05,
-            "dp.clip-norm": 0.005,
-            "output.dir": str(self.tmp),
-            "output.run-name": name,
-            "round-timeout": 300,
-            **extra,
-        }
-        path = self.tmp / f"{name}.toml"
-        path.write_text("".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in values.items()))
-        return path
+        config = tiny_run_config(self.root, name, **{"data.num-users": self.n, **extra})
+        return self.write_run_config(config, name)
 
 
 def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
@@ -250,7 +158,7 @@ def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
             assert store.get_json("device")["rounds_trained"] == 2
             assert store.get_blob("personal") is not None
             assert len(store.get_json("ledger")["events"]) == 2
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def _server_app_processes(superlink: subprocess.Popen) -> list[psutil.Process]:
@@ -326,7 +234,7 @@ def test_deployment_server_app_killed_after_round_1_resumes_with_the_same_epsilo
         with open_test_store(tmp_path / f"device{pid}") as store:
             rounds = {e["round"] for e in store.get_json("ledger")["events"]}
             assert rounds == set(range(1, n_rounds + 1))
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_sigterm_during_a_simulation_leaves_no_process(tmp_path) -> None:
@@ -349,5 +257,5 @@ def test_sigterm_during_a_simulation_leaves_no_process(tmp_path) -> None:
     proc.wait(timeout=120)
 
     # Assert
-    assert _processes_mentioning(str(tmp_path / "term")) == []
-    assert _processes_mentioning("fpray-term-") == []
+    assert processes_mentioning(str(tmp_path / "term")) == []
+    assert processes_mentioning("fpray-term-") == []

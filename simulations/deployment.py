@@ -1,0 +1,330 @@
+"""A Flower deployment on this machine, as real processes on 127.0.0.1.
+
+One SuperLink, SuperNodes each with its own encrypted device store, optionally their ClientApp
+executors (``--isolation process``) and device workers, TLS + SuperNode authentication when
+given ``scripts/make_certs.py`` output, and ``flwr`` runs against it. The integration and
+deployment tests and ``simulations/bench_isolation.py`` share it::
+
+    with LocalDeployment(root) as d:
+        d.start_superlink()
+        for i in range(2):
+            d.start_device(i, 2)
+        d.wait_online(2)
+        d.flwr("run", PROJECT_DIR, d.federation, "--stream", "--run-config",
+               d.write_run_config(tiny_run_config(root, "run")))
+
+Every process gets its own session (its children share its process group), a log file
+``<root>/<name>.log`` and a tag in its environment; :meth:`LocalDeployment.stop` ends them by
+PID and kills (and reports) any tagged process left behind, e.g. the children of a node
+killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from common.crypto import create_key_file
+from simulations.simulate import (
+    PROJECT_DIR,
+    _free_port,
+    _toml_value,
+    _wait_port,
+    stop_process_tree,
+)
+
+BIN = Path(sys.executable).parent
+TAG_ENV = "FEDPERSONA_LOCAL_DEPLOYMENT"
+
+
+def device_key(data_dir: Path) -> Path:
+    """A 0600 key file beside ``data_dir`` (created once), as a real device keeps one."""
+    key = Path(data_dir).with_name(Path(data_dir).name + ".key")
+    if not key.exists():
+        create_key_file(key)
+    return key
+
+
+def tiny_run_config(out: Path, name: str, **overrides: Any) -> dict[str, Any]:
+    """The tiny-model run config of the deployment tests and benchmark, writing to
+    ``out/name`` (2 rounds, SecAgg+ on as by default)."""
+    return {
+        "model.name": "tiny",
+        "num-server-rounds": 2,
+        "data.max-seq-len": 48,
+        "data.max-test-samples": 4,
+        "train.local-steps": 4,
+        "train.batch-size": 2,
+        "train.learning-rate": 0.05,
+        "dp.clip-norm": 0.005,
+        "round-timeout": 300,
+        "output.dir": str(out),
+        "output.run-name": name,
+        **overrides,
+    }
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of the processes (other than this one) that mention ``text``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if text in cmd and proc.pid != os.getpid():
+            found.append(cmd[:200])
+    return found
+
+
+class LocalDeployment:
+    """The processes of one deployment under ``root``, with a ``flwr`` connection to it.
+
+    Args:
+        root: Folder for logs, the SuperLink database, device stores and run outputs.
+        ca: The CA certificate (TLS); ``None`` for an insecure deployment.
+        federation: The federation's name in the ``flwr`` configuration written here.
+    """
+
+    def __init__(self, root: Path, *, ca: Path | None = None, federation: str = "local") -> None:
+        self.root = Path(root)
+        self.ca = ca
+        self.federation = federation
+        self.port = _free_port()
+        self.tag = uuid.uuid4().hex
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs = contextlib.ExitStack()
+        flwr_home = self.root / "flwr-home"
+        flwr_home.mkdir(parents=True)
+        tls = f'root-certificates = "{ca}"\n' if ca else "insecure = true\n"
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{federation}"\n\n[superlink.{federation}]\n'
+            f'address = "127.0.0.1:{self.port}"\n{tls}'
+        )
+        self.env = {
+            **os.environ,
+            # The SuperLink, SuperNodes and executors start Flower's CLIs by name.
+            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            TAG_ENV: self.tag,
+        }
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- processes ------------------------------------------------------------------------
+
+    def start(
+        self, name: str, cmd: list[str | Path], *, cwd: Path | None = None
+    ) -> subprocess.Popen:
+        """Start ``cmd`` as process ``name``, its output in ``<root>/<name>.log``."""
+        log = self._logs.enter_context(open(self.root / f"{name}.log", "w"))  # noqa: SIM115
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=cwd or self.root,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(
+        self, *, certs: Path | None = None, isolation: str = "subprocess"
+    ) -> subprocess.Popen:
+        """The SuperLink (TLS + SuperNode auth with ``certs``), once its port is open."""
+        cmd: list[str | Path] = [
+            BIN / "flower-superlink",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--database", self.root / "superlink.db",
+            "--isolation", isolation,
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+        if certs is None:
+            cmd.append("--insecure")
+        else:
+            cmd += [
+                "--ssl-ca-certfile", certs / "ca.crt",
+                "--ssl-certfile", certs / "server.pem",
+                "--ssl-keyfile", certs / "server.key",
+                "--enable-supernode-auth",
+                "--superexec-auth-secret-file", certs / "superexec.secret",
+            ]  # fmt: skip
+        proc = self.start("superlink", cmd)
+        _wait_port(self.port, proc)
+        return proc
+
+    def start_device(
+        self,
+        partition: int,
+        partitions: int,
+        *,
+        name: str | None = None,
+        isolation: str = "subprocess",
+        key: Path | None = None,
+        worker: bool = False,
+    ) -> Path:
+        """A device: SuperNode ``supernode<i>`` with its store in ``<root>/device<i>``, plus its
+        ClientApp executor ``clientapp<i>`` (``isolation="process"``) and its device worker
+        ``worker<i>`` (``worker=True``, started and answering before the SuperNode). ``name``
+        replaces ``supernode<i>`` and ``device<i>`` (e.g. an intruder's). Returns the store."""
+        if name is None:
+            name, data_dir = f"supernode{partition}", self.root / f"device{partition}"
+            worker_name, executor_name = f"worker{partition}", f"clientapp{partition}"
+        else:
+            data_dir, worker_name, executor_name = self.root / name, f"{name}-worker", f"{name}-app"
+        node_config = (
+            f'partition-id={partition} num-partitions={partitions} data-dir="{data_dir}" '
+            f'key-file="{device_key(data_dir)}"'
+        )
+        if worker:
+            from client.worker import SOCKET_KEY
+
+            sock = self.root / f"{worker_name}.sock"
+            cmd = [BIN / "fedpersona", "device", "worker", "--socket", sock]
+            self.wait_worker(sock, self.start(worker_name, cmd))
+            node_config += f' {SOCKET_KEY}="{sock}"'
+        runtime_port = _free_port()
+        cmd: list[str | Path] = [
+            BIN / "flower-supernode",
+            "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1",
+            "--port", str(runtime_port),
+            "--isolation", isolation,
+            "--node-config", node_config,
+        ]  # fmt: skip
+        cmd += ["--root-certificates", self.ca] if self.ca else ["--insecure"]
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", key]
+        self.start(name, cmd)
+        if isolation == "process":
+            self.start(
+                executor_name,
+                [BIN / "flower-superexec", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                 "--insecure"],
+            )  # fmt: skip
+        return data_dir
+
+    @staticmethod
+    def wait_worker(sock: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+        """Wait until the device worker ``proc`` answers a ping on ``sock``."""
+        from client.worker import ping
+
+        deadline = time.monotonic() + timeout
+        while not ping(sock):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the device worker for {sock} exited {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no device worker answers on {sock} after {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def log(self, name: str) -> str:
+        """What process ``name`` printed so far."""
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> list[str]:
+        """Stop every process by PID (newest first); return the command lines still alive."""
+        for proc in reversed(list(self.procs.values())):
+            stop_process_tree(proc)
+        self._logs.close()
+        left = []
+        for proc in self._tagged():  # reparented strays, e.g. a killed node's children
+            with contextlib.suppress(psutil.Error):
+                left.append(" ".join(proc.cmdline())[:200])
+                proc.kill()
+        return left
+
+    def _tagged(self) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.pid != os.getpid() and proc.environ().get(TAG_ENV) == self.tag:
+                    found.append(proc)
+        return found
+
+    def children_running(self, program: str) -> dict[int, int]:
+        """``{pid: parent pid}`` of this deployment's processes running ``program``."""
+        found = {}
+        for proc in self._tagged():
+            with contextlib.suppress(psutil.Error):
+                cmdline = proc.cmdline()
+                if len(cmdline) > 1 and Path(cmdline[1]).name == program:
+                    found[proc.pid] = proc.ppid()
+        return found
+
+    # ---- the flwr CLI ---------------------------------------------------------------------
+
+    def flwr(self, *args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI against this deployment (from the project folder)."""
+        return subprocess.run(
+            [str(BIN / "flwr"), *map(str, args)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=PROJECT_DIR,
+        )
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode list``: the SuperLink's view of its SuperNodes."""
+        res = self.flwr("supernode", "list", self.federation, "--format", "json", timeout=120)
+        if res.returncode != 0 or "{" not in res.stdout:
+            raise RuntimeError(f"flwr supernode list failed: {res.stdout + res.stderr}")
+        return list(_json_out(res.stdout)["nodes"])
+
+    def register(self, public_key: Path) -> str:
+        """``flwr supernode register``: the new node's ID."""
+        res = self.flwr(
+            "supernode", "register", public_key, self.federation, "--format", "json", timeout=120
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr supernode register failed: {res.stdout + res.stderr}")
+        return str(_json_out(res.stdout)["node-id"])
+
+    def wait_online(self, count: int, timeout: float = 120) -> list[str]:
+        """Wait until ``count`` SuperNodes are online; return their node IDs."""
+        deadline = time.monotonic() + timeout
+        online: list[str] = []
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError):  # the SuperLink may still be starting
+                online = [n["node-id"] for n in self.nodes() if n["status"] == "online"]
+            if len(online) >= count:
+                return online
+            time.sleep(1)
+        raise TimeoutError(f"{len(online)} of {count} SuperNodes online after {timeout:.0f} s")
+
+    def write_run_config(self, config: dict[str, Any], name: str = "run-config") -> Path:
+        """``config`` as a TOML file under ``root`` (for ``flwr run --run-config``)."""
+        path = self.root / f"{name}.toml"
+        path.write_text("".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in config.items()))
+        return path
+
+    def run(self, config: dict[str, Any]) -> subprocess.Popen:
+        """Start ``flwr run PROJECT_DIR <federation> --stream`` as process ``flwr-run``."""
+        path = self.write_run_config(config)
+        return self.start(
+            "flwr-run",
+            [BIN / "flwr", "run", PROJECT_DIR, self.federation, "--stream", "--run-config", path],
+            cwd=PROJECT_DIR,
+        )
+
+
+def _json_out(text: str) -> dict[str, Any]:
+    """The JSON object in a ``flwr … --format json`` output (which may have a banner)."""
+    return json.loads(text[text.index("{") : text.rindex("}") + 1])

@@ -99,6 +99,7 @@ class LocalDeployment:
         self.port = _free_port()
         self.tag = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
+        self.workers: dict[Path, subprocess.Popen] = {}  # socket -> device worker
         self._logs = contextlib.ExitStack()
         flwr_home = self.root / "flwr-home"
         flwr_home.mkdir(parents=True)
@@ -182,7 +183,7 @@ class LocalDeployment:
     ) -> Path:
         """A device: SuperNode ``supernode<i>`` with its store in ``<root>/device<i>``, plus its
         ClientApp executor ``clientapp<i>`` (``isolation="process"``) and its device worker
-        ``worker<i>`` (``worker=True``, started and answering before the SuperNode). ``name``
+        ``worker<i>`` (``worker=True``; :meth:`wait_online` waits until it answers). ``name``
         replaces ``supernode<i>`` and ``device<i>`` (e.g. an intruder's). Returns the store."""
         if name is None:
             name, data_dir = f"supernode{partition}", self.root / f"device{partition}"
@@ -198,7 +199,7 @@ class LocalDeployment:
 
             sock = self.root / f"{worker_name}.sock"
             cmd = [BIN / "fedpersona", "device", "worker", "--socket", sock]
-            self.wait_worker(sock, self.start(worker_name, cmd))
+            self.workers[sock] = self.start(worker_name, cmd)
             node_config += f' {SOCKET_KEY}="{sock}"'
         runtime_port = _free_port()
         cmd: list[str | Path] = [
@@ -298,7 +299,10 @@ class LocalDeployment:
         return str(_json_out(res.stdout)["node-id"])
 
     def wait_online(self, count: int, timeout: float = 120) -> list[str]:
-        """Wait until ``count`` SuperNodes are online; return their node IDs."""
+        """Wait until ``count`` SuperNodes are online and every device worker answers;
+        return the SuperNodes' IDs."""
+        for sock, proc in self.workers.items():
+            self.wait_worker(sock, proc)
         deadline = time.monotonic() + timeout
         online: list[str] = []
         while time.monotonic() < deadline:

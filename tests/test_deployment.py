@@ -40,8 +40,7 @@ from simulations.simulate import PROJECT_DIR
 from tests.conftest import open_test_store
 from tests.test_integration import _check_summary
 
-# Opt-in (minutes of real processes with a fresh ClientApp process per message):
-#   pytest -m deployment tests/test_deployment.py
+# Part of the test command (about 5 minutes on 2 cores); alone: pytest -m deployment
 pytestmark = [pytest.mark.integration, pytest.mark.deployment]
 MAKE_CERTS = PROJECT_DIR / "scripts" / "make_certs.py"
 REGISTERED = 3
@@ -191,7 +190,7 @@ def _kill_tree(pid: int) -> list[int]:
     return [p.pid for p in victims]
 
 
-def test_secagg_round_completes_without_a_supernode_killed_mid_round(tmp_path) -> None:
+def test_secagg_round_completes_without_a_device_killed_mid_round(tmp_path) -> None:
     # Prepare: 3 SuperNodes, SecAgg+ (the default), m_min = 2. A stage waits for a lost node
     # until `secagg.timeout` or until the SuperLink marks it offline (<= 2 heartbeats, 60 s),
     # whichever comes first; 120 s leaves slow (loaded) machines time for a healthy stage.
@@ -210,8 +209,8 @@ def test_secagg_round_completes_without_a_supernode_killed_mid_round(tmp_path) -
     )
     try:
         d.start_superlink()
-        for i in range(3):
-            d.start_device(i, 3)
+        for i in range(3):  # as deployed: executor beside the SuperNode, and a device worker
+            d.start_device(i, 3, isolation="process", worker=True)
         d.wait_online(3)
         run = d.run(config)
 
@@ -222,7 +221,12 @@ def test_secagg_round_completes_without_a_supernode_killed_mid_round(tmp_path) -
             assert run.poll() is None, d.log("flwr-run")[-3000:]
             assert time.monotonic() < deadline, d.log(f"supernode{victim}")[-3000:]
             time.sleep(0.2)
-        killed = _kill_tree(d.procs[f"supernode{victim}"].pid)
+        # The whole device goes: SuperNode, ClientApp executor (and its ClientApp), worker.
+        killed = [
+            pid
+            for name in (f"supernode{victim}", f"clientapp{victim}", f"worker{victim}")
+            for pid in _kill_tree(d.procs[name].pid)
+        ]
         code = _finish(run, d, timeout=480)
     finally:
         left = d.stop()

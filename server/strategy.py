@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
+from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -90,18 +91,22 @@ class PersonaFedAvg(FedAvg):
         self._wanted = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
         self._assembled = False
 
-    def _await_nodes(self, grid: Grid) -> None:
-        """Wait (bounded) for the wanted nodes; lower this round's minimums to those online."""
+    def _await_nodes(self, grid: Grid) -> Grid:
+        """Wait (bounded) for the wanted nodes; lower this round's minimums to those online
+        and return the grid with its node list frozen at them (a node lost a moment later
+        then fails to answer instead of making Flower's sampler wait for it forever)."""
         wanted = self._wanted[0]
         deadline = time.monotonic() + (self.rejoin_wait if self._assembled else self.assemble_wait)
-        while (online := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
+        while len(nodes := list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
             time.sleep(1)
+        online = len(nodes)
         self._assembled = self._assembled or online >= wanted
         if online < wanted:
             log(WARNING, "%s of %s nodes online: sampling from those online", online, wanted)
         self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = (
             min(w, online) for w in self._wanted
         )
+        return cast(Grid, _FrozenNodes(grid, nodes))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -113,8 +118,8 @@ class PersonaFedAvg(FedAvg):
         )
         if self.stopped_at is not None:
             return []
-        self._await_nodes(grid)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        frozen = self._await_nodes(grid)
+        messages = list(super().configure_train(server_round, arrays, config, frozen))
         self.sampled[server_round] = len(messages)
         return messages
 
@@ -217,8 +222,21 @@ class PersonaFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's evaluation sampling, at the run's round number."""
-        self._await_nodes(grid)
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        frozen = self._await_nodes(grid)
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, frozen)
+
+
+class _FrozenNodes:
+    """``grid`` with ``get_node_ids`` fixed to ``node_ids`` (FedAvg's sampling reads only that)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
 
 
 def _add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:

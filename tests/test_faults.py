@@ -286,6 +286,44 @@ def test_a_node_lost_after_round_one_does_not_stall_the_message_api_path(caplog)
     assert any("2 of 3 nodes online" in r.getMessage() for r in caplog.records)
 
 
+class _DyingAfterTheCheckGrid(InProcessGrid):
+    """Node 3 dies right after the strategy's first look at the nodes of each phase: every
+    later ``get_node_ids`` misses it, and it never answers."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.looks = 0
+
+    def get_node_ids(self):  # type: ignore[no-untyped-def]  # noqa: D102
+        self.looks += 1
+        return list(self.contexts) if self.looks == 1 else [1, 2]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]  # noqa: D102
+        self.looks = 0  # the next phase looks afresh
+        alive = [m for m in messages if m.metadata.dst_node_id != 3]
+        return super().send_and_receive(alive, timeout=timeout)
+
+
+def test_a_node_lost_between_the_check_and_the_sampling_is_a_failure_not_a_wait(monkeypatch):
+    # Prepare: Flower's sampler sleeps while too few nodes are listed; make that an error.
+    import flwr.serverapp.strategy.strategy_utils as flower_sampling
+
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError("Flower's sampler waited for a node that is gone")
+
+    monkeypatch.setattr(flower_sampling, "sleep", no_waiting)
+    grid = _DyingAfterTheCheckGrid(_message_api_app(0, ""), {1: {}, 2: {}, 3: {}})
+    strategy = _fedavg_of_three()
+
+    # Execute
+    _run_from_zeros(strategy, grid)
+
+    # Assert: node 3 was sampled (it was online when looked at) and counted as a failure.
+    (record,) = strategy.recorder.rounds
+    assert strategy.sampled == {1: 3}
+    assert record["updates"] == 2 and record["failures"] == 1 and record["released"]
+
+
 # ---- SecAgg+: malformed masked vectors, non-finite or misshapen sums ------------------------
 
 

@@ -13,6 +13,7 @@ two flwr 1.42 problems fixed and DP done by fedpersona rather than the stock wra
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -221,11 +222,13 @@ class SecAggDPStrategy(Strategy):
         self._assembled = client_manager.wait_for(self.min_nodes, timeout=timeout) or (
             self._assembled
         )
-        available = client_manager.num_available()
-        n = min(available, max(int(available * fraction), min(2, self.min_nodes)))
+        # One look at the nodes, sampled from directly: ClientManager.sample would wait (up to
+        # a day) for a node lost between a count and the sampling.
+        online = list(client_manager.all().values())
+        n = min(len(online), max(int(len(online) * fraction), min(2, self.min_nodes)))
         if n < self.min_nodes:
-            log(WARNING, "%s of %s nodes online: sampling %s", available, self.min_nodes, n)
-        return client_manager.sample(num_clients=n, min_num_clients=n) if n else []
+            log(WARNING, "%s of %s nodes online: sampling %s", len(online), self.min_nodes, n)
+        return random.sample(online, n)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -10,6 +10,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -322,6 +323,42 @@ def test_a_node_lost_between_the_check_and_the_sampling_is_a_failure_not_a_wait(
     (record,) = strategy.recorder.rounds
     assert strategy.sampled == {1: 3}
     assert record["updates"] == 2 and record["failures"] == 1 and record["released"]
+
+
+def test_secagg_sampling_never_waits_for_a_node_lost_after_the_look() -> None:
+    # Prepare: 3 nodes; the moment the strategy has looked at them, node "c" disconnects.
+    # (Flower's ClientManager.sample would then wait up to a day for a third node.)
+    from flwr.server.client_manager import SimpleClientManager
+
+    class Manager(SimpleClientManager):
+        def all(self):  # type: ignore[no-untyped-def]  # noqa: D102
+            seen = dict(self.clients)
+            self.clients.pop("c", None)
+            return seen
+
+        def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:  # noqa: D102
+            assert timeout <= 60, f"waited {timeout} s for {num_clients} nodes"
+            return len(self.clients) >= num_clients
+
+    manager = Manager()
+    manager.clients = {c: SimpleNamespace(cid=c) for c in "abc"}  # type: ignore[misc]
+    strategy = SecAggDPStrategy(
+        shared_names=["t"],
+        initial=[np.zeros(2, np.float32)],
+        recorder=RoundRecorder(None),
+        min_updates=2,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_nodes=3,
+    )
+    strategy._assembled = True  # after round 1: lost nodes get at most rejoin_wait
+    strategy.rejoin_wait = 0.1
+
+    # Execute
+    sampled = strategy._sample(manager, 1.0)
+
+    # Assert: all three it saw are sampled (the lost one then fails to answer) without waiting.
+    assert sorted(p.cid for p in sampled) == ["a", "b", "c"]
 
 
 # ---- SecAgg+: malformed masked vectors, non-finite or misshapen sums ------------------------

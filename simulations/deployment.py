@@ -198,8 +198,8 @@ class LocalDeployment:
             from client.worker import SOCKET_KEY
 
             sock = self.root / f"{worker_name}.sock"
-            cmd = [BIN / "fedpersona", "device", "worker", "--socket", sock]
-            self.workers[sock] = self.start(worker_name, cmd)
+            worker_cmd = [BIN / "fedpersona", "device", "worker", "--socket", sock]
+            self.workers[sock] = self.start(worker_name, worker_cmd)
             node_config += f' {SOCKET_KEY}="{sock}"'
         runtime_port = _free_port()
         cmd: list[str | Path] = [

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -35,6 +34,8 @@ from typing import Any
 from flwr.app import Context, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from common.crypto import StoreKeyError, create_key_file, read_key_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ def forward(socket_path: str, kind: str, content: RecordDict, context: Context) 
     if kind not in (*KINDS, PING):
         raise ValueError(f"unknown message kind {kind!r}; expected one of {KINDS}")
     try:
-        key = bytes.fromhex(key_path(socket_path).read_text().strip())
-    except (OSError, ValueError) as err:
+        key = read_key_file(key_path(socket_path))
+    except (OSError, StoreKeyError) as err:
         raise WorkerUnavailable(
             f"no usable worker key at {key_path(socket_path)} ({err}); is "
             f"`fedpersona device worker --socket {socket_path}` running?"
@@ -130,8 +131,8 @@ def serve(socket_path: str | Path, *, preload: bool = True) -> None:
         raise ValueError(f"socket path too long for a Unix socket ({len(str(path))} bytes): {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     _claim(path)
-    key = secrets.token_bytes(32)
-    _write_private(key_path(path), key.hex())
+    key_path(path).unlink(missing_ok=True)  # a dead worker's: this one gets a fresh key
+    key = read_key_file(create_key_file(key_path(path)))
     if preload:  # torch, transformers and peft, once; the model loads with the first message
         import client.handlers  # noqa: F401
 
@@ -207,8 +208,6 @@ def _run(header: dict[str, Any], content: RecordDict) -> RecordDict:
     kind = header.get("kind")
     if kind == PING:
         return RecordDict()
-    if kind not in KINDS:
-        raise ValueError(f"unknown message kind {kind!r}; expected one of {KINDS}")
     context = Context(
         run_id=int(header["run_id"]),
         node_id=int(header["node_id"]),
@@ -247,11 +246,3 @@ def _claim(path: Path) -> None:
     finally:
         probe.close()
     raise RuntimeError(f"another device worker already answers on {path}")
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

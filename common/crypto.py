@@ -100,7 +100,14 @@ def create_key_file(path: Path) -> Path:
     return path
 
 
-def _read_key_file(path: Path) -> bytes:
+def read_key_file(path: Path) -> bytes:
+    """The key in a 0600 key file (as :func:`create_key_file` writes one).
+
+    Raises:
+        FileNotFoundError: No such file.
+        InsecureKeyFile: Other users may read it.
+        WrongKey: It holds no hex-encoded key of the right length.
+    """
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -121,7 +128,7 @@ def _read_key_file(path: Path) -> bytes:
 
 def _kek(secret: Secret, salt: bytes, params: dict[str, int]) -> bytes:
     if secret.key_file is not None:
-        return _read_key_file(secret.key_file)
+        return read_key_file(secret.key_file)
     assert secret.passphrase is not None
     kdf = Scrypt(salt=salt, length=KEY_BYTES, n=params["n"], r=params["r"], p=params["p"])
     return kdf.derive(secret.passphrase.encode())

@@ -14,22 +14,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from client import worker
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
-from client.device import get_runtime
 from common.config import parse_run_config
+from common.crypto import create_key_file
 from common.serialization import to_arrayrecord
 from simulations.simulate import PROJECT_DIR
 from tests.conftest import (
     device_key,
     device_node_config,
+    initial_shared,
     make_context,
     make_message,
-    open_test_store,
+    stored_device_state,
     tiny_run_config,
 )
 
@@ -82,20 +82,6 @@ def running_worker(sock_dir: Path) -> Iterator[tuple[Path, subprocess.Popen]]:
     assert not sock.exists() and not worker.key_path(sock).exists()  # cleaned up on SIGTERM
 
 
-def _global(cfg) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    rt = get_runtime(cfg)
-    return {n: rt.init[n].clone() for n in rt.shared_names}
-
-
-def _stored(data_dir: Path) -> dict:
-    with open_test_store(data_dir) as store:
-        return {
-            "personal": store.get_blob("personal"),
-            "ledger": store.get_json("ledger"),
-            "device": store.get_json("device"),
-        }
-
-
 def test_worker_answers_like_the_clientapp_process(tmp_path, running_worker) -> None:
     # Prepare: two copies of a device that trained round 1 in-process.
     sock, proc = running_worker
@@ -103,7 +89,7 @@ def test_worker_answers_like_the_clientapp_process(tmp_path, running_worker) -> 
     cfg = parse_run_config(raw)
     here = tmp_path / "here"
     client_train(
-        make_message(to_arrayrecord(_global(cfg)), "train"),
+        make_message(to_arrayrecord(initial_shared(cfg)), "train"),
         make_context(raw, device_node_config(here, 0, 4)),
     )
     there = tmp_path / "there"
@@ -112,23 +98,23 @@ def test_worker_answers_like_the_clientapp_process(tmp_path, running_worker) -> 
     via_worker = make_context(
         raw, {**device_node_config(there, 0, 4), worker.SOCKET_KEY: str(sock)}
     )
-    evaluate_msg = make_message(to_arrayrecord(_global(cfg)), "evaluate")
+    evaluate_msg = make_message(to_arrayrecord(initial_shared(cfg)), "evaluate")
 
     # Execute
     local = client_evaluate(evaluate_msg, make_context(raw, device_node_config(here, 0, 4)))
     remote = client_evaluate(evaluate_msg, via_worker)
     trained = client_train(
-        make_message(to_arrayrecord(_global(cfg)), "train", server_round=2), via_worker
+        make_message(to_arrayrecord(initial_shared(cfg)), "train", server_round=2), via_worker
     )
 
     # Assert: the same evaluation, and the worker's round 2 committed to its device's store.
     assert dict(remote.content["metrics"]) == pytest.approx(dict(local.content["metrics"]))
-    shared = _global(cfg)
+    shared = initial_shared(cfg)
     assert set(trained.content["arrays"].keys()) == set(shared)
     for name, tensor in shared.items():
         assert trained.content["arrays"][name].numpy().shape == tuple(tensor.shape)
-    assert [e["round"] for e in _stored(there)["ledger"]["events"]] == [1, 2]
-    assert [e["round"] for e in _stored(here)["ledger"]["events"]] == [1]
+    assert [e["round"] for e in stored_device_state(there)["ledger"]["events"]] == [1, 2]
+    assert [e["round"] for e in stored_device_state(here)["ledger"]["events"]] == [1]
     assert proc.poll() is None
 
 
@@ -140,9 +126,9 @@ def test_worker_rejects_a_bad_message_keeps_the_store_and_serves_on(tmp_path, ru
     ctx = make_context(
         raw, {**device_node_config(tmp_path / "dev", 0, 4), worker.SOCKET_KEY: str(sock)}
     )
-    client_train(make_message(to_arrayrecord(_global(cfg)), "train"), ctx)
-    before = _stored(tmp_path / "dev")
-    bad = make_message(to_arrayrecord(_global(cfg)), "train", server_round=2)
+    client_train(make_message(to_arrayrecord(initial_shared(cfg)), "train"), ctx)
+    before = stored_device_state(tmp_path / "dev")
+    bad = make_message(to_arrayrecord(initial_shared(cfg)), "train", server_round=2)
     bad.content = RecordDict({"arrays": bad.content["arrays"], "config": ConfigRecord({})})
 
     # Execute
@@ -150,9 +136,9 @@ def test_worker_rejects_a_bad_message_keeps_the_store_and_serves_on(tmp_path, ru
         client_train(bad, ctx)
 
     # Assert: nothing stored, and the worker answers the next (good) message.
-    assert _stored(tmp_path / "dev") == before
-    client_train(make_message(to_arrayrecord(_global(cfg)), "train", server_round=2), ctx)
-    assert [e["round"] for e in _stored(tmp_path / "dev")["ledger"]["events"]] == [1, 2]
+    assert stored_device_state(tmp_path / "dev") == before
+    client_train(make_message(to_arrayrecord(initial_shared(cfg)), "train", server_round=2), ctx)
+    assert [e["round"] for e in stored_device_state(tmp_path / "dev")["ledger"]["events"]] == [1, 2]
     assert proc.poll() is None
 
 
@@ -160,7 +146,7 @@ def test_wrong_key_is_refused_and_the_worker_serves_on(tmp_path, running_worker,
     sock, proc = running_worker
     impostor = sock_dir / "impostor.sock"
     os.symlink(sock, impostor)
-    worker.key_path(impostor).write_text("00" * 32)
+    create_key_file(worker.key_path(impostor))  # a well-formed 0600 key, not the worker's
     raw = tiny_run_config()
     ctx = make_context(raw, device_node_config(tmp_path / "dev", 0, 4))
 
@@ -190,14 +176,14 @@ def test_without_a_worker_the_clientapp_answers_itself(tmp_path, caplog, sock_di
     )
 
     with caplog.at_level(logging.WARNING):
-        reply = client_train(make_message(to_arrayrecord(_global(cfg)), "train"), ctx)
+        reply = client_train(make_message(to_arrayrecord(initial_shared(cfg)), "train"), ctx)
 
-    assert set(reply.content["arrays"].keys()) == set(_global(cfg))
+    assert set(reply.content["arrays"].keys()) == set(initial_shared(cfg))
     assert any(
         "answering the train message in the ClientApp process" in r.getMessage()
         for r in caplog.records
     )
-    assert [e["round"] for e in _stored(tmp_path / "dev")["ledger"]["events"]] == [1]
+    assert [e["round"] for e in stored_device_state(tmp_path / "dev")["ledger"]["events"]] == [1]
 
 
 def test_second_worker_on_a_live_socket_is_refused_and_a_stale_one_replaced(

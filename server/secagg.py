@@ -175,6 +175,9 @@ class SecAggDPStrategy(Strategy):
             its evaluation (the ServerApp checkpoints there).
     """
 
+    assemble_wait = 3600.0  # s for the federation to assemble before round 1
+    rejoin_wait = 60.0  # s for lost nodes to come back before a later round
+
     def __init__(
         self,
         *,
@@ -194,7 +197,6 @@ class SecAggDPStrategy(Strategy):
         super().__init__()
         self.round_offset = round_offset
         self.on_round_end = on_round_end
-        self.rejoin_wait = 60.0
         self._assembled = False
         self.sampled: dict[int, int] = {}
         self.ab_scale = ab_scale
@@ -218,7 +220,7 @@ class SecAggDPStrategy(Strategy):
         federation to assemble; later, wait at most ``rejoin_wait`` s for lost nodes to come
         back, then go on with those online (a dead node must not stall the run; the m_min
         check decides whether the round may be released)."""
-        timeout = self.rejoin_wait if self._assembled else 3600
+        timeout = self.rejoin_wait if self._assembled else self.assemble_wait
         self._assembled = client_manager.wait_for(self.min_nodes, timeout=timeout) or (
             self._assembled
         )

@@ -95,3 +95,21 @@ def device_node_config(data_dir: Path, partition_id: int, num_partitions: int) -
 def open_test_store(data_dir: Path) -> LocalStore:
     """Open (creating) the encrypted store in ``data_dir`` with its key file."""
     return LocalStore.open(data_dir, Secret(key_file=device_key(data_dir)), create=True)
+
+
+def stored_device_state(data_dir: Path) -> dict[str, Any]:
+    """What a device's store holds of its rounds: personal tensors, ledger, device record."""
+    with open_test_store(data_dir) as store:
+        return {
+            "personal": store.get_blob("personal"),
+            "ledger": store.get_json("ledger"),
+            "device": store.get_json("device"),
+        }
+
+
+def initial_shared(cfg: RunConfig) -> dict[str, Any]:
+    """A copy of the initial shared tensors of ``cfg``'s model (what a server sends first)."""
+    from client.device import get_runtime
+
+    rt = get_runtime(cfg)
+    return {n: rt.init[n].clone() for n in rt.shared_names}

@@ -37,28 +37,16 @@ from server.server_app import main as server_main
 from server.strategy import PersonaFedAvg
 from tests.conftest import (
     device_node_config,
+    initial_shared,
     make_context,
     make_message,
     open_test_store,
+    stored_device_state,
     tiny_run_config,
 )
 from tests.flower_harness import InProcessGrid
 
 # ---- the device refuses malformed server messages ------------------------------------------
-
-
-def _stored(data_dir) -> dict:  # type: ignore[no-untyped-def]
-    with open_test_store(data_dir) as store:
-        return {
-            "personal": store.get_blob("personal"),
-            "ledger": store.get_json("ledger"),
-            "device": store.get_json("device"),
-        }
-
-
-def _global(cfg) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    rt = get_runtime(cfg)
-    return {n: rt.init[n].clone() for n in rt.shared_names}
 
 
 def _bad_message(kind: str, tensors: dict[str, torch.Tensor]) -> Message:
@@ -115,18 +103,18 @@ def test_device_rejects_malformed_server_message_and_keeps_its_state(tmp_path, k
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
     ctx = make_context(raw, device_node_config(tmp_path / "dev", 0, 4))
-    client_train(make_message(to_arrayrecord(_global(cfg)), "train"), ctx)
-    before = _stored(tmp_path / "dev")
+    client_train(make_message(to_arrayrecord(initial_shared(cfg)), "train"), ctx)
+    before = stored_device_state(tmp_path / "dev")
     assert before["personal"] is not None and len(before["ledger"]["events"]) == 1
 
     # Execute
     with pytest.raises(ValueError, match="rejecting the server's fitins message") as err:
-        client_train(_bad_message(kind, _global(cfg)), ctx)
+        client_train(_bad_message(kind, initial_shared(cfg)), ctx)
 
     # Assert
     assert BAD_SERVER_MESSAGES[kind] in str(err.value)
     assert any("rejecting the server's" in r.getMessage() for r in caplog.records)
-    assert _stored(tmp_path / "dev") == before
+    assert stored_device_state(tmp_path / "dev") == before
 
 
 def test_device_rejects_integer_arrays_on_the_secagg_path(tmp_path) -> None:
@@ -142,7 +130,7 @@ def test_device_rejects_integer_arrays_on_the_secagg_path(tmp_path) -> None:
     ctx = make_context(raw, device_node_config(tmp_path / "dev", 0, 4))
     with pytest.raises(ValueError, match="expected floating point"):
         client_train(_with_content(content), ctx)
-    assert _stored(tmp_path / "dev")["ledger"] is None
+    assert stored_device_state(tmp_path / "dev")["ledger"] is None
 
 
 # ---- the server refuses malformed replies (Message API) -------------------------------------
@@ -677,19 +665,19 @@ def test_device_killed_mid_round_restarts_from_its_last_committed_round(tmp_path
     # Prepare: a device that completed round 1.
     data_dir = tmp_path / "dev"
     assert _device_child(data_dir, "normal", 1) == 0
-    committed = _stored(data_dir)
+    committed = stored_device_state(data_dir)
 
     # Execute: SIGKILL during round 2's training, then inside its commit (personal tensors and
     # ledger queued, device record not yet); then round 2 again after the restart.
     after_crash = {}
     for mode in ("kill-in-training", "kill-in-commit"):
         assert _device_child(data_dir, mode, 2) == -9
-        after_crash[mode] = _stored(data_dir)
+        after_crash[mode] = stored_device_state(data_dir)
     assert _device_child(data_dir, "normal", 2) == 0
 
     # Assert
     for mode, stored in after_crash.items():
         assert stored == committed, mode  # nothing of the killed round landed
-    final = _stored(data_dir)
+    final = stored_device_state(data_dir)
     assert [e["round"] for e in final["ledger"]["events"]] == [1, 2]
     assert final["device"]["rounds_trained"] == 2 and final["personal"] != committed["personal"]

@@ -40,7 +40,7 @@ from simulations.simulate import PROJECT_DIR
 from tests.conftest import open_test_store
 from tests.test_integration import _check_summary
 
-# Part of the test command (about 5 minutes on 2 cores); alone: pytest -m deployment
+# Part of the test command (about 6 minutes on 2 cores); alone: pytest -m deployment
 pytestmark = [pytest.mark.integration, pytest.mark.deployment]
 MAKE_CERTS = PROJECT_DIR / "scripts" / "make_certs.py"
 REGISTERED = 3

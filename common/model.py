@@ -25,6 +25,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,6 +262,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     raise ValueError(f"invalid `model.dtype` {dtype!r}: must be one of auto, {', '.join(_DTYPES)}")
 
 
+def enable_bitsandbytes() -> None:
+    """Lift the block ``common/__init__.py`` puts on bitsandbytes (4-bit bases only).
+
+    peft and transformers cached "not installed" while it was blocked; their caches are
+    cleared so that their k-bit code paths find it now.
+    """
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]
+    from peft import import_utils as peft_imports
+    from transformers.utils import import_utils as hf_imports
+
+    for check in (
+        peft_imports.is_bnb_available,
+        peft_imports.is_bnb_4bit_available,
+        hf_imports.is_bitsandbytes_available,
+    ):
+        check.cache_clear()
+
+
 def _require_4bit_support(device: torch.device) -> None:
     """Fail fast, before bitsandbytes is imported or a weight is read, if 4-bit cannot run."""
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -273,6 +293,7 @@ def _require_4bit_support(device: torch.device) -> None:
             f'`model.quantization = "4bit"` requires CUDA (bitsandbytes NF4), but {why}; '
             'set `model.quantization = "none"` to train the full-precision base instead'
         )
+    enable_bitsandbytes()
     for package, pin in (("bitsandbytes", "bitsandbytes>=0.46.1"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(package) is None:
             raise QuantizationUnavailable(

@@ -106,6 +106,52 @@ def stop_process_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         proc.wait(timeout=timeout)
 
 
+# Ray puts its Unix sockets at <RAY_TMPDIR>/ray/session_<%Y-%m-%d_%H-%M-%S_%f>_<pid>/sockets/
+# plasma_store (ray/_private/node.py), and Linux caps a socket path at 107 bytes.
+_RAY_SESSION_TAIL = len("/ray/session_") + len("2026-01-01_00-00-00_000000") + len("_")
+_MAX_PID_DIGITS = 7  # /proc/sys/kernel/pid_max is at most 2**22 = 4194304
+_RAY_SOCKET_TAIL = len("/sockets/") + len("plasma_store")
+# Room for Ray's ".<n>" suffixes on a reused socket name and a longer name in a later release.
+_RAY_SOCKET_MARGIN = 8
+AF_UNIX_MAX = 107
+RAY_DIR_PREFIX = "fpr-"  # + the 8 random characters of tempfile.mkdtemp
+
+
+def ray_socket_path_bound(ray_tmpdir: str) -> int:
+    """The longest Unix socket path, in bytes, Ray can make under ``ray_tmpdir``."""
+    return (
+        len(os.fsencode(ray_tmpdir))
+        + _RAY_SESSION_TAIL
+        + _MAX_PID_DIGITS
+        + _RAY_SOCKET_TAIL
+        + _RAY_SOCKET_MARGIN
+    )
+
+
+def ray_temp_base(environ: dict[str, str] | None = None) -> Path:
+    """Where this run's Ray directory goes: ``$RAY_TMPDIR``, else ``$TMPDIR``, else ``/tmp``.
+
+    The same order Ray itself follows. The run's directory (``<base>/fpr-XXXXXXXX``) never
+    depends on the run name or ``--out``, so only this base can make Ray's socket paths too
+    long.
+
+    Raises:
+        ValueError: If Ray's socket paths under that base could pass the 107-byte limit.
+    """
+    environ = os.environ if environ is None else environ
+    source = next((k for k in ("RAY_TMPDIR", "TMPDIR") if environ.get(k)), None)
+    base = Path(environ[source]) if source else Path("/tmp")
+    bound = ray_socket_path_bound(os.path.join(base, RAY_DIR_PREFIX + "X" * 8))
+    if bound > AF_UNIX_MAX:
+        limit = AF_UNIX_MAX - ray_socket_path_bound(f"/{RAY_DIR_PREFIX}XXXXXXXX")
+        raise ValueError(
+            f"${source}={base} is too long for Ray's Unix sockets: its paths under it could "
+            f"reach {bound} bytes, over Linux's {AF_UNIX_MAX}. Point RAY_TMPDIR at a "
+            f"directory of at most {limit} bytes, e.g. `RAY_TMPDIR=/tmp fedpersona simulate …`"
+        )
+    return base
+
+
 def _exit_on_sigterm():  # type: ignore[no-untyped-def]
     """Turn SIGTERM into ``SystemExit`` (main thread only); return the previous handler."""
     if threading.current_thread() is not threading.main_thread():
@@ -145,6 +191,7 @@ def simulate(
     num_supernodes = int(run_config.get("data.num-users") or spec.num_supernodes)
     run_config["data.num-users"] = num_supernodes
     cfg = parse_run_config(run_config)  # fail fast, before any process starts
+    ray_base = ray_temp_base()
     out = Path(out).expanduser().resolve()
     name = run_name or f"{preset}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = out / name
@@ -165,8 +212,10 @@ def simulate(
     config_file.write_text(
         "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in sorted(run_config.items()))
     )
-    # Ray's socket paths must stay short: a /tmp dir named after the run, not under run_dir.
-    ray_tmp = Path(tempfile.mkdtemp(prefix=f"fpray-{name[:24]}-", dir="/tmp"))
+    # Ray's socket paths must stay short (see ray_temp_base): not under run_dir, not named
+    # after the run; where it is goes into FLWR_HOME, for whoever looks for its processes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir=ray_base))
+    (flwr_home / "ray-tmpdir").write_text(str(ray_tmp))
     bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,

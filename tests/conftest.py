@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+import common  # noqa: F401  (first: blocks bitsandbytes before flwr/peft are imported)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

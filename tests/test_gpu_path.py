@@ -62,7 +62,7 @@ def _run_python(code: str) -> dict:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -119,11 +119,20 @@ try:
 except QuantizationUnavailable as err:
     message = str(err)
 seconds = time.perf_counter() - start
-after_error = sorted({m.split(".")[0] for m in sys.modules} & {"bitsandbytes", "peft"})
+def imported(names):
+    return sorted({m.split(".")[0] for m, mod in sys.modules.items() if mod} & names)
+after_error = imported({"bitsandbytes", "peft"})
 import simulations.gpu_check
-app_deps = sorted({m.split(".")[0] for m in sys.modules} & {"flwr", "opacus"})
+app_deps = imported({"flwr", "opacus"})
+from common.config import ModelConfig
+from common.lora import build_peft_model
+from common.model import load_base_for
+from common.personalization import get_strategy
+build_peft_model(load_base_for(ModelConfig(name="tiny")), ModelConfig(name="tiny"),
+                 get_strategy("dual"))
+after_lora = imported({"bitsandbytes"})
 print(json.dumps({"message": message, "seconds": seconds, "after_error": after_error,
-                  "gpu_check": app_deps}))
+                  "gpu_check": app_deps, "after_lora": after_lora}))
 """
     return _run_python(code)
 
@@ -147,6 +156,13 @@ def test_gpu_check_imports_neither_flwr_nor_opacus(fresh_interpreter: dict) -> N
     assert fresh_interpreter["gpu_check"] == []
 
 
+def test_a_full_precision_lora_never_imports_bitsandbytes(fresh_interpreter: dict) -> None:
+    # Installed, bitsandbytes would be imported by peft for every LoRA and warn on CPUs.
+    assert fresh_interpreter["after_lora"] == []
+    assert "bitsandbytes" not in fresh_interpreter["stderr"]
+    assert "kernels" not in fresh_interpreter["stderr"]
+
+
 def test_4bit_check_runs_before_the_model_is_looked_up() -> None:
     # A model that does not exist: the quantization error, not FileNotFoundError, comes first.
     cfg = ModelConfig(name="/nonexistent/model", quantization="4bit")
@@ -165,6 +181,7 @@ def test_4bit_names_missing_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> Non
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # blocked again afterwards
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(
         importlib.util,

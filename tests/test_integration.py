@@ -51,14 +51,35 @@ def _check_summary(run_dir: Path, n_users: int, n_rounds: int) -> dict:
     return summary
 
 
+def _ray_tmpdir(run_dir: Path) -> str:
+    return (run_dir / ".flwr" / "ray-tmpdir").read_text()
+
+
 def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
-    # Execute
-    run_dir = simulate(
+    # Prepare: the console script as a user types it, default run name, a long --out path.
+    out = tmp_path / ("a-long-folder-name-for-the-runs-of-this-federation-" * 3) / "runs"
+    cmd = [
+        str(Path(sys.executable).parent / "fedpersona"),
+        "simulate",
+        "--preset",
         "tiny",
-        {"personalization.strategy": "fedsa", "audit.canaries": 1},
-        tmp_path,
-        run_name="sim",
-    )
+        "--set",
+        "personalization.strategy=fedsa",
+        "--set",
+        "audit.canaries=1",
+        "--out",
+        str(out),
+    ]
+
+    # Execute
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+
+    # Assert: it ran, under the default name, and said nothing the user did not cause.
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = out.iterdir()
+    assert run_dir.name.startswith("tiny-fedsa-")
+    assert len(str(run_dir)) > 200
+    assert "warning" not in (done.stdout + done.stderr).lower(), done.stdout + done.stderr
 
     # Assert: outputs
     summary = _check_summary(run_dir, n_users=4, n_rounds=2)
@@ -87,7 +108,8 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     assert len(ab["satisfaction"]) == 2 and "SecAgg+" in ab["privacy"]
     # Nothing left running: superlink, ServerApp, Ray.
     assert processes_mentioning(str(run_dir)) == []
-    assert processes_mentioning("fpray-sim-") == []
+    assert processes_mentioning(_ray_tmpdir(run_dir)) == []
+    assert not Path(_ray_tmpdir(run_dir)).exists()
 
     # Evaluate the run and build its report (small settings: tiny model, few samples).
     evaluation = evaluate_run(
@@ -258,4 +280,4 @@ def test_sigterm_during_a_simulation_leaves_no_process(tmp_path) -> None:
 
     # Assert
     assert processes_mentioning(str(tmp_path / "term")) == []
-    assert processes_mentioning("fpray-term-") == []
+    assert processes_mentioning(_ray_tmpdir(tmp_path / "term")) == []

@@ -1,0 +1,64 @@
+"""``fedpersona simulate``'s set-up checks that run before any process starts."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+
+from simulations.simulate import (
+    AF_UNIX_MAX,
+    RAY_DIR_PREFIX,
+    ray_socket_path_bound,
+    ray_temp_base,
+    simulate,
+)
+
+
+def _worst_ray_socket(ray_tmpdir: str) -> str:
+    """The longest socket path Ray 2.x makes: 7-digit PID, microsecond timestamp."""
+    date = datetime.datetime(2026, 12, 31, 23, 59, 59, 999999).strftime("%Y-%m-%d_%H-%M-%S_%f")
+    return os.path.join(ray_tmpdir, "ray", f"session_{date}_4194304", "sockets", "plasma_store")
+
+
+def test_the_bound_covers_rays_worst_socket_path_with_a_margin() -> None:
+    ray_tmpdir = f"/tmp/{RAY_DIR_PREFIX}abcd1234"
+    worst = _worst_ray_socket(ray_tmpdir)
+    bound = ray_socket_path_bound(ray_tmpdir)
+    assert len(worst.encode()) < bound <= AF_UNIX_MAX
+    assert bound - len(worst.encode()) >= 8  # room for ".<n>" suffixes and longer names
+
+
+@pytest.mark.parametrize(
+    ("environ", "base"),
+    [
+        ({}, "/tmp"),
+        ({"TMPDIR": "/var/tmp"}, "/var/tmp"),
+        ({"TMPDIR": "/var/tmp", "RAY_TMPDIR": "/scratch"}, "/scratch"),
+    ],
+)
+def test_the_base_follows_rays_own_order(environ: dict[str, str], base: str) -> None:
+    assert str(ray_temp_base(environ)) == base
+
+
+def test_a_long_tmpdir_is_refused_with_the_fix(tmp_path) -> None:
+    long_tmp = "/" + "t" * 40
+    with pytest.raises(ValueError, match=r"\$TMPDIR=.*too long.*RAY_TMPDIR") as err:
+        ray_temp_base({"TMPDIR": long_tmp})
+    assert str(AF_UNIX_MAX) in str(err.value)
+    # The longest accepted base still keeps every socket path within the limit.
+    limit = int(str(err.value).split("at most ")[1].split(" ")[0])
+    ray_temp_base({"RAY_TMPDIR": "/" + "t" * (limit - 1)})
+    with pytest.raises(ValueError):
+        ray_temp_base({"RAY_TMPDIR": "/" + "t" * limit})
+    path = "/" + "t" * (limit - 1) + f"/{RAY_DIR_PREFIX}abcd1234"
+    assert len(_worst_ray_socket(path).encode()) <= AF_UNIX_MAX
+
+
+def test_simulate_refuses_a_long_tmpdir_before_starting_anything(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / ("x" * 60)))
+    with pytest.raises(ValueError, match="too long for Ray"):
+        simulate("tiny", {}, tmp_path / "runs", run_name="never")
+    assert not (tmp_path / "runs").exists()

@@ -25,21 +25,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from client import status as device_status
 from client.adapt import (
-    DriftDetector,
     Expert,
     ExpertRouter,
-    Gate,
     GraphedAdapter,
     adapt_on_feedback,
     example_loss,
     hot_swap,
 )
-from client.device import SETTINGS_BLOB, Runtime, get_runtime, lora_fingerprint, settings_from
+from client.device import Runtime, get_runtime, settings_from
 from client.engine import build_messages, rerank, retrieve
-from client.ledger import LedgerPolicy, PrivacyLedger
+from client.evidence import choose_variant
 from client.profile import Profile, extract_context
-from client.state import DeviceState, tensors_from_bytes, tensors_to_bytes
+from client.state import (
+    DRIFT_BLOB,
+    EXPERTS_BLOB,
+    GATE_BLOB,
+    SETTINGS_BLOB,
+    tensors_from_bytes,
+    tensors_to_bytes,
+)
 from client.store import Interaction, LocalStore
 from common import ab
 from common.config import parse_run_config
@@ -50,11 +56,6 @@ from common.personalization.base import is_lora_b
 from common.pii import scrub
 
 logger = logging.getLogger(__name__)
-
-GATE_BLOB = "gate"
-DRIFT_BLOB = "drift"
-EXPERTS_BLOB = "experts"
-LOCAL_USER = "local"
 
 
 def init_device(
@@ -128,34 +129,14 @@ class Assistant:
         self.store = store
         self.ab_test = ab_test
         self.lock = threading.RLock()  # one generation / adaptation at a time
-        settings = store.get_json(SETTINGS_BLOB)
-        if settings is None:
-            raise ValueError(
-                f"device store {store.root} has no settings; run `fedpersona device init`"
-            )
-        self.cfg = parse_run_config(settings)
+        self.cfg = device_status.load_settings(store)
         self.rt: Runtime = get_runtime(self.cfg)
-        meta = store.get_json("device")
-        self.state = DeviceState(
-            store,
-            user=meta["user"] if meta else LOCAL_USER,
-            strategy=self.cfg.strategy,
-            model=self.cfg.model.name,
-            lora=lora_fingerprint(self.cfg.model),
-        )
+        self.state = device_status.open_state(store, self.cfg)
         self.embedder = embedder or get_embedder()
         self.profile = Profile.from_dict(store.get_profile() or {})
         self.feedback_steps = feedback_steps
         self.feedback_lr = feedback_lr
-        self.gate = Gate()
-        self.drift = DriftDetector()
-        for blob, obj in ((GATE_BLOB, self.gate), (DRIFT_BLOB, self.drift)):
-            state = store.get_json(blob)
-            if state is not None:
-                obj.load_state_dict(state)
-        m = self.state.meta
-        if m.personal_loss is not None and m.global_loss is not None:
-            self.gate.federated = (m.personal_loss, m.global_loss)
+        self.gate, self.drift = device_status.load_evidence(store, self.state)
         self.router = self._load_router()
         self._graphed: GraphedAdapter | bool | None = None
         self.variant = ""
@@ -182,13 +163,14 @@ class Assistant:
         ``personal`` once evidence favours it; else ``experts`` (the router's mix over the
         global model) when expert adapters are installed; else ``global`` (cold start).
         """
-        if self.gate.use_personal():
-            tensors, variant = self.personal_tensors(), "personal"
-        elif self.router is not None:
+        variant = choose_variant(self.gate, has_experts=self.router is not None)
+        if variant == "personal":
+            tensors = self.personal_tensors()
+        elif variant == "experts":
+            assert self.router is not None
             tensors = {**self.global_tensors(), **self.router.mix(self.user_vector())}
-            variant = "experts"
         else:
-            tensors, variant = self.global_tensors(), "global"
+            tensors = self.global_tensors()
         self.swap_ms = hot_swap(self.rt.model, tensors)
         self.variant = variant
         return variant
@@ -543,13 +525,19 @@ class Assistant:
             gates = self.router.gates(self.user_vector())
             return {e.name: float(g) for e, g in zip(self.router.experts, gates, strict=True)}
 
-    def export_adapter(self, out_dir: Path) -> Path:
-        """Write the personal model (global + personal tensors) as a peft adapter."""
+    def export_adapter(self, out_dir: Path, *, force: bool = False) -> Path:
+        """Write the personal model (global + personal tensors) as a peft adapter.
+
+        Raises:
+            FileExistsError: ``out_dir`` holds files other than an earlier fedpersona adapter
+                and ``force`` is false.
+        """
         adapters = self.rt.strategy.adapters
         return export_adapter(
             self.personal_tensors(),
             self.cfg.model,
             out_dir,
+            force=force,
             base_model=self.rt.base_ref,
             adapters=adapters,
             note={
@@ -564,60 +552,10 @@ class Assistant:
         )
 
     def budget(self) -> dict[str, Any]:
-        """The device's privacy ledger: ε spent per kind, caps, what the numbers assume."""
-        p = self.cfg.privacy
-        ledger = PrivacyLedger.load(
-            self.store,
-            LedgerPolicy(
-                epsilon_cap=p.epsilon_cap,
-                delta=p.delta,
-                accountant=p.accountant,
-                period_days=p.period_days,
-                period_epsilon_cap=p.period_epsilon_cap,
-            ),
-        )
-        s = ledger.summary()
-        return {
-            "record_epsilon": s["record_epsilon"],
-            "user_epsilon": s["user_epsilon"],
-            "epsilon_cap": p.epsilon_cap,
-            "delta": p.delta,
-            "accountant": p.accountant,
-            "rounds_charged": int(s["rounds_charged"]),
-            "rounds_declined": len(ledger.declined),
-            "assumes": (
-                "user-level ε: Gaussian noise on the clipped update of each round this device "
-                "joined, sampling rate "
-                + ("q (verifiable sampling)" if p.verifiable_sampling else "1 (no amplification)")
-                + "; the server sees only the SecAgg+ sum if secure aggregation is on. "
-                "Record-level ε: the device's own DP-SGD. On-device feedback adaptation "
-                "changes only personal parameters, which never leave the device."
-            ),
-        }
+        """The device's privacy ledger (:func:`client.status.budget`)."""
+        return device_status.budget(self.store, self.cfg)
 
     def status(self) -> dict[str, Any]:
-        """Profile summary, history, adapter, privacy and retention in one dict."""
-        m = self.state.meta
-        blobs = self.store.blob_sizes()
-        return {
-            "data_dir": str(self.store.root),
-            "model": self.cfg.model.name,
-            "strategy": self.cfg.strategy,
-            "profile": self.profile.describe(),
-            "interactions": self.store.count_interactions(),
-            "feedback": len(self.store.feedback()),
-            "personal_adapter": {
-                "present": "personal" in blobs,
-                "bytes": blobs.get("personal", 0),
-                "rounds_trained": m.rounds_trained,
-                "last_round": m.last_round,
-            },
-            "active_model": self.variant,
-            "gate": self.gate.reason(),
-            "drift_events": len(self.drift.events),
-            "experts": [] if self.router is None else [e.name for e in self.router.experts],
-            "budget": self.budget(),
-            "retention_days": self.store.retention_days,
-            "last_purge": float(self.store.get_meta("last_purge", "0") or 0),
-            "store_bytes": self.store.size_bytes(),
-        }
+        """Profile, history, adapter, answering model, privacy, retention
+        (:func:`client.status.status`)."""
+        return device_status.status(self.store)

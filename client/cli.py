@@ -270,9 +270,13 @@ def status(
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """Profile, history, personal adapter, ε spent / cap and retention."""
-    assistant = _assistant(data_dir, key_file, retention_days)
-    with assistant.store:
-        info = assistant.status()
+    from client.status import status as device_status
+
+    with _open(data_dir, key_file, retention_days) as store:
+        try:
+            info = device_status(store)
+        except ValueError as err:
+            raise _fail(err) from None
     if as_json:
         print(json.dumps(info, indent=1))
         return
@@ -305,9 +309,14 @@ def budget(
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """The privacy ledger: ε spent, cap, rounds charged/declined, what ε assumes."""
-    assistant = _assistant(data_dir, key_file, retention_days)
-    with assistant.store:
-        info = assistant.budget()
+    from client.status import budget as device_budget
+    from client.status import load_settings
+
+    with _open(data_dir, key_file, retention_days) as store:
+        try:
+            info = device_budget(store, load_settings(store))
+        except ValueError as err:
+            raise _fail(err) from None
     print(json.dumps(info, indent=1))
 
 
@@ -324,18 +333,33 @@ def export(
     out: Annotated[Path, typer.Option(help="JSON file to write (plaintext!)")],
     key_file: KeyFile = None,
     adapter: Annotated[
-        Path | None, typer.Option(help="Also write the personal adapter (peft format) here")
+        Path | None,
+        typer.Option(help="Also write the personal adapter (peft format) here; loads the model"),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace --out / --adapter even if they hold files")
+    ] = False,
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """Write everything the device holds about you as readable JSON (and the adapter)."""
-    from common.atomic import atomic_write_bytes
+    from common.atomic import atomic_write_bytes, check_replaceable
 
+    try:  # both targets are checked before anything is read or written
+        check_replaceable(
+            out, lambda p: force or LocalStore.is_export(p), what="an earlier device export"
+        )
+        if adapter is not None:
+            from common.lora import is_fedpersona_adapter
+
+            ours = is_fedpersona_adapter
+            check_replaceable(adapter, lambda p: force or ours(p), what="a fedpersona adapter")
+    except FileExistsError as err:
+        raise _fail(err) from None
     if adapter is not None:
         assistant = _assistant(data_dir, key_file, retention_days)
         with assistant.store:
             data = assistant.store.export()
-            assistant.export_adapter(adapter)
+            assistant.export_adapter(adapter, force=force)
     else:
         with _open(data_dir, key_file, retention_days) as store:
             data = store.export()

@@ -27,10 +27,10 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
-from client.state import DeviceState
+from client.state import SETTINGS_BLOB, DeviceState, lora_fingerprint
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common import ab, audit
-from common.config import ModelConfig, RunConfig
+from common.config import RunConfig
 from common.crypto import Secret, create_key_file, resolve_secret
 from common.data import Encoded, UserData, encode, encode_scrubbed, user_for_partition
 from common.dp.clipping import clip_update
@@ -125,7 +125,6 @@ def open_node_store(
     return LocalStore.open(root, secret, create=True, retention_days=retention)
 
 
-SETTINGS_BLOB = "settings"
 # Run-config keys a device keeps so that its assistant can rebuild the federation's model.
 SETTINGS_PREFIXES = ("model.", "personalization.", "privacy.", "data.max-seq-len")
 
@@ -133,13 +132,6 @@ SETTINGS_PREFIXES = ("model.", "personalization.", "privacy.", "data.max-seq-len
 def settings_from(cfg: RunConfig) -> dict[str, Any]:
     """The subset of a run config the device needs to rebuild its model on its own."""
     return {k: v for k, v in cfg.to_flat().items() if k.startswith(SETTINGS_PREFIXES)}
-
-
-def lora_fingerprint(m: ModelConfig) -> str:
-    """LoRA settings as one string: state trained under other settings is refused."""
-    return (
-        f"r={m.lora_r},alpha={m.lora_alpha},targets={','.join(m.lora_targets)},seed={m.init_seed}"
-    )
 
 
 def shared_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -202,16 +194,7 @@ class Device:
             store.put_json(SETTINGS_BLOB, settings)
         self.num_partitions = num_partitions
         self.train_set, self.test_set = self._encoded()
-        self.ledger = PrivacyLedger.load(
-            store,
-            LedgerPolicy(
-                epsilon_cap=cfg.privacy.epsilon_cap,
-                delta=cfg.privacy.delta,
-                accountant=cfg.privacy.accountant,
-                period_days=cfg.privacy.period_days,
-                period_epsilon_cap=cfg.privacy.period_epsilon_cap,
-            ),
-        )
+        self.ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(cfg.privacy))
 
     def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...]]:
         key = (self.user.user, self.cfg.model.name, self.cfg.data, self.cfg.audit)

@@ -11,6 +11,9 @@ Before training, :meth:`PrivacyLedger.check` computes what the round would cost 
 :class:`BudgetExhausted` if either ε would pass ``privacy.epsilon-cap``; the device then
 declines the round. Lifetime totals are never erased: an optional per-period cap (e.g. 30
 days) limits what a period may spend on top of, not instead of, the lifetime cap.
+
+Each save also stores the lifetime ε of both kinds, computed by the accountant from the saved
+history, so that ``status`` and ``budget`` can show them without loading Opacus (and torch).
 """
 
 from __future__ import annotations
@@ -22,13 +25,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.store import LocalStore, StoreCorrupted
-from common.dp.accounting import epsilon
+from common.config import PrivacyConfig
 
-LEDGER_VERSION = 1
+# Version 2 adds "epsilon", the lifetime ε per kind computed at save time; version 1 ledgers
+# still load (their ε is computed when asked for).
+LEDGER_VERSION = 2
 LEDGER_BLOB = "ledger"
 KINDS = ("record", "user")
 EVENT_KEYS = {"kind", "time", "round", "noise_multiplier", "sample_rate", "steps"}
 DECLINED_KEYS = {"round", "time", "reason"}
+
+
+def epsilon(history: list[tuple[float, float, int]], *, delta: float, accountant: str) -> float:
+    """ε of ``history`` from the Opacus accountant (imported here: it loads torch)."""
+    from common.dp.accounting import epsilon as accountant_epsilon
+
+    return accountant_epsilon(history, delta=delta, accountant=accountant)
 
 
 def _real(v: Any) -> bool:
@@ -76,6 +88,17 @@ class LedgerPolicy:
         if self.period_days < 0 or self.period_epsilon_cap < 0:
             raise ValueError("privacy.period-days and privacy.period-epsilon-cap must be >= 0")
 
+    @classmethod
+    def from_config(cls, privacy: PrivacyConfig) -> LedgerPolicy:
+        """The caps of a run config's ``privacy.*`` keys."""
+        return cls(
+            epsilon_cap=privacy.epsilon_cap,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            period_days=privacy.period_days,
+            period_epsilon_cap=privacy.period_epsilon_cap,
+        )
+
 
 class PrivacyLedger:
     """Record- and user-level privacy spend of one device, with caps and persistence."""
@@ -85,6 +108,8 @@ class PrivacyLedger:
         # Each event: {"kind", "time", "round", "noise_multiplier", "sample_rate", "steps"}.
         self.events: list[dict[str, Any]] = []
         self.declined: list[dict[str, Any]] = []
+        # Lifetime ε per kind for exactly these events, once computed (or loaded).
+        self._epsilon: dict[str, float] | None = {"record": 0.0, "user": 0.0}
 
     def _history(self, kind: str, since: float | None = None) -> list[tuple[float, float, int]]:
         return [
@@ -97,9 +122,14 @@ class PrivacyLedger:
         """Lifetime ε of ``kind`` (``record`` or ``user``)."""
         if kind not in KINDS:
             raise ValueError(f"unknown budget kind {kind!r}")
-        return epsilon(
-            self._history(kind), delta=self.policy.delta, accountant=self.policy.accountant
-        )
+        if self._epsilon is None:
+            self._epsilon = {
+                k: epsilon(
+                    self._history(k), delta=self.policy.delta, accountant=self.policy.accountant
+                )
+                for k in KINDS
+            }
+        return self._epsilon[kind]
 
     def rounds_charged(self) -> int:
         """Number of rounds with a user-level charge (rounds this device sent an update)."""
@@ -166,6 +196,7 @@ class PrivacyLedger:
             if planned is None:
                 continue
             sigma, q, steps = planned
+            self._epsilon = None
             self.events.append(
                 {
                     "kind": kind,
@@ -205,6 +236,7 @@ class PrivacyLedger:
             "delta": self.policy.delta,
             "events": [dict(e) for e in self.events],
             "declined": [dict(d) for d in self.declined],
+            "epsilon": {kind: self.epsilon(kind) for kind in KINDS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -214,10 +246,13 @@ class PrivacyLedger:
             ValueError: On missing keys, a different version/accountant/δ, or bad events.
         """
         required = {"version", "accountant", "delta", "events", "declined"}
-        if not isinstance(state, dict) or set(state) != required:
+        version = state.get("version") if isinstance(state, dict) else None
+        if type(version) is not int or version not in (1, LEDGER_VERSION):
+            raise ValueError(f"ledger version {version!r:.40} is not 1 or {LEDGER_VERSION}")
+        if version == LEDGER_VERSION:
+            required = required | {"epsilon"}
+        if set(state) != required:
             raise ValueError(f"ledger state must have exactly the keys {sorted(required)}")
-        if type(state["version"]) is not int or state["version"] != LEDGER_VERSION:
-            raise ValueError(f"ledger version {state['version']!r:.40} is not {LEDGER_VERSION}")
         if (
             state["accountant"] != self.policy.accountant
             or not _real(state["delta"])
@@ -247,9 +282,21 @@ class PrivacyLedger:
             if not isinstance(d, dict) or set(d) != DECLINED_KEYS:
                 raise ValueError(f"malformed declined round in the ledger: {d!r:.200}")
             declined.append(dict(d))
+        cached = None
+        if "epsilon" in state:
+            cached = state["epsilon"]
+            # ε may be inf (a noiseless round), never NaN or negative; JSON keeps inf as Infinity.
+            if (
+                not isinstance(cached, dict)
+                or set(cached) != set(KINDS)
+                or not all(type(v) in (int, float) and v >= 0 for v in cached.values())
+            ):
+                raise ValueError(f"malformed ledger epsilon {cached!r:.200}")
+            cached = {k: float(v) for k, v in cached.items()}
         # Assigned only once everything is valid: a refused state leaves the ledger as it was.
         self.events = events
         self.declined = declined
+        self._epsilon = cached
 
     def save(self, store: LocalStore) -> None:
         """Write the ledger into the device's encrypted store (one transaction)."""

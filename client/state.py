@@ -16,17 +16,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from typing import TYPE_CHECKING, Any
 
 from client.store import LocalStore, StoreCorrupted
+from common.config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported by the tensor functions only: status needs no model
+    import torch
 
 PERSONAL_BLOB = "personal"
 GLOBAL_BLOB = "global"
 META_BLOB = "device"
+# The run-config subset a device keeps to rebuild its model (client.device.settings_from).
+SETTINGS_BLOB = "settings"
+# The assistant's evidence (client.evidence) and its installed expert adapters.
+GATE_BLOB = "gate"
+DRIFT_BLOB = "drift"
+EXPERTS_BLOB = "experts"
+# The user id of a device that has never been in a federation (set up by `device init`).
+LOCAL_USER = "local"
+
+
+def lora_fingerprint(m: ModelConfig) -> str:
+    """LoRA settings as one string: state trained under other settings is refused."""
+    return (
+        f"r={m.lora_r},alpha={m.lora_alpha},targets={','.join(m.lora_targets)},seed={m.init_seed}"
+    )
 
 
 @dataclass
@@ -78,6 +93,8 @@ FP16_SAFE = 60_000.0
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     t = t.detach().to("cpu", torch.float32)
     if t.numel() and float(t.abs().max()) < FP16_SAFE:
         return t.to(torch.float16).contiguous()
@@ -86,6 +103,8 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """Serialize tensors to safetensors bytes (fp16 where the values fit, else fp32)."""
+    from safetensors.torch import save
+
     blob = {n: _compact(t) for n, t in tensors.items()}
     return save(blob, metadata={"format": "pt", **metadata})
 
@@ -96,6 +115,10 @@ def tensors_from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: If ``data`` is not a valid safetensors payload, or a tensor holds NaN/inf.
     """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     try:
         tensors = {n: t.to(torch.float32) for n, t in load(data).items()}
     except (SafetensorError, ValueError) as err:

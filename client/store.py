@@ -563,6 +563,20 @@ class LocalStore:
         last = float(self.get_meta("last_purge", "0") or 0)
         return self.purge_expired(now=now) if now - last >= DAY else 0
 
+    EXPORT_KEYS = frozenset({"schema_version", "meta", "profile", "interactions", "feedback"})
+
+    @classmethod
+    def is_export(cls, path: Path) -> bool:
+        """Whether ``path`` is a file :meth:`export` wrote (so a new export may replace it)."""
+        path = Path(path)
+        try:
+            if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 30:
+                return False
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and set(data) == cls.EXPORT_KEYS | {"blobs"}
+
     def export(self) -> dict[str, Any]:
         """Everything in the store as plain JSON (embeddings and tensors summarized)."""
         blobs = {}

@@ -125,8 +125,23 @@ def bench(
     quick_scaling: Annotated[
         bool, typer.Option(help="Scale to 1,000 users at 10 per round only")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into --out even if it holds other files")
+    ] = False,
 ) -> None:
     """Run the benchmark suite (privacy cost, throughput, device, scaling); print the table."""
+    from common.atomic import check_replaceable
+    from simulations.bench import SUITE_FILES
+
+    try:
+        check_replaceable(
+            out,
+            lambda p: force or (p.is_dir() and {c.name for c in p.iterdir()} <= SUITE_FILES),
+            what="an earlier benchmark folder",
+        )
+    except FileExistsError as err:
+        raise typer.BadParameter(str(err)) from None
+
     import torch
 
     from simulations.bench import run_suite

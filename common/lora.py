@@ -17,12 +17,22 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from common.atomic import atomic_write_dir
+from common.atomic import atomic_write_dir, check_replaceable
 from common.config import ModelConfig
 from common.personalization import GLOBAL_ADAPTER, Strategy
 from common.personalization.base import adapter_of, is_lora_a
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_NOTE = "fedpersona.json"
+ADAPTER_FILES = frozenset({ADAPTER_WEIGHTS, "adapter_config.json", ADAPTER_NOTE, "README.md"})
+
+
+def is_fedpersona_adapter(path: Path) -> bool:
+    """Whether ``path`` is a folder fedpersona wrote an adapter into, and nothing else."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink() or not (path / ADAPTER_NOTE).is_file():
+        return False
+    return all(p.name in ADAPTER_FILES and p.is_file() for p in path.iterdir())
 
 
 def lora_config(cfg: ModelConfig, *, rank_multiplier: int = 1) -> LoraConfig:
@@ -159,6 +169,7 @@ def export_adapter(
     base_model: str,
     adapters: tuple[str, ...] = (GLOBAL_ADAPTER,),
     note: dict | None = None,
+    force: bool = False,
 ) -> Path:
     """Write LoRA tensors as a standard peft adapter (``PeftModel.from_pretrained`` loads it).
 
@@ -168,11 +179,20 @@ def export_adapter(
     Args:
         tensors: Every LoRA tensor of ``adapters``, keyed by peft parameter name.
         cfg: LoRA settings used to train them.
-        out_dir: Target directory (replaced atomically).
+        out_dir: Target directory (replaced atomically if it holds an earlier fedpersona
+            adapter, or anything at all with ``force``).
         base_model: Value for ``base_model_name_or_path`` (a local path or a name).
         adapters: Which adapters ``tensors`` holds, combined by summation.
         note: Extra JSON written as ``fedpersona.json`` (what the adapter is).
+        force: Replace ``out_dir`` whatever it holds.
+
+    Raises:
+        FileExistsError: ``out_dir`` holds other files and ``force`` is false (nothing is
+            written then).
+        ValueError: No tensors for one of ``adapters``.
     """
+    may_replace = (lambda _: True) if force else is_fedpersona_adapter
+    check_replaceable(Path(out_dir), may_replace, what="a fedpersona adapter")
     per_adapter: list[dict[str, torch.Tensor]] = []
     for adapter in adapters:
         part = {
@@ -193,10 +213,9 @@ def export_adapter(
     def _write(tmp: Path) -> None:
         save_file(merged, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
-        if note is not None:
-            (tmp / "fedpersona.json").write_text(json.dumps(note, indent=2, sort_keys=True))
+        (tmp / ADAPTER_NOTE).write_text(json.dumps(note or {}, indent=2, sort_keys=True))
 
-    atomic_write_dir(Path(out_dir), _write)
+    atomic_write_dir(Path(out_dir), _write, may_replace=may_replace)
     return Path(out_dir)
 
 
@@ -206,6 +225,7 @@ __all__ = [
     "export_adapter",
     "get_lora_tensors",
     "init_lora_tensors",
+    "is_fedpersona_adapter",
     "load_lora_tensors",
     "lora_config",
     "lora_shapes",

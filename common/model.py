@@ -126,6 +126,11 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _cache_entry(path: Path) -> bool:
+    """A half-written entry of fedpersona's own model cache may be replaced."""
+    return path.parent == cache_dir()
+
+
 def _smollm2_tokenizer_dir() -> Path:
     """Cached copy of the SmolLM2 tokenizer (tokenizer.json + chat template)."""
     target = cache_dir() / "smollm2-tokenizer"
@@ -137,7 +142,7 @@ def _smollm2_tokenizer_dir() -> Path:
         gguf = gguf_path()
         logger.info("Extracting the SmolLM2 tokenizer from %s (once)", gguf)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        atomic_write_dir(target, tok.save_pretrained)
+        atomic_write_dir(target, tok.save_pretrained, may_replace=_cache_entry)
     return target
 
 
@@ -164,7 +169,7 @@ def _smollm2_model_dir() -> Path:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
 
-        atomic_write_dir(target, _save)
+        atomic_write_dir(target, _save, may_replace=_cache_entry)
     return target
 
 
@@ -202,7 +207,7 @@ def _tiny_model_dir() -> Path:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
 
-        atomic_write_dir(target, _save)
+        atomic_write_dir(target, _save, may_replace=_cache_entry)
     return target
 
 

@@ -175,6 +175,10 @@ def scaling(out: Path, grid: list[tuple[int, int]], *, rounds: int = 2) -> list[
     return rows
 
 
+# What run_suite writes into its folder (an earlier suite's folder may be written again).
+SUITE_FILES = frozenset({"bench.json", "bench.md", "runs"})
+
+
 def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False) -> dict:
     """Every benchmark; returns the JSON-serializable results."""
     from simulations import bench_device, bench_privacy

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.adapt import DriftDetector, Expert, ExpertRouter, Gate, hot_swap
+from client.adapt import Expert, ExpertRouter, hot_swap
 from client.assistant import Assistant, init_device
 from client.engine import build_messages, rerank, retrieve, system_prompt
+from client.evidence import DriftDetector, Gate
 from client.profile import Profile, detect_format, extract_context, time_of_day
 from client.store import Interaction
 from common.embedding import EMBED_DIM, get_embedder, user_embedding

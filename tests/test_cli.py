@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from peft import PeftModel
@@ -103,6 +104,38 @@ def test_device_cli_end_to_end(tmp_path, run) -> None:
     assert gone.exit_code == 1 and "device init" in gone.output
 
 
+def test_export_never_overwrites_the_users_files(tmp_path, run) -> None:
+    # Prepare: a device, and a folder and a file of the user's where exports are aimed.
+    d = str(tmp_path / "dev")
+    run("init", "--data-dir", d, "--model", "tiny")
+    folder, notes = tmp_path / "thesis", tmp_path / "notes.json"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("three years of work")
+    notes.write_text('{"mine": true}')
+    export = ["export", "--data-dir", d]
+
+    # Execute / Assert: refused, with the way out named, and nothing touched.
+    for args in (
+        ["--out", str(tmp_path / "me.json"), "--adapter", str(folder)],
+        ["--out", str(notes)],
+        ["--out", str(notes), "--adapter", str(tmp_path / "new-adapter")],
+    ):
+        refused = run(*export, *args, ok=False)
+        assert refused.exit_code == 1 and "--force" in refused.output, refused.output
+    assert (folder / "thesis.txt").read_text() == "three years of work"
+    assert notes.read_text() == '{"mine": true}'
+    assert not (tmp_path / "me.json").exists() and not (tmp_path / "new-adapter").exists()
+
+    # An earlier export and an earlier adapter are replaced; an empty folder is used.
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):
+        run(*export, "--out", str(tmp_path / "me.json"), "--adapter", str(tmp_path / "empty"))
+    assert (tmp_path / "empty" / "adapter_config.json").is_file()
+    # --force replaces what the user pointed at, knowingly.
+    run(*export, "--out", str(notes), "--adapter", str(folder), "--force")
+    assert not (folder / "thesis.txt").exists() and "interactions" in notes.read_text()
+
+
 def test_console_script_is_installed_and_refuses_non_loopback(tmp_path) -> None:
     exe = Path(sys.executable).parent / "fedpersona"
     result = subprocess.run(
@@ -144,6 +177,37 @@ def test_clientapp_and_assistant_share_one_store_with_no_plaintext_at_rest(tmp_p
         _assert_no_plaintext(d)  # while open (WAL present)
     _assert_no_plaintext(d)  # and after close
     assert sorted(p.name for p in d.iterdir()) == ["store.db", "store.key"]
+
+    # The commands that only read or erase the store answer without torch or a model, in a
+    # cold process, with the ledger's ε as the accountant computed it.
+    answers = {}
+    for cmd in (
+        ["status", "--json", *kf],
+        ["budget", *kf],
+        ["profile", *kf],
+        ["token", *kf],
+        ["export", "--out", str(tmp_path / "me.json"), *kf],
+        ["forget", "--yes", "--data-dir", str(d)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "common.cli", "device", *cmd],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        imported = {
+            line.rsplit("|", 1)[-1].strip()
+            for line in proc.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert not imported & {"torch", "transformers", "peft", "opacus", "flwr"}, cmd
+        answers[cmd[0]] = proc.stdout
+    assert json.loads(answers["status"]) == {**status, "store_bytes": ANY, "last_purge": ANY}
+    assert json.loads(answers["budget"]) == status["budget"]
+    assert status["budget"]["user_epsilon"] > 0
+    assert json.loads((tmp_path / "me.json").read_text())["interactions"][0]["id"] == 1
+    assert not d.exists() or not any(d.iterdir())
 
 
 def _assert_no_plaintext(root) -> None:

@@ -29,7 +29,7 @@ from simulations.deployment import (
 )
 from simulations.evaluate import evaluate_run
 from simulations.report import build_report
-from simulations.simulate import PROJECT_DIR, simulate
+from simulations.simulate import PROJECT_DIR
 from tests.conftest import open_test_store
 
 pytestmark = pytest.mark.integration

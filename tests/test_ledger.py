@@ -82,6 +82,40 @@ def test_round_trip_and_rejects_wrong_state(tmp_path) -> None:
     store.close()
 
 
+def test_saved_epsilon_is_the_accountants_and_v1_ledgers_still_load(tmp_path) -> None:
+    # Prepare: a ledger with both kinds of charge, saved (version 2 keeps ε beside events).
+    policy = LedgerPolicy(epsilon_cap=50.0, delta=1e-5)
+    ledger = PrivacyLedger(policy)
+    ledger.charge(server_round=1, record=(1.1, 0.05, 5), user=(3.0, 1.0, 1))
+    ledger.charge(server_round=2, record=None, user=(3.0, 0.5, 2))
+    state = ledger.state_dict()
+    acc = RDPAccountant()
+    acc.step(noise_multiplier=3.0, sample_rate=1.0)
+    for _ in range(2):
+        acc.step(noise_multiplier=3.0, sample_rate=0.5)
+
+    # Execute
+    loaded = PrivacyLedger(policy)
+    loaded.load_state_dict(state)
+    v1 = PrivacyLedger(policy)
+    v1.load_state_dict({**{k: v for k, v in state.items() if k != "epsilon"}, "version": 1})
+
+    # Assert: the stored ε is Opacus' for exactly these events, and a v1 ledger recomputes it.
+    assert state["version"] == 2
+    assert state["epsilon"]["user"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
+    assert loaded.summary() == ledger.summary()
+    assert v1.epsilon("user") == pytest.approx(state["epsilon"]["user"], rel=1e-12)
+    assert v1.epsilon("record") == pytest.approx(state["epsilon"]["record"], rel=1e-12)
+    # A new charge invalidates the stored value.
+    loaded.charge(server_round=3, record=None, user=(3.0, 1.0, 1))
+    assert loaded.epsilon("user") > state["epsilon"]["user"]
+    for bad in ({"user": -1.0, "record": 0.0}, {"user": float("nan"), "record": 0.0}, {"user": 1}):
+        with pytest.raises(ValueError, match="epsilon"):
+            PrivacyLedger(policy).load_state_dict({**state, "epsilon": bad})
+    with pytest.raises(ValueError, match="keys"):
+        PrivacyLedger(policy).load_state_dict({**state, "version": 1})
+
+
 def test_corrupted_ledger_is_reported_and_kept(tmp_path) -> None:
     with open_test_store(tmp_path / "dev") as store:
         store.put_blob("ledger", b'{"version": 1, "events": [')

@@ -1,0 +1,136 @@
+"""What a device holds, read from its store alone: settings, state, evidence, privacy spend.
+
+``fedpersona device status`` and ``budget`` answer from here without loading torch or a model
+(the ledger keeps its ε computed at save time); the assistant's own ``status()`` and
+``budget()`` are the same functions, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from client.evidence import DriftDetector, Gate, choose_variant
+from client.ledger import LedgerPolicy, PrivacyLedger
+from client.profile import Profile
+from client.state import (
+    DRIFT_BLOB,
+    EXPERTS_BLOB,
+    GATE_BLOB,
+    LOCAL_USER,
+    META_BLOB,
+    SETTINGS_BLOB,
+    DeviceState,
+    lora_fingerprint,
+)
+from client.store import LocalStore
+from common.config import RunConfig, parse_run_config
+
+
+def load_settings(store: LocalStore) -> RunConfig:
+    """The run-config subset the device keeps (model, LoRA, strategy, privacy caps).
+
+    Raises:
+        ValueError: If the store was never set up, or its settings are invalid.
+    """
+    settings = store.get_json(SETTINGS_BLOB)
+    if settings is None:
+        raise ValueError(f"device store {store.root} has no settings; run `fedpersona device init`")
+    return parse_run_config(settings)
+
+
+def open_state(store: LocalStore, cfg: RunConfig) -> DeviceState:
+    """The device's state record under ``cfg`` (refused if it was kept under other settings).
+
+    Raises:
+        ValueError: On a corrupted record or one written under another model or LoRA.
+    """
+    meta = store.get_json(META_BLOB)
+    user = meta.get("user") if isinstance(meta, dict) else None
+    return DeviceState(
+        store,
+        user=user if isinstance(user, str) else LOCAL_USER,
+        strategy=cfg.strategy,
+        model=cfg.model.name,
+        lora=lora_fingerprint(cfg.model),
+    )
+
+
+def load_evidence(store: LocalStore, state: DeviceState) -> tuple[Gate, DriftDetector]:
+    """The cold-start gate (with the federation's last held-out losses) and drift detector.
+
+    Raises:
+        ValueError: On malformed stored evidence.
+    """
+    gate, drift = Gate(), DriftDetector()
+    for blob, obj in ((GATE_BLOB, gate), (DRIFT_BLOB, drift)):
+        saved = store.get_json(blob)
+        if saved is not None:
+            obj.load_state_dict(saved)
+    m = state.meta
+    if m.personal_loss is not None and m.global_loss is not None:
+        gate.federated = (m.personal_loss, m.global_loss)
+    return gate, drift
+
+
+def budget(store: LocalStore, cfg: RunConfig) -> dict[str, Any]:
+    """The device's privacy ledger: ε spent per kind, caps, what the numbers assume.
+
+    Raises:
+        ValueError: If the stored ledger is corrupted or kept under another accountant or δ.
+    """
+    p = cfg.privacy
+    ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(p))
+    s = ledger.summary()
+    return {
+        "record_epsilon": s["record_epsilon"],
+        "user_epsilon": s["user_epsilon"],
+        "epsilon_cap": p.epsilon_cap,
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "rounds_charged": int(s["rounds_charged"]),
+        "rounds_declined": len(ledger.declined),
+        "assumes": (
+            "user-level ε: Gaussian noise on the clipped update of each round this device "
+            "joined, sampling rate "
+            + ("q (verifiable sampling)" if p.verifiable_sampling else "1 (no amplification)")
+            + "; the server sees only the SecAgg+ sum if secure aggregation is on. "
+            "Record-level ε: the device's own DP-SGD. On-device feedback adaptation "
+            "changes only personal parameters, which never leave the device."
+        ),
+    }
+
+
+def status(store: LocalStore) -> dict[str, Any]:
+    """Profile summary, history, adapter, answering model, privacy and retention in one dict.
+
+    Raises:
+        ValueError: If the store was never set up or a record in it is corrupted.
+    """
+    cfg = load_settings(store)
+    state = open_state(store, cfg)
+    gate, drift = load_evidence(store, state)
+    experts = list(store.get_json(EXPERTS_BLOB) or {})
+    m = state.meta
+    blobs = store.blob_sizes()
+    return {
+        "data_dir": str(store.root),
+        "model": cfg.model.name,
+        "strategy": cfg.strategy,
+        "profile": Profile.from_dict(store.get_profile() or {}).describe(),
+        "interactions": store.count_interactions(),
+        "feedback": len(store.feedback()),
+        "personal_adapter": {
+            "present": "personal" in blobs,
+            "bytes": blobs.get("personal", 0),
+            "rounds_trained": m.rounds_trained,
+            "last_round": m.last_round,
+        },
+        "active_model": choose_variant(gate, has_experts=bool(experts)),
+        "gate": gate.reason(),
+        "drift_events": len(drift.events),
+        "experts": experts,
+        "budget": budget(store, cfg),
+        "retention_days": store.retention_days,
+        "last_purge": float(store.get_meta("last_purge", "0") or 0),
+        "store_bytes": store.size_bytes(),
+    }

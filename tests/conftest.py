@@ -14,6 +14,14 @@ import common  # noqa: F401  (first: blocks bitsandbytes before flwr/peft are im
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (a failure reproduces); set
+# HYPOTHESIS_PROFILE=explore to search with fresh randomness.
+settings.register_profile("fedpersona", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fedpersona"))
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 

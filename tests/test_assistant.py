@@ -120,15 +120,19 @@ def test_rerank_drops_candidates_that_leak_pii() -> None:
 
 
 def test_feedback_changes_the_next_ranking_and_the_personal_parameters(assistant) -> None:
-    # Prepare: an answer, and two fixed candidates to rank before and after feedback.
-    answer = assistant.ask("How should I start sailing?", n=2, max_new_tokens=8, seed=0)
+    # Prepare: an answer in long prose (fixed text, not the random model's sample: what the
+    # user turns down decides the ranking), and two fixed candidates to rank before and after.
+    question = "How should I start sailing?"
+    answered = assistant.store.add_interaction(
+        question, PROSE, embedding=assistant.embedder.encode_one(question)
+    )
     candidates = [PROSE, "- Sail early\n- Check the wind\n- Trim the sails"]
     vecs = assistant.embedder.encode(candidates)
     before_rank = [s.text for s in rerank(candidates, vecs, query=None, profile=assistant.profile)]
     before = {n: t.clone() for n, t in assistant.personal_tensors().items()}
 
     # Execute: the user prefers a bulleted answer, several times.
-    results = [assistant.feedback(answer.interaction_id, preferred=BULLETS) for _ in range(4)]
+    results = [assistant.feedback(answered, preferred=BULLETS) for _ in range(4)]
 
     # Assert: the bulleted candidate now wins, and the personal B tensors moved (A did not).
     after_rank = [s.text for s in rerank(candidates, vecs, query=None, profile=assistant.profile)]
@@ -237,12 +241,19 @@ def test_hot_swap_changes_outputs_without_reloading_the_base(assistant) -> None:
     torch.testing.assert_close(model(input_ids=ids).logits, before)
 
 
-def test_ab_test_answers_come_from_both_arms_and_their_ratings_are_counted(tmp_path) -> None:
-    # Prepare: an A/B-testing assistant; the user rates every answer.
+def test_ab_test_answers_come_from_both_arms_and_their_ratings_are_counted(
+    tmp_path, monkeypatch
+) -> None:
+    # Prepare: an A/B-testing assistant; the user rates every answer. The device's coin is
+    # the OS's randomness: here it alternates, so both arms are certain to answer.
+    import itertools
+
     from client.device import Device
     from common.config import parse_run_config
     from tests.conftest import tiny_run_config
 
+    flips = itertools.cycle((0, 1))
+    monkeypatch.setattr("secrets.choice", lambda seq: seq[next(flips)])
     store = open_test_store(tmp_path / "ab")
     init_device(store, model="tiny")
     a = Assistant(store, ab_test=True)

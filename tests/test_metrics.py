@@ -29,6 +29,13 @@ from common.metrics import (
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng() -> None:
+    """Each test draws the same numbers whichever tests ran before it."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def test_win_rate_and_ppl_gain() -> None:
     assert win_rate([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 5.0]) == 0.5
     assert ppl_gain([2.0, 2.0, 2.0], [2.0, 2.0 + math.log(2), 2.0]) == 0.0

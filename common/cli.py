@@ -38,7 +38,7 @@ def simulate(
     ] = False,
 ) -> None:
     """Run a local multi-client federation (Flower Simulation Engine on Ray)."""
-    from simulations.simulate import parse_set
+    from simulations.simulate import is_fedpersona_line, parse_set
     from simulations.simulate import simulate as run
 
     try:
@@ -63,8 +63,8 @@ def simulate(
             )
 
         def on_line(line: str) -> None:
-            if verbose or "fedpersona" in line or "ERROR" in line or "Traceback" in line:
-                progress.console.print(line, markup=False, highlight=False)
+            if verbose or is_fedpersona_line(line) or "ERROR" in line or "Traceback" in line:
+                progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
         try:
             run_dir = run(

@@ -36,7 +36,15 @@ from simulations.presets import get_preset
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 _ROUND = re.compile(r"\[ROUND (\d+)(?:/(\d+))?\]")
-_FEDPERSONA = re.compile(r"fedpersona (round \d+: .*|: win_rate=.*)")
+# The ServerApp's own log records ("fedpersona: …", "fedpersona round N: …") in Flower's log.
+_FEDPERSONA = re.compile(r"^\s*(?:INFO|WARNING|ERROR)\s*:\s+fedpersona(?: round \d+)?:")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def is_fedpersona_line(line: str) -> bool:
+    """Whether a line of Flower's log is one of the ServerApp's own records (not a line that
+    merely mentions a path with "fedpersona" in it)."""
+    return bool(_FEDPERSONA.match(_ANSI.sub("", line)))
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -57,7 +57,8 @@ def _ray_tmpdir(run_dir: Path) -> str:
 
 def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     # Prepare: the console script as a user types it, default run name, a long --out path.
-    out = tmp_path / ("a-long-folder-name-for-the-runs-of-this-federation-" * 3) / "runs"
+    # "fedpersona" in the path: lines that merely mention the path must not reach the user.
+    out = tmp_path / ("a-long-fedpersona-folder-name-for-the-runs-of-a-federation-" * 3) / "runs"
     cmd = [
         str(Path(sys.executable).parent / "fedpersona"),
         "simulate",

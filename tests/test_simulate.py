@@ -11,6 +11,7 @@ from simulations.simulate import (
     AF_UNIX_MAX,
     RAY_DIR_PREFIX,
     ray_socket_path_bound,
+    is_fedpersona_line,
     ray_temp_base,
     simulate,
 )
@@ -62,3 +63,16 @@ def test_simulate_refuses_a_long_tmpdir_before_starting_anything(tmp_path, monke
     with pytest.raises(ValueError, match="too long for Ray"):
         simulate("tiny", {}, tmp_path / "runs", run_name="never")
     assert not (tmp_path / "runs").exists()
+
+
+def test_only_the_serverapps_own_records_are_echoed() -> None:
+    assert is_fedpersona_line("\x1b[92mINFO \x1b[0m:      fedpersona: strategy=fedsa model=tiny")
+    assert is_fedpersona_line("INFO :      fedpersona round 2: train_loss=4.1")
+    assert is_fedpersona_line("WARNING :   fedpersona: resuming run after round 1 of 3")
+    for other in (
+        "/home/u/fedpersona/.venv/lib/python3.11/site-packages/ray/_private/worker.py:2051: ",
+        "FutureWarning: Tip: In future versions of Ray, Ray will no longer override",
+        "Successfully installed fedpersona to /home/u/fedpersona/runs/x/.flwr/apps/fedpersona",
+        "Using SuperLink: fedpersona-sim (127.0.0.1:55361)",
+    ):
+        assert not is_fedpersona_line(other)

@@ -10,8 +10,8 @@ import pytest
 from simulations.simulate import (
     AF_UNIX_MAX,
     RAY_DIR_PREFIX,
-    ray_socket_path_bound,
     is_fedpersona_line,
+    ray_socket_path_bound,
     ray_temp_base,
     simulate,
 )

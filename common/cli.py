@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     help="fedpersona: federated, privacy-preserving LLM personalization.", no_args_is_help=True
@@ -64,7 +65,7 @@ def simulate(
 
         def on_line(line: str) -> None:
             if verbose or is_fedpersona_line(line) or "ERROR" in line or "Traceback" in line:
-                progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                progress.console.print(Text.from_ansi(line), highlight=False, soft_wrap=True)
 
         try:
             run_dir = run(

@@ -34,21 +34,20 @@ from client.adapt import (
     example_loss,
     hot_swap,
 )
-from client.device import Runtime, get_runtime, settings_from
+from client.device import Runtime, get_runtime
 from client.engine import build_messages, rerank, retrieve
 from client.evidence import choose_variant
+from client.examples import endorsed_reply
 from client.profile import Profile, extract_context
 from client.state import (
     DRIFT_BLOB,
     EXPERTS_BLOB,
     GATE_BLOB,
-    SETTINGS_BLOB,
     tensors_from_bytes,
     tensors_to_bytes,
 )
 from client.store import Interaction, LocalStore
 from common import ab
-from common.config import parse_run_config
 from common.data import Encoded, encode_messages
 from common.embedding import Embedder, get_embedder, user_embedding
 from common.lora import export_adapter, load_lora_tensors
@@ -56,29 +55,6 @@ from common.personalization.base import is_lora_b
 from common.pii import scrub
 
 logger = logging.getLogger(__name__)
-
-
-def init_device(
-    store: LocalStore,
-    *,
-    model: str = "smollm2",
-    strategy: str = "fedsa",
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write a new device's settings, an empty profile and an API token into ``store``.
-
-    Raises:
-        ValueError: If the settings are invalid (the message names the key).
-    """
-    flat = {"model.name": model, "personalization.strategy": strategy, **(overrides or {})}
-    cfg = parse_run_config(flat)
-    settings = settings_from(cfg)
-    store.put_json(SETTINGS_BLOB, settings)
-    if store.get_profile() is None:
-        store.put_profile(Profile().to_dict())
-    if store.get_meta("api_token") is None:
-        store.set_meta("api_token", secrets.token_urlsafe(32))
-    return settings
 
 
 @dataclass
@@ -109,7 +85,8 @@ class Assistant:
     """A personalized assistant over one device store.
 
     Args:
-        store: The open device store (initialized with :func:`init_device` or by a federation).
+        store: The open device store (set up by :func:`client.state.init_device` or by a
+            federation).
         embedder: Sentence embedder (default: the process-wide all-MiniLM-L6-v2).
         feedback_steps: Gradient steps per feedback.
         feedback_lr: SGD learning rate of feedback adaptation.
@@ -308,16 +285,8 @@ class Assistant:
         return encode_messages(messages, reply, self.rt.tokenizer, self.cfg.data.max_seq_len)
 
     def _endorsed(self, inter: Interaction) -> str | None:
-        """The answer the user endorsed for ``inter`` (latest preferred/edit, or a 4–5 rating)."""
-        endorsed = None
-        for fb in self.store.feedback(interaction_id=inter.id):
-            if fb.kind in ("preferred", "edit") and fb.text:
-                endorsed = fb.text
-            elif fb.kind == "rating" and fb.value is not None and fb.value >= 4:
-                endorsed = inter.response
-            elif fb.kind == "reject" or (fb.kind == "rating" and (fb.value or 0) <= 2):
-                endorsed = None
-        return endorsed
+        """The answer the user endorsed for ``inter`` (:func:`client.examples.endorsed_reply`)."""
+        return endorsed_reply(inter, self.store.feedback(interaction_id=inter.id))
 
     def _positive_examples(self, limit: int) -> list[Encoded]:
         """The answers the user endorsed (see :meth:`_endorsed`) for the ``limit`` most

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from client.ingest import DEFAULT_MAX_BYTES
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore, StoreError
 from common.crypto import PASSPHRASE_ENV, Secret, StoreKeyError, resolve_secret
 
@@ -90,7 +91,7 @@ def init(
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """Create the device's encrypted store, default profile and API token."""
-    from client.assistant import init_device
+    from client.state import init_device
     from common.crypto import create_key_file
 
     if new_key_file:
@@ -115,6 +116,42 @@ def init(
         f"model {settings['model.name']}, strategy {settings['personalization.strategy']}"
     )
     console.print(f"local API token: {token}")
+
+
+@app.command("import")
+def import_(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files of your own writing: .txt/.md, .jsonl, .mbox")
+    ],
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="auto (by suffix, else content) | text | chat | mbox")
+    ] = "auto",
+    max_bytes: Annotated[int, typer.Option(help="Refuse files larger than this")] = (
+        DEFAULT_MAX_BYTES
+    ),
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+) -> None:
+    """Bring your own writing into the store: what federated rounds train your model on.
+
+    Plain text or Markdown (each paragraph answers the one before), chat conversations as JSON
+    Lines in the OpenAI `messages` shape (each assistant message answers the user message
+    before it), or an mbox of sent mail (your text answers what it quotes, or its subject).
+    Everything is PII-scrubbed and kept only in the encrypted store, purged after the retention
+    window and erased by `forget`. If any file cannot be read, nothing is imported.
+    """
+    from client.ingest import BadImport, import_files
+
+    with _open(data_dir, key_file, retention_days) as store:
+        try:
+            parsed = import_files(store, paths, fmt=fmt, max_bytes=max_bytes)
+        except (BadImport, ValueError) as err:
+            raise _fail(err) from None
+        total = sum(store.example_counts().values())
+    for p in parsed:
+        console.print(f"{p.path}: {len(p.pairs)} examples ({p.fmt})", markup=False, soft_wrap=True)
+    console.print(f"the store now holds {total} examples of your own writing")
 
 
 @app.command()
@@ -287,6 +324,14 @@ def status(
     table.add_row("model", f"{info['model']} / {info['strategy']}")
     table.add_row("profile", info["profile"])
     table.add_row("history", f"{info['interactions']} interactions, {info['feedback']} feedback")
+    ex = info["examples"]
+    imported = ", ".join(f"{n} {src}" for src, n in sorted(ex["by_source"].items()))
+    table.add_row(
+        "your examples",
+        f"{ex['train']} to train on, {ex['held_out']} held out "
+        f"({imported or 'none imported'}; {ex['endorsed_interactions']} endorsed answers)"
+        + ("" if ex["train"] >= ex["min_to_join"] else f"; joins rounds at {ex['min_to_join']}"),
+    )
     table.add_row(
         "personal adapter",
         f"{pa['bytes']} B, {pa['rounds_trained']} federated rounds" if pa["present"] else "none",

@@ -1,9 +1,11 @@
 """One device's federated round, independent of the Flower API style that drives it.
 
-:class:`Device` holds the user's data and the device's own state; :meth:`Device.train` and
-:meth:`Device.evaluate` take the global shared tensors and return the shared tensors to send
-plus scalar metrics. The Message-API ClientApp wraps them today; a legacy ``NumPyClient``
-behind ``secaggplus_mod`` can wrap the same calls.
+:class:`Device` works on one encrypted store: the user's examples (:mod:`client.examples`: the
+endorsed interactions and imported writing, the newest held out), the device's state and its
+privacy ledger. A simulated device is the same class over a store filled with its replayed
+role (:func:`client.ingest.replay_role`). :meth:`Device.train` and :meth:`Device.evaluate`
+take the global shared tensors and return the shared tensors to send plus scalar metrics; the
+ClientApp (Message API, or SecAgg+'s legacy records) wraps the same calls.
 
 The base model and its peft wrapper are cached per process (:func:`get_runtime`): a Ray actor
 serves many simulated devices with one model, and every call re-loads that device's tensors in
@@ -26,13 +28,22 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from client.examples import Example, device_examples, split
+from client.ingest import replay_role
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
-from client.state import SETTINGS_BLOB, DeviceState, lora_fingerprint
+from client.state import (
+    LOCAL_USER,
+    META_BLOB,
+    SETTINGS_BLOB,
+    DeviceState,
+    lora_fingerprint,
+    settings_from,
+)
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common import ab, audit
 from common.config import RunConfig
 from common.crypto import Secret, create_key_file, resolve_secret
-from common.data import Encoded, UserData, encode, encode_scrubbed, user_for_partition
+from common.data import Encoded, Sample, UserData, encode, user_for_partition
 from common.dp.clipping import clip_update
 from common.dp.noise import add_gaussian_noise
 from common.dp.policy import client_noise_std, uniform_weights, user_level_sample_rate
@@ -125,19 +136,29 @@ def open_node_store(
     return LocalStore.open(root, secret, create=True, retention_days=retention)
 
 
-# Run-config keys a device keeps so that its assistant can rebuild the federation's model.
-SETTINGS_PREFIXES = ("model.", "personalization.", "privacy.", "data.max-seq-len")
-
-
-def settings_from(cfg: RunConfig) -> dict[str, Any]:
-    """The subset of a run config the device needs to rebuild its model on its own."""
-    return {k: v for k, v in cfg.to_flat().items() if k.startswith(SETTINGS_PREFIXES)}
-
-
 def shared_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the shared tensors for ``cfg`` (what the server sends)."""
     rt = get_runtime(cfg)
     return {n: rt.shapes[n] for n in rt.shared_names}
+
+
+def simulated_user(cfg: RunConfig, partition_id: int, num_partitions: int) -> UserData:
+    """The Shakespeare role a simulated device with ``partition_id`` replays.
+
+    Raises:
+        ValueError: If the partition id is out of range or too few roles qualify.
+    """
+    return user_for_partition(
+        partition_id,
+        num_partitions,
+        min_lines=cfg.data.min_lines,
+        seed=cfg.seed,
+        test_fraction=cfg.data.test_fraction,
+    )
+
+
+class TooFewExamples(RuntimeError):
+    """The store holds fewer training examples than ``data.min-examples``."""
 
 
 @dataclass
@@ -159,32 +180,41 @@ class TrainResult:
 
 
 class Device:
-    """A user's device in one run: its data, its state dir and its rounds.
+    """A user's device in one run: its store (examples, state, ledger) and its rounds.
 
     Args:
         cfg: Parsed run config.
-        partition_id: This node's partition (selects the user).
-        num_partitions: Number of partitions (users) in the federation.
-        store: The device's open encrypted store (profile, state, ledger).
+        store: The device's open encrypted store.
+        num_partitions: Size of the federation, for the distributed-noise share (m_min).
+        partition_id: In simulation, the index of the role the device replays (a label for
+            the server's summary, and where audit canaries are planted); ``None`` on a real
+            device.
+        user: Who the device's state belongs to (simulation: the role); default: the store's
+            own record, else ``local``.
     """
 
     def __init__(
-        self, cfg: RunConfig, *, partition_id: int, num_partitions: int, store: LocalStore
+        self,
+        cfg: RunConfig,
+        *,
+        store: LocalStore,
+        num_partitions: int,
+        partition_id: int | None = None,
+        user: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
-        self.user: UserData = user_for_partition(
-            partition_id,
-            num_partitions,
-            min_lines=cfg.data.min_lines,
-            seed=cfg.seed,
-            test_fraction=cfg.data.test_fraction,
-        )
+        self.num_partitions = num_partitions
         self.rt = get_runtime(cfg)
         self.store = store
+        if user is None:
+            meta = store.get_json(META_BLOB)
+            stored = meta.get("user") if isinstance(meta, dict) else None
+            user = stored if isinstance(stored, str) else LOCAL_USER
+        self.user = user
         self.state = DeviceState(
             store,
-            user=self.user.user,
+            user=user,
             strategy=cfg.strategy,
             model=cfg.model.name,
             lora=lora_fingerprint(cfg.model),
@@ -192,25 +222,59 @@ class Device:
         settings = settings_from(cfg)
         if store.get_json(SETTINGS_BLOB) != settings:
             store.put_json(SETTINGS_BLOB, settings)
-        self.num_partitions = num_partitions
+        self.train_examples, self.held_out = split(device_examples(store), cfg.data.test_fraction)
         self.train_set, self.test_set = self._encoded()
         self.ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(cfg.privacy))
 
+    @classmethod
+    def simulated(
+        cls, cfg: RunConfig, *, store: LocalStore, partition_id: int, num_partitions: int
+    ) -> Device:
+        """A simulated device: ``store`` filled (once) with the role ``partition_id`` picks,
+        through the same import path a user's own writing takes."""
+        user = simulated_user(cfg, partition_id, num_partitions)
+        replay_role(store, user)
+        return cls(
+            cfg,
+            store=store,
+            num_partitions=num_partitions,
+            partition_id=partition_id,
+            user=user.user,
+        )
+
     def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...]]:
-        key = (self.user.user, self.cfg.model.name, self.cfg.data, self.cfg.audit)
+        """The tokenized training and held-out examples (cached in memory, never on disk)."""
+        content = hash(tuple((e.prompt, e.reply) for e in (*self.train_examples, *self.held_out)))
+        key = (
+            str(self.store.root),
+            content,
+            len(self.held_out),
+            self.partition_id,
+            self.cfg.model.name,
+            self.cfg.data,
+            self.cfg.audit,
+        )
         if key not in _ENCODED:
             tok, n = self.rt.tokenizer, self.cfg.data.max_seq_len
-            # Audit canaries are planted after scrubbing (they are the audit's own secrets).
-            planted = [encode(s, tok, n) for s in audit.planted(self.cfg, self.partition_id)]
-            train = tuple(encode_scrubbed(s, tok, n) for s in self.user.train) + tuple(planted)
-            test = tuple(
-                encode_scrubbed(s, tok, n) for s in self.user.test[: self.cfg.data.max_test_samples]
-            )
+
+            def enc(examples: list[Example]) -> tuple[Encoded, ...]:
+                return tuple(encode(Sample(e.prompt, e.reply), tok, n) for e in examples)
+
+            # Audit canaries (the audit's own secrets, not the user's) join the training set.
+            planted: list = []
+            if self.partition_id is not None:
+                planted = [encode(c, tok, n) for c in audit.planted(self.cfg, self.partition_id)]
+            train = enc(self.train_examples) + tuple(planted)
+            test = enc(self.held_out[: self.cfg.data.max_test_samples])
             _ENCODED[key] = (train, test)
             while len(_ENCODED) > ENCODED_CACHE_SIZE:
                 _ENCODED.popitem(last=False)
         _ENCODED.move_to_end(key)
         return _ENCODED[key]
+
+    def _label(self) -> dict[str, int]:
+        """The partition id a simulated device reports (a real device reports none)."""
+        return {} if self.partition_id is None else {"partition_id": self.partition_id}
 
     @property
     def pad_id(self) -> int:
@@ -287,7 +351,7 @@ class Device:
             self.store.set_meta("ab_reported_until", str(stored[-1][0]))
         missing = k - len(pairs)
         if self.cfg.ab.simulate_ratings and missing > 0:
-            rng = random.Random(f"ab:{self.cfg.seed}:{server_round}:{self.user.user}")
+            rng = random.Random(f"ab:{self.cfg.seed}:{server_round}:{self.user}")
             idx = [(server_round * k + i) % len(self.test_set) for i in range(missing)]
             samples = [self.test_set[i] for i in idx]
             arms = [rng.choice(ab.ARMS) for _ in idx]
@@ -318,18 +382,24 @@ class Device:
         Personal tensors and the ledger are saved here; only the returned update and metrics
         may leave the device (through the outbound-record builder).
         """
-        record, user = self.planned_charges(server_round)
         try:
+            if len(self.train_examples) < self.cfg.data.min_examples:
+                raise TooFewExamples(
+                    f"{len(self.train_examples)} training examples in the store, fewer than "
+                    f"data.min-examples = {self.cfg.data.min_examples}; import your writing "
+                    "with `fedpersona device import` or rate more answers"
+                )
+            record, user = self.planned_charges(server_round)
             self.ledger.check(record=record, user=user)
-        except BudgetExhausted as err:
-            logger.warning("device %s declines round %s: %s", self.user.user, server_round, err)
+        except (BudgetExhausted, TooFewExamples) as err:
+            logger.warning("device %s declines round %s: %s", self.user, server_round, err)
             self.ledger.note_declined(server_round=server_round, reason=str(err))
             self.ledger.save(self.store)
             zeros = {n: torch.zeros_like(t) for n, t in global_shared.items()}
             return TrainResult(
                 zeros,
                 {
-                    "partition_id": self.partition_id,
+                    **self._label(),
                     "declined": 1,
                     "weight": 0,
                     "num-examples": 0,
@@ -342,7 +412,7 @@ class Device:
         ab_counts = self.ab_counts(global_shared, personal, server_round)
         start = self._compose(global_shared, personal, personal_overrides_shared=False)
         load_lora_tensors(self.rt.model, start)
-        seed = zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user.user}".encode())
+        seed = zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user}".encode())
         common = dict(
             steps=self.cfg.train.local_steps,
             batch_size=self.cfg.train.batch_size,
@@ -391,7 +461,7 @@ class Device:
                 "num-examples": len(self.train_set),
                 "weight": weight,
                 "declined": 0,
-                "partition_id": self.partition_id,
+                **self._label(),
                 **self._privacy_metrics(),
             },
             declined=False,
@@ -434,8 +504,8 @@ class Device:
         )
         self.state.save_meta()
         return {
-            "partition_id": self.partition_id,
-            "n_train": len(self.user.train),
+            **self._label(),
+            "n_train": len(self.train_examples),
             "n_test": len(self.test_set),
             "base_loss": float(self.state.meta.base_loss),
             "global_loss": global_loss,

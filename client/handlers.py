@@ -18,10 +18,9 @@ from flwr.app import Context, RecordDict
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from client.device import Device, open_node_store, shared_shapes
+from client.device import Device, open_node_store, shared_shapes, simulated_user
 from common import ab
-from common.config import parse_run_config
-from common.data import user_for_partition
+from common.config import RunConfig, parse_run_config
 from common.serialization import (
     ALLOWED_EVAL_METRICS,
     ALLOWED_TRAIN_METRICS,
@@ -38,128 +37,72 @@ logger = logging.getLogger(__name__)
 
 @contextmanager
 def _device(context: Context) -> Iterator[Device]:
-    """The device for this node, with its encrypted store open for the message's duration."""
+    """The device for this node, with its encrypted store open for the message's duration.
+
+    A real device's node config names its store (``data-dir``, ``key-file``); it trains on
+    what that store holds. A simulated device (no ``data-dir``) gets a store of its own in the
+    run directory, filled once with the role its ``partition-id`` picks — then it is the same
+    device code over the same kind of store.
+    """
     cfg = parse_run_config(dict(context.run_config))
     node = context.node_config
-    try:
-        partition_id = int(node["partition-id"])
-        num_partitions = int(node["num-partitions"])
-    except KeyError as err:
+    partition_id = _optional_int(node, "partition-id")
+    num_partitions = _optional_int(node, "num-partitions")
+    if "data-dir" in node:
+        store = open_node_store(node)
+        try:
+            yield Device(
+                cfg,
+                store=store,
+                num_partitions=num_partitions or federation_size(cfg),
+                partition_id=partition_id,
+            )
+        finally:
+            store.close()
+        return
+    if partition_id is None or num_partitions is None:
         raise ValueError(
-            f"node config lacks {err}; start the SuperNode with --node-config 'partition-id=N "
-            'num-partitions=M data-dir="DIR" key-file="FILE"\''
-        ) from None
-    simulated_dir = None
-    if "data-dir" not in node:
-        user = user_for_partition(
-            partition_id,
-            num_partitions,
-            min_lines=cfg.data.min_lines,
-            seed=cfg.seed,
-            test_fraction=cfg.data.test_fraction,
+            "node config has no data-dir: start a device's SuperNode with --node-config "
+            '\'data-dir="DIR" key-file="FILE"\' (a simulated one needs partition-id and '
+            "num-partitions, which Flower's simulation sets)"
         )
-        simulated_dir = cfg.simulated_device_dir(context.run_id, user.user)
-    store = open_node_store(node, simulated_dir=simulated_dir)
+    user = simulated_user(cfg, partition_id, num_partitions)
+    store = open_node_store(node, simulated_dir=cfg.simulated_device_dir(context.run_id, user.user))
     try:
-        yield Device(cfg, partition_id=partition_id, num_partitions=num_partitions, store=store)
+        yield Device.simulated(
+            cfg, store=store, partition_id=partition_id, num_partitions=num_partitions
+        )
     finally:
         store.close()
 
 
-def _incoming(
-    content: RecordDict, device: Device, kind: str
-) -> tuple[dict[str, torch.Tensor], int, bool]:
-    """Global shared tensors and round number from either record style, validated.
+def _optional_int(node: object, key: str) -> int | None:
+    value = node.get(key) if hasattr(node, "get") else None  # type: ignore[union-attr]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"node config `{key}` must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"node config `{key}` must be an integer, got {value!r}") from None
+
+
+def federation_size(cfg: RunConfig) -> int:
+    """The federation size a real device sizes its share of distributed noise by, when its node
+    config has no ``num-partitions``: ``data.num-users``, else ``dp.min-clients`` (which then
+    fixes m_min), else 1 where no distributed noise is added.
 
     Raises:
-        ValueError: The message has the wrong records, keys, shapes, dtypes or sizes, a
-            non-finite value, or no valid ``server-round``; the reason is logged, nothing
-            on the device is touched.
+        ValueError: Distributed noise with neither key set: the share cannot be sized.
     """
-    try:
-        return _parse_incoming(content, device, kind)
-    except (KeyError, TypeError, ValueError) as err:
-        reason = f"rejecting the server's {kind} message: {type(err).__name__}: {err}"
-        logger.error(reason)
-        raise ValueError(reason) from None
-
-
-def _parse_incoming(
-    content: RecordDict, device: Device, kind: str
-) -> tuple[dict[str, torch.Tensor], int, bool]:
-    shapes = shared_shapes(device.cfg)
-    legacy_key = f"{kind}.parameters"
-    if legacy_key in content.array_records:
-        to_ins = (
-            compat.recorddict_to_fitins if kind == "fitins" else compat.recorddict_to_evaluateins
-        )
-        ins = to_ins(content, keep_input=True)
-        arrays = parameters_to_ndarrays(ins.parameters)
-        tensors = ordered_tensors(arrays, device.rt.shared_names, shapes)
-        return tensors, _round(ins.config.get("server-round")), True
-    if ARRAYS_KEY not in content.array_records:
-        raise ValueError(f"no `{ARRAYS_KEY}` array record (got {sorted(content.keys())})")
-    if CONFIG_KEY not in content.config_records:
-        raise ValueError(f"no `{CONFIG_KEY}` config record")
-    tensors = from_arrayrecord(content[ARRAYS_KEY], shapes)
-    return tensors, _round(content[CONFIG_KEY].get("server-round")), False
-
-
-def _round(value: object) -> int:
-    """The server round from a message's config: a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`server-round` must be a positive integer, got {value!r}")
-    return value
-
-
-def train(content: RecordDict, context: Context) -> RecordDict:
-    """Train on the device's data; the reply holds the clipped (noised) shared update only."""
-    with _device(context) as device:
-        global_shared, server_round, legacy = _incoming(content, device, "fitins")
-        result = device.train(global_shared, server_round=server_round)
-    metrics = dict(result.metrics)
-    cfg = device.cfg
-    ab_vector = None
-    if legacy:
-        # SecAgg+ sums the update weighted by num_examples: 1 per participant, 0 if declined.
-        metrics[NUM_EXAMPLES_KEY] = int(metrics["weight"])
-        outbound = result.update
-        if cfg.ab.interactions:
-            # Every device appends the same-shaped vector (zeros when declining).
-            counts = result.ab if result.ab is not None else np.zeros(ab.FIELDS)
-            ab_vector = counts / ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
-    else:
-        outbound = {n: global_shared[n] + result.update[n] for n in result.update}
-        if result.ab is not None:
-            metrics.update(ab.to_metrics(result.ab))
-    return build_outbound_record(
-        outbound,
-        shared_names=device.rt.shared_names,
-        metrics=metrics,
-        allowed_metrics=ALLOWED_TRAIN_METRICS,
-        legacy="fitres" if legacy else None,
-        ab_vector=ab_vector,
+    if cfg.data.num_users > 0:
+        return cfg.data.num_users
+    if cfg.dp.min_clients > 0:
+        return cfg.dp.min_clients
+    if cfg.dp.noise_mode != "distributed" or not cfg.dp.adds_noise:
+        return 1
+    raise ValueError(
+        "the device cannot size its share of the noise: the run config sets neither "
+        "data.num-users nor dp.min-clients, and the node config has no num-partitions"
     )
-
-
-def evaluate(content: RecordDict, context: Context) -> RecordDict:
-    """Evaluate base, global and personal models on the device's held-out text."""
-    with _device(context) as device:
-        global_shared, server_round, legacy = _incoming(content, device, "evaluateins")
-        metrics = device.evaluate(global_shared, server_round=server_round)
-    return build_outbound_record(
-        {},
-        shared_names=device.rt.shared_names,
-        metrics=metrics,
-        allowed_metrics=ALLOWED_EVAL_METRICS,
-        legacy="evaluateres" if legacy else None,
-    )
-
-
-def answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    """The reply content for a ``train`` or ``evaluate`` message."""
-    if kind == "train":
-        return train(content, context)
-    if kind == "evaluate":
-        return evaluate(content, context)
-    raise ValueError(f"unknown message kind {kind!r}; expected train or evaluate")

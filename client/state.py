@@ -14,12 +14,13 @@ silently mixed.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from client.store import LocalStore, StoreCorrupted
-from common.config import ModelConfig
+from common.config import ModelConfig, RunConfig, parse_run_config
 
 if TYPE_CHECKING:  # torch is imported by the tensor functions only: status needs no model
     import torch
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # torch is imported by the tensor functions only: status need
 PERSONAL_BLOB = "personal"
 GLOBAL_BLOB = "global"
 META_BLOB = "device"
-# The run-config subset a device keeps to rebuild its model (client.device.settings_from).
+# The run-config subset a device keeps to rebuild its model (settings_from).
 SETTINGS_BLOB = "settings"
 # The assistant's evidence (client.evidence) and its installed expert adapters.
 GATE_BLOB = "gate"
@@ -35,6 +36,39 @@ DRIFT_BLOB = "drift"
 EXPERTS_BLOB = "experts"
 # The user id of a device that has never been in a federation (set up by `device init`).
 LOCAL_USER = "local"
+
+
+# Run-config keys a device keeps so that its assistant can rebuild the federation's model.
+SETTINGS_PREFIXES = ("model.", "personalization.", "privacy.", "data.max-seq-len")
+
+
+def settings_from(cfg: RunConfig) -> dict[str, Any]:
+    """The subset of a run config the device needs to rebuild its model on its own."""
+    return {k: v for k, v in cfg.to_flat().items() if k.startswith(SETTINGS_PREFIXES)}
+
+
+def init_device(
+    store: LocalStore,
+    *,
+    model: str = "smollm2",
+    strategy: str = "fedsa",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a new device's settings, an empty profile and an API token into ``store``.
+
+    Raises:
+        ValueError: If the settings are invalid (the message names the key).
+    """
+    from client.profile import Profile
+
+    flat = {"model.name": model, "personalization.strategy": strategy, **(overrides or {})}
+    settings = settings_from(parse_run_config(flat))
+    store.put_json(SETTINGS_BLOB, settings)
+    if store.get_profile() is None:
+        store.put_profile(Profile().to_dict())
+    if store.get_meta("api_token") is None:
+        store.set_meta("api_token", secrets.token_urlsafe(32))
+    return settings
 
 
 def lora_fingerprint(m: ModelConfig) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from client.evidence import DriftDetector, Gate, choose_variant
+from client.examples import device_examples, split
 from client.ledger import LedgerPolicy, PrivacyLedger
 from client.profile import Profile
 from client.state import (
@@ -110,6 +111,8 @@ def status(store: LocalStore) -> dict[str, Any]:
     state = open_state(store, cfg)
     gate, drift = load_evidence(store, state)
     experts = list(store.get_json(EXPERTS_BLOB) or {})
+    examples = device_examples(store)
+    train, held_out = split(examples, cfg.data.test_fraction)
     m = state.meta
     blobs = store.blob_sizes()
     return {
@@ -119,6 +122,13 @@ def status(store: LocalStore) -> dict[str, Any]:
         "profile": Profile.from_dict(store.get_profile() or {}).describe(),
         "interactions": store.count_interactions(),
         "feedback": len(store.feedback()),
+        "examples": {
+            "by_source": store.example_counts(),
+            "endorsed_interactions": sum(e.source == "endorsed" for e in examples),
+            "train": len(train),
+            "held_out": len(held_out),
+            "min_to_join": cfg.data.min_examples,
+        },
         "personal_adapter": {
             "present": "personal" in blobs,
             "bytes": blobs.get("personal", 0),

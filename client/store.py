@@ -78,8 +78,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX interactions_ts ON interactions(ts);
     CREATE INDEX feedback_interaction ON feedback(interaction_id);
     """,
+    # v3: the user's own examples (imported writing; a simulated device's replayed role), the
+    # training data of federated rounds together with the endorsed interactions.
+    """
+    CREATE TABLE examples(id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,
+                          source TEXT NOT NULL, prompt TEXT NOT NULL, reply TEXT NOT NULL);
+    CREATE INDEX examples_ts ON examples(ts);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+EXAMPLES_SCHEMA = 3
 FEEDBACK_KINDS = ("rating", "preferred", "edit", "reject")
 
 
@@ -106,6 +114,17 @@ class Interaction:
     context: dict[str, Any] = field(default_factory=dict)
     embedding: np.ndarray | None = None
     variant: str | None = None
+
+
+@dataclass
+class StoredExample:
+    """One example of the user's own writing: a request and the user's reply (scrubbed)."""
+
+    id: int
+    ts: float
+    source: str
+    prompt: str
+    reply: str
 
 
 @dataclass
@@ -536,22 +555,82 @@ class LocalStore:
             )
         ]
 
+    # ---- the user's own examples ---------------------------------------------------------
+
+    def add_examples(
+        self, pairs: list[tuple[str, str]], *, source: str, ts: float | None = None
+    ) -> int:
+        """Store ``(request, reply)`` pairs, PII-scrubbed, in one transaction; return how many.
+
+        They keep their order: the i-th pair is stamped ``ts + i`` microseconds, so the newest
+        examples (a device's held-out slice) are the last ones given.
+
+        Raises:
+            ValueError: An empty source, or a pair whose reply is empty (nothing is stored).
+        """
+        return self.add_example_batches([(source, pairs)], ts=ts)
+
+    def add_example_batches(
+        self, batches: list[tuple[str, list[tuple[str, str]]]], *, ts: float | None = None
+    ) -> int:
+        """:meth:`add_examples` for several ``(source, pairs)`` batches in one transaction."""
+        start = time.time() if ts is None else ts
+        rows = []
+        for source, pairs in batches:
+            if not source:
+                raise ValueError("an example needs a source (e.g. 'import:text')")
+            for prompt, reply in pairs:
+                if not reply.strip():
+                    raise ValueError(f"example {len(rows)} has an empty reply")
+                rows.append((start + len(rows) * 1e-6, source, scrub(prompt), scrub(reply)))
+        with self.transaction() as cur:
+            cur.executemany(
+                "INSERT INTO examples(ts, source, prompt, reply) VALUES (?, ?, ?, ?)", rows
+            )
+        return len(rows)
+
+    def examples(self) -> list[StoredExample]:
+        """Every stored example, oldest first."""
+        return [
+            StoredExample(int(r[0]), float(r[1]), str(r[2]), str(r[3]), str(r[4]))
+            for r in self._query(
+                "SELECT id, ts, source, prompt, reply FROM examples ORDER BY ts, id"
+            )
+        ]
+
+    def example_counts(self) -> dict[str, int]:
+        """Number of stored examples per source."""
+        return {
+            str(s): int(n)
+            for s, n in self._query("SELECT source, count(*) FROM examples GROUP BY source")
+        }
+
+    def delete_examples(self, *, source: str) -> int:
+        """Delete every example from ``source``; return how many."""
+        with self.transaction() as cur:
+            cur.execute("DELETE FROM examples WHERE source = ?", (source,))
+            return int(cur.rowcount)
+
     # ---- retention, export, forget -------------------------------------------------------
 
     def purge_expired(self, *, now: float | None = None) -> int:
-        """Delete interactions older than the retention window (feedback cascades)."""
+        """Delete interactions and examples older than the retention window (feedback
+        cascades); return how many interactions and examples went."""
         now = time.time() if now is None else now
         cutoff = now - self.retention_days * DAY
         with self.transaction() as cur:
             cur.execute("DELETE FROM interactions WHERE ts < ?", (cutoff,))
             removed = cur.rowcount
+            if self.schema_version >= EXAMPLES_SCHEMA:  # an older schema (tests) has none
+                cur.execute("DELETE FROM examples WHERE ts < ?", (cutoff,))
+                removed += cur.rowcount
             cur.execute("DELETE FROM feedback WHERE ts < ?", (cutoff,))
             cur.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_purge', ?)", (str(now),)
             )
         if removed:
             logger.info(
-                "retention: purged %d interaction(s) older than %g days",
+                "retention: purged %d interaction(s) and example(s) older than %g days",
                 removed,
                 self.retention_days,
             )
@@ -563,7 +642,9 @@ class LocalStore:
         last = float(self.get_meta("last_purge", "0") or 0)
         return self.purge_expired(now=now) if now - last >= DAY else 0
 
-    EXPORT_KEYS = frozenset({"schema_version", "meta", "profile", "interactions", "feedback"})
+    EXPORT_KEYS = frozenset(
+        {"schema_version", "meta", "profile", "interactions", "feedback", "examples", "blobs"}
+    )
 
     @classmethod
     def is_export(cls, path: Path) -> bool:
@@ -575,7 +656,7 @@ class LocalStore:
             data = json.loads(path.read_bytes())
         except (OSError, ValueError):
             return False
-        return isinstance(data, dict) and set(data) == cls.EXPORT_KEYS | {"blobs"}
+        return isinstance(data, dict) and set(data) == cls.EXPORT_KEYS
 
     def export(self) -> dict[str, Any]:
         """Everything in the store as plain JSON (embeddings and tensors summarized)."""
@@ -603,6 +684,7 @@ class LocalStore:
                 for i in reversed(self.interactions())
             ],
             "feedback": [vars(f) for f in self.feedback()],
+            "examples": [vars(e) for e in self.examples()],
             "blobs": blobs,
         }
 

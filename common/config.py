@@ -65,13 +65,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Per-user Shakespeare data: which roles become users and how samples are cut."""
+    """A device's data: how much it needs to join, what it holds out, how samples are cut;
+    and, in simulation, which Shakespeare roles become users."""
 
     min_lines: int = 200
     num_users: int = 0
     test_fraction: float = 0.2
     max_seq_len: int = 96
     max_test_samples: int = 16
+    min_examples: int = 8
 
     def __post_init__(self) -> None:
         _require(self.min_lines >= 1, "data.min-lines", f"must be >= 1, got {self.min_lines}")
@@ -90,6 +92,11 @@ class DataConfig:
             self.max_test_samples >= 1,
             "data.max-test-samples",
             f"must be >= 1, got {self.max_test_samples}",
+        )
+        _require(
+            self.min_examples >= 1,
+            "data.min-examples",
+            f"must be >= 1, got {self.min_examples}",
         )
 
 
@@ -366,6 +373,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "data.test-fraction": ("data.test_fraction", float),
     "data.max-seq-len": ("data.max_seq_len", int),
     "data.max-test-samples": ("data.max_test_samples", int),
+    "data.min-examples": ("data.min_examples", int),
     "train.local-steps": ("train.local_steps", int),
     "train.batch-size": ("train.batch_size", int),
     "train.learning-rate": ("train.learning_rate", float),

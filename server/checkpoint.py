@@ -46,7 +46,7 @@ class ServerState:
     config: dict[str, Any]
     accountant: dict[str, Any] | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
-    clients: dict[int, dict[str, float]] = field(default_factory=dict)
+    clients: dict[int | str, dict[str, Any]] = field(default_factory=dict)
     ab_rounds: list[list[float]] = field(default_factory=list)
     pending_train: dict[int, dict[str, Any]] = field(default_factory=dict)
     stopped_at: int | None = None
@@ -131,7 +131,7 @@ def load(run_dir: Path) -> ServerState | None:
         config=dict(meta["config"]),
         accountant=meta["accountant"],
         rounds=list(meta["rounds"]),
-        clients={int(k): v for k, v in meta["clients"].items()},
+        clients={_client_key(k): v for k, v in meta["clients"].items()},
         ab_rounds=[list(map(float, r)) for r in meta["ab_rounds"]],
         pending_train={int(k): v for k, v in meta["pending_train"].items()},
         stopped_at=meta["stopped_at"],
@@ -166,3 +166,8 @@ def check_compatible(
         for n, a in zip(state.shared_names, state.shared, strict=True)
     ):
         raise CheckpointError("the checkpoint's shared tensors do not match the model")
+
+
+def _client_key(key: str) -> int | str:
+    """A ``clients`` key as the recorder keeps it: a partition id, or ``node-<id>``."""
+    return int(key) if key.isdigit() else key

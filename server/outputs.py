@@ -19,15 +19,21 @@ from common.config import RunConfig
 from common.personalization import Strategy
 
 
-def per_user_rows(clients: dict[int, dict[str, float]], users: list[str]) -> list[dict[str, Any]]:
+def per_user_rows(
+    clients: dict[int | str, dict[str, Any]], users: list[str]
+) -> list[dict[str, Any]]:
     """One row per evaluated user with its latest held-out losses."""
     rows = []
-    for pid in sorted(clients):
-        c = clients[pid]
+    for key in sorted(clients, key=lambda k: (isinstance(k, str), str(k).zfill(12))):
+        c = clients[key]
+        pid = key if isinstance(key, int) else None
+        # A real device reports no partition: the server knows its node, not its user.
+        label = users[pid] if pid is not None and pid < len(users) else f"partition-{pid}"
+        user = str(key) if pid is None else label
         rows.append(
             {
                 "partition_id": pid,
-                "user": users[pid] if pid < len(users) else f"partition-{pid}",
+                "user": user,
                 "n_train": int(c["n_train"]),
                 "n_test": int(c["n_test"]),
                 "base_loss": c["base_loss"],
@@ -57,7 +63,7 @@ def write_summary(
     cfg: RunConfig,
     strategy: Strategy,
     rounds: list[dict[str, Any]],
-    clients: dict[int, dict[str, float]],
+    clients: dict[int | str, dict[str, Any]],
     users: list[str],
     timings: dict[str, float],
     privacy: dict[str, Any] | None = None,

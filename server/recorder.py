@@ -24,13 +24,21 @@ def _mean(rows: list[dict[str, float]], key: str) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def client_key(row: dict[str, Any]) -> int | str:
+    """Who a reply is from: a simulated device's partition id, else ``node-<node id>`` (a real
+    device reports no partition)."""
+    if "partition_id" in row:
+        return int(row["partition_id"])
+    return f"node-{row['node']}"
+
+
 class RoundRecorder:
     """Collects what ``summary.json`` reports about rounds and users."""
 
     def __init__(self, accountant: FederationAccountant | None) -> None:
         self.accountant = accountant
         self.rounds: list[dict[str, Any]] = []
-        self.clients: dict[int, dict[str, float]] = {}
+        self.clients: dict[int | str, dict[str, Any]] = {}
         self._start: dict[int, float] = {}
         self._train: dict[int, dict[str, Any]] = {}
         self.ab_rounds: list[np.ndarray] = []
@@ -49,7 +57,7 @@ class RoundRecorder:
         self,
         *,
         rounds: list[dict[str, Any]],
-        clients: dict[int, dict[str, float]],
+        clients: dict[int | str, dict[str, Any]],
         ab_rounds: list[list[float]],
         pending_train: dict[int, dict[str, Any]],
     ) -> None:
@@ -112,7 +120,7 @@ class RoundRecorder:
     def evaluated(self, server_round: int, rows: list[dict[str, float]]) -> dict[str, Any]:
         """Record an evaluation phase and close the round; returns the round's record."""
         for row in rows:
-            self.clients[int(row["partition_id"])] = row
+            self.clients[client_key(row)] = row
         record: dict[str, Any] = {"round": server_round, **self._train.get(server_round, {})}
         if rows:
             record.update(

@@ -266,7 +266,10 @@ class SecAggDPStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        rows = [{k: float(v) for k, v in res.metrics.items()} for _, res in results]
+        rows = [
+            {**{k: float(v) for k, v in res.metrics.items()}, "node": str(proxy.cid)}
+            for proxy, res in results
+        ]
         m = sum(1 for r in rows if not r.get("declined"))
         # Stragglers and dropouts: sampled but neither a result nor a reported failure.
         lost = max(0, self.sampled.get(server_round, 0) - len(results) - len(failures))

@@ -274,7 +274,8 @@ def main(grid: Grid, context: Context) -> None:
         base_model=str(model_dir(cfg.model.name)),
         note={"kind": "global", "strategy": cfg.strategy, "what": strategy.cold_start},
     )
-    n_users = max(cfg.data.num_users, max(recorder.clients, default=-1) + 1)
+    partitions = [k for k in recorder.clients if isinstance(k, int)]
+    n_users = max(cfg.data.num_users, max(partitions, default=-1) + 1)
     users = [
         u.user
         for u in select_users(

@@ -33,12 +33,14 @@ from server.recorder import RoundRecorder
 
 
 def reply_metrics(replies: Iterable[Message]) -> list[dict[str, float]]:
-    """Metrics of the replies that carry content."""
+    """Metrics of the replies that carry content, each with its sender's node id (``node``)."""
     out = []
     for msg in replies:
         if msg.has_error() or METRICS_KEY not in msg.content:
             continue
-        out.append({k: float(v) for k, v in msg.content[METRICS_KEY].items()})
+        row: dict = {k: float(v) for k, v in msg.content[METRICS_KEY].items()}
+        row["node"] = str(msg.metadata.src_node_id)
+        out.append(row)
     return out
 
 
@@ -134,7 +136,7 @@ class PersonaFedAvg(FedAvg):
                 train=train,
                 expected=self.shapes if train else None,
                 allowed_metrics=ALLOWED_TRAIN_METRICS if train else ALLOWED_EVAL_METRICS,
-                required_metrics=("weight",) if train else ("partition_id",),
+                required_metrics=("weight",) if train else ("personal_loss",),
             )
             if reason:
                 log(

@@ -58,11 +58,11 @@ def throughput(model: str, device_name: str, *, steps: int = 6) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         key = create_key_file(Path(tmp) / "k.key")
         store = LocalStore.create(Path(tmp) / "dev", Secret(key_file=key))
-        device = Device(cfg, partition_id=0, num_partitions=8, store=store)
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=8)
         g = {n: rt.init[n] for n in rt.shared_names}
         device.train(g, server_round=1)  # warm-up (first-call allocations)
         # Tokens the round trains on: the same seeded batches train_steps draws.
-        seed = zlib.crc32(f"{cfg.seed}:2:{device.user.user}".encode())
+        seed = zlib.crc32(f"{cfg.seed}:2:{device.user}".encode())
         rng = random.Random(seed)
         batches = [
             collate(

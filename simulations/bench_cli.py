@@ -34,11 +34,10 @@ def build_store(data_dir: Path) -> None:
     import numpy as np
     import torch
 
-    from client.assistant import init_device
     from client.evidence import Gate
     from client.ledger import LedgerPolicy, PrivacyLedger
     from client.profile import Profile
-    from client.state import GATE_BLOB, GLOBAL_BLOB, PERSONAL_BLOB, tensors_to_bytes
+    from client.state import GATE_BLOB, GLOBAL_BLOB, PERSONAL_BLOB, init_device, tensors_to_bytes
     from client.status import load_settings, open_state
     from client.store import LocalStore
     from common.crypto import Secret

@@ -53,7 +53,7 @@ def step_times(model_name: str, steps: int) -> dict:
     cfg = parse_run_config({"model.name": model_name, "data.num-users": 8})
     tmp = Path(tempfile.mkdtemp())
     store = LocalStore.create(tmp / "dev", Secret(key_file=create_key_file(tmp / "dev.key")))
-    device = Device(cfg, partition_id=0, num_partitions=8, store=store)
+    device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=8)
     rt = device.rt
     common = dict(batch_size=4, learning_rate=1e-3, seed=0, pad_id=device.pad_id)
     # Warm-up both paths once, then time.

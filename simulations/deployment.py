@@ -180,20 +180,24 @@ class LocalDeployment:
         isolation: str = "subprocess",
         key: Path | None = None,
         worker: bool = False,
+        label: bool = True,
     ) -> Path:
         """A device: SuperNode ``supernode<i>`` with its store in ``<root>/device<i>``, plus its
         ClientApp executor ``clientapp<i>`` (``isolation="process"``) and its device worker
-        ``worker<i>`` (``worker=True``; :meth:`wait_online` waits until it answers). ``name``
-        replaces ``supernode<i>`` and ``device<i>`` (e.g. an intruder's). Returns the store."""
+        ``worker<i>`` (``worker=True``; :meth:`wait_online` waits until it answers). Its owner's
+        writing is imported first (:meth:`import_writing`). ``label`` puts ``partition-id`` in
+        the node config, for the server's summary rows (a real device has none). ``name``
+        replaces ``supernode<i>`` and ``device<i>`` and skips the import (an intruder's).
+        Returns the store."""
         if name is None:
             name, data_dir = f"supernode{partition}", self.root / f"device{partition}"
             worker_name, executor_name = f"worker{partition}", f"clientapp{partition}"
+            self.import_writing(data_dir, partition, partitions)
         else:
             data_dir, worker_name, executor_name = self.root / name, f"{name}-worker", f"{name}-app"
-        node_config = (
-            f'partition-id={partition} num-partitions={partitions} data-dir="{data_dir}" '
-            f'key-file="{device_key(data_dir)}"'
-        )
+        node_config = f'data-dir="{data_dir}" key-file="{device_key(data_dir)}"'
+        if label:
+            node_config = f"partition-id={partition} num-partitions={partitions} " + node_config
         if worker:
             from client.worker import SOCKET_KEY
 
@@ -220,6 +224,49 @@ class LocalDeployment:
                 [BIN / "flower-superexec", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
                  "--insecure"],
             )  # fmt: skip
+        return data_dir
+
+    def import_writing(self, data_dir: Path, partition: int, partitions: int) -> Path:
+        """What a device's owner does first: ``fedpersona device init``, then ``fedpersona
+        device import`` of their writing — here the turns of the Shakespeare role ``partition``
+        picks (default data settings), as a chat JSONL file, removed once imported. Skipped if
+        the store exists already (a restarted device)."""
+        from client.device import simulated_user
+        from client.store import LocalStore
+        from common.config import parse_run_config
+
+        if LocalStore.exists(data_dir):
+            return data_dir
+        user = simulated_user(parse_run_config({}), partition, partitions)
+        writing = self.root / f"{data_dir.name}-writing.jsonl"
+        writing.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": s.prompt},
+                            {"role": "assistant", "content": s.reply},
+                        ]
+                    }
+                )
+                + "\n"
+                for s in (*user.train, *user.test)
+            )
+        )
+        unlock = ["--data-dir", str(data_dir), "--key-file", str(device_key(data_dir))]
+        try:
+            for args in (["init", "--model", "tiny"], ["import", str(writing)]):
+                done = subprocess.run(
+                    [str(BIN / "fedpersona"), "device", *args, *unlock],
+                    env=self.env,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                if done.returncode != 0:
+                    raise RuntimeError(f"fedpersona device {args[0]}: {done.stdout}{done.stderr}")
+        finally:
+            writing.unlink(missing_ok=True)
         return data_dir
 
     @staticmethod

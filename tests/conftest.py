@@ -92,14 +92,31 @@ def make_message(arrays: ArrayRecord, message_type: str, server_round: int = 1) 
     return Message(content=content, dst_node_id=1, message_type=message_type)
 
 
-def device_node_config(data_dir: Path, partition_id: int, num_partitions: int) -> dict[str, Any]:
-    """Node config of a device whose encrypted store lives in ``data_dir``."""
+def device_node_config(
+    data_dir: Path, partition_id: int, num_partitions: int, *, fill: bool = True
+) -> dict[str, Any]:
+    """Node config of a device whose encrypted store lives in ``data_dir``; with ``fill``, the
+    store (created if needed) holds the Shakespeare role ``partition_id`` picks under the tiny
+    run config, stored through the import path, unless it already holds examples."""
+    if fill:
+        fill_store_with_role(data_dir, partition_id, num_partitions)
     return {
         "partition-id": partition_id,
         "num-partitions": num_partitions,
         "data-dir": str(data_dir),
         "key-file": str(device_key(data_dir)),
     }
+
+
+def fill_store_with_role(data_dir: Path, partition_id: int, num_partitions: int) -> int:
+    """Put a role's turns into the store in ``data_dir`` as a user's examples; return how
+    many were added (0 if it already held examples)."""
+    from client.device import simulated_user
+    from client.ingest import replay_role
+
+    user = simulated_user(parse_run_config(tiny_run_config()), partition_id, num_partitions)
+    with open_test_store(data_dir) as store:
+        return replay_role(store, user)
 
 
 def open_test_store(data_dir: Path) -> LocalStore:

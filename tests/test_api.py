@@ -10,7 +10,8 @@ import pytest
 import uvicorn
 
 from client.api import check_loopback, create_app
-from client.assistant import Assistant, init_device
+from client.assistant import Assistant
+from client.state import init_device
 from simulations.simulate import _free_port
 from tests.conftest import open_test_store
 

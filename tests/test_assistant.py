@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from client.adapt import Expert, ExpertRouter, hot_swap
-from client.assistant import Assistant, init_device
+from client.assistant import Assistant
 from client.engine import build_messages, rerank, retrieve, system_prompt
 from client.evidence import DriftDetector, Gate
 from client.profile import Profile, detect_format, extract_context, time_of_day
+from client.state import init_device
 from client.store import Interaction
 from common.embedding import EMBED_DIM, get_embedder, user_embedding
 from tests.conftest import open_test_store
@@ -265,7 +266,7 @@ def test_ab_test_answers_come_from_both_arms_and_their_ratings_are_counted(
 
     # Execute: the device's next federated round counts them (no simulated user).
     cfg = parse_run_config(tiny_run_config(**{"ab.simulate-ratings": False}))
-    device = Device(cfg, partition_id=0, num_partitions=4, store=store)
+    device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
     g = {n: device.rt.init[n] for n in device.rt.shared_names}
     counts = device.ab_counts(g, None, server_round=1)
     again = device.ab_counts(g, None, server_round=2)

@@ -107,9 +107,11 @@ def tls_deployment(tmp_path_factory, certs) -> Iterator[LocalDeployment]:
         d.registered = [d.register(certs / f"supernode-{i}.pub") for i in range(REGISTERED)]
         for i in range(REGISTERED):
             # Each device as docker-compose.yml runs it: SuperNode, ClientApp executor, and
-            # the device worker that keeps the model loaded for the ClientApps.
+            # the device worker that keeps the model loaded for the ClientApps; its store
+            # holds what its owner imported (`device init`, `device import`), and its node
+            # config names the store and key only, no partition.
             d.start_device(i, REGISTERED, isolation="process", key=certs / f"supernode-{i}.key",
-                           worker=True)  # fmt: skip
+                           worker=True, label=False)  # fmt: skip
         # Intruders: a well-formed key the SuperLink was never told about, and no key at all.
         for name, key in (("intruder-unregistered", certs / f"supernode-{REGISTERED}.key"),
                           ("intruder-keyless", None)):  # fmt: skip
@@ -158,10 +160,13 @@ def test_tls_authenticated_process_isolated_federation_runs_two_rounds(tls_deplo
     assert code == 0, d.log("flwr-run")[-3000:]
     summary = _check_summary(d.root / "tls", n_users=REGISTERED, n_rounds=2)
     assert all(row["released"] for row in summary["rounds"])
+    # Unlabelled devices: the summary knows them by node, and each trained on its own import.
+    assert {row["user"] for row in summary["clients"]} == {f"node-{n}" for n in d.registered}
     for i in range(REGISTERED):
         with open_test_store(d.root / f"device{i}") as store:
             assert store.get_json("device")["rounds_trained"] == 2
             assert len(store.get_json("ledger")["events"]) == 2
+            assert set(store.example_counts()) == {"import:chat"}
     assert not (d.root / "intruder-unregistered").exists()
     assert not (d.root / "intruder-keyless").exists()
     # The apps ran under the executors started beside the SuperLink and the SuperNodes (not

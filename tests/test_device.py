@@ -17,6 +17,7 @@ from common.model import load_base_model
 from common.serialization import ALLOWED_EVAL_METRICS, ALLOWED_TRAIN_METRICS, to_arrayrecord
 from tests.conftest import (
     device_node_config,
+    fill_store_with_role,
     make_context,
     make_message,
     open_test_store,
@@ -63,7 +64,7 @@ def test_personal_state_survives_a_device_restart(tmp_path) -> None:
     cfg = parse_run_config(tiny_run_config(**{"personalization.strategy": "fedsa"}))
     g = _global_init(cfg)
     with open_test_store(tmp_path / "dev") as store:
-        device = Device(cfg, partition_id=0, num_partitions=4, store=store)
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
         result = device.train(g, server_round=1)
         shared = {n: g[n] + result.update[n] for n in g}
         before = device.state.load_personal()
@@ -71,7 +72,7 @@ def test_personal_state_survives_a_device_restart(tmp_path) -> None:
 
     # Execute: a new process would open the same store and build a new Device.
     store = open_test_store(tmp_path / "dev")
-    restarted = Device(cfg, partition_id=0, num_partitions=4, store=store)
+    restarted = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
     again = restarted.evaluate(shared, server_round=1)
 
     # Assert
@@ -83,7 +84,7 @@ def test_personal_state_survives_a_device_restart(tmp_path) -> None:
     assert first["global_loss"] == pytest.approx(first["base_loss"], abs=1e-6)  # fedsa cold start
     assert restarted.state.meta.rounds_trained == 1
     meta = store.get_json("device")
-    assert meta["user"] == device.user.user and meta["strategy"] == "fedsa"
+    assert meta["user"] == device.user and meta["strategy"] == "fedsa"
     assert meta["global_loss"] == pytest.approx(again["global_loss"])
     kept = restarted.state.load_global()  # stored in fp16: 11 significant bits
     assert all(torch.allclose(kept[n], shared[n], rtol=1e-3, atol=1e-6) for n in shared)
@@ -116,17 +117,17 @@ def test_evaluate_then_export_a_loadable_personal_adapter(tmp_path) -> None:
 def test_state_from_another_strategy_is_refused(tmp_path) -> None:
     cfg = parse_run_config(tiny_run_config(**{"personalization.strategy": "fedsa"}))
     with open_test_store(tmp_path / "dev") as store:
-        device = Device(cfg, partition_id=0, num_partitions=4, store=store)
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
         device.state.save_meta()
         other = parse_run_config(tiny_run_config(**{"personalization.strategy": "dual"}))
         with pytest.raises(ValueError, match="strategy='fedsa'"):
-            Device(other, partition_id=0, num_partitions=4, store=store)
+            Device.simulated(other, store=store, partition_id=0, num_partitions=4)
 
 
 def test_corrupted_state_is_reported_not_overwritten(tmp_path) -> None:
     cfg = parse_run_config(tiny_run_config())
     with open_test_store(tmp_path / "dev") as store:
-        device = Device(cfg, partition_id=0, num_partitions=4, store=store)
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
         device.train(_global_init(cfg), server_round=1)
         corrupted = b"\x00garbage" + store.get_blob("personal")[9:]
         store.put_blob("personal", corrupted)
@@ -137,12 +138,67 @@ def test_corrupted_state_is_reported_not_overwritten(tmp_path) -> None:
         assert store.get_json("ledger") == ledger  # nothing charged for the failed round
 
 
-def test_missing_partition_config_is_a_clear_error(tmp_path) -> None:
+def test_a_real_device_needs_no_partition_id_and_an_empty_store_declines(tmp_path) -> None:
+    # Prepare: a device as a user runs one: its store and key, nothing else.
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
-    ctx = make_context(raw, {"data-dir": str(tmp_path / "dev")})
-    with pytest.raises(ValueError, match="partition-id"):
+    node = device_node_config(tmp_path / "dev", 0, 4, fill=False)
+    node = {k: node[k] for k in ("data-dir", "key-file")}
+    msg = make_message(to_arrayrecord(_global_init(cfg)), "train")
+
+    # Execute: an empty store, then the same store after the user imported their writing.
+    empty = client_train(msg, make_context(raw, node)).content["metrics"]
+    fill_store_with_role(tmp_path / "dev", 0, 4)
+    filled = client_train(msg, make_context(raw, node)).content["metrics"]
+
+    # Assert: declined with nothing charged, then trained; no partition id either way.
+    assert empty["declined"] == 1 and empty["weight"] == 0 and empty["user_epsilon"] == 0
+    assert filled["declined"] == 0 and filled["user_epsilon"] > 0
+    assert "partition_id" not in empty and "partition_id" not in filled
+    with open_test_store(tmp_path / "dev") as store:
+        ledger = store.get_json("ledger")
+    assert "data.min-examples" in ledger["declined"][0]["reason"]
+    assert {e["round"] for e in ledger["events"]} == {1}
+
+
+def test_a_node_without_a_store_or_a_partition_is_a_clear_error(tmp_path) -> None:
+    raw = tiny_run_config()
+    cfg = parse_run_config(raw)
+    ctx = make_context(raw, {"key-file": str(tmp_path / "k")})
+    with pytest.raises(ValueError, match="data-dir"):
         client_train(make_message(to_arrayrecord(_global_init(cfg)), "train"), ctx)
+
+
+def _update_with(tmp_path, name: str, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """The shared update of one noiseless round on a store holding exactly ``pairs``."""
+    cfg = parse_run_config(tiny_run_config(**{"dp.noise-mode": "none", "data.min-examples": 1}))
+    with open_test_store(tmp_path / name) as store:
+        store.add_examples(pairs, source="import:text", ts=1_000.0)
+        device = Device(cfg, store=store, num_partitions=4)
+        return device.train(_global_init(cfg), server_round=1).update
+
+
+def test_a_device_trains_on_its_stores_examples_and_never_on_its_held_out_slice(tmp_path) -> None:
+    # Prepare: 20 examples (the newest 4 are held out), and variations of them.
+    pairs = [
+        (f"What of day {i}?", f"On day {i} the tide ran {'high' if i % 2 else 'low'}.")
+        for i in range(20)
+    ]
+    more = [(f"And night {i}?", f"At night {i} the stars were out.") for i in range(4)]
+    other_held_out = pairs[:16] + [(p, r.upper()) for p, r in pairs[16:]]
+
+    # Execute
+    base = _update_with(tmp_path, "a", pairs)
+    again = _update_with(tmp_path, "b", pairs)
+    plus_four = _update_with(tmp_path, "c", pairs[:16] + more + pairs[16:])
+    held_out_changed = _update_with(tmp_path, "d", other_held_out)
+
+    # Assert: the same examples give the same update; four more training examples change it;
+    # what is held out (the newest) does not touch training.
+    same = lambda a, b: all(torch.equal(a[n], b[n]) for n in a)  # noqa: E731
+    assert same(base, again)
+    assert not same(base, plus_four)
+    assert same(base, held_out_changed)
 
 
 def test_wrong_shapes_from_the_server_are_rejected(tmp_path) -> None:

@@ -38,10 +38,10 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from client.api import create_app
-from client.assistant import Assistant, init_device
+from client.assistant import Assistant
 from client.device import SETTINGS_BLOB
 from client.ledger import LEDGER_BLOB, LedgerPolicy, PrivacyLedger
-from client.state import META_BLOB, PERSONAL_BLOB, DeviceState, tensors_from_bytes
+from client.state import META_BLOB, PERSONAL_BLOB, DeviceState, init_device, tensors_from_bytes
 from client.store import DB_FILE, KEY_FILE, LocalStore, StoreCorrupted
 from common.crypto import Secret, WrongKey
 from tests.conftest import device_key, open_test_store

@@ -145,11 +145,11 @@ def test_device_charges_match_the_server_accountant_with_verifiable_sampling(tmp
     raw = tiny_run_config(
         **{"privacy.verifiable-sampling": True, "fraction-train": 0.25, "privacy.epsilon-cap": 50.0}
     )
-    device = Device(
+    device = Device.simulated(
         parse_run_config(raw),
+        store=open_test_store(tmp_path / "dev"),
         partition_id=0,
         num_partitions=4,
-        store=open_test_store(tmp_path / "dev"),
     )
     sigma = device.cfg.dp.noise_multiplier
 
@@ -169,11 +169,11 @@ def test_without_verifiable_sampling_each_joined_round_costs_q_one(tmp_path) -> 
     from common.config import parse_run_config
     from tests.conftest import open_test_store, tiny_run_config
 
-    device = Device(
+    device = Device.simulated(
         parse_run_config(tiny_run_config()),
+        store=open_test_store(tmp_path / "dev"),
         partition_id=1,
         num_partitions=4,
-        store=open_test_store(tmp_path / "dev"),
     )
     record, user = device.planned_charges(7)
     assert record is None
@@ -195,11 +195,11 @@ def test_local_dp_sgd_charges_record_level_epsilon(tmp_path) -> None:
             "dp.noise-mode": "none",
         }
     )
-    device = Device(
+    device = Device.simulated(
         parse_run_config(raw),
+        store=open_test_store(tmp_path / "dev"),
         partition_id=0,
         num_partitions=4,
-        store=open_test_store(tmp_path / "dev"),
     )
     rt = device.rt
     g = {n: rt.init[n] for n in rt.shared_names}

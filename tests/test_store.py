@@ -214,6 +214,33 @@ def test_export_is_readable_json(tmp_path) -> None:
     assert data["blobs"]["ledger"] == {"events": []}
 
 
+def test_examples_keep_their_order_are_scrubbed_purged_and_exported(tmp_path) -> None:
+    # Prepare
+    t0 = 1_000_000.0
+    with _new(tmp_path) as store:
+        # Execute
+        n = store.add_examples(
+            [("Dear Sir,", "Write to jane@example.com"), ("q2", "second"), ("q3", "third")],
+            source="import:text",
+            ts=t0,
+        )
+        store.add_examples([("later", "newest")], source="replay", ts=t0 + 10 * DAY)
+        with pytest.raises(ValueError, match="empty reply"):
+            store.add_examples([("q", "ok"), ("q", "  ")], source="import:text")
+        first = [e.reply for e in store.examples()]
+        counts = store.example_counts()
+        exported = json.loads(json.dumps(store.export()))["examples"]
+        purged = store.purge_expired(now=t0 + store.retention_days * DAY + 1)
+        left = [e.reply for e in store.examples()]
+
+    # Assert: in the order given, newest last; PII scrubbed; nothing of a refused batch stored.
+    assert n == 3
+    assert first == ["Write to [EMAIL]", "second", "third", "newest"]
+    assert counts == {"import:text": 3, "replay": 1}
+    assert [e["source"] for e in exported] == ["import:text"] * 3 + ["replay"]
+    assert purged == 3 and left == ["newest"]
+
+
 def test_migration_from_an_older_schema(tmp_path) -> None:
     # Prepare: a store at schema v1.
     root = tmp_path / "dev"
@@ -230,9 +257,10 @@ def test_migration_from_an_older_schema(tmp_path) -> None:
         indexes = {r[0] for r in store._query("SELECT name FROM sqlite_master WHERE type='index'")}
 
         # Assert
-        assert store.schema_version == SCHEMA_VERSION == 2
-        assert {"interactions_ts", "feedback_interaction"} <= indexes
+        assert store.schema_version == SCHEMA_VERSION == 3
+        assert {"interactions_ts", "feedback_interaction", "examples_ts"} <= indexes
         assert store.count_interactions() == 1
+        assert store.examples() == []
 
 
 def test_a_newer_schema_is_refused(tmp_path) -> None:

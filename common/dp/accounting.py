@@ -10,7 +10,6 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier

@@ -106,3 +106,102 @@ def federation_size(cfg: RunConfig) -> int:
         "the device cannot size its share of the noise: the run config sets neither "
         "data.num-users nor dp.min-clients, and the node config has no num-partitions"
     )
+
+
+def _incoming(
+    content: RecordDict, device: Device, kind: str
+) -> tuple[dict[str, torch.Tensor], int, bool]:
+    """Global shared tensors and round number from either record style, validated.
+
+    Raises:
+        ValueError: The message has the wrong records, keys, shapes, dtypes or sizes, a
+            non-finite value, or no valid ``server-round``; the reason is logged, nothing
+            on the device is touched.
+    """
+    try:
+        return _parse_incoming(content, device, kind)
+    except (KeyError, TypeError, ValueError) as err:
+        reason = f"rejecting the server's {kind} message: {type(err).__name__}: {err}"
+        logger.error(reason)
+        raise ValueError(reason) from None
+
+
+def _parse_incoming(
+    content: RecordDict, device: Device, kind: str
+) -> tuple[dict[str, torch.Tensor], int, bool]:
+    shapes = shared_shapes(device.cfg)
+    legacy_key = f"{kind}.parameters"
+    if legacy_key in content.array_records:
+        to_ins = (
+            compat.recorddict_to_fitins if kind == "fitins" else compat.recorddict_to_evaluateins
+        )
+        ins = to_ins(content, keep_input=True)
+        arrays = parameters_to_ndarrays(ins.parameters)
+        tensors = ordered_tensors(arrays, device.rt.shared_names, shapes)
+        return tensors, _round(ins.config.get("server-round")), True
+    if ARRAYS_KEY not in content.array_records:
+        raise ValueError(f"no `{ARRAYS_KEY}` array record (got {sorted(content.keys())})")
+    if CONFIG_KEY not in content.config_records:
+        raise ValueError(f"no `{CONFIG_KEY}` config record")
+    tensors = from_arrayrecord(content[ARRAYS_KEY], shapes)
+    return tensors, _round(content[CONFIG_KEY].get("server-round")), False
+
+
+def _round(value: object) -> int:
+    """The server round from a message's config: a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`server-round` must be a positive integer, got {value!r}")
+    return value
+
+
+def train(content: RecordDict, context: Context) -> RecordDict:
+    """Train on the device's data; the reply holds the clipped (noised) shared update only."""
+    with _device(context) as device:
+        global_shared, server_round, legacy = _incoming(content, device, "fitins")
+        result = device.train(global_shared, server_round=server_round)
+    metrics = dict(result.metrics)
+    cfg = device.cfg
+    ab_vector = None
+    if legacy:
+        # SecAgg+ sums the update weighted by num_examples: 1 per participant, 0 if declined.
+        metrics[NUM_EXAMPLES_KEY] = int(metrics["weight"])
+        outbound = result.update
+        if cfg.ab.interactions:
+            # Every device appends the same-shaped vector (zeros when declining).
+            counts = result.ab if result.ab is not None else np.zeros(ab.FIELDS)
+            ab_vector = counts / ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
+    else:
+        outbound = {n: global_shared[n] + result.update[n] for n in result.update}
+        if result.ab is not None:
+            metrics.update(ab.to_metrics(result.ab))
+    return build_outbound_record(
+        outbound,
+        shared_names=device.rt.shared_names,
+        metrics=metrics,
+        allowed_metrics=ALLOWED_TRAIN_METRICS,
+        legacy="fitres" if legacy else None,
+        ab_vector=ab_vector,
+    )
+
+
+def evaluate(content: RecordDict, context: Context) -> RecordDict:
+    """Evaluate base, global and personal models on the device's held-out text."""
+    with _device(context) as device:
+        global_shared, server_round, legacy = _incoming(content, device, "evaluateins")
+        metrics = device.evaluate(global_shared, server_round=server_round)
+    return build_outbound_record(
+        {},
+        shared_names=device.rt.shared_names,
+        metrics=metrics,
+        allowed_metrics=ALLOWED_EVAL_METRICS,
+        legacy="evaluateres" if legacy else None,
+    )
+
+
+def answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """The reply content for a ``train`` or ``evaluate`` message."""
+    if kind == "train":
+        return train(content, context)
+    if kind == "evaluate":
+        return evaluate(content, context)
+    raise ValueError(f"unknown message kind {kind!r}; expected train or evaluate")

@@ -130,9 +130,17 @@ class Assistant:
         """Init tensors overlaid by the federation's last global shared tensors."""
         return {**self.rt.init, **(self.state.load_global() or {})}
 
-    def personal_tensors(self) -> dict[str, torch.Tensor]:
-        """The global tensors overlaid by this device's personal ones."""
-        return {**self.global_tensors(), **(self.state.load_personal() or {})}
+    def personal_tensors(self, *, mix_weight: float | None = None) -> dict[str, torch.Tensor]:
+        """The global tensors overlaid by this device's personal ones; for ``blend``, the
+        global adapter weighted by ``mix_weight`` (default: the weight the device picked on its
+        held-out data, 0 before any)."""
+        tensors = {**self.global_tensors(), **(self.state.load_personal() or {})}
+        if self.rt.strategy.mixed:
+            w = self.state.meta.mix_weight if mix_weight is None else mix_weight
+            for name in self.rt.shared_names:
+                if is_lora_b(name):
+                    tensors[name] = tensors[name] * (w or 0.0)
+        return tensors
 
     def activate(self) -> str:
         """Hot-swap in the model the gate chooses; return its name.
@@ -384,6 +392,8 @@ class Assistant:
         personal_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
         self.gate.record(personal_loss=personal_loss, global_loss=global_loss)
         drift = self.drift.update(personal_loss)
+        if self.rt.strategy.mixed:  # blend's personal adapter learns without the global one
+            hot_swap(self.rt.model, self.personal_tensors(mix_weight=0.0))
         try:
             if graphed is not None and not drift:
                 _, ms = graphed.run(example, steps=self.feedback_steps)

@@ -28,6 +28,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from client import baseline
 from client.examples import Example, device_examples, split
 from client.ingest import replay_role
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
@@ -56,6 +57,8 @@ from common.lora import (
 )
 from common.model import load_base_for, load_tokenizer, model_dir
 from common.personalization import Strategy, get_strategy
+from common.personalization.base import is_lora_b
+from common.personalization.blend import MIX_WEIGHTS
 from common.train import evaluate_loss, per_example_losses, train_steps, train_steps_dp
 
 logger = logging.getLogger(__name__)
@@ -79,7 +82,7 @@ class Runtime:
 _RUNTIMES: dict[tuple, Runtime] = {}
 # Tokenized data of the devices this process served lately (a Ray actor serves many simulated
 # devices); bounded, so memory stays flat in the number of users.
-_ENCODED: OrderedDict[tuple, tuple[tuple[Encoded, ...], tuple[Encoded, ...]]] = OrderedDict()
+_ENCODED: OrderedDict[tuple, tuple[tuple[Encoded, ...], ...]] = OrderedDict()
 ENCODED_CACHE_SIZE = 16
 
 
@@ -97,7 +100,7 @@ def get_runtime(cfg: RunConfig) -> Runtime:
             model=model,
             tokenizer=load_tokenizer(cfg.model.name),
             strategy=strategy,
-            init=init_lora_tensors(shapes, seed=cfg.model.init_seed),
+            init=init_lora_tensors(shapes, seed=cfg.model.init_seed, strategy=strategy),
             shapes=shapes,
             shared_names=shared,
             personal_names=personal,
@@ -191,6 +194,8 @@ class Device:
             device.
         user: Who the device's state belongs to (simulation: the role); default: the store's
             own record, else ``local``.
+        local_baseline: Also train and evaluate the local-only baseline (default:
+            ``eval.local-only``; a real device's owner must agree, see the ClientApp).
     """
 
     def __init__(
@@ -201,8 +206,10 @@ class Device:
         num_partitions: int,
         partition_id: int | None = None,
         user: str | None = None,
+        local_baseline: bool | None = None,
     ) -> None:
         self.cfg = cfg
+        self.local_baseline = cfg.eval.local_only if local_baseline is None else local_baseline
         self.partition_id = partition_id
         self.num_partitions = num_partitions
         self.rt = get_runtime(cfg)
@@ -223,7 +230,7 @@ class Device:
         if store.get_json(SETTINGS_BLOB) != settings:
             store.put_json(SETTINGS_BLOB, settings)
         self.train_examples, self.held_out = split(device_examples(store), cfg.data.test_fraction)
-        self.train_set, self.test_set = self._encoded()
+        self.train_set, self.select_set, self.test_set = self._encoded()
         self.ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(cfg.privacy))
 
     @classmethod
@@ -242,8 +249,10 @@ class Device:
             user=user.user,
         )
 
-    def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...]]:
-        """The tokenized training and held-out examples (cached in memory, never on disk)."""
+    def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...], tuple[Encoded, ...]]:
+        """The tokenized training examples, and the held-out slice in two halves: every other
+        example (the oldest first) for reporting, the rest for the device's own decisions —
+        at most ``data.max-test-samples`` each (cached in memory, never on disk)."""
         content = hash(tuple((e.prompt, e.reply) for e in (*self.train_examples, *self.held_out)))
         key = (
             str(self.store.root),
@@ -265,8 +274,10 @@ class Device:
             if self.partition_id is not None:
                 planted = [encode(c, tok, n) for c in audit.planted(self.cfg, self.partition_id)]
             train = enc(self.train_examples) + tuple(planted)
-            test = enc(self.held_out[: self.cfg.data.max_test_samples])
-            _ENCODED[key] = (train, test)
+            cap = self.cfg.data.max_test_samples
+            test = enc(self.held_out[0::2][:cap])
+            select = enc(self.held_out[1::2][:cap])
+            _ENCODED[key] = (train, select, test)
             while len(_ENCODED) > ENCODED_CACHE_SIZE:
                 _ENCODED.popitem(last=False)
         _ENCODED.move_to_end(key)
@@ -287,19 +298,49 @@ class Device:
         personal: dict[str, torch.Tensor] | None,
         *,
         personal_overrides_shared: bool,
+        mix: float | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Init tensors, overlaid by the global shared ones, then by the device's personal ones."""
+        """Init tensors, overlaid by the global shared ones, then by the device's personal ones;
+        with ``mix`` (``blend``), the global adapter's B scaled by it (0 switches it off)."""
         tensors = dict(self.rt.init)
         tensors.update(global_shared)
         for name, value in (personal or {}).items():
             if personal_overrides_shared or name not in global_shared:
                 tensors[name] = value
+        if mix is not None:
+            for name in self.rt.shared_names:
+                if is_lora_b(name):
+                    tensors[name] = tensors[name] * mix
         return tensors
 
-    def _loss(self, tensors: dict[str, torch.Tensor]) -> float:
+    def global_model(self, global_shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a brand-new user gets: the federation's shared tensors and nothing personal."""
+        mix = 1.0 if self.rt.strategy.mixed else None
+        return self._compose(global_shared, None, personal_overrides_shared=False, mix=mix)
+
+    def served(
+        self,
+        global_shared: dict[str, torch.Tensor],
+        personal: dict[str, torch.Tensor] | None,
+        *,
+        mix_weight: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The model this device answers with: global shared + personal tensors; for ``blend``
+        personal + w·global, w the weight last picked (0, the local-only model, before any)."""
+        if not self.rt.strategy.mixed:
+            return self._compose(global_shared, personal, personal_overrides_shared=True)
+        w = self.state.meta.mix_weight if mix_weight is None else mix_weight
+        return self._compose(global_shared, personal, personal_overrides_shared=True, mix=w or 0.0)
+
+    def _loss(
+        self, tensors: dict[str, torch.Tensor], examples: tuple[Encoded, ...] | None = None
+    ) -> float:
         load_lora_tensors(self.rt.model, tensors)
         return evaluate_loss(
-            self.rt.model, self.test_set, batch_size=self.cfg.train.batch_size, pad_id=self.pad_id
+            self.rt.model,
+            self.test_set if examples is None else examples,
+            batch_size=self.cfg.train.batch_size,
+            pad_id=self.pad_id,
         )
 
     def planned_charges(
@@ -357,8 +398,8 @@ class Device:
             arms = [rng.choice(ab.ARMS) for _ in idx]
             models = {
                 "base": self.rt.init,
-                "global": self._compose(global_shared, None, personal_overrides_shared=False),
-                "personal": self._compose(global_shared, personal, personal_overrides_shared=True),
+                "global": self.global_model(global_shared),
+                "personal": self.served(global_shared, personal),
             }
             losses = {}
             for name, tensors in models.items():
@@ -410,7 +451,9 @@ class Device:
 
         personal = self.state.load_personal()
         ab_counts = self.ab_counts(global_shared, personal, server_round)
-        start = self._compose(global_shared, personal, personal_overrides_shared=False)
+        # blend trains its personal adapter alone: the global adapter is off (B = 0).
+        mix = 0.0 if self.rt.strategy.mixed else None
+        start = self._compose(global_shared, personal, personal_overrides_shared=False, mix=mix)
         load_lora_tensors(self.rt.model, start)
         seed = zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user}".encode())
         common = dict(
@@ -432,7 +475,19 @@ class Device:
         else:
             loss = train_steps(self.rt.model, self.rt.trainable_names, self.train_set, **common)
         after = get_lora_tensors(self.rt.model)
-        update = {n: after[n] - global_shared[n].to(after[n].dtype) for n in self.rt.shared_names}
+        # The shared tensors' change (blend: its personal adapter's change this round).
+        source = {n: self.rt.strategy.update_source(n) for n in self.rt.shared_names}
+        update = {n: after[src] - start[src].to(after[src].dtype) for n, src in source.items()}
+        local_only = None
+        if self.local_baseline and not self.rt.strategy.mixed:
+            local_only, _ = baseline.train_round(
+                self.rt.model,
+                baseline.load(self.store),
+                strategy=self.rt.strategy,
+                init=self.rt.init,
+                examples=self.train_set,
+                **common,
+            )
         norm = None
         if self.cfg.dp.clip_norm > 0:
             update, norm = clip_update(update, clip_norm=self.cfg.dp.clip_norm)
@@ -445,6 +500,8 @@ class Device:
         # sent after the charge is committed).
         with self.store.batch():
             self.state.save_personal({n: after[n] for n in self.rt.personal_names})
+            if local_only is not None:
+                baseline.save(self.store, local_only)
             self.ledger.charge(server_round=server_round, record=record, user=user)
             self.ledger.save(self.store)
             self.state.meta.rounds_trained += 1
@@ -472,11 +529,14 @@ class Device:
     def evaluate(
         self, global_shared: dict[str, torch.Tensor], *, server_round: int
     ) -> dict[str, float | int]:
-        """Held-out loss of the base, the global (cold-start) and this device's personal model.
+        """Held-out losses of the base, the global (cold-start) and the served model — and of
+        the local-only baseline when asked (``eval.local-only``).
 
-        Also keeps the global shared tensors and both losses in the store: the on-device
-        assistant composes its model from them and switches to the personal adapter only once
-        it beats the global one here.
+        Losses are measured on the test half of the held-out slice. ``blend`` first picks the
+        global adapter's weight on the other half (its decision never sees the test half). The
+        global tensors, the losses and the weight are kept in the store: the assistant
+        composes its model from them and answers with the personal model only once it beats
+        the global one here.
         """
         if self.state.meta.base_loss is None:
             with self.rt.model.disable_adapter():
@@ -486,21 +546,40 @@ class Device:
                     batch_size=self.cfg.train.batch_size,
                     pad_id=self.pad_id,
                 )
-        global_loss = self._loss(
-            self._compose(global_shared, None, personal_overrides_shared=False)
-        )
+        global_loss = self._loss(self.global_model(global_shared))
         personal = self.state.load_personal()
-        if personal is None:
-            personal_loss = global_loss
+        extra: dict[str, float] = {}
+        if self.rt.strategy.mixed:
+            weight = self._pick_mix_weight(global_shared, personal)
+            self.state.meta.mix_weight = weight
+            personal_loss = self._loss(self.served(global_shared, personal, mix_weight=weight))
+            extra["mix_weight"] = weight
+            if self.local_baseline:
+                alone = self.served(global_shared, personal, mix_weight=0.0)
+                extra["local_only_loss"] = self._loss(alone)
         else:
-            personal_loss = self._loss(
-                self._compose(global_shared, personal, personal_overrides_shared=True)
+            personal_loss = (
+                global_loss
+                if personal is None
+                else self._loss(self.served(global_shared, personal))
             )
+            if self.local_baseline:
+                trained = baseline.load(self.store)
+                extra["local_only_loss"] = (
+                    float(self.state.meta.base_loss)
+                    if trained is None
+                    else self._loss({**self.rt.init, **trained})
+                )
         self.state.save_global(global_shared)
         self.state.meta.global_loss = global_loss
         self.state.meta.personal_loss = personal_loss
         self.state.meta.history.append(
-            {"round": server_round, "global_loss": global_loss, "personal_loss": personal_loss}
+            {
+                "round": server_round,
+                "global_loss": global_loss,
+                "personal_loss": personal_loss,
+                **extra,
+            }
         )
         self.state.save_meta()
         return {
@@ -510,8 +589,22 @@ class Device:
             "base_loss": float(self.state.meta.base_loss),
             "global_loss": global_loss,
             "personal_loss": personal_loss,
+            **extra,
             "win": int(personal_loss < global_loss),
             "num-examples": len(self.test_set),
             "declined_rounds": len(self.ledger.declined),
             **self._privacy_metrics(),
         }
+
+    def _pick_mix_weight(
+        self, global_shared: dict[str, torch.Tensor], personal: dict[str, torch.Tensor] | None
+    ) -> float:
+        """``blend``: the global adapter's weight with the lowest loss on the selection half
+        of the held-out slice (ties go to the smaller weight; no selection data: 0)."""
+        if not self.select_set:
+            return 0.0
+        losses = {
+            w: self._loss(self.served(global_shared, personal, mix_weight=w), self.select_set)
+            for w in MIX_WEIGHTS
+        }
+        return min(MIX_WEIGHTS, key=lambda w: (losses[w], w))

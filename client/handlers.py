@@ -56,6 +56,9 @@ def _device(context: Context) -> Iterator[Device]:
                 store=store,
                 num_partitions=num_partitions or federation_size(cfg),
                 partition_id=partition_id,
+                # The server may ask; the device's owner decides (node config).
+                local_baseline=cfg.eval.local_only
+                and str(node.get("local-only-baseline", "false")).lower() == "true",
             )
         finally:
             store.close()

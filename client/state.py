@@ -75,6 +75,7 @@ def lora_fingerprint(m: ModelConfig) -> str:
     """LoRA settings as one string: state trained under other settings is refused."""
     return (
         f"r={m.lora_r},alpha={m.lora_alpha},targets={','.join(m.lora_targets)},seed={m.init_seed}"
+        + (f",layers={m.lora_layers}" if m.lora_layers else "")
     )
 
 
@@ -94,6 +95,8 @@ class DeviceMeta:
     global_loss: float | None = None
     personal_loss: float | None = None
     history: list[dict] = field(default_factory=list)
+    # ``blend``: the weight of the global adapter in the served model, picked on held-out data.
+    mix_weight: float | None = None
 
 
 def _optional_loss(v: Any) -> bool:
@@ -110,7 +113,7 @@ META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: (lambda v: type(v) is str, "a string") for k in ("user", "strategy", "model", "lora")},
     **{
         k: (_optional_loss, "null or a number")
-        for k in ("base_loss", "global_loss", "personal_loss")
+        for k in ("base_loss", "global_loss", "personal_loss", "mix_weight")
     },
     "rounds_trained": (_count, "a non-negative integer"),
     "last_round": (_count, "a non-negative integer"),

@@ -12,11 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fedavg-ft", "ffa", "fedsa", "dual")
+STRATEGIES = ("fedavg-ft", "ffa", "fedsa", "dual", "blend")
 QUANTIZATIONS = ("none", "4bit")
 DTYPES = ("auto", "float32", "bfloat16")
 NOISE_MODES = ("distributed", "central", "none")
 ACCOUNTANTS = ("rdp", "prv")
+# How the server picks each round's training cohort: a fixed-size uniform sample of
+# fraction-train of the nodes, or each node independently with probability fraction-train
+# (Poisson: what the accountant's amplification by sampling assumes).
+SAMPLINGS = ("fixed", "poisson")
 
 
 def _require(cond: bool, key: str, msg: str) -> None:
@@ -33,6 +37,9 @@ class ModelConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # Which decoder layers carry LoRA, "first-last" (inclusive, 0-based); "" = all. Training
+    # back-propagates only through the layers above the first one with LoRA.
+    lora_layers: str = ""
     init_seed: int = 1234
     quantization: str = "none"
     dtype: str = "auto"
@@ -56,11 +63,33 @@ class ModelConfig:
             "model.lora-dropout",
             f"must be in [0, 1), got {self.lora_dropout}",
         )
+        try:
+            self.layer_range()
+        except ValueError as err:
+            _require(False, "model.lora-layers", str(err))
         _require(
             len(self.lora_targets) > 0 and all(self.lora_targets),
             "model.lora-targets",
             "must name at least one module, e.g. 'q_proj,v_proj'",
         )
+
+    def layer_range(self) -> tuple[int, int] | None:
+        """``model.lora-layers`` as ``(first, last)``, or ``None`` for every layer.
+
+        Raises:
+            ValueError: If it is not "first-last" with 0 <= first <= last.
+        """
+        if not self.lora_layers:
+            return None
+        first, sep, last = self.lora_layers.partition("-")
+        if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+            raise ValueError(
+                f"must be 'first-last' layer indices, e.g. '22-29'; got {self.lora_layers!r}"
+            )
+        lo, hi = int(first), int(last)
+        if lo > hi:
+            raise ValueError(f"first layer {lo} is after the last {hi}")
+        return lo, hi
 
 
 @dataclass(frozen=True)
@@ -247,12 +276,27 @@ class ABConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Device-side evaluation beyond the held-out losses every device reports.
+
+    ``local_only``: also report the loss of the model the user could have trained alone — a LoRA
+    of the same size, on the same examples, with the same optimizer steps and tokens as the
+    device spent (see ``client/baseline.py``). On in the simulation presets; a real device
+    computes it only if its node config also says ``local-only-baseline=true``.
+    """
+
+    local_only: bool = False
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs, parsed from ``context.run_config``."""
 
     num_server_rounds: int = 3
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    sampling: str = "fixed"
+    evaluate_every: int = 1
     round_timeout: float = 3600.0
     seed: int = 42
     strategy: str = "fedsa"
@@ -264,6 +308,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     ab: ABConfig = field(default_factory=ABConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = ""
     run_name: str = ""
     device_root: str = ""
@@ -281,6 +326,16 @@ class RunConfig:
         ):
             _require(0.0 < value <= 1.0, key, f"must be in (0, 1], got {value}")
         _require(self.round_timeout > 0, "round-timeout", "must be > 0 seconds")
+        _require(
+            self.sampling in SAMPLINGS,
+            "sampling",
+            f"must be one of {', '.join(SAMPLINGS)}; got {self.sampling!r}",
+        )
+        _require(
+            self.evaluate_every >= 0,
+            "evaluate-every",
+            f"must be >= 0 (0 = after the last round only), got {self.evaluate_every}",
+        )
         _require(
             self.strategy in STRATEGIES,
             "personalization.strategy",
@@ -318,6 +373,7 @@ class RunConfig:
             "privacy": PrivacyConfig,
             "audit": AuditConfig,
             "ab": ABConfig,
+            "eval": EvalConfig,
         }
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -354,6 +410,8 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "num-server-rounds": ("num_server_rounds", int),
     "fraction-train": ("fraction_train", float),
     "fraction-evaluate": ("fraction_evaluate", float),
+    "sampling": ("sampling", str),
+    "evaluate-every": ("evaluate_every", int),
     "round-timeout": ("round_timeout", float),
     "seed": ("seed", int),
     "personalization.strategy": ("strategy", str),
@@ -365,6 +423,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
         "model.lora_targets",
         lambda v: tuple(t.strip() for t in str(v).split(",") if t.strip()),
     ),
+    "model.lora-layers": ("model.lora_layers", str),
     "model.init-seed": ("model.init_seed", int),
     "model.quantization": ("model.quantization", str),
     "model.dtype": ("model.dtype", str),
@@ -400,6 +459,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "audit.canary-users": ("audit.canary_users", int),
     "ab.interactions": ("ab.interactions", int),
     "ab.simulate-ratings": ("ab.simulate_ratings", _bool),
+    "eval.local-only": ("eval.local_only", _bool),
     "output.dir": ("output_dir", str),
     "output.run-name": ("run_name", str),
     "simulation.device-root": ("device_root", str),
@@ -430,6 +490,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         "privacy": {},
         "audit": {},
         "ab": {},
+        "eval": {},
     }
     for key, raw in run_config.items():
         if key not in _KEYS:
@@ -457,5 +518,6 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         privacy=PrivacyConfig(**groups["privacy"]),
         audit=AuditConfig(**groups["audit"]),
         ab=ABConfig(**groups["ab"]),
+        eval=EvalConfig(**groups["eval"]),
         **top,
     )

@@ -37,11 +37,13 @@ def is_fedpersona_adapter(path: Path) -> bool:
 
 def lora_config(cfg: ModelConfig, *, rank_multiplier: int = 1) -> LoraConfig:
     """peft ``LoraConfig`` for ``cfg`` (``rank_multiplier`` widens it for concatenation)."""
+    layers = cfg.layer_range()
     return LoraConfig(
         r=cfg.lora_r * rank_multiplier,
         lora_alpha=cfg.lora_alpha * rank_multiplier,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_targets),
+        layers_to_transform=None if layers is None else list(range(layers[0], layers[1] + 1)),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -56,6 +58,12 @@ def build_peft_model(base: PreTrainedModel, cfg: ModelConfig, strategy: Strategy
     Raises:
         ValueError: If ``model.lora-targets`` matches no module of the base model.
     """
+    layers = cfg.layer_range()
+    n_layers = getattr(base.config, "num_hidden_layers", None)
+    if layers is not None and n_layers is not None and layers[1] >= n_layers:
+        raise ValueError(
+            f"model.lora-layers={cfg.lora_layers!r}: the base model has layers 0-{n_layers - 1}"
+        )
     try:
         model = get_peft_model(base, lora_config(cfg), adapter_name=GLOBAL_ADAPTER)
     except ValueError as err:
@@ -66,7 +74,8 @@ def build_peft_model(base: PreTrainedModel, cfg: ModelConfig, strategy: Strategy
         model.add_adapter(adapter, lora_config(cfg))
     model.base_model.set_adapter(list(strategy.adapters))
     _lora_in_fp32(model)
-    load_lora_tensors(model, init_lora_tensors(lora_shapes(model), seed=cfg.init_seed))
+    init = init_lora_tensors(lora_shapes(model), seed=cfg.init_seed, strategy=strategy)
+    load_lora_tensors(model, init)
     return model
 
 
@@ -102,13 +111,17 @@ def lora_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     }
 
 
-def init_lora_tensors(shapes: dict[str, tuple[int, ...]], *, seed: int) -> dict[str, torch.Tensor]:
+def init_lora_tensors(
+    shapes: dict[str, tuple[int, ...]], *, seed: int, strategy: Strategy | None = None
+) -> dict[str, torch.Tensor]:
     """Deterministic LoRA initialisation (peft's default distribution: A ~ kaiming-uniform
-    with a=sqrt(5), i.e. U(±1/sqrt(fan_in)); B = 0), seeded per parameter name."""
+    with a=sqrt(5), i.e. U(±1/sqrt(fan_in)); B = 0), seeded per parameter name — or per the
+    name ``strategy.init_name`` gives (``blend``'s adapters start alike)."""
     out: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
         if is_lora_a(name):
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            key = name if strategy is None else strategy.init_name(name)
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
             bound = 1.0 / math.sqrt(shape[1])
             out[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
         else:

@@ -45,6 +45,8 @@ ALLOWED_EVAL_METRICS = frozenset(
         "base_loss",
         "global_loss",
         "personal_loss",
+        "local_only_loss",
+        "mix_weight",
         "win",
         "record_epsilon",
         "user_epsilon",

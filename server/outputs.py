@@ -39,6 +39,7 @@ def per_user_rows(
                 "base_loss": c["base_loss"],
                 "global_loss": c["global_loss"],
                 "personal_loss": c["personal_loss"],
+                **{k: c[k] for k in ("local_only_loss", "mix_weight") if k in c},
                 "record_epsilon": c.get("record_epsilon", 0.0),
                 "user_epsilon": c.get("user_epsilon", 0.0),
                 "declined_rounds": int(c.get("declined_rounds", 0)),
@@ -55,6 +56,29 @@ def win_rate(rows: list[dict[str, Any]]) -> float:
 def ppl_gain(rows: list[dict[str, Any]]) -> float:
     """Median over users of ``1 - ppl_personal / ppl_global``."""
     return metrics.ppl_gain([r["personal_loss"] for r in rows], [r["global_loss"] for r in rows])
+
+
+# "No worse than training alone": the served model's loss within 0.5 % of the local-only one.
+NO_WORSE_TOLERANCE = 0.005
+
+
+def versus_local(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How the served models compare with what each user could train alone (the local-only
+    baseline, same compute): shares of users no worse (within 0.5 %) and strictly better."""
+    pairs = [(r["personal_loss"], r["local_only_loss"]) for r in rows if "local_only_loss" in r]
+    if not pairs:
+        return None
+    return {
+        "users": len(pairs),
+        "no_worse_than_local": sum(p <= b * (1 + NO_WORSE_TOLERANCE) for p, b in pairs)
+        / len(pairs),
+        "win_vs_local": sum(p < b for p, b in pairs) / len(pairs),
+        "mean_local_only_loss": statistics.fmean(b for _, b in pairs),
+        "tolerance": NO_WORSE_TOLERANCE,
+        "baseline": "a LoRA of the same size on the same user's examples, with the same "
+        "optimizer steps, batch size, sequence length and learning rate as the device spent "
+        "(every adapter it trained counts); no federation, no noise",
+    }
 
 
 def write_summary(
@@ -82,6 +106,7 @@ def write_summary(
         "base_loss": statistics.fmean(r["base_loss"] for r in rows) if rows else None,
         "global_loss": statistics.fmean(r["global_loss"] for r in rows) if rows else None,
         "personal_loss": statistics.fmean(r["personal_loss"] for r in rows) if rows else None,
+        "versus_local": versus_local(rows),
         "privacy": privacy or {},
         "ab_test": ab_test,
         "timings": timings,

@@ -130,17 +130,24 @@ class RoundRecorder:
                 win_rate=_mean(rows, "win"),
                 evaluated=len(rows),
             )
+            local = [r for r in rows if "local_only_loss" in r]
+            if local:
+                record["local_only_loss"] = _mean(local, "local_only_loss")
+                record["win_vs_local"] = statistics.fmean(
+                    r["personal_loss"] < r["local_only_loss"] for r in local
+                )
         record["seconds"] = time.time() - self._start.get(server_round, time.time())
         self.rounds.append(record)
         log(
             INFO,
             "fedpersona round %s: train_loss=%.4f global_loss=%.4f personal_loss=%.4f "
-            "win_rate=%.2f updates=%s declined=%s user_eps=%.3f (%.1f s)",
+            "win_rate=%.2f win_vs_local=%.2f updates=%s declined=%s user_eps=%.3f (%.1f s)",
             server_round,
             record.get("train_loss", math.nan),
             record.get("global_loss", math.nan),
             record.get("personal_loss", math.nan),
             record.get("win_rate", math.nan),
+            record.get("win_vs_local", math.nan),
             record.get("updates", 0),
             record.get("declined", 0),
             record.get("user_epsilon", math.nan),

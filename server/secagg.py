@@ -13,7 +13,6 @@ two flwr 1.42 problems fixed and DP done by fedpersona rather than the stock wra
 
 from __future__ import annotations
 
-import random
 import secrets
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -40,6 +39,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 
 from common.secagg import SecAggParams
 from server.recorder import RoundRecorder
+from server.sampling import evaluation_due, fixed_sample, poisson_sample
 
 
 class _MaskedVectorGate:
@@ -173,6 +173,9 @@ class SecAggDPStrategy(Strategy):
             Flower's round r is the run's round ``round_offset + r``.
         on_round_end: Called with the run's round after its training phase and again after
             its evaluation (the ServerApp checkpoints there).
+        sampling: ``fixed`` or ``poisson`` (the training cohort; see ``server/sampling.py``).
+        evaluate_every: Evaluate every N rounds and the last (0: the last only).
+        num_rounds: The run's number of rounds (for the evaluation schedule).
     """
 
     assemble_wait = 3600.0  # s for the federation to assemble before round 1
@@ -193,8 +196,14 @@ class SecAggDPStrategy(Strategy):
         ab_scale: float | None = None,
         round_offset: int = 0,
         on_round_end: Callable[[int], None] | None = None,
+        sampling: str = "fixed",
+        evaluate_every: int = 1,
+        num_rounds: int = 0,
     ) -> None:
         super().__init__()
+        self.sampling = sampling
+        self.evaluate_every = evaluate_every
+        self.num_rounds = num_rounds
         self.round_offset = round_offset
         self.on_round_end = on_round_end
         self._assembled = False
@@ -215,7 +224,9 @@ class SecAggDPStrategy(Strategy):
         """The initial global shared tensors."""
         return ndarrays_to_parameters(self.current)
 
-    def _sample(self, client_manager: ClientManager, fraction: float) -> list[ClientProxy]:
+    def _sample(
+        self, client_manager: ClientManager, fraction: float, *, poisson: bool = False
+    ) -> list[ClientProxy]:
         """Sample from the nodes online. Before the first round wait (up to an hour) for the
         federation to assemble; later, wait at most ``rejoin_wait`` s for lost nodes to come
         back, then go on with those online (a dead node must not stall the run; the m_min
@@ -227,10 +238,18 @@ class SecAggDPStrategy(Strategy):
         # One look at the nodes, sampled from directly: ClientManager.sample would wait (up to
         # a day) for a node lost between a count and the sampling.
         online = list(client_manager.all().values())
-        n = min(len(online), max(int(len(online) * fraction), min(2, self.min_nodes)))
-        if n < self.min_nodes:
-            log(WARNING, "%s of %s nodes online: sampling %s", len(online), self.min_nodes, n)
-        return random.sample(online, n)
+        if poisson:
+            return poisson_sample(online, fraction)
+        chosen = fixed_sample(online, fraction, minimum=min(2, self.min_nodes))
+        if len(chosen) < self.min_nodes:
+            log(
+                WARNING,
+                "%s of %s nodes online: sampling %s",
+                len(online),
+                self.min_nodes,
+                len(chosen),
+            )
+        return chosen
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -243,7 +262,18 @@ class SecAggDPStrategy(Strategy):
         if self.stopped_at is not None:
             return []
         fit_ins = FitIns(parameters, {"server-round": server_round})
-        clients = self._sample(client_manager, self.fraction_train)
+        clients = self._sample(
+            client_manager, self.fraction_train, poisson=self.sampling == "poisson"
+        )
+        if self.sampling == "poisson" and len(clients) < self.min_updates:
+            log(
+                WARNING,
+                "round %s skipped: a Poisson cohort of %s < m_min=%s (nothing sent)",
+                server_round,
+                len(clients),
+                self.min_updates,
+            )
+            clients = []
         self.sampled[server_round] = len(clients)
         return [(c, fit_ins) for c in clients]
 
@@ -318,6 +348,14 @@ class SecAggDPStrategy(Strategy):
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Every sampled device evaluates base / global / personal on its held-out text."""
         server_round += self.round_offset
+        if self.num_rounds and not evaluation_due(
+            server_round, self.num_rounds, self.evaluate_every
+        ):
+            # Flower skips the evaluation (and aggregate_evaluate): close the round here.
+            self.recorder.evaluated(server_round, [])
+            if self.on_round_end is not None:
+                self.on_round_end(server_round)
+            return []
         self.recorder.start(server_round)
         ins = EvaluateIns(ndarrays_to_parameters(self.current), {"server-round": server_round})
         return [(c, ins) for c in self._sample(client_manager, self.fraction_evaluate)]

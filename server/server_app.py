@@ -64,8 +64,16 @@ def privacy_report(cfg: RunConfig, *, m_min: int, sample_rate: float, acc) -> di
             "delta": cfg.privacy.delta,
             "epsilon_rdp": acc.epsilon("rdp"),
             "epsilon_prv": acc.epsilon("prv"),
-            "assumes": f"{trust}; uniform sampling of q={sample_rate:.3g} by the server "
-            "(devices do not credit it unless privacy.verifiable-sampling)",
+            "sampling": cfg.sampling,
+            "assumes": f"{trust}; "
+            + (
+                f"Poisson sampling by the server, each device with probability q={sample_rate:.3g}"
+                " (the sampling the accountant's amplification assumes)"
+                if cfg.sampling == "poisson"
+                else f"a fixed-size uniform sample of q={sample_rate:.3g} of the devices, "
+                "accounted as if Poisson (an approximation)"
+            )
+            + "; devices do not credit the sampling unless privacy.verifiable-sampling",
         }
     return {
         "user_level": user,
@@ -125,7 +133,9 @@ def main(grid: Grid, context: Context) -> None:
     num_nodes = cfg.data.num_users or max(2, len(list(grid.get_node_ids())))
     m_min = min_updates(cfg, num_nodes)
     n_sampled = max(2, int(num_nodes * cfg.fraction_train))
-    sample_rate = n_sampled / num_nodes
+    sample_rate = cfg.fraction_train if cfg.sampling == "poisson" else n_sampled / num_nodes
+    # The most devices one sum can hold: a Poisson cohort may be any size.
+    max_cohort = num_nodes if cfg.sampling == "poisson" else n_sampled
     acc = (
         FederationAccountant(
             noise_multiplier=cfg.dp.noise_multiplier,
@@ -194,7 +204,7 @@ def main(grid: Grid, context: Context) -> None:
         params = derive_secagg_params(
             clip_norm=cfg.dp.clip_norm,
             noise_std=client_noise_std(cfg, num_nodes),
-            num_clients=n_sampled,
+            num_clients=max(2, max_cohort),
             num_params=sum(init[n].numel() for n in shared_names) + (ab.FIELDS if with_ab else 0),
             num_shares=cfg.secagg.num_shares,
             reconstruction_threshold=cfg.secagg.reconstruction_threshold,
@@ -217,6 +227,9 @@ def main(grid: Grid, context: Context) -> None:
             ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm) if with_ab else None,
             round_offset=done,
             on_round_end=secagg_round_end,
+            sampling=cfg.sampling,
+            evaluate_every=cfg.evaluate_every,
+            num_rounds=cfg.num_server_rounds,
         )
         legacy.stopped_at = stopped_at
         workflow = secagg_workflow(
@@ -247,6 +260,9 @@ def main(grid: Grid, context: Context) -> None:
             shapes=shapes,
             round_offset=done,
             on_round_end=fedavg_round_end,
+            sampling=cfg.sampling,
+            evaluate_every=cfg.evaluate_every,
+            num_rounds=cfg.num_server_rounds,
             fraction_train=cfg.fraction_train,
             fraction_evaluate=cfg.fraction_evaluate,
             min_train_nodes=n_sampled,

@@ -17,7 +17,15 @@ from logging import INFO, WARNING
 from typing import cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -30,6 +38,7 @@ from common.serialization import (
     reply_problem,
 )
 from server.recorder import RoundRecorder
+from server.sampling import evaluation_due, poisson_sample
 
 
 def reply_metrics(replies: Iterable[Message]) -> list[dict[str, float]]:
@@ -78,9 +87,15 @@ class PersonaFedAvg(FedAvg):
         shapes: Mapping[str, tuple[int, ...]] | None = None,
         round_offset: int = 0,
         on_round_end: Callable[[int, ArrayRecord | None], None] | None = None,
+        sampling: str = "fixed",
+        evaluate_every: int = 1,
+        num_rounds: int = 0,
         **kwargs,  # type: ignore[no-untyped-def]
     ) -> None:
         super().__init__(**kwargs)
+        self.sampling = sampling
+        self.evaluate_every = evaluate_every
+        self.num_rounds = num_rounds
         self.shapes = dict(shapes) if shapes is not None else None
         self.round_offset = round_offset
         self.on_round_end = on_round_end
@@ -121,7 +136,24 @@ class PersonaFedAvg(FedAvg):
         if self.stopped_at is not None:
             return []
         frozen = self._await_nodes(grid)
-        messages = list(super().configure_train(server_round, arrays, config, frozen))
+        if self.sampling == "poisson":
+            nodes = poisson_sample(list(frozen.get_node_ids()), self.fraction_train)
+            log(INFO, "configure_train: Poisson cohort of %s nodes", len(nodes))
+            if len(nodes) < self.min_updates:
+                log(
+                    WARNING,
+                    "round %s skipped: a Poisson cohort of %s < m_min=%s (nothing sent)",
+                    server_round,
+                    len(nodes),
+                    self.min_updates,
+                )
+                self.sampled[server_round] = 0
+                return []
+            config["server-round"] = server_round
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            messages = list(self._construct_messages(record, nodes, MessageType.TRAIN))
+        else:
+            messages = list(super().configure_train(server_round, arrays, config, frozen))
         self.sampled[server_round] = len(messages)
         return messages
 
@@ -223,9 +255,15 @@ class PersonaFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's evaluation sampling, at the run's round number."""
+        """FedAvg's evaluation sampling, at the run's round number, in the rounds due
+        (``evaluate-every``)."""
+        server_round += self.round_offset
+        if self.num_rounds and not evaluation_due(
+            server_round, self.num_rounds, self.evaluate_every
+        ):
+            return []
         frozen = self._await_nodes(grid)
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, frozen)
+        return super().configure_evaluate(server_round, arrays, config, frozen)
 
 
 class _FrozenNodes:

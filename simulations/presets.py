@@ -37,6 +37,7 @@ PRESETS: dict[str, Preset] = {
             "train.local-steps": 8,
             "train.batch-size": 4,
             "train.learning-rate": 0.05,
+            "eval.local-only": True,
         },
     ),
     "quick": Preset(
@@ -50,6 +51,7 @@ PRESETS: dict[str, Preset] = {
             "train.local-steps": 5,
             "train.batch-size": 4,
             "train.learning-rate": 0.005,
+            "eval.local-only": True,
         },
     ),
     "full": Preset(
@@ -65,6 +67,7 @@ PRESETS: dict[str, Preset] = {
             "train.learning-rate": 0.003,
             # 8 rounds at q = 1 within each device's ε = 1 cap (fedpersona privacy noise).
             "dp.noise-multiplier": 11.5,
+            "eval.local-only": True,
         },
     ),
 }

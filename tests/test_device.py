@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
 from client.device import Device, get_runtime, shared_shapes
 from common.config import parse_run_config
+from common.lora import get_lora_tensors, load_lora_tensors
 from common.model import load_base_model
 from common.serialization import ALLOWED_EVAL_METRICS, ALLOWED_TRAIN_METRICS, to_arrayrecord
 from tests.conftest import (
@@ -106,7 +108,8 @@ def test_evaluate_then_export_a_loadable_personal_adapter(tmp_path) -> None:
     # Assert
     metrics = dict(reply.content["metrics"])
     assert "arrays" not in reply.content
-    assert set(metrics) == ALLOWED_EVAL_METRICS
+    # Everything allowed but the baseline (not asked for) and blend's mixing weight.
+    assert set(metrics) == ALLOWED_EVAL_METRICS - {"local_only_loss", "mix_weight"}
     assert metrics["win"] == int(metrics["personal_loss"] < metrics["global_loss"])
     model = PeftModel.from_pretrained(load_base_model("tiny"), str(adapter))
     assert model.peft_config["default"].r == 2 * cfg.model.lora_r
@@ -210,3 +213,83 @@ def test_wrong_shapes_from_the_server_are_rejected(tmp_path) -> None:
         client_train(make_message(to_arrayrecord(bad), "train"), ctx)
     with open_test_store(tmp_path / "dev") as store:
         assert store.get_blob("personal") is None and store.get_json("ledger") is None
+
+
+def _noiseless(**extra: object) -> dict:
+    return tiny_run_config(
+        **{"dp.noise-mode": "none", "dp.clip-norm": 0.0, "eval.local-only": True, **extra}
+    )
+
+
+def test_blend_trains_its_personal_adapter_alone_and_sends_that_change(tmp_path) -> None:
+    # Prepare: a blend device, and two different global adapters the server might send.
+    cfg = parse_run_config(_noiseless(**{"personalization.strategy": "blend"}))
+    rt = get_runtime(cfg)
+    g0 = _global_init(cfg)
+    g1 = {n: t + 0.01 * torch.randn_like(t) for n, t in g0.items()}
+    personal = [n for n in rt.personal_names]
+
+    # Execute: one round from each global adapter on copies of the same store.
+    results, after = [], []
+    for i, g in enumerate((g0, g1)):
+        with open_test_store(tmp_path / f"dev{i}") as store:
+            device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
+            results.append(device.train(g, server_round=1))
+            after.append(device.state.load_personal())
+            metrics = device.evaluate(g, server_round=1)
+
+    # Assert: both adapters start alike; the personal adapter never saw the global one; the
+    # update is the personal adapter's change under the global names.
+    for name in personal:
+        twin = name.replace(".personal.", ".default.")
+        assert torch.equal(rt.init[name], rt.init[twin])
+    assert all(torch.equal(after[0][n], after[1][n]) for n in personal)
+    for name, delta in results[0].update.items():
+        source = name.replace(".default.", ".personal.")
+        # (the stored personal adapter is fp16: LoRA tensors are kept compact on the device)
+        torch.testing.assert_close(delta, after[0][source] - rt.init[source], atol=2e-4, rtol=0)
+    assert set(results[0].update) == set(rt.shared_names)
+    # Evaluation: a weight from the grid, and at weight 0 the served model is the local-only.
+    assert metrics["mix_weight"] in (0.0, 0.5, 1.0)
+    if metrics["mix_weight"] == 0.0:
+        assert metrics["personal_loss"] == pytest.approx(metrics["local_only_loss"])
+    assert metrics["local_only_loss"] < metrics["base_loss"]
+
+
+def test_the_local_only_baseline_trains_with_the_devices_compute(tmp_path) -> None:
+    # Prepare
+    from client import baseline
+    from common.train import train_steps
+
+    cfg = parse_run_config(_noiseless(**{"personalization.strategy": "fedsa"}))
+    rt = get_runtime(cfg)
+
+    # Execute: two rounds, then the same steps on a fresh LoRA by hand.
+    with open_test_store(tmp_path / "dev") as store:
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
+        for r in (1, 2):
+            device.train(_global_init(cfg), server_round=r)
+        kept = baseline.load(store)
+        metrics = device.evaluate(_global_init(cfg), server_round=2)
+        names = baseline.baseline_names(rt.strategy, rt.shapes)
+        tensors = dict(rt.init)
+        for r in (1, 2):
+            load_lora_tensors(rt.model, tensors)
+            seed = zlib.crc32(f"{cfg.seed}:{r}:{device.user}".encode())
+            train_steps(
+                rt.model,
+                names,
+                list(device.train_set),
+                steps=cfg.train.local_steps,
+                batch_size=cfg.train.batch_size,
+                learning_rate=cfg.train.learning_rate,
+                seed=seed,
+                pad_id=device.pad_id,
+            )
+            tensors.update(get_lora_tensors(rt.model, names))
+
+    # Assert: A and B of the whole adapter, the device's steps and batches, nothing more.
+    assert set(kept) == set(names) and any(".lora_A." in n for n in names)
+    for name in names:
+        torch.testing.assert_close(kept[name], tensors[name], atol=2e-3, rtol=1e-2)
+    assert metrics["local_only_loss"] < metrics["base_loss"]

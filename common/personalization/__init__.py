@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from common.personalization.base import GLOBAL_ADAPTER, PERSONAL_ADAPTER, Strategy
+from common.personalization.blend import Blend
 from common.personalization.dual import Dual
 from common.personalization.fedavg_ft import FedAvgFT
 from common.personalization.fedsa import FedSA
@@ -13,6 +14,7 @@ _REGISTRY: dict[str, type[Strategy]] = {
     "ffa": FFA,
     "fedsa": FedSA,
     "dual": Dual,
+    "blend": Blend,
 }
 
 

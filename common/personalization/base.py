@@ -42,12 +42,24 @@ class Strategy:
         local_copy: The personal model is the device's locally trained copy of the shared
             tensors (``fedavg-ft``, ``ffa``), rather than global shared + personal tensors.
         cold_start: What a brand-new user gets from the federation, in words.
+        mixed: The served model is personal + w·global, with a weight w each device picks on
+            its own held-out evidence (``blend``).
     """
 
     name: str
     adapters: tuple[str, ...] = (GLOBAL_ADAPTER,)
     local_copy: bool = False
     cold_start: str = ""
+    mixed: bool = False
+
+    def update_source(self, name: str) -> str:
+        """The trained tensor whose change this round is sent as shared tensor ``name``'s
+        update (itself, except where a strategy federates another adapter's progress)."""
+        return name
+
+    def init_name(self, name: str) -> str:
+        """The parameter whose seeded initialisation ``name`` takes (its own by default)."""
+        return name
 
     def is_shared(self, name: str) -> bool:
         """True if the tensor is federated (sent to and averaged by the server)."""

@@ -15,7 +15,9 @@ place, so no state leaks from one device to the next.
 from __future__ import annotations
 
 import logging
+import math
 import random
+import statistics
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -58,8 +60,13 @@ from common.lora import (
 from common.model import load_base_for, load_tokenizer, model_dir
 from common.personalization import Strategy, get_strategy
 from common.personalization.base import is_lora_b
-from common.personalization.blend import MIX_WEIGHTS
-from common.train import evaluate_loss, per_example_losses, train_steps, train_steps_dp
+from common.personalization.blend import MIX_EVIDENCE_Z, MIX_WEIGHTS
+from common.train import (
+    HeldOutLosses,
+    per_example_losses,
+    train_steps,
+    train_steps_dp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -332,16 +339,22 @@ class Device:
         w = self.state.meta.mix_weight if mix_weight is None else mix_weight
         return self._compose(global_shared, personal, personal_overrides_shared=True, mix=w or 0.0)
 
-    def _loss(
-        self, tensors: dict[str, torch.Tensor], examples: tuple[Encoded, ...] | None = None
-    ) -> float:
-        load_lora_tensors(self.rt.model, tensors)
-        return evaluate_loss(
+    def _held_out(self, examples: tuple[Encoded, ...]) -> HeldOutLosses:
+        """An evaluator of several model versions on ``examples`` (layers below the LoRA
+        adapters computed once)."""
+        layers = self.cfg.model.layer_range()
+        return HeldOutLosses(
             self.rt.model,
-            self.test_set if examples is None else examples,
+            examples,
             batch_size=self.cfg.train.batch_size,
             pad_id=self.pad_id,
+            first_lora_layer=layers[0] if layers else 0,
         )
+
+    def _loss(self, tensors: dict[str, torch.Tensor], on: HeldOutLosses | None = None) -> float:
+        """Mean held-out loss of ``tensors`` (on the test half unless ``on`` says otherwise)."""
+        load_lora_tensors(self.rt.model, tensors)
+        return (on or self._held_out(self.test_set)).mean()
 
     def planned_charges(
         self, server_round: int
@@ -538,37 +551,38 @@ class Device:
         composes its model from them and answers with the personal model only once it beats
         the global one here.
         """
+        test = self._held_out(self.test_set)
         if self.state.meta.base_loss is None:
             with self.rt.model.disable_adapter():
-                self.state.meta.base_loss = evaluate_loss(
-                    self.rt.model,
-                    self.test_set,
-                    batch_size=self.cfg.train.batch_size,
-                    pad_id=self.pad_id,
-                )
-        global_loss = self._loss(self.global_model(global_shared))
+                self.state.meta.base_loss = test.mean()
+        global_loss = self._loss(self.global_model(global_shared), test)
         personal = self.state.load_personal()
         extra: dict[str, float] = {}
         if self.rt.strategy.mixed:
             weight = self._pick_mix_weight(global_shared, personal)
             self.state.meta.mix_weight = weight
-            personal_loss = self._loss(self.served(global_shared, personal, mix_weight=weight))
+            personal_loss = self._loss(
+                self.served(global_shared, personal, mix_weight=weight), test
+            )
             extra["mix_weight"] = weight
-            if self.local_baseline:
-                alone = self.served(global_shared, personal, mix_weight=0.0)
-                extra["local_only_loss"] = self._loss(alone)
+            if self.local_baseline:  # blend's personal adapter alone is the local-only model
+                extra["local_only_loss"] = (
+                    personal_loss
+                    if weight == 0.0
+                    else self._loss(self.served(global_shared, personal, mix_weight=0.0), test)
+                )
         else:
             personal_loss = (
                 global_loss
                 if personal is None
-                else self._loss(self.served(global_shared, personal))
+                else self._loss(self.served(global_shared, personal), test)
             )
             if self.local_baseline:
                 trained = baseline.load(self.store)
                 extra["local_only_loss"] = (
                     float(self.state.meta.base_loss)
                     if trained is None
-                    else self._loss({**self.rt.init, **trained})
+                    else self._loss({**self.rt.init, **trained}, test)
                 )
         self.state.save_global(global_shared)
         self.state.meta.global_loss = global_loss
@@ -596,15 +610,47 @@ class Device:
             **self._privacy_metrics(),
         }
 
+    @torch.no_grad()
+    def newcomer_losses(self, global_shared: dict[str, torch.Tensor]) -> dict[str, float]:
+        """What this device's user would get before training anything: the base model's and
+        the federation's cold-start model's loss on the test half of the held-out slice."""
+        test = self._held_out(self.test_set)
+        with self.rt.model.disable_adapter():
+            base = test.mean()
+        return {
+            "base_loss": base,
+            "global_loss": self._loss(self.global_model(global_shared), test),
+        }
+
     def _pick_mix_weight(
         self, global_shared: dict[str, torch.Tensor], personal: dict[str, torch.Tensor] | None
     ) -> float:
-        """``blend``: the global adapter's weight with the lowest loss on the selection half
-        of the held-out slice (ties go to the smaller weight; no selection data: 0)."""
-        if not self.select_set:
+        """``blend``: the global adapter's weight, chosen on the selection half of the held-out
+        slice, which the reported losses never use.
+
+        Weight 0 (the local-only model) stands unless another weight lowers the per-example
+        loss with evidence: a mean paired improvement of more than ``MIX_EVIDENCE_Z`` standard
+        errors. Of those, the largest mean improvement wins. A device with fewer than two
+        selection examples keeps weight 0.
+        """
+        n = len(self.select_set)
+        if n < 2:
             return 0.0
-        losses = {
-            w: self._loss(self.served(global_shared, personal, mix_weight=w), self.select_set)
-            for w in MIX_WEIGHTS
-        }
-        return min(MIX_WEIGHTS, key=lambda w: (losses[w], w))
+
+        select = self._held_out(self.select_set)
+
+        def losses(weight: float) -> list[float]:
+            load_lora_tensors(
+                self.rt.model, self.served(global_shared, personal, mix_weight=weight)
+            )
+            return select.per_example()
+
+        alone = losses(0.0)
+        best, best_gain = 0.0, 0.0
+        for weight in MIX_WEIGHTS[1:]:
+            gains = [a - b for a, b in zip(alone, losses(weight), strict=True)]
+            mean = statistics.fmean(gains)
+            stderr = statistics.stdev(gains) / math.sqrt(n)
+            if mean > MIX_EVIDENCE_Z * stderr and mean > best_gain:
+                best, best_gain = weight, mean
+        return best

@@ -18,14 +18,16 @@ from flwr.app import Context, RecordDict
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from client.device import Device, open_node_store, shared_shapes, simulated_user
+from client.device import Device, get_runtime, open_node_store, shared_shapes, simulated_user
 from common import ab
 from common.config import RunConfig, parse_run_config
+from common.sampling import poisson_sample
 from common.serialization import (
     ALLOWED_EVAL_METRICS,
     ALLOWED_TRAIN_METRICS,
     ARRAYS_KEY,
     CONFIG_KEY,
+    HOSTED_SEP,
     NUM_EXAMPLES_KEY,
     build_outbound_record,
     from_arrayrecord,
@@ -112,7 +114,7 @@ def federation_size(cfg: RunConfig) -> int:
 
 
 def _incoming(
-    content: RecordDict, device: Device, kind: str
+    content: RecordDict, cfg: RunConfig, kind: str
 ) -> tuple[dict[str, torch.Tensor], int, bool]:
     """Global shared tensors and round number from either record style, validated.
 
@@ -122,7 +124,7 @@ def _incoming(
             on the device is touched.
     """
     try:
-        return _parse_incoming(content, device, kind)
+        return _parse_incoming(content, cfg, kind)
     except (KeyError, TypeError, ValueError) as err:
         reason = f"rejecting the server's {kind} message: {type(err).__name__}: {err}"
         logger.error(reason)
@@ -130,9 +132,10 @@ def _incoming(
 
 
 def _parse_incoming(
-    content: RecordDict, device: Device, kind: str
+    content: RecordDict, cfg: RunConfig, kind: str
 ) -> tuple[dict[str, torch.Tensor], int, bool]:
-    shapes = shared_shapes(device.cfg)
+    shapes = shared_shapes(cfg)
+    shared_names = list(shapes)
     legacy_key = f"{kind}.parameters"
     if legacy_key in content.array_records:
         to_ins = (
@@ -140,7 +143,7 @@ def _parse_incoming(
         )
         ins = to_ins(content, keep_input=True)
         arrays = parameters_to_ndarrays(ins.parameters)
-        tensors = ordered_tensors(arrays, device.rt.shared_names, shapes)
+        tensors = ordered_tensors(arrays, shared_names, shapes)
         return tensors, _round(ins.config.get("server-round")), True
     if ARRAYS_KEY not in content.array_records:
         raise ValueError(f"no `{ARRAYS_KEY}` array record (got {sorted(content.keys())})")
@@ -157,10 +160,109 @@ def _round(value: object) -> int:
     return value
 
 
+def _hosted_users(context: Context, cfg: RunConfig) -> list[int] | None:
+    """The users a simulation node hosts (``simulation.users-per-node`` > 1), else ``None``."""
+    k = cfg.users_per_node
+    if k <= 1 or "data-dir" in context.node_config:
+        return None
+    node = _optional_int(context.node_config, "partition-id")
+    if node is None:
+        raise ValueError("a simulation node hosting users needs its partition-id")
+    return list(range(node * k, min((node + 1) * k, cfg.data.num_users)))
+
+
+@contextmanager
+def _hosted_device(context: Context, cfg: RunConfig, user: int) -> Iterator[Device]:
+    """Hosted user ``user``'s own simulated device: its store, state and ledger."""
+    n = cfg.data.num_users
+    role = simulated_user(cfg, user, n)
+    store = open_node_store({}, simulated_dir=cfg.simulated_device_dir(context.run_id, role.user))
+    try:
+        yield Device.simulated(cfg, store=store, partition_id=user, num_partitions=n)
+    finally:
+        store.close()
+
+
+def _train_hosted(content: RecordDict, context: Context, users: list[int]) -> RecordDict:
+    """A simulation node's training reply for the users it hosts.
+
+    Each hosted user is in this round with probability ``fraction-train`` (Poisson, drawn from
+    the OS's randomness) and trains on its own device exactly as a one-user node would: own
+    store, ledger, clipping and noise share. The node sends the mean of the updates that
+    arrived with their count as weight (``users``), so the server's weighted mean is the mean
+    over users; declines are counted, nothing of them is sent.
+    """
+    cfg = parse_run_config(dict(context.run_config))
+    rt = get_runtime(cfg)
+    global_shared, server_round, legacy = _incoming(content, cfg, "fitins")
+    chosen = poisson_sample(users, cfg.fraction_train)
+    results = []
+    for user in chosen:
+        with _hosted_device(context, cfg, user) as device:
+            results.append(device.train(global_shared, server_round=server_round))
+    sent = [r for r in results if not r.declined]
+    k = len(sent)
+    update = {
+        n: (sum(r.update[n] for r in sent) / k if k else torch.zeros_like(t))
+        for n, t in global_shared.items()
+    }
+    metrics: dict[str, float | int] = {
+        "users": k,
+        "weight": k,
+        "declined": len(results) - k,
+        "num-examples": int(sum(r.metrics["num-examples"] for r in sent)),
+        "train_loss": sum(r.metrics["train_loss"] for r in sent) / k if k else 0.0,
+        "record_epsilon": max((r.metrics["record_epsilon"] for r in results), default=0.0),
+        "user_epsilon": max((r.metrics["user_epsilon"] for r in results), default=0.0),
+    }
+    counts = sum((r.ab for r in sent if r.ab is not None), np.zeros(ab.FIELDS))
+    ab_vector = None
+    if legacy:
+        metrics[NUM_EXAMPLES_KEY] = k  # SecAgg+ weights the mean update by it
+        outbound = update
+        if cfg.ab.interactions:  # the weighted mean over nodes must sum the counts
+            ab_vector = counts / max(k, 1) / ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
+    else:
+        outbound = {n: global_shared[n] + update[n] for n in update}
+        if cfg.ab.interactions and k:
+            metrics.update(ab.to_metrics(counts))
+    return build_outbound_record(
+        outbound,
+        shared_names=rt.shared_names,
+        metrics=metrics,
+        allowed_metrics=ALLOWED_TRAIN_METRICS,
+        legacy="fitres" if legacy else None,
+        ab_vector=ab_vector,
+    )
+
+
+def _evaluate_hosted(content: RecordDict, context: Context, users: list[int]) -> RecordDict:
+    """A simulation node's evaluation reply: each hosted user's metrics as ``<metric>#<i>``."""
+    cfg = parse_run_config(dict(context.run_config))
+    rt = get_runtime(cfg)
+    global_shared, server_round, legacy = _incoming(content, cfg, "evaluateins")
+    metrics: dict[str, float | int] = {}
+    for i, user in enumerate(users):
+        with _hosted_device(context, cfg, user) as device:
+            row = device.evaluate(global_shared, server_round=server_round)
+        metrics.update({f"{k}{HOSTED_SEP}{i}": v for k, v in row.items()})
+    metrics[NUM_EXAMPLES_KEY] = len(users)
+    return build_outbound_record(
+        {},
+        shared_names=rt.shared_names,
+        metrics=metrics,
+        allowed_metrics=ALLOWED_EVAL_METRICS,
+        legacy="evaluateres" if legacy else None,
+    )
+
+
 def train(content: RecordDict, context: Context) -> RecordDict:
     """Train on the device's data; the reply holds the clipped (noised) shared update only."""
+    hosted = _hosted_users(context, parse_run_config(dict(context.run_config)))
+    if hosted is not None:
+        return _train_hosted(content, context, hosted)
     with _device(context) as device:
-        global_shared, server_round, legacy = _incoming(content, device, "fitins")
+        global_shared, server_round, legacy = _incoming(content, device.cfg, "fitins")
         result = device.train(global_shared, server_round=server_round)
     metrics = dict(result.metrics)
     cfg = device.cfg
@@ -189,8 +291,11 @@ def train(content: RecordDict, context: Context) -> RecordDict:
 
 def evaluate(content: RecordDict, context: Context) -> RecordDict:
     """Evaluate base, global and personal models on the device's held-out text."""
+    hosted = _hosted_users(context, parse_run_config(dict(context.run_config)))
+    if hosted is not None:
+        return _evaluate_hosted(content, context, hosted)
     with _device(context) as device:
-        global_shared, server_round, legacy = _incoming(content, device, "evaluateins")
+        global_shared, server_round, legacy = _incoming(content, device.cfg, "evaluateins")
         metrics = device.evaluate(global_shared, server_round=server_round)
     return build_outbound_record(
         {},

@@ -312,6 +312,7 @@ class RunConfig:
     output_dir: str = ""
     run_name: str = ""
     device_root: str = ""
+    users_per_node: int = 1
     resume: bool = True
 
     def __post_init__(self) -> None:
@@ -336,6 +337,30 @@ class RunConfig:
             "evaluate-every",
             f"must be >= 0 (0 = after the last round only), got {self.evaluate_every}",
         )
+        _require(
+            self.users_per_node >= 1,
+            "simulation.users-per-node",
+            f"must be >= 1, got {self.users_per_node}",
+        )
+        if self.users_per_node > 1:
+            # A node hosting several simulated users samples each of them itself (Poisson)
+            # and sends their mean update weighted by their count.
+            _require(
+                self.sampling == "poisson" or self.fraction_train == 1.0,
+                "simulation.users-per-node",
+                '> 1 needs sampling = "poisson" (each hosted user is sampled on its own)',
+            )
+            _require(
+                self.dp.clip_norm > 0 or self.secagg.enabled,
+                "simulation.users-per-node",
+                "> 1 needs per-user weights: dp.clip-norm > 0 or SecAgg+",
+            )
+            _require(
+                self.dp.min_clients > 0 or not self.dp.adds_noise,
+                "simulation.users-per-node",
+                "> 1 needs dp.min-clients (m_min, counted in users) when noise is added",
+            )
+            _require(self.data.num_users > 0, "data.num-users", "must be set with users per node")
         _require(
             self.strategy in STRATEGIES,
             "personalization.strategy",
@@ -463,6 +488,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "output.dir": ("output_dir", str),
     "output.run-name": ("run_name", str),
     "simulation.device-root": ("device_root", str),
+    "simulation.users-per-node": ("users_per_node", int),
     "resume": ("resume", _bool),
 }
 

@@ -30,6 +30,7 @@ ALLOWED_TRAIN_METRICS = frozenset(
         "train_loss",
         "partition_id",
         "weight",
+        "users",
         "declined",
         "record_epsilon",
         "user_epsilon",
@@ -53,6 +54,15 @@ ALLOWED_EVAL_METRICS = frozenset(
         "declined_rounds",
     }
 )
+
+
+# A simulation node hosting several users reports each one's evaluation as "<metric>#<i>".
+HOSTED_SEP = "#"
+
+
+def metric_base(key: str) -> str:
+    """The metric a (possibly hosted-user) metric key reports: ``personal_loss#3`` -> its base."""
+    return key.split(HOSTED_SEP, 1)[0]
 
 
 def to_arrayrecord(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -131,7 +141,7 @@ def build_outbound_record(
     if set(shared) and set(shared) != set(shared_names):
         leaked = sorted(set(shared) ^ set(shared_names))
         raise ValueError(f"outbound record must hold exactly the shared tensors; off by {leaked}")
-    bad = sorted(set(metrics) - allowed_metrics)
+    bad = sorted(k for k in metrics if metric_base(k) not in allowed_metrics)
     if bad:
         raise ValueError(f"metrics {bad} may not leave the device")
     if legacy is None:
@@ -199,10 +209,11 @@ def reply_problem(
     metrics = content[METRICS_KEY]
     if not isinstance(metrics, MetricRecord):
         return f"`{METRICS_KEY}` is a {type(metrics).__name__}, expected a MetricRecord"
-    bad = sorted(set(metrics) - allowed_metrics)
+    bad = sorted(k for k in metrics if metric_base(k) not in allowed_metrics)
     if bad:
         return f"metrics {bad[:5]} are not allowed"
-    missing = [k for k in required_metrics if k not in metrics]
+    present = {metric_base(k) for k in metrics}
+    missing = [k for k in required_metrics if k not in present]
     if missing:
         return f"metrics {missing} missing"
     for key, value in metrics.items():

@@ -43,6 +43,147 @@ def _grad_scaler(model: torch.nn.Module) -> torch.amp.GradScaler | None:
     )
 
 
+def reply_token_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each reply token, and the row it belongs to.
+
+    The output layer runs on the reply positions only: a prompt token's logits over the whole
+    vocabulary (49k for SmolLM2) are never computed, in training or evaluation. The values are
+    the usual causal-LM losses on fp32 logits.
+    """
+    lm = _causal_lm(model)
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
+    return _head_losses(lm, hidden, batch["labels"])
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside a peft wrapper (LoRA layers injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _head_losses(
+    lm: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shifted = labels[:, 1:]
+    mask = shifted != -100
+    logits = lm.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    losses = torch.nn.functional.cross_entropy(logits, shifted[mask], reduction="none")
+    return losses, mask.nonzero()[:, 0]
+
+
+@contextlib.contextmanager
+def _decoder_layers(decoder: torch.nn.Module, layers: slice, *, final_norm: bool):  # type: ignore[no-untyped-def]
+    """Run ``decoder`` over a slice of its layers (and its final norm only if asked)."""
+    saved_layers, saved_norm = decoder.layers, decoder.norm
+    decoder.layers = torch.nn.ModuleList(list(saved_layers)[layers])
+    if not final_norm:
+        decoder.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = saved_layers, saved_norm
+
+
+class HeldOutLosses:
+    """Reply-token losses of several versions of one model on the same samples.
+
+    Load a version's LoRA tensors into the model (or use ``model.disable_adapter()`` for the
+    base), then call :meth:`per_example` or :meth:`mean`. When the LoRA adapters start at
+    decoder layer ``first_lora_layer`` > 0 (``model.lora-layers``), every version computes the
+    same layers below it: their output is computed once, here, and each version runs only the
+    layers above — k versions cost about one pass through the lower layers plus k through the
+    upper ones.
+
+    Args:
+        model: The (peft) causal LM.
+        samples: Tokenized samples.
+        batch_size: Samples per forward pass.
+        pad_id: Padding token id.
+        first_lora_layer: The lowest decoder layer with LoRA (0: no sharing).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        samples: Sequence[Encoded],
+        *,
+        batch_size: int,
+        pad_id: int,
+        first_lora_layer: int = 0,
+    ) -> None:
+        self.model = model
+        device = next(model.parameters()).device
+        self.batches = [
+            {k: v.to(device) for k, v in collate(list(samples[i : i + batch_size]), pad_id).items()}
+            for i in range(0, len(samples), batch_size)
+        ]
+        self.lm = _causal_lm(model)
+        self.decoder = self.lm.get_decoder()
+        n_layers = len(self.decoder.layers)
+        self.split = first_lora_layer if 0 < first_lora_layer < n_layers else 0
+        self.lower: list[torch.Tensor] = []
+        if self.split:
+            model.eval()
+            with (
+                torch.no_grad(),
+                autocast_for(model),
+                _decoder_layers(self.decoder, slice(0, self.split), final_norm=False),
+            ):
+                self.lower = [
+                    self.decoder(
+                        input_ids=b["input_ids"],
+                        attention_mask=b["attention_mask"],
+                        use_cache=False,
+                    ).last_hidden_state
+                    for b in self.batches
+                ]
+
+    def _hidden(self, *, batch: dict[str, torch.Tensor], **inputs: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(**inputs, attention_mask=batch["attention_mask"], use_cache=False)
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def _batch_losses(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.batches[i]
+        with autocast_for(self.model):
+            if not self.split:
+                return reply_token_losses(self.model, batch)
+            with _decoder_layers(self.decoder, slice(self.split, None), final_norm=True):
+                hidden = self._hidden(inputs_embeds=self.lower[i], batch=batch)
+            return _head_losses(self.lm, hidden, batch["labels"])
+
+    def per_example(self) -> list[float]:
+        """Each sample's mean reply-token loss under the model's current LoRA tensors."""
+        self.model.eval()
+        out: list[float] = []
+        for i, batch in enumerate(self.batches):
+            losses, rows = self._batch_losses(i)
+            n = batch["input_ids"].shape[0]
+            sums = torch.zeros(n).index_add_(0, rows.cpu(), losses.cpu())
+            counts = torch.zeros(n).index_add_(0, rows.cpu(), torch.ones(len(losses)))
+            out += (sums / counts.clamp(min=1)).tolist()
+        return out
+
+    def mean(self) -> float:
+        """Mean reply-token loss over all samples (per token).
+
+        Raises:
+            ValueError: If the samples hold no reply token.
+        """
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(len(self.batches)):
+            losses, _ = self._batch_losses(i)
+            total += float(losses.sum())
+            count += int(losses.numel())
+        if count == 0:
+            raise ValueError("no reply tokens to evaluate")
+        return total / count
+
+
 def unfreeze_only(model: torch.nn.Module, trainable: Sequence[str]) -> list[torch.nn.Parameter]:
     """Let gradients flow to the named parameters only; return them in model order."""
     wanted = set(trainable)
@@ -103,9 +244,8 @@ def train_steps(
             )
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast_for(model):
-                # transformers computes the causal-LM loss on fp32 logits; .float() makes that
-                # explicit (a no-op on an fp32 tensor).
-                loss = model(**batch).loss.float()
+                # The mean over the batch's reply tokens, as transformers' causal-LM loss.
+                loss = reply_token_losses(model, batch)[0].mean()
             if not torch.isfinite(loss):
                 raise ValueError(
                     f"non-finite training loss {loss.item()}; lower train.learning-rate"
@@ -216,7 +356,6 @@ def train_steps_dp(
     return (sum(losses) / len(losses) if losses else float("nan")), sample_rate
 
 
-@torch.no_grad()
 def evaluate_loss(
     model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int, pad_id: int
 ) -> float:
@@ -225,51 +364,14 @@ def evaluate_loss(
     Raises:
         ValueError: If ``samples`` holds no reply token.
     """
-    device = next(model.parameters()).device
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
-        batch = collate(list(samples[start : start + batch_size]), pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast_for(model):
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        shift_logits = logits[:, :-1].float()
-        shift_labels = batch["labels"][:, 1:]
-        mask = shift_labels != -100
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits[mask], shift_labels[mask], reduction="sum"
-        )
-        total += float(loss)
-        count += int(mask.sum())
-    if count == 0:
-        raise ValueError("no reply tokens to evaluate")
-    return total / count
+    return HeldOutLosses(model, samples, batch_size=batch_size, pad_id=pad_id).mean()
 
 
-@torch.no_grad()
 def per_example_losses(
     model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int, pad_id: int
 ) -> list[float]:
     """Mean reply-token cross-entropy of each sample (for membership and canary audits)."""
-    device = next(model.parameters()).device
-    model.eval()
-    out: list[float] = []
-    for start in range(0, len(samples), batch_size):
-        batch = collate(list(samples[start : start + batch_size]), pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast_for(model):
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        labels = batch["labels"][:, 1:]
-        per_token = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )
-        mask = (labels != -100).float()
-        out += (per_token.sum(1) / mask.sum(1).clamp(min=1)).tolist()
-    return out
+    return HeldOutLosses(model, samples, batch_size=batch_size, pad_id=pad_id).per_example()
 
 
 def perplexity(loss: float) -> float:

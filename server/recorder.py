@@ -16,12 +16,35 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
+from common.serialization import HOSTED_SEP
 from server.accountant import FederationAccountant
 
 
 def _mean(rows: list[dict[str, float]], key: str) -> float:
     values = [r[key] for r in rows if key in r]
     return statistics.fmean(values) if values else math.nan
+
+
+def users_in(row: dict[str, Any]) -> int:
+    """How many users' updates a training reply carries: a device's 1 (0 if it declined), or a
+    simulation node's count of the hosted users it trained (``users``)."""
+    if "users" in row:
+        return int(row["users"])
+    return 0 if row.get("declined") else 1
+
+
+def expand_hosted(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per user: a simulation node hosting several users reports each one's metrics
+    as ``<metric>#<i>`` (see ``common.serialization.HOSTED_SEP``)."""
+    if not any(HOSTED_SEP in k for k in row):
+        return [row]
+    users: dict[str, dict[str, Any]] = {}
+    shared = {k: v for k, v in row.items() if HOSTED_SEP not in k}
+    for key, value in row.items():
+        if HOSTED_SEP in key:
+            base, index = key.split(HOSTED_SEP, 1)
+            users.setdefault(index, dict(shared))[base] = value
+    return [users[i] for i in sorted(users, key=int)]
 
 
 def client_key(row: dict[str, Any]) -> int | str:
@@ -97,11 +120,16 @@ class RoundRecorder:
         note: str = "",
     ) -> None:
         """Record a training phase: ``rows`` are the replies' metrics (declines included)."""
-        participants = [r for r in rows if not r.get("declined")]
+        participants = [r for r in rows if users_in(r) > 0]
+        users = sum(users_in(r) for r in participants)
         record: dict[str, Any] = {
-            "train_loss": _mean(participants, "train_loss"),
-            "updates": len(participants),
-            "declined": len(rows) - len(participants),
+            "train_loss": (
+                sum(r["train_loss"] * users_in(r) for r in participants) / users
+                if users
+                else math.nan
+            ),
+            "updates": users,
+            "declined": int(sum(r.get("declined", 0) for r in rows)),
             "failures": failures,
             "released": released,
         }
@@ -119,6 +147,7 @@ class RoundRecorder:
 
     def evaluated(self, server_round: int, rows: list[dict[str, float]]) -> dict[str, Any]:
         """Record an evaluation phase and close the round; returns the round's record."""
+        rows = [user for row in rows for user in expand_hosted(row)]
         for row in rows:
             self.clients[client_key(row)] = row
         record: dict[str, Any] = {"round": server_round, **self._train.get(server_round, {})}

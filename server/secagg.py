@@ -37,9 +37,9 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
+from common.sampling import evaluation_due, fixed_sample, poisson_sample
 from common.secagg import SecAggParams
-from server.recorder import RoundRecorder
-from server.sampling import evaluation_due, fixed_sample, poisson_sample
+from server.recorder import RoundRecorder, users_in
 
 
 class _MaskedVectorGate:
@@ -300,7 +300,7 @@ class SecAggDPStrategy(Strategy):
             {**{k: float(v) for k, v in res.metrics.items()}, "node": str(proxy.cid)}
             for proxy, res in results
         ]
-        m = sum(1 for r in rows if not r.get("declined"))
+        m = sum(users_in(r) for r in rows)  # users: a simulation node may carry several
         # Stragglers and dropouts: sampled but neither a result nor a reported failure.
         lost = max(0, self.sampled.get(server_round, 0) - len(results) - len(failures))
         mean = parameters_to_ndarrays(results[0][1].parameters) if results else []

@@ -8,6 +8,7 @@ each released round, and ``summary.json`` says what the ε assumes.
 
 from __future__ import annotations
 
+import math
 import time
 from logging import INFO
 from pathlib import Path
@@ -136,6 +137,13 @@ def main(grid: Grid, context: Context) -> None:
     sample_rate = cfg.fraction_train if cfg.sampling == "poisson" else n_sampled / num_nodes
     # The most devices one sum can hold: a Poisson cohort may be any size.
     max_cohort = num_nodes if cfg.sampling == "poisson" else n_sampled
+    # Nodes, and how the server samples them: one device per node, or (simulation) nodes that
+    # each host several users, sample them themselves and weight their mean by the count.
+    hosts = cfg.users_per_node > 1
+    num_hosts = math.ceil(num_nodes / cfg.users_per_node) if hosts else num_nodes
+    node_fraction = 1.0 if hosts else cfg.fraction_train
+    node_sampling = "fixed" if hosts else cfg.sampling
+    n_node_sampled = num_hosts if hosts else n_sampled
     acc = (
         FederationAccountant(
             noise_multiplier=cfg.dp.noise_multiplier,
@@ -204,7 +212,8 @@ def main(grid: Grid, context: Context) -> None:
         params = derive_secagg_params(
             clip_norm=cfg.dp.clip_norm,
             noise_std=client_noise_std(cfg, num_nodes),
-            num_clients=max(2, max_cohort),
+            num_clients=max(2, num_hosts if hosts else max_cohort),
+            max_weight=float(cfg.users_per_node),
             num_params=sum(init[n].numel() for n in shared_names) + (ab.FIELDS if with_ab else 0),
             num_shares=cfg.secagg.num_shares,
             reconstruction_threshold=cfg.secagg.reconstruction_threshold,
@@ -219,15 +228,15 @@ def main(grid: Grid, context: Context) -> None:
             initial=[current[n] for n in shared_names],
             recorder=recorder,
             min_updates=m_min,
-            fraction_train=cfg.fraction_train,
+            fraction_train=node_fraction,
             fraction_evaluate=cfg.fraction_evaluate,
-            min_nodes=max(2, cfg.data.num_users),
+            min_nodes=max(2, num_hosts) if hosts else max(2, cfg.data.num_users),
             central_noise_std=central_std,
             target_epsilon=cfg.privacy.target_epsilon,
             ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm) if with_ab else None,
             round_offset=done,
             on_round_end=secagg_round_end,
-            sampling=cfg.sampling,
+            sampling=node_sampling,
             evaluate_every=cfg.evaluate_every,
             num_rounds=cfg.num_server_rounds,
         )
@@ -260,14 +269,14 @@ def main(grid: Grid, context: Context) -> None:
             shapes=shapes,
             round_offset=done,
             on_round_end=fedavg_round_end,
-            sampling=cfg.sampling,
+            sampling=node_sampling,
             evaluate_every=cfg.evaluate_every,
             num_rounds=cfg.num_server_rounds,
-            fraction_train=cfg.fraction_train,
+            fraction_train=node_fraction,
             fraction_evaluate=cfg.fraction_evaluate,
-            min_train_nodes=n_sampled,
-            min_evaluate_nodes=max(1, int(num_nodes * cfg.fraction_evaluate)),
-            min_available_nodes=max(2, cfg.data.num_users),
+            min_train_nodes=n_node_sampled,
+            min_evaluate_nodes=max(1, int(num_hosts * cfg.fraction_evaluate)),
+            min_available_nodes=max(2, num_hosts) if hosts else max(2, cfg.data.num_users),
             weighted_by_key="weight",
         )
         fed.stopped_at = stopped_at

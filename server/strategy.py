@@ -31,14 +31,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import ab
+from common.sampling import evaluation_due, poisson_sample
 from common.serialization import (
     ALLOWED_EVAL_METRICS,
     ALLOWED_TRAIN_METRICS,
     METRICS_KEY,
     reply_problem,
 )
-from server.recorder import RoundRecorder
-from server.sampling import evaluation_due, poisson_sample
+from server.recorder import RoundRecorder, users_in
 
 
 def reply_metrics(replies: Iterable[Message]) -> list[dict[str, float]]:
@@ -191,17 +191,19 @@ class PersonaFedAvg(FedAvg):
         replies = list(replies)
         ok = self._well_formed(server_round, replies, train=True)
         rows = reply_metrics(ok)
-        participants = [m for m, r in zip(ok, rows, strict=True) if not r.get("declined")]
+        participants = [m for m, r in zip(ok, rows, strict=True) if users_in(r) > 0]
+        # Users whose updates arrived (a simulation node may carry several).
+        users = sum(users_in(r) for r in rows)
         # Failed, malformed, and never-answered (stragglers, dropouts) replies.
         failures = max(len(replies), self.sampled.get(server_round, 0)) - len(ok)
         arrays, metrics = None, None
-        if len(participants) < self.min_updates:
+        if users < self.min_updates:
             log(
                 WARNING,
                 "round %s discarded: %s updates < m_min=%s (releasing it would give less noise "
                 "and a weaker guarantee than promised)",
                 server_round,
-                len(participants),
+                users,
                 self.min_updates,
             )
             self.recorder.trained(
@@ -209,7 +211,7 @@ class PersonaFedAvg(FedAvg):
                 rows,
                 failures=failures,
                 released=False,
-                note=f"discarded: {len(participants)} updates < m_min {self.min_updates}",
+                note=f"discarded: {users} updates < m_min {self.min_updates}",
             )
         else:
             arrays, metrics = super().aggregate_train(server_round, participants)
@@ -225,10 +227,10 @@ class PersonaFedAvg(FedAvg):
                 arrays, metrics = None, None
             else:
                 if arrays is not None and self.central_noise_std > 0:
-                    arrays = _add_noise(arrays, self.central_noise_std / len(participants))
+                    arrays = _add_noise(arrays, self.central_noise_std / users)
                 if self.recorder.accountant is not None:
                     self.recorder.accountant.release()
-                counts = [ab.from_metrics(r) for r in rows if not r.get("declined")]
+                counts = [ab.from_metrics(r) for r in rows if users_in(r) > 0]
                 counts = [c for c in counts if c is not None]
                 if counts:  # without SecAgg+ the server sees each device's counts (summary says so)
                     self.recorder.ab(server_round, np.sum(counts, axis=0))

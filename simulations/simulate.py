@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -196,9 +197,11 @@ def simulate(
     """
     spec = get_preset(preset)
     run_config: dict[str, Any] = {**spec.run_config, **(overrides or {})}
-    num_supernodes = int(run_config.get("data.num-users") or spec.num_supernodes)
-    run_config["data.num-users"] = num_supernodes
+    num_users = int(run_config.get("data.num-users") or spec.num_supernodes)
+    run_config["data.num-users"] = num_users
     cfg = parse_run_config(run_config)  # fail fast, before any process starts
+    # One Flower node per simulated user, or nodes hosting several (simulation.users-per-node).
+    num_supernodes = math.ceil(num_users / cfg.users_per_node)
     ray_base = ray_temp_base()
     out = Path(out).expanduser().resolve()
     name = run_name or f"{preset}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"

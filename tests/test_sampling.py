@@ -11,8 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from common.config import parse_run_config
+from common.sampling import evaluation_due, fixed_sample, poisson_sample
 from server.recorder import RoundRecorder
-from server.sampling import evaluation_due, fixed_sample, poisson_sample
 from server.strategy import PersonaFedAvg
 from tests.flower_harness import InProcessGrid
 

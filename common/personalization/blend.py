@@ -13,7 +13,9 @@ train alone:
   adapter, which so learns what the users have in common. Both adapters start from the same
   initialisation, so the average of the changes is a change of the same LoRA.
 * **Serving:** personal + w·global, where the device picks w from ``MIX_WEIGHTS`` on one half of
-  its held-out slice (the other half reports). A brand-new user gets the global adapter alone.
+  its held-out slice (the other half reports): w > 0 only when the global adapter lowers the
+  per-example loss there with evidence (``MIX_EVIDENCE_Z`` standard errors), else the
+  local-only model stands. A brand-new user gets the global adapter alone.
 
 Nothing the device trains depends on the global adapter, so joining cannot make its personal
 adapter worse; the global adapter helps exactly where the device's evidence says it does.
@@ -24,7 +26,10 @@ from __future__ import annotations
 from common.personalization.base import GLOBAL_ADAPTER, PERSONAL_ADAPTER, Strategy, adapter_of
 
 # The weights of the global adapter a device tries (0: its local-only model).
-MIX_WEIGHTS = (0.0, 0.5, 1.0)
+MIX_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+# A weight above 0 must beat the local-only model on the selection examples by this many
+# standard errors of the paired per-example loss difference (one-sided, ~98 %).
+MIX_EVIDENCE_Z = 2.0
 
 
 def _swap(name: str, old: str, new: str) -> str:

@@ -58,7 +58,7 @@ from common.lora import (
     lora_shapes,
 )
 from common.model import load_base_for, load_tokenizer, model_dir
-from common.personalization import Strategy, get_strategy
+from common.personalization import Strategy, strategy_for
 from common.personalization.base import is_lora_b
 from common.personalization.blend import MIX_EVIDENCE_Z, MIX_WEIGHTS
 from common.train import (
@@ -95,9 +95,9 @@ ENCODED_CACHE_SIZE = 16
 
 def get_runtime(cfg: RunConfig) -> Runtime:
     """Load (once per process) the base model and wrap it for ``cfg``'s strategy and LoRA."""
-    key = (cfg.model, cfg.strategy)
+    key = (cfg.model, cfg.strategy, cfg.personalization)
     if key not in _RUNTIMES:
-        strategy = get_strategy(cfg.strategy)
+        strategy = strategy_for(cfg)
         _RUNTIMES.clear()  # one model per process: a new config replaces the old one
         base = load_base_for(cfg.model)
         model = build_peft_model(base, cfg.model, strategy)

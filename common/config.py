@@ -79,17 +79,51 @@ class ModelConfig:
         Raises:
             ValueError: If it is not "first-last" with 0 <= first <= last.
         """
-        if not self.lora_layers:
-            return None
-        first, sep, last = self.lora_layers.partition("-")
-        if not sep or not first.strip().isdigit() or not last.strip().isdigit():
-            raise ValueError(
-                f"must be 'first-last' layer indices, e.g. '22-29'; got {self.lora_layers!r}"
-            )
-        lo, hi = int(first), int(last)
-        if lo > hi:
-            raise ValueError(f"first layer {lo} is after the last {hi}")
-        return lo, hi
+        return parse_layer_range(self.lora_layers)
+
+
+def parse_layer_range(text: str) -> tuple[int, int] | None:
+    """``"first-last"`` (0-based, inclusive) as a pair; ``""`` as ``None`` (every layer).
+
+    Raises:
+        ValueError: If it is not "first-last" with 0 <= first <= last.
+    """
+    if not text:
+        return None
+    first, sep, last = text.partition("-")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ValueError(f"must be 'first-last' layer indices, e.g. '22-29'; got {text!r}")
+    lo, hi = int(first), int(last)
+    if lo > hi:
+        raise ValueError(f"first layer {lo} is after the last {hi}")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    """Settings of the personalization strategy (``blend`` only, so far).
+
+    ``global_layers``: the decoder layers whose global-adapter tensors the federation trains
+    (``""``: all). ``global_part``: ``AB`` or ``B`` (A stays at the shared initialisation).
+    """
+
+    global_layers: str = ""
+    global_part: str = "AB"
+
+    def __post_init__(self) -> None:
+        try:
+            self.global_layer_range()
+        except ValueError as err:
+            _require(False, "personalization.global-layers", str(err))
+        _require(
+            self.global_part in ("AB", "B"),
+            "personalization.global-part",
+            f"must be AB or B, got {self.global_part!r}",
+        )
+
+    def global_layer_range(self) -> tuple[int, int] | None:
+        """``global_layers`` as ``(first, last)``, or ``None``."""
+        return parse_layer_range(self.global_layers)
 
 
 @dataclass(frozen=True)
@@ -300,6 +334,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     seed: int = 42
     strategy: str = "fedsa"
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -390,6 +425,7 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_dict` (e.g. the ``config`` of a run's ``summary.json``)."""
         groups = {
+            "personalization": PersonalizationConfig,
             "model": ModelConfig,
             "data": DataConfig,
             "train": TrainConfig,
@@ -440,6 +476,8 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "round-timeout": ("round_timeout", float),
     "seed": ("seed", int),
     "personalization.strategy": ("strategy", str),
+    "personalization.global-layers": ("personalization.global_layers", str),
+    "personalization.global-part": ("personalization.global_part", str),
     "model.name": ("model.name", str),
     "model.lora-r": ("model.lora_r", int),
     "model.lora-alpha": ("model.lora_alpha", float),
@@ -508,6 +546,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
     """
     top: dict[str, Any] = {}
     groups: dict[str, dict[str, Any]] = {
+        "personalization": {},
         "model": {},
         "data": {},
         "train": {},
@@ -536,6 +575,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         else:
             top[path] = value
     return RunConfig(
+        personalization=PersonalizationConfig(**groups["personalization"]),
         model=ModelConfig(**groups["model"]),
         data=DataConfig(**groups["data"]),
         train=TrainConfig(**groups["train"]),

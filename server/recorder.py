@@ -122,10 +122,12 @@ class RoundRecorder:
         """Record a training phase: ``rows`` are the replies' metrics (declines included)."""
         participants = [r for r in rows if users_in(r) > 0]
         users = sum(users_in(r) for r in participants)
+        reported = [r for r in participants if "train_loss" in r]
+        weight = sum(users_in(r) for r in reported)
         record: dict[str, Any] = {
             "train_loss": (
-                sum(r["train_loss"] * users_in(r) for r in participants) / users
-                if users
+                sum(r["train_loss"] * users_in(r) for r in reported) / weight
+                if weight
                 else math.nan
             ),
             "updates": users,

@@ -296,10 +296,7 @@ class SecAggDPStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        rows = [
-            {**{k: float(v) for k, v in res.metrics.items()}, "node": str(proxy.cid)}
-            for proxy, res in results
-        ]
+        rows = [{k: float(v) for k, v in res.metrics.items()} for _, res in results]
         m = sum(users_in(r) for r in rows)  # users: a simulation node may carry several
         # Stragglers and dropouts: sampled but neither a result nor a reported failure.
         lost = max(0, self.sampled.get(server_round, 0) - len(results) - len(failures))
@@ -366,9 +363,15 @@ class SecAggDPStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Record the round's per-user losses."""
+        """Record the round's per-user losses (a device without a partition by its node)."""
         server_round += self.round_offset
-        rows = [{k: float(v) for k, v in res.metrics.items()} for _, res in results]
+        rows = [
+            {
+                **{k: float(v) for k, v in res.metrics.items()},
+                "node": str(getattr(proxy, "cid", "")),
+            }
+            for proxy, res in results
+        ]
         record = self.recorder.evaluated(server_round, rows)
         if self.on_round_end is not None:
             self.on_round_end(server_round)

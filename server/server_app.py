@@ -26,7 +26,7 @@ from common.data import select_users
 from common.dp.policy import client_noise_std, min_updates
 from common.lora import build_skeleton, export_adapter, init_lora_tensors, lora_shapes
 from common.model import load_model_config, model_dir
-from common.personalization import GLOBAL_ADAPTER, get_strategy
+from common.personalization import GLOBAL_ADAPTER, strategy_for
 from common.secagg import derive_secagg_params
 from common.serialization import from_arrayrecord, to_arrayrecord
 from server import checkpoint
@@ -113,7 +113,7 @@ def main(grid: Grid, context: Context) -> None:
     """
     t0 = time.time()
     cfg = parse_run_config(dict(context.run_config))
-    strategy = get_strategy(cfg.strategy)
+    strategy = strategy_for(cfg)
     run_dir = cfg.run_dir(context.run_id)
     log(
         INFO,

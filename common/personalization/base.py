@@ -7,6 +7,7 @@ classifies names; models, training and transport are strategy-agnostic.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 GLOBAL_ADAPTER = "default"
@@ -21,6 +22,15 @@ def is_lora_a(name: str) -> bool:
 def is_lora_b(name: str) -> bool:
     """True for a LoRA up-projection (B) tensor."""
     return ".lora_B." in name
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a parameter belongs to (``...layers.<i>...``), if any."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
 
 
 def adapter_of(name: str) -> str:
@@ -51,6 +61,9 @@ class Strategy:
     local_copy: bool = False
     cold_start: str = ""
     mixed: bool = False
+    # ``blend``: which part of the global adapter the federation trains (see there).
+    global_layers: tuple[int, int] | None = None
+    global_part: str = "AB"
 
     def update_source(self, name: str) -> str:
         """The trained tensor whose change this round is sent as shared tensor ``name``'s

@@ -23,7 +23,14 @@ adapter worse; the global adapter helps exactly where the device's evidence says
 
 from __future__ import annotations
 
-from common.personalization.base import GLOBAL_ADAPTER, PERSONAL_ADAPTER, Strategy, adapter_of
+from common.personalization.base import (
+    GLOBAL_ADAPTER,
+    PERSONAL_ADAPTER,
+    Strategy,
+    adapter_of,
+    is_lora_b,
+    layer_of,
+)
 
 # The weights of the global adapter a device tries (0: its local-only model).
 MIX_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
@@ -37,18 +44,43 @@ def _swap(name: str, old: str, new: str) -> str:
 
 
 class Blend(Strategy):
-    """Personal adapter trained locally; its progress federated into the global adapter."""
+    """Personal adapter trained locally; its progress federated into the global adapter.
 
-    def __init__(self) -> None:
+    Args:
+        global_layers: Federate only the global adapter's tensors in these decoder layers
+            (``personalization.global-layers``; ``None``: all). The rest of the global adapter
+            stays at its initialisation (B = 0: no effect).
+        global_part: ``AB`` (both LoRA factors) or ``B`` (A stays at the shared
+            initialisation; ``personalization.global-part``).
+
+    Under user-level DP the noise on the mean update grows with the square root of how many
+    numbers are federated while the signal does not: with few users, a small federated part
+    of the adapter is what can carry signal.
+    """
+
+    def __init__(
+        self, *, global_layers: tuple[int, int] | None = None, global_part: str = "AB"
+    ) -> None:
+        if global_part not in ("AB", "B"):
+            raise ValueError(f"personalization.global-part must be AB or B, got {global_part!r}")
         super().__init__(
             name="blend",
             adapters=(GLOBAL_ADAPTER, PERSONAL_ADAPTER),
             cold_start="the federation's global adapter alone",
             mixed=True,
+            global_layers=global_layers,
+            global_part=global_part,
         )
 
     def is_shared(self, name: str) -> bool:  # noqa: D102
-        return adapter_of(name) == GLOBAL_ADAPTER
+        if adapter_of(name) != GLOBAL_ADAPTER:
+            return False
+        if self.global_part == "B" and not is_lora_b(name):
+            return False
+        layer = layer_of(name)
+        if self.global_layers is not None and layer is not None:
+            return self.global_layers[0] <= layer <= self.global_layers[1]
+        return True
 
     def is_trainable(self, name: str) -> bool:  # noqa: D102
         return adapter_of(name) == PERSONAL_ADAPTER

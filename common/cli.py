@@ -91,6 +91,18 @@ def simulate(
         f"win_rate={summary['win_rate']:.3f}  ppl_gain={summary['ppl_gain']:.4f}  "
         f"total={summary['timings']['total_s']:.0f} s"
     )
+    local = summary.get("versus_local")
+    if local:
+        console.print(
+            f"versus training alone (same compute): no worse for {local['no_worse_than_local']:.0%}"
+            f" of users, better for {local['win_vs_local']:.0%}"
+        )
+    cold = summary.get("cold_start_users")
+    if cold:
+        console.print(
+            f"{cold['users']} users who never joined: released model {cold['global_loss']:.3f} vs "
+            f"base {cold['base_loss']:.3f}, below base for {cold['below_base']:.0%}"
+        )
     if with_report:
         report(run_dir, sweep=None, compare=None)
 

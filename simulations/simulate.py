@@ -38,7 +38,7 @@ from simulations.presets import get_preset
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 _ROUND = re.compile(r"\[ROUND (\d+)(?:/(\d+))?\]")
 # The ServerApp's own log records ("fedpersona: …", "fedpersona round N: …") in Flower's log.
-_FEDPERSONA = re.compile(r"^\s*(?:INFO|WARNING|ERROR)\s*:\s+fedpersona(?: round \d+)?:")
+_FEDPERSONA = re.compile(r"^\s*(?:(?:INFO|WARNING|ERROR)\s*:\s+)?fedpersona(?: round \d+)?:")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -316,4 +316,10 @@ def simulate(
     summary = run_dir / "summary.json"
     if not summary.exists():
         raise RuntimeError(f"the run wrote no summary; see {log_path}")
+    if spec.cold_start_users:
+        from simulations.cold_start import add_to_summary
+
+        if on_line:
+            on_line(f"fedpersona: evaluating {spec.cold_start_users} users who never joined")
+        add_to_summary(run_dir, spec.cold_start_users)
     return run_dir

@@ -32,8 +32,9 @@ from common.personalization.base import (
     layer_of,
 )
 
-# The weights of the global adapter a device tries (0: its local-only model).
-MIX_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+# The weights of the global adapter a device tries (0: its local-only model; above 1: the
+# federation's small, noise-averaged step taken further where the device's evidence says so).
+MIX_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
 # A weight above 0 must beat the local-only model on the selection examples by this many
 # standard errors of the paired per-example loss difference (one-sided, ~98 %).
 MIX_EVIDENCE_Z = 2.0

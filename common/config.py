@@ -348,6 +348,7 @@ class RunConfig:
     run_name: str = ""
     device_root: str = ""
     users_per_node: int = 1
+    server_learning_rate: float = 1.0
     resume: bool = True
 
     def __post_init__(self) -> None:
@@ -371,6 +372,11 @@ class RunConfig:
             self.evaluate_every >= 0,
             "evaluate-every",
             f"must be >= 0 (0 = after the last round only), got {self.evaluate_every}",
+        )
+        _require(
+            0 < self.server_learning_rate <= 100,
+            "server.learning-rate",
+            f"must be in (0, 100], got {self.server_learning_rate}",
         )
         _require(
             self.users_per_node >= 1,
@@ -527,6 +533,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "output.run-name": ("run_name", str),
     "simulation.device-root": ("device_root", str),
     "simulation.users-per-node": ("users_per_node", int),
+    "server.learning-rate": ("server_learning_rate", float),
     "resume": ("resume", _bool),
 }
 

@@ -176,6 +176,7 @@ class SecAggDPStrategy(Strategy):
         sampling: ``fixed`` or ``poisson`` (the training cohort; see ``server/sampling.py``).
         evaluate_every: Evaluate every N rounds and the last (0: the last only).
         num_rounds: The run's number of rounds (for the evaluation schedule).
+        server_learning_rate: The step along the (noised) mean update; 1 is FedAvg.
     """
 
     assemble_wait = 3600.0  # s for the federation to assemble before round 1
@@ -199,8 +200,10 @@ class SecAggDPStrategy(Strategy):
         sampling: str = "fixed",
         evaluate_every: int = 1,
         num_rounds: int = 0,
+        server_learning_rate: float = 1.0,
     ) -> None:
         super().__init__()
+        self.server_learning_rate = server_learning_rate
         self.sampling = sampling
         self.evaluate_every = evaluate_every
         self.num_rounds = num_rounds
@@ -332,7 +335,10 @@ class SecAggDPStrategy(Strategy):
             std = self.central_noise_std / m
             mean = [a + rng.normal(0.0, std, size=a.shape) for a in mean]
             log(INFO, "central DP: added N(0, %.3g²) to the mean update", std)
-        self.current = [(c + u).astype(np.float32) for c, u in zip(self.current, mean, strict=True)]
+        step = self.server_learning_rate
+        self.current = [
+            (c + step * u).astype(np.float32) for c, u in zip(self.current, mean, strict=True)
+        ]
         if ab_mean is not None and self.ab_scale and np.isfinite(ab_mean).all():
             self.recorder.ab(server_round, np.asarray(ab_mean, np.float64) * m * self.ab_scale)
         if self.recorder.accountant is not None:

@@ -239,6 +239,7 @@ def main(grid: Grid, context: Context) -> None:
             sampling=node_sampling,
             evaluate_every=cfg.evaluate_every,
             num_rounds=cfg.num_server_rounds,
+            server_learning_rate=cfg.server_learning_rate,
         )
         legacy.stopped_at = stopped_at
         workflow = secagg_workflow(
@@ -272,6 +273,7 @@ def main(grid: Grid, context: Context) -> None:
             sampling=node_sampling,
             evaluate_every=cfg.evaluate_every,
             num_rounds=cfg.num_server_rounds,
+            server_learning_rate=cfg.server_learning_rate,
             fraction_train=node_fraction,
             fraction_evaluate=cfg.fraction_evaluate,
             min_train_nodes=n_node_sampled,

@@ -90,9 +90,12 @@ class PersonaFedAvg(FedAvg):
         sampling: str = "fixed",
         evaluate_every: int = 1,
         num_rounds: int = 0,
+        server_learning_rate: float = 1.0,
         **kwargs,  # type: ignore[no-untyped-def]
     ) -> None:
         super().__init__(**kwargs)
+        self.server_learning_rate = server_learning_rate
+        self._global: ArrayRecord | None = None
         self.sampling = sampling
         self.evaluate_every = evaluate_every
         self.num_rounds = num_rounds
@@ -135,6 +138,7 @@ class PersonaFedAvg(FedAvg):
         )
         if self.stopped_at is not None:
             return []
+        self._global = arrays
         frozen = self._await_nodes(grid)
         if self.sampling == "poisson":
             nodes = poisson_sample(list(frozen.get_node_ids()), self.fraction_train)
@@ -228,6 +232,8 @@ class PersonaFedAvg(FedAvg):
             else:
                 if arrays is not None and self.central_noise_std > 0:
                     arrays = _add_noise(arrays, self.central_noise_std / users)
+                if arrays is not None and self.server_learning_rate != 1.0 and self._global:
+                    arrays = _step(self._global, arrays, self.server_learning_rate)
                 if self.recorder.accountant is not None:
                     self.recorder.accountant.release()
                 counts = [ab.from_metrics(r) for r in rows if users_in(r) > 0]
@@ -279,6 +285,15 @@ class _FrozenNodes:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
+
+
+def _step(current: ArrayRecord, mean: ArrayRecord, rate: float) -> ArrayRecord:
+    """``current + rate · (mean − current)``: the server's step along the mean update."""
+    out = {}
+    for name in mean:
+        c, m = current[name].numpy(), mean[name].numpy()
+        out[name] = Array((c + rate * (m - c)).astype(np.float32))
+    return ArrayRecord(out)
 
 
 def _add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:

@@ -1,8 +1,10 @@
-"""Compare the four personalization strategies on one preset: same seed, same users.
+"""Compare the personalization strategies on one preset: same seed, same users.
 
 ``python -m simulations.compare --preset quick --out runs/compare`` runs one simulation per
 strategy, one after another, and writes ``comparison.md`` and ``comparison.json`` with base /
-global / personal loss, win rate, ppl gain and wall-clock minutes per strategy.
+global / personal loss, the local-only baseline (what each user could train alone with the
+same compute, when the preset measures it) and the shares of users no worse / better than
+it, win rate, ppl gain and wall-clock minutes per strategy.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def compare(
                 "personal_loss": s["personal_loss"],
                 "win_rate": s["win_rate"],
                 "ppl_gain": s["ppl_gain"],
+                "local_only_loss": (s.get("versus_local") or {}).get("mean_local_only_loss"),
+                "no_worse_than_local": (s.get("versus_local") or {}).get("no_worse_than_local"),
+                "win_vs_local": (s.get("versus_local") or {}).get("win_vs_local"),
                 "minutes": minutes,
                 "cold_start_model": s["cold_start_model"],
                 "run_dir": str(run_dir),
@@ -57,15 +62,20 @@ def _write(out: Path, preset: str, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     lines = [
-        f"| strategy ({preset}) | base loss | global loss | personal loss | win_rate | ppl_gain "
-        "| minutes |",
-        "|---|---|---|---|---|---|---|",
+        f"| strategy ({preset}) | base loss | global loss | personal loss | local-only loss "
+        "| no worse than local | better than local | win_rate | ppl_gain | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def opt(x: float | None, fmt: str) -> str:
+        return "—" if x is None else format(x, fmt)
+
     for r in rows:
         lines.append(
             f"| `{r['strategy']}` | {r['base_loss']:.3f} | {r['global_loss']:.3f} | "
-            f"{r['personal_loss']:.3f} | {r['win_rate']:.2f} | {r['ppl_gain']:.3f} | "
-            f"{r['minutes']:.1f} |"
+            f"{r['personal_loss']:.3f} | {opt(r.get('local_only_loss'), '.3f')} | "
+            f"{opt(r.get('no_worse_than_local'), '.0%')} | {opt(r.get('win_vs_local'), '.0%')} "
+            f"| {r['win_rate']:.2f} | {r['ppl_gain']:.3f} | {r['minutes']:.1f} |"
         )
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 

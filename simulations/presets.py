@@ -99,11 +99,15 @@ PRESETS["population"] = Preset(
         "simulation.users-per-node": 25,
         "data.min-lines": 100,
         "data.max-seq-len": 64,
-        "data.max-test-samples": 4,
-        "train.local-steps": 3,
+        # A larger held-out slice: each device decides its mixing weight on evidence.
+        "data.test-fraction": 0.3,
+        "data.max-test-samples": 6,
+        "train.local-steps": 2,
         "train.batch-size": 4,
         "train.learning-rate": 0.01,
         "dp.clip-norm": 0.05,
+        # Each round's (clipped, noised) mean update is small: the server steps 4x along it.
+        "server.learning-rate": 4.0,
         "dp.noise-multiplier": POPULATION_SIGMA,
         "dp.min-clients": 30,
         # The simulated server samples Poisson as configured: devices credit the sampling.

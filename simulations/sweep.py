@@ -1,13 +1,15 @@
-"""Privacy–utility sweep: the same federation at user-level ε ∈ {∞, 8, 4, 1}.
+"""Privacy–utility sweep: the same federation at user-level ε ∈ {∞, 8, 2, 1}.
 
 For each target ε the noise multiplier σ comes from the accountant (the smallest σ whose
 ``rounds`` rounds at sampling rate q stay within ε); ε = ∞ clips but adds no noise. Devices
 account with verifiable sampling (the simulation's server samples uniformly) and cap at the
 target, so every number in the table comes from the run's own accountants.
 
-``python -m simulations.sweep --preset tiny --users 200 --per-round 20 --rounds 5
---set personalization.strategy=dual --set data.min-lines=100`` writes
-``sweep.md``, ``sweep.json`` and ``sweep.png`` under ``--out``.
+Each row also has what the users got: the served models against the local-only baseline
+(shares no worse and better) and, when the preset measures them, the released model on users
+who never joined. ``python -m simulations.sweep --preset population --users 200 --per-round 40
+--rounds 10 --eval-fraction 1`` (the README's curve) writes ``sweep.md``, ``sweep.json`` and
+``sweep.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from common.dp.accounting import noise_for_target
 from simulations.simulate import parse_set, simulate
 
-EPSILONS = (math.inf, 8.0, 4.0, 1.0)
+EPSILONS = (math.inf, 8.0, 2.0, 1.0)
 
 
 def sweep(
@@ -79,12 +81,25 @@ def row_from_run(target_epsilon: float, sigma: float, run_dir: Path) -> dict:
         "win_rate": last["win_rate"],
         "evaluated": last["evaluated"],
         "declined": sum(r.get("declined", 0) for r in s["rounds"]),
+        "local_only_loss": (s.get("versus_local") or {}).get("mean_local_only_loss"),
+        "no_worse_than_local": (s.get("versus_local") or {}).get("no_worse_than_local"),
+        "win_vs_local": (s.get("versus_local") or {}).get("win_vs_local"),
+        "newcomers_below_base": (s.get("cold_start_users") or {}).get("below_base"),
+        "newcomer_global_loss": (s.get("cold_start_users") or {}).get("global_loss"),
+        "newcomer_base_loss": (s.get("cold_start_users") or {}).get("base_loss"),
+        "minutes": s["timings"]["total_s"] / 60,
         "run_dir": str(run_dir),
     }
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "—"
     return "∞" if math.isinf(x) else f"{x:.3g}"
+
+
+def _share(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0%}"
 
 
 def _write(
@@ -96,16 +111,25 @@ def _write(
         f"Privacy–utility sweep: preset `{preset}`, {users} users, {per_round} per round, "
         f"{rounds} rounds. Losses: mean over the users evaluated in the last round.",
         "",
-        "| target ε | σ | ε (RDP) | ε (PRV) | max device ε | global loss | personal loss "
-        "| win_rate | declined |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| target ε | σ | ε (RDP) | ε (PRV) | max device ε | base loss | global loss "
+        "| personal loss | local-only loss | no worse than local | better than local "
+        "| newcomers: released vs base | newcomers below base | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        newcomers = (
+            f"{r['newcomer_global_loss']:.4f} vs {r['newcomer_base_loss']:.4f}"
+            if r.get("newcomer_global_loss") is not None
+            else "—"
+        )
         lines.append(
             f"| {_fmt(r['target_epsilon'])} | {r['noise_multiplier']:.3f} | "
             f"{_fmt(r['epsilon_rdp'])} | {_fmt(r['epsilon_prv'])} | "
-            f"{_fmt(r['max_device_user_epsilon'])} | {r['global_loss']:.4f} | "
-            f"{r['personal_loss']:.4f} | {r['win_rate']:.2f} | {r['declined']} |"
+            f"{_fmt(r['max_device_user_epsilon'])} | {r['base_loss']:.4f} | "
+            f"{r['global_loss']:.4f} | {r['personal_loss']:.4f} | "
+            f"{_fmt(r.get('local_only_loss'))} | {_share(r.get('no_worse_than_local'))} | "
+            f"{_share(r.get('win_vs_local'))} | {newcomers} | "
+            f"{_share(r.get('newcomers_below_base'))} | {r.get('minutes', 0):.1f} |"
         )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -116,7 +140,9 @@ def _write(
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [_fmt(r["target_epsilon"]) for r in rows]
     ax.plot(labels, [r["global_loss"] for r in rows], "o-", label="global (cold start)")
-    ax.plot(labels, [r["personal_loss"] for r in rows], "s-", label="personal")
+    ax.plot(labels, [r["personal_loss"] for r in rows], "s-", label="served (personal)")
+    if all(r.get("local_only_loss") is not None for r in rows):
+        ax.plot(labels, [r["local_only_loss"] for r in rows], "^--", label="local-only")
     ax.axhline(rows[0]["base_loss"], color="gray", ls=":", label="base model")
     ax.set_xlabel("user-level ε (δ = 1e-5)")
     ax.set_ylabel("held-out loss (mean over users)")

@@ -293,3 +293,34 @@ def test_the_local_only_baseline_trains_with_the_devices_compute(tmp_path) -> No
     for name in names:
         torch.testing.assert_close(kept[name], tensors[name], atol=2e-3, rtol=1e-2)
     assert metrics["local_only_loss"] < metrics["base_loss"]
+
+
+def test_blend_federates_only_the_chosen_part_of_its_global_adapter(tmp_path) -> None:
+    # Prepare: the tiny model's layer 1, B only.
+    cfg = parse_run_config(
+        _noiseless(
+            **{
+                "personalization.strategy": "blend",
+                "personalization.global-layers": "1-1",
+                "personalization.global-part": "B",
+            }
+        )
+    )
+    rt = get_runtime(cfg)
+
+    # Execute
+    with open_test_store(tmp_path / "dev") as store:
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
+        result = device.train(_global_init(cfg), server_round=1)
+        personal = device.state.load_personal()
+
+    # Assert: the shared tensors are the global B of layer 1, and their update is the
+    # personal adapter's change there; the personal adapter itself trained everywhere.
+    assert rt.shared_names and all(
+        ".layers.1." in n and ".lora_B.default." in n for n in rt.shared_names
+    )
+    for name, delta in result.update.items():
+        source = name.replace(".default.", ".personal.")
+        torch.testing.assert_close(delta, personal[source] - rt.init[source], atol=2e-4, rtol=0)
+    moved = {n for n in rt.personal_names if not torch.equal(personal[n].float(), rt.init[n])}
+    assert any(".layers.0." in n for n in moved) and any(".lora_A." in n for n in moved)

@@ -231,3 +231,77 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
     )
     assert moved > 0
     assert not torch.isnan(torch.tensor(strategy.current[0])).any()
+
+
+def test_simulation_nodes_hosting_users_aggregate_per_user(tmp_path) -> None:
+    # Prepare: 6 users on 2 simulation nodes (3 each), every user in the round (q = 1), no
+    # noise, so the securely summed mean can be checked against each user's own update.
+    from client.client_app import evaluate as client_evaluate
+    from client.device import Device
+    from common.serialization import to_arrayrecord
+    from server.recorder import expand_hosted
+    from tests.conftest import make_context, make_message
+
+    raw = tiny_run_config(
+        **{
+            "data.num-users": 6,
+            "simulation.users-per-node": 3,
+            "sampling": "poisson",
+            "fraction-train": 1.0,
+            "dp.noise-mode": "none",
+            "dp.min-clients": 6,
+            "train.local-steps": 1,
+            "eval.local-only": True,
+            "simulation.device-root": str(tmp_path / "hosted"),
+        }
+    )
+    cfg = parse_run_config(raw)
+    rt = get_runtime(cfg)
+    shapes = [tuple(rt.shapes[n]) for n in rt.shared_names]
+    nodes = {nid: {"partition-id": nid - 1, "num-partitions": 2} for nid in (1, 2)}
+    grid = InProcessGrid(fedpersona_app, nodes, run_config=raw)
+    params = derive_secagg_params(
+        clip_norm=cfg.dp.clip_norm,
+        noise_std=0.0,
+        num_clients=2,
+        num_params=sum(int(np.prod(s)) for s in shapes) + ab.FIELDS,
+        num_shares=1.0,
+        reconstruction_threshold=0.6,
+        max_weight=3.0,
+    )
+    strategy = SecAggDPStrategy(
+        shared_names=rt.shared_names,
+        initial=[rt.init[n].numpy() for n in rt.shared_names],
+        recorder=RoundRecorder(None),
+        min_updates=6,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_nodes=2,
+        ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
+    )
+    g = {n: rt.init[n] for n in rt.shared_names}
+
+    # Execute: one SecAgg+ round; the same users alone; one node's evaluation.
+    _run_round(grid, strategy, params)
+    alone = []
+    for user in range(6):
+        with open_test_store(tmp_path / "alone" / str(user)) as store:
+            device = Device.simulated(cfg, store=store, partition_id=user, num_partitions=6)
+            alone.append(device.train(g, server_round=1).update)
+    reply = client_evaluate(
+        make_message(to_arrayrecord(g), "evaluate"), make_context(raw, nodes[2])
+    )
+
+    # Assert: six users' updates, their mean, their A/B counts; one evaluation row per user.
+    record = strategy.recorder._train[1]
+    assert record["released"] and record["updates"] == 6 and record["declined"] == 0
+    for i, name in enumerate(rt.shared_names):
+        expected = (sum(u[name] for u in alone) / 6).numpy()
+        got = strategy.current[i] - rt.init[name].numpy()
+        np.testing.assert_allclose(got, expected, atol=4 * params.quantization_step)
+    assert strategy.recorder.ab_rounds[0][0] + strategy.recorder.ab_rounds[0][3] == (
+        pytest.approx(6 * cfg.ab.interactions, abs=1e-2)
+    )
+    rows = expand_hosted(dict(reply.content["metrics"]))
+    assert [int(r["partition_id"]) for r in rows] == [3, 4, 5]
+    assert all("personal_loss" in r and "local_only_loss" in r for r in rows)

@@ -76,3 +76,50 @@ def test_only_the_serverapps_own_records_are_echoed() -> None:
         "Using SuperLink: fedpersona-sim (127.0.0.1:55361)",
     ):
         assert not is_fedpersona_line(other)
+
+
+def test_users_who_never_joined_are_measured_on_the_released_model(tmp_path) -> None:
+    # Prepare: a finished two-user run whose released global adapter moved away from init.
+    import json
+
+    import numpy as np
+
+    from client.device import get_runtime
+    from common.config import parse_run_config
+    from server import checkpoint
+    from simulations.cold_start import add_to_summary
+    from tests.conftest import tiny_run_config
+
+    cfg = parse_run_config(
+        tiny_run_config(**{"data.num-users": 2, "personalization.strategy": "blend"})
+    )
+    rt = get_runtime(cfg)
+    gen = np.random.default_rng(0)
+    shared = [
+        rt.init[n].numpy() + 0.01 * gen.standard_normal(rt.shapes[n]) for n in rt.shared_names
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"config": cfg.to_dict(), "clients": []}))
+    checkpoint.save(
+        run,
+        checkpoint.ServerState(
+            round=1,
+            shared_names=list(rt.shared_names),
+            shared=[a.astype(np.float32) for a in shared],
+            config=cfg.to_flat(),
+        ),
+    )
+
+    # Execute
+    result = add_to_summary(run, 3)
+
+    # Assert: three users beyond the federation's two, each with base and released losses.
+    from client.device import simulated_user
+
+    assert [c["user"] for c in result["clients"]] == [
+        simulated_user(cfg, pid, 5).user for pid in (2, 3, 4)
+    ]
+    assert all(c["global_loss"] != c["base_loss"] for c in result["clients"])
+    assert 0.0 <= result["below_base"] <= 1.0
+    assert json.loads((run / "summary.json").read_text())["cold_start_users"]["users"] == 3

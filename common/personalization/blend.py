@@ -36,8 +36,8 @@ from common.personalization.base import (
 # federation's small, noise-averaged step taken further where the device's evidence says so).
 MIX_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
 # A weight above 0 must beat the local-only model on the selection examples by this many
-# standard errors of the paired per-example loss difference (one-sided, ~98 %).
-MIX_EVIDENCE_Z = 2.0
+# standard errors of the paired per-example loss difference (one-sided, ~95 %).
+MIX_EVIDENCE_Z = 1.645
 
 
 def _swap(name: str, old: str, new: str) -> str:

@@ -13,11 +13,14 @@ from client.assistant import Assistant
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
 from client.device import Device, get_runtime, shared_shapes
+from client.examples import device_examples
+from client.state import init_device
 from common.config import parse_run_config
 from common.lora import get_lora_tensors, load_lora_tensors
 from common.model import load_base_model
 from common.serialization import ALLOWED_EVAL_METRICS, ALLOWED_TRAIN_METRICS, to_arrayrecord
 from tests.conftest import (
+    device_key,
     device_node_config,
     fill_store_with_role,
     make_context,
@@ -324,3 +327,54 @@ def test_blend_federates_only_the_chosen_part_of_its_global_adapter(tmp_path) ->
         torch.testing.assert_close(delta, personal[source] - rt.init[source], atol=2e-4, rtol=0)
     moved = {n for n in rt.personal_names if not torch.equal(personal[n].float(), rt.init[n])}
     assert any(".layers.0." in n for n in moved) and any(".lora_A." in n for n in moved)
+
+
+def _chat_then_round(data_dir, endorsed: list[tuple[str, str]], **run: object):
+    """A user asks, endorses each answer (rating, preferred answer or edit), then the device
+    takes part in one federated round; return (served tensors before, after, round metrics,
+    round update)."""
+    raw = tiny_run_config(**{"data.min-examples": 2, "dp.noise-mode": "none", **run})
+    cfg = parse_run_config(raw)
+    with open_test_store(data_dir) as store:
+        init_device(store, model="tiny", strategy=str(run.get("personalization.strategy", "fedsa")))
+        assistant = Assistant(store, feedback_lr=0.2)
+        for i, (request, reply) in enumerate(endorsed):
+            answer = assistant.ask(request, n=1, max_new_tokens=4, seed=i)
+            signal = [{"rating": 5}, {"preferred": reply}, {"edit": reply}][i % 3]
+            assistant.feedback(answer.interaction_id, **signal)
+        before = assistant.personal_tensors()
+    node = {"data-dir": str(data_dir), "key-file": str(device_key(data_dir))}
+    msg = make_message(to_arrayrecord(_global_init(cfg)), "train")
+    reply = client_train(msg, make_context(raw, node))
+    update = {n: torch.from_numpy(a.numpy()) for n, a in reply.content["arrays"].items()}
+    with open_test_store(data_dir) as store:
+        after = Assistant(store).personal_tensors()
+    return before, after, reply.content["metrics"], update
+
+
+@pytest.mark.parametrize("strategy", ["fedsa", "blend"])
+def test_chat_feedback_then_a_round_trains_on_it_and_changes_what_is_served(
+    tmp_path, strategy
+) -> None:
+    # Prepare: six exchanges the user endorses, and the same with one endorsed text changed
+    # (one of the older ones, which train; the newest is the device's held-out slice).
+    endorsed = [(f"What should I cook on day {i}?", f"Soup with leeks, day {i}.") for i in range(6)]
+    changed = [endorsed[0], (endorsed[1][0], "Bread and cheese, nothing else."), *endorsed[2:]]
+
+    # Execute
+    before, after, metrics, update = _chat_then_round(
+        tmp_path / "a", endorsed, **{"personalization.strategy": strategy}
+    )
+    *_, other_metrics, other_update = _chat_then_round(
+        tmp_path / "b", changed, **{"personalization.strategy": strategy}
+    )
+
+    # Assert: the round trained (on the endorsed exchanges: one changed text changes the
+    # update), and the adapter the assistant serves is not what it was.
+    assert metrics["declined"] == 0 and other_metrics["declined"] == 0
+    assert any(not torch.equal(update[n], other_update[n]) for n in update)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    with open_test_store(tmp_path / "a") as store:
+        examples = device_examples(store)
+    assert [e.source for e in examples] == ["endorsed"] * 6
+    assert examples[1].reply == "Soup with leeks, day 1."

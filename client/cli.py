@@ -84,7 +84,9 @@ def init(
     data_dir: DataDir,
     key_file: KeyFile = None,
     model: Annotated[str, typer.Option(help="smollm2 | tiny | a local HF model dir")] = "smollm2",
-    strategy: Annotated[str, typer.Option(help="fedsa | dual | ffa | fedavg-ft")] = "fedsa",
+    strategy: Annotated[
+        str, typer.Option(help="blend | fedsa | dual | ffa | fedavg-ft (the federation's)")
+    ] = "blend",
     new_key_file: Annotated[
         bool, typer.Option(help="Create --key-file (0600) instead of using a passphrase")
     ] = False,

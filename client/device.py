@@ -60,7 +60,7 @@ from common.lora import (
 from common.model import load_base_for, load_tokenizer, model_dir
 from common.personalization import Strategy, strategy_for
 from common.personalization.base import is_lora_b
-from common.personalization.blend import MIX_EVIDENCE_Z, MIX_WEIGHTS
+from common.personalization.blend import pick_mix_weight
 from common.train import (
     HeldOutLosses,
     per_example_losses,
@@ -628,15 +628,12 @@ class Device:
         """``blend``: the global adapter's weight, chosen on the selection half of the held-out
         slice, which the reported losses never use.
 
-        Weight 0 (the local-only model) stands unless another weight lowers the per-example
-        loss with evidence: a mean paired improvement of more than ``MIX_EVIDENCE_Z`` standard
-        errors. Of those, the largest mean improvement wins. A device with fewer than two
-        selection examples keeps weight 0.
+        The federation's prior weight (``personalization.mix-prior``) stands unless the
+        per-example losses there say otherwise (:func:`pick_mix_weight`). A device with fewer
+        than two selection examples serves its local-only model (weight 0).
         """
-        n = len(self.select_set)
-        if n < 2:
+        if len(self.select_set) < 2:
             return 0.0
-
         select = self._held_out(self.select_set)
 
         def losses(weight: float) -> list[float]:
@@ -645,12 +642,4 @@ class Device:
             )
             return select.per_example()
 
-        alone = losses(0.0)
-        best, best_gain = 0.0, 0.0
-        for weight in MIX_WEIGHTS[1:]:
-            gains = [a - b for a, b in zip(alone, losses(weight), strict=True)]
-            mean = statistics.fmean(gains)
-            stderr = statistics.stdev(gains) / math.sqrt(n)
-            if mean > MIX_EVIDENCE_Z * stderr and mean > best_gain:
-                best, best_gain = weight, mean
-        return best
+        return pick_mix_weight(losses, prior=self.cfg.personalization.mix_prior)

@@ -51,7 +51,7 @@ def init_device(
     store: LocalStore,
     *,
     model: str = "smollm2",
-    strategy: str = "fedsa",
+    strategy: str = "blend",
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a new device's settings, an empty profile and an API token into ``store``.

@@ -12,6 +12,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from simulations.presets import PRESETS
+
 app = typer.Typer(
     help="fedpersona: federated, privacy-preserving LLM personalization.", no_args_is_help=True
 )
@@ -25,7 +27,7 @@ def _root() -> None:
 
 @app.command()
 def simulate(
-    preset: Annotated[str, typer.Option(help="tiny | quick | full")] = "quick",
+    preset: Annotated[str, typer.Option(help=" | ".join(PRESETS))] = "quick",
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Run-config override key=value (repeatable)")
     ] = None,

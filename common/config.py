@@ -105,10 +105,13 @@ class PersonalizationConfig:
 
     ``global_layers``: the decoder layers whose global-adapter tensors the federation trains
     (``""``: all). ``global_part``: ``AB`` or ``B`` (A stays at the shared initialisation).
+    ``mix_prior``: the global adapter's weight a device serves unless its own held-out
+    evidence says otherwise (one of ``MIX_WEIGHTS``; 0: only on evidence that it helps).
     """
 
     global_layers: str = ""
     global_part: str = "AB"
+    mix_prior: float = 0.5
 
     def __post_init__(self) -> None:
         try:
@@ -119,6 +122,13 @@ class PersonalizationConfig:
             self.global_part in ("AB", "B"),
             "personalization.global-part",
             f"must be AB or B, got {self.global_part!r}",
+        )
+        from common.personalization.blend import MIX_WEIGHTS
+
+        _require(
+            self.mix_prior in MIX_WEIGHTS,
+            "personalization.mix-prior",
+            f"must be one of {', '.join(f'{w:g}' for w in MIX_WEIGHTS)}; got {self.mix_prior!r}",
         )
 
     def global_layer_range(self) -> tuple[int, int] | None:
@@ -333,7 +343,7 @@ class RunConfig:
     evaluate_every: int = 1
     round_timeout: float = 3600.0
     seed: int = 42
-    strategy: str = "fedsa"
+    strategy: str = "blend"
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -484,6 +494,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "personalization.strategy": ("strategy", str),
     "personalization.global-layers": ("personalization.global_layers", str),
     "personalization.global-part": ("personalization.global_part", str),
+    "personalization.mix-prior": ("personalization.mix_prior", float),
     "model.name": ("model.name", str),
     "model.lora-r": ("model.lora_r", int),
     "model.lora-alpha": ("model.lora_alpha", float),

@@ -36,11 +36,15 @@ def sweep(
     eval_fraction: float = 0.2,
     epsilons: tuple[float, ...] = EPSILONS,
     extra: dict | None = None,
+    reuse: dict[float, Path] | None = None,
 ) -> list[dict]:
-    """Run one simulation per target ε and return one row per run."""
+    """Run one simulation per target ε and return one row per run, ε descending; ``reuse``
+    maps a target ε to a finished run of the same federation (its row is read, not re-run)."""
     q = per_round / users
-    rows = []
+    rows = [row_from_run(eps, _run_sigma(d), d) for eps, d in (reuse or {}).items()]
     for eps in epsilons:
+        if eps in (reuse or {}):
+            continue
         overrides = {
             "data.num-users": users,
             "num-server-rounds": rounds,
@@ -59,8 +63,21 @@ def sweep(
         name = f"{preset}-eps-{'inf' if math.isinf(eps) else f'{eps:g}'}"
         run_dir = simulate(preset, overrides, out, run_name=name)
         rows.append(row_from_run(eps, sigma, run_dir))
+        rows.sort(key=lambda r: -r["target_epsilon"])
         _write(out, preset, users, per_round, rounds, rows)
+    rows.sort(key=lambda r: -r["target_epsilon"])
+    _write(out, preset, users, per_round, rounds, rows)
     return rows
+
+
+def _run_sigma(run_dir: Path) -> float:
+    """The noise multiplier a finished run used (0 without noise)."""
+    dp = json.loads((Path(run_dir) / "summary.json").read_text())["config"]["dp"]
+    return 0.0 if dp["noise_mode"] == "none" else float(dp["noise_multiplier"])
+
+
+def _parse_epsilon(text: str) -> float:
+    return math.inf if text.strip().lower() in ("inf", "∞") else float(text)
 
 
 def row_from_run(target_epsilon: float, sigma: float, run_dir: Path) -> dict:
@@ -163,7 +180,21 @@ def main() -> None:
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
+    parser.add_argument(
+        "--epsilons", default="inf,8,2,1", help="target user-level ε list (default inf,8,2,1)"
+    )
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="EPS=RUN_DIR",
+        help="take the row for EPS from a finished run of the same federation",
+    )
     args = parser.parse_args()
+    reuse = {}
+    for item in args.reuse:
+        eps, _, run_dir = item.partition("=")
+        reuse[_parse_epsilon(eps)] = Path(run_dir)
     sweep(
         args.preset,
         args.out.resolve(),
@@ -171,7 +202,9 @@ def main() -> None:
         per_round=args.per_round,
         rounds=args.rounds,
         eval_fraction=args.eval_fraction,
+        epsilons=tuple(_parse_epsilon(e) for e in args.epsilons.split(",")),
         extra=parse_set(args.set),
+        reuse=reuse,
     )
     print((args.out / "sweep.md").read_text())
 

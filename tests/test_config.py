@@ -25,6 +25,8 @@ def test_pyproject_defaults_parse() -> None:
         ("model.lora-r", 0),
         ("personalization.strategy", "fedprox"),
         ("data.test-fraction", 1.5),
+        ("personalization.mix-prior", 0.3),
+        ("personalization.global-part", "A"),
         ("train.learning-rate", -1.0),
         ("num-server-rounds", 0),
         ("model.lora-targets", ""),

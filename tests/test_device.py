@@ -378,3 +378,62 @@ def test_chat_feedback_then_a_round_trains_on_it_and_changes_what_is_served(
         examples = device_examples(store)
     assert [e.source for e in examples] == ["endorsed"] * 6
     assert examples[1].reply == "Soup with leeks, day 1."
+
+
+def _losses_by_weight(table: dict[float, list[float]]):
+    return lambda w: table[w]
+
+
+def test_the_mix_weight_keeps_the_prior_unless_the_evidence_says_otherwise() -> None:
+    from common.personalization.blend import MIX_WEIGHTS, pick_mix_weight
+
+    alone = [3.0, 3.2, 2.9, 3.1, 3.3, 3.0]
+
+    def shifted(by: dict[float, float], jitter: float = 0.0):
+        return {
+            w: [x + by.get(w, 0.0) + (jitter if i % 2 else -jitter) * w for i, x in enumerate(alone)]
+            for w in MIX_WEIGHTS
+        }
+
+    # No evidence either way (the global adapter changes nothing): the prior stands.
+    assert pick_mix_weight(_losses_by_weight(shifted({})), prior=0.5) == 0.5
+    assert pick_mix_weight(_losses_by_weight(shifted({})), prior=0.0) == 0.0
+    # The prior raises every example's loss: the local-only model is served.
+    hurts = shifted({0.5: 0.05, 1.0: 0.1, 2.0: 0.2, 4.0: 0.4})
+    assert pick_mix_weight(_losses_by_weight(hurts), prior=0.5) == 0.0
+    # A small, noisy gain keeps the prior; a consistent larger gain takes the larger weight.
+    noisy = shifted({1.0: -0.01}, jitter=0.05)
+    assert pick_mix_weight(_losses_by_weight(noisy), prior=0.5) == 0.5
+    helps = shifted({0.5: -0.01, 1.0: -0.02, 2.0: -0.05, 4.0: -0.03})
+    assert pick_mix_weight(_losses_by_weight(helps), prior=0.5) == 2.0
+    # One example is no evidence: the local-only model.
+    assert pick_mix_weight(lambda w: [3.0 - w], prior=0.5) == 0.0
+
+
+def test_a_blend_device_serves_the_prior_weight_and_drops_a_harmful_global_adapter(
+    tmp_path,
+) -> None:
+    # Prepare: a blend device after one round; a global adapter equal to the initialisation
+    # (B = 0: every weight serves the same model) and one with large random B (harmful).
+    cfg = parse_run_config(_noiseless(**{"personalization.strategy": "blend"}))
+    init = _global_init(cfg)
+    gen = torch.Generator().manual_seed(0)
+    harmful = {
+        n: (torch.randn(t.shape, generator=gen) * 2.0 if ".lora_B." in n else t)
+        for n, t in init.items()
+    }
+
+    # Execute
+    with open_test_store(tmp_path / "dev") as store:
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
+        device.train(init, server_round=1)
+        neutral = device.evaluate(init, server_round=1)
+        bad = device.evaluate(harmful, server_round=1)
+        served = device.state.meta.mix_weight
+
+    # Assert
+    assert neutral["mix_weight"] == cfg.personalization.mix_prior == 0.5
+    assert neutral["personal_loss"] == pytest.approx(neutral["local_only_loss"])
+    assert bad["mix_weight"] == 0.0 and served == 0.0
+    assert bad["personal_loss"] == pytest.approx(bad["local_only_loss"])
+    assert bad["global_loss"] > bad["base_loss"]

@@ -628,8 +628,9 @@ class Device:
         """``blend``: the global adapter's weight, chosen on the selection half of the held-out
         slice, which the reported losses never use.
 
-        The federation's prior weight (``personalization.mix-prior``) stands unless the
-        per-example losses there say otherwise (:func:`pick_mix_weight`). A device with fewer
+        The federation's prior weight (``personalization.mix-prior``), if the global adapter
+        alone beats the base model there, stands unless the per-example losses say otherwise
+        (:func:`pick_mix_weight`). A device with fewer
         than two selection examples serves its local-only model (weight 0).
         """
         if len(self.select_set) < 2:
@@ -642,4 +643,12 @@ class Device:
             )
             return select.per_example()
 
-        return pick_mix_weight(losses, prior=self.cfg.personalization.mix_prior)
+        with self.rt.model.disable_adapter():
+            base = select.per_example()
+        load_lora_tensors(self.rt.model, self.global_model(global_shared))
+        return pick_mix_weight(
+            losses,
+            prior=self.cfg.personalization.mix_prior,
+            base=base,
+            global_alone=select.per_example(),
+        )

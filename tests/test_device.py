@@ -408,13 +408,23 @@ def test_the_mix_weight_keeps_the_prior_unless_the_evidence_says_otherwise() -> 
     assert pick_mix_weight(_losses_by_weight(helps), prior=0.5) == 2.0
     # One example is no evidence: the local-only model.
     assert pick_mix_weight(lambda w: [3.0 - w], prior=0.5) == 0.0
+    # The prior is earned: a global adapter no better than the base model on these examples
+    # (a small federation's noise) gets weight 0 unless a weight shows a gain with evidence.
+    base = [4.0] * len(alone)
+    assert pick_mix_weight(
+        _losses_by_weight(shifted({})), prior=0.5, base=base, global_alone=[3.9] * len(alone)
+    ) == 0.5
+    assert pick_mix_weight(
+        _losses_by_weight(shifted({})), prior=0.5, base=base, global_alone=[4.1] * len(alone)
+    ) == 0.0
+    assert pick_mix_weight(
+        _losses_by_weight(helps), prior=0.5, base=base, global_alone=[4.1] * len(alone)
+    ) == 2.0
 
 
-def test_a_blend_device_serves_the_prior_weight_and_drops_a_harmful_global_adapter(
-    tmp_path,
-) -> None:
+def test_a_blend_device_serves_no_global_adapter_that_does_not_help(tmp_path) -> None:
     # Prepare: a blend device after one round; a global adapter equal to the initialisation
-    # (B = 0: every weight serves the same model) and one with large random B (harmful).
+    # (B = 0: the base model, no better than it) and one with large random B (harmful).
     cfg = parse_run_config(_noiseless(**{"personalization.strategy": "blend"}))
     init = _global_init(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -431,8 +441,9 @@ def test_a_blend_device_serves_the_prior_weight_and_drops_a_harmful_global_adapt
         bad = device.evaluate(harmful, server_round=1)
         served = device.state.meta.mix_weight
 
-    # Assert
-    assert neutral["mix_weight"] == cfg.personalization.mix_prior == 0.5
+    # Assert: the local-only model is served both times; the prior (0.5) is not earned.
+    assert cfg.personalization.mix_prior == 0.5
+    assert neutral["mix_weight"] == 0.0
     assert neutral["personal_loss"] == pytest.approx(neutral["local_only_loss"])
     assert bad["mix_weight"] == 0.0 and served == 0.0
     assert bad["personal_loss"] == pytest.approx(bad["local_only_loss"])

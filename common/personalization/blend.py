@@ -14,7 +14,8 @@ train alone:
   initialisation, so the average of the changes is a change of the same LoRA.
 * **Serving:** personal + w·global, where the device picks w from ``MIX_WEIGHTS`` on one half of
   its held-out slice (the other half reports). It starts from the federation's prior weight
-  (``personalization.mix-prior``, default 0.5), drops to 0 — its local-only model — when the
+  (``personalization.mix-prior``, default 0.5) if the global adapter alone beats the base model
+  there (else from 0: a small federation's noise can swamp what its users share), drops to 0 — its local-only model — when the
   global adapter at that weight raises the per-example loss there (``MIX_DROP_Z`` standard
   errors of the paired difference), and takes a larger weight only with evidence that it
   lowers it further (``MIX_EVIDENCE_Z``). A brand-new user gets the global adapter alone.
@@ -55,17 +56,29 @@ MIX_DROP_Z = 1.0
 MIX_EVIDENCE_Z = 2.0
 
 
-def pick_mix_weight(losses: Callable[[float], list[float]], *, prior: float) -> float:
+def pick_mix_weight(
+    losses: Callable[[float], list[float]],
+    *,
+    prior: float,
+    base: list[float] | None = None,
+    global_alone: list[float] | None = None,
+) -> float:
     """The global adapter's weight a device serves, from ``losses(w)``: the per-example
     held-out losses (the same examples, in the same order, for every w) of personal +
     w·global.
 
-    ``prior`` stands unless the evidence says otherwise: a mean paired loss increase over
+    The prior is earned: where ``base`` and ``global_alone`` (the base model's and the global
+    adapter's own losses on those examples) are given and the global adapter alone is not
+    better than the base model on average — a federation whose noise swamps what its users
+    share — the prior is 0. ``prior`` then stands unless the evidence says otherwise: a mean paired loss increase over
     weight 0 (the local-only model) of more than ``MIX_DROP_Z`` standard errors drops it to 0;
     a larger weight whose mean paired decrease against ``prior`` passes ``MIX_EVIDENCE_Z``
     standard errors replaces it (of those, the largest decrease). Fewer than two examples:
     weight 0.
     """
+    if base is not None and global_alone is not None:
+        if statistics.fmean(global_alone) >= statistics.fmean(base):
+            prior = 0.0
     current = losses(prior)
     n = len(current)
     if n < 2:

@@ -15,9 +15,7 @@ place, so no state leaks from one device to the next.
 from __future__ import annotations
 
 import logging
-import math
 import random
-import statistics
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -630,8 +628,8 @@ class Device:
 
         The federation's prior weight (``personalization.mix-prior``), if the global adapter
         alone beats the base model there, stands unless the per-example losses say otherwise
-        (:func:`pick_mix_weight`). A device with fewer
-        than two selection examples serves its local-only model (weight 0).
+        (:func:`pick_mix_weight`). A device with fewer than two selection examples serves its
+        local-only model (weight 0).
         """
         if len(self.select_set) < 2:
             return 0.0

@@ -391,7 +391,9 @@ def test_the_mix_weight_keeps_the_prior_unless_the_evidence_says_otherwise() -> 
 
     def shifted(by: dict[float, float], jitter: float = 0.0):
         return {
-            w: [x + by.get(w, 0.0) + (jitter if i % 2 else -jitter) * w for i, x in enumerate(alone)]
+            w: [
+                x + by.get(w, 0.0) + (jitter if i % 2 else -jitter) * w for i, x in enumerate(alone)
+            ]
             for w in MIX_WEIGHTS
         }
 
@@ -411,15 +413,24 @@ def test_the_mix_weight_keeps_the_prior_unless_the_evidence_says_otherwise() -> 
     # The prior is earned: a global adapter no better than the base model on these examples
     # (a small federation's noise) gets weight 0 unless a weight shows a gain with evidence.
     base = [4.0] * len(alone)
-    assert pick_mix_weight(
-        _losses_by_weight(shifted({})), prior=0.5, base=base, global_alone=[3.9] * len(alone)
-    ) == 0.5
-    assert pick_mix_weight(
-        _losses_by_weight(shifted({})), prior=0.5, base=base, global_alone=[4.1] * len(alone)
-    ) == 0.0
-    assert pick_mix_weight(
-        _losses_by_weight(helps), prior=0.5, base=base, global_alone=[4.1] * len(alone)
-    ) == 2.0
+    assert (
+        pick_mix_weight(
+            _losses_by_weight(shifted({})), prior=0.5, base=base, global_alone=[3.9] * len(alone)
+        )
+        == 0.5
+    )
+    assert (
+        pick_mix_weight(
+            _losses_by_weight(shifted({})), prior=0.5, base=base, global_alone=[4.1] * len(alone)
+        )
+        == 0.0
+    )
+    assert (
+        pick_mix_weight(
+            _losses_by_weight(helps), prior=0.5, base=base, global_alone=[4.1] * len(alone)
+        )
+        == 2.0
+    )
 
 
 def test_a_blend_device_serves_no_global_adapter_that_does_not_help(tmp_path) -> None:

@@ -23,14 +23,16 @@ from common.config import RunConfig
 from common.crypto import Secret
 from common.lora import load_lora_tensors
 from common.personalization.blend import MIX_WEIGHTS, pick_mix_weight
+from server.outputs import versus_local
 
-TOLERANCE = 0.005
+
+def run_config(run_dir: Path) -> RunConfig:
+    """The run config a finished run recorded in its ``summary.json``."""
+    return RunConfig.from_dict(json.loads((run_dir / "summary.json").read_text())["config"])
 
 
-def measure(run_dir: Path, users: int | None = None) -> list[dict]:
+def measure(run_dir: Path, cfg: RunConfig, users: int | None = None) -> list[dict]:
     """Each device's per-example losses, per weight and half (see the module docstring)."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    cfg = RunConfig.from_dict(summary["config"])
     rows = []
     dirs = sorted(p for p in (run_dir / "devices").iterdir() if p.is_dir())
     for d in dirs[:users]:
@@ -58,14 +60,19 @@ def measure(run_dir: Path, users: int | None = None) -> list[dict]:
 
 
 def shares(rows: list[dict], picks: list[float]) -> tuple[float, float]:
-    """(no worse than local-only, better than local-only) on the test half for ``picks``."""
-    no_worse = better = 0
-    for row, w in zip(rows, picks, strict=True):
-        local = statistics.fmean(row["test"]["0.0"])
-        served = statistics.fmean(row["test"][str(w)])
-        no_worse += served <= local * (1 + TOLERANCE)
-        better += served < local
-    return no_worse / len(rows), better / len(rows)
+    """(no worse than local-only, better than local-only) on the test half for ``picks``, as
+    the run's summary counts them (:func:`server.outputs.versus_local`)."""
+    served = [
+        {
+            "personal_loss": statistics.fmean(row["test"][str(w)]),
+            "local_only_loss": statistics.fmean(row["test"]["0.0"]),
+        }
+        for row, w in zip(rows, picks, strict=True)
+    ]
+    result = versus_local(served)
+    if result is None:
+        raise ValueError("no user to compare")
+    return result["no_worse_than_local"], result["win_vs_local"]
 
 
 def main() -> None:
@@ -74,11 +81,12 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--users", type=int, default=None, help="only the first N devices")
     args = parser.parse_args()
-    rows = measure(args.run_dir, args.users)
+    cfg = run_config(args.run_dir)
+    rows = measure(args.run_dir, cfg, args.users)
+    if not rows:
+        raise SystemExit(f"no device in {args.run_dir / 'devices'} holds global and personal state")
     (args.run_dir / "mix_weights.json").write_text(json.dumps(rows))
-    prior = RunConfig.from_dict(
-        json.loads((args.run_dir / "summary.json").read_text())["config"]
-    ).personalization.mix_prior
+    prior = cfg.personalization.mix_prior
     print(f"{len(rows)} users; no worse / better than local-only on the test half")
     for w in MIX_WEIGHTS:
         print(f"  fixed w = {w:g}: {shares(rows, [w] * len(rows))}")

@@ -57,7 +57,7 @@ from common.lora import (
 )
 from common.model import load_base_for, load_tokenizer, model_dir
 from common.personalization import Strategy, strategy_for
-from common.personalization.base import is_lora_b
+from common.personalization.base import is_lora_b, layer_of
 from common.personalization.blend import pick_mix_weight
 from common.train import (
     HeldOutLosses,
@@ -89,6 +89,9 @@ _RUNTIMES: dict[tuple, Runtime] = {}
 # devices); bounded, so memory stays flat in the number of users.
 _ENCODED: OrderedDict[tuple, tuple[tuple[Encoded, ...], ...]] = OrderedDict()
 ENCODED_CACHE_SIZE = 16
+# Held-out examples per forward pass: evaluation keeps no activations for a backward pass, and
+# on a CPU fewer, larger batches cut the per-layer overhead of many small ones.
+EVAL_BATCH_SIZE = 16
 
 
 def get_runtime(cfg: RunConfig) -> Runtime:
@@ -344,10 +347,25 @@ class Device:
         return HeldOutLosses(
             self.rt.model,
             examples,
-            batch_size=self.cfg.train.batch_size,
+            batch_size=max(self.cfg.train.batch_size, EVAL_BATCH_SIZE),
             pad_id=self.pad_id,
             first_lora_layer=layers[0] if layers else 0,
         )
+
+    def _mixed(
+        self,
+        held_out: HeldOutLosses,
+        global_shared: dict[str, torch.Tensor],
+        personal: dict[str, torch.Tensor] | None,
+    ) -> HeldOutLosses:
+        """``blend``: an evaluator of personal + w·global for every w on ``held_out``'s
+        examples. The versions differ only in the layers the global adapter federates, so the
+        layers below them run once (under the personal adapter) for all of them."""
+        layers = [layer_of(n) for n in self.rt.shared_names]
+        if not layers or None in layers:
+            return held_out
+        load_lora_tensors(self.rt.model, self.served(global_shared, personal, mix_weight=0.0))
+        return held_out.above(min(i for i in layers if i is not None))
 
     def _loss(self, tensors: dict[str, torch.Tensor], on: HeldOutLosses | None = None) -> float:
         """Mean held-out loss of ``tensors`` (on the test half unless ``on`` says otherwise)."""
@@ -559,15 +577,16 @@ class Device:
         if self.rt.strategy.mixed:
             weight = self._pick_mix_weight(global_shared, personal)
             self.state.meta.mix_weight = weight
+            mixed = self._mixed(test, global_shared, personal)
             personal_loss = self._loss(
-                self.served(global_shared, personal, mix_weight=weight), test
+                self.served(global_shared, personal, mix_weight=weight), mixed
             )
             extra["mix_weight"] = weight
             if self.local_baseline:  # blend's personal adapter alone is the local-only model
                 extra["local_only_loss"] = (
                     personal_loss
                     if weight == 0.0
-                    else self._loss(self.served(global_shared, personal, mix_weight=0.0), test)
+                    else self._loss(self.served(global_shared, personal, mix_weight=0.0), mixed)
                 )
         else:
             personal_loss = (
@@ -634,19 +653,21 @@ class Device:
         if len(self.select_set) < 2:
             return 0.0
         select = self._held_out(self.select_set)
+        with self.rt.model.disable_adapter():
+            base = select.per_example()
+        load_lora_tensors(self.rt.model, self.global_model(global_shared))
+        global_alone = select.per_example()
+        mixed = self._mixed(select, global_shared, personal)
 
         def losses(weight: float) -> list[float]:
             load_lora_tensors(
                 self.rt.model, self.served(global_shared, personal, mix_weight=weight)
             )
-            return select.per_example()
+            return mixed.per_example()
 
-        with self.rt.model.disable_adapter():
-            base = select.per_example()
-        load_lora_tensors(self.rt.model, self.global_model(global_shared))
         return pick_mix_weight(
             losses,
             prior=self.cfg.personalization.mix_prior,
             base=base,
-            global_alone=select.per_example(),
+            global_alone=global_alone,
         )

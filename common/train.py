@@ -12,6 +12,7 @@ is exactly plain PyTorch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 from collections.abc import Sequence
@@ -140,6 +141,28 @@ class HeldOutLosses:
                     ).last_hidden_state
                     for b in self.batches
                 ]
+
+    @torch.no_grad()
+    def above(self, layer: int) -> HeldOutLosses:
+        """An evaluator of the versions that share the model's current LoRA tensors below
+        decoder ``layer``: those layers run once, here, and each version only the layers from
+        ``layer`` up (``blend``'s personal + w·global for every w, the global adapter living in
+        the upper layers only). ``self`` when ``layer`` saves nothing."""
+        if not self.split < layer < len(self.decoder.layers):
+            return self
+        fork = copy.copy(self)
+        self.model.eval()
+        with autocast_for(self.model):
+            inputs = self.lower or [
+                self.decoder.embed_tokens(batch["input_ids"]) for batch in self.batches
+            ]
+            with _decoder_layers(self.decoder, slice(self.split, layer), final_norm=False):
+                fork.lower = [
+                    self._hidden(inputs_embeds=lower, batch=batch)
+                    for lower, batch in zip(inputs, self.batches, strict=True)
+                ]
+        fork.split = layer
+        return fork
 
     def _hidden(self, *, batch: dict[str, torch.Tensor], **inputs: torch.Tensor) -> torch.Tensor:
         out = self.decoder(**inputs, attention_mask=batch["attention_mask"], use_cache=False)

@@ -26,9 +26,13 @@ from common.personalization.blend import MIX_WEIGHTS, pick_mix_weight
 from server.outputs import versus_local
 
 
-def run_config(run_dir: Path) -> RunConfig:
-    """The run config a finished run recorded in its ``summary.json``."""
-    return RunConfig.from_dict(json.loads((run_dir / "summary.json").read_text())["config"])
+def run_config(run_dir: Path, max_test_samples: int | None = None) -> RunConfig:
+    """The run config a finished run recorded in its ``summary.json`` (with up to
+    ``max_test_samples`` examples in each held-out half, if given)."""
+    config = json.loads((run_dir / "summary.json").read_text())["config"]
+    if max_test_samples is not None:
+        config["data"]["max_test_samples"] = max_test_samples
+    return RunConfig.from_dict(config)
 
 
 def measure(run_dir: Path, cfg: RunConfig, users: int | None = None) -> list[dict]:
@@ -80,12 +84,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--users", type=int, default=None, help="only the first N devices")
+    parser.add_argument(
+        "--max-test-samples",
+        type=int,
+        default=None,
+        help="examples per held-out half (default: the run's data.max-test-samples); the "
+        "held-out slice never trained, so a larger one only measures more precisely",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/mix_weights.json")
     args = parser.parse_args()
-    cfg = run_config(args.run_dir)
+    cfg = run_config(args.run_dir, args.max_test_samples)
     rows = measure(args.run_dir, cfg, args.users)
     if not rows:
         raise SystemExit(f"no device in {args.run_dir / 'devices'} holds global and personal state")
-    (args.run_dir / "mix_weights.json").write_text(json.dumps(rows))
+    (args.out or args.run_dir / "mix_weights.json").write_text(json.dumps(rows))
     prior = cfg.personalization.mix_prior
     print(f"{len(rows)} users; no worse / better than local-only on the test half")
     for w in MIX_WEIGHTS:

@@ -63,3 +63,31 @@ def test_sharing_the_lower_layers_changes_no_loss(model) -> None:
     with model.disable_adapter():
         assert shared.per_example() == plain.per_example()
     assert len(model.base_model.model.model.layers) == 2  # the decoder is whole again
+
+
+def test_versions_that_differ_only_above_a_layer_share_the_layers_below_it() -> None:
+    # Prepare: LoRA in both layers of the tiny model; a second version changes layer 1 only
+    # (as blend's personal + w·global does when the global adapter lives in the upper layers).
+    cfg = ModelConfig(name="tiny", lora_layers="0-1")
+    model = build_peft_model(load_base_for(cfg), cfg, get_strategy("blend"))
+    gen = torch.Generator().manual_seed(2)
+    first = {
+        n: 0.05 * torch.randn(t.shape, generator=gen) for n, t in get_lora_tensors(model).items()
+    }
+    second = {n: t * 4 if ".layers.1." in n else t for n, t in first.items()}
+    plain = HeldOutLosses(model, _samples(), batch_size=4, pad_id=PAD)
+
+    # Execute: the layers below 1 run once, under the first version.
+    load_lora_tensors(model, first)
+    forked = plain.above(1)
+    expected = {}
+    for name, version in (("first", first), ("second", second)):
+        load_lora_tensors(model, version)
+        expected[name] = (plain.per_example(), forked.per_example())
+
+    # Assert: the same losses as a whole pass; a layer that saves nothing forks nothing.
+    assert forked.split == 1 and plain.split == 0
+    for whole, from_layer_1 in expected.values():
+        assert from_layer_1 == pytest.approx(whole, rel=1e-6)
+    assert expected["first"][0] != pytest.approx(expected["second"][0], rel=1e-4)
+    assert plain.above(0) is plain and plain.above(2) is plain and forked.above(1) is forked

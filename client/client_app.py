@@ -16,18 +16,51 @@ from __future__ import annotations
 import logging
 
 from flwr.app import Context, Message, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client import worker
 
 
 def secagg_when_requested(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
-    """Run Flower's ``secaggplus_mod`` for SecAgg+ messages; pass others straight through."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, ctxt, call_next)
-    return call_next(msg, ctxt)
+    """Run Flower's ``secaggplus_mod`` for SecAgg+ messages; pass others straight through.
+
+    Before a real device masks its update it checks the cohort it would be summed with
+    (:func:`client.gate.cohort_refusal`); too small, it refuses — the server gets a code.
+    """
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctxt)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if msg.metadata.message_type == MessageType.TRAIN and (
+        configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
+    ):
+        try:
+            refused = _cohort_refusal(msg, ctxt, configs)
+        except Exception as err:
+            logger.error("the cohort check failed on this device: %s: %s", type(err).__name__, err)
+            raise DeviceError(_code(err)) from None
+        if refused:
+            raise DeviceError("cohort-too-small")
+    return secaggplus_mod(msg, ctxt, call_next)
+
+
+def _cohort_refusal(msg: Message, ctxt: Context, configs) -> str | None:  # type: ignore[no-untyped-def]
+    from client.gate import cohort_refusal
+    from common.config import parse_run_config
+
+    sources = configs.get(Key.SOURCE_LIST)
+    if not isinstance(sources, list):
+        raise ValueError("the masked-vector stage names no sources")
+    fit_config = msg.content.config_records.get("fitins.config")
+    server_round = fit_config.get("server-round") if fit_config is not None else None
+    return cohort_refusal(
+        parse_run_config(dict(ctxt.run_config)),
+        ctxt.node_config,
+        sources=len(sources),
+        server_round=server_round if isinstance(server_round, int) else None,
+    )
 
 
 logger = logging.getLogger(__name__)
@@ -46,8 +79,41 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=_answer("evaluate", msg.content, context), reply_to=msg)
 
 
+class DeviceError(RuntimeError):
+    """What the server learns of a failure on the device: a code, no text from the device.
+
+    Flower sends the text of an exception the ClientApp raises back to the server; paths,
+    file names and whether a file exists stay in the device's own log.
+    """
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"device error: {code} (the reason is in the device's log)")
+        self.code = code
+
+
+def _code(err: Exception) -> str:
+    """The generic code of a failure (its class of cause, nothing of its text)."""
+    if isinstance(err, (ValueError, KeyError, TypeError)):
+        return "rejected-message"
+    if isinstance(err, OSError):
+        return "storage"
+    return "internal"
+
+
 def _answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    """The reply's content: from the device's worker when it runs, else computed here."""
+    """The reply's content: from the device's worker when it runs, else computed here.
+
+    Raises:
+        DeviceError: The message could not be answered; the reason is logged here only.
+    """
+    try:
+        return _compute(kind, content, context)
+    except Exception as err:
+        logger.error("the %s message failed on this device: %s: %s", kind, type(err).__name__, err)
+        raise DeviceError(_code(err)) from None
+
+
+def _compute(kind: str, content: RecordDict, context: Context) -> RecordDict:
     socket_path = context.node_config.get(worker.SOCKET_KEY)
     if socket_path:
         try:

@@ -32,6 +32,7 @@ from client import baseline
 from client.examples import Example, device_examples, split
 from client.ingest import replay_role
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
+from client.policy import DevicePolicy, PolicyRefused
 from client.state import (
     LOCAL_USER,
     META_BLOB,
@@ -47,7 +48,7 @@ from common.crypto import Secret, create_key_file, resolve_secret
 from common.data import Encoded, Sample, UserData, encode, user_for_partition
 from common.dp.clipping import clip_update
 from common.dp.noise import add_gaussian_noise
-from common.dp.policy import client_noise_std, uniform_weights, user_level_sample_rate
+from common.dp.policy import client_noise_std, uniform_weights
 from common.lora import (
     build_peft_model,
     get_lora_tensors,
@@ -92,6 +93,9 @@ ENCODED_CACHE_SIZE = 16
 # Held-out examples per forward pass: evaluation keeps no activations for a backward pass, and
 # on a CPU fewer, larger batches cut the per-layer overhead of many small ones.
 EVAL_BATCH_SIZE = 16
+# DP-SGD's Poisson batches and noise come from the OS's randomness (``None``): a seed from the
+# round and the user would let the server rebuild the batches. Tests may fix it.
+DP_SGD_SEED: int | None = None
 
 
 def get_runtime(cfg: RunConfig) -> Runtime:
@@ -204,6 +208,9 @@ class Device:
             own record, else ``local``.
         local_baseline: Also train and evaluate the local-only baseline (default:
             ``eval.local-only``; a real device's owner must agree, see the ClientApp).
+        policy: What the device accepts from the server (:mod:`client.policy`); default: the
+            policy kept in its store, else — kept there from now on — the protective defaults
+            (:meth:`simulated` passes the simulation's own run config).
     """
 
     def __init__(
@@ -215,6 +222,7 @@ class Device:
         partition_id: int | None = None,
         user: str | None = None,
         local_baseline: bool | None = None,
+        policy: DevicePolicy | None = None,
     ) -> None:
         self.cfg = cfg
         self.local_baseline = cfg.eval.local_only if local_baseline is None else local_baseline
@@ -239,7 +247,12 @@ class Device:
             store.put_json(SETTINGS_BLOB, settings)
         self.train_examples, self.held_out = split(device_examples(store), cfg.data.test_fraction)
         self.train_set, self.select_set, self.test_set = self._encoded()
-        self.ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(cfg.privacy))
+        stored = DevicePolicy.load(store)
+        policy = policy or stored or DevicePolicy()
+        if stored != policy:
+            policy.save(store)
+        self.policy = policy
+        self.ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
 
     @classmethod
     def simulated(
@@ -255,6 +268,8 @@ class Device:
             num_partitions=num_partitions,
             partition_id=partition_id,
             user=user.user,
+            # Whoever runs the simulation owns its devices: their policy is its config.
+            policy=DevicePolicy.load(store) or DevicePolicy.from_run_config(cfg),
         )
 
     def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...], tuple[Encoded, ...]]:
@@ -373,14 +388,17 @@ class Device:
         return (on or self._held_out(self.test_set)).mean()
 
     def planned_charges(
-        self, server_round: int
+        self, server_round: int, *, run: str = "", self_sampled: bool = False
     ) -> tuple[tuple[float, float, int] | None, tuple[float, float, int] | None]:
-        """``(record, user)`` charges of one round, each ``(σ, q, steps)`` or ``None``.
+        """``(record, user)`` charges of round ``server_round`` of run ``run``, each
+        ``(σ, q, steps)`` or ``None``.
 
-        User level: without verifiable sampling a round this device joins costs one Gaussian
-        mechanism at q = 1 (rounds it sits out cost nothing). With verifiable sampling every
-        federation round counts at rate q, so joining round t charges the rounds since the
-        last charge — the same history the server's accountant holds.
+        User level: a round this device joins costs one Gaussian mechanism at q = 1 (rounds
+        it sits out cost nothing) unless its policy credits the sampling
+        (:meth:`DevicePolicy.sample_rate`: the device drew its own coin, or its owner trusts
+        the server's claim). With the credit every round of the run counts at rate q, so
+        joining round t charges the rounds of this run since its last charge in it (all t
+        in a new run) — the same history the server's accountant holds.
         """
         dp = self.cfg.dp
         record = None
@@ -389,13 +407,10 @@ class Device:
             record = (dp.local_noise_multiplier, q, self.cfg.train.local_steps)
         user = None
         if dp.adds_noise:
-            q = user_level_sample_rate(self.cfg)
+            q = self.policy.sample_rate(self.cfg, self_sampled=self_sampled)
             steps = 1
             if q < 1.0:
-                last = max(
-                    (e["round"] for e in self.ledger.events if e["kind"] == "user"), default=0
-                )
-                steps = max(1, server_round - last)
+                steps = max(1, server_round - self.ledger.last_round(run))
             user = (dp.noise_multiplier, q, steps)
         return record, user
 
@@ -446,22 +461,45 @@ class Device:
         s = self.ledger.summary()
         return {"record_epsilon": s["record_epsilon"], "user_epsilon": s["user_epsilon"]}
 
-    def train(self, global_shared: dict[str, torch.Tensor], *, server_round: int) -> TrainResult:
-        """One round: check the ledger, train locally, clip and noise the shared update.
+    def train(
+        self,
+        global_shared: dict[str, torch.Tensor],
+        *,
+        server_round: int,
+        run: str = "",
+        masked: bool | None = None,
+        self_sampled: bool = False,
+    ) -> TrainResult:
+        """One round: check the round against the device's policy and ledger, train locally,
+        clip and noise the shared update.
+
+        Args:
+            global_shared: The server's shared tensors.
+            server_round: The round number (in federation run ``run``).
+            run: The federation run (the ledger keys its charges by it).
+            masked: The update leaves under SecAgg+ masking (default: ``secagg.enabled``,
+                for in-process callers; the ClientApp says what the message shows).
+            self_sampled: The device drew its own participation coin at ``fraction-train``.
 
         Personal tensors and the ledger are saved here; only the returned update and metrics
         may leave the device (through the outbound-record builder).
         """
+        masked = self.cfg.secagg.enabled if masked is None else masked
         try:
+            reason = self.policy.refusal(
+                self.cfg, num_partitions=self.num_partitions, masked=masked
+            )
+            if reason is not None:
+                raise PolicyRefused(reason)
             if len(self.train_examples) < self.cfg.data.min_examples:
                 raise TooFewExamples(
                     f"{len(self.train_examples)} training examples in the store, fewer than "
                     f"data.min-examples = {self.cfg.data.min_examples}; import your writing "
                     "with `fedpersona device import` or rate more answers"
                 )
-            record, user = self.planned_charges(server_round)
+            record, user = self.planned_charges(server_round, run=run, self_sampled=self_sampled)
             self.ledger.check(record=record, user=user)
-        except (BudgetExhausted, TooFewExamples) as err:
+        except (PolicyRefused, BudgetExhausted, TooFewExamples) as err:
             logger.warning("device %s declines round %s: %s", self.user, server_round, err)
             self.ledger.note_declined(server_round=server_round, reason=str(err))
             self.ledger.save(self.store)
@@ -499,7 +537,7 @@ class Device:
                 self.train_set,
                 noise_multiplier=self.cfg.dp.local_noise_multiplier,
                 max_grad_norm=self.cfg.dp.local_max_grad_norm,
-                **common,
+                **{**common, "seed": DP_SGD_SEED},
             )
         else:
             loss = train_steps(self.rt.model, self.rt.trainable_names, self.train_set, **common)
@@ -531,7 +569,7 @@ class Device:
             self.state.save_personal({n: after[n] for n in self.rt.personal_names})
             if local_only is not None:
                 baseline.save(self.store, local_only)
-            self.ledger.charge(server_round=server_round, record=record, user=user)
+            self.ledger.charge(server_round=server_round, record=record, user=user, run=run)
             self.ledger.save(self.store)
             self.state.meta.rounds_trained += 1
             self.state.meta.last_round = server_round

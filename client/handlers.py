@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from flwr.app import Context, RecordDict
 from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 from client.device import Device, get_runtime, open_node_store, shared_shapes, simulated_user
+from client.gate import federation_size
 from common import ab
 from common.config import RunConfig, parse_run_config
 from common.sampling import poisson_sample
@@ -93,26 +95,6 @@ def _optional_int(node: object, key: str) -> int | None:
         raise ValueError(f"node config `{key}` must be an integer, got {value!r}") from None
 
 
-def federation_size(cfg: RunConfig) -> int:
-    """The federation size a real device sizes its share of distributed noise by, when its node
-    config has no ``num-partitions``: ``data.num-users``, else ``dp.min-clients`` (which then
-    fixes m_min), else 1 where no distributed noise is added.
-
-    Raises:
-        ValueError: Distributed noise with neither key set: the share cannot be sized.
-    """
-    if cfg.data.num_users > 0:
-        return cfg.data.num_users
-    if cfg.dp.min_clients > 0:
-        return cfg.dp.min_clients
-    if cfg.dp.noise_mode != "distributed" or not cfg.dp.adds_noise:
-        return 1
-    raise ValueError(
-        "the device cannot size its share of the noise: the run config sets neither "
-        "data.num-users nor dp.min-clients, and the node config has no num-partitions"
-    )
-
-
 def _incoming(
     content: RecordDict, cfg: RunConfig, kind: str
 ) -> tuple[dict[str, torch.Tensor], int, bool]:
@@ -151,6 +133,12 @@ def _parse_incoming(
         raise ValueError(f"no `{CONFIG_KEY}` config record")
     tensors = from_arrayrecord(content[ARRAYS_KEY], shapes)
     return tensors, _round(content[CONFIG_KEY].get("server-round")), False
+
+
+def _masked(content: RecordDict, legacy: bool) -> bool:
+    """The reply will leave SecAgg+-masked: a training message inside the protocol's
+    masked-vector stage (Flower's ``secaggplus_mod`` keeps the stage's config record in it)."""
+    return legacy and RECORD_KEY_CONFIGS in content.config_records
 
 
 def _round(value: object) -> int:
@@ -199,7 +187,15 @@ def _train_hosted(content: RecordDict, context: Context, users: list[int]) -> Re
     results = []
     for user in chosen:
         with _hosted_device(context, cfg, user) as device:
-            results.append(device.train(global_shared, server_round=server_round))
+            results.append(
+                device.train(
+                    global_shared,
+                    server_round=server_round,
+                    run=str(context.run_id),
+                    masked=_masked(content, legacy),
+                    self_sampled=True,  # the coin above, at fraction-train
+                )
+            )
     sent = [r for r in results if not r.declined]
     k = len(sent)
     update = {
@@ -263,7 +259,12 @@ def train(content: RecordDict, context: Context) -> RecordDict:
         return _train_hosted(content, context, hosted)
     with _device(context) as device:
         global_shared, server_round, legacy = _incoming(content, device.cfg, "fitins")
-        result = device.train(global_shared, server_round=server_round)
+        result = device.train(
+            global_shared,
+            server_round=server_round,
+            run=str(context.run_id),
+            masked=_masked(content, legacy),
+        )
     metrics = dict(result.metrics)
     cfg = device.cfg
     ab_vector = None

@@ -22,17 +22,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.store import LocalStore, StoreCorrupted
 from common.config import PrivacyConfig
 
-# Version 2 adds "epsilon", the lifetime ε per kind computed at save time; version 1 ledgers
-# still load (their ε is computed when asked for).
-LEDGER_VERSION = 2
+if TYPE_CHECKING:
+    from client.policy import DevicePolicy
+
+# Version 2 adds "epsilon", the lifetime ε per kind computed at save time; version 3 adds each
+# event's "run" (the federation run it was charged in: round numbers restart with each run).
+# Older ledgers still load (their ε is computed when asked for; their events' run is "").
+LEDGER_VERSION = 3
 LEDGER_BLOB = "ledger"
 KINDS = ("record", "user")
-EVENT_KEYS = {"kind", "time", "round", "noise_multiplier", "sample_rate", "steps"}
+EVENT_KEYS = {"kind", "time", "run", "round", "noise_multiplier", "sample_rate", "steps"}
 DECLINED_KEYS = {"round", "time", "reason"}
 
 
@@ -51,6 +55,7 @@ def _real(v: Any) -> bool:
 # What each event value must be; a NaN or a string would make ε NaN or crash the accountant.
 EVENT_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "time": (_real, "a finite number"),
+    "run": (lambda v: type(v) is str, "a string"),
     "round": (lambda v: type(v) is int, "an integer"),
     "noise_multiplier": (lambda v: _real(v) and v >= 0, "a finite number >= 0"),
     "sample_rate": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -89,8 +94,8 @@ class LedgerPolicy:
             raise ValueError("privacy.period-days and privacy.period-epsilon-cap must be >= 0")
 
     @classmethod
-    def from_config(cls, privacy: PrivacyConfig) -> LedgerPolicy:
-        """The caps of a run config's ``privacy.*`` keys."""
+    def from_config(cls, privacy: PrivacyConfig | DevicePolicy) -> LedgerPolicy:
+        """The caps of a device's privacy policy (or a run config's ``privacy.*`` keys)."""
         return cls(
             epsilon_cap=privacy.epsilon_cap,
             delta=privacy.delta,
@@ -133,7 +138,14 @@ class PrivacyLedger:
 
     def rounds_charged(self) -> int:
         """Number of rounds with a user-level charge (rounds this device sent an update)."""
-        return len({e["round"] for e in self.events if e["kind"] == "user"})
+        return len({(e["run"], e["round"]) for e in self.events if e["kind"] == "user"})
+
+    def last_round(self, run: str) -> int:
+        """The last round of federation run ``run`` with a user-level charge (0: none)."""
+        return max(
+            (e["round"] for e in self.events if e["kind"] == "user" and e["run"] == run),
+            default=0,
+        )
 
     def _after(
         self, kind: str, planned: list[tuple[float, float, int]], since: float | None
@@ -189,8 +201,10 @@ class PrivacyLedger:
         record: tuple[float, float, int] | None,
         user: tuple[float, float, int] | None,
         now: float | None = None,
+        run: str = "",
     ) -> None:
-        """Record the spend of a round whose update was actually sent."""
+        """Record the spend of round ``server_round`` of federation run ``run``, whose update
+        was actually sent."""
         now = time.time() if now is None else now
         for kind, planned in (("record", record), ("user", user)):
             if planned is None:
@@ -201,6 +215,7 @@ class PrivacyLedger:
                 {
                     "kind": kind,
                     "time": now,
+                    "run": str(run),
                     "round": int(server_round),
                     "noise_multiplier": float(sigma),
                     "sample_rate": float(q),
@@ -247,9 +262,9 @@ class PrivacyLedger:
         """
         required = {"version", "accountant", "delta", "events", "declined"}
         version = state.get("version") if isinstance(state, dict) else None
-        if type(version) is not int or version not in (1, LEDGER_VERSION):
-            raise ValueError(f"ledger version {version!r:.40} is not 1 or {LEDGER_VERSION}")
-        if version == LEDGER_VERSION:
+        if type(version) is not int or version not in (1, 2, LEDGER_VERSION):
+            raise ValueError(f"ledger version {version!r:.40} is not 1 to {LEDGER_VERSION}")
+        if version >= 2:
             required = required | {"epsilon"}
         if set(state) != required:
             raise ValueError(f"ledger state must have exactly the keys {sorted(required)}")
@@ -268,6 +283,8 @@ class PrivacyLedger:
                 raise ValueError(f"ledger {key} must be a list, got {state[key]!r:.80}")
         events = []
         for e in state["events"]:
+            if version < 3 and isinstance(e, dict) and "run" not in e:
+                e = {**e, "run": ""}
             if not isinstance(e, dict) or set(e) != EVENT_KEYS or e["kind"] not in KINDS:
                 raise ValueError(f"malformed ledger event {e!r:.200}")
             for key, (valid, what) in EVENT_CHECKS.items():

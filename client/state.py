@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from client.policy import DevicePolicy
 from client.store import LocalStore, StoreCorrupted
 from common.config import ModelConfig, RunConfig, parse_run_config
 
@@ -68,6 +69,8 @@ def init_device(
         store.put_profile(Profile().to_dict())
     if store.get_meta("api_token") is None:
         store.set_meta("api_token", secrets.token_urlsafe(32))
+    if DevicePolicy.load(store) is None:  # the owner changes it with `device privacy set`
+        DevicePolicy().save(store)
     return settings
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from client.evidence import DriftDetector, Gate, choose_variant
 from client.examples import device_examples, split
 from client.ledger import LedgerPolicy, PrivacyLedger
+from client.policy import DevicePolicy
 from client.profile import Profile
 from client.state import (
     DRIFT_BLOB,
@@ -73,13 +74,13 @@ def load_evidence(store: LocalStore, state: DeviceState) -> tuple[Gate, DriftDet
     return gate, drift
 
 
-def budget(store: LocalStore, cfg: RunConfig) -> dict[str, Any]:
+def budget(store: LocalStore) -> dict[str, Any]:
     """The device's privacy ledger: ε spent per kind, caps, what the numbers assume.
 
     Raises:
         ValueError: If the stored ledger is corrupted or kept under another accountant or δ.
     """
-    p = cfg.privacy
+    p = DevicePolicy.load(store) or DevicePolicy()
     ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(p))
     s = ledger.summary()
     return {
@@ -90,10 +91,15 @@ def budget(store: LocalStore, cfg: RunConfig) -> dict[str, Any]:
         "accountant": p.accountant,
         "rounds_charged": int(s["rounds_charged"]),
         "rounds_declined": len(ledger.declined),
+        "policy": {k: v for k, v in p.to_dict().items() if k != "version"},
         "assumes": (
-            "user-level ε: Gaussian noise on the clipped update of each round this device "
-            "joined, sampling rate "
-            + ("q (verifiable sampling)" if p.verifiable_sampling else "1 (no amplification)")
+            "user-level ε, add/remove-one-user neighbours: Gaussian noise on the clipped "
+            "update of each round this device joined, sampling rate "
+            + (
+                "q where the device drew its own coin or trusts the server's sampling"
+                if p.trust_server_sampling
+                else "q only where the device drew its own coin, else 1 (no amplification)"
+            )
             + "; the server sees only the SecAgg+ sum if secure aggregation is on. "
             "Record-level ε: the device's own DP-SGD. On-device feedback adaptation "
             "changes only personal parameters, which never leave the device."
@@ -139,7 +145,7 @@ def status(store: LocalStore) -> dict[str, Any]:
         "gate": gate.reason(),
         "drift_events": len(drift.events),
         "experts": experts,
-        "budget": budget(store, cfg),
+        "budget": budget(store),
         "retention_days": store.retention_days,
         "last_purge": float(store.get_meta("last_purge", "0") or 0),
         "store_bytes": store.size_bytes(),

@@ -413,10 +413,23 @@ class RunConfig:
             )
             _require(self.data.num_users > 0, "data.num-users", "must be set with users per node")
         _require(
+            self.dp.noise_mode != "distributed" or not self.dp.adds_noise or self.secagg.enabled,
+            "dp.noise-mode",
+            '"distributed" needs secagg.enabled = true: unmasked, the server would see each '
+            'update with only its share of the noise (use "central", which trusts the server)',
+        )
+        _require(
             self.strategy in STRATEGIES,
             "personalization.strategy",
             f"must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}",
         )
+
+    def m_min(self, num_nodes: int) -> int:
+        """The fewest updates the server accepts for a round: ``dp.min-clients`` when set,
+        else every client it samples per round (at least 2)."""
+        if self.dp.min_clients > 0:
+            return self.dp.min_clients
+        return max(2, int(num_nodes * self.fraction_train))
 
     def run_dir(self, run_id: int) -> Path:
         """Where this run's outputs go: ``<output.dir>/<output.run-name>``.

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import math
 import random
+import secrets
 from collections.abc import Sequence
 
 import torch
@@ -311,7 +312,7 @@ def train_steps_dp(
     learning_rate: float,
     noise_multiplier: float,
     max_grad_norm: float,
-    seed: int,
+    seed: int | None,
     pad_id: int,
 ) -> tuple[float, float]:
     """DP-SGD (Opacus) on the named parameters: Poisson batches, per-sample clipping, noise.
@@ -340,15 +341,21 @@ def train_steps_dp(
     sample_rate = min(1.0, batch_size / len(samples))
     params = unfreeze_only(model, trainable)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    # Batches and noise from the OS's randomness unless a seed is given (tests): a seed the
+    # server could know (round, user) would let it rebuild the batches and the sampling
+    # credit would not hold against it.
+    noise_seed = secrets.randbits(63) if seed is None else seed
     optimizer = DPOptimizer(
         torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=max(1, round(sample_rate * len(samples))),
         loss_reduction="sum",
+        generator=torch.Generator(device=params[0].device).manual_seed(noise_seed),
     )
     device = params[0].device
-    rng = random.Random(seed)  # Poisson sampling of the batch
+    # Poisson sampling of the batch
+    rng: random.Random = random.SystemRandom() if seed is None else random.Random(seed)
     losses: list[float] = []
     gsm.train()
     try:

@@ -27,7 +27,7 @@ from common.dp.policy import client_noise_std, min_updates
 from common.lora import build_skeleton, export_adapter, init_lora_tensors, lora_shapes
 from common.model import load_model_config, model_dir
 from common.personalization import GLOBAL_ADAPTER, strategy_for
-from common.secagg import derive_secagg_params
+from common.secagg import NOISE_TAIL_SIGMAS, derive_secagg_params
 from common.serialization import from_arrayrecord, to_arrayrecord
 from server import checkpoint
 from server.accountant import FederationAccountant
@@ -39,8 +39,33 @@ from server.strategy import PersonaFedAvg
 app = ServerApp()
 
 
-def privacy_report(cfg: RunConfig, *, m_min: int, sample_rate: float, acc) -> dict:  # type: ignore[no-untyped-def]
-    """What the printed ε means and what it assumes."""
+def secagg_clip_probability(*, updates: int, num_params: int) -> float:
+    """Union bound on the chance that SecAgg+ clips any coordinate of any of ``updates``
+    noised updates of ``num_params`` entries in one round.
+
+    An entry of a clipped update lies in [-C, C]; SecAgg+ quantizes within C + 7·std of noise
+    (:data:`common.secagg.NOISE_TAIL_SIGMAS`), so an entry is clipped only where its noise
+    passes 7 standard deviations (probability erfc(7/√2) ≈ 2.6e-12). A clipped entry changes
+    the released sum's distribution, so this probability belongs in δ.
+    """
+    return min(1.0, updates * num_params * math.erfc(NOISE_TAIL_SIGMAS / math.sqrt(2)))
+
+
+def privacy_report(  # type: ignore[no-untyped-def]
+    cfg: RunConfig,
+    *,
+    m_min: int,
+    sample_rate: float,
+    acc,
+    num_params: int = 0,
+    round_updates: tuple[int, ...] = (),
+) -> dict:
+    """What the printed ε means and what it assumes.
+
+    ``num_params`` (entries of the shared update) and ``round_updates`` (updates in each
+    released round) size the effective δ under SecAgg+ clipping
+    (:func:`secagg_clip_probability`).
+    """
     dp = cfg.dp
     if not dp.adds_noise:
         user = {
@@ -74,8 +99,37 @@ def privacy_report(cfg: RunConfig, *, m_min: int, sample_rate: float, acc) -> di
                 else f"a fixed-size uniform sample of q={sample_rate:.3g} of the devices, "
                 "accounted as if Poisson (an approximation)"
             )
-            + "; devices do not credit the sampling unless privacy.verifiable-sampling",
+            + "; a device credits the sampling only where it drew its own participation "
+            "coin or its owner trusts the server's claim (device privacy policy), else it "
+            "charges each round it joins at q = 1",
         }
+        clipped = (
+            sum(secagg_clip_probability(updates=u, num_params=num_params) for u in round_updates)
+            if dp.noise_mode == "distributed" and cfg.secagg.enabled
+            else 0.0
+        )
+        user.update(
+            {
+                "neighbouring": "add or remove one user's entire data (user-level); replacing "
+                "one user's data with another's doubles the sensitivity (2C): its ε is that of "
+                "σ/2",
+                "trust": (
+                    "honest-but-curious server that runs SecAgg+ as published; no collusion of "
+                    "the server with as many of a round's devices as the SecAgg+ "
+                    "reconstruction threshold; at least m_min honest devices in each released "
+                    "round, each adding its share of the noise"
+                    if dp.noise_mode == "distributed"
+                    else "a trusted server that adds the noise to the unmasked sum; devices "
+                    "cannot verify it and decline unless their owner trusts server noise"
+                ),
+                "effective_delta": cfg.privacy.delta + clipped,
+                "effective_delta_note": "δ plus the chance that SecAgg+ clipped any noised "
+                "coordinate in a released round (union bound over devices and entries: "
+                f"{clipped:.2g})"
+                if clipped
+                else "δ: no SecAgg+ quantization clips the noised updates",
+            }
+        )
     return {
         "user_level": user,
         "record_level": {
@@ -319,7 +373,16 @@ def main(grid: Grid, context: Context) -> None:
         rounds=recorder.rounds,
         clients=recorder.clients,
         users=users,
-        privacy=privacy_report(cfg, m_min=m_min, sample_rate=sample_rate, acc=acc),
+        privacy=privacy_report(
+            cfg,
+            m_min=m_min,
+            sample_rate=sample_rate,
+            acc=acc,
+            num_params=int(sum(np.size(a) for a in current.values())),
+            round_updates=tuple(
+                int(r.get("updates", 0)) for r in recorder.rounds if r.get("released")
+            ),
+        ),
         ab_test=ab.summarize(recorder.ab_rounds, secure=cfg.secagg.enabled)
         if recorder.ab_rounds
         else None,

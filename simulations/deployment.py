@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,10 @@ def device_key(data_dir: Path) -> Path:
     if not key.exists():
         create_key_file(key)
     return key
+
+
+# What the test devices' owners accept beyond the defaults: a federation of 2 or 3 devices.
+TEST_POLICY = ("--min-cohort", "2")
 
 
 def tiny_run_config(out: Path, name: str, **overrides: Any) -> dict[str, Any]:
@@ -181,6 +186,7 @@ class LocalDeployment:
         key: Path | None = None,
         worker: bool = False,
         label: bool = True,
+        policy: Sequence[str] = TEST_POLICY,
     ) -> Path:
         """A device: SuperNode ``supernode<i>`` with its store in ``<root>/device<i>``, plus its
         ClientApp executor ``clientapp<i>`` (``isolation="process"``) and its device worker
@@ -188,11 +194,11 @@ class LocalDeployment:
         writing is imported first (:meth:`import_writing`). ``label`` puts ``partition-id`` in
         the node config, for the server's summary rows (a real device has none). ``name``
         replaces ``supernode<i>`` and ``device<i>`` and skips the import (an intruder's).
-        Returns the store."""
+        ``policy``: the owner's ``fedpersona device privacy set`` options. Returns the store."""
         if name is None:
             name, data_dir = f"supernode{partition}", self.root / f"device{partition}"
             worker_name, executor_name = f"worker{partition}", f"clientapp{partition}"
-            self.import_writing(data_dir, partition, partitions)
+            self.import_writing(data_dir, partition, partitions, policy=policy)
         else:
             data_dir, worker_name, executor_name = self.root / name, f"{name}-worker", f"{name}-app"
         node_config = f'data-dir="{data_dir}" key-file="{device_key(data_dir)}"'
@@ -226,11 +232,19 @@ class LocalDeployment:
             )  # fmt: skip
         return data_dir
 
-    def import_writing(self, data_dir: Path, partition: int, partitions: int) -> Path:
+    def import_writing(
+        self,
+        data_dir: Path,
+        partition: int,
+        partitions: int,
+        *,
+        policy: Sequence[str] = TEST_POLICY,
+    ) -> Path:
         """What a device's owner does first: ``fedpersona device init``, then ``fedpersona
         device import`` of their writing — here the turns of the Shakespeare role ``partition``
-        picks (default data settings), as a chat JSONL file, removed once imported. Skipped if
-        the store exists already (a restarted device)."""
+        picks (default data settings), as a chat JSONL file, removed once imported — and
+        ``fedpersona device privacy set`` with ``policy``. Skipped if the store exists already
+        (a restarted device)."""
         from client.device import simulated_user
         from client.store import LocalStore
         from common.config import parse_run_config
@@ -255,7 +269,12 @@ class LocalDeployment:
         )
         unlock = ["--data-dir", str(data_dir), "--key-file", str(device_key(data_dir))]
         try:
-            for args in (["init", "--model", "tiny"], ["import", str(writing)]):
+            steps = (
+                ["init", "--model", "tiny"],
+                ["import", str(writing)],
+                ["privacy", "set", *policy],
+            )
+            for args in steps:
                 done = subprocess.run(
                     [str(BIN / "fedpersona"), "device", *args, *unlock],
                     env=self.env,

@@ -93,13 +93,18 @@ def make_message(arrays: ArrayRecord, message_type: str, server_round: int = 1) 
 
 
 def device_node_config(
-    data_dir: Path, partition_id: int, num_partitions: int, *, fill: bool = True
+    data_dir: Path,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    fill: bool = True,
+    policy: Any = "test",
 ) -> dict[str, Any]:
     """Node config of a device whose encrypted store lives in ``data_dir``; with ``fill``, the
     store (created if needed) holds the Shakespeare role ``partition_id`` picks under the tiny
     run config, stored through the import path, unless it already holds examples."""
     if fill:
-        fill_store_with_role(data_dir, partition_id, num_partitions)
+        fill_store_with_role(data_dir, partition_id, num_partitions, policy=policy)
     return {
         "partition-id": partition_id,
         "num-partitions": num_partitions,
@@ -108,15 +113,36 @@ def device_node_config(
     }
 
 
-def fill_store_with_role(data_dir: Path, partition_id: int, num_partitions: int) -> int:
+def fill_store_with_role(
+    data_dir: Path, partition_id: int, num_partitions: int, *, policy: Any = "test"
+) -> int:
     """Put a role's turns into the store in ``data_dir`` as a user's examples; return how
-    many were added (0 if it already held examples)."""
+    many were added (0 if it already held examples). A store without a privacy policy gets
+    ``policy`` (default :func:`permissive_policy`; ``None``: none, the device's defaults apply)."""
     from client.device import simulated_user
     from client.ingest import replay_role
+    from client.policy import DevicePolicy
 
     user = simulated_user(parse_run_config(tiny_run_config()), partition_id, num_partitions)
     with open_test_store(data_dir) as store:
+        if policy is not None and DevicePolicy.load(store) is None:
+            (permissive_policy() if policy == "test" else policy).save(store)
         return replay_role(store, user)
+
+
+def permissive_policy(**changes: Any) -> Any:
+    """The privacy policy of the in-process tests' devices: their owners accept the tiny
+    federation of 4 the tests run, Flower's Message API without SecAgg+, server-added noise and
+    rounds with no noise (tests/test_policy.py checks the defaults)."""
+    from client.policy import DevicePolicy
+
+    accepts = {
+        "min_cohort": 1,
+        "require_secagg": False,
+        "min_noise_multiplier": 0.0,
+        "trust_server_noise": True,
+    }
+    return DevicePolicy(**{**accepts, **changes})
 
 
 def open_test_store(data_dir: Path) -> LocalStore:

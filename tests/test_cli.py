@@ -152,6 +152,9 @@ def test_clientapp_and_assistant_share_one_store_with_no_plaintext_at_rest(tmp_p
     d = tmp_path / "dev"
     key = tmp_path / "dev.key"
     run("init", "--data-dir", str(d), "--model", "tiny", "--key-file", str(key), "--new-key-file")
+    # This round comes without SecAgg+ from a federation of 4: its owner accepts that.
+    policy = ["--min-cohort", "1", "--no-require-secagg", "--min-noise-multiplier", "0"]
+    run("privacy", "set", "--data-dir", str(d), "--key-file", str(key), *policy)
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
     rt = get_runtime(cfg)
@@ -222,3 +225,24 @@ def _assert_no_plaintext(root) -> None:
         data = path.read_bytes()
         found = [n for n in needles if n in data]
         assert not found, f"{path.name} holds plaintext {found[:3]}"
+
+
+def test_privacy_show_and_set_through_the_cli(tmp_path, run) -> None:
+    d, key = tmp_path / "dev", tmp_path / "dev.key"
+    run("init", "--data-dir", str(d), "--model", "tiny", "--key-file", str(key), "--new-key-file")
+    unlock = ["--data-dir", str(d), "--key-file", str(key)]
+
+    from client.policy import DevicePolicy
+
+    shown = json.loads(run("privacy", "show", *unlock).output)
+    assert shown == {
+        k.replace("_", "-"): v for k, v in DevicePolicy().to_dict().items() if k != "version"
+    }
+    changed = json.loads(
+        run("privacy", "set", *unlock, "--min-cohort", "20", "--epsilon-cap", "2").output
+    )
+    assert changed["min-cohort"] == 20 and changed["epsilon-cap"] == 2.0
+    assert json.loads(run("privacy", "show", *unlock).output) == changed
+    refused = run("privacy", "set", *unlock, "--delta", "2", ok=False)
+    assert refused.exit_code == 1 and "delta" in refused.output
+    assert json.loads(run("privacy", "show", *unlock).output) == changed

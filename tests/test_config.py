@@ -47,6 +47,13 @@ def test_invalid_values_name_the_key(key: str, value: object) -> None:
         parse_run_config(raw)
 
 
+def test_distributed_noise_without_secagg_is_refused() -> None:
+    raw = default_run_config() | {"secagg.enabled": False}
+    with pytest.raises(ValueError, match="dp.noise-mode.*secagg.enabled"):
+        parse_run_config(raw)
+    parse_run_config(raw | {"dp.noise-mode": "central"})
+
+
 def test_unknown_key_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown run config key `model.lora-rank`"):
         parse_run_config({"model.lora-rank": 8})

@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 
 from client.assistant import Assistant
+from client.client_app import DeviceError
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
 from client.device import Device, get_runtime, shared_shapes
@@ -26,6 +27,7 @@ from tests.conftest import (
     make_context,
     make_message,
     open_test_store,
+    permissive_policy,
     tiny_run_config,
 )
 
@@ -150,6 +152,8 @@ def test_a_real_device_needs_no_partition_id_and_an_empty_store_declines(tmp_pat
     cfg = parse_run_config(raw)
     node = device_node_config(tmp_path / "dev", 0, 4, fill=False)
     node = {k: node[k] for k in ("data-dir", "key-file")}
+    with open_test_store(tmp_path / "dev") as store:
+        permissive_policy().save(store)  # its owner accepts the tests' small federation
     msg = make_message(to_arrayrecord(_global_init(cfg)), "train")
 
     # Execute: an empty store, then the same store after the user imported their writing.
@@ -167,12 +171,13 @@ def test_a_real_device_needs_no_partition_id_and_an_empty_store_declines(tmp_pat
     assert {e["round"] for e in ledger["events"]} == {1}
 
 
-def test_a_node_without_a_store_or_a_partition_is_a_clear_error(tmp_path) -> None:
+def test_a_node_without_a_store_or_a_partition_is_a_clear_error(tmp_path, caplog) -> None:
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
     ctx = make_context(raw, {"key-file": str(tmp_path / "k")})
-    with pytest.raises(ValueError, match="data-dir"):
+    with pytest.raises(DeviceError) as err:
         client_train(make_message(to_arrayrecord(_global_init(cfg)), "train"), ctx)
+    assert "data-dir" in caplog.text and str(tmp_path) not in str(err.value)
 
 
 def _update_with(tmp_path, name: str, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -180,7 +185,7 @@ def _update_with(tmp_path, name: str, pairs: list[tuple[str, str]]) -> dict[str,
     cfg = parse_run_config(tiny_run_config(**{"dp.noise-mode": "none", "data.min-examples": 1}))
     with open_test_store(tmp_path / name) as store:
         store.add_examples(pairs, source="import:text", ts=1_000.0)
-        device = Device(cfg, store=store, num_partitions=4)
+        device = Device(cfg, store=store, num_partitions=4, policy=permissive_policy())
         return device.train(_global_init(cfg), server_round=1).update
 
 
@@ -207,13 +212,14 @@ def test_a_device_trains_on_its_stores_examples_and_never_on_its_held_out_slice(
     assert same(base, held_out_changed)
 
 
-def test_wrong_shapes_from_the_server_are_rejected(tmp_path) -> None:
+def test_wrong_shapes_from_the_server_are_rejected(tmp_path, caplog) -> None:
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
     bad = {n: torch.zeros(t.shape[0] + 1, t.shape[1]) for n, t in _global_init(cfg).items()}
     ctx = make_context(raw, device_node_config(tmp_path / "dev", 0, 4))
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(DeviceError, match="rejected-message"):
         client_train(make_message(to_arrayrecord(bad), "train"), ctx)
+    assert "shape mismatch" in caplog.text
     with open_test_store(tmp_path / "dev") as store:
         assert store.get_blob("personal") is None and store.get_json("ledger") is None
 
@@ -337,6 +343,7 @@ def _chat_then_round(data_dir, endorsed: list[tuple[str, str]], **run: object):
     cfg = parse_run_config(raw)
     with open_test_store(data_dir) as store:
         init_device(store, model="tiny", strategy=str(run.get("personalization.strategy", "fedsa")))
+        permissive_policy().save(store)  # its owner accepts the tests' small federation
         assistant = Assistant(store, feedback_lr=0.2)
         for i, (request, reply) in enumerate(endorsed):
             answer = assistant.ask(request, n=1, max_new_tokens=4, seed=i)

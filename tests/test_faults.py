@@ -23,6 +23,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 
+from client.client_app import DeviceError
 from client.client_app import app as fedpersona_app
 from client.client_app import train as client_train
 from client.device import get_runtime
@@ -108,16 +109,17 @@ def test_device_rejects_malformed_server_message_and_keeps_its_state(tmp_path, k
     assert before["personal"] is not None and len(before["ledger"]["events"]) == 1
 
     # Execute
-    with pytest.raises(ValueError, match="rejecting the server's fitins message") as err:
+    with pytest.raises(DeviceError, match="rejected-message") as err:
         client_train(_bad_message(kind, initial_shared(cfg)), ctx)
 
-    # Assert
-    assert BAD_SERVER_MESSAGES[kind] in str(err.value)
-    assert any("rejecting the server's" in r.getMessage() for r in caplog.records)
+    # Assert: the server gets a code; the reason stays in the device's log.
+    assert str(err.value) == "device error: rejected-message (the reason is in the device's log)"
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("rejecting the server's" in m and BAD_SERVER_MESSAGES[kind] in m for m in logged)
     assert stored_device_state(tmp_path / "dev") == before
 
 
-def test_device_rejects_integer_arrays_on_the_secagg_path(tmp_path) -> None:
+def test_device_rejects_integer_arrays_on_the_secagg_path(tmp_path, caplog) -> None:
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
     rt = get_runtime(cfg)
@@ -128,8 +130,9 @@ def test_device_rejects_integer_arrays_on_the_secagg_path(tmp_path) -> None:
         FitIns(ndarrays_to_parameters(arrays), {"server-round": 1}), keep_input=True
     )
     ctx = make_context(raw, device_node_config(tmp_path / "dev", 0, 4))
-    with pytest.raises(ValueError, match="expected floating point"):
+    with pytest.raises(DeviceError, match="rejected-message"):
         client_train(_with_content(content), ctx)
+    assert "expected floating point" in caplog.text
     assert stored_device_state(tmp_path / "dev")["ledger"] is None
 
 

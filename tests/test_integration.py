@@ -13,6 +13,7 @@ import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -23,6 +24,7 @@ from client.store import LocalStore
 from common.crypto import Secret
 from common.model import load_base_model
 from simulations.deployment import (
+    TEST_POLICY,
     LocalDeployment,
     processes_mentioning,
     tiny_run_config,
@@ -144,14 +146,15 @@ class LocalFederation(LocalDeployment):
     device with its own encrypted store under ``tmp_path/device<i>``; ``flwr run`` drives runs
     against it (federation ``local-test``). Every process is stopped by PID on exit."""
 
-    def __init__(self, tmp_path: Path, n: int) -> None:
+    def __init__(self, tmp_path: Path, n: int, policy: Sequence[str] = TEST_POLICY) -> None:
         super().__init__(tmp_path, federation="local-test")
         self.n = n
+        self.policy = policy
 
     def __enter__(self) -> LocalFederation:
         self.superlink = self.start_superlink()
         for i in range(self.n):
-            self.start_device(i, self.n)
+            self.start_device(i, self.n, policy=self.policy)
         return self
 
     def run_config(self, name: str, **extra: object) -> Path:
@@ -204,7 +207,9 @@ def test_deployment_server_app_killed_after_round_1_resumes_with_the_same_epsilo
     from server.accountant import FederationAccountant
 
     n_rounds = 3
-    with LocalFederation(tmp_path, 2) as fed:
+    # The devices' owners accept central noise (added by the server) and a larger cap.
+    policy = (*TEST_POLICY, "--trust-server-noise", "--epsilon-cap", "100")
+    with LocalFederation(tmp_path, 2, policy) as fed:
         config = fed.run_config(
             "resume",
             **{

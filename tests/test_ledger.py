@@ -98,10 +98,19 @@ def test_saved_epsilon_is_the_accountants_and_v1_ledgers_still_load(tmp_path) ->
     loaded = PrivacyLedger(policy)
     loaded.load_state_dict(state)
     v1 = PrivacyLedger(policy)
-    v1.load_state_dict({**{k: v for k, v in state.items() if k != "epsilon"}, "version": 1})
+    old_events = [{k: v for k, v in e.items() if k != "run"} for e in state["events"]]
+    v1.load_state_dict(
+        {
+            **{k: v for k, v in state.items() if k != "epsilon"},
+            "version": 1,
+            "events": old_events,
+        }
+    )
 
-    # Assert: the stored ε is Opacus' for exactly these events, and a v1 ledger recomputes it.
-    assert state["version"] == 2
+    # Assert: the stored ε is Opacus' for exactly these events, and a v1 ledger (events
+    # without their run) recomputes it.
+    assert state["version"] == 3
+    assert {e["run"] for e in v1.events} == {""}
     assert state["epsilon"]["user"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
     assert loaded.summary() == ledger.summary()
     assert v1.epsilon("user") == pytest.approx(state["epsilon"]["user"], rel=1e-12)

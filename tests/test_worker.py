@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from client import worker
+from client.client_app import DeviceError
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
 from common.config import parse_run_config
@@ -118,7 +120,9 @@ def test_worker_answers_like_the_clientapp_process(tmp_path, running_worker) -> 
     assert proc.poll() is None
 
 
-def test_worker_rejects_a_bad_message_keeps_the_store_and_serves_on(tmp_path, running_worker):
+def test_worker_rejects_a_bad_message_keeps_the_store_and_serves_on(
+    tmp_path, running_worker, caplog
+):
     # Prepare
     sock, proc = running_worker
     raw = tiny_run_config()
@@ -132,8 +136,9 @@ def test_worker_rejects_a_bad_message_keeps_the_store_and_serves_on(tmp_path, ru
     bad.content = RecordDict({"arrays": bad.content["arrays"], "config": ConfigRecord({})})
 
     # Execute
-    with pytest.raises(ValueError, match="rejecting the server's fitins message.*server-round"):
+    with pytest.raises(DeviceError, match="rejected-message"):
         client_train(bad, ctx)
+    assert re.search("rejecting the server's fitins message.*server-round", caplog.text)
 
     # Assert: nothing stored, and the worker answers the next (good) message.
     assert stored_device_state(tmp_path / "dev") == before

@@ -15,9 +15,7 @@ def min_updates(cfg: RunConfig, num_nodes: int) -> int:
 
     ``dp.min-clients`` when set, else every client the server samples per round.
     """
-    if cfg.dp.min_clients > 0:
-        return cfg.dp.min_clients
-    return max(2, int(num_nodes * cfg.fraction_train))
+    return cfg.m_min(num_nodes)
 
 
 def client_noise_std(cfg: RunConfig, num_nodes: int) -> float:
@@ -29,11 +27,6 @@ def client_noise_std(cfg: RunConfig, num_nodes: int) -> float:
         clip_norm=cfg.dp.clip_norm,
         min_clients=min_updates(cfg, num_nodes),
     )
-
-
-def user_level_sample_rate(cfg: RunConfig) -> float:
-    """Sampling rate a *device* may credit: 1 unless sampling is verifiable (config)."""
-    return cfg.fraction_train if cfg.privacy.verifiable_sampling else 1.0
 
 
 def uniform_weights(cfg: RunConfig) -> bool:

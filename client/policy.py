@@ -1,0 +1,212 @@
+"""The device's own privacy policy: what this device accepts from a federation's server.
+
+A run config comes from the server. Every privacy-relevant number in it — the noise, the
+cohort a device's noise share is sized by, whether SecAgg+ masks the update, who draws the
+sample — is the server's *claim*; the ledger's caps are the device owner's decision. The policy
+is kept in the device's encrypted store, set by its owner (``fedpersona device privacy
+set …``), and every round's instructions are checked against it before anything is trained:
+a round asking for less is declined with the reason, nothing charged, nothing sent but the
+decline.
+
+* ``epsilon_cap`` / ``delta`` / ``accountant`` / ``period_*``: the ledger's caps. The server's
+  ``privacy.*`` keys are ignored on a device that has a policy.
+* ``min_noise_multiplier``: the least σ a round may carry; a round with no noise (ε = ∞) is
+  refused unless this is 0.
+* ``min_cohort``: the least m_min (updates the server must aggregate before releasing a sum)
+  a round may claim; each device's share of distributed noise is σC/√m_min.
+* ``require_secagg``: distributed noise only under SecAgg+ masking (unmasked, the server sees
+  each update with σ/√m_min of noise, not σ).
+* ``trust_server_noise``: accept ``central`` noise, which the server adds to the unmasked sum
+  and the device cannot verify.
+* ``trust_server_sampling``: credit the server's claimed sampling rate (privacy amplification).
+  Without it a round the device joins costs one Gaussian mechanism at sampling rate 1 — unless
+  the device drew its own participation coin (a simulated user hosted on a node does).
+
+Whatever the policy, a device never accepts server-set work beyond :data:`KNOB_LIMITS`.
+
+A simulated device's owner is whoever runs the simulation: its policy is the simulation's run
+config (:meth:`DevicePolicy.from_run_config`), fixed when its store is created.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from client.store import LocalStore, StoreCorrupted
+from common.config import ACCOUNTANTS, RunConfig
+
+POLICY_BLOB = "privacy_policy"
+POLICY_VERSION = 1
+
+# Upper bounds on work a server can ask of a device (each a run-config key and its attribute
+# path): a server must not exhaust a device's CPU, memory or disk. Run-config parsing bounds
+# the others (data.max-seq-len <= 4096, model.lora-r <= 256, ab.interactions <= 64).
+KNOB_LIMITS: dict[str, tuple[str, int]] = {
+    "train.local-steps": ("train.local_steps", 1_000),
+    "train.batch-size": ("train.batch_size", 256),
+    "data.max-test-samples": ("data.max_test_samples", 1_024),
+    "audit.canaries": ("audit.canaries", 64),
+    "audit.canary-repeats": ("audit.canary_repeats", 100),
+}
+
+
+class PolicyRefused(RuntimeError):
+    """The round's instructions ask for less privacy (or more work) than the device accepts."""
+
+
+def _get(cfg: RunConfig, path: str) -> Any:
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """What a device accepts; see the module docstring for each field."""
+
+    epsilon_cap: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    period_days: float = 0.0
+    period_epsilon_cap: float = 0.0
+    min_noise_multiplier: float = 1.0
+    min_cohort: int = 8
+    require_secagg: bool = True
+    trust_server_noise: bool = False
+    trust_server_sampling: bool = False
+
+    def __post_init__(self) -> None:
+        def real(value: Any) -> bool:
+            return type(value) in (int, float) and math.isfinite(value)
+
+        checks = [
+            (real(self.epsilon_cap) and self.epsilon_cap > 0, "epsilon-cap", "a number > 0"),
+            (real(self.delta) and 0 < self.delta < 1, "delta", "in (0, 1)"),
+            (self.accountant in ACCOUNTANTS, "accountant", f"one of {', '.join(ACCOUNTANTS)}"),
+            (real(self.period_days) and self.period_days >= 0, "period-days", ">= 0"),
+            (
+                real(self.period_epsilon_cap) and self.period_epsilon_cap >= 0,
+                "period-epsilon-cap",
+                ">= 0",
+            ),
+            (
+                real(self.min_noise_multiplier) and self.min_noise_multiplier >= 0,
+                "min-noise-multiplier",
+                ">= 0",
+            ),
+            (type(self.min_cohort) is int and self.min_cohort >= 1, "min-cohort", ">= 1"),
+        ]
+        for name in ("require_secagg", "trust_server_noise", "trust_server_sampling"):
+            checks.append((type(getattr(self, name)) is bool, name.replace("_", "-"), "a bool"))
+        for ok, key, what in checks:
+            if not ok:
+                raise ValueError(f"device privacy policy: {key} must be {what}")
+
+    # -- where it comes from -------------------------------------------------------------
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig) -> DevicePolicy:
+        """A simulated device's policy: exactly what the simulation's own config asks."""
+        p, dp = cfg.privacy, cfg.dp
+        return cls(
+            epsilon_cap=p.epsilon_cap,
+            delta=p.delta,
+            accountant=p.accountant,
+            period_days=p.period_days,
+            period_epsilon_cap=p.period_epsilon_cap,
+            min_noise_multiplier=dp.noise_multiplier if dp.adds_noise else 0.0,
+            min_cohort=1,
+            require_secagg=dp.noise_mode == "distributed" and cfg.secagg.enabled,
+            trust_server_noise=dp.noise_mode == "central",
+            trust_server_sampling=p.verifiable_sampling,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (with a version)."""
+        return {"version": POLICY_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, state: Any) -> DevicePolicy:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: Wrong version, missing or unknown keys, or an invalid value.
+        """
+        names = {f.name for f in fields(cls)}
+        if not isinstance(state, dict) or state.get("version") != POLICY_VERSION:
+            raise ValueError(f"device privacy policy must be version {POLICY_VERSION}")
+        if set(state) != names | {"version"}:
+            raise ValueError(f"device privacy policy must have exactly the keys {sorted(names)}")
+        return cls(**{k: v for k, v in state.items() if k != "version"})
+
+    @classmethod
+    def load(cls, store: LocalStore) -> DevicePolicy | None:
+        """The policy kept in ``store``, or ``None`` if it has none.
+
+        Raises:
+            ValueError: If the stored policy is corrupted (the device then refuses to run).
+        """
+        try:
+            state = store.get_json(POLICY_BLOB)
+        except StoreCorrupted as err:
+            raise ValueError(f"corrupted device privacy policy: {err}; restore the store") from err
+        return None if state is None else cls.from_dict(state)
+
+    def save(self, store: LocalStore) -> None:
+        """Keep the policy in ``store`` (one transaction)."""
+        store.put_json(POLICY_BLOB, self.to_dict())
+
+    def with_changes(self, **changes: Any) -> DevicePolicy:
+        """A copy with ``changes`` (validated)."""
+        return replace(self, **changes)
+
+    # -- what it decides -----------------------------------------------------------------
+
+    def refusal(self, cfg: RunConfig, *, num_partitions: int, masked: bool) -> str | None:
+        """Why this device declines a round run under ``cfg``, or ``None`` if it accepts.
+
+        Args:
+            cfg: The run config the server sent.
+            num_partitions: The federation size the device sizes its noise share by.
+            masked: The update will leave under SecAgg+ masking.
+        """
+        for key, (path, limit) in KNOB_LIMITS.items():
+            value = _get(cfg, path)
+            if value > limit:
+                return f"{key} = {value} is above this device's limit {limit}"
+        dp = cfg.dp
+        sigma = dp.noise_multiplier if dp.adds_noise else 0.0
+        if sigma < self.min_noise_multiplier:
+            what = "no noise (ε = ∞)" if sigma == 0 else f"noise multiplier σ = {sigma:g}"
+            return (
+                f"the round asks for {what}; this device's policy requires σ >= "
+                f"{self.min_noise_multiplier:g}"
+            )
+        if sigma > 0 and dp.noise_mode == "central" and not self.trust_server_noise:
+            return (
+                "the round asks for central noise, which the server adds and this device cannot "
+                "verify; its policy does not trust server-added noise"
+            )
+        if sigma > 0 and dp.noise_mode == "distributed":
+            if self.require_secagg and not masked:
+                return (
+                    "the round asks for distributed noise without SecAgg+ masking: the server "
+                    "would see this device's update with only its share of the noise"
+                )
+            m_min = cfg.m_min(num_partitions)
+            if m_min < self.min_cohort:
+                return (
+                    f"the round sizes each device's noise share for a cohort of {m_min} "
+                    f"(m_min); this device's policy requires at least {self.min_cohort}"
+                )
+        return None
+
+    def sample_rate(self, cfg: RunConfig, *, self_sampled: bool) -> float:
+        """The sampling rate this device credits for a round it joins: the server's
+        ``fraction-train`` only where the device drew its own participation coin at that rate,
+        or its owner trusts the server's sampling claim; else 1 (no amplification)."""
+        trusted = self.trust_server_sampling and cfg.privacy.verifiable_sampling
+        return cfg.fraction_train if (self_sampled or trusted) else 1.0

@@ -532,7 +532,7 @@ class Assistant:
 
     def budget(self) -> dict[str, Any]:
         """The device's privacy ledger (:func:`client.status.budget`)."""
-        return device_status.budget(self.store, self.cfg)
+        return device_status.budget(self.store)
 
     def status(self) -> dict[str, Any]:
         """Profile, history, adapter, answering model, privacy, retention

@@ -27,23 +27,35 @@ from client import worker
 def secagg_when_requested(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
     """Run Flower's ``secaggplus_mod`` for SecAgg+ messages; pass others straight through.
 
-    Before a real device masks its update it checks the cohort it would be summed with
-    (:func:`client.gate.cohort_refusal`); too small, it refuses — the server gets a code.
+    A real device that will not contribute leaves the round at setup
+    (:func:`client.gate.setup_refusal`), and before it masks its update it checks the cohort
+    it would be summed with (:func:`client.gate.cohort_refusal`); the server gets a code.
     """
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    if msg.metadata.message_type == MessageType.TRAIN and (
-        configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
-    ):
+    stage = configs.get(Key.STAGE) if msg.metadata.message_type == MessageType.TRAIN else None
+    if stage in (Stage.SETUP, Stage.COLLECT_MASKED_VECTORS):
         try:
-            refused = _cohort_refusal(msg, ctxt, configs)
+            if stage == Stage.SETUP:
+                refused = _setup_refusal(ctxt)
+            else:
+                refused = _cohort_refusal(msg, ctxt, configs)
         except Exception as err:
-            logger.error("the cohort check failed on this device: %s: %s", type(err).__name__, err)
+            logger.error("the SecAgg+ check failed on this device: %s: %s", type(err).__name__, err)
             raise DeviceError(_code(err)) from None
         if refused:
-            raise DeviceError("cohort-too-small")
+            raise DeviceError("declined" if stage == Stage.SETUP else "cohort-too-small")
     return secaggplus_mod(msg, ctxt, call_next)
+
+
+def _setup_refusal(ctxt: Context) -> str | None:
+    from client.gate import setup_refusal
+    from common.config import parse_run_config
+
+    return setup_refusal(
+        parse_run_config(dict(ctxt.run_config)), ctxt.node_config, run=str(ctxt.run_id)
+    )
 
 
 def _cohort_refusal(msg: Message, ctxt: Context, configs) -> str | None:  # type: ignore[no-untyped-def]

@@ -390,29 +390,16 @@ class Device:
     def planned_charges(
         self, server_round: int, *, run: str = "", self_sampled: bool = False
     ) -> tuple[tuple[float, float, int] | None, tuple[float, float, int] | None]:
-        """``(record, user)`` charges of round ``server_round`` of run ``run``, each
-        ``(σ, q, steps)`` or ``None``.
-
-        User level: a round this device joins costs one Gaussian mechanism at q = 1 (rounds
-        it sits out cost nothing) unless its policy credits the sampling
-        (:meth:`DevicePolicy.sample_rate`: the device drew its own coin, or its owner trusts
-        the server's claim). With the credit every round of the run counts at rate q, so
-        joining round t charges the rounds of this run since its last charge in it (all t
-        in a new run) — the same history the server's accountant holds.
-        """
-        dp = self.cfg.dp
-        record = None
-        if dp.local_enabled:
-            q = min(1.0, self.cfg.train.batch_size / len(self.train_set))
-            record = (dp.local_noise_multiplier, q, self.cfg.train.local_steps)
-        user = None
-        if dp.adds_noise:
-            q = self.policy.sample_rate(self.cfg, self_sampled=self_sampled)
-            steps = 1
-            if q < 1.0:
-                steps = max(1, server_round - self.ledger.last_round(run))
-            user = (dp.noise_multiplier, q, steps)
-        return record, user
+        """``(record, user)`` charges of round ``server_round`` of run ``run``
+        (:meth:`DevicePolicy.planned_charges`)."""
+        return self.policy.planned_charges(
+            self.cfg,
+            self.ledger,
+            num_train=len(self.train_set),
+            server_round=server_round,
+            run=run,
+            self_sampled=self_sampled,
+        )
 
     def ab_counts(
         self,

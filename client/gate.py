@@ -1,4 +1,10 @@
-"""The device's look at a SecAgg+ round's cohort before it hands over a masked vector.
+"""The device's checks of a SecAgg+ round before it joins the cohort and before it masks.
+
+**At setup** a real device decides whether it will contribute (its privacy policy, its
+training examples, its ledger — :func:`setup_refusal`); if not, it leaves the round there,
+before any key is shared. A device that stayed in and then sent a zero update would stay in
+everyone's cohort while adding no noise: with 7 of 8 declining, the server would unmask the
+lone contributor's update with an eighth of the promised noise.
 
 Each device adds N(0, (σC)²/m_min) to its update, so the released sum carries the promised
 (σC)² of noise only if at least m_min devices mask a vector into it. When the masked vectors
@@ -53,6 +59,47 @@ def open_real_store(node_config: Mapping[str, Any]) -> LocalStore:
     secret = resolve_secret(key_file=None if key_file is None else str(key_file))
     retention = float(node_config.get("retention-days", DEFAULT_RETENTION_DAYS))
     return LocalStore.open(root, secret, retention_days=retention, create=True)
+
+
+def setup_refusal(cfg: RunConfig, node_config: Mapping[str, Any], *, run: str) -> str | None:
+    """Why a real device will not contribute to this round (``None``: it joins the cohort).
+    The refusal is kept in its ledger's declined rounds; nothing is charged.
+
+    The ledger check assumes the round costs one step (the round number is not known at
+    setup); the check before training is the exact one. A simulated node (no ``data-dir``)
+    decides when it trains.
+    """
+    if "data-dir" not in node_config:
+        return None
+    from client.examples import device_examples, split
+    from client.ledger import BudgetExhausted
+
+    partitions = node_config.get("num-partitions")
+    n = int(partitions) if partitions is not None else federation_size(cfg)
+    with open_real_store(node_config) as store:
+        policy = DevicePolicy.load(store) or DevicePolicy()
+        ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
+        reason = policy.refusal(cfg, num_partitions=n, masked=True)
+        train, _ = split(device_examples(store), cfg.data.test_fraction)
+        if reason is None and len(train) < cfg.data.min_examples:
+            reason = (
+                f"{len(train)} training examples in the store, fewer than data.min-examples = "
+                f"{cfg.data.min_examples}"
+            )
+        if reason is None:
+            record, user = policy.planned_charges(
+                cfg, ledger, num_train=len(train), server_round=ledger.last_round(run) + 1, run=run
+            )
+            try:
+                ledger.check(record=record, user=user)
+            except BudgetExhausted as err:
+                reason = str(err)
+        if reason is None:
+            return None
+        ledger.note_declined(server_round=0, reason=f"at SecAgg+ setup: {reason}")
+        ledger.save(store)
+    logger.warning("device leaves this round at SecAgg+ setup: %s", reason)
+    return reason
 
 
 def cohort_refusal(

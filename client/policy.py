@@ -34,6 +34,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from client.ledger import PrivacyLedger
 from client.store import LocalStore, StoreCorrupted
 from common.config import ACCOUNTANTS, RunConfig
 
@@ -203,6 +204,39 @@ class DevicePolicy:
                     f"(m_min); this device's policy requires at least {self.min_cohort}"
                 )
         return None
+
+    def planned_charges(
+        self,
+        cfg: RunConfig,
+        ledger: PrivacyLedger,
+        *,
+        num_train: int,
+        server_round: int,
+        run: str = "",
+        self_sampled: bool = False,
+    ) -> tuple[tuple[float, float, int] | None, tuple[float, float, int] | None]:
+        """``(record, user)`` charges of round ``server_round`` of run ``run`` for a device
+        with ``num_train`` training samples, each ``(σ, q, steps)`` or ``None``.
+
+        User level: a round the device joins costs one Gaussian mechanism at q = 1 (rounds it
+        sits out cost nothing) unless the policy credits the sampling (:meth:`sample_rate`).
+        With the credit every round of the run counts at rate q, so joining round t charges
+        the rounds of this run since the device's last charge in it (all t in a new run) —
+        the same history the server's accountant holds.
+        """
+        dp = cfg.dp
+        record = None
+        if dp.local_enabled:
+            q = min(1.0, cfg.train.batch_size / max(num_train, 1))
+            record = (dp.local_noise_multiplier, q, cfg.train.local_steps)
+        user = None
+        if dp.adds_noise:
+            q = self.sample_rate(cfg, self_sampled=self_sampled)
+            steps = 1
+            if q < 1.0:
+                steps = max(1, server_round - ledger.last_round(run))
+            user = (dp.noise_multiplier, q, steps)
+        return record, user
 
     def sample_rate(self, cfg: RunConfig, *, self_sampled: bool) -> float:
         """The sampling rate this device credits for a round it joins: the server's

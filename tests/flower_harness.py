@@ -50,6 +50,8 @@ class InProcessGrid(Grid):
         }
         self.drop = drop or {}
         self.delivered: list[tuple[int, str]] = []
+        # What the server received: (node, stage or message type, reply).
+        self.received: list[tuple[int, str, Message]] = []
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
     # Grid API -----------------------------------------------------------------------
@@ -96,4 +98,5 @@ class InProcessGrid(Grid):
             finally:
                 TaskIdentity.node_id = 0
             replies.append(reply)
+            self.received.append((nid, stage, reply))
         return replies

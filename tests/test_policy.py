@@ -284,7 +284,8 @@ def test_the_privacy_report_states_its_assumptions_and_the_effective_delta() -> 
 @pytest.mark.parametrize("min_cohort", [3, 2])
 def test_devices_refuse_to_mask_into_a_cohort_smaller_than_they_accept(tmp_path, min_cohort):
     # Prepare: three real devices (tiny model) under SecAgg+ with distributed noise sized for
-    # m_min = 2; device 3 is lost during key sharing, so two are left to mask their updates.
+    # m_min = min_cohort (so all join at setup); device 3 is lost during key sharing, so two
+    # are left to mask their updates.
     import numpy as np
     from flwr.app import Context, RecordDict
     from flwr.server import LegacyContext, ServerConfig
@@ -298,7 +299,12 @@ def test_devices_refuse_to_mask_into_a_cohort_smaller_than_they_accept(tmp_path,
     from tests.flower_harness import InProcessGrid
 
     raw = tiny_run_config(
-        **{"data.num-users": 3, "dp.min-clients": 2, "train.local-steps": 1, "dp.clip-norm": 0.01}
+        **{
+            "data.num-users": 3,
+            "dp.min-clients": min_cohort,
+            "train.local-steps": 1,
+            "dp.clip-norm": 0.01,
+        }
     )
     cfg = parse_run_config(raw)
     rt = get_runtime(cfg)
@@ -352,3 +358,83 @@ def test_devices_refuse_to_mask_into_a_cohort_smaller_than_they_accept(tmp_path,
     else:
         assert record["released"] is True and record["updates"] == 2
         assert all(len(ledger["events"]) == 1 for ledger in ledgers.values())
+
+
+def test_seven_of_eight_declining_leave_at_setup_and_no_masked_vector_reaches_the_server(
+    tmp_path,
+) -> None:
+    # Prepare: eight real devices under SecAgg+ with distributed noise sized for m_min = 8;
+    # seven of them require more noise than the round carries and so will not contribute.
+    import numpy as np
+    from flwr.app import Context, RecordDict
+    from flwr.server import LegacyContext, ServerConfig
+
+    from client.client_app import app as fedpersona_app
+    from common import ab
+    from common.secagg import derive_secagg_params
+    from server.recorder import RoundRecorder
+    from server.secagg import SecAggDPStrategy, secagg_workflow
+    from tests.conftest import permissive_policy
+    from tests.flower_harness import InProcessGrid
+
+    raw = tiny_run_config(**{"data.num-users": 8, "train.local-steps": 1, "dp.clip-norm": 0.01})
+    cfg = parse_run_config(raw)
+    rt = get_runtime(cfg)
+    nodes = {
+        nid: device_node_config(
+            tmp_path / f"d{nid}",
+            (nid - 1) % 4,
+            8,
+            policy=permissive_policy(
+                require_secagg=True, min_noise_multiplier=0.0 if nid == 1 else 100.0
+            ),
+        )
+        for nid in range(1, 9)
+    }
+    grid = InProcessGrid(fedpersona_app, nodes, run_config=raw)
+    params = derive_secagg_params(
+        clip_norm=cfg.dp.clip_norm,
+        noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / 8**0.5,
+        num_clients=8,
+        num_params=sum(int(np.prod(rt.shapes[n])) for n in rt.shared_names) + ab.FIELDS,
+        num_shares=1.0,
+        reconstruction_threshold=0.1,
+    )
+    strategy = SecAggDPStrategy(
+        shared_names=rt.shared_names,
+        initial=[rt.init[n].numpy() for n in rt.shared_names],
+        recorder=RoundRecorder(None),
+        min_updates=8,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_nodes=8,
+        ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
+    )
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+    # Execute
+    secagg_workflow(params, timeout=30, evaluate=False)(
+        grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy)
+    )
+
+    # Assert: the seven left at setup (an error code, no text), which halts the round (the one
+    # left would also refuse to mask into a cohort of 1, see the test above); the server
+    # received no masked vector and released nothing; nobody was charged.
+    setup = {nid: reply for nid, stage, reply in grid.received if stage == "setup"}
+    assert all(setup[nid].has_error() for nid in range(2, 9)) and not setup[1].has_error()
+    assert all("device error: declined" in setup[nid].error.reason for nid in range(2, 9))
+    masked = [
+        reply
+        for _, stage, reply in grid.received
+        if stage == "collect_masked_vectors" and not reply.has_error()
+    ]
+    assert masked == []
+    assert strategy.recorder._train.get(1) is None
+    for nid in range(1, 9):
+        with open_test_store(tmp_path / f"d{nid}") as store:
+            ledger = store.get_json("ledger")
+        if nid == 1:
+            assert ledger is None or ledger["events"] == []
+        else:
+            assert ledger["events"] == []
+            assert "at SecAgg+ setup" in ledger["declined"][-1]["reason"]

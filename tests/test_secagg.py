@@ -170,7 +170,8 @@ def test_too_few_updates_discard_the_round() -> None:
 
 def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
     # Prepare: five real fedpersona devices (tiny model); device 4 has spent its budget.
-    raw = tiny_run_config(**{"data.num-users": 5, "train.local-steps": 1})
+    # Noise shares sized for m_min = 4 (with 5, the four left would refuse to mask).
+    raw = tiny_run_config(**{"data.num-users": 5, "train.local-steps": 1, "dp.min-clients": 4})
     cfg = parse_run_config(raw)
     dirs = {nid: tmp_path / f"device{nid}" for nid in range(1, 6)}
     policy = LedgerPolicy(epsilon_cap=cfg.privacy.epsilon_cap, delta=cfg.privacy.delta)
@@ -187,7 +188,7 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
     grid = InProcessGrid(fedpersona_app, node_cfgs, run_config=raw)
     params = derive_secagg_params(
         clip_norm=cfg.dp.clip_norm,
-        noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / 5**0.5,
+        noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / 4**0.5,
         num_clients=5,
         num_params=sum(int(np.prod(s)) for s in shapes) + ab.FIELDS,
         num_shares=1.0,
@@ -210,7 +211,8 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
     # Assert
     record = strategy.recorder._train[1]
     assert record["released"] is True
-    assert record["declined"] == 1 and record["updates"] == 4
+    # Device 4 left at SecAgg+ setup (before any key was shared): not a zero update.
+    assert record["declined"] == 0 and record["updates"] == 4
     ledgers = {}
     for nid, d in dirs.items():
         with open_test_store(d) as store:

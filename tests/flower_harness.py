@@ -100,3 +100,56 @@ class InProcessGrid(Grid):
             replies.append(reply)
             self.received.append((nid, stage, reply))
         return replies
+
+
+def secagg_device_round(
+    raw: dict[str, Any],
+    nodes: dict[int, dict[str, Any]],
+    *,
+    min_updates: int,
+    threshold: float = 0.6,
+    drop: dict[str, set[int]] | None = None,
+) -> tuple[InProcessGrid, Any]:
+    """One SecAgg+ round of fedpersona's real ClientApp on ``nodes`` (run config ``raw``),
+    through Flower's workflow as the ServerApp builds it: quantization derived for all the
+    nodes, noise shares sized by ``dp.min-clients`` (else all of them), and a strategy that
+    releases at least ``min_updates``. Returns the grid (what was delivered and received)
+    and the strategy (its recorder, its current model)."""
+    import numpy as np
+    from flwr.server import LegacyContext, ServerConfig
+
+    from client.client_app import app as fedpersona_app
+    from client.device import get_runtime
+    from common import ab
+    from common.config import parse_run_config
+    from common.secagg import derive_secagg_params
+    from server.recorder import RoundRecorder
+    from server.secagg import SecAggDPStrategy, secagg_workflow
+
+    cfg = parse_run_config(raw)
+    rt = get_runtime(cfg)
+    n = len(nodes)
+    grid = InProcessGrid(fedpersona_app, nodes, run_config=raw, drop=drop)
+    params = derive_secagg_params(
+        clip_norm=cfg.dp.clip_norm,
+        noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / cfg.m_min(n) ** 0.5,
+        num_clients=n,
+        num_params=sum(int(np.prod(rt.shapes[name])) for name in rt.shared_names) + ab.FIELDS,
+        num_shares=1.0,
+        reconstruction_threshold=threshold,
+    )
+    strategy = SecAggDPStrategy(
+        shared_names=rt.shared_names,
+        initial=[rt.init[name].numpy() for name in rt.shared_names],
+        recorder=RoundRecorder(None),
+        min_updates=min_updates,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_nodes=n,
+        ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
+    )
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    secagg_workflow(params, timeout=30, evaluate=False)(
+        grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy)
+    )
+    return grid, strategy

@@ -287,16 +287,9 @@ def test_devices_refuse_to_mask_into_a_cohort_smaller_than_they_accept(tmp_path,
     # m_min = min_cohort (so all join at setup); device 3 is lost during key sharing, so two
     # are left to mask their updates.
     import numpy as np
-    from flwr.app import Context, RecordDict
-    from flwr.server import LegacyContext, ServerConfig
 
-    from client.client_app import app as fedpersona_app
-    from common import ab
-    from common.secagg import derive_secagg_params
-    from server.recorder import RoundRecorder
-    from server.secagg import SecAggDPStrategy, secagg_workflow
     from tests.conftest import permissive_policy
-    from tests.flower_harness import InProcessGrid
+    from tests.flower_harness import secagg_device_round
 
     raw = tiny_run_config(
         **{
@@ -306,38 +299,15 @@ def test_devices_refuse_to_mask_into_a_cohort_smaller_than_they_accept(tmp_path,
             "dp.clip-norm": 0.01,
         }
     )
-    cfg = parse_run_config(raw)
-    rt = get_runtime(cfg)
+    rt = get_runtime(parse_run_config(raw))
     policy = permissive_policy(min_cohort=min_cohort, require_secagg=True)
     nodes = {
         nid: device_node_config(tmp_path / f"d{nid}", nid - 1, 3, policy=policy)
         for nid in (1, 2, 3)
     }
-    grid = InProcessGrid(fedpersona_app, nodes, run_config=raw, drop={"share_keys": {3}})
-    params = derive_secagg_params(
-        clip_norm=cfg.dp.clip_norm,
-        noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / 2**0.5,
-        num_clients=3,
-        num_params=sum(int(np.prod(rt.shapes[n])) for n in rt.shared_names) + ab.FIELDS,
-        num_shares=1.0,
-        reconstruction_threshold=0.6,
-    )
-    strategy = SecAggDPStrategy(
-        shared_names=rt.shared_names,
-        initial=[rt.init[n].numpy() for n in rt.shared_names],
-        recorder=RoundRecorder(None),
-        min_updates=2,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_nodes=3,
-        ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
-    )
-    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
 
     # Execute
-    secagg_workflow(params, timeout=30, evaluate=False)(
-        grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy)
-    )
+    _, strategy = secagg_device_round(raw, nodes, min_updates=2, drop={"share_keys": {3}})
 
     # Assert: with min-cohort 3 neither device masked a vector (nothing trained or charged,
     # the refusal kept with its reason) and nothing was released; with 2, the round was.
@@ -365,21 +335,10 @@ def test_seven_of_eight_declining_leave_at_setup_and_no_masked_vector_reaches_th
 ) -> None:
     # Prepare: eight real devices under SecAgg+ with distributed noise sized for m_min = 8;
     # seven of them require more noise than the round carries and so will not contribute.
-    import numpy as np
-    from flwr.app import Context, RecordDict
-    from flwr.server import LegacyContext, ServerConfig
-
-    from client.client_app import app as fedpersona_app
-    from common import ab
-    from common.secagg import derive_secagg_params
-    from server.recorder import RoundRecorder
-    from server.secagg import SecAggDPStrategy, secagg_workflow
     from tests.conftest import permissive_policy
-    from tests.flower_harness import InProcessGrid
+    from tests.flower_harness import secagg_device_round
 
     raw = tiny_run_config(**{"data.num-users": 8, "train.local-steps": 1, "dp.clip-norm": 0.01})
-    cfg = parse_run_config(raw)
-    rt = get_runtime(cfg)
     nodes = {
         nid: device_node_config(
             tmp_path / f"d{nid}",
@@ -391,31 +350,9 @@ def test_seven_of_eight_declining_leave_at_setup_and_no_masked_vector_reaches_th
         )
         for nid in range(1, 9)
     }
-    grid = InProcessGrid(fedpersona_app, nodes, run_config=raw)
-    params = derive_secagg_params(
-        clip_norm=cfg.dp.clip_norm,
-        noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / 8**0.5,
-        num_clients=8,
-        num_params=sum(int(np.prod(rt.shapes[n])) for n in rt.shared_names) + ab.FIELDS,
-        num_shares=1.0,
-        reconstruction_threshold=0.1,
-    )
-    strategy = SecAggDPStrategy(
-        shared_names=rt.shared_names,
-        initial=[rt.init[n].numpy() for n in rt.shared_names],
-        recorder=RoundRecorder(None),
-        min_updates=8,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_nodes=8,
-        ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
-    )
-    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
 
     # Execute
-    secagg_workflow(params, timeout=30, evaluate=False)(
-        grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy)
-    )
+    grid, strategy = secagg_device_round(raw, nodes, min_updates=8, threshold=0.1)
 
     # Assert: the seven left at setup (an error code, no text), which halts the round (the one
     # left would also refuse to mask into a cohort of 1, see the test above); the server

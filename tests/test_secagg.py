@@ -23,7 +23,7 @@ from common.secagg import derive_secagg_params
 from server.recorder import RoundRecorder
 from server.secagg import SecAggDPStrategy, secagg_workflow
 from tests.conftest import device_node_config, open_test_store, tiny_run_config
-from tests.flower_harness import InProcessGrid
+from tests.flower_harness import InProcessGrid, secagg_device_round
 
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 
@@ -183,30 +183,10 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
         spent.save(store)
     before = spent.state_dict()["events"]
     rt = get_runtime(cfg)
-    shapes = [tuple(rt.shapes[n]) for n in rt.shared_names]
     node_cfgs = {nid: device_node_config(d, nid - 1, 5) for nid, d in dirs.items()}
-    grid = InProcessGrid(fedpersona_app, node_cfgs, run_config=raw)
-    params = derive_secagg_params(
-        clip_norm=cfg.dp.clip_norm,
-        noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / 4**0.5,
-        num_clients=5,
-        num_params=sum(int(np.prod(s)) for s in shapes) + ab.FIELDS,
-        num_shares=1.0,
-        reconstruction_threshold=0.6,
-    )
-    strategy = SecAggDPStrategy(
-        shared_names=rt.shared_names,
-        initial=[rt.init[n].numpy() for n in rt.shared_names],
-        recorder=RoundRecorder(None),
-        min_updates=4,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_nodes=5,
-        ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
-    )
 
     # Execute
-    _run_round(grid, strategy, params)
+    _, strategy = secagg_device_round(raw, node_cfgs, min_updates=4)
 
     # Assert
     record = strategy.recorder._train[1]

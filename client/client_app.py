@@ -6,9 +6,11 @@ protocol stages, which :func:`secagg_when_requested` hands to Flower's ``secaggp
 
 This module imports Flower only. Flower starts a fresh ClientApp process for every message,
 and three of a SecAgg+ round's five messages (setup, key sharing, unmasking) need no model:
-they start in well under a second. Training and evaluation go to the device's long-lived
-worker when the node config names one (``worker-socket``, see :mod:`client.worker`), where the
-model stays loaded; otherwise :mod:`client.handlers` answers them in this process.
+they start in well under a second (a real device's setup asks its worker whether it will
+contribute; without a worker that check imports the accountant here). Training and
+evaluation go to the device's long-lived worker when the node config names one
+(``worker-socket``, see :mod:`client.worker`), where the model stays loaded; otherwise
+:mod:`client.handlers` answers them in this process.
 """
 
 from __future__ import annotations
@@ -50,9 +52,18 @@ def secagg_when_requested(msg: Message, ctxt: Context, call_next):  # type: igno
 
 
 def _setup_refusal(ctxt: Context) -> str | None:
+    """:func:`client.gate.setup_refusal`, asked of the device's worker when it runs (its
+    ledger check needs the accountant, which loads torch)."""
     from client.gate import setup_refusal
     from common.config import parse_run_config
 
+    socket_path = ctxt.node_config.get(worker.SOCKET_KEY)
+    if socket_path:
+        try:
+            reply = worker.forward(str(socket_path), worker.SETUP, RecordDict(), ctxt)
+            return str(reply.config_records["setup"]["refused"]) or None
+        except worker.WorkerUnavailable as err:
+            logger.warning("%s; checking the SecAgg+ setup in the ClientApp process", err)
     return setup_refusal(
         parse_run_config(dict(ctxt.run_config)), ctxt.node_config, run=str(ctxt.run_id)
     )

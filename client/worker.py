@@ -31,7 +31,7 @@ from multiprocessing.connection import AuthenticationError, Client, Connection, 
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
@@ -48,6 +48,9 @@ _UNIX_PATH_MAX = 104  # the shortest sun_path limit among Linux (108) and macOS 
 
 
 PING = "ping"  # a health probe: the worker answers it without touching any device state
+# SecAgg+ setup: will the device contribute to this round? (client.gate.setup_refusal; the
+# worker has the accountant loaded, the thin ClientApp would have to import torch for it)
+SETUP = "setup"
 
 
 class WorkerUnavailable(RuntimeError):
@@ -68,7 +71,7 @@ def forward(socket_path: str, kind: str, content: RecordDict, context: Context) 
         ValueError: The worker rejected the message (the reason it logged).
         RuntimeError: The worker failed or died while answering.
     """
-    if kind not in (*KINDS, PING):
+    if kind not in (*KINDS, PING, SETUP):
         raise ValueError(f"unknown message kind {kind!r}; expected one of {KINDS}")
     try:
         key = read_key_file(key_path(socket_path))
@@ -215,6 +218,13 @@ def _run(header: dict[str, Any], content: RecordDict) -> RecordDict:
         state=RecordDict(),
         run_config=dict(header["run_config"]),
     )
+    if kind == SETUP:
+        from client.gate import setup_refusal
+        from common.config import parse_run_config
+
+        cfg = parse_run_config(dict(context.run_config))
+        reason = setup_refusal(cfg, context.node_config, run=str(context.run_id))
+        return RecordDict({"setup": ConfigRecord({"refused": reason or ""})})
     return handlers.answer(kind, content, context)
 
 

@@ -215,3 +215,29 @@ def test_second_worker_on_a_live_socket_is_refused_and_a_stale_one_replaced(
 def test_socket_path_too_long_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ValueError, match="socket path too long"):
         worker.serve(tmp_path / ("x" * 120) / "w.sock", preload=False)
+
+
+def test_the_secagg_setup_check_is_asked_of_the_worker(tmp_path, running_worker) -> None:
+    # Prepare: two devices whose worker runs; one's owner requires more noise than the round.
+    from client.client_app import _setup_refusal
+    from tests.conftest import permissive_policy
+
+    sock, _ = running_worker
+    raw = tiny_run_config()
+    contexts = {}
+    for name, floor in (("accepts", 0.0), ("refuses", 100.0)):
+        node = device_node_config(
+            tmp_path / name, 0, 4, policy=permissive_policy(min_noise_multiplier=floor)
+        )
+        contexts[name] = make_context(raw, {**node, worker.SOCKET_KEY: str(sock)})
+
+    # Execute
+    answers = {name: _setup_refusal(ctx) for name, ctx in contexts.items()}
+
+    # Assert: the worker's answer, and the refusal kept in the refusing device's ledger.
+    assert answers["accepts"] is None
+    assert "σ >= 100" in answers["refuses"]
+    assert (
+        "at SecAgg+ setup"
+        in stored_device_state(tmp_path / "refuses")["ledger"]["declined"][0]["reason"]
+    )

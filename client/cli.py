@@ -384,7 +384,7 @@ def privacy_show(data_dir: DataDir, key_file: KeyFile = None) -> None:
 
     with _open(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
         try:
-            policy = DevicePolicy.load(store) or DevicePolicy()
+            policy = DevicePolicy.of(store)
         except ValueError as err:
             raise _fail(err) from None
     print(json.dumps(_policy_dict(policy), indent=1))
@@ -435,7 +435,7 @@ def privacy_set(
     }
     with _open(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
         try:
-            policy = DevicePolicy.load(store) or DevicePolicy()
+            policy = DevicePolicy.of(store)
             new = policy.with_changes(**changes)
             ledger = store.get_json(LEDGER_BLOB)
             if new.delta != policy.delta and isinstance(ledger, dict) and ledger.get("events"):

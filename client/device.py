@@ -29,7 +29,8 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from client import baseline
-from client.examples import Example, device_examples, split
+from client.examples import Example, device_examples, split, too_few_examples
+from client.gate import open_real_store
 from client.ingest import replay_role
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
 from client.policy import DevicePolicy, PolicyRefused
@@ -44,7 +45,7 @@ from client.state import (
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common import ab, audit
 from common.config import RunConfig
-from common.crypto import Secret, create_key_file, resolve_secret
+from common.crypto import Secret, create_key_file
 from common.data import Encoded, Sample, UserData, encode, user_for_partition
 from common.dp.clipping import clip_update
 from common.dp.noise import add_gaussian_noise
@@ -135,20 +136,17 @@ def open_node_store(
     Raises:
         ValueError: If a real device has no key.
     """
-    retention = float(node_config.get("retention-days", DEFAULT_RETENTION_DAYS))
     if "data-dir" in node_config:
-        root = Path(str(node_config["data-dir"])).expanduser()
-        key_file = node_config.get("key-file")
-        secret = resolve_secret(key_file=None if key_file is None else str(key_file))
-    else:
-        if simulated_dir is None:
-            raise ValueError("node config has no data-dir")
-        root = simulated_dir
-        key_path = root.with_name(root.name + ".key")
-        if not key_path.exists():
-            create_key_file(key_path)
-        secret = Secret(key_file=key_path)
-    return LocalStore.open(root, secret, create=True, retention_days=retention)
+        return open_real_store(node_config)
+    if simulated_dir is None:
+        raise ValueError("node config has no data-dir")
+    key_path = simulated_dir.with_name(simulated_dir.name + ".key")
+    if not key_path.exists():
+        create_key_file(key_path)
+    retention = float(node_config.get("retention-days", DEFAULT_RETENTION_DAYS))
+    return LocalStore.open(
+        simulated_dir, Secret(key_file=key_path), create=True, retention_days=retention
+    )
 
 
 def shared_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -478,12 +476,9 @@ class Device:
             )
             if reason is not None:
                 raise PolicyRefused(reason)
-            if len(self.train_examples) < self.cfg.data.min_examples:
-                raise TooFewExamples(
-                    f"{len(self.train_examples)} training examples in the store, fewer than "
-                    f"data.min-examples = {self.cfg.data.min_examples}; import your writing "
-                    "with `fedpersona device import` or rate more answers"
-                )
+            shortfall = too_few_examples(len(self.train_examples), self.cfg.data.min_examples)
+            if shortfall is not None:
+                raise TooFewExamples(shortfall)
             record, user = self.planned_charges(server_round, run=run, self_sampled=self_sampled)
             self.ledger.check(record=record, user=user)
         except (PolicyRefused, BudgetExhausted, TooFewExamples) as err:

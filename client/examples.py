@@ -66,6 +66,17 @@ def device_examples(store: LocalStore) -> list[Example]:
     return sorted([*stored, *endorsed_examples(store)], key=lambda e: e.ts)
 
 
+def too_few_examples(num_train: int, min_examples: int) -> str | None:
+    """Why a device with ``num_train`` training examples declines a round (``None``: enough)."""
+    if num_train >= min_examples:
+        return None
+    return (
+        f"{num_train} training examples in the store, fewer than data.min-examples = "
+        f"{min_examples}; import your writing with `fedpersona device import` or rate more "
+        "answers"
+    )
+
+
 def held_out_count(n: int, fraction: float) -> int:
     """How many of ``n`` examples (the newest) are held out: ``round(n·fraction)``, at least one
     once there are two examples, and never all of them."""

@@ -51,6 +51,12 @@ def federation_size(cfg: RunConfig) -> int:
     )
 
 
+def node_federation_size(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
+    """The node config's ``num-partitions``, else :func:`federation_size`."""
+    partitions = node_config.get("num-partitions")
+    return int(partitions) if partitions is not None else federation_size(cfg)
+
+
 def open_real_store(node_config: Mapping[str, Any]) -> LocalStore:
     """The encrypted store a real device's node config names (``data-dir``, ``key-file``,
     else ``$FEDPERSONA_PASSPHRASE``; ``retention-days``)."""
@@ -71,21 +77,17 @@ def setup_refusal(cfg: RunConfig, node_config: Mapping[str, Any], *, run: str) -
     """
     if "data-dir" not in node_config:
         return None
-    from client.examples import device_examples, split
+    from client.examples import device_examples, split, too_few_examples
     from client.ledger import BudgetExhausted
 
-    partitions = node_config.get("num-partitions")
-    n = int(partitions) if partitions is not None else federation_size(cfg)
+    n = node_federation_size(cfg, node_config)
     with open_real_store(node_config) as store:
-        policy = DevicePolicy.load(store) or DevicePolicy()
+        policy = DevicePolicy.of(store)
         ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
         reason = policy.refusal(cfg, num_partitions=n, masked=True)
-        train, _ = split(device_examples(store), cfg.data.test_fraction)
-        if reason is None and len(train) < cfg.data.min_examples:
-            reason = (
-                f"{len(train)} training examples in the store, fewer than data.min-examples = "
-                f"{cfg.data.min_examples}"
-            )
+        if reason is None:
+            train, _ = split(device_examples(store), cfg.data.test_fraction)
+            reason = too_few_examples(len(train), cfg.data.min_examples)
         if reason is None:
             record, user = policy.planned_charges(
                 cfg, ledger, num_train=len(train), server_round=ledger.last_round(run) + 1, run=run
@@ -112,11 +114,10 @@ def cohort_refusal(
     """
     if "data-dir" not in node_config:
         return None
-    partitions = node_config.get("num-partitions")
-    n = int(partitions) if partitions is not None else federation_size(cfg)
+    n = node_federation_size(cfg, node_config)
     distributed = cfg.dp.noise_mode == "distributed" and cfg.dp.adds_noise
     with open_real_store(node_config) as store:
-        policy = DevicePolicy.load(store) or DevicePolicy()
+        policy = DevicePolicy.of(store)
         required = max(policy.min_cohort, cfg.m_min(n) if distributed else 1)
         cohort = sources + 1
         if cohort >= required:

@@ -156,6 +156,15 @@ class DevicePolicy:
             raise ValueError(f"corrupted device privacy policy: {err}; restore the store") from err
         return None if state is None else cls.from_dict(state)
 
+    @classmethod
+    def of(cls, store: LocalStore) -> DevicePolicy:
+        """The policy a device with ``store`` enforces: the one kept there, else the defaults.
+
+        Raises:
+            ValueError: If the stored policy is corrupted.
+        """
+        return cls.load(store) or cls()
+
     def save(self, store: LocalStore) -> None:
         """Keep the policy in ``store`` (one transaction)."""
         store.put_json(POLICY_BLOB, self.to_dict())

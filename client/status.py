@@ -80,7 +80,7 @@ def budget(store: LocalStore) -> dict[str, Any]:
     Raises:
         ValueError: If the stored ledger is corrupted or kept under another accountant or δ.
     """
-    p = DevicePolicy.load(store) or DevicePolicy()
+    p = DevicePolicy.of(store)
     ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(p))
     s = ledger.summary()
     return {

@@ -5,12 +5,13 @@ SecAgg+ path uses Flower's legacy records (``fitins.*`` / ``evaluateins.*``) and
 protocol stages, which :func:`secagg_when_requested` hands to Flower's ``secaggplus_mod``.
 
 This module imports Flower only. Flower starts a fresh ClientApp process for every message,
-and three of a SecAgg+ round's five messages (setup, key sharing, unmasking) need no model:
-they start in well under a second (a real device's setup asks its worker whether it will
-contribute; without a worker that check imports the accountant here). Training and
-evaluation go to the device's long-lived worker when the node config names one
-(``worker-socket``, see :mod:`client.worker`), where the model stays loaded; otherwise
-:mod:`client.handlers` answers them in this process.
+from the app bundle the server sends with each run — so on a real device this process is the
+server's code, not the device owner's. When the node config names the device's worker
+(``worker-socket``, see :mod:`client.worker`; its only key there), every training, evaluation
+and SecAgg+ message goes to the worker: the project's installed code, which alone holds the
+passphrase, the encrypted store, the SecAgg+ keys and the unmasked update, and enforces the
+owner's privacy policy. This process relays; if the worker is down the message fails. Without
+a worker (simulations, tests) :mod:`client.handlers` and the SecAgg+ checks run here.
 """
 
 from __future__ import annotations
@@ -24,66 +25,89 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client import worker
+from client.worker import DeviceError, error_code
 
 
 def secagg_when_requested(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
-    """Run Flower's ``secaggplus_mod`` for SecAgg+ messages; pass others straight through.
+    """Run the device's side of SecAgg+ for SecAgg+ messages; pass others straight through.
 
-    A real device that will not contribute leaves the round at setup
-    (:func:`client.gate.setup_refusal`), and before it masks its update it checks the cohort
-    it would be summed with (:func:`client.gate.cohort_refusal`); the server gets a code.
+    When the node config names the device's worker (``worker-socket``), the whole protocol
+    runs there (:func:`checked_secaggplus` in :mod:`client.worker`): the worker holds the
+    device's store, its SecAgg+ keys and its unmasked update, and this process — code the
+    server ships in its app bundle — only relays what the worker answers (masked vectors,
+    encrypted key shares). Without a worker it runs here.
     """
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
+    if ctxt.node_config.get(worker.SOCKET_KEY) and msg.metadata.message_type == MessageType.TRAIN:
+        return Message(content=_forward(worker.SECAGG, msg, ctxt), reply_to=msg)
+    return checked_secaggplus(msg, ctxt, call_next)
+
+
+# The code the server gets when a device refuses at a stage (the reason stays in its log).
+_REFUSAL_CODES = {
+    Stage.SETUP: "declined",
+    Stage.COLLECT_MASKED_VECTORS: "cohort-too-small",
+    Stage.UNMASK: "unmask-refused",
+}
+
+
+def checked_secaggplus(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
+    """Flower's ``secaggplus_mod`` behind the device's own checks.
+
+    A real device that will not contribute leaves the round at setup, or when the SecAgg+
+    parameters would let its noise be clipped away or its masks be recovered
+    (:func:`client.gate.setup_refusal`); before it masks its update it checks the cohort it
+    would be summed with (:func:`client.gate.cohort_refusal`), and before it hands out mask
+    shares, the cohort the server would unmask (:func:`client.gate.unmask_refusal`). The
+    server gets a code, never the device's text.
+    """
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = configs.get(Key.STAGE) if msg.metadata.message_type == MessageType.TRAIN else None
-    if stage in (Stage.SETUP, Stage.COLLECT_MASKED_VECTORS):
+    if stage in _REFUSAL_CODES:
         try:
-            if stage == Stage.SETUP:
-                refused = _setup_refusal(ctxt)
-            else:
-                refused = _cohort_refusal(msg, ctxt, configs)
+            refused = _refusal(str(stage), msg, ctxt, configs)
         except Exception as err:
             logger.error("the SecAgg+ check failed on this device: %s: %s", type(err).__name__, err)
-            raise DeviceError(_code(err)) from None
+            raise DeviceError(error_code(err)) from None
         if refused:
-            raise DeviceError("declined" if stage == Stage.SETUP else "cohort-too-small")
-    return secaggplus_mod(msg, ctxt, call_next)
+            raise DeviceError(_REFUSAL_CODES[str(stage)])
+    try:
+        return secaggplus_mod(msg, ctxt, call_next)
+    except DeviceError:
+        raise
+    except Exception as err:  # Flower's protocol checks: their text stays here too
+        logger.error("SecAgg+ stage %s failed: %s: %s", stage, type(err).__name__, err)
+        raise DeviceError(error_code(err)) from None
 
 
-def _setup_refusal(ctxt: Context) -> str | None:
-    """:func:`client.gate.setup_refusal`, asked of the device's worker when it runs (its
-    ledger check needs the accountant, which loads torch)."""
-    from client.gate import setup_refusal
+def _refusal(stage: str, msg: Message, ctxt: Context, configs) -> str | None:  # type: ignore[no-untyped-def]
+    """The gate's answer for ``stage`` (torch loads only for the setup's ledger check)."""
+    from client import gate
     from common.config import parse_run_config
 
-    socket_path = ctxt.node_config.get(worker.SOCKET_KEY)
-    if socket_path:
-        try:
-            reply = worker.forward(str(socket_path), worker.SETUP, RecordDict(), ctxt)
-            return str(reply.config_records["setup"]["refused"]) or None
-        except worker.WorkerUnavailable as err:
-            logger.warning("%s; checking the SecAgg+ setup in the ClientApp process", err)
-    return setup_refusal(
-        parse_run_config(dict(ctxt.run_config)), ctxt.node_config, run=str(ctxt.run_id)
-    )
-
-
-def _cohort_refusal(msg: Message, ctxt: Context, configs) -> str | None:  # type: ignore[no-untyped-def]
-    from client.gate import cohort_refusal
-    from common.config import parse_run_config
-
+    cfg = parse_run_config(dict(ctxt.run_config))
+    if stage == Stage.SETUP:
+        return gate.setup_refusal(cfg, ctxt.node_config, run=str(ctxt.run_id), secagg=configs)
+    server_round = _server_round(msg)
+    if stage == Stage.UNMASK:
+        return gate.unmask_refusal(cfg, ctxt.node_config, configs, server_round=server_round)
     sources = configs.get(Key.SOURCE_LIST)
     if not isinstance(sources, list):
         raise ValueError("the masked-vector stage names no sources")
-    fit_config = msg.content.config_records.get("fitins.config")
-    server_round = fit_config.get("server-round") if fit_config is not None else None
-    return cohort_refusal(
-        parse_run_config(dict(ctxt.run_config)),
-        ctxt.node_config,
-        sources=len(sources),
-        server_round=server_round if isinstance(server_round, int) else None,
+    return gate.cohort_refusal(
+        cfg, ctxt.node_config, sources=len(sources), server_round=server_round
     )
+
+
+def _server_round(msg: Message) -> int | None:
+    """The round a SecAgg+ stage belongs to: the fit config's, else the message group's."""
+    fit_config = msg.content.config_records.get("fitins.config")
+    value = fit_config.get("server-round") if fit_config is not None else msg.metadata.group_id
+    try:
+        return int(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
 
 
 logger = logging.getLogger(__name__)
@@ -102,27 +126,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=_answer("evaluate", msg.content, context), reply_to=msg)
 
 
-class DeviceError(RuntimeError):
-    """What the server learns of a failure on the device: a code, no text from the device.
-
-    Flower sends the text of an exception the ClientApp raises back to the server; paths,
-    file names and whether a file exists stay in the device's own log.
-    """
-
-    def __init__(self, code: str) -> None:
-        super().__init__(f"device error: {code} (the reason is in the device's log)")
-        self.code = code
-
-
-def _code(err: Exception) -> str:
-    """The generic code of a failure (its class of cause, nothing of its text)."""
-    if isinstance(err, (ValueError, KeyError, TypeError)):
-        return "rejected-message"
-    if isinstance(err, OSError):
-        return "storage"
-    return "internal"
-
-
 def _answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """The reply's content: from the device's worker when it runs, else computed here.
 
@@ -131,18 +134,33 @@ def _answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """
     try:
         return _compute(kind, content, context)
+    except DeviceError:
+        raise
     except Exception as err:
         logger.error("the %s message failed on this device: %s: %s", kind, type(err).__name__, err)
-        raise DeviceError(_code(err)) from None
+        raise DeviceError(error_code(err)) from None
 
 
 def _compute(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    socket_path = context.node_config.get(worker.SOCKET_KEY)
-    if socket_path:
-        try:
-            return worker.forward(str(socket_path), kind, content, context)
-        except worker.WorkerUnavailable as err:
-            logger.warning("%s; answering the %s message in the ClientApp process", err, kind)
+    if context.node_config.get(worker.SOCKET_KEY):
+        return worker.forward(str(context.node_config[worker.SOCKET_KEY]), kind, content, context)
     from client import handlers  # torch, transformers, peft: only where the model runs
 
     return handlers.answer(kind, content, context)
+
+
+def _forward(kind: str, msg: Message, context: Context) -> RecordDict:
+    """The device worker's answer to ``msg`` (DeviceError with its code if it fails)."""
+    try:
+        return worker.forward(
+            str(context.node_config[worker.SOCKET_KEY]),
+            kind,
+            msg.content,
+            context,
+            metadata=msg.metadata,
+        )
+    except DeviceError:
+        raise
+    except Exception as err:
+        logger.error("the %s message failed on this device: %s: %s", kind, type(err).__name__, err)
+        raise DeviceError(error_code(err)) from None

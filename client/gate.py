@@ -12,6 +12,16 @@ are collected, a device learns who completed key sharing with it (SecAgg+'s sour
 with fewer than m_min — or than its owner's ``min-cohort`` — it refuses to send its vector, so
 a server that lost devices (or claimed more than it had) cannot unmask an under-noised sum.
 
+Two more checks close what the server could otherwise bend. **At setup** the SecAgg+ parameters
+it sends are checked (:func:`secagg_setup_problem`): a quantization range too narrow for the
+device's noise share would clip the noise away, a reconstruction threshold of half the
+neighbours or less lets a server that lies about dropouts recover one device's masks, and a
+neighbour graph smaller than the cohort the device requires leaves it unable to count the
+cohort. **At unmasking** (:func:`unmask_problem`) a device hands out mask shares only for a
+cohort it accepts: at least m_min (and ``min-cohort``) of its neighbours sent a masked vector,
+and no node is called both alive and dead — so a server that lost contributors after masking
+cannot unmask an under-noised sum either.
+
 This module imports no torch: it runs in the thin ClientApp process.
 """
 
@@ -27,6 +37,7 @@ from client.policy import DevicePolicy
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common.config import RunConfig
 from common.crypto import resolve_secret
+from common.secagg import NOISE_TAIL_SIGMAS
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +78,102 @@ def open_real_store(node_config: Mapping[str, Any]) -> LocalStore:
     return LocalStore.open(root, secret, retention_days=retention, create=True)
 
 
-def setup_refusal(cfg: RunConfig, node_config: Mapping[str, Any], *, run: str) -> str | None:
+def required_cohort(cfg: RunConfig, policy: DevicePolicy, num_partitions: int) -> int:
+    """The fewest devices this device lets its masked update be summed with: its owner's
+    ``min-cohort``, and m_min when it adds a share of distributed noise (sized for m_min)."""
+    distributed = cfg.dp.noise_mode == "distributed" and cfg.dp.adds_noise
+    return max(policy.min_cohort, cfg.m_min(num_partitions) if distributed else 1)
+
+
+def secagg_setup_problem(
+    cfg: RunConfig, configs: Mapping[str, Any], *, required: int, num_partitions: int
+) -> str | None:
+    """What is wrong with the SecAgg+ parameters a server sent at setup (``None``: nothing).
+
+    Args:
+        cfg: The run config (the device's clip norm and noise share follow from it).
+        configs: The setup stage's config record (Flower's ``secaggplus_constants.Key``).
+        required: :func:`required_cohort`.
+        num_partitions: The federation size the device sizes its noise share by.
+    """
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    try:
+        sample = int(configs[Key.SAMPLE_NUMBER])
+        shares = int(configs[Key.SHARE_NUMBER])
+        threshold = int(configs[Key.THRESHOLD])
+        clipping = float(configs[Key.CLIPPING_RANGE])
+        target = int(configs[Key.TARGET_RANGE])
+        modulus = int(configs[Key.MOD_RANGE])
+        max_weight = float(configs[Key.MAX_WEIGHT])
+    except (KeyError, TypeError, ValueError) as err:
+        return f"the SecAgg+ setup is incomplete or malformed ({type(err).__name__}: {err})"
+    neighbours = min(shares, sample)  # itself included (Flower's neighbour ring)
+    if sample < required or neighbours < required:
+        return (
+            f"the round's SecAgg+ cohort ({sample} devices, {neighbours} neighbours of this one) "
+            f"is smaller than the {required} this device masks its update into (m_min and its "
+            "policy's min-cohort); it could not check that the sum carries the promised noise"
+        )
+    if not 2 * threshold > neighbours or threshold > neighbours:
+        return (
+            f"a reconstruction threshold of {threshold} of {neighbours} shares lets a server "
+            "that calls a device both alive and dead to different neighbours recover both of "
+            "its masks; this device requires a threshold above half its neighbours"
+        )
+    clip_norm = cfg.dp.clip_norm
+    share = 0.0  # the device's noise share (common.dp.policy.client_noise_std; no torch here)
+    if cfg.dp.noise_mode == "distributed" and cfg.dp.adds_noise:
+        share = cfg.dp.noise_multiplier * clip_norm / cfg.m_min(num_partitions) ** 0.5
+    needed = clip_norm + NOISE_TAIL_SIGMAS * share
+    if not clipping >= needed * (1 - 1e-9):
+        return (
+            f"the SecAgg+ clipping range {clipping:g} would cut this device's update (entries up "
+            f"to C = {clip_norm:g}) and its noise share; it needs at least {needed:.6g} "
+            f"(C + {NOISE_TAIL_SIGMAS:g} standard deviations of the share)"
+        )
+    if max_weight != 1.0:
+        return f"max_weight {max_weight:g}: a device sends weight 1, so the range must be 1"
+    if not (target > 0 and (sample + 1) * target <= modulus <= 2**32):
+        return (
+            f"{sample} quantized updates in [0, {target}] plus their weights can wrap the "
+            f"modulus {modulus}; the released sum would be wrong"
+        )
+    return None
+
+
+def unmask_problem(configs: Mapping[str, Any], *, required: int) -> str | None:
+    """Why this device will not hand out mask shares at SecAgg+'s unmasking stage.
+
+    Its active neighbours (itself included) are those whose masked vectors the server says it
+    holds: fewer than ``required`` would let it unmask a sum with less noise than promised. A
+    node both active and dead would let it remove both masks of that node's vector.
+    """
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    active = list(configs.get(Key.ACTIVE_NODE_ID_LIST) or [])
+    dead = list(configs.get(Key.DEAD_NODE_ID_LIST) or [])
+    if set(active) & set(dead) or len(set(active)) != len(active):
+        return "the unmasking request names a node both active and dead (or twice)"
+    if len(active) < required:
+        return (
+            f"only {len(active)} of this device's neighbours sent a masked vector; it helps "
+            f"unmask only a sum of at least {required} (m_min and its policy's min-cohort)"
+        )
+    return None
+
+
+def setup_refusal(
+    cfg: RunConfig,
+    node_config: Mapping[str, Any],
+    *,
+    run: str,
+    secagg: Mapping[str, Any] | None = None,
+) -> str | None:
     """Why a real device will not contribute to this round (``None``: it joins the cohort).
     The refusal is kept in its ledger's declined rounds; nothing is charged.
+
+    ``secagg``: the setup stage's config record, checked by :func:`secagg_setup_problem`.
 
     The ledger check assumes the round costs one step (the round number is not known at
     setup); the check before training is the exact one. A simulated node (no ``data-dir``)
@@ -85,6 +189,10 @@ def setup_refusal(cfg: RunConfig, node_config: Mapping[str, Any], *, run: str) -
         policy = DevicePolicy.of(store)
         ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
         reason = policy.refusal(cfg, num_partitions=n, masked=True)
+        if reason is None and secagg is not None:
+            reason = secagg_setup_problem(
+                cfg, secagg, required=required_cohort(cfg, policy, n), num_partitions=n
+            )
         if reason is None:
             train, _ = split(device_examples(store), cfg.data.test_fraction)
             reason = too_few_examples(len(train), cfg.data.min_examples)
@@ -115,10 +223,9 @@ def cohort_refusal(
     if "data-dir" not in node_config:
         return None
     n = node_federation_size(cfg, node_config)
-    distributed = cfg.dp.noise_mode == "distributed" and cfg.dp.adds_noise
     with open_real_store(node_config) as store:
         policy = DevicePolicy.of(store)
-        required = max(policy.min_cohort, cfg.m_min(n) if distributed else 1)
+        required = required_cohort(cfg, policy, n)
         cohort = sources + 1
         if cohort >= required:
             return None
@@ -131,4 +238,28 @@ def cohort_refusal(
         ledger.note_declined(server_round=server_round or 0, reason=reason)
         ledger.save(store)
     logger.warning("device declines to mask its update: %s", reason)
+    return reason
+
+
+def unmask_refusal(
+    cfg: RunConfig,
+    node_config: Mapping[str, Any],
+    configs: Mapping[str, Any],
+    *,
+    server_round: int | None = None,
+) -> str | None:
+    """Why a real device will not hand out its mask shares (:func:`unmask_problem`), kept in
+    its ledger's declined rounds; ``None``: it answers. A simulated node does not check."""
+    if "data-dir" not in node_config:
+        return None
+    n = node_federation_size(cfg, node_config)
+    with open_real_store(node_config) as store:
+        policy = DevicePolicy.of(store)
+        reason = unmask_problem(configs, required=required_cohort(cfg, policy, n))
+        if reason is None:
+            return None
+        ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
+        ledger.note_declined(server_round=server_round or 0, reason=f"at unmasking: {reason}")
+        ledger.save(store)
+    logger.warning("device refuses to help unmask: %s", reason)
     return reason

@@ -32,6 +32,7 @@ from common.serialization import (
     HOSTED_SEP,
     NUM_EXAMPLES_KEY,
     build_outbound_record,
+    check_declared,
     from_arrayrecord,
     ordered_tensors,
 )
@@ -120,6 +121,8 @@ def _parse_incoming(
     shared_names = list(shapes)
     legacy_key = f"{kind}.parameters"
     if legacy_key in content.array_records:
+        # Count, shapes, dtypes and sizes as declared, before any payload is decoded.
+        check_declared(content.array_records[legacy_key], [shapes[n] for n in shared_names])
         to_ins = (
             compat.recorddict_to_fitins if kind == "fitins" else compat.recorddict_to_evaluateins
         )

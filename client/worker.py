@@ -12,6 +12,14 @@ and the SuperNode names it in its node config (``worker-socket="…"``). The Cli
 forwards each training and evaluation message here, where :mod:`client.handlers` answers it
 with the model already in memory (:func:`client.device.get_runtime` caches it per process).
 
+The worker belongs to **one device** and is the only process that unlocks it: it is started
+with the device's store (``--data-dir``, ``--key-file`` or ``$FEDPERSONA_PASSPHRASE``) and
+serves that store whatever a ClientApp says. The ClientApp runs from the app bundle the server
+sends each run, so it gets the socket and nothing else — no passphrase, no key file, no store
+— and store settings in the node config it forwards are ignored. The worker also runs the
+device's side of SecAgg+ (:func:`client.client_app.checked_secaggplus`: the privacy policy's
+checks, the protocol's keys, the masking), so the update leaves the worker masked.
+
 The channel is a Unix socket, so nothing listens on the network. The worker writes a random
 key next to it (``<socket>.key``, mode 0600) and answers only a peer that proves knowledge of
 it (``multiprocessing.connection``'s HMAC handshake); messages travel as Flower's own protobuf
@@ -21,17 +29,21 @@ store is opened by one request at a time, as in a ClientApp process.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import signal
 import socket
 import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app.message import make_message
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
@@ -48,13 +60,42 @@ _UNIX_PATH_MAX = 104  # the shortest sun_path limit among Linux (108) and macOS 
 
 
 PING = "ping"  # a health probe: the worker answers it without touching any device state
-# SecAgg+ setup: will the device contribute to this round? (client.gate.setup_refusal; the
-# worker has the accountant loaded, the thin ClientApp would have to import torch for it)
-SETUP = "setup"
+SECAGG = "secagg"  # a SecAgg+ stage message: the worker runs the device's side of the protocol
+# What a device's worker is told at its start and a ClientApp cannot change: its store.
+STORE_KEYS = ("data-dir", "key-file", "retention-days", "local-only-baseline")
+# Node-config keys a ClientApp may forward: labels and the federation size (a larger one only
+# raises m_min, which the device then requires of every cohort; see client.gate).
+FORWARDED_KEYS = ("partition-id", "num-partitions")
+_SECAGG_RUNS = 8  # SecAgg+ protocol states kept (one per run in progress)
 
 
 class WorkerUnavailable(RuntimeError):
     """No worker answers at the configured socket (not started, stale, or wrong key)."""
+
+
+class DeviceError(RuntimeError):
+    """What the server learns of a failure on the device: a code, no text from the device.
+
+    Flower sends the text of an exception the ClientApp raises back to the server; paths,
+    file names and whether a file exists stay in the device's own log.
+    """
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"device error: {code} (the reason is in the device's log)")
+        self.code = code
+
+
+def error_code(err: Exception) -> str:
+    """The generic code of a failure (its class of cause, nothing of its text)."""
+    if isinstance(err, DeviceError):
+        return err.code
+    if isinstance(err, WorkerUnavailable):
+        return "worker-unavailable"
+    if isinstance(err, (ValueError, KeyError, TypeError)):
+        return "rejected-message"
+    if isinstance(err, OSError):
+        return "storage"
+    return "internal"
 
 
 def key_path(socket_path: str | Path) -> Path:
@@ -62,17 +103,26 @@ def key_path(socket_path: str | Path) -> Path:
     return Path(f"{socket_path}.key")
 
 
-def forward(socket_path: str, kind: str, content: RecordDict, context: Context) -> RecordDict:
-    """Have the device's worker answer a ``train``/``evaluate`` message; return its reply.
+def forward(
+    socket_path: str,
+    kind: str,
+    content: RecordDict,
+    context: Context,
+    *,
+    metadata: Metadata | None = None,
+) -> RecordDict:
+    """Have the device's worker answer a ``train``/``evaluate``/``secagg`` message (the last
+    with the message's ``metadata``); return its reply.
 
     Raises:
         WorkerUnavailable: Nothing answers at ``socket_path`` (the caller may answer the
             message itself).
-        ValueError: The worker rejected the message (the reason it logged).
-        RuntimeError: The worker failed or died while answering.
+        DeviceError: The worker refused or failed on the message: its code (the reason is in
+            the worker's log; this process may be the server's code).
+        RuntimeError: The worker died while answering.
     """
-    if kind not in (*KINDS, PING, SETUP):
-        raise ValueError(f"unknown message kind {kind!r}; expected one of {KINDS}")
+    if kind not in (*KINDS, PING, SECAGG):
+        raise ValueError(f"unknown message kind {kind!r}; expected one of {(*KINDS, SECAGG)}")
     try:
         key = read_key_file(key_path(socket_path))
     except (OSError, StoreKeyError) as err:
@@ -91,6 +141,7 @@ def forward(socket_path: str, kind: str, content: RecordDict, context: Context) 
         "node_id": context.node_id,
         "node_config": dict(context.node_config),
         "run_config": dict(context.run_config),
+        "metadata": _metadata_fields(metadata) if metadata is not None else None,
     }
     with conn:
         try:
@@ -106,10 +157,13 @@ def forward(socket_path: str, kind: str, content: RecordDict, context: Context) 
                 f"the device worker at {socket_path} dropped the {kind} message ({err!r}); "
                 "its store keeps the last committed round"
             ) from None
-    error = status.get("error", "unknown error")
-    if status.get("type") == "ValueError":
-        raise ValueError(error)
-    raise RuntimeError(f"the device worker failed on the {kind} message: {error}")
+    raise DeviceError(str(status.get("code", "internal")))
+
+
+def _metadata_fields(metadata: Metadata) -> dict[str, Any]:
+    """A message's metadata as JSON (its constructor's arguments)."""
+    names = [p for p in inspect.signature(Metadata.__init__).parameters if p != "self"]
+    return {name: getattr(metadata, name) for name in names}
 
 
 def ping(socket_path: str | Path) -> bool:
@@ -122,8 +176,17 @@ def ping(socket_path: str | Path) -> bool:
     return True
 
 
-def serve(socket_path: str | Path, *, preload: bool = True) -> None:
+def serve(
+    socket_path: str | Path, *, preload: bool = True, device: Mapping[str, Any] | None = None
+) -> None:
     """Answer ClientApp messages on ``socket_path`` until SIGTERM/SIGINT.
+
+    Args:
+        socket_path: The Unix socket (the SuperNode's ``worker-socket``).
+        preload: Import torch, transformers and peft before the first message.
+        device: The device's own settings (:data:`STORE_KEYS`, and optionally
+            ``num-partitions``) — its store, which this worker alone unlocks. ``None`` serves
+            simulated devices only (a message naming a store is refused).
 
     Raises:
         ValueError: The socket path is too long for a Unix socket.
@@ -142,6 +205,7 @@ def serve(socket_path: str | Path, *, preload: bool = True) -> None:
     def _stop(signum: int, _frame: Any) -> None:
         raise SystemExit(0)
 
+    secagg_states: OrderedDict[tuple[int, int], RecordDict] = OrderedDict()
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         old_umask = os.umask(0o177)  # the socket is born 0600: only this user may connect
@@ -161,7 +225,7 @@ def serve(socket_path: str | Path, *, preload: bool = True) -> None:
                     logger.debug("connection closed during the handshake: %s", err)
                     continue
                 with conn:
-                    _answer(conn)
+                    _answer(conn, device, secagg_states)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -170,7 +234,11 @@ def serve(socket_path: str | Path, *, preload: bool = True) -> None:
         logger.info("device worker on %s stopped", path)
 
 
-def _answer(conn: Connection) -> None:
+def _answer(
+    conn: Connection,
+    device: Mapping[str, Any] | None,
+    secagg_states: OrderedDict[tuple[int, int], RecordDict],
+) -> None:
     """Read one request, run it, send the reply; a bad request gets an error reply."""
     start = time.perf_counter()
     try:
@@ -180,17 +248,21 @@ def _answer(conn: Connection) -> None:
         )
     except Exception as err:  # a peer with the key that sends garbage: refuse, keep serving
         logger.error("unreadable request: %s: %s", type(err).__name__, err)
-        _send(conn, {"ok": False, "type": "ValueError", "error": f"unreadable request: {err}"})
+        _send(conn, {"ok": False, "code": "rejected-message"})
         return
+    # The ClientApp is the server's code: it gets a code; the reason stays in this log.
     try:
-        reply = _run(header, content)
-    except ValueError as err:
-        _send(conn, {"ok": False, "type": "ValueError", "error": str(err)})
+        reply = _run(header, content, device, secagg_states)
+    except DeviceError as err:  # a refusal by the device's policy (logged where it was made)
+        _send(conn, {"ok": False, "code": err.code})
+        return
+    except (ValueError, KeyError, TypeError) as err:
+        logger.error("%s message rejected: %s: %s", header.get("kind"), type(err).__name__, err)
+        _send(conn, {"ok": False, "code": error_code(err)})
         return
     except Exception as err:  # noqa: BLE001 - reported to the ClientApp, the worker lives on
         logger.exception("%s message failed", header.get("kind"))
-        error = f"{type(err).__name__}: {err}"
-        _send(conn, {"ok": False, "type": type(err).__name__, "error": error})
+        _send(conn, {"ok": False, "code": error_code(err)})
         return
     if _send(conn, {"ok": True}):
         _send_bytes(conn, recorddict_to_proto(reply).SerializeToString())
@@ -203,7 +275,31 @@ def _answer(conn: Connection) -> None:
         )
 
 
-def _run(header: dict[str, Any], content: RecordDict) -> RecordDict:
+def _node_config(sent: Mapping[str, Any], device: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The node config a message runs under: the worker's device, never a store the ClientApp
+    names (see the module docstring).
+
+    Raises:
+        ValueError: A worker without a device got a message naming a store.
+    """
+    if device is None:
+        named = [k for k in STORE_KEYS if k in sent]
+        if named:
+            raise ValueError(
+                f"the message's node config names a store ({', '.join(named)}), but this worker "
+                "was started without one: a device's store is given to its worker "
+                "(`fedpersona device worker --data-dir …`), not named by the ClientApp"
+            )
+        return dict(sent)
+    return {**{k: sent[k] for k in FORWARDED_KEYS if k in sent}, **device}
+
+
+def _run(
+    header: dict[str, Any],
+    content: RecordDict,
+    device: Mapping[str, Any] | None,
+    secagg_states: OrderedDict[tuple[int, int], RecordDict],
+) -> RecordDict:
     from client import handlers
 
     if header.get("protocol") != PROTOCOL:
@@ -211,21 +307,43 @@ def _run(header: dict[str, Any], content: RecordDict) -> RecordDict:
     kind = header.get("kind")
     if kind == PING:
         return RecordDict()
+    run_id, node_id = int(header["run_id"]), int(header["node_id"])
     context = Context(
-        run_id=int(header["run_id"]),
-        node_id=int(header["node_id"]),
-        node_config=dict(header["node_config"]),
+        run_id=run_id,
+        node_id=node_id,
+        node_config=_node_config(dict(header["node_config"]), device),
         state=RecordDict(),
         run_config=dict(header["run_config"]),
     )
-    if kind == SETUP:
-        from client.gate import setup_refusal
-        from common.config import parse_run_config
-
-        cfg = parse_run_config(dict(context.run_config))
-        reason = setup_refusal(cfg, context.node_config, run=str(context.run_id))
-        return RecordDict({"setup": ConfigRecord({"refused": reason or ""})})
+    if kind == SECAGG:
+        return _secagg(header, content, context, secagg_states)
     return handlers.answer(kind, content, context)
+
+
+def _secagg(
+    header: dict[str, Any],
+    content: RecordDict,
+    context: Context,
+    states: OrderedDict[tuple[int, int], RecordDict],
+) -> RecordDict:
+    """One SecAgg+ stage of the device's side of the protocol, its state kept per run here."""
+    from client import handlers
+    from client.client_app import checked_secaggplus
+
+    fields = header.get("metadata")
+    if not isinstance(fields, dict):
+        raise ValueError("a SecAgg+ message needs its metadata")
+    msg = make_message(Metadata(**fields), content)
+    key = (context.run_id, context.node_id)
+    context.state = states.pop(key, None) or RecordDict()
+    states[key] = context.state  # the newest last; the oldest runs' states are dropped
+    while len(states) > _SECAGG_RUNS:
+        states.popitem(last=False)
+
+    def train(m: Message, ctxt: Context) -> Message:
+        return Message(content=handlers.answer("train", m.content, ctxt), reply_to=m)
+
+    return checked_secaggplus(msg, context, train).content
 
 
 def _send(conn: Connection, status: dict[str, Any]) -> bool:

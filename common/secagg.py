@@ -32,6 +32,12 @@ class SecAggParams:
     quantization_step: float
 
 
+def quantization_range_for(num_clients: int) -> int:
+    """The largest power-of-two quantization range whose sum over ``num_clients`` updates
+    plus their weight factors stays below the 2**32 modulus: q * (num_clients + 1) <= 2**32."""
+    return 2 ** int(math.floor(math.log2(MODULUS_RANGE / (max(num_clients, 1) + 1))))
+
+
 def derive_secagg_params(
     *,
     clip_norm: float,
@@ -68,7 +74,7 @@ def derive_secagg_params(
     clipping_range = clip_norm + NOISE_TAIL_SIGMAS * noise_std
     # Each client contributes values in [0, q) plus the weight factor; the sum of
     # num_clients of them must stay below the modulus: q * (num_clients + 1) <= 2**32.
-    quantization_range = 2 ** int(math.floor(math.log2(MODULUS_RANGE / (num_clients + 1))))
+    quantization_range = quantization_range_for(num_clients)
     if quantization_range < 2**8:
         raise ValueError(
             f"{num_clients} clients leave only {quantization_range} quantization levels under "

@@ -72,17 +72,79 @@ def to_arrayrecord(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     )
 
 
+# The largest magnitude a LoRA tensor entry may have on the wire. Factors start at ~1/√d and
+# every released round moves them by a clipped (norm <= C) update plus noise: entries stay
+# orders of magnitude below this. A finite but huge value (3e38) would overflow every forward
+# pass of the model it is put into, so it is refused like NaN.
+MAX_ABS_VALUE = 1e4
+_FLOAT_DTYPES = ("float32", "float16", "float64")
+_NPY_HEADER_BYTES = 4096  # an .npy header is at most a few hundred bytes
+
+
+def _declared_problem(array: Array, shape: tuple[int, ...], name: str) -> str:
+    """What is wrong with an array's declared shape, dtype or payload size ('' if nothing):
+    checked before its bytes are decoded, so an oversized payload is never materialized."""
+    declared = tuple(array.shape)
+    if declared != tuple(shape):
+        return f"shape mismatch for {name}: got {declared}, expected {tuple(shape)}"
+    if array.dtype not in _FLOAT_DTYPES:
+        return f"{name} has dtype {array.dtype}, expected floating point"
+    limit = _payload_limit(shape)
+    if len(array.data) > limit:
+        return f"{name} carries {len(array.data)} bytes, more than its shape can hold ({limit})"
+    return ""
+
+
+def _payload_limit(shape: Sequence[int]) -> int:
+    """The most bytes an encoded array of ``shape`` can take (float64 and an .npy header)."""
+    return int(np.prod(shape, dtype=np.int64)) * 8 + _NPY_HEADER_BYTES
+
+
+def check_declared(record: ArrayRecord, shapes: Sequence[tuple[int, ...]]) -> None:
+    """Check a legacy (``fitins.parameters``) array record's count and payload sizes against
+    ``shapes`` before anything is decoded. Its arrays are opaque ``.npy`` blobs (Flower
+    declares no shape for them); their shapes and values are checked once decoded
+    (:func:`ordered_tensors`).
+
+    Raises:
+        ValueError: On a wrong count or a payload larger than its array can be.
+    """
+    if len(record) != len(shapes):
+        raise ValueError(f"expected {len(shapes)} arrays, got {len(record)}")
+    for i, (array, shape) in enumerate(zip(record.values(), shapes, strict=True)):
+        if len(array.data) > _payload_limit(shape):
+            raise ValueError(
+                f"array {i} carries {len(array.data)} bytes, more than its shape can hold "
+                f"({_payload_limit(shape)})"
+            )
+
+
+def check_values(arr: np.ndarray, name: str) -> None:
+    """Refuse NaN/Inf and magnitudes beyond :data:`MAX_ABS_VALUE`.
+
+    Raises:
+        ValueError: Naming the array and the problem.
+    """
+    if not np.isfinite(arr).all():
+        raise ValueError(f"non-finite values in {name}")
+    if arr.size and float(np.abs(arr).max()) > MAX_ABS_VALUE:
+        raise ValueError(
+            f"{name} has entries of magnitude up to {float(np.abs(arr).max()):.3g}, beyond "
+            f"{MAX_ABS_VALUE:g} (no released LoRA tensor comes near it)"
+        )
+
+
 def from_arrayrecord(
     record: ArrayRecord, expected: Mapping[str, tuple[int, ...]]
 ) -> dict[str, torch.Tensor]:
-    """Unpack an ``ArrayRecord``, checking names, shapes and finiteness against ``expected``.
+    """Unpack an ``ArrayRecord``, checking names, shapes and values against ``expected``.
 
-    The declared shape and dtype are checked before the bytes are decoded, so an oversized
-    payload is refused without being materialized.
+    The declared shape, dtype and payload size are checked before the bytes are decoded, so
+    an oversized payload is refused without being materialized.
 
     Raises:
-        ValueError: On missing or unexpected names, wrong shapes or dtypes, undecodable bytes,
-            or NaN/Inf values.
+        ValueError: On missing or unexpected names, wrong shapes, dtypes or sizes,
+            undecodable bytes, NaN/Inf values or magnitudes beyond :data:`MAX_ABS_VALUE`.
     """
     names = set(record.keys())
     missing = sorted(set(expected) - names)
@@ -94,19 +156,16 @@ def from_arrayrecord(
         )
     out: dict[str, torch.Tensor] = {}
     for name, shape in expected.items():
-        declared = tuple(record[name].shape)
-        if declared != tuple(shape):
-            raise ValueError(f"shape mismatch for {name}: got {declared}, expected {shape}")
-        if record[name].dtype not in ("float32", "float16", "float64"):
-            raise ValueError(f"{name} has dtype {record[name].dtype}, expected floating point")
+        problem = _declared_problem(record[name], shape, name)
+        if problem:
+            raise ValueError(problem)
         try:
             arr = record[name].numpy()
         except (ValueError, TypeError) as err:
             raise ValueError(f"{name} cannot be decoded: {err}") from err
         if tuple(arr.shape) != tuple(shape):
             raise ValueError(f"shape mismatch for {name}: got {arr.shape}, expected {shape}")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"non-finite values in {name}")
+        check_values(arr, name)
         out[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
     return out
 

@@ -3,7 +3,11 @@ two flwr 1.42 problems fixed and DP done by fedpersona rather than the stock wra
 
 * :class:`RobustSecAggPlusWorkflow` — a client lost during setup or share-keys no longer breaks
   the round: after share-keys only the nodes that completed it count as sampled (nobody holds
-  masks with the others).
+  masks with the others). The quantization range is sized each round for the cohort
+  actually sampled (devices check it). With fewer than m_min masked vectors collected the
+  round aborts **before unmasking** (each device's noise share is sized for m_min: a smaller
+  sum would carry less noise than promised — and real devices refuse to help unmask it
+  anyway, see ``client/gate.py``). A round that halts at any stage is closed as discarded.
 * :class:`SecAggDPStrategy` — devices send their clipped (and, in ``distributed`` mode, noised)
   update with weight 1 (0 when they declined), so SecAgg+ yields the mean update of the
   participants. A round with fewer than m_min participants, or a non-finite sum, is discarded
@@ -35,10 +39,12 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
 from common.sampling import evaluation_due, fixed_sample, poisson_sample
-from common.secagg import SecAggParams
+from common.secagg import SecAggParams, quantization_range_for
 from server.recorder import RoundRecorder, users_in
 
 
@@ -100,13 +106,72 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
     Args:
         shapes: Shapes of the vector each device sums (shared tensors, then the A/B
             counts when they ride along); ``None`` skips the masked-vector check.
+        min_masked: The fewest masked vectors a sum may be unmasked from (m_min nodes).
         **kwargs: ``SecAggPlusWorkflow`` arguments.
     """
 
-    def __init__(self, *, shapes: list[tuple[int, ...]] | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, *, shapes: list[tuple[int, ...]] | None = None, min_masked: int = 2, **kwargs
+    ) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**kwargs)
         # SecAgg+ puts the quantized weight factor first.
         self.masked_shapes = [(1,), *shapes] if shapes is not None else None
+        self.min_masked = min_masked
+        self._planned_quantization_range = self.quantization_range
+
+    def __call__(self, grid, context) -> None:  # type: ignore[no-untyped-def]
+        """Flower's protocol; a round that halts after sampling is closed as discarded (the
+        strategy records it and checkpoints), not left open."""
+        state = WorkflowState()
+        steps = (
+            self.setup_stage,
+            self.share_keys_stage,
+            self.collect_masked_vectors_stage,
+            self.unmask_stage,
+        )
+        log(INFO, "Secure aggregation commencing.")
+        for step in steps:
+            if not step(grid, context, state):
+                log(INFO, "Secure aggregation halted.")
+                if state.nid_to_proxies:  # devices were sampled: nothing is released
+                    current_round = context.state.config_records[MAIN_CONFIGS_RECORD][
+                        WorkflowKey.CURRENT_ROUND
+                    ]
+                    context.strategy.aggregate_fit(current_round, [], state.failures)
+                return
+        log(INFO, "Secure aggregation completed.")
+
+    def setup_stage(self, grid, context, state: WorkflowState) -> bool:  # type: ignore[no-untyped-def]
+        """Flower's stage, with the quantization range sized for the cohort actually sampled
+        (never above the planned one): more nodes than planned must not wrap the modulus."""
+        strategy = context.strategy
+        configure = strategy.configure_fit
+        planned = self._planned_quantization_range
+
+        def sized(*args, **kwargs):  # type: ignore[no-untyped-def]
+            chosen = configure(*args, **kwargs)
+            self.quantization_range = min(planned, quantization_range_for(len(chosen)))
+            return chosen
+
+        strategy.configure_fit = sized
+        try:
+            return super().setup_stage(grid, context, state)
+        finally:
+            del strategy.configure_fit  # the strategy's own method again
+
+    def unmask_stage(self, grid, context, state: WorkflowState) -> bool:  # type: ignore[no-untyped-def]
+        """Flower's stage, only when at least ``min_masked`` masked vectors were collected."""
+        masked = len(state.active_node_ids)
+        if masked < self.min_masked:
+            log(
+                WARNING,
+                "SecAgg+: %s masked vector(s) < %s (m_min): round aborted before unmasking",
+                masked,
+                self.min_masked,
+            )
+            state.failures.append(Exception(f"{masked} masked vectors < {self.min_masked}"))
+            return False
+        return super().unmask_stage(grid, context, state)
 
     def collect_masked_vectors_stage(self, grid, context, state: WorkflowState) -> bool:  # type: ignore[no-untyped-def]
         """Flower's stage, behind :class:`_MaskedVectorGate`."""
@@ -135,13 +200,15 @@ def secagg_workflow(
     params: SecAggParams,
     *,
     timeout: float,
+    min_masked: int,
     evaluate: bool = True,
     shapes: list[tuple[int, ...]] | None = None,
 ) -> DefaultWorkflow:
     """Flower's ``DefaultWorkflow`` whose fit rounds run :class:`RobustSecAggPlusWorkflow`
-    (``shapes``: what each masked vector must hold; see there)."""
+    (``shapes``: what each masked vector must hold; ``min_masked``: see there)."""
     fit = RobustSecAggPlusWorkflow(
         shapes=shapes,
+        min_masked=min_masked,
         num_shares=params.num_shares,
         reconstruction_threshold=params.reconstruction_threshold,
         max_weight=params.max_weight,

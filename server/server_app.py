@@ -299,6 +299,8 @@ def main(grid: Grid, context: Context) -> None:
         workflow = secagg_workflow(
             params,
             timeout=cfg.secagg.timeout,
+            # m_min users; a simulation node hosting k users carries up to k of them
+            min_masked=max(1, math.ceil(m_min / cfg.users_per_node)),
             shapes=[shapes[n] for n in shared_names] + ([(ab.FIELDS,)] if with_ab else []),
         )
         workflow(

@@ -190,7 +190,9 @@ class LocalDeployment:
     ) -> Path:
         """A device: SuperNode ``supernode<i>`` with its store in ``<root>/device<i>``, plus its
         ClientApp executor ``clientapp<i>`` (``isolation="process"``) and its device worker
-        ``worker<i>`` (``worker=True``; :meth:`wait_online` waits until it answers). Its owner's
+        ``worker<i>`` (``worker=True``; :meth:`wait_online` waits until it answers). With a
+        worker, only the worker is told the store and its key; the SuperNode's node config
+        (what its ClientApps see) names the worker's socket only. Its owner's
         writing is imported first (:meth:`import_writing`). ``label`` puts ``partition-id`` in
         the node config, for the server's summary rows (a real device has none). ``name``
         replaces ``supernode<i>`` and ``device<i>`` and skips the import (an intruder's).
@@ -201,16 +203,18 @@ class LocalDeployment:
             self.import_writing(data_dir, partition, partitions, policy=policy)
         else:
             data_dir, worker_name, executor_name = self.root / name, f"{name}-worker", f"{name}-app"
-        node_config = f'data-dir="{data_dir}" key-file="{device_key(data_dir)}"'
-        if label:
-            node_config = f"partition-id={partition} num-partitions={partitions} " + node_config
-        if worker:
+        unlock: list[str | Path] = ["--data-dir", data_dir, "--key-file", device_key(data_dir)]
+        if worker:  # the worker alone unlocks the store; the ClientApps get its socket only
             from client.worker import SOCKET_KEY
 
             sock = self.root / f"{worker_name}.sock"
-            worker_cmd = [BIN / "fedpersona", "device", "worker", "--socket", sock]
+            worker_cmd = [BIN / "fedpersona", "device", "worker", "--socket", sock, *unlock]
             self.workers[sock] = self.start(worker_name, worker_cmd)
-            node_config += f' {SOCKET_KEY}="{sock}"'
+            node_config = f'{SOCKET_KEY}="{sock}"'
+        else:  # the ClientApp process opens the store itself
+            node_config = f'data-dir="{data_dir}" key-file="{device_key(data_dir)}"'
+        if label:
+            node_config = f"partition-id={partition} num-partitions={partitions} " + node_config
         runtime_port = _free_port()
         cmd: list[str | Path] = [
             BIN / "flower-supernode",

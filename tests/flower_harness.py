@@ -50,6 +50,7 @@ class InProcessGrid(Grid):
         }
         self.drop = drop or {}
         self.delivered: list[tuple[int, str]] = []
+        self.sent: list[Message] = []  # every message as the server sent it
         # What the server received: (node, stage or message type, reply).
         self.received: list[tuple[int, str, Message]] = []
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -85,6 +86,7 @@ class InProcessGrid(Grid):
             if RECORD_KEY_CONFIGS in msg.content.config_records:
                 stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, stage))
             self.delivered.append((nid, stage))
+            self.sent.append(copy.deepcopy(msg))
             if nid in self.drop.get(stage, set()):
                 continue
             TaskIdentity.node_id = nid
@@ -107,14 +109,20 @@ def secagg_device_round(
     nodes: dict[int, dict[str, Any]],
     *,
     min_updates: int,
-    threshold: float = 0.6,
+    threshold: float = 0.67,  # secagg.reconstruction-threshold's default
     drop: dict[str, set[int]] | None = None,
+    min_masked: int | None = None,
+    params_override: dict[str, Any] | None = None,
 ) -> tuple[InProcessGrid, Any]:
     """One SecAgg+ round of fedpersona's real ClientApp on ``nodes`` (run config ``raw``),
     through Flower's workflow as the ServerApp builds it: quantization derived for all the
     nodes, noise shares sized by ``dp.min-clients`` (else all of them), and a strategy that
-    releases at least ``min_updates``. Returns the grid (what was delivered and received)
-    and the strategy (its recorder, its current model)."""
+    releases at least ``min_updates`` and unmasks a sum of at least ``min_masked`` (default
+    ``min_updates``). ``params_override`` replaces SecAgg+ parameters (a server that bends
+    them). Returns the grid (what was delivered and received) and the strategy (its recorder,
+    its current model)."""
+    from dataclasses import replace
+
     import numpy as np
     from flwr.server import LegacyContext, ServerConfig
 
@@ -138,6 +146,7 @@ def secagg_device_round(
         num_shares=1.0,
         reconstruction_threshold=threshold,
     )
+    params = replace(params, **(params_override or {}))
     strategy = SecAggDPStrategy(
         shared_names=rt.shared_names,
         initial=[rt.init[name].numpy() for name in rt.shared_names],
@@ -149,7 +158,8 @@ def secagg_device_round(
         ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
     )
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    secagg_workflow(params, timeout=30, evaluate=False)(
+    masked = min_updates if min_masked is None else min_masked
+    secagg_workflow(params, timeout=30, min_masked=masked, evaluate=False)(
         grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy)
     )
     return grid, strategy

@@ -193,7 +193,7 @@ def test_compose_volumes_are_named_and_each_device_has_its_own(compose) -> None:
             source = mount.split(":", 1)[0]
             if not source.startswith((".", "/")):
                 named.setdefault(source, []).append(name)
-    devices = _services(compose, "clientapp-")
+    devices = _services(compose, "worker-")
 
     # Assert
     assert set(named) <= declared, f"undeclared named volumes: {set(named) - declared}"
@@ -201,9 +201,10 @@ def test_compose_volumes_are_named_and_each_device_has_its_own(compose) -> None:
     for name, service in devices.items():
         stores = [m.split(":")[0] for m in service["volumes"] if m.split(":")[1] == "/device"]
         assert len(stores) == 1, f"{name} has no store volume on /device"
-        worker = "worker-" + name.removeprefix("clientapp-")
-        # Shared with the device's own worker only, which opens the store for the ClientApp.
-        assert sorted(named[stores[0]]) == [name, worker], f"{stores[0]}: {named[stores[0]]}"
+        # The store is the worker's alone; the socket's volume it shares with its ClientApps.
+        assert named[stores[0]] == [name], f"{stores[0]}: {named[stores[0]]}"
+        clientapp = "clientapp-" + name.removeprefix("worker-")
+        assert sorted(named[f"{stores[0]}-run"]) == [clientapp, name]
         device_volumes.append(stores[0])
     assert len(set(device_volumes)) == len(devices) >= 2
     superlink = compose["services"]["superlink"]
@@ -254,9 +255,9 @@ def test_compose_nodes_and_executors_reach_their_apis(compose) -> None:
         assert _arg(_command(service)[1], "--runtime-api-address") == (
             f"127.0.0.1:{_arg(node_args, '--port')}"
         )
-        # A real device: its store and the federation's size, no partition to replay.
+        # A real device: no partition to replay (its worker knows the federation's size).
         node_config = _arg(node_args, "--node-config")
-        assert "partition-id" not in node_config and "num-partitions=" in node_config
+        assert "partition-id" not in node_config
 
 
 def test_compose_certificates_are_make_certs_outputs(compose, cert_names) -> None:
@@ -321,10 +322,24 @@ def test_compose_is_secure_by_default(compose) -> None:
     for service in _services(compose, "supernode-").values():
         args = _command(service)[1]
         assert _arg(args, "--root-certificates") and _arg(args, "--auth-supernode-private-key")
-    for name, service in _services(compose, "clientapp-").items():
-        i = name.removeprefix("clientapp-")
+    for name, service in _services(compose, "worker-").items():
+        i = name.removeprefix("worker-")
         value = service["environment"]["FEDPERSONA_PASSPHRASE"]
         assert value.startswith(f"${{FEDPERSONA_PASSPHRASE_{i}:?"), value
+
+
+def test_compose_clientapps_get_the_workers_socket_and_nothing_of_the_device(compose) -> None:
+    # The ClientApp runs the server's code: no passphrase or key in its environment or
+    # arguments, no mount of the device's store; its SuperNode's node config names the
+    # worker's socket only.
+    services = compose["services"]
+    for name, service in _services(compose, "clientapp-").items():
+        i = name.removeprefix("clientapp-")
+        text = yaml.safe_dump(service)
+        assert "PASSPHRASE" not in text and "key-file" not in text and "data-dir" not in text
+        assert [m.split(":")[0] for m in service["volumes"]] == [f"device-{i}-run"], name
+        node_config = _arg(_command(services[f"supernode-{i}"])[1], "--node-config")
+        assert node_config.startswith("worker-socket=") and " " not in node_config.strip(), name
 
 
 def test_compose_device_workers_match_their_supernodes(compose) -> None:
@@ -350,12 +365,14 @@ def test_compose_device_workers_match_their_supernodes(compose) -> None:
         sock = str(ctx.params["socket"])
         node_config = _arg(_command(supernodes[f"supernode-{i}"])[1], "--node-config")
         assert f'{worker.SOCKET_KEY}="{sock}"' in node_config, name
-        store = [m for m in service["volumes"] if m.endswith(":/device")]
-        assert store == [f"device-{i}:/device"] and sock.startswith("/device/"), name
+        # The worker holds the store (its --data-dir on the device's volume) and the socket's
+        # volume, which its ClientApps share.
+        assert str(ctx.params["data_dir"]) == "/device", name
+        assert f"device-{i}:/device" in service["volumes"], name
+        run_mount = f"device-{i}-run:{str(Path(sock).parent)}"
+        assert run_mount in service["volumes"], name
         clientapp = compose["services"][f"clientapp-{i}"]
-        assert store[0] in clientapp["volumes"]
-        env = service["environment"]["FEDPERSONA_PASSPHRASE"]
-        assert env == clientapp["environment"]["FEDPERSONA_PASSPHRASE"], name
+        assert [v.split("  ")[0] for v in clientapp["volumes"]] == [run_mount], name
         assert service["network_mode"] == "none" and "ports" not in service
         assert f"ping('{sock}')" in " ".join(service["healthcheck"]["test"]), name
 

@@ -57,16 +57,28 @@ def _finish(proc: subprocess.Popen, d: LocalDeployment, timeout: float) -> int:
 
 def _finish_watching_apps(
     proc: subprocess.Popen, d: LocalDeployment, timeout: float
-) -> tuple[int, dict[str, set[int]]]:
+) -> tuple[int, dict[str, set[int]], dict[int, str]]:
     """Wait for ``flwr run`` like :func:`_finish`, noting meanwhile which processes start
-    ``flwr-serverapp`` and ``flwr-clientapp`` (their parents' PIDs)."""
+    ``flwr-serverapp`` and ``flwr-clientapp`` (their parents' PIDs), and what each ClientApp
+    process was given: its ``/proc/<pid>/environ`` and command line, as text."""
     parents: dict[str, set[int]] = {"flwr-serverapp": set(), "flwr-clientapp": set()}
+    clientapps: dict[int, str] = {}
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         for program, seen in parents.items():
-            seen.update(d.children_running(program).values())
-        time.sleep(0.5)
-    return _finish(proc, d, timeout=max(1.0, deadline - time.monotonic())), parents
+            running = d.children_running(program)
+            seen.update(running.values())
+            if program == "flwr-clientapp":
+                for pid in set(running) - set(clientapps):
+                    with contextlib.suppress(OSError):  # it may have finished already
+                        given = b"".join(
+                            Path(f"/proc/{pid}/{part}").read_bytes()
+                            for part in ("environ", "cmdline")
+                        )
+                        clientapps[pid] = given.replace(b"\0", b"\n").decode(errors="replace")
+        time.sleep(0.2)
+    code = _finish(proc, d, timeout=max(1.0, deadline - time.monotonic()))
+    return code, parents, clientapps
 
 
 # ---- TLS + SuperNode authentication + isolation process --------------------------------------
@@ -154,7 +166,7 @@ def test_tls_authenticated_process_isolated_federation_runs_two_rounds(tls_deplo
     config = tiny_run_config(d.root, "tls", **{"data.num-users": REGISTERED})
 
     # Execute
-    code, parents = _finish_watching_apps(d.run(config), d, timeout=900)
+    code, parents, clientapps = _finish_watching_apps(d.run(config), d, timeout=900)
 
     # Assert: both rounds aggregated all three registered devices, and only them.
     assert code == 0, d.log("flwr-run")[-3000:]
@@ -174,11 +186,23 @@ def test_tls_authenticated_process_isolated_federation_runs_two_rounds(tls_deplo
     assert parents["flwr-serverapp"] == {d.procs["serverapp"].pid}
     assert parents["flwr-clientapp"] == {d.procs[f"clientapp{i}"].pid for i in range(REGISTERED)}
     assert "fedpersona: strategy=" in d.log("flwr-run")
-    # Each device's worker answered its two training and two evaluation messages.
+    # Each device's worker ran its side of both rounds' four SecAgg+ stages (training within
+    # the masked-vector stage) and answered both evaluations.
     for i in range(REGISTERED):
         log = d.log(f"worker{i}")
-        assert log.count(": train answered in") == 2, log[-2000:]
+        assert log.count(": secagg answered in") == 2 * 4, log[-2000:]
         assert log.count(": evaluate answered in") == 2, log[-2000:]
+    # The ClientApp processes (the server's code) were given no passphrase, key file or store:
+    # not in their environment or command line, not in their SuperNode's node config.
+    from common.crypto import PASSPHRASE_ENV
+
+    assert clientapps, "no ClientApp process was seen running"
+    secrets = [PASSPHRASE_ENV, *(str(d.root / f"device{i}") for i in range(REGISTERED))]
+    for pid, given in clientapps.items():
+        assert not [s for s in secrets if s in given], (pid, given)
+    for i in range(REGISTERED):
+        supernode = " ".join(psutil.Process(d.procs[f"supernode{i}"].pid).cmdline())
+        assert str(d.root / f"device{i}") not in supernode and "data-dir" not in supernode
 
 
 # ---- a SuperNode lost in the middle of a SecAgg+ round ---------------------------------------

@@ -70,6 +70,15 @@ def _bad_message(kind: str, tensors: dict[str, torch.Tensor]) -> Message:
         bad = tensors[name].numpy().copy()
         bad.flat[0] = np.nan
         record[name] = Array(bad)
+    elif kind == "huge":  # finite, and it would overflow every forward pass
+        bad = tensors[name].numpy().copy()
+        bad.flat[0] = 3e38
+        record[name] = Array(bad)
+    elif kind == "padded-payload":  # the right declared shape over 64 MiB of bytes
+        good = record[name]
+        record[name] = Array(
+            dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data + bytes(1 << 26)
+        )
     if kind == "no-round":
         return _with_content(RecordDict({"arrays": record, "config": ConfigRecord({})}))
     if kind == "round-zero":
@@ -93,6 +102,8 @@ BAD_SERVER_MESSAGES = {
     "oversized": "shape mismatch",
     "int-dtype": "expected floating point",
     "nan": "non-finite",
+    "huge": "beyond 10000",
+    "padded-payload": "more than its shape can hold",
     "no-round": "server-round",
     "round-zero": "server-round",
 }
@@ -117,6 +128,52 @@ def test_device_rejects_malformed_server_message_and_keeps_its_state(tmp_path, k
     logged = [r.getMessage() for r in caplog.records]
     assert any("rejecting the server's" in m and BAD_SERVER_MESSAGES[kind] in m for m in logged)
     assert stored_device_state(tmp_path / "dev") == before
+
+
+@pytest.mark.parametrize(
+    "kind", ["huge", "padded-payload", "too-many-arrays"], ids=lambda k: f"secagg-{k}"
+)
+def test_device_rejects_huge_or_oversized_arrays_on_the_secagg_path_before_decoding(
+    tmp_path, caplog, monkeypatch, kind
+) -> None:
+    from flwr.common import FitIns
+
+    # Prepare: the legacy record a SecAgg+ round delivers, bent; decoding is watched.
+    raw = tiny_run_config()
+    cfg = parse_run_config(raw)
+    rt = get_runtime(cfg)
+    arrays = [rt.init[n].numpy().copy() for n in rt.shared_names]
+    if kind == "huge":
+        arrays[0].flat[0] = 3e38
+    if kind == "too-many-arrays":
+        arrays.append(np.zeros((2048, 2048), np.float32))
+    content = compat.fitins_to_recorddict(
+        FitIns(ndarrays_to_parameters(arrays), {"server-round": 1}), keep_input=True
+    )
+    if kind == "padded-payload":
+        record = content.array_records["fitins.parameters"]
+        key = next(iter(record))
+        good = record[key]
+        record[key] = Array(
+            dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data + bytes(1 << 26)
+        )
+    decoded = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: decoded.append(1) or real_load(*a, **k))
+    ctx = make_context(raw, device_node_config(tmp_path / "dev", 0, 4))
+
+    # Execute
+    with pytest.raises(DeviceError, match="rejected-message") as err:
+        client_train(_with_content(content), ctx)
+
+    # Assert: a code only; the reason logged; nothing stored; oversized payloads undecoded.
+    assert str(err.value) == "device error: rejected-message (the reason is in the device's log)"
+    reason = {"huge": "beyond 10000", "padded-payload": "more than its shape can hold",
+              "too-many-arrays": "arrays, got"}[kind]  # fmt: skip
+    assert reason in caplog.text
+    if kind != "huge":
+        assert decoded == []
+    assert stored_device_state(tmp_path / "dev")["ledger"] is None
 
 
 def test_device_rejects_integer_arrays_on_the_secagg_path(tmp_path, caplog) -> None:
@@ -418,7 +475,7 @@ def test_malformed_masked_vector_counts_as_a_dropout(kind, caplog) -> None:
         min_nodes=5,
     )
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    workflow = secagg_workflow(params, timeout=30, evaluate=False, shapes=shapes)
+    workflow = secagg_workflow(params, timeout=30, min_masked=3, evaluate=False, shapes=shapes)
 
     # Execute
     workflow(grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy))

@@ -352,11 +352,12 @@ def test_seven_of_eight_declining_leave_at_setup_and_no_masked_vector_reaches_th
     }
 
     # Execute
-    grid, strategy = secagg_device_round(raw, nodes, min_updates=8, threshold=0.1)
+    grid, strategy = secagg_device_round(raw, nodes, min_updates=8)
 
     # Assert: the seven left at setup (an error code, no text), which halts the round (the one
     # left would also refuse to mask into a cohort of 1, see the test above); the server
-    # received no masked vector and released nothing; nobody was charged.
+    # received no masked vector and released nothing (the round is closed as discarded);
+    # nobody was charged.
     setup = {nid: reply for nid, stage, reply in grid.received if stage == "setup"}
     assert all(setup[nid].has_error() for nid in range(2, 9)) and not setup[1].has_error()
     assert all("device error: declined" in setup[nid].error.reason for nid in range(2, 9))
@@ -366,7 +367,7 @@ def test_seven_of_eight_declining_leave_at_setup_and_no_masked_vector_reaches_th
         if stage == "collect_masked_vectors" and not reply.has_error()
     ]
     assert masked == []
-    assert strategy.recorder._train.get(1) is None
+    assert strategy.recorder._train[1]["released"] is False
     for nid in range(1, 9):
         with open_test_store(tmp_path / f"d{nid}") as store:
             ledger = store.get_json("ledger")
@@ -375,3 +376,97 @@ def test_seven_of_eight_declining_leave_at_setup_and_no_masked_vector_reaches_th
         else:
             assert ledger["events"] == []
             assert "at SecAgg+ setup" in ledger["declined"][-1]["reason"]
+
+
+def _stage_replies(grid, stage: str) -> dict:  # type: ignore[no-untyped-def]
+    return {nid: reply for nid, s, reply in grid.received if s == stage}
+
+
+# What a server could bend in the SecAgg+ setup it sends (4 devices, m_min = 4), and the words
+# of the reason each device keeps.
+BENT_SETUPS = {
+    "clipping range without room for the noise": ({"clipping_range": 0.01}, "clipping range"),
+    "threshold of half the neighbours": ({"reconstruction_threshold": 2}, "threshold"),
+    "quantization that wraps the modulus": ({"quantization_range": 2**31}, "wrap"),
+    "a weight range other than 1": ({"max_weight": 4.0}, "max_weight"),
+}
+
+
+@pytest.mark.parametrize("bent", BENT_SETUPS)
+def test_a_server_bending_the_secagg_setup_is_declined_by_every_device(tmp_path, bent) -> None:
+    # Prepare: four real devices under SecAgg+ with distributed noise sized for m_min = 4.
+    from tests.conftest import permissive_policy
+    from tests.flower_harness import secagg_device_round
+
+    override, words = BENT_SETUPS[bent]
+    raw = tiny_run_config(**{"data.num-users": 4, "train.local-steps": 1, "dp.clip-norm": 0.01})
+    policy = permissive_policy(require_secagg=True, min_cohort=4)
+    nodes = {
+        nid: device_node_config(tmp_path / f"d{nid}", nid - 1, 4, policy=policy)
+        for nid in range(1, 5)
+    }
+
+    # Execute
+    grid, strategy = secagg_device_round(raw, nodes, min_updates=4, params_override=override)
+
+    # Assert: every device left at setup with a code; no masked vector; nothing charged.
+    setup = _stage_replies(grid, "setup")
+    assert all("device error: declined" in setup[nid].error.reason for nid in range(1, 5))
+    assert _stage_replies(grid, "collect_masked_vectors") == {}
+    assert strategy.recorder._train[1]["released"] is False
+    for nid in range(1, 5):
+        with open_test_store(tmp_path / f"d{nid}") as store:
+            ledger = store.get_json("ledger")
+        assert ledger["events"] == []
+        assert words in ledger["declined"][-1]["reason"]
+
+
+@pytest.mark.parametrize("server", ["aborts", "unmasks anyway"])
+def test_a_device_lost_after_key_sharing_leaves_no_under_noised_sum(tmp_path, server) -> None:
+    # Prepare: three real devices, noise shares sized for m_min = 3; device 3 completes key
+    # sharing and is lost before it sends its masked vector, so the sum would hold two shares.
+    # An honest server aborts before unmasking; a curious one (min_masked = 1) asks anyway.
+    from tests.conftest import permissive_policy
+    from tests.flower_harness import secagg_device_round
+
+    raw = tiny_run_config(
+        **{"data.num-users": 3, "dp.min-clients": 3, "train.local-steps": 1, "dp.clip-norm": 0.01}
+    )
+    policy = permissive_policy(require_secagg=True, min_cohort=3)
+    nodes = {
+        nid: device_node_config(tmp_path / f"d{nid}", nid - 1, 3, policy=policy)
+        for nid in (1, 2, 3)
+    }
+    min_masked = 3 if server == "aborts" else 1
+
+    # Execute
+    grid, strategy = secagg_device_round(
+        raw, nodes, min_updates=3, min_masked=min_masked, drop={"collect_masked_vectors": {3}}
+    )
+
+    # Assert: two masked vectors reached the server and nothing was unmasked or released.
+    masked = _stage_replies(grid, "collect_masked_vectors")
+    assert sorted(nid for nid, r in masked.items() if not r.has_error()) == [1, 2]
+    unmask = _stage_replies(grid, "unmask")
+    if server == "aborts":
+        assert unmask == {}
+    else:  # both survivors refused to hand out mask shares, with a code
+        assert sorted(unmask) == [1, 2]
+        assert all("device error: unmask-refused" in r.error.reason for r in unmask.values())
+        for nid in (1, 2):
+            with open_test_store(tmp_path / f"d{nid}") as store:
+                reason = store.get_json("ledger")["declined"][-1]["reason"]
+            assert reason.startswith("at unmasking: only 2 of this device's neighbours")
+    assert strategy.recorder._train[1]["released"] is False
+
+
+def test_unmasking_a_node_both_alive_and_dead_is_refused() -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    from client.gate import unmask_problem
+
+    ok = {Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: [4]}
+    both = {Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: [3]}
+    assert unmask_problem(ok, required=3) is None
+    assert "both active and dead" in unmask_problem(both, required=3)
+    assert "only 3" in unmask_problem(ok, required=4)

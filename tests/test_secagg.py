@@ -41,9 +41,13 @@ def _vector_app(updates: dict[int, list[np.ndarray]], weights: dict[int, int]) -
     return app
 
 
-def _run_round(grid: InProcessGrid, strategy: SecAggDPStrategy, params) -> None:  # type: ignore[no-untyped-def]
+def _run_round(  # type: ignore[no-untyped-def]
+    grid: InProcessGrid, strategy: SecAggDPStrategy, params, *, min_masked: int | None = None
+) -> None:
+    """One round; the server unmasks a sum of at least ``min_masked`` (default m_min) nodes."""
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    workflow = secagg_workflow(params, timeout=30, evaluate=False)
+    masked = strategy.min_updates if min_masked is None else min_masked
+    workflow = secagg_workflow(params, timeout=30, min_masked=masked, evaluate=False)
     workflow(grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy))
 
 
@@ -143,6 +147,45 @@ def test_one_of_five_dropped_at_each_stage(stage) -> None:
         np.testing.assert_allclose(
             strategy.current[i], expected, atol=3 * params.quantization_step + 1e-6
         )
+
+
+def test_more_nodes_than_planned_get_a_quantization_range_that_does_not_wrap() -> None:
+    # Prepare: SecAgg+ parameters derived for 2 clients (range 2**30), then 8 nodes sampled:
+    # 8 quantized updates in [0, 2**30] would wrap the 2**32 modulus.
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from common.secagg import quantization_range_for
+
+    rng = np.random.default_rng(5)
+    shapes = [(6,)]
+    updates = _clipped_updates(8, shapes, 1.0, rng)
+    params = derive_secagg_params(
+        clip_norm=1.0,
+        noise_std=0.0,
+        num_clients=2,
+        num_params=6,
+        num_shares=1.0,
+        reconstruction_threshold=0.67,
+    )
+    grid = InProcessGrid(_vector_app(updates, dict.fromkeys(updates, 1)), {n: {} for n in updates})
+    strategy = _strategy(shapes, 8, min_updates=8)
+
+    # Execute
+    _run_round(grid, strategy, params)
+
+    # Assert: the range the devices were sent fits 8, and the mean is right.
+    q = quantization_range_for(8)
+    assert params.quantization_range == 2**30 and q == 2**28
+    sent = {
+        msg.content.config_records[RECORD_KEY_CONFIGS][Key.TARGET_RANGE]
+        for msg in grid.sent
+        if RECORD_KEY_CONFIGS in msg.content.config_records
+        and Key.TARGET_RANGE in msg.content.config_records[RECORD_KEY_CONFIGS]
+    }
+    assert sent == {q}
+    expected = sum(u[0] for u in updates.values()) / 8
+    step = 2 * params.clipping_range / q
+    np.testing.assert_allclose(strategy.current[0], expected, atol=3 * step + 1e-6)
 
 
 def test_too_few_updates_discard_the_round() -> None:
@@ -264,7 +307,7 @@ def test_simulation_nodes_hosting_users_aggregate_per_user(tmp_path) -> None:
     g = {n: rt.init[n] for n in rt.shared_names}
 
     # Execute: one SecAgg+ round; the same users alone; one node's evaluation.
-    _run_round(grid, strategy, params)
+    _run_round(grid, strategy, params, min_masked=2)  # 6 users on 2 nodes
     alone = []
     for user in range(6):
         with open_test_store(tmp_path / "alone" / str(user)) as store:

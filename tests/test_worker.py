@@ -1,8 +1,11 @@
-"""The device worker: the ClientApp forwards training and evaluation to a long-lived process."""
+"""The device worker: one device's long-lived process, the only one that unlocks its store.
+
+The ClientApp (the server's code) gets the worker's socket and nothing else; training,
+evaluation and the device's side of SecAgg+ run in the worker.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -36,13 +39,16 @@ from tests.conftest import (
 )
 
 
-def _start_worker(sock: Path) -> subprocess.Popen:
+def _start_worker(sock: Path, data_dir: Path | None = None) -> subprocess.Popen:
+    """``fedpersona device worker`` for the device in ``data_dir`` (default: a fresh one
+    beside the socket), once its socket answers."""
+    if data_dir is None:
+        data_dir = sock.with_suffix(".dev")
+        device_node_config(data_dir, 0, 4)
+    cmd = [sys.executable, "-m", "common.cli", "device", "worker", "--socket", str(sock)]
+    cmd += ["--data-dir", str(data_dir), "--key-file", str(device_key(data_dir))]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "device", "worker", "--socket", str(sock)],
-        cwd=PROJECT_DIR,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        cmd, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.monotonic() + 180
     while not (sock.is_socket() and worker.key_path(sock).exists()):
@@ -76,6 +82,7 @@ def sock_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def running_worker(sock_dir: Path) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """A worker for a device of its own (``<sock_dir>/w.dev``)."""
     sock = sock_dir / "w.sock"
     proc = _start_worker(sock)
     yield sock, proc
@@ -84,9 +91,13 @@ def running_worker(sock_dir: Path) -> Iterator[tuple[Path, subprocess.Popen]]:
     assert not sock.exists() and not worker.key_path(sock).exists()  # cleaned up on SIGTERM
 
 
-def test_worker_answers_like_the_clientapp_process(tmp_path, running_worker) -> None:
-    # Prepare: two copies of a device that trained round 1 in-process.
-    sock, proc = running_worker
+def _relay(sock: Path, partition: int = 0, partitions: int = 4) -> dict:
+    """What a device's SuperNode gives its ClientApps: the worker's socket (and labels)."""
+    return {worker.SOCKET_KEY: str(sock), "partition-id": partition, "num-partitions": partitions}
+
+
+def test_worker_answers_like_the_clientapp_process(tmp_path, sock_dir) -> None:
+    # Prepare: two copies of a device that trained round 1 in-process; a worker for one.
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
     here = tmp_path / "here"
@@ -97,17 +108,22 @@ def test_worker_answers_like_the_clientapp_process(tmp_path, running_worker) -> 
     there = tmp_path / "there"
     shutil.copytree(here, there)
     shutil.copy2(device_key(here), there.with_name("there.key"))  # the same device, copied
-    via_worker = make_context(
-        raw, {**device_node_config(there, 0, 4), worker.SOCKET_KEY: str(sock)}
-    )
+    sock = sock_dir / "copy.sock"
+    proc = _start_worker(sock, there)
     evaluate_msg = make_message(to_arrayrecord(initial_shared(cfg)), "evaluate")
 
-    # Execute
-    local = client_evaluate(evaluate_msg, make_context(raw, device_node_config(here, 0, 4)))
-    remote = client_evaluate(evaluate_msg, via_worker)
-    trained = client_train(
-        make_message(to_arrayrecord(initial_shared(cfg)), "train", server_round=2), via_worker
-    )
+    # Execute: the ClientApp names no store, only the worker; a second store it names is
+    # ignored (the worker serves its own device).
+    try:
+        local = client_evaluate(evaluate_msg, make_context(raw, device_node_config(here, 0, 4)))
+        remote = client_evaluate(evaluate_msg, make_context(raw, _relay(sock)))
+        named = {**_relay(sock), "data-dir": str(tmp_path / "elsewhere"), "key-file": "/nope"}
+        trained = client_train(
+            make_message(to_arrayrecord(initial_shared(cfg)), "train", server_round=2),
+            make_context(raw, named),
+        )
+    finally:
+        _stop(proc)
 
     # Assert: the same evaluation, and the worker's round 2 committed to its device's store.
     assert dict(remote.content["metrics"]) == pytest.approx(dict(local.content["metrics"]))
@@ -117,34 +133,39 @@ def test_worker_answers_like_the_clientapp_process(tmp_path, running_worker) -> 
         assert trained.content["arrays"][name].numpy().shape == tuple(tensor.shape)
     assert [e["round"] for e in stored_device_state(there)["ledger"]["events"]] == [1, 2]
     assert [e["round"] for e in stored_device_state(here)["ledger"]["events"]] == [1]
-    assert proc.poll() is None
+    assert not (tmp_path / "elsewhere").exists()
 
 
-def test_worker_rejects_a_bad_message_keeps_the_store_and_serves_on(
-    tmp_path, running_worker, caplog
-):
+def test_worker_rejects_a_bad_message_keeps_the_store_and_serves_on(tmp_path, sock_dir):
     # Prepare
-    sock, proc = running_worker
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
-    ctx = make_context(
-        raw, {**device_node_config(tmp_path / "dev", 0, 4), worker.SOCKET_KEY: str(sock)}
-    )
-    client_train(make_message(to_arrayrecord(initial_shared(cfg)), "train"), ctx)
-    before = stored_device_state(tmp_path / "dev")
+    sock, data_dir = sock_dir / "bad.sock", tmp_path / "dev"
+    device_node_config(data_dir, 0, 4)
+    proc = _start_worker(sock, data_dir)
+    ctx = make_context(raw, _relay(sock))
     bad = make_message(to_arrayrecord(initial_shared(cfg)), "train", server_round=2)
     bad.content = RecordDict({"arrays": bad.content["arrays"], "config": ConfigRecord({})})
 
     # Execute
-    with pytest.raises(DeviceError, match="rejected-message"):
-        client_train(bad, ctx)
-    assert re.search("rejecting the server's fitins message.*server-round", caplog.text)
+    try:
+        client_train(make_message(to_arrayrecord(initial_shared(cfg)), "train"), ctx)
+        before = stored_device_state(data_dir)
+        with pytest.raises(DeviceError, match="rejected-message") as refused:
+            client_train(bad, ctx)
+        after_bad = stored_device_state(data_dir)
+        good = make_message(to_arrayrecord(initial_shared(cfg)), "train", server_round=2)
+        client_train(good, ctx)
+        assert proc.poll() is None
+    finally:
+        log = _stop(proc)
 
-    # Assert: nothing stored, and the worker answers the next (good) message.
-    assert stored_device_state(tmp_path / "dev") == before
-    client_train(make_message(to_arrayrecord(initial_shared(cfg)), "train", server_round=2), ctx)
-    assert [e["round"] for e in stored_device_state(tmp_path / "dev")["ledger"]["events"]] == [1, 2]
-    assert proc.poll() is None
+    # Assert: the ClientApp got a code, the reason is in the worker's log only; nothing was
+    # stored for the bad message; the worker answered the next (good) one.
+    assert "server-round" not in str(refused.value)
+    assert re.search("rejecting the server's fitins message.*server-round", log)
+    assert after_bad == before
+    assert [e["round"] for e in stored_device_state(data_dir)["ledger"]["events"]] == [1, 2]
 
 
 def test_wrong_key_is_refused_and_the_worker_serves_on(tmp_path, running_worker, sock_dir):
@@ -152,43 +173,58 @@ def test_wrong_key_is_refused_and_the_worker_serves_on(tmp_path, running_worker,
     impostor = sock_dir / "impostor.sock"
     os.symlink(sock, impostor)
     create_key_file(worker.key_path(impostor))  # a well-formed 0600 key, not the worker's
-    raw = tiny_run_config()
-    ctx = make_context(raw, device_node_config(tmp_path / "dev", 0, 4))
+    ctx = make_context(tiny_run_config(), _relay(sock))
 
     with pytest.raises(worker.WorkerUnavailable, match="no device worker answers"):
         worker.forward(str(impostor), "train", RecordDict(), ctx)
 
-    with pytest.raises(ValueError, match="rejecting the server's evaluateins message"):
+    with pytest.raises(DeviceError, match="rejected-message"):
         worker.forward(str(sock), "evaluate", RecordDict(), ctx)  # answered: it serves on
 
 
-def test_unknown_kind_and_an_empty_message_are_errors(tmp_path, running_worker) -> None:
+def test_unknown_kind_and_an_empty_message_are_errors(running_worker) -> None:
     sock, proc = running_worker
-    ctx = make_context(tiny_run_config(), device_node_config(tmp_path / "dev", 0, 4))
+    ctx = make_context(tiny_run_config(), _relay(sock))
     with pytest.raises(ValueError, match="unknown message kind"):
         worker.forward(str(sock), "query", RecordDict(), ctx)
-    with pytest.raises(ValueError, match="rejecting the server's evaluateins message"):
+    with pytest.raises(DeviceError, match="rejected-message"):
         worker.forward(str(sock), "evaluate", RecordDict(), ctx)  # no arrays
     assert proc.poll() is None
 
 
-def test_without_a_worker_the_clientapp_answers_itself(tmp_path, caplog, sock_dir) -> None:
+def test_a_device_whose_worker_is_down_answers_with_a_code_only(tmp_path, sock_dir) -> None:
+    # The ClientApp holds no store to fall back on: the message fails, nothing else happens.
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
-    missing = sock_dir / "nobody.sock"
-    ctx = make_context(
-        raw, {**device_node_config(tmp_path / "dev", 0, 4), worker.SOCKET_KEY: str(missing)}
-    )
+    ctx = make_context(raw, _relay(sock_dir / "nobody.sock"))
 
-    with caplog.at_level(logging.WARNING):
-        reply = client_train(make_message(to_arrayrecord(initial_shared(cfg)), "train"), ctx)
+    with pytest.raises(DeviceError, match="worker-unavailable") as failed:
+        client_train(make_message(to_arrayrecord(initial_shared(cfg)), "train"), ctx)
+    assert "nobody.sock" not in str(failed.value)
 
-    assert set(reply.content["arrays"].keys()) == set(initial_shared(cfg))
-    assert any(
-        "answering the train message in the ClientApp process" in r.getMessage()
-        for r in caplog.records
-    )
-    assert [e["round"] for e in stored_device_state(tmp_path / "dev")["ledger"]["events"]] == [1]
+
+def test_a_worker_without_a_device_refuses_a_store_named_by_the_clientapp() -> None:
+    with pytest.raises(ValueError, match="started without one"):
+        worker._node_config({"data-dir": "/somewhere", "key-file": "/k"}, None)
+    assert worker._node_config({"partition-id": 3, "data-dir": "/x"}, {"data-dir": "/mine"}) == {
+        "partition-id": 3,
+        "data-dir": "/mine",
+    }
+
+
+def test_a_worker_that_cannot_unlock_its_store_does_not_start(tmp_path, sock_dir) -> None:
+    data_dir = tmp_path / "dev"
+    device_node_config(data_dir, 0, 4)
+    wrong = tmp_path / "wrong.key"
+    create_key_file(wrong)
+    sock = sock_dir / "locked.sock"
+    done = subprocess.run(
+        [sys.executable, "-m", "common.cli", "device", "worker", "--socket", str(sock),
+         "--data-dir", str(data_dir), "--key-file", str(wrong), "--no-preload"],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and "error" in done.stdout.lower()
+    assert not sock.exists()
 
 
 def test_second_worker_on_a_live_socket_is_refused_and_a_stale_one_replaced(
@@ -217,27 +253,41 @@ def test_socket_path_too_long_is_a_clear_error(tmp_path) -> None:
         worker.serve(tmp_path / ("x" * 120) / "w.sock", preload=False)
 
 
-def test_the_secagg_setup_check_is_asked_of_the_worker(tmp_path, running_worker) -> None:
-    # Prepare: two devices whose worker runs; one's owner requires more noise than the round.
-    from client.client_app import _setup_refusal
+def test_a_secagg_round_runs_in_the_workers_and_the_clientapps_relay_masked_vectors(
+    tmp_path, sock_dir
+) -> None:
+    # Prepare: two real devices, each with its worker; their ClientApps know only the
+    # sockets. Distributed noise sized for m_min = 2, which their owners accept.
     from tests.conftest import permissive_policy
+    from tests.flower_harness import secagg_device_round
 
-    sock, _ = running_worker
-    raw = tiny_run_config()
-    contexts = {}
-    for name, floor in (("accepts", 0.0), ("refuses", 100.0)):
-        node = device_node_config(
-            tmp_path / name, 0, 4, policy=permissive_policy(min_noise_multiplier=floor)
+    raw = tiny_run_config(**{"data.num-users": 2, "train.local-steps": 1, "dp.clip-norm": 0.01})
+    procs, nodes = [], {}
+    for nid in (1, 2):
+        data_dir = tmp_path / f"d{nid}"
+        device_node_config(
+            data_dir, nid - 1, 2, policy=permissive_policy(require_secagg=True, min_cohort=2)
         )
-        contexts[name] = make_context(raw, {**node, worker.SOCKET_KEY: str(sock)})
+        sock = sock_dir / f"sa{nid}.sock"
+        procs.append(_start_worker(sock, data_dir))
+        nodes[nid] = _relay(sock, nid - 1, 2)
 
     # Execute
-    answers = {name: _setup_refusal(ctx) for name, ctx in contexts.items()}
+    try:
+        grid, strategy = secagg_device_round(raw, nodes, min_updates=2)
+    finally:
+        logs = [_stop(p) for p in procs]
 
-    # Assert: the worker's answer, and the refusal kept in the refusing device's ledger.
-    assert answers["accepts"] is None
-    assert "σ >= 100" in answers["refuses"]
-    assert (
-        "at SecAgg+ setup"
-        in stored_device_state(tmp_path / "refuses")["ledger"]["declined"][0]["reason"]
-    )
+    # Assert: released; each worker trained and charged its own device; what left each
+    # ClientApp at the masked-vector stage is the masked vector and nothing in the clear.
+    assert strategy.recorder._train[1]["released"] is True, logs
+    for nid in (1, 2):
+        assert len(stored_device_state(tmp_path / f"d{nid}")["ledger"]["events"]) == 1
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    for nid, stage, reply in grid.received:
+        assert not reply.has_error(), (nid, stage, reply.error)
+        if stage == "collect_masked_vectors":
+            assert all(len(r) == 0 for r in reply.content.array_records.values())
+            assert Key.MASKED_PARAMETERS in reply.content.config_records[RECORD_KEY_CONFIGS]
+    assert all(ctx.state.config_records == {} for ctx in grid.contexts.values())

@@ -6,11 +6,25 @@ first ``audit.canary-users`` users. After federation, its exposure (:func:`commo
 exposure`) ranks the canary's loss among ``2^k − 1`` candidates of the same format that were
 never planted: ~1 bit means the model did not memorize it, log2 |R| that it is the likeliest.
 Canaries are derived from the run seed, so the evaluator rebuilds them without the devices.
+
+**One-run audit** (``audit.one-run``; Steinke, Nasr & Jagielski, "Privacy Auditing with One (1)
+Training Run", NeurIPS 2023): each canary is planted with probability ½ (a coin from the run
+seed, which only the auditor knows), canary j in user ``j mod audit.canary-users``'s data
+only. After the run the auditor scores every canary on the released model (how much lower
+its loss is than under the base model), guesses "planted" for the top scores and "not
+planted" for the bottom ones, and counts its correct guesses: an (ε, δ)-DP release lets at
+most a Binomial(r, e^ε/(1 + e^ε)) number of r guesses be right, up to a δ term, so many
+correct guesses **prove** the release is not (ε, δ)-DP for small ε
+(:func:`epsilon_lower_bound`). That is an empirical lower bound to set beside the
+accountant's upper bound, for the neighbouring relation "one record of one user's data
+present or absent" (within one user: a replacement of that user's data).
 """
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Sequence
 
 from common.config import RunConfig
 from common.data import Sample
@@ -32,11 +46,92 @@ def canaries(cfg: RunConfig) -> list[Sample]:
     ]
 
 
+def included(cfg: RunConfig) -> list[bool]:
+    """Which canaries the one-run audit plants (independent fair coins from the run seed);
+    every canary without ``audit.one-run``."""
+    if not cfg.audit.one_run:
+        return [True] * cfg.audit.canaries
+    rng = random.Random(f"one-run:{cfg.seed}")
+    return [rng.random() < 0.5 for _ in range(cfg.audit.canaries)]
+
+
 def planted(cfg: RunConfig, partition_id: int) -> list[Sample]:
-    """Canary samples to add to ``partition_id``'s training data (empty for most users)."""
+    """Canary samples to add to ``partition_id``'s training data (empty for most users):
+    every canary in each of the first ``audit.canary-users`` users, or under the one-run
+    audit the planted canaries j with j mod ``canary-users`` = ``partition_id``."""
     if partition_id >= cfg.audit.canary_users:
         return []
-    return [c for c in canaries(cfg) for _ in range(cfg.audit.canary_repeats)]
+    chosen = [
+        c
+        for j, (c, keep) in enumerate(zip(canaries(cfg), included(cfg), strict=True))
+        if keep and (not cfg.audit.one_run or j % cfg.audit.canary_users == partition_id)
+    ]
+    return [c for c in chosen for _ in range(cfg.audit.canary_repeats)]
+
+
+def audit_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """P[at least ``v`` of ``r`` guesses right] for an (ε, δ)-DP release with ``m`` canaries
+    each included with probability ½ (Steinke, Nasr & Jagielski 2023, Theorem 5.2): the
+    Binomial(r, e^ε/(1 + e^ε)) tail, plus δ · 2m times the largest average of the binomial's
+    mass just below ``v``."""
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= v <= r <= m, got v={v}, r={r}, m={m}")
+    from scipy.stats import binom
+
+    q = 1.0 / (1.0 + math.exp(-epsilon))
+    tail = float(binom.sf(v - 1, r, q))
+    alpha = below = 0.0
+    for i in range(1, v + 1):
+        below += float(binom.pmf(v - i, r, q))
+        alpha = max(alpha, below / i)
+    return min(1.0, tail + alpha * delta * 2 * m)
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, *, delta: float, confidence: float = 0.95) -> float:
+    """The largest ε for which ``v`` correct of ``r`` guesses would have probability below
+    1 − ``confidence`` under (ε, δ)-DP (0 when even ε = 0 explains them): with that
+    confidence, the release is not (ε, δ)-DP for any smaller ε."""
+    alpha = 1.0 - confidence
+    if audit_p_value(m, r, v, 0.0, delta) >= alpha:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while audit_p_value(m, r, v, hi, delta) < alpha:
+        lo, hi = hi, hi * 2
+        if hi > 64:
+            return lo
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if audit_p_value(m, r, v, mid, delta) < alpha else (lo, mid)
+    return lo
+
+
+def one_run_audit(
+    scores: Sequence[float],
+    planted_mask: Sequence[bool],
+    *,
+    delta: float,
+    guess_fraction: float = 0.5,
+    confidence: float = 0.95,
+) -> dict[str, float | int]:
+    """Guess and count: "planted" for the ``guess_fraction``/2 highest scores, "not planted"
+    for as many lowest, abstain on the rest (a rule fixed before looking at the coins), and
+    the ε lower bound the correct guesses prove (:func:`epsilon_lower_bound`)."""
+    m = len(scores)
+    if m != len(planted_mask) or m == 0:
+        raise ValueError("need one score per canary, and at least one canary")
+    k = int(m * guess_fraction / 2)
+    order = sorted(range(m), key=lambda i: scores[i])
+    guesses = {i: True for i in order[m - k :]} | {i: False for i in order[:k]}
+    v = sum(planted_mask[i] == g for i, g in guesses.items())
+    return {
+        "canaries": m,
+        "planted": int(sum(planted_mask)),
+        "guesses": 2 * k,
+        "correct": v,
+        "delta": delta,
+        "confidence": confidence,
+        "epsilon_lower_bound": epsilon_lower_bound(m, 2 * k, v, delta=delta, confidence=confidence),
+    }
 
 
 def references(cfg: RunConfig, count: int) -> list[Sample]:

@@ -301,6 +301,9 @@ class AuditConfig:
     canaries: int = 0
     canary_repeats: int = 20
     canary_users: int = 1
+    # One-run audit (Steinke, Nasr & Jagielski 2023): each canary planted with probability ½,
+    # canary j in user j mod canary-users' data only (see common/audit.py).
+    one_run: bool = False
 
     def __post_init__(self) -> None:
         _require(0 <= self.canaries <= 100, "audit.canaries", "must be in [0, 100]")
@@ -550,6 +553,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "audit.canaries": ("audit.canaries", int),
     "audit.canary-repeats": ("audit.canary_repeats", int),
     "audit.canary-users": ("audit.canary_users", int),
+    "audit.one-run": ("audit.one_run", _bool),
     "ab.interactions": ("ab.interactions", int),
     "ab.simulate-ratings": ("ab.simulate_ratings", _bool),
     "eval.local-only": ("eval.local_only", _bool),

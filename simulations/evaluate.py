@@ -248,23 +248,78 @@ class Evaluator:
 
     # ---- privacy audits -----------------------------------------------------------------
 
+    def global_is_base(self) -> bool:
+        """Whether the released global model is the base model (every global LoRA B is zero,
+        as in ``fedsa``): then no audit of the global model can fail."""
+        bs = [t for n, t in self.global_tensors.items() if "lora_B" in n]
+        return bool(bs) and all(not bool(t.abs().max() > 0) for t in bs)
+
     def membership(self, *, per_user: int) -> dict[str, Any]:
-        """Loss-threshold MIA on the global model and, worst case, each personal model."""
-        mem_g, non_g, mem_p, non_p = [], [], [], []
+        """Loss-threshold MIA on the global model and, worst case, each personal model.
+
+        Balanced: per user as many members (training turns) as non-members (held-out turns).
+        Calibrated: the score is the model's loss minus the base model's on the same text, so
+        the offset between a user's older (training) and newer (held-out) turns — which the
+        base model never saw, yet tells apart (``uncalibrated.base``) — does not count as
+        membership. Members are the user's training turns; a device draws rounds × steps ×
+        batch of them with replacement, so some were never trained on (a weaker attack,
+        never an invalid one).
+        """
+        mem_g, non_g, mem_p, non_p, mem_b, non_b = [], [], [], [], [], []
+        raw: dict[str, list[float]] = {"mem_g": [], "non_g": []}
         for user in self.users:
-            members = self.encoded(user, "train", per_user)
-            nonmembers = self.encoded(user, "test", per_user)
-            mem_g += self.losses(self.global_tensors, members)
-            non_g += self.losses(self.global_tensors, nonmembers)
-            mem_p += self.losses(self.personal[user.user], members)
-            non_p += self.losses(self.personal[user.user], nonmembers)
+            k = min(per_user, len(user.train), len(user.test))
+            members = self.encoded(user, "train", k)
+            nonmembers = self.encoded(user, "test", k)
+            base_m = self.losses(self.rt.init, members)
+            base_n = self.losses(self.rt.init, nonmembers)
+            glob_m = self.losses(self.global_tensors, members)
+            glob_n = self.losses(self.global_tensors, nonmembers)
+            pers_m = self.losses(self.personal[user.user], members)
+            pers_n = self.losses(self.personal[user.user], nonmembers)
+            mem_b += base_m
+            non_b += base_n
+            raw["mem_g"] += glob_m
+            raw["non_g"] += glob_n
+            mem_g += [a - b for a, b in zip(glob_m, base_m, strict=True)]
+            non_g += [a - b for a, b in zip(glob_n, base_n, strict=True)]
+            mem_p += [a - b for a, b in zip(pers_m, base_m, strict=True)]
+            non_p += [a - b for a, b in zip(pers_n, base_n, strict=True)]
         return {
             "global": metrics.membership_inference(mem_g, non_g),
             "personal": metrics.membership_inference(mem_p, non_p),
+            "score": "loss minus the base model's loss on the same text",
+            "global_is_base": self.global_is_base(),
+            "uncalibrated": {
+                "base": metrics.membership_inference(mem_b, non_b),
+                "global": metrics.membership_inference(raw["mem_g"], raw["non_g"]),
+            },
             "roc_points": {
                 "global": _roc(mem_g, non_g),
                 "personal": _roc(mem_p, non_p),
             },
+        }
+
+    def one_run(self) -> dict[str, Any] | None:
+        """The one-run audit of the released global model (``audit.one-run``; see
+        :mod:`common.audit`): each canary's score is how much lower its loss is under the
+        global model than under the base model."""
+        if not (self.cfg.audit.one_run and self.cfg.audit.canaries):
+            return None
+        n = self.cfg.data.max_seq_len
+        enc = [encode(c, self.tok, n) for c in audit.canaries(self.cfg)]
+        base = self.losses(self.rt.init, enc)
+        glob = self.losses(self.global_tensors, enc)
+        result = audit.one_run_audit(
+            [b - g for b, g in zip(base, glob, strict=True)],
+            audit.included(self.cfg),
+            delta=self.cfg.privacy.delta,
+        )
+        return {
+            **result,
+            "model": "released global model",
+            "relation": "one canary record present or absent in one user's training data",
+            "global_is_base": self.global_is_base(),
         }
 
     def canaries(self, *, references: int) -> dict[str, Any] | None:
@@ -412,7 +467,15 @@ def evaluate_run(
         logger.info("evaluate: %s done in %.0f s", name, timings[name])
         return result
 
-    everything = {"personalization", "generation", "membership", "canaries", "cold_start", "drift"}
+    everything = {
+        "personalization",
+        "generation",
+        "membership",
+        "canaries",
+        "one-run",
+        "cold_start",
+        "drift",
+    }
     parts = everything if parts is None else set(parts)
     if parts - everything:
         raise ValueError(f"unknown parts {sorted(parts - everything)}; known: {sorted(everything)}")
@@ -430,6 +493,7 @@ def evaluate_run(
     )
     mia = timed("membership", ev.membership, per_user=mia_per_user) if "membership" in parts else {}
     canary = timed("canaries", ev.canaries, references=references) if "canaries" in parts else None
+    one_run = timed("one-run", ev.one_run) if "one-run" in parts else None
     cold = (
         timed("cold_start", ev.cold_start, new_users=new_users, ks=list(ks))
         if "cold_start" in parts
@@ -459,15 +523,21 @@ def evaluate_run(
         "state per user (bytes, largest store)": ev.largest_store(),
         "data retention (days)": DEFAULT_RETENTION_DAYS,
     }
+    # A row whose audit cannot fail says so instead of "meets".
+    vacuous = {"mia_auc (global)"} if mia.get("global_is_base") else set()
     table = [
         {
             "metric": name,
             "target": f"{rule[0]} {rule[1]}",
             "measured": measured[name],
-            "meets": _meets(rule, measured[name]),
+            "meets": "cannot fail (released model = base)"
+            if name in vacuous
+            else _meets(rule, measured[name]),
         }
         for name, rule in SEED_TARGETS.items()
     ]
+    if one_run is not None:
+        one_run["accountant_epsilon"] = user_eps
     result = {
         "run": str(run_dir),
         "strategy": ev.cfg.strategy,
@@ -477,6 +547,7 @@ def evaluate_run(
         "generation": gens,
         "membership_inference": mia,
         "canaries": canary,
+        "one_run_audit": one_run,
         "cold_start": cold,
         "drift": drift,
         "timings_s": {**timings, "total": time.perf_counter() - start},
@@ -499,7 +570,7 @@ def main() -> None:
         "--parts",
         default="",
         help="comma-separated subset of personalization,generation,membership,canaries,"
-        "cold_start,drift (default: all)",
+        "one-run,cold_start,drift (default: all)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -515,6 +586,15 @@ def main() -> None:
     )
     for row in result["seed_targets"]:
         print(f"{row['metric']:34s} {row['target']:>14s}  {row['measured']}  {row['meets']}")
+    if result["one_run_audit"]:
+        o = result["one_run_audit"]
+        print(
+            f"one-run audit: {o['correct']} of {o['guesses']} guesses right on {o['canaries']} "
+            f"canaries ({o['planted']} planted) -> ε >= {o['epsilon_lower_bound']:.3f} "
+            f"({o['confidence']:.0%}, δ = {o['delta']:g}); accountant ε = "
+            f"{o['accountant_epsilon']}"
+            + ("  [cannot fail: released model = base]" if o["global_is_base"] else "")
+        )
 
 
 if __name__ == "__main__":

@@ -128,12 +128,27 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     targets = {row["metric"]: row for row in evaluation["seed_targets"]}
     assert targets["preference alignment (win_rate)"]["measured"] == summary["win_rate"]
     assert 0 <= targets["mia_auc (global)"]["measured"] <= 1
+    # fedsa releases the base model (B = 0): its global audit cannot fail, and says so.
+    assert evaluation["membership_inference"]["global_is_base"] is True
+    assert targets["mia_auc (global)"]["meets"] == "cannot fail (released model = base)"
+    assert evaluation["membership_inference"]["global"]["mia_auc"] == pytest.approx(0.5)
     assert 0 <= targets["personalization accuracy (attribution_acc@10)"]["measured"] <= 1
     assert targets["data retention (days)"]["meets"] is True
     assert 0 < targets["state per user (bytes, largest store)"]["measured"] < 1_000_000
     assert len(evaluation["canaries"]["global"]) == 1
     assert 0 <= evaluation["canaries"]["global"][0] <= 5.0  # log2(32)
     assert {str(k) for k in evaluation["cold_start"]["win_rate_by_k"]} == {"0", "2"}
+    # The one-run audit's machinery on this run (as if its 8 canaries had been coin-planted).
+    from dataclasses import replace
+
+    from simulations.evaluate import Evaluator
+
+    ev = Evaluator(run_dir)
+    ev.cfg = replace(ev.cfg, audit=replace(ev.cfg.audit, one_run=True, canaries=8))
+    one_run = ev.one_run()
+    assert one_run["canaries"] == 8 and one_run["guesses"] == 4
+    assert 0 <= one_run["correct"] <= 4 and one_run["global_is_base"] is True
+    assert one_run["epsilon_lower_bound"] >= 0
     html_path = build_report(run_dir)
     page = html_path.read_text()
     assert page.count("data:image/png;base64,") >= 7  # six plots + A/B

@@ -13,7 +13,7 @@ with fewer than m_min — or than its owner's ``min-cohort`` — it refuses to s
 a server that lost devices (or claimed more than it had) cannot unmask an under-noised sum.
 
 Two more checks close what the server could otherwise bend. **At setup** the SecAgg+ parameters
-it sends are checked (:func:`secagg_setup_problem`): a quantization range too narrow for the
+it sends are checked (:func:`secagg_setup_problem`): a clipping range too narrow for the
 device's noise share would clip the noise away, a reconstruction threshold of half the
 neighbours or less lets a server that lies about dropouts recover one device's masks, and a
 neighbour graph smaller than the cohort the device requires leaves it unable to count the

@@ -5,12 +5,12 @@ and ``process`` isolation alike: each one would import torch, transformers and p
 the base model again (about 12 s on 2 CPU cores before any work). The worker is the
 long-lived half of the ClientApp. It runs beside the SuperNode::
 
-    fedpersona device worker --socket /var/lib/fedpersona/worker.sock
+    fedpersona device worker --socket /run/fedpersona/worker.sock --data-dir /var/lib/fedpersona
 
-and the SuperNode names it in its node config (``worker-socket="…"``). The ClientApp
-(:mod:`client.client_app`, Flower only) then runs the SecAgg+ protocol stages itself and
-forwards each training and evaluation message here, where :mod:`client.handlers` answers it
-with the model already in memory (:func:`client.device.get_runtime` caches it per process).
+and the SuperNode names it in its node config (``worker-socket="…"``, nothing else). The
+ClientApp (:mod:`client.client_app`, Flower only) then relays every message here: training
+and evaluation, which :mod:`client.handlers` answers with the model already in memory
+(:func:`client.device.get_runtime` caches it per process), and the SecAgg+ protocol stages.
 
 The worker belongs to **one device** and is the only process that unlocks it: it is started
 with the device's store (``--data-dir``, ``--key-file`` or ``$FEDPERSONA_PASSPHRASE``) and
@@ -115,8 +115,8 @@ def forward(
     with the message's ``metadata``); return its reply.
 
     Raises:
-        WorkerUnavailable: Nothing answers at ``socket_path`` (the caller may answer the
-            message itself).
+        WorkerUnavailable: Nothing answers at ``socket_path`` (the message then fails with
+            the code ``worker-unavailable``: the ClientApp holds no store to answer it with).
         DeviceError: The worker refused or failed on the message: its code (the reason is in
             the worker's log; this process may be the server's code).
         RuntimeError: The worker died while answering.

@@ -54,7 +54,7 @@ def federation_size(cfg: RunConfig) -> int:
         return cfg.data.num_users
     if cfg.dp.min_clients > 0:
         return cfg.dp.min_clients
-    if cfg.dp.noise_mode != "distributed" or not cfg.dp.adds_noise:
+    if not cfg.dp.distributed:
         return 1
     raise ValueError(
         "the device cannot size its share of the noise: the run config sets neither "
@@ -81,8 +81,7 @@ def open_real_store(node_config: Mapping[str, Any]) -> LocalStore:
 def required_cohort(cfg: RunConfig, policy: DevicePolicy, num_partitions: int) -> int:
     """The fewest devices this device lets its masked update be summed with: its owner's
     ``min-cohort``, and m_min when it adds a share of distributed noise (sized for m_min)."""
-    distributed = cfg.dp.noise_mode == "distributed" and cfg.dp.adds_noise
-    return max(policy.min_cohort, cfg.m_min(num_partitions) if distributed else 1)
+    return max(policy.min_cohort, cfg.m_min(num_partitions) if cfg.dp.distributed else 1)
 
 
 def secagg_setup_problem(
@@ -123,7 +122,7 @@ def secagg_setup_problem(
         )
     clip_norm = cfg.dp.clip_norm
     share = 0.0  # the device's noise share (common.dp.policy.client_noise_std; no torch here)
-    if cfg.dp.noise_mode == "distributed" and cfg.dp.adds_noise:
+    if cfg.dp.distributed:
         share = cfg.dp.noise_multiplier * clip_norm / cfg.m_min(num_partitions) ** 0.5
     needed = clip_norm + NOISE_TAIL_SIGMAS * share
     if not clipping >= needed * (1 - 1e-9):
@@ -161,6 +160,21 @@ def unmask_problem(configs: Mapping[str, Any], *, required: int) -> str | None:
             f"unmask only a sum of at least {required} (m_min and its policy's min-cohort)"
         )
     return None
+
+
+def _keep_declined(
+    store: LocalStore,
+    policy: DevicePolicy,
+    *,
+    server_round: int,
+    reason: str,
+    ledger: PrivacyLedger | None = None,
+) -> None:
+    """Keep a declined round and its reason in the device's ledger (nothing charged)."""
+    if ledger is None:
+        ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
+    ledger.note_declined(server_round=server_round, reason=reason)
+    ledger.save(store)
 
 
 def setup_refusal(
@@ -206,8 +220,9 @@ def setup_refusal(
                 reason = str(err)
         if reason is None:
             return None
-        ledger.note_declined(server_round=0, reason=f"at SecAgg+ setup: {reason}")
-        ledger.save(store)
+        _keep_declined(
+            store, policy, server_round=0, reason=f"at SecAgg+ setup: {reason}", ledger=ledger
+        )
     logger.warning("device leaves this round at SecAgg+ setup: %s", reason)
     return reason
 
@@ -234,9 +249,7 @@ def cohort_refusal(
             f"update only into a cohort of at least {required} (m_min and its policy's "
             "min-cohort), so the sum could carry less noise than promised"
         )
-        ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
-        ledger.note_declined(server_round=server_round or 0, reason=reason)
-        ledger.save(store)
+        _keep_declined(store, policy, server_round=server_round or 0, reason=reason)
     logger.warning("device declines to mask its update: %s", reason)
     return reason
 
@@ -258,8 +271,8 @@ def unmask_refusal(
         reason = unmask_problem(configs, required=required_cohort(cfg, policy, n))
         if reason is None:
             return None
-        ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
-        ledger.note_declined(server_round=server_round or 0, reason=f"at unmasking: {reason}")
-        ledger.save(store)
+        _keep_declined(
+            store, policy, server_round=server_round or 0, reason=f"at unmasking: {reason}"
+        )
     logger.warning("device refuses to help unmask: %s", reason)
     return reason

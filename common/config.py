@@ -245,6 +245,11 @@ class DPConfig:
         """True if the federation adds Gaussian noise to the aggregate."""
         return self.noise_mode != "none" and self.noise_multiplier > 0
 
+    @property
+    def distributed(self) -> bool:
+        """True if each device adds its share of the noise (N(0, (σC)²/m_min)) itself."""
+        return self.noise_mode == "distributed" and self.adds_noise
+
 
 @dataclass(frozen=True)
 class SecAggConfig:

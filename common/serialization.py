@@ -89,15 +89,16 @@ def _declared_problem(array: Array, shape: tuple[int, ...], name: str) -> str:
         return f"shape mismatch for {name}: got {declared}, expected {tuple(shape)}"
     if array.dtype not in _FLOAT_DTYPES:
         return f"{name} has dtype {array.dtype}, expected floating point"
-    limit = _payload_limit(shape)
+    return _oversized(array, shape, name)
+
+
+def _oversized(array: Array, shape: Sequence[int], name: str) -> str:
+    """Why ``array``'s payload is too large for ``shape`` ('' if it is not): the most an
+    encoded array of that shape can take is float64 entries and an .npy header."""
+    limit = int(np.prod(shape, dtype=np.int64)) * 8 + _NPY_HEADER_BYTES
     if len(array.data) > limit:
         return f"{name} carries {len(array.data)} bytes, more than its shape can hold ({limit})"
     return ""
-
-
-def _payload_limit(shape: Sequence[int]) -> int:
-    """The most bytes an encoded array of ``shape`` can take (float64 and an .npy header)."""
-    return int(np.prod(shape, dtype=np.int64)) * 8 + _NPY_HEADER_BYTES
 
 
 def check_declared(record: ArrayRecord, shapes: Sequence[tuple[int, ...]]) -> None:
@@ -112,11 +113,9 @@ def check_declared(record: ArrayRecord, shapes: Sequence[tuple[int, ...]]) -> No
     if len(record) != len(shapes):
         raise ValueError(f"expected {len(shapes)} arrays, got {len(record)}")
     for i, (array, shape) in enumerate(zip(record.values(), shapes, strict=True)):
-        if len(array.data) > _payload_limit(shape):
-            raise ValueError(
-                f"array {i} carries {len(array.data)} bytes, more than its shape can hold "
-                f"({_payload_limit(shape)})"
-            )
+        problem = _oversized(array, shape, f"array {i}")
+        if problem:
+            raise ValueError(problem)
 
 
 def check_values(arr: np.ndarray, name: str) -> None:

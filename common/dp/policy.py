@@ -20,7 +20,7 @@ def min_updates(cfg: RunConfig, num_nodes: int) -> int:
 
 def client_noise_std(cfg: RunConfig, num_nodes: int) -> float:
     """Per-client noise std under distributed DP (0 otherwise)."""
-    if cfg.dp.noise_mode != "distributed" or not cfg.dp.adds_noise:
+    if not cfg.dp.distributed:
         return 0.0
     return distributed_noise_std(
         noise_multiplier=cfg.dp.noise_multiplier,

@@ -1,26 +1,49 @@
-"""The device's local HTTP API (FastAPI): OpenAI-compatible chat, feedback, profile, budget.
+"""The device's local HTTP API and web app: OpenAI-compatible chat, feedback, profile, privacy.
 
 Served by ``fedpersona device serve`` with uvicorn on 127.0.0.1 only. Every ``/v1`` route
 needs ``Authorization: Bearer <token>``; the token lives inside the encrypted store
 (``fedpersona device init`` prints it, ``device token`` shows it again). ``/health`` and
 ``/ready`` are open (liveness/readiness probes); ``/metrics`` (Prometheus text format) needs the
-token too.
+token too. ``/`` serves the web app (``client/web/``: static HTML/JS/CSS, no build step, nothing
+fetched from elsewhere); it asks for the token once and sends it in the header, never in a URL
+or a cookie, so no other site can make the browser act with it.
 
-``POST /v1/chat/completions`` accepts the OpenAI request shape, so existing chat UIs and SDKs
-work: system messages are added to the personalized system prompt, the last user message is
-the request. Bad requests get a 4xx with a message; nothing in the store changes on a
-rejected request.
+OpenAI compatibility (what real clients rely on):
+
+* ``POST /v1/chat/completions``: the whole ``messages`` list is the conversation, rendered with
+  the model's chat template after the personalized system prompt (the caller's system
+  messages follow it); the oldest turns are dropped to fit the context. ``stream=true`` sends
+  server-sent events in OpenAI's chunk format ending with ``data: [DONE]``
+  (``stream_options.include_usage`` adds the usage chunk). ``finish_reason`` is ``stop`` (end
+  of turn or a ``stop`` string) or ``length``; ``usage`` counts the prompt the model saw and
+  every token it generated. fedpersona's own fields: ``candidates`` (samples to rerank),
+  ``task``, and a ``fedpersona`` object in the answer (interaction id, model, why).
+* ``GET /v1/models``: ``fedpersona`` (the device decides), ``fedpersona-personal``,
+  ``fedpersona-global`` and, with expert adapters installed, ``fedpersona-experts``. Any other
+  model name is answered as ``fedpersona`` (clients often hard-code one).
+* Errors: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status.
+
+fedpersona extensions: ``/v1/feedback``, ``/v1/profile``, ``/v1/budget``, ``/v1/privacy``,
+``/v1/status``, ``/v1/export`` and ``/v1/forget``. Nothing in the store changes on a rejected
+request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import secrets
+import threading
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,8 +53,18 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from client.assistant import Assistant
+from client import status as device_status
+from client.assistant import (
+    Answer,
+    Assistant,
+    ContextTooLong,
+    UnknownModel,
+    split_conversation,
+)
+from client.profile import CHOICES
+from client.store import LocalStore
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_CONTENT = 8_000
@@ -40,15 +73,52 @@ MAX_CONTENT = 8_000
 MIN_TEMPERATURE = 0.01
 # Ids are SQLite INTEGERs: a larger one made the store raise OverflowError (a 500).
 MAX_ID = 2**63 - 1
+WEB = Path(__file__).with_name("web")
+MODEL_PREFIX = "fedpersona"
+TOKEN_HINT = "missing or wrong bearer token (see `fedpersona device token`)"
+# The web app is same-origin static files: no inline script or style, nothing from elsewhere.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
 # Module level: route signatures are resolved from module globals (postponed annotations).
 BEARER = HTTPBearer(auto_error=False)
 
 
+class TextPart(BaseModel):
+    """One part of a message's content list (text only)."""
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_CONTENT)
+
+
 class ChatMessage(BaseModel):
-    """One OpenAI chat message (text content only)."""
+    """One OpenAI chat message: text content, as a string or a list of text parts."""
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str = Field(max_length=MAX_CONTENT)
+    content: (
+        Annotated[str, Field(max_length=MAX_CONTENT)]
+        | Annotated[list[TextPart], Field(max_length=64)]
+    )
+
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
@@ -56,15 +126,21 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = "fedpersona"
+    model: str = Field(default=MODEL_PREFIX, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
     temperature: float = Field(default=0.8, ge=MIN_TEMPERATURE, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1, le=1024)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1024)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=4
+    )
     seed: int | None = None
-    candidates: int = Field(default=3, ge=1, le=8, description="samples to rerank")
+    candidates: int | None = Field(
+        default=None, ge=1, le=8, description="samples to rerank (default 3; 1 when streaming)"
+    )
     task: str | None = Field(default=None, max_length=200, description="current task/app")
 
 
@@ -80,6 +156,84 @@ class FeedbackRequest(BaseModel):
     reject: bool = False
 
 
+class ForgetRequest(BaseModel):
+    """Erase the device store; ``confirm`` must be the word ``forget``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    confirm: Literal["forget"]
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """What every failed ``/v1`` request returns."""
+
+    error: ErrorBody
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 410)
+}
+
+
+class ApiError(Exception):
+    """A request the API refuses, in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = (
+            status,
+            message,
+            type,
+            code,
+            param,
+        )
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The JSON response."""
+        return JSONResponse(status_code=self.status, content=self.body(), headers=headers)
+
+
+def _as_api_error(err: Exception) -> ApiError:
+    """The API error for an exception from the assistant."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, ContextTooLong):
+        return ApiError(400, str(err), code="context_length_exceeded", param="messages")
+    if isinstance(err, UnknownModel):
+        return ApiError(404, str(err).strip("'\""), code="model_not_found", param="model")
+    if isinstance(err, ValueError):
+        return ApiError(400, str(err))
+    raise err
+
+
 class Metrics:
     """Prometheus metrics of one app instance (own registry: several apps per process work)."""
 
@@ -90,6 +244,12 @@ class Metrics:
         )
         self.chat_seconds = Histogram(
             "fedpersona_chat_seconds", "Chat completion latency", registry=self.registry
+        )
+        self.first_token_seconds = Histogram(
+            "fedpersona_first_token_seconds",
+            "Time to the first streamed piece of an answer",
+            buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 5, 10),
+            registry=self.registry,
         )
         self.adapt_seconds = Histogram(
             "fedpersona_feedback_adaptation_seconds",
@@ -108,26 +268,37 @@ class Metrics:
         )
 
 
+def model_id(variant: str | None) -> str:
+    """The model id of ``variant`` (``None``: the device decides)."""
+    return MODEL_PREFIX if variant is None else f"{MODEL_PREFIX}-{variant}"
+
+
+def variant_of(model: str) -> str | None:
+    """The variant a requested model id names (``None``: the device decides)."""
+    if model.startswith(MODEL_PREFIX + "-"):
+        variant = model[len(MODEL_PREFIX) + 1 :]
+        if variant in ("personal", "global", "experts"):
+            return variant
+    return None
+
+
 def create_app(assistant: Assistant, *, token: str) -> FastAPI:
     """The FastAPI app over ``assistant``, guarded by bearer ``token``."""
     if len(token) < 16:
         raise ValueError("API token too short")
     app = FastAPI(
         title="fedpersona device API",
-        version="1",
+        version="2",
         description="Local, private assistant API of one fedpersona device.",
     )
     metrics = Metrics()
+    forgotten = threading.Event()
 
     def auth(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         # The middleware already refused bad tokens; this declares the scheme in OpenAPI and
         # guards any route the middleware's path rule might miss.
         if creds is None or not authorized(f"Bearer {creds.credentials}"):
-            raise HTTPException(
-                status_code=401,
-                detail="missing or wrong bearer token (see `fedpersona device token`)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise ApiError(401, TOKEN_HINT, code="invalid_api_key")
 
     def authorized(header: str | None) -> bool:
         scheme, _, value = (header or "").partition(" ")
@@ -136,34 +307,57 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
         )
 
     @app.middleware("http")
-    async def count(request: Request, call_next):  # type: ignore[no-untyped-def]
+    async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
         # Auth before anything else (body validation included): an unauthenticated caller
         # learns nothing but 401.
         path = request.url.path
-        if (path.startswith("/v1/") or path == "/metrics") and not authorized(
-            request.headers.get("authorization")
-        ):
-            response = JSONResponse(
-                status_code=401,
-                content={"detail": "missing or wrong bearer token (see `fedpersona device token`)"},
-                headers={"WWW-Authenticate": "Bearer"},
+        protected = path.startswith("/v1/") or path == "/metrics"
+        if protected and not authorized(request.headers.get("authorization")):
+            response = ApiError(401, TOKEN_HINT, code="invalid_api_key").response(
+                {"WWW-Authenticate": "Bearer"}
             )
+        elif protected and forgotten.is_set():
+            response = ApiError(
+                410,
+                "this device's store was erased (`forget`); run `fedpersona device init`",
+                code="store_forgotten",
+            ).response()
         else:
             response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if protected:
+            response.headers["Cache-Control"] = "no-store"
         route = request.scope.get("route")
         metrics.requests.labels(
             getattr(route, "path", "unmatched"), str(response.status_code)
         ).inc()
         return response
 
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return err.response(headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        message = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e['msg']}"
+            for e in err.errors()[:5]
+        )
+        return ApiError(400, message or "invalid request", param=".".join(loc) or None).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        return ApiError(err.status_code, str(err.detail), type=kind).response()
+
     @app.exception_handler(ValueError)
     async def value_error(_: Request, err: ValueError) -> JSONResponse:
-        # The shape every route declares for 422 (FastAPI's HTTPValidationError), so clients
-        # parse the assistant's refusals like the framework's own.
-        return JSONResponse(
-            status_code=422,
-            content={"detail": [{"loc": ["body"], "msg": str(err), "type": "value_error"}]},
-        )
+        return _as_api_error(err).response()
+
+    # ---- probes, metrics, the web app ----------------------------------------------------
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -182,64 +376,193 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
         metrics.user_epsilon.set(assistant.budget()["user_epsilon"])
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    def chat(body: ChatRequest) -> dict[str, Any]:
-        """OpenAI-compatible chat completion, personalized on the device."""
-        if body.stream:
-            raise HTTPException(status_code=400, detail="stream=true is not supported")
-        users = [m.content for m in body.messages if m.role == "user"]
-        if not users or not users[-1].strip():
-            raise HTTPException(status_code=400, detail="messages need a non-empty user message")
-        system = "\n".join(m.content for m in body.messages if m.role in ("system", "developer"))
-        start = time.perf_counter()
-        answer = assistant.ask(
-            users[-1],
-            n=body.candidates,
-            max_new_tokens=body.max_completion_tokens or body.max_tokens or 64,
-            temperature=body.temperature,
-            task=body.task,
-            seed=body.seed,
-            system=system or None,
-        )
-        metrics.chat_seconds.observe(time.perf_counter() - start)
-        tok = assistant.rt.tokenizer
-        prompt_tokens = len(tok(users[-1])["input_ids"])
-        completion_tokens = len(tok(answer.text)["input_ids"])
+    if WEB.is_dir():
+        app.mount("/app", StaticFiles(directory=WEB), name="web")
+
+        @app.get("/", include_in_schema=False)
+        def index() -> FileResponse:
+            """The web app."""
+            return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
+
+    # ---- OpenAI-compatible chat -----------------------------------------------------------
+
+    @app.get("/v1/models", dependencies=[Depends(auth)], responses=ERRORS)
+    def models() -> dict[str, Any]:
+        """The models this device answers with (OpenAI's list shape)."""
+        created = int(assistant.state.meta.last_round or 0)
+        about = {
+            None: "the device decides: " + assistant.why(),
+            "personal": "your personal model (the federation's adapter plus yours)",
+            "global": "the federation's model, without your personal adapter",
+            "experts": "expert adapters mixed for you by the router",
+        }
         return {
-            "id": f"chatcmpl-{answer.interaction_id}",
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id(v),
+                    "object": "model",
+                    "created": created,
+                    "owned_by": MODEL_PREFIX,
+                    "fedpersona": {"variant": v or "auto", "description": about[v]},
+                }
+                for v in (None, *assistant.variants())
+            ],
+        }
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], responses=ERRORS)
+    async def chat(body: ChatRequest) -> Any:
+        """OpenAI-compatible chat completion, personalized on the device."""
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            split_conversation(messages)
+        except ValueError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        variant = variant_of(body.model)
+        if variant == "experts" and assistant.router is None:
+            raise ApiError(
+                404,
+                f"model {body.model!r}: no expert adapters are installed on this device",
+                code="model_not_found",
+                param="model",
+            )
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        kwargs: dict[str, Any] = {
+            "n": body.candidates or (1 if body.stream else 3),
+            "max_new_tokens": body.max_completion_tokens or body.max_tokens or 64,
+            "temperature": body.temperature,
+            "task": body.task,
+            "seed": body.seed,
+            "model": variant,
+            "stop": stop,
+        }
+        completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await _stream(messages, kwargs, completion_id, include_usage)
+        start = time.perf_counter()
+        try:
+            answer = await run_in_threadpool(assistant.ask, messages, **kwargs)
+        except (ValueError, UnknownModel) as err:
+            raise _as_api_error(err) from None
+        metrics.chat_seconds.observe(time.perf_counter() - start)
+        return {
+            "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": f"fedpersona-{assistant.cfg.model.name}-{answer.variant}",
+            "model": model_id(answer.variant),
+            "system_fingerprint": None,
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": answer.text},
-                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": answer.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": answer.finish_reason,
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-            "fedpersona": {
-                "interaction_id": answer.interaction_id,
-                "variant": answer.variant,
-                "retrieved": answer.retrieved,
-                "context": answer.context,
-            },
+            "usage": _usage(answer),
+            "fedpersona": _extension(answer),
         }
 
-    @app.post("/v1/feedback", dependencies=[Depends(auth)])
+    async def _stream(
+        messages: list[dict[str, str]], kwargs: dict[str, Any], cid: str, include_usage: bool
+    ) -> Any:
+        """Run the answer in a thread; stream its pieces as OpenAI chunks.
+
+        The first event is awaited before the response starts, so a request that fails before
+        its first token (too long for the context, unknown model) still gets an HTTP error.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancel = threading.Event()
+        start = time.perf_counter()
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+        def work() -> None:
+            try:
+                put("done", assistant.ask(messages, on_text=lambda t: put("text", t), **kwargs))
+            except Exception as err:  # handed to the stream; nothing may die silently
+                put("error", err)
+
+        kwargs["cancel"] = cancel
+        threading.Thread(target=work, name="fedpersona-answer", daemon=True).start()
+        first = await events.get()
+        if first[0] == "error":
+            raise _as_api_error(first[1])
+        metrics.first_token_seconds.observe(time.perf_counter() - start)
+        created = int(time.time())
+        base = {"id": cid, "object": "chat.completion.chunk", "created": created}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            data = {
+                **base,
+                "model": model_id(kwargs["model"]),
+                "system_fingerprint": None,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+                **({"usage": None} if include_usage else {}),
+                **extra,
+            }
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def body() -> AsyncIterator[str]:
+            event = first
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = event
+                    if kind == "text":
+                        yield chunk({"content": value})
+                    elif kind == "error":
+                        err = _error_event(value)
+                        yield f"data: {json.dumps(err)}\n\n"
+                        break
+                    else:
+                        answer: Answer = value
+                        metrics.chat_seconds.observe(time.perf_counter() - start)
+                        kwargs["model"] = answer.variant
+                        yield chunk({}, answer.finish_reason, fedpersona=_extension(answer))
+                        if include_usage:
+                            data = {
+                                **base,
+                                "model": model_id(answer.variant),
+                                "system_fingerprint": None,
+                                "choices": [],
+                                "usage": _usage(answer),
+                            }
+                            yield f"data: {json.dumps(data)}\n\n"
+                        break
+                    event = await events.get()
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()  # the client went away: stop generating
+
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    # ---- fedpersona extensions -----------------------------------------------------------
+
+    @app.post("/v1/feedback", dependencies=[Depends(auth)], responses=ERRORS)
     def feedback(body: FeedbackRequest) -> dict[str, Any]:
         """Rate, prefer, edit or reject an answer; adapts the personal model right away."""
-        result = assistant.feedback(
-            body.interaction_id,
-            rating=body.rating,
-            preferred=body.preferred,
-            edit=body.edit,
-            reject=body.reject,
-        )
+        try:
+            result = assistant.feedback(
+                body.interaction_id,
+                rating=body.rating,
+                preferred=body.preferred,
+                edit=body.edit,
+                reject=body.reject,
+            )
+        except ValueError as err:
+            status = 404 if str(err).startswith("no interaction") else 400
+            param = "interaction_id" if status == 404 else None
+            raise ApiError(status, str(err), param=param) from None
         kind = (
             "preferred"
             if body.preferred
@@ -260,23 +583,93 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
             "active_model": result.variant,
         }
 
-    @app.get("/v1/profile", dependencies=[Depends(auth)])
+    @app.get("/v1/profile", dependencies=[Depends(auth)], responses=ERRORS)
     def get_profile() -> dict[str, Any]:
-        """The user's profile (explicit and learned preferences, centroids omitted)."""
+        """The user's profile (explicit and learned preferences, centroids omitted) and the
+        values each explicit field takes."""
         return _public_profile(assistant)
 
-    @app.put("/v1/profile", dependencies=[Depends(auth)])
+    @app.put("/v1/profile", dependencies=[Depends(auth)], responses=ERRORS)
     def put_profile(changes: dict[str, Any]) -> dict[str, Any]:
-        """Change explicit preferences; unknown keys or values get a 422 naming the key."""
+        """Change explicit preferences; unknown keys or values get a 400 naming the key."""
+        changes.pop("options", None)  # what GET returned may be sent back as it was
+        changes.pop("description", None)
         assistant.set_profile(changes)
         return _public_profile(assistant)
 
-    @app.get("/v1/budget", dependencies=[Depends(auth)])
+    @app.get("/v1/budget", dependencies=[Depends(auth)], responses=ERRORS)
     def budget() -> dict[str, Any]:
         """The device's privacy ledger."""
         return assistant.budget()
 
+    @app.get("/v1/privacy", dependencies=[Depends(auth)], responses=ERRORS)
+    def privacy() -> dict[str, Any]:
+        """ε spent and caps, every round joined or declined and what was sent, retention."""
+        shared = sum(_numel(assistant.rt.shapes[n]) for n in assistant.rt.shared_names)
+        with assistant.lock:
+            return device_status.privacy(assistant.store, shared_numbers=shared)
+
+    @app.get("/v1/status", dependencies=[Depends(auth)], responses=ERRORS)
+    def device_state() -> dict[str, Any]:
+        """Which model answers and why, the adapter, history counts, retention."""
+        with assistant.lock:
+            state = assistant.status()
+        return {**state, "active_model": assistant.variant, "why": assistant.why()}
+
+    @app.get("/v1/export", dependencies=[Depends(auth)], responses=ERRORS)
+    def export() -> JSONResponse:
+        """Everything the device holds about its user, as readable JSON."""
+        with assistant.lock:
+            data = assistant.store.export()
+        return JSONResponse(
+            data,
+            headers={"Content-Disposition": 'attachment; filename="fedpersona-export.json"'},
+        )
+
+    @app.post("/v1/forget", dependencies=[Depends(auth)], responses=ERRORS)
+    def forget(body: ForgetRequest) -> dict[str, Any]:
+        """Erase the store for good (crypto-erase, then delete); the API answers 410 after."""
+        with assistant.lock:
+            root = assistant.store.root
+            assistant.store.close()
+            forgotten.set()
+            erased = LocalStore.forget(root)
+        return {"erased": erased}
+
     return app
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _usage(answer: Answer) -> dict[str, int]:
+    return {
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+    }
+
+
+def _extension(answer: Answer) -> dict[str, Any]:
+    return {
+        "interaction_id": answer.interaction_id,
+        "variant": answer.variant,
+        "why": answer.why,
+        "retrieved": answer.retrieved,
+        "turns_used": answer.turns_used,
+        "context": answer.context,
+    }
+
+
+def _error_event(err: Exception) -> dict[str, Any]:
+    try:
+        return _as_api_error(err).body()
+    except Exception:  # an unexpected failure mid-stream: say so, in the same shape
+        return ApiError(500, f"generation failed: {err}", type="server_error").body()
 
 
 def _public_profile(assistant: Assistant) -> dict[str, Any]:
@@ -285,6 +678,7 @@ def _public_profile(assistant: Assistant) -> dict[str, Any]:
     implicit["liked"] = implicit["liked"] is not None
     implicit["disliked"] = implicit["disliked"] is not None
     data["description"] = assistant.profile.describe()
+    data["options"] = {k: list(v) for k, v in CHOICES.items()}
     return data
 
 

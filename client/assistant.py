@@ -18,12 +18,14 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from client import status as device_status
 from client.adapt import (
@@ -35,7 +37,7 @@ from client.adapt import (
     hot_swap,
 )
 from client.device import Runtime, get_runtime
-from client.engine import build_messages, rerank, retrieve
+from client.engine import Retrieved, build_messages, rerank, retrieve
 from client.evidence import choose_variant
 from client.examples import endorsed_reply
 from client.profile import Profile, extract_context
@@ -52,14 +54,30 @@ from common.data import Encoded, encode_messages
 from common.embedding import Embedder, get_embedder, user_embedding
 from common.lora import export_adapter, load_lora_tensors
 from common.personalization.base import is_lora_b
-from common.pii import scrub
+from common.pii import naturalize, scrub
 
 logger = logging.getLogger(__name__)
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class ContextTooLong(ValueError):
+    """The request does not fit the model's context, even with earlier turns dropped."""
+
+
+class UnknownModel(LookupError):
+    """A model variant this device does not have."""
 
 
 @dataclass
 class Answer:
-    """What :meth:`Assistant.ask` returns."""
+    """What :meth:`Assistant.ask` returns.
+
+    ``text`` is the answer as the user sees it (not scrubbed: it is their own device);
+    ``finish_reason`` is ``stop`` (end of turn or a stop string) or ``length``;
+    ``prompt_tokens`` counts the rendered prompt the model saw and ``completion_tokens``
+    every token it generated (all candidates); ``turns_used`` the earlier conversation turns
+    that fit the context.
+    """
 
     interaction_id: int
     text: str
@@ -67,7 +85,111 @@ class Answer:
     candidates: list[dict[str, Any]]
     retrieved: list[int]
     context: dict[str, str]
+    why: str = ""
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    turns_used: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Generated:
+    """One sampled completion: its text, why it ended, and the tokens produced."""
+
+    text: str
+    finish_reason: str
+    tokens: int
+
+
+def split_conversation(
+    request: str | Sequence[Mapping[str, str]],
+) -> tuple[list[dict[str, str]], str, str]:
+    """``(earlier user/assistant turns, the last user request, the system text)``.
+
+    Raises:
+        ValueError: No messages, an unknown role, or a last message that is not a non-empty
+            user message.
+    """
+    if isinstance(request, str):
+        request = [{"role": "user", "content": request}]
+    turns: list[dict[str, str]] = []
+    system: list[str] = []
+    for m in request:
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES or not isinstance(content, str):
+            raise ValueError(f"a message needs a role in {CHAT_ROLES} and text content")
+        if role in ("system", "developer"):
+            system.append(content)
+        else:
+            turns.append({"role": role, "content": content})
+    if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
+        raise ValueError("the conversation must end with a non-empty user message")
+    return turns[:-1], turns[-1]["content"], "\n".join(s for s in system if s.strip())
+
+
+class TextStream:
+    """Generated token ids -> the text the user sees, in pieces (transformers' streamer
+    protocol: ``put``/``end``).
+
+    The text is the decoded completion without special tokens, stripped, and cut before the
+    first ``stop`` string (:meth:`text_of`). A piece is handed to ``on_text`` only once it
+    cannot change: no half-decoded character, no text that could still begin a stop string,
+    no trailing whitespace. So the pieces add up to exactly the final text.
+    """
+
+    def __init__(
+        self, tokenizer: Any, *, stop: Sequence[str] = (), on_text: Callable[[str], None] | None
+    ) -> None:
+        self.tok = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+        self._prompt = True
+
+    def text_of(self, ids: Sequence[int], *, final: bool) -> tuple[str, bool]:
+        """``(text, whether a stop string ended it)`` for completion ``ids``."""
+        text = self.tok.decode(ids, skip_special_tokens=True).lstrip()
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            return text[: min(cuts)].rstrip(), True
+        if not final:  # what may still change: a stop string's start, a half character
+            text = text[: len(text) - self.hold].rstrip("\ufffd")
+        return text.rstrip(), False
+
+    def put(self, value: torch.Tensor) -> None:
+        """A step's new token(s); the first call is the prompt."""
+        if self._prompt:
+            self._prompt = False
+            return
+        self.ids.extend(int(i) for i in value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def end(self) -> None:
+        """Generation ended: hand out what was held back."""
+        self._emit(final=True)
+
+    def _emit(self, *, final: bool) -> None:
+        text, hit = self.text_of(self.ids, final=final)
+        self.stopped = self.stopped or hit
+        if self.on_text is not None and len(text) > len(self.sent) and text.startswith(self.sent):
+            piece, self.sent = text[len(self.sent) :], text
+            self.on_text(piece)
+
+
+class _Halt(StoppingCriteria):
+    """Ends generation at a stop string or when the caller cancels."""
+
+    def __init__(self, stream: TextStream, cancel: threading.Event | None) -> None:
+        self.stream = stream
+        self.cancel = cancel
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        done = self.stream.stopped or (self.cancel is not None and self.cancel.is_set())
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -117,6 +239,8 @@ class Assistant:
         self.router = self._load_router()
         self._graphed: GraphedAdapter | bool | None = None
         self.variant = ""
+        # Prompt + answer must fit the model's positions; tests shrink it to see turns dropped.
+        self.context_tokens = int(self.rt.model.config.max_position_embeddings)
         self.activate()
 
     # ---- model state --------------------------------------------------------------------
@@ -125,6 +249,14 @@ class Assistant:
     def pad_id(self) -> int:
         """Padding token id."""
         return int(self.rt.tokenizer.pad_token_id)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """The token ids that end a turn."""
+        eos = self.rt.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.rt.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, list) else {int(eos)}
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         """Init tensors overlaid by the federation's last global shared tensors."""
@@ -174,41 +306,126 @@ class Assistant:
 
     # ---- asking -------------------------------------------------------------------------
 
+    def why(self, variant: str | None = None) -> str:
+        """Why ``variant`` (default: the active one) answers when the device decides."""
+        variant = variant or self.variant
+        evidence = self.gate.reason()
+        if variant == "personal":
+            return f"personal model: the evidence favours it ({evidence})"
+        if variant == "experts":
+            names = ", ".join(e.name for e in self.router.experts) if self.router else ""
+            return (
+                f"expert adapters ({names}) mixed for you until the personal model shows it "
+                f"is better ({evidence})"
+            )
+        return f"global model: the personal model has not shown it is better yet ({evidence})"
+
+    def variants(self) -> list[str]:
+        """The models this device can answer with."""
+        return ["personal", "global", *(["experts"] if self.router is not None else [])]
+
+    def _tensors_for(self, variant: str) -> dict[str, torch.Tensor]:
+        if variant == "personal":
+            return self.personal_tensors()
+        if variant == "experts":
+            if self.router is None:
+                raise UnknownModel("no expert adapters are installed on this device")
+            return {**self.global_tensors(), **self.router.mix(self.user_vector())}
+        if variant == "global":
+            return self.global_tensors()
+        raise UnknownModel(f"unknown model variant {variant!r}; this device has {self.variants()}")
+
+    def fit_prompt(
+        self,
+        build: Callable[[Sequence[Retrieved], Sequence[dict[str, str]]], list[dict[str, str]]],
+        history: Sequence[Retrieved],
+        turns: Sequence[dict[str, str]],
+        max_new_tokens: int,
+    ) -> tuple[list[dict[str, str]], list[int]]:
+        """The messages and prompt ids that fit the model's context with ``max_new_tokens``
+        to spare: the oldest turns are dropped first, then the retrieved history.
+
+        Raises:
+            ContextTooLong: The system prompt and the last request alone do not fit.
+        """
+        tok = self.rt.tokenizer
+        room = self.context_tokens - max_new_tokens
+        size = 0
+        for hist in (history, ()):
+            kept = list(turns)
+            while True:
+                messages = build(hist, kept)
+                ids = list(
+                    tok.apply_chat_template(
+                        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                    )["input_ids"]
+                )
+                size = len(ids)
+                if size <= room:
+                    return messages, ids
+                if not kept:
+                    break
+                # Drop the oldest exchange: its user turn and the answers that followed it.
+                kept = kept[1:]
+                while kept and kept[0]["role"] != "user":
+                    kept = kept[1:]
+        raise ContextTooLong(
+            f"the request needs {size} prompt tokens; with max_tokens={max_new_tokens} the "
+            f"model's context of {self.context_tokens} tokens holds {room}"
+        )
+
     @torch.no_grad()
     def generate(
         self,
-        messages: list[dict[str, str]],
+        prompt_ids: list[int],
         *,
         n: int,
         max_new_tokens: int,
         temperature: float,
         seed: int | None,
-    ) -> list[str]:
-        """``n`` sampled completions of ``messages`` under the active adapter."""
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[Generated]:
+        """``n`` sampled completions of ``prompt_ids`` under the loaded adapter.
+
+        With ``n == 1`` and ``on_text``, text arrives as it is generated; the pieces add up to
+        the returned text exactly. Generation ends at the end of the turn, a ``stop`` string,
+        ``max_new_tokens``, or when ``cancel`` is set.
+        """
         tok = self.rt.tokenizer
-        ids = tok.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
         device = next(self.rt.model.parameters()).device
-        ids = {k: v.to(device) for k, v in ids.items()}
+        ids = torch.tensor([prompt_ids], device=device)
+        stream = TextStream(tok, stop=stop, on_text=on_text if n == 1 else None)
+        criteria = StoppingCriteriaList([_Halt(stream, cancel)])
         if seed is not None:
             torch.manual_seed(seed)
         self.rt.model.eval()
         out = self.rt.model.generate(
-            **ids,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
             do_sample=True,
             temperature=temperature,
             top_p=0.95,
             max_new_tokens=max_new_tokens,
             num_return_sequences=n,
             pad_token_id=self.pad_id,
+            streamer=stream if n == 1 else None,
+            stopping_criteria=criteria,
         )
-        prompt_len = ids["input_ids"].shape[1]
-        return [tok.decode(o[prompt_len:], skip_special_tokens=True).strip() for o in out]
+        eos = self.eos_ids
+        results = []
+        for row in out[:, ids.shape[1] :].tolist():
+            end = next((i for i, t in enumerate(row) if t in eos), None)
+            produced = row if end is None else row[: end + 1]
+            text, hit = stream.text_of(produced, final=True)
+            reason = "stop" if end is not None or hit else "length"
+            results.append(Generated(text, reason, len(produced)))
+        return results
 
     def ask(
         self,
-        request: str,
+        request: str | Sequence[Mapping[str, str]],
         *,
         n: int = 3,
         max_new_tokens: int = 64,
@@ -216,11 +433,20 @@ class Assistant:
         task: str | None = None,
         seed: int | None = None,
         system: str | None = None,
+        model: str | None = None,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Answer:
-        """Answer ``request`` in the user's preferred way and remember the exchange.
+        """Answer the user's request in their preferred way and remember the exchange.
+
+        The conversation reaches the local model as the user wrote it (rendered with the
+        model's chat template after the personalized system prompt); the store keeps the last
+        request and the answer PII-scrubbed.
 
         Args:
-            request: What the user asked (scrubbed before use).
+            request: The user's request, or the whole conversation as chat messages
+                (``system``/``developer``/``user``/``assistant``; the last one from the user).
             n: Candidates to sample and rerank.
             max_new_tokens: Length limit per candidate.
             temperature: Sampling temperature.
@@ -228,57 +454,97 @@ class Assistant:
             seed: Sampling seed (reproducible answers).
             system: Extra system instructions from the caller (e.g. an API client's own
                 system message), appended after the personalized prompt.
+            model: ``personal``, ``global`` or ``experts`` to choose the model; ``None``: the
+                device decides (the cold-start gate, or the A/B coin when the test is on).
+            stop: Strings that end the answer (not included).
+            on_text: Called with each new piece of the answer as it is generated (``n == 1``)
+                or once with the chosen answer (``n > 1``, after reranking).
+            cancel: Set it to end generation early (e.g. the client went away).
 
         Raises:
-            ValueError: Empty request or bad sampling arguments.
+            ValueError: An empty request or bad sampling arguments.
+            ContextTooLong: The request does not fit the model's context.
+            UnknownModel: A ``model`` this device does not have.
         """
-        if not request.strip():
-            raise ValueError("empty request")
+        turns, last, extra = split_conversation(request)
+        system = "\n".join(s for s in (extra, system) if s) or None
         if not 1 <= n <= 8 or not 1 <= max_new_tokens <= 1024 or temperature <= 0:
             raise ValueError("need 1 <= n <= 8, 1 <= max_new_tokens <= 1024, temperature > 0")
+        if model is not None and model not in ("personal", "global", "experts"):
+            raise UnknownModel(f"unknown model {model!r}; this device has {self.variants()}")
         with self.lock:
             t0 = time.perf_counter()
             self.store.maybe_purge()
-            clean = scrub(request)
+            clean = scrub(last)  # what may be stored or embedded; the model sees ``last``
             context = extract_context(task=task)
             query = self.embedder.encode_one(clean)
             history = retrieve(query, self.store.interactions(limit=500))
             for r in history:
                 r.endorsed = self._endorsed(r.interaction)
-            messages = build_messages(self.profile, clean, context=context, history=history)
-            if system:
-                messages[0]["content"] += "\n" + scrub(system)
+            messages, prompt_ids = self.fit_prompt(
+                lambda hist, kept: build_messages(
+                    self.profile, last, context=context, history=hist, turns=kept, system=system
+                ),
+                history,
+                turns,
+                max_new_tokens,
+            )
             t1 = time.perf_counter()
-            variant = self.variant
-            if self.ab_test:
+            if model is not None:
+                variant, why, stored_variant = model, f"you asked for the {model} model", None
+            elif self.ab_test:
                 # Federated A/B test: a coin picks the model for this answer; the user's
                 # rating of it is counted (as a secure sum) in the next federated round.
                 variant = secrets.choice(ab.ARMS)
-                hot_swap(
-                    self.rt.model,
-                    self.personal_tensors() if variant == "personal" else self.global_tensors(),
-                )
+                why = f"A/B test: a coin chose the {variant} model for this answer"
+                stored_variant = variant
+            else:
+                variant, why, stored_variant = self.variant, self.why(), self.variant
+            swapped = variant != self.variant or self.ab_test
+            if swapped:
+                hot_swap(self.rt.model, self._tensors_for(variant))
             try:
-                texts = self.generate(
-                    messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+                generated = self.generate(
+                    prompt_ids,
+                    n=n,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    seed=seed,
+                    stop=stop,
+                    on_text=on_text,
+                    cancel=cancel,
                 )
             finally:
-                if self.ab_test:
+                if swapped:
                     self.activate()
             t2 = time.perf_counter()
-            ranked = rerank(texts, self.embedder.encode(texts), query=query, profile=self.profile)
+            texts = [g.text for g in generated]
+            known = "\n".join(
+                [m["content"] for m in messages[1:] if m["role"] == "user"] + [system or ""]
+            )
+            ranked = rerank(
+                texts, self.embedder.encode(texts), query=query, profile=self.profile, known=known
+            )
             best = ranked[0]
+            chosen = generated[best.index]
+            if on_text is not None and n > 1:
+                on_text(best.text)
             interaction_id = self.store.add_interaction(
-                clean, best.text, context=context, embedding=query, variant=variant
+                clean, best.text, context=context, embedding=query, variant=stored_variant
             )
             t3 = time.perf_counter()
         return Answer(
             interaction_id=interaction_id,
-            text=scrub(best.text),
+            text=best.text,
             variant=variant,
             candidates=[{"text": s.text, "score": s.score, "parts": s.parts} for s in ranked],
             retrieved=[r.interaction.id for r in history],
             context=context,
+            why=why,
+            finish_reason=chosen.finish_reason,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=sum(g.tokens for g in generated),
+            turns_used=len(messages) - 2,
             timings_ms={
                 "prepare": (t1 - t0) * 1000,
                 "generate": (t2 - t1) * 1000,
@@ -289,8 +555,11 @@ class Assistant:
     # ---- feedback -----------------------------------------------------------------------
 
     def _encode(self, prompt: str, context: dict, reply: str) -> Encoded:
-        messages = build_messages(self.profile, prompt, context=context or None)
-        return encode_messages(messages, reply, self.rt.tokenizer, self.cfg.data.max_seq_len)
+        # Stored text is scrubbed; the model learns from plain words, never from "[NAME]".
+        messages = build_messages(self.profile, naturalize(prompt), context=context or None)
+        return encode_messages(
+            messages, naturalize(scrub(reply)), self.rt.tokenizer, self.cfg.data.max_seq_len
+        )
 
     def _endorsed(self, inter: Interaction) -> str | None:
         """The answer the user endorsed for ``inter`` (:func:`client.examples.endorsed_reply`)."""

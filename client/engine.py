@@ -11,20 +11,25 @@ Three steps per request, all on the device:
 3. **Preference-based reranking** (:func:`rerank`) — n sampled candidates scored by
    similarity to answers the user liked minus similarity to ones they disliked, closeness to
    the preferred length, the preferred format and relevance to the request; candidates that
-   would leak PII are dropped.
+   would leak PII the user did not give in this conversation are dropped.
+
+The live conversation reaches the local model as the user wrote it; what the store keeps is
+scrubbed (:mod:`client.store`), and scrubbed history shown to the model is naturalized
+(":func:`common.pii.naturalize`": "[EMAIL]" reads "an email address"), so the model never sees
+a bracketed tag to copy.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from client.profile import Profile, detect_format
 from client.store import Interaction
-from common.pii import contains_pii, scrub
+from common.pii import PiiMatch, find_pii, naturalize, placeholder
 
 TEMPLATES: dict[str, str] = {
     "general": "You are a helpful personal assistant.",
@@ -116,9 +121,9 @@ def system_prompt(
         # shown (a small model copies whatever answer it is given).
         lines = []
         for r in history:
-            line = f"- they asked: {_clip(r.interaction.prompt, 160)}"
+            line = f"- they asked: {_clip(naturalize(r.interaction.prompt), 160)}"
             if r.endorsed:
-                line += f" / an answer they liked: {_clip(r.endorsed, 160)}"
+                line += f" / an answer they liked: {_clip(naturalize(r.endorsed), 160)}"
             lines.append(line)
         parts.append("Earlier, related requests from this user:\n" + "\n".join(lines))
     return " ".join(p for p in parts if p and "\n" not in p) + "".join(
@@ -137,10 +142,18 @@ def build_messages(
     *,
     context: dict[str, str] | None = None,
     history: Sequence[Retrieved] = (),
+    turns: Sequence[dict[str, str]] = (),
+    system: str | None = None,
 ) -> list[dict[str, str]]:
-    """Chat messages for the model's chat template: personalized system prompt + the request."""
+    """Chat messages for the model's chat template: the personalized system prompt (with the
+    caller's own ``system`` instructions after it), the conversation's earlier ``turns``
+    (user/assistant messages, oldest first), then the request."""
+    prompt = system_prompt(profile, context=context, history=history)
+    if system:
+        prompt += "\n" + system
     return [
-        {"role": "system", "content": system_prompt(profile, context=context, history=history)},
+        {"role": "system", "content": prompt},
+        *({"role": t["role"], "content": t["content"]} for t in turns),
         {"role": "user", "content": request},
     ]
 
@@ -163,6 +176,19 @@ def retrieve(
     return scored[:k]
 
 
+def foreign_pii(text: str, known: str) -> list[PiiMatch]:
+    """The PII in ``text`` that does not occur in ``known`` (what the user wrote themselves):
+    the user's own name or address in an answer to them is no leak, a stranger's is."""
+    return [m for m in find_pii(text) if m.text not in known]
+
+
+def scrub_foreign(text: str, known: str) -> str:
+    """``text`` with the PII not in ``known`` replaced by plain words (see :func:`foreign_pii`)."""
+    for m in reversed(foreign_pii(text, known)):
+        text = text[: m.start] + naturalize(placeholder(m.kind)) + text[m.end :]
+    return text
+
+
 @dataclass
 class Scored:
     """A candidate answer with its preference score and the score's parts."""
@@ -171,10 +197,11 @@ class Scored:
     score: float
     parts: dict[str, float]
     leaked_pii: bool
+    index: int = 0  # the candidate's position in the list given to :func:`rerank`
 
 
 def score_candidate(
-    text: str, embedding: np.ndarray, query: np.ndarray | None, profile: Profile
+    text: str, embedding: np.ndarray, query: np.ndarray | None, profile: Profile, known: str = ""
 ) -> Scored:
     """Score one candidate against the user's preferences (higher is better)."""
     liked, disliked = profile.vectors()
@@ -185,7 +212,7 @@ def score_candidate(
         "format": 0.3 if detect_format(text) == profile.preferred_format() else 0.0,
         "relevance": 0.0 if query is None else 0.5 * float(np.dot(embedding, query)),
     }
-    return Scored(text, sum(parts.values()), parts, contains_pii(text))
+    return Scored(text, sum(parts.values()), parts, bool(foreign_pii(text, known)))
 
 
 def rerank(
@@ -194,17 +221,21 @@ def rerank(
     *,
     query: np.ndarray | None,
     profile: Profile,
+    known: str = "",
 ) -> list[Scored]:
-    """Candidates best first; any that would leak PII are dropped.
+    """Candidates best first; any holding PII that is not in ``known`` (the conversation the
+    user wrote) are dropped.
 
-    If every candidate contains PII, the best one is returned scrubbed rather than nothing.
+    If every candidate holds such PII, the best one is returned with that PII replaced by
+    plain words rather than nothing.
     """
     scored = [
-        score_candidate(c, e, query, profile) for c, e in zip(candidates, embeddings, strict=True)
+        replace(score_candidate(c, e, query, profile, known), index=i)
+        for i, (c, e) in enumerate(zip(candidates, embeddings, strict=True))
     ]
     scored.sort(key=lambda s: s.score, reverse=True)
     clean = [s for s in scored if not s.leaked_pii]
     if clean:
         return clean
     best = scored[0]
-    return [Scored(scrub(best.text), best.score, best.parts, leaked_pii=True)]
+    return [replace(best, text=scrub_foreign(best.text, known))]

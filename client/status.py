@@ -150,3 +150,77 @@ def status(store: LocalStore) -> dict[str, Any]:
         "last_purge": float(store.get_meta("last_purge", "0") or 0),
         "store_bytes": store.size_bytes(),
     }
+
+
+# What never leaves a device, whatever a server asks (docs/deploy.md, "What leaves a device").
+NEVER_LEAVES = (
+    "your conversations, requests and answers",
+    "your ratings, preferred answers and edits",
+    "your imported writing and every training example",
+    "your profile, embeddings and context",
+    "the personal adapter (it trains here and stays here)",
+    "the store's key, passphrase and API token",
+)
+
+
+def privacy(store: LocalStore, *, shared_numbers: int | None = None) -> dict[str, Any]:
+    """The privacy page: the ledger, every round the device joined or declined and what it
+    sent, what never leaves, retention and what the store holds.
+
+    Args:
+        store: The open device store.
+        shared_numbers: How many numbers the shared adapter holds (what one update carries),
+            when the caller knows the model.
+
+    Raises:
+        ValueError: If the stored ledger is corrupted or kept under another accountant or δ.
+    """
+    p = DevicePolicy.of(store)
+    ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(p))
+    joined: dict[tuple[str, int], dict[str, Any]] = {}
+    for e in ledger.events:
+        row = joined.setdefault(
+            (e["run"], e["round"]),
+            {"run": e["run"], "round": e["round"], "time": e["time"], "joined": True},
+        )
+        row[f"{e['kind']}_noise_multiplier"] = e["noise_multiplier"]
+        row[f"{e['kind']}_sample_rate"] = e["sample_rate"]
+        row[f"{e['kind']}_steps"] = e["steps"]
+    size = f" ({shared_numbers:,} numbers)" if shared_numbers else ""
+    rounds = []
+    for row in joined.values():
+        sigma = row.get("user_noise_multiplier")
+        noise = f"Gaussian noise σ = {sigma:g}·C" if sigma else "no user-level noise"
+        rounds.append(
+            {
+                **row,
+                "reason": None,
+                "sent": f"the update of the shared adapter{size}, clipped to norm C, with "
+                f"{noise}; and allow-listed numbers (example count, training loss, ε spent)",
+            }
+        )
+    for d in ledger.declined:
+        rounds.append(
+            {
+                "run": str(d.get("run", "")),
+                "round": d["round"],
+                "time": d["time"],
+                "joined": False,
+                "reason": d["reason"],
+                "sent": "a decline: no update, nothing charged",
+            }
+        )
+    rounds.sort(key=lambda r: r["time"], reverse=True)
+    return {
+        "budget": budget(store),
+        "rounds": rounds,
+        "never_leaves": list(NEVER_LEAVES),
+        "retention_days": store.retention_days,
+        "last_purge": float(store.get_meta("last_purge", "0") or 0),
+        "stored": {
+            "interactions": store.count_interactions(),
+            "feedback": len(store.feedback()),
+            "examples": sum(store.example_counts().values()),
+            "store_bytes": store.size_bytes(),
+        },
+    }

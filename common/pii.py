@@ -68,7 +68,15 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["KINDS", "PiiMatch", "contains_pii", "find_pii", "placeholder", "scrub"]
+__all__ = [
+    "KINDS",
+    "PiiMatch",
+    "contains_pii",
+    "find_pii",
+    "naturalize",
+    "placeholder",
+    "scrub",
+]
 
 #: Every kind :func:`find_pii` can report, most specific first (this order breaks length ties).
 KINDS: tuple[str, ...] = (
@@ -576,3 +584,34 @@ def contains_pii(text: str) -> bool:
         ``True`` if at least one match is found.
     """
     return bool(find_pii(text))
+
+
+# What each placeholder reads as inside a prompt: plain words a model does not copy as a tag.
+_NATURAL = {
+    "URL_CREDENTIALS": "a private link",
+    "EMAIL": "an email address",
+    "IBAN": "a bank account",
+    "CARD": "a card number",
+    "SSN": "an ID number",
+    "IP": "an IP address",
+    "PHONE": "a phone number",
+    "ACCOUNT": "an account number",
+    "ADDRESS": "an address",
+    "NAME": "someone",
+}
+_PLACEHOLDER = re.compile(r"\[(" + "|".join(KINDS) + r")\]")
+
+
+def naturalize(text: str) -> str:
+    """Turn :func:`scrub`'s placeholders into plain words ("[EMAIL]" -> "an email address").
+
+    Scrubbed text shown to a model (retrieved history, feedback examples) must not teach it to
+    write bracketed tags back to the user. The result holds no more PII than the scrubbed input.
+
+    Args:
+        text: Text already passed through :func:`scrub`.
+
+    Returns:
+        The text with every placeholder replaced by a neutral phrase.
+    """
+    return _PLACEHOLDER.sub(lambda m: _NATURAL[m.group(1)], text)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import pytest
-import uvicorn
 
 from client.api import check_loopback, create_app
 from client.assistant import Assistant
 from client.state import init_device
-from simulations.simulate import _free_port
-from tests.conftest import open_test_store
+from tests.conftest import api_server, open_test_store
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +17,12 @@ def server(tmp_path_factory):
     init_device(store, model="tiny")
     assistant = Assistant(store)
     token = store.get_meta("api_token")
-    port = _free_port()
-    config = uvicorn.Config(
-        create_app(assistant, token=token), host="127.0.0.1", port=port, log_level="warning"
-    )
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    yield client, token, assistant
-    client.close()
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with (
+        api_server(create_app(assistant, token=token)) as url,
+        httpx.Client(base_url=url, timeout=120) as client,
+    ):
+        yield client, token, assistant
     store.close()
-    assert not thread.is_alive()
 
 
 def _auth(token: str) -> dict[str, str]:
@@ -51,16 +34,26 @@ def test_probes_are_open_everything_else_needs_the_token(server) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json()["status"] == "ready"
     for method, path in [
+        ("GET", "/v1/models"),
         ("POST", "/v1/chat/completions"),
         ("POST", "/v1/feedback"),
         ("GET", "/v1/profile"),
         ("PUT", "/v1/profile"),
         ("GET", "/v1/budget"),
+        ("GET", "/v1/privacy"),
+        ("GET", "/v1/status"),
+        ("GET", "/v1/export"),
+        ("POST", "/v1/forget"),
         ("GET", "/metrics"),
     ]:
         assert client.request(method, path).status_code == 401
         wrong = client.request(method, path, headers=_auth("x" * 43), json={})
         assert wrong.status_code == 401, path
+        assert wrong.json()["error"]["code"] == "invalid_api_key"
+        assert wrong.headers["www-authenticate"] == "Bearer"
+    # Every answer carries the web app's security headers.
+    csp = client.get("/health").headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
 
 
 def test_chat_feedback_profile_budget_metrics(server) -> None:
@@ -103,6 +96,14 @@ def test_chat_feedback_profile_budget_metrics(server) -> None:
 
     budget = client.get("/v1/budget", headers=_auth(token)).json()
     assert budget["epsilon_cap"] == 1.0 and budget["user_epsilon"] == 0.0
+    privacy = client.get("/v1/privacy", headers=_auth(token)).json()
+    assert privacy["budget"] == budget and privacy["rounds"] == []
+    assert privacy["stored"]["interactions"] == before + 1 and privacy["never_leaves"]
+    state = client.get("/v1/status", headers=_auth(token)).json()
+    assert state["active_model"] == assistant.variant and "cold start" in state["why"]
+    export = client.get("/v1/export", headers=_auth(token))
+    assert export.headers["cache-control"] == "no-store"
+    assert iid in [i["id"] for i in export.json()["interactions"]]
 
     metrics = client.get("/metrics", headers=_auth(token))
     assert metrics.status_code == 200
@@ -113,7 +114,7 @@ def test_chat_feedback_profile_budget_metrics(server) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "message"),
     [
-        ("POST", "/v1/chat/completions", {"messages": []}, 422, "at least 1"),
+        ("POST", "/v1/chat/completions", {"messages": []}, 400, "at least 1"),
         (
             "POST",
             "/v1/chat/completions",
@@ -124,23 +125,37 @@ def test_chat_feedback_profile_budget_metrics(server) -> None:
         (
             "POST",
             "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "x"},
+                ]
+            },
             400,
-            "stream",
+            "end with a non-empty user message",
         ),
         (
             "POST",
             "/v1/chat/completions",
             {"messages": [{"role": "wizard", "content": "x"}]},
-            422,
+            400,
             "role",
         ),
-        ("POST", "/v1/feedback", {"interaction_id": 9999, "rating": 5}, 422, "no interaction"),
-        ("POST", "/v1/feedback", {"interaction_id": 1, "rating": 11}, 422, "less than or equal"),
-        ("POST", "/v1/feedback", {"interaction_id": 1}, 422, "give a rating"),
-        ("PUT", "/v1/profile", {"tone": "angry"}, 422, "profile.tone"),
-        ("PUT", "/v1/profile", {"implicit": {}}, 422, "learned on the device"),
-        ("PUT", "/v1/profile", {"shoe_size": 9}, 422, "unknown profile key"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "fedpersona-experts", "messages": [{"role": "user", "content": "hi"}]},
+            404,
+            "no expert adapters",
+        ),
+        ("POST", "/v1/feedback", {"interaction_id": 9999, "rating": 5}, 404, "no interaction"),
+        ("POST", "/v1/feedback", {"interaction_id": 1, "rating": 11}, 400, "less than or equal"),
+        ("POST", "/v1/feedback", {"interaction_id": 1}, 400, "give a rating"),
+        ("PUT", "/v1/profile", {"tone": "angry"}, 400, "profile.tone"),
+        ("PUT", "/v1/profile", {"implicit": {}}, 400, "learned on the device"),
+        ("PUT", "/v1/profile", {"shoe_size": 9}, 400, "unknown profile key"),
+        ("POST", "/v1/forget", {}, 400, "confirm"),
+        ("POST", "/v1/forget", {"confirm": "yes"}, 400, "confirm"),
     ],
 )
 def test_bad_requests_get_4xx_and_change_nothing(server, method, path, body, status, message):
@@ -152,7 +167,9 @@ def test_bad_requests_get_4xx_and_change_nothing(server, method, path, body, sta
     )
     reply = client.request(method, path, headers=_auth(token), json=body)
     assert reply.status_code == status, reply.text
-    assert message in reply.text
+    error = reply.json()["error"]  # OpenAI's error object
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and message in error["message"]
     after = (
         assistant.store.count_interactions(),
         len(assistant.store.feedback()),

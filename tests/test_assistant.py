@@ -111,13 +111,19 @@ def test_retrieval_finds_the_relevant_past_interaction() -> None:
     assert "an answer they liked: Feed the starter." in system_prompt(Profile(), history=hits)
 
 
-def test_rerank_drops_candidates_that_leak_pii() -> None:
+def test_rerank_drops_candidates_that_leak_someone_elses_pii() -> None:
     emb = get_embedder()
     texts = ["Write to jane.doe@example.com for help.", "Ask at the front desk."]
     ranked = rerank(texts, emb.encode(texts), query=None, profile=Profile())
     assert [s.text for s in ranked] == ["Ask at the front desk."]
+    assert ranked[0].index == 1
     only_pii = rerank(texts[:1], emb.encode(texts[:1]), query=None, profile=Profile())
-    assert only_pii[0].text == "Write to [EMAIL] for help."
+    assert only_pii[0].text == "Write to an email address for help."
+    # The user's own address, given in the conversation, is no leak: it stays as written.
+    own = rerank(
+        texts, emb.encode(texts), query=None, profile=Profile(), known="I am jane.doe@example.com"
+    )
+    assert {s.text for s in own} == set(texts)
 
 
 def test_feedback_changes_the_next_ranking_and_the_personal_parameters(assistant) -> None:

@@ -229,11 +229,16 @@ def chat(
     data_dir: DataDir,
     key_file: KeyFile = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit")] = 96,
+    candidates: Annotated[
+        int, typer.Option(help="Samples to rerank (1: the answer appears as it is written)")
+    ] = 1,
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
-    """Interactive chat. After an answer: /rate N, /prefer TEXT, /edit TEXT, /bad; /quit."""
+    """Interactive chat that remembers the conversation. After an answer: /rate N,
+    /prefer TEXT, /edit TEXT, /bad; /new starts over; /quit."""
     assistant = _assistant(data_dir, key_file, retention_days)
     last = None
+    turns: list[dict[str, str]] = []
     with assistant.store:
         while True:
             try:
@@ -244,6 +249,9 @@ def chat(
                 continue
             if line in ("/quit", "/exit"):
                 break
+            if line == "/new":
+                turns, last = [], None
+                continue
             try:
                 if line.startswith("/"):
                     cmd, _, arg = line.partition(" ")
@@ -256,17 +264,30 @@ def chat(
                         "/bad": lambda a: {"reject": True},
                     }.get(cmd)
                     if kw is None:
-                        raise ValueError("commands: /rate N, /prefer TEXT, /edit TEXT, /bad, /quit")
+                        raise ValueError(
+                            "commands: /rate N, /prefer TEXT, /edit TEXT, /bad, /new, /quit"
+                        )
                     result = assistant.feedback(last, **kw(arg))
+                    if cmd == "/edit":  # the conversation goes on from the edited answer
+                        turns[-1]["content"] = arg
                     adapted = f"; adapted in {result.adapt_ms:.0f} ms" if result.adapted else ""
                     console.print(f"[dim]noted{adapted} · model: {result.variant}[/dim]")
                     continue
-                answer = assistant.ask(line, max_new_tokens=max_new_tokens)
+                answer = assistant.ask(
+                    [*turns, {"role": "user", "content": line}],
+                    n=candidates,
+                    max_new_tokens=max_new_tokens,
+                    on_text=lambda piece: console.out(piece, end="", highlight=False),
+                )
             except ValueError as err:
                 console.print(f"[red]{err}[/red]")
                 continue
+            console.out("")
             last = answer.interaction_id
-            console.print(answer.text, markup=False, highlight=False)
+            turns += [
+                {"role": "user", "content": line},
+                {"role": "assistant", "content": answer.text},
+            ]
             console.print(f"[dim]#{last} · {answer.variant}[/dim]")
 
 

@@ -246,3 +246,41 @@ def test_privacy_show_and_set_through_the_cli(tmp_path, run) -> None:
     refused = run("privacy", "set", *unlock, "--delta", "2", ok=False)
     assert refused.exit_code == 1 and "delta" in refused.output
     assert json.loads(run("privacy", "show", *unlock).output) == changed
+
+
+def test_chat_remembers_the_conversation_and_takes_feedback(tmp_path, run, monkeypatch) -> None:
+    from client.assistant import Assistant
+
+    d = str(tmp_path / "dev")
+    run("init", "--data-dir", d, "--model", "tiny")
+    seen: list[list[dict[str, str]]] = []
+    fit = Assistant.fit_prompt
+
+    def recording(self, *args, **kwargs):
+        messages, ids = fit(self, *args, **kwargs)
+        seen.append(messages)
+        return messages, ids
+
+    monkeypatch.setattr(Assistant, "fit_prompt", recording)
+    lines = [
+        "My cat is called Biscuit.",
+        "/edit Nice name!",
+        "What is my cat called?",
+        "/rate 5",
+        "/new",
+        "Hello again",
+        "/quit",
+    ]
+    out = CliRunner().invoke(
+        app,
+        ["device", "chat", "--data-dir", d, "--max-new-tokens", "4"],
+        input="\n".join(lines) + "\n",
+        env={"FEDPERSONA_PASSPHRASE": PASSPHRASE},
+    )
+    assert out.exit_code == 0, out.output
+    assert [[m["content"] for m in s[1:]] for s in seen] == [
+        ["My cat is called Biscuit."],
+        ["My cat is called Biscuit.", "Nice name!", "What is my cat called?"],
+        ["Hello again"],
+    ]
+    assert out.output.count("noted") == 2 and "#3 · global" in out.output

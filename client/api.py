@@ -33,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -691,3 +693,37 @@ def check_loopback(host: str) -> None:
     """
     if host not in LOOPBACK:
         raise ValueError(f"the device API serves only this machine; bind 127.0.0.1, not {host!r}")
+
+
+@contextmanager
+def serve_in_background(app: FastAPI) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yield its base URL.
+
+    For tests and benchmarks: the server is stopped and its thread joined on exit.
+
+    Raises:
+        RuntimeError: If uvicorn does not start within 30 s or does not stop.
+    """
+    import uvicorn
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, name="fedpersona-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        if thread.is_alive():
+            raise RuntimeError("the API server did not stop")

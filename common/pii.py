@@ -1,8 +1,10 @@
 """On-device PII scrubbing: find and mask personal data in text before it is stored or trained on.
 
 This module owns the detection and masking of personally identifying information (PII) in
-free text: everything a user types is passed through :func:`scrub` before it is persisted or
-used for local training, and so is every piece of generated text before it is shown or logged.
+free text: everything a user types, and every answer, is passed through :func:`scrub` before
+it is persisted or used for training. The live conversation between a user and their own
+local model is not scrubbed; scrubbed text shown back to a model goes through
+:func:`naturalize`, so that no bracketed tag is there to copy.
 It runs fully on the device, uses only the standard library and needs no network, no model
 download and no spaCy / NER pipeline.
 

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fedpersona"))
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from client.api import serve_in_background as api_server  # noqa: E402, F401
 from client.store import LocalStore  # noqa: E402
 from common.config import RunConfig, parse_run_config  # noqa: E402
 from common.crypto import Secret  # noqa: E402
@@ -170,31 +167,3 @@ def initial_shared(cfg: RunConfig) -> dict[str, Any]:
 
     rt = get_runtime(cfg)
     return {n: rt.init[n].clone() for n in rt.shared_names}
-
-
-@contextmanager
-def api_server(app: Any) -> Iterator[str]:
-    """Serve ``app`` with a real uvicorn on a free 127.0.0.1 port; yield its base URL.
-
-    The server thread is stopped and joined on exit (nothing is left running).
-    """
-    import uvicorn
-
-    from simulations.simulate import _free_port
-
-    port = _free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "uvicorn did not stop"

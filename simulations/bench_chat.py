@@ -1,0 +1,201 @@
+"""Answering benchmark: what a user of ``fedpersona device serve`` waits for, through the API.
+
+A real ``device serve`` app (uvicorn on 127.0.0.1) over a fresh encrypted store, driven by the
+official ``openai`` client as a chat UI drives it; every figure is the median of ``--repeats``
+requests after one warm-up, measured in one run:
+
+* **first token**: from sending a streamed request (a short conversation: user, assistant,
+  user) to the first piece of the answer — against the model alone computing the same prompt
+  and its first token (``model.generate``, 1 new token): the ratio is the API's overhead
+  (retrieval, prompt building, adapter choice, HTTP);
+* **whole answer**: the same request to the end (≤ 64 tokens), with tokens/s;
+* **3 candidates**: a non-streamed answer with 3 candidates of ≤ 64 tokens, reranked;
+* **one feedback**: ``POST /v1/feedback`` with a preferred answer (adapts the personal model).
+
+    python -m simulations.bench_chat --model smollm2 --out runs/bench-chat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONVERSATION = [
+    {"role": "user", "content": "I'm planning dinner for two tonight."},
+    {"role": "assistant", "content": "Lovely! Do you have any ingredients in mind?"},
+    {"role": "user", "content": "Mushrooms and rice. What could I cook?"},
+]
+
+
+def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> dict:
+    """Run the answering benchmark; returns the JSON-serializable results."""
+    import openai
+
+    from client.api import create_app, serve_in_background
+    from client.assistant import Assistant
+    from client.state import init_device
+    from client.store import LocalStore
+    from common.crypto import Secret, create_key_file
+
+    with tempfile.TemporaryDirectory(prefix="fp-bench-chat-") as tmp:
+        root = Path(tmp) / "dev"
+        root.mkdir(mode=0o700)
+        key = Path(tmp) / "key"
+        create_key_file(key)
+        store = LocalStore.open(root, Secret(key_file=key), create=True)
+        init_device(store, model=model)
+        t0 = time.perf_counter()
+        assistant = Assistant(store)
+        load_s = time.perf_counter() - t0
+        token = store.get_meta("api_token")
+        with serve_in_background(create_app(assistant, token=token)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+
+            def streamed(seed: int) -> dict:
+                start = time.perf_counter()
+                first = None
+                text = ""
+                usage = None
+                for chunk in client.chat.completions.create(
+                    model="fedpersona",
+                    messages=CONVERSATION,
+                    max_tokens=max_tokens,
+                    seed=seed,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                ):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or time.perf_counter() - start
+                        text += chunk.choices[0].delta.content
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                total = time.perf_counter() - start
+                return {
+                    "first_s": first if first is not None else total,
+                    "total_s": total,
+                    "tokens": usage.completion_tokens if usage else 0,
+                    "prompt_tokens": usage.prompt_tokens if usage else 0,
+                }
+
+            def candidates(seed: int) -> float:
+                start = time.perf_counter()
+                client.chat.completions.create(
+                    model="fedpersona",
+                    messages=CONVERSATION,
+                    max_tokens=max_tokens,
+                    seed=seed,
+                    extra_body={"candidates": 3},
+                )
+                return time.perf_counter() - start
+
+            streamed(0)  # warm-up
+            runs = [streamed(i + 1) for i in range(repeats)]
+            candidates(0)
+            three = [candidates(i + 1) for i in range(repeats)]
+            iid = assistant.store.count_interactions()
+            feedback = []
+            for i in range(repeats):
+                start = time.perf_counter()
+                client.post(
+                    "/feedback",
+                    cast_to=object,
+                    body={"interaction_id": iid, "preferred": f"Try a mushroom risotto ({i})."},
+                )
+                feedback.append(time.perf_counter() - start)
+            bare = _bare_first_token(assistant)
+        store.close()
+    first = statistics.median(r["first_s"] for r in runs)
+    total = statistics.median(r["total_s"] for r in runs)
+    tokens = statistics.median(r["tokens"] for r in runs)
+    return {
+        "model": model,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "max_tokens": max_tokens,
+        "load_s": load_s,
+        "prompt_tokens": runs[0]["prompt_tokens"],
+        "first_token_s": first,
+        "bare_first_token_s": bare,
+        "ratio_first_token_over_bare": first / bare,
+        "answer_s": total,
+        "answer_tokens": tokens,
+        "answer_tokens_per_s": tokens / total if total else 0.0,
+        "three_candidates_s": statistics.median(three),
+        "feedback_s": statistics.median(feedback),
+        "runs": runs,
+    }
+
+
+@torch.no_grad()
+def _bare_first_token(assistant, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
+    """The model alone: the same rendered prompt, prefill + one sampled token (median)."""
+    from client.engine import build_messages
+
+    tok = assistant.rt.tokenizer
+    messages = build_messages(
+        assistant.profile, CONVERSATION[-1]["content"], turns=CONVERSATION[:-1]
+    )
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        assistant.rt.model.generate(
+            **ids, do_sample=True, max_new_tokens=1, pad_token_id=assistant.pad_id
+        )
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def markdown(r: dict) -> str:
+    """The results as a Markdown table."""
+    rows = [
+        (
+            "first streamed token (short conversation) / the model alone",
+            f"{r['first_token_s']:.2f} s / {r['bare_first_token_s']:.2f} s = "
+            f"**{r['ratio_first_token_over_bare']:.2f}×** (target ≤ 1.5 s)",
+        ),
+        (
+            f"whole streamed answer (≤ {r['max_tokens']} tokens)",
+            f"{r['answer_s']:.2f} s for {r['answer_tokens']:.0f} tokens "
+            f"({r['answer_tokens_per_s']:.1f} tokens/s)",
+        ),
+        (
+            f"3 candidates × ≤ {r['max_tokens']} tokens, reranked",
+            f"{r['three_candidates_s']:.2f} s",
+        ),
+        ("one feedback (preferred answer, adapts)", f"{r['feedback_s'] * 1000:.0f} ms"),
+    ]
+    lines = ["| answering | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    lines.append(
+        f"\n{r['model']} · {r['prompt_tokens']} prompt tokens · {r['threads']} threads · "
+        f"median of {r['repeats']}"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    r = bench(args.model, repeats=args.repeats, max_tokens=args.max_tokens)
+    table = markdown(r)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_chat.json").write_text(json.dumps(r, indent=1))
+        (args.out / "bench_chat.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

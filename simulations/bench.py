@@ -6,7 +6,9 @@
    noise, A/B counts, encrypted store writes) in training tokens/s against a bare peft
    training loop on the same model, batches and steps;
 3. **device** — adapter hot-swap, one-feedback adaptation and encrypted bytes per user
-   (``simulations.bench_device``);
+   (``simulations.bench_device``); answering through the real local API: first streamed
+   token against the model alone, the whole answer, 3 candidates, one feedback
+   (``simulations.bench_chat``);
 4. **scaling** — simulated federations of 100 and 1,000 users (tiny model) with 10–100
    sampled per round: peak memory of the whole process tree (must stay flat in the number
    of users) and seconds per round against clients per round.
@@ -181,7 +183,7 @@ SUITE_FILES = frozenset({"bench.json", "bench.md", "runs"})
 
 def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False) -> dict:
     """Every benchmark; returns the JSON-serializable results."""
-    from simulations import bench_device, bench_privacy
+    from simulations import bench_chat, bench_device, bench_privacy
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -194,6 +196,7 @@ def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False
         device,
         store=True,
     )
+    results["chat"] = bench_chat.bench(model)
     grid = (
         [(100, 10), (1000, 10)]
         if quick_scaling
@@ -239,6 +242,20 @@ def markdown(r: dict) -> str:
                 f"{d['store_bytes_0_interactions']:,} / {d['store_bytes_100_interactions']:,} B",
             )
         )
+    if "chat" in r:
+        c = r["chat"]
+        rows += [
+            (
+                "first streamed token via the API / the model alone",
+                f"{c['first_token_s']:.2f} s / {c['bare_first_token_s']:.2f} s = "
+                f"**{c['ratio_first_token_over_bare']:.2f}×**",
+            ),
+            (
+                f"streamed answer ≤ {c['max_tokens']} tokens; 3 candidates",
+                f"{c['answer_s']:.1f} s ({c['answer_tokens_per_s']:.1f} tokens/s); "
+                f"{c['three_candidates_s']:.1f} s",
+            ),
+        ]
     lines = ["| benchmark | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     lines += ["", "| users | clients/round | s/round | peak RSS (MiB) |", "|---|---|---|---|"]
     lines += [

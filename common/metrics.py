@@ -1,7 +1,7 @@
 """Evaluation metrics: personalization quality, privacy audits and A/B statistics.
 
 Pure functions over losses, embeddings and counts (no model code), so each can be checked on
-constructed cases where the answer is known. Names follow DESIGN.md:
+constructed cases where the answer is known. Names follow docs/architecture.md ("Definitions"):
 
 * personalization — :func:`win_rate`, :func:`ppl_gain`, :func:`attribution_accuracy`
   (``attribution_acc@K``), :func:`style_consistency`, :func:`context_relevance`,

@@ -23,7 +23,7 @@ METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES_KEY = "num-examples"
 
-# Scalar metrics a device may report (DESIGN.md, "What leaves the device").
+# Scalar metrics a device may report (docs/architecture.md, "What leaves the device").
 ALLOWED_TRAIN_METRICS = frozenset(
     {
         NUM_EXAMPLES_KEY,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import random
 import secrets
 from collections.abc import Sequence
@@ -402,8 +401,3 @@ def per_example_losses(
 ) -> list[float]:
     """Mean reply-token cross-entropy of each sample (for membership and canary audits)."""
     return HeldOutLosses(model, samples, batch_size=batch_size, pad_id=pad_id).per_example()
-
-
-def perplexity(loss: float) -> float:
-    """``exp(loss)``, capped to stay finite in JSON."""
-    return math.exp(min(loss, 50.0))

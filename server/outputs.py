@@ -1,9 +1,10 @@
 """A run's outputs: ``summary.json`` and the global adapter in peft format.
 
-Definitions (DESIGN.md): ``base`` is the pre-trained model without adapter; ``global`` is what
-a brand-new user gets from the federation (its cold-start model); ``personal`` is each
-device's own model. ``win_rate`` is the share of users whose personal loss is below their
-global loss; ``ppl_gain`` is the median over users of 1 - ppl_personal / ppl_global.
+Definitions (docs/architecture.md): ``base`` is the pre-trained model without adapter;
+``global`` is what a brand-new user gets from the federation (its cold-start model);
+``personal`` is each device's own model. ``win_rate`` is the share of users whose personal
+loss is below their global loss; ``ppl_gain`` is the median over users of
+1 - ppl_personal / ppl_global.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Reads a run directory written by ``fedpersona simulate`` — ``summary.json`` (the config), the
 simulated devices' encrypted stores (``devices/<user>/`` with their key files beside them) —
 and writes ``evaluation.json`` next to it. Everything is measured on the users' real text
-(Shakespeare roles) with the metric definitions of DESIGN.md / :mod:`common.metrics`:
+(Shakespeare roles) with the metric definitions of docs/architecture.md / :mod:`common.metrics`:
 
 * ``win_rate``, ``ppl_gain`` and ``attribution_acc@K`` from a loss matrix: every user's
   personal model on every user's held-out passages;
@@ -50,7 +50,7 @@ from common.train import per_example_losses
 
 logger = logging.getLogger(__name__)
 
-# The seed's targets (DESIGN.md "Seed requirements"), as (comparison, value).
+# The targets the project started from (its first plan's requirements), as (comparison, value).
 SEED_TARGETS: dict[str, tuple[str, Any]] = {
     "personalization accuracy (attribution_acc@10)": (">", 0.85),
     "preference alignment (win_rate)": (">", 0.85),

@@ -16,11 +16,11 @@ from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
 from client.device import get_runtime
 from client.store import LocalStore
-from common.cli import app
 from common.config import parse_run_config
 from common.crypto import Secret
 from common.model import load_base_model
 from common.serialization import to_arrayrecord
+from simulations.cli import app
 from tests.conftest import device_node_config, make_context, make_message, tiny_run_config
 
 PASSPHRASE = "a passphrase for tests"
@@ -193,7 +193,7 @@ def test_clientapp_and_assistant_share_one_store_with_no_plaintext_at_rest(tmp_p
         ["forget", "--yes", "--data-dir", str(d)],
     ):
         proc = subprocess.run(
-            [sys.executable, "-X", "importtime", "-m", "common.cli", "device", *cmd],
+            [sys.executable, "-X", "importtime", "-m", "simulations.cli", "device", *cmd],
             capture_output=True,
             text=True,
             timeout=120,

@@ -68,7 +68,7 @@ def test_run_dir_defaults_use_run_id(tmp_path) -> None:
 def test_privacy_noise_helper_prints_the_needed_sigma() -> None:
     from typer.testing import CliRunner
 
-    from common.cli import app
+    from simulations.cli import app
 
     result = CliRunner().invoke(
         app,

@@ -346,7 +346,7 @@ def test_compose_device_workers_match_their_supernodes(compose) -> None:
     from typer.main import get_command
 
     from client import worker
-    from common.cli import app
+    from simulations.cli import app
 
     # Prepare
     device_cli = get_command(app).commands["device"]

@@ -102,7 +102,7 @@ def test_no_noise_is_infinite_epsilon_and_bad_history_is_rejected() -> None:
 
 
 def test_noise_for_target_is_the_physical_limit() -> None:
-    # DESIGN.md: N = 1000 users, 100 a round, 50 rounds, ε = 1 -> σ ≈ 3.
+    # The first plan's example: N = 1000 users, 100 a round, 50 rounds, ε = 1 -> σ ≈ 3.
     sigma = noise_for_target(target_epsilon=1.0, delta=1e-5, sample_rate=0.1, steps=50)
     assert 2.8 < sigma < 3.4
     assert epsilon([(sigma, 0.1, 50)], delta=1e-5) <= 1.0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -317,18 +316,17 @@ class _ShrinkingGrid(InProcessGrid):
         return super().send_and_receive(alive, timeout=timeout)
 
 
+@pytest.mark.timeout(120)
 def test_a_node_lost_after_round_one_does_not_stall_the_message_api_path(caplog) -> None:
     # Prepare: every round wants all three nodes; node 3 is gone after round 1's training.
     grid = _ShrinkingGrid(_message_api_app(0, ""), {1: {}, 2: {}, 3: {}})
     strategy = _fedavg_of_three()
     strategy.rejoin_wait = 0.5
 
-    # Execute
-    start = time.monotonic()
+    # Execute (a stall is caught by the timeout)
     _run_from_zeros(strategy, grid, num_rounds=3)
 
     # Assert: rounds 2 and 3 ran with the two nodes online and were released (m_min 2).
-    assert time.monotonic() - start < 60
     assert [r["updates"] for r in strategy.recorder.rounds] == [3, 2, 2]
     assert all(r["released"] for r in strategy.recorder.rounds)
     assert strategy.sampled == {1: 3, 2: 2, 3: 2}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -357,7 +356,6 @@ def _open_must_refuse_or_succeed(root: Path) -> None:
     Either way the files on disk are byte-for-byte unchanged by a refused open.
     """
     before = _files(root)
-    start = time.monotonic()
     try:
         store = LocalStore.open(root, Secret(key_file=device_key(root)))
     except (StoreCorrupted, WrongKey) as err:
@@ -369,7 +367,6 @@ def _open_must_refuse_or_succeed(root: Path) -> None:
         with store:
             assert store.get_profile() == {"tone": "formal"}
             assert store.count_interactions() == 40
-    assert time.monotonic() - start < 20, "open took too long"
 
 
 @pytest.mark.timeout(120)
@@ -458,13 +455,11 @@ def test_passphrase_key_with_tampered_kdf_parameters_fails_fast(
     before = _files(root)
 
     # Execute
-    start = time.monotonic()
-    with pytest.raises(WrongKey) as err:
+    with pytest.raises(WrongKey) as err:  # refused before scrypt runs (see the timeout)
         LocalStore.open(root, secret)
 
     # Assert
     assert message in str(err.value)
-    assert time.monotonic() - start < 10
     assert _files(root) == before
 
 
@@ -752,7 +747,9 @@ def test_ledger_decoder_rejects_bad_json_cleanly(state_store: StateStore, blob: 
         # Assert: a ledger that loads gives a real ε for both kinds (∞ only for σ = 0).
         summary = ledger.summary()
         assert not math.isnan(summary["record_epsilon"] + summary["user_epsilon"]), summary
-        assert ledger.rounds_charged() >= 0
+        assert ledger.rounds_charged() == len(
+            {(e["run"], e["round"]) for e in ledger.events if e["kind"] == "user"}
+        )
     state_store.assert_good_state_loads()
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from client.examples import device_examples, split
 from client.ingest import BadImport, import_files, parse_chat, parse_mbox, parse_text, read_file
 from client.store import LocalStore
-from common.cli import app
+from simulations.cli import app
 from tests.conftest import open_test_store
 
 PASSPHRASE = "a passphrase for import tests"

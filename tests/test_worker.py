@@ -45,7 +45,7 @@ def _start_worker(sock: Path, data_dir: Path | None = None) -> subprocess.Popen:
     if data_dir is None:
         data_dir = sock.with_suffix(".dev")
         device_node_config(data_dir, 0, 4)
-    cmd = [sys.executable, "-m", "common.cli", "device", "worker", "--socket", str(sock)]
+    cmd = [sys.executable, "-m", "simulations.cli", "device", "worker", "--socket", str(sock)]
     cmd += ["--data-dir", str(data_dir), "--key-file", str(device_key(data_dir))]
     proc = subprocess.Popen(
         cmd, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -219,7 +219,7 @@ def test_a_worker_that_cannot_unlock_its_store_does_not_start(tmp_path, sock_dir
     create_key_file(wrong)
     sock = sock_dir / "locked.sock"
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", "device", "worker", "--socket", str(sock),
+        [sys.executable, "-m", "simulations.cli", "device", "worker", "--socket", str(sock),
          "--data-dir", str(data_dir), "--key-file", str(wrong), "--no-preload"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -44,7 +44,7 @@ def adapter_of(name: str) -> str:
 
 @dataclass(frozen=True)
 class Strategy:
-    """A personalization strategy (see DESIGN.md's table).
+    """A personalization strategy (see the README's strategy table).
 
     Attributes:
         name: Config name (``personalization.strategy``).

@@ -1,4 +1,10 @@
-"""The ``fedpersona`` command line."""
+"""The ``fedpersona`` command line: ``simulate``, ``report``, ``bench``, ``privacy`` and the
+device's own commands (``fedpersona device …``, :mod:`client.cli`).
+
+It lives in the top layer because it starts simulations; it imports only downward
+(simulations → server/client → common), and the device commands load lazily, so a user's
+``fedpersona device status`` imports neither torch nor Flower.
+"""
 
 from __future__ import annotations
 

@@ -286,3 +286,79 @@ def test_ab_test_answers_come_from_both_arms_and_their_ratings_are_counted(
     assert counts[0] == recent.count("global") and counts[3] == recent.count("personal")
     assert counts[1] == 2 * recent.count("global") and counts[4] == 5 * recent.count("personal")
     assert again.sum() == 0  # each rating is reported once
+
+
+def _expert_adapter(assistant: Assistant, out, scale: float):  # type: ignore[no-untyped-def]
+    """A peft adapter of ``assistant``'s model whose B tensors are ``scale`` everywhere."""
+    from common.lora import export_adapter
+
+    tensors = {n: torch.full_like(t, scale) for n, t in assistant.global_tensors().items()}
+    return export_adapter(
+        tensors, assistant.cfg.model, out, base_model="tiny", note={"kind": "expert"}
+    )
+
+
+def test_experts_are_installed_routed_and_answer_until_the_personal_model_has_evidence(
+    tmp_path,
+) -> None:
+    # Prepare: fedsa (experts differ in B only, so mixing is exact).
+    store = open_test_store(tmp_path / "dev")
+    init_device(store, model="tiny", strategy="fedsa")
+    assistant = Assistant(store)
+    cooking = _expert_adapter(assistant, tmp_path / "cooking", 0.01)
+    code = _expert_adapter(assistant, tmp_path / "code", -0.01)
+
+    # Execute
+    assistant.add_expert("cooking", cooking, about="recipes, baking and cooking dinner")
+    gates = assistant.add_expert("code", code, about="python programming and debugging")
+
+    # Assert: the router answers (cold start), gates sum to 1, the mix is Σ g_i B_i.
+    assert assistant.variant == "experts" and set(gates) == {"cooking", "code"}
+    assert sum(gates.values()) == pytest.approx(1.0)
+    user = assistant.user_vector()
+    mixed, g = assistant.router.mix(user), assistant.router.gates(user)
+    for name, t in mixed.items():
+        want = 0.01 * g[0] - 0.01 * g[1]
+        assert torch.allclose(t, torch.full_like(t, want), rtol=1e-3), (
+            name,
+            want,
+        )  # stored as fp16
+    assert "expert adapters (cooking, code)" in assistant.why()
+    # A user who talks about cooking moves the gate towards the cooking expert.
+    for q in ("How long do I bake bread?", "A good dinner recipe with rice?"):
+        assistant.store.add_interaction(q, "…", embedding=assistant.embedder.encode_one(q))
+    after = dict(
+        zip(
+            [e.name for e in assistant.router.experts],
+            assistant.router.gates(assistant.user_vector()),
+            strict=True,
+        )
+    )
+    assert after["cooking"] > gates["cooking"]
+    # Restart: the experts come back from the store.
+    assert Assistant(store).variant == "experts"
+    # An adapter of another shape is refused, and nothing changes.
+    other = tmp_path / "other"
+    init_store = open_test_store(tmp_path / "dev2")
+    init_device(init_store, model="tiny", strategy="fedsa", overrides={"model.lora-r": 8})
+    wrong = _expert_adapter(Assistant(init_store), other, 0.5)
+    with pytest.raises(ValueError, match="does not fit"):
+        assistant.add_expert("wrong", wrong, about="anything")
+    assert [e.name for e in assistant.router.experts] == ["cooking", "code"]
+    init_store.close()
+    store.close()
+
+
+def test_the_cuda_graph_feedback_step_refuses_a_cpu_model(assistant) -> None:
+    # (Its capture and replay run in tests/test_gpu_path.py on a CUDA machine.)
+    from client.adapt import GraphedAdapter
+
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedAdapter(
+            assistant.rt.model,
+            assistant.rt.personal_names,
+            seq_len=16,
+            learning_rate=0.1,
+            pad_id=assistant.pad_id,
+        )
+    assert assistant._graphed_adapter() is None  # on CPU the eager steps are used

@@ -9,6 +9,7 @@ from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
+import torch
 from peft import PeftModel
 from typer.testing import CliRunner
 
@@ -284,3 +285,42 @@ def test_chat_remembers_the_conversation_and_takes_feedback(tmp_path, run, monke
         ["Hello again"],
     ]
     assert out.output.count("noted") == 2 and "#3 · global" in out.output
+
+
+def test_expert_add_installs_an_adapter_the_api_then_lists(tmp_path, run) -> None:
+    from fastapi.testclient import TestClient
+
+    from client.api import create_app
+    from client.assistant import Assistant
+    from common.lora import export_adapter
+
+    d = tmp_path / "dev"
+    run("init", "--data-dir", str(d), "--model", "tiny", "--strategy", "fedsa")
+    with LocalStore.open(d, Secret(passphrase=PASSPHRASE)) as store:
+        assistant = Assistant(store)
+        tensors = {n: torch.full_like(t, 0.01) for n, t in assistant.global_tensors().items()}
+        export_adapter(tensors, assistant.cfg.model, tmp_path / "cooking", base_model="tiny")
+
+    out = run(
+        "expert-add",
+        "cooking",
+        str(tmp_path / "cooking"),
+        "--data-dir",
+        str(d),
+        "--about",
+        "recipes and cooking",
+    ).output
+    assert "router gates for you: cooking=1.00" in out
+    bad = run(
+        "expert-add", "x", str(tmp_path / "nope"), "--data-dir", str(d), "--about", "y", ok=False
+    )
+    assert bad.exit_code == 1 and "adapter_model.safetensors" in bad.output
+
+    with LocalStore.open(d, Secret(passphrase=PASSPHRASE)) as store:
+        assistant = Assistant(store)
+        assert assistant.variant == "experts"
+        token = store.get_meta("api_token")
+        models = TestClient(create_app(assistant, token=token)).get(
+            "/v1/models", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert [m["id"] for m in models.json()["data"]][-1] == "fedpersona-experts"

@@ -218,15 +218,12 @@ def _train_hosted(content: RecordDict, context: Context, users: list[int]) -> Re
     ab_vector = None
     if legacy:
         metrics[NUM_EXAMPLES_KEY] = k  # SecAgg+ weights the mean update by it
-        outbound = update
         if cfg.ab.interactions:  # the weighted mean over nodes must sum the counts
             ab_vector = counts / max(k, 1) / ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
-    else:
-        outbound = {n: global_shared[n] + update[n] for n in update}
-        if cfg.ab.interactions and k:
-            metrics.update(ab.to_metrics(counts))
+    elif cfg.ab.interactions and k:
+        metrics.update(ab.to_metrics(counts))
     return build_outbound_record(
-        outbound,
+        update,
         shared_names=rt.shared_names,
         metrics=metrics,
         allowed_metrics=ALLOWED_TRAIN_METRICS,
@@ -274,17 +271,14 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     if legacy:
         # SecAgg+ sums the update weighted by num_examples: 1 per participant, 0 if declined.
         metrics[NUM_EXAMPLES_KEY] = int(metrics["weight"])
-        outbound = result.update
         if cfg.ab.interactions:
             # Every device appends the same-shaped vector (zeros when declining).
             counts = result.ab if result.ab is not None else np.zeros(ab.FIELDS)
             ab_vector = counts / ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
-    else:
-        outbound = {n: global_shared[n] + result.update[n] for n in result.update}
-        if result.ab is not None:
-            metrics.update(ab.to_metrics(result.ab))
+    elif result.ab is not None:
+        metrics.update(ab.to_metrics(result.ab))
     return build_outbound_record(
-        outbound,
+        result.update,
         shared_names=device.rt.shared_names,
         metrics=metrics,
         allowed_metrics=ALLOWED_TRAIN_METRICS,

@@ -17,7 +17,6 @@ two flwr 1.42 problems fixed and DP done by fedpersona rather than the stock wra
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from logging import INFO, WARNING
 
@@ -46,6 +45,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from common.sampling import evaluation_due, fixed_sample, poisson_sample
 from common.secagg import SecAggParams, quantization_range_for
 from server.recorder import RoundRecorder, users_in
+from server.release import ReleasePolicy
 
 
 class _MaskedVectorGate:
@@ -270,7 +270,6 @@ class SecAggDPStrategy(Strategy):
         server_learning_rate: float = 1.0,
     ) -> None:
         super().__init__()
-        self.server_learning_rate = server_learning_rate
         self.sampling = sampling
         self.evaluate_every = evaluate_every
         self.num_rounds = num_rounds
@@ -283,10 +282,15 @@ class SecAggDPStrategy(Strategy):
         self.current = [np.asarray(a, dtype=np.float32) for a in initial]
         self.recorder = recorder
         self.min_updates = min_updates
+        self.release = ReleasePolicy(
+            recorder,
+            min_updates=min_updates,
+            central_noise_std=central_noise_std,
+            server_learning_rate=server_learning_rate,
+        )
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_nodes = min_nodes
-        self.central_noise_std = central_noise_std
         self.target_epsilon = target_epsilon
         self.stopped_at: int | None = None
 
@@ -376,41 +380,22 @@ class SecAggDPStrategy(Strategy):
             # The A/B counts rode along, scaled; the mean over the m participants × m × scale
             # is the federation-wide sum (the only thing SecAgg+ reveals).
             ab_mean, mean = mean[-1], mean[:-1]
-        problem = ""
-        if m < self.min_updates:
-            problem = f"{m} updates < m_min {self.min_updates}"
-        elif len(mean) != len(self.current) or any(
-            a.shape != b.shape for a, b in zip(mean, self.current, strict=False)
-        ):
-            problem = "aggregate has the wrong shapes"
-        elif not all(np.isfinite(a).all() for a in mean):
-            problem = "aggregate is not finite"
-        if problem:
-            log(
-                WARNING, "round %s discarded: %s; keeping the previous model", server_round, problem
-            )
-            self.recorder.trained(
-                server_round,
-                rows,
-                failures=len(failures) + lost,
-                released=False,
-                note=f"discarded: {problem}",
-            )
+        names = self.shared_names
+        counts = None
+        if ab_mean is not None and self.ab_scale:
+            counts = np.asarray(ab_mean, np.float64) * m * self.ab_scale
+        released = self.release.apply(
+            server_round,
+            dict(zip(names, self.current, strict=True)),
+            dict(zip(names, mean, strict=False)) if len(mean) == len(names) else None,
+            users=m,
+            rows=rows,
+            failures=len(failures) + lost,
+            ab_counts=counts,
+        )
+        if released is None:
             return None, {}
-        if self.central_noise_std > 0:
-            rng = np.random.default_rng(secrets.randbits(128))
-            std = self.central_noise_std / m
-            mean = [a + rng.normal(0.0, std, size=a.shape) for a in mean]
-            log(INFO, "central DP: added N(0, %.3g²) to the mean update", std)
-        step = self.server_learning_rate
-        self.current = [
-            (c + step * u).astype(np.float32) for c, u in zip(self.current, mean, strict=True)
-        ]
-        if ab_mean is not None and self.ab_scale and np.isfinite(ab_mean).all():
-            self.recorder.ab(server_round, np.asarray(ab_mean, np.float64) * m * self.ab_scale)
-        if self.recorder.accountant is not None:
-            self.recorder.accountant.release()
-        self.recorder.trained(server_round, rows, failures=len(failures) + lost, released=True)
+        self.current = [released[n] for n in names]
         return ndarrays_to_parameters(self.current), {}
 
     def configure_evaluate(

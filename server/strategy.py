@@ -1,16 +1,16 @@
 """Message-API aggregation (the path without SecAgg+): FedAvg over the shared LoRA tensors,
 with user-level DP when configured.
 
-Devices send their shared tensors as ``global + update``, where the update is already clipped
-to ``C`` (and, in ``distributed`` mode, noised). This strategy drops declined replies, refuses
-to release a round with fewer than m_min updates, averages per user (weight 1) when DP is on,
-adds N(0, (σC)²)/m in ``central`` mode, and charges the federation accountant for each
-released round. ``privacy.target-epsilon`` stops training before the target would be passed.
+Devices send the change of their shared tensors, already clipped to ``C`` (and, in
+``distributed`` mode, noised). This strategy samples (waiting, bounded, for lost nodes), drops
+malformed and declined replies and averages the changes per user (weight 1) when DP is on;
+whether and how a round is released — m_min, finiteness, central noise N(0, (σC)²)/m, the
+accountant's charge — is :class:`server.release.ReleasePolicy`, the same for the SecAgg+ path.
+``privacy.target-epsilon`` stops training before the target would be passed.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
@@ -39,6 +39,7 @@ from common.serialization import (
     reply_problem,
 )
 from server.recorder import RoundRecorder, users_in
+from server.release import ReleasePolicy
 
 
 def reply_metrics(replies: Iterable[Message]) -> list[dict[str, float]]:
@@ -94,7 +95,6 @@ class PersonaFedAvg(FedAvg):
         **kwargs,  # type: ignore[no-untyped-def]
     ) -> None:
         super().__init__(**kwargs)
-        self.server_learning_rate = server_learning_rate
         self._global: ArrayRecord | None = None
         self.sampling = sampling
         self.evaluate_every = evaluate_every
@@ -105,7 +105,12 @@ class PersonaFedAvg(FedAvg):
         self.sampled: dict[int, int] = {}
         self.recorder = recorder
         self.min_updates = min_updates
-        self.central_noise_std = central_noise_std
+        self.release = ReleasePolicy(
+            recorder,
+            min_updates=min_updates,
+            central_noise_std=central_noise_std,
+            server_learning_rate=server_learning_rate,
+        )
         self.target_epsilon = target_epsilon
         self.stopped_at: int | None = None
         self._wanted = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
@@ -190,7 +195,7 @@ class PersonaFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the participants' shared tensors; discard under-populated rounds."""
+        """Average the participants' changes; the release policy decides the round."""
         server_round += self.round_offset
         replies = list(replies)
         ok = self._well_formed(server_round, replies, train=True)
@@ -200,49 +205,29 @@ class PersonaFedAvg(FedAvg):
         users = sum(users_in(r) for r in rows)
         # Failed, malformed, and never-answered (stragglers, dropouts) replies.
         failures = max(len(replies), self.sampled.get(server_round, 0)) - len(ok)
-        arrays, metrics = None, None
-        if users < self.min_updates:
-            log(
-                WARNING,
-                "round %s discarded: %s updates < m_min=%s (releasing it would give less noise "
-                "and a weaker guarantee than promised)",
-                server_round,
-                users,
-                self.min_updates,
-            )
-            self.recorder.trained(
-                server_round,
-                rows,
-                failures=failures,
-                released=False,
-                note=f"discarded: {users} updates < m_min {self.min_updates}",
-            )
-        else:
-            arrays, metrics = super().aggregate_train(server_round, participants)
-            if arrays is not None and not all(np.isfinite(arrays[n].numpy()).all() for n in arrays):
-                log(WARNING, "round %s discarded: the mean is not finite", server_round)
-                self.recorder.trained(
-                    server_round,
-                    rows,
-                    failures=failures,
-                    released=False,
-                    note="discarded: the mean is not finite",
-                )
-                arrays, metrics = None, None
-            else:
-                if arrays is not None and self.central_noise_std > 0:
-                    arrays = _add_noise(arrays, self.central_noise_std / users)
-                if arrays is not None and self.server_learning_rate != 1.0 and self._global:
-                    arrays = _step(self._global, arrays, self.server_learning_rate)
-                if self.recorder.accountant is not None:
-                    self.recorder.accountant.release()
-                counts = [ab.from_metrics(r) for r in rows if users_in(r) > 0]
-                counts = [c for c in counts if c is not None]
-                if counts:  # without SecAgg+ the server sees each device's counts (summary says so)
-                    self.recorder.ab(server_round, np.sum(counts, axis=0))
-                self.recorder.trained(
-                    server_round, rows, failures=failures, released=arrays is not None
-                )
+        mean, metrics = None, None
+        if participants:
+            # Devices send their clipped, noised change; FedAvg's weighted mean of the changes.
+            aggregated, metrics = super().aggregate_train(server_round, participants)
+            if aggregated is not None:
+                mean = {n: aggregated[n].numpy() for n in aggregated}
+        assert self._global is not None  # set by configure_train
+        counts = [c for c in (ab.from_metrics(r) for r in rows if users_in(r) > 0) if c is not None]
+        released = self.release.apply(
+            server_round,
+            {n: self._global[n].numpy() for n in self._global},
+            mean,
+            users=users,
+            rows=rows,
+            failures=failures,
+            # Without SecAgg+ the server sees each device's counts (the summary says so).
+            ab_counts=np.sum(counts, axis=0) if counts else None,
+        )
+        arrays = (
+            None if released is None else ArrayRecord({n: Array(a) for n, a in released.items()})
+        )
+        if arrays is None:
+            metrics = None
         if self.on_round_end is not None:
             self.on_round_end(server_round, arrays)
         return arrays, metrics
@@ -285,23 +270,3 @@ class _FrozenNodes:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
-
-
-def _step(current: ArrayRecord, mean: ArrayRecord, rate: float) -> ArrayRecord:
-    """``current + rate · (mean − current)``: the server's step along the mean update."""
-    out = {}
-    for name in mean:
-        c, m = current[name].numpy(), mean[name].numpy()
-        out[name] = Array((c + rate * (m - c)).astype(np.float32))
-    return ArrayRecord(out)
-
-
-def _add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:
-    """``arrays + N(0, std²)`` from a CSPRNG-seeded generator."""
-    rng = np.random.default_rng(secrets.randbits(128))
-    noised = {}
-    for name in arrays:
-        value = arrays[name].numpy()
-        noised[name] = Array((value + rng.normal(0.0, std, size=value.shape)).astype(np.float32))
-    log(INFO, "central DP: added N(0, %.3g²) to the averaged update", std)
-    return ArrayRecord(noised)

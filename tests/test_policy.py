@@ -193,11 +193,12 @@ def test_a_plain_message_with_distributed_noise_is_declined_through_the_client_a
     # Execute
     reply = client_train(make_message(to_arrayrecord(_global(cfg)), "train"), ctx)
 
-    # Assert: declined, the update is the global model unchanged, nothing charged.
+    # Assert: declined, the change sent is zero (and weighs nothing), nothing charged.
     assert reply.content["metrics"]["declined"] == 1
-    g = _global(cfg)
-    for name, array in reply.content["arrays"].items():
-        assert torch.equal(torch.from_numpy(array.numpy()), g[name])
+    assert reply.content["metrics"]["weight"] == 0
+    assert set(reply.content["arrays"]) == set(_global(cfg))
+    for array in reply.content["arrays"].values():
+        assert not array.numpy().any()
     with open_test_store(tmp_path / "dev") as store:
         ledger = store.get_json("ledger")
     assert ledger["events"] == [] and "SecAgg+" in ledger["declined"][0]["reason"]

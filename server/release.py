@@ -1,0 +1,111 @@
+"""The one release rule of a round, for both server paths (Message-API FedAvg and SecAgg+).
+
+Devices send the clipped, noised *change* of the shared tensors (never a model). Given the
+round's mean change, a round is **released** only if at least m_min users' updates are in it
+(fewer would carry less noise than the guarantee promises), its shapes are the model's and
+every value is finite. A released round gets the central noise σC/m when the server adds it,
+moves the global tensors ``current + server-learning-rate · mean``, charges the federation
+accountant and records the A/B sums; a discarded one keeps the previous tensors and is
+recorded with the reason. The strategies (``server/strategy.py``, ``server/secagg.py``) only
+sample, collect and average.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.common.logger import log
+
+from server.recorder import RoundRecorder
+
+
+class ReleasePolicy:
+    """Decide and apply one round's release.
+
+    Args:
+        recorder: Run bookkeeping (holds the federation accountant, if any).
+        min_updates: m_min.
+        central_noise_std: σC in central mode (noise on the *sum*), else 0.
+        server_learning_rate: The step along the (noised) mean change; 1 is FedAvg.
+    """
+
+    def __init__(
+        self,
+        recorder: RoundRecorder,
+        *,
+        min_updates: int,
+        central_noise_std: float = 0.0,
+        server_learning_rate: float = 1.0,
+    ) -> None:
+        self.recorder = recorder
+        self.min_updates = min_updates
+        self.central_noise_std = central_noise_std
+        self.server_learning_rate = server_learning_rate
+
+    def problem(
+        self,
+        current: Mapping[str, np.ndarray],
+        mean: Mapping[str, np.ndarray] | None,
+        users: int,
+    ) -> str:
+        """Why the round may not be released (``""``: it may)."""
+        if users < self.min_updates:
+            return f"{users} updates < m_min {self.min_updates}"
+        if mean is None or set(mean) != set(current):
+            return "the aggregate does not hold the shared tensors"
+        if any(np.shape(mean[n]) != np.shape(current[n]) for n in current):
+            return "the aggregate has the wrong shapes"
+        if not all(np.isfinite(mean[n]).all() for n in current):
+            return "the aggregate is not finite"
+        return ""
+
+    def apply(
+        self,
+        server_round: int,
+        current: Mapping[str, np.ndarray],
+        mean: Mapping[str, np.ndarray] | None,
+        *,
+        users: int,
+        rows: list[dict[str, float]],
+        failures: int,
+        ab_counts: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray] | None:
+        """The next global tensors, or ``None`` when the round is discarded (recorded either
+        way).
+
+        Args:
+            server_round: The run's round.
+            current: The global shared tensors the round started from.
+            mean: The mean change over the round's users (``None``: nothing arrived).
+            users: How many users' updates are in ``mean``.
+            rows: The replies' metrics (for the round record).
+            failures: Failed, malformed and never-answered replies.
+            ab_counts: The federation-wide A/B sums, when they came with the round.
+        """
+        problem = self.problem(current, mean, users)
+        if problem:
+            log(
+                WARNING, "round %s discarded: %s; keeping the previous model", server_round, problem
+            )
+            self.recorder.trained(
+                server_round, rows, failures=failures, released=False, note=f"discarded: {problem}"
+            )
+            return None
+        assert mean is not None
+        change = {n: np.asarray(mean[n], np.float64) for n in current}
+        if self.central_noise_std > 0:
+            rng = np.random.default_rng(secrets.randbits(128))  # the OS's randomness
+            std = self.central_noise_std / users
+            change = {n: a + rng.normal(0.0, std, size=a.shape) for n, a in change.items()}
+            log(INFO, "central DP: added N(0, %.3g²) to the mean update", std)
+        step = self.server_learning_rate
+        released = {n: (current[n] + step * change[n]).astype(np.float32) for n in current}
+        if ab_counts is not None and np.isfinite(ab_counts).all():
+            self.recorder.ab(server_round, np.asarray(ab_counts, np.float64))
+        if self.recorder.accountant is not None:
+            self.recorder.accountant.release()
+        self.recorder.trained(server_round, rows, failures=failures, released=True)
+        return released

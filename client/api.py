@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import socket
 import threading
@@ -69,6 +70,7 @@ from client.assistant import (
 from client.profile import CHOICES
 from client.store import LocalStore
 
+logger = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_CONTENT = 8_000
 # Sampling divides the logits by the temperature: far below this they overflow to inf and the
@@ -234,7 +236,7 @@ def _as_api_error(err: Exception) -> ApiError:
         return ApiError(404, str(err).strip("'\""), code="model_not_found", param="model")
     if isinstance(err, ValueError):
         return ApiError(400, str(err))
-    raise err
+    raise err  # not a refusal: the caller's failure handler answers 500
 
 
 class Metrics:
@@ -326,7 +328,13 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
                 code="store_forgotten",
             ).response()
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as err:  # a bug, not a refusal: logged, answered in the same shape
+                logger.exception("%s %s failed", request.method, path)
+                response = ApiError(
+                    500, f"the device failed: {err}", type="server_error"
+                ).response()
         response.headers.update(SECURITY_HEADERS)
         if protected:
             response.headers["Cache-Control"] = "no-store"
@@ -490,10 +498,13 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
                 put("error", err)
 
         kwargs["cancel"] = cancel
+        # Chunks name the model that answers: the one asked for, else the device's choice
+        # (the A/B coin is thrown inside ``ask``: the final chunk names it).
+        shown = kwargs["model"] or (None if assistant.ab_test else assistant.variant)
         threading.Thread(target=work, name="fedpersona-answer", daemon=True).start()
         first = await events.get()
         if first[0] == "error":
-            raise _as_api_error(first[1])
+            raise _as_api_error(first[1]) if _known(first[1]) else first[1]
         metrics.first_token_seconds.observe(time.perf_counter() - start)
         created = int(time.time())
         base = {"id": cid, "object": "chat.completion.chunk", "created": created}
@@ -501,7 +512,7 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
             data = {
                 **base,
-                "model": model_id(kwargs["model"]),
+                "model": model_id(shown),
                 "system_fingerprint": None,
                 "choices": [
                     {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -512,6 +523,7 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
             return f"data: {json.dumps(data)}\n\n"
 
         async def body() -> AsyncIterator[str]:
+            nonlocal shown
             event = first
             try:
                 yield chunk({"role": "assistant", "content": ""})
@@ -526,7 +538,7 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
                     else:
                         answer: Answer = value
                         metrics.chat_seconds.observe(time.perf_counter() - start)
-                        kwargs["model"] = answer.variant
+                        shown = answer.variant
                         yield chunk({}, answer.finish_reason, fedpersona=_extension(answer))
                         if include_usage:
                             data = {
@@ -668,11 +680,16 @@ def _extension(answer: Answer) -> dict[str, Any]:
     }
 
 
+def _known(err: Exception) -> bool:
+    """Whether ``err`` is a refusal the API names (else it is a failure: a 500)."""
+    return isinstance(err, (ApiError, ValueError, UnknownModel))
+
+
 def _error_event(err: Exception) -> dict[str, Any]:
-    try:
+    if _known(err):
         return _as_api_error(err).body()
-    except Exception:  # an unexpected failure mid-stream: say so, in the same shape
-        return ApiError(500, f"generation failed: {err}", type="server_error").body()
+    logger.error("generation failed mid-stream", exc_info=err)
+    return ApiError(500, f"generation failed: {err}", type="server_error").body()
 
 
 def _public_profile(assistant: Assistant) -> dict[str, Any]:

@@ -190,6 +190,11 @@ def privacy(store: LocalStore, *, shared_numbers: int | None = None) -> dict[str
     rounds = []
     for row in joined.values():
         sigma = row.get("user_noise_multiplier")
+        # The user-level charge is what the federation's guarantee is about: its numbers
+        # lead (``None`` for a device that only kept a record-level charge).
+        row["noise_multiplier"] = sigma
+        row["sample_rate"] = row.get("user_sample_rate")
+        row["steps"] = row.get("user_steps")
         noise = f"Gaussian noise σ = {sigma:g}·C" if sigma else "no user-level noise"
         rounds.append(
             {
@@ -208,6 +213,9 @@ def privacy(store: LocalStore, *, shared_numbers: int | None = None) -> dict[str
                 "joined": False,
                 "reason": d["reason"],
                 "sent": "a decline: no update, nothing charged",
+                "noise_multiplier": None,
+                "sample_rate": None,
+                "steps": None,
             }
         )
     rounds.sort(key=lambda r: r["time"], reverse=True)

@@ -250,3 +250,21 @@ def test_forget_erases_the_store_and_the_api_says_so(tmp_path) -> None:
         assert gone.status_code == 410 and gone.json()["error"]["code"] == "store_forgotten"
         assert http.get("/health").status_code == 200
     store.close()
+
+
+def test_a_failure_is_a_500_in_the_same_shape(device, monkeypatch) -> None:
+    client, assistant, _, _ = device
+
+    def broken(*_, **__):
+        raise RuntimeError("the model fell over")
+
+    monkeypatch.setattr(assistant, "generate", broken)
+    before = assistant.store.count_interactions()
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(
+                model="fedpersona", messages=CAT, max_tokens=2, stream=stream
+            )
+        assert err.value.body["type"] == "server_error"
+        assert "the model fell over" in err.value.body["message"]
+    assert assistant.store.count_interactions() == before

@@ -30,21 +30,19 @@ request.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
@@ -56,30 +54,20 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client import status as device_status
-from client.assistant import (
-    Answer,
-    Assistant,
-    ContextTooLong,
-    UnknownModel,
-    split_conversation,
-)
+from client.api_chat import MAX_CONTENT, add_chat_routes
+from client.api_errors import ERRORS, ApiError, as_api_error
+from client.assistant import Assistant
 from client.profile import CHOICES
 from client.store import LocalStore
 
 logger = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-MAX_CONTENT = 8_000
-# Sampling divides the logits by the temperature: far below this they overflow to inf and the
-# sampler fails (temperature=1e-100 was a 500). 0.01 is already as good as greedy.
-MIN_TEMPERATURE = 0.01
 # Ids are SQLite INTEGERs: a larger one made the store raise OverflowError (a 500).
 MAX_ID = 2**63 - 1
 WEB = Path(__file__).with_name("web")
-MODEL_PREFIX = "fedpersona"
 TOKEN_HINT = "missing or wrong bearer token (see `fedpersona device token`)"
 # The web app is same-origin static files: no inline script or style, nothing from elsewhere.
 SECURITY_HEADERS = {
@@ -95,58 +83,6 @@ SECURITY_HEADERS = {
 }
 # Module level: route signatures are resolved from module globals (postponed annotations).
 BEARER = HTTPBearer(auto_error=False)
-
-
-class TextPart(BaseModel):
-    """One part of a message's content list (text only)."""
-
-    type: Literal["text"]
-    text: str = Field(max_length=MAX_CONTENT)
-
-
-class ChatMessage(BaseModel):
-    """One OpenAI chat message: text content, as a string or a list of text parts."""
-
-    role: Literal["system", "user", "assistant", "developer"]
-    content: (
-        Annotated[str, Field(max_length=MAX_CONTENT)]
-        | Annotated[list[TextPart], Field(max_length=64)]
-    )
-
-    def text(self) -> str:
-        """The content as one string."""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
-
-
-class StreamOptions(BaseModel):
-    """OpenAI's ``stream_options``."""
-
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    """The OpenAI ``/v1/chat/completions`` request fields fedpersona honours."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(default=MODEL_PREFIX, max_length=200)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
-    temperature: float = Field(default=0.8, ge=MIN_TEMPERATURE, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1, le=1024)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1024)
-    n: int = Field(default=1, ge=1, le=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
-        default=None, max_length=4
-    )
-    seed: int | None = None
-    candidates: int | None = Field(
-        default=None, ge=1, le=8, description="samples to rerank (default 3; 1 when streaming)"
-    )
-    task: str | None = Field(default=None, max_length=200, description="current task/app")
 
 
 class FeedbackRequest(BaseModel):
@@ -167,76 +103,6 @@ class ForgetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     confirm: Literal["forget"]
-
-
-class ErrorBody(BaseModel):
-    """OpenAI's error object."""
-
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """What every failed ``/v1`` request returns."""
-
-    error: ErrorBody
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 410)
-}
-
-
-class ApiError(Exception):
-    """A request the API refuses, in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = (
-            status,
-            message,
-            type,
-            code,
-            param,
-        )
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        """The JSON response."""
-        return JSONResponse(status_code=self.status, content=self.body(), headers=headers)
-
-
-def _as_api_error(err: Exception) -> ApiError:
-    """The API error for an exception from the assistant."""
-    if isinstance(err, ApiError):
-        return err
-    if isinstance(err, ContextTooLong):
-        return ApiError(400, str(err), code="context_length_exceeded", param="messages")
-    if isinstance(err, UnknownModel):
-        return ApiError(404, str(err).strip("'\""), code="model_not_found", param="model")
-    if isinstance(err, ValueError):
-        return ApiError(400, str(err))
-    raise err  # not a refusal: the caller's failure handler answers 500
 
 
 class Metrics:
@@ -271,20 +137,6 @@ class Metrics:
         self.user_epsilon = Gauge(
             "fedpersona_user_epsilon", "User-level ε spent (device ledger)", registry=self.registry
         )
-
-
-def model_id(variant: str | None) -> str:
-    """The model id of ``variant`` (``None``: the device decides)."""
-    return MODEL_PREFIX if variant is None else f"{MODEL_PREFIX}-{variant}"
-
-
-def variant_of(model: str) -> str | None:
-    """The variant a requested model id names (``None``: the device decides)."""
-    if model.startswith(MODEL_PREFIX + "-"):
-        variant = model[len(MODEL_PREFIX) + 1 :]
-        if variant in ("personal", "global", "experts"):
-            return variant
-    return None
 
 
 def create_app(assistant: Assistant, *, token: str) -> FastAPI:
@@ -366,7 +218,7 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
 
     @app.exception_handler(ValueError)
     async def value_error(_: Request, err: ValueError) -> JSONResponse:
-        return _as_api_error(err).response()
+        return as_api_error(err).response()
 
     # ---- probes, metrics, the web app ----------------------------------------------------
 
@@ -397,171 +249,7 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
 
     # ---- OpenAI-compatible chat -----------------------------------------------------------
 
-    @app.get("/v1/models", dependencies=[Depends(auth)], responses=ERRORS)
-    def models() -> dict[str, Any]:
-        """The models this device answers with (OpenAI's list shape)."""
-        created = int(assistant.state.meta.last_round or 0)
-        about = {
-            None: "the device decides: " + assistant.why(),
-            "personal": "your personal model (the federation's adapter plus yours)",
-            "global": "the federation's model, without your personal adapter",
-            "experts": "expert adapters mixed for you by the router",
-        }
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_id(v),
-                    "object": "model",
-                    "created": created,
-                    "owned_by": MODEL_PREFIX,
-                    "fedpersona": {"variant": v or "auto", "description": about[v]},
-                }
-                for v in (None, *assistant.variants())
-            ],
-        }
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], responses=ERRORS)
-    async def chat(body: ChatRequest) -> Any:
-        """OpenAI-compatible chat completion, personalized on the device."""
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            split_conversation(messages)
-        except ValueError as err:
-            raise ApiError(400, str(err), param="messages") from None
-        variant = variant_of(body.model)
-        if variant == "experts" and assistant.router is None:
-            raise ApiError(
-                404,
-                f"model {body.model!r}: no expert adapters are installed on this device",
-                code="model_not_found",
-                param="model",
-            )
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        kwargs: dict[str, Any] = {
-            "n": body.candidates or (1 if body.stream else 3),
-            "max_new_tokens": body.max_completion_tokens or body.max_tokens or 64,
-            "temperature": body.temperature,
-            "task": body.task,
-            "seed": body.seed,
-            "model": variant,
-            "stop": stop,
-        }
-        completion_id = f"chatcmpl-{secrets.token_hex(12)}"
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(messages, kwargs, completion_id, include_usage)
-        start = time.perf_counter()
-        try:
-            answer = await run_in_threadpool(assistant.ask, messages, **kwargs)
-        except (ValueError, UnknownModel) as err:
-            raise _as_api_error(err) from None
-        metrics.chat_seconds.observe(time.perf_counter() - start)
-        return {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model_id(answer.variant),
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": answer.text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": answer.finish_reason,
-                }
-            ],
-            "usage": _usage(answer),
-            "fedpersona": _extension(answer),
-        }
-
-    async def _stream(
-        messages: list[dict[str, str]], kwargs: dict[str, Any], cid: str, include_usage: bool
-    ) -> Any:
-        """Run the answer in a thread; stream its pieces as OpenAI chunks.
-
-        The first event is awaited before the response starts, so a request that fails before
-        its first token (too long for the context, unknown model) still gets an HTTP error.
-        """
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancel = threading.Event()
-        start = time.perf_counter()
-
-        def put(kind: str, value: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-
-        def work() -> None:
-            try:
-                put("done", assistant.ask(messages, on_text=lambda t: put("text", t), **kwargs))
-            except Exception as err:  # handed to the stream; nothing may die silently
-                put("error", err)
-
-        kwargs["cancel"] = cancel
-        # Chunks name the model that answers: the one asked for, else the device's choice
-        # (the A/B coin is thrown inside ``ask``: the final chunk names it).
-        shown = kwargs["model"] or (None if assistant.ab_test else assistant.variant)
-        threading.Thread(target=work, name="fedpersona-answer", daemon=True).start()
-        first = await events.get()
-        if first[0] == "error":
-            raise _as_api_error(first[1]) if _known(first[1]) else first[1]
-        metrics.first_token_seconds.observe(time.perf_counter() - start)
-        created = int(time.time())
-        base = {"id": cid, "object": "chat.completion.chunk", "created": created}
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-            data = {
-                **base,
-                "model": model_id(shown),
-                "system_fingerprint": None,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
-                **({"usage": None} if include_usage else {}),
-                **extra,
-            }
-            return f"data: {json.dumps(data)}\n\n"
-
-        async def body() -> AsyncIterator[str]:
-            nonlocal shown
-            event = first
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, value = event
-                    if kind == "text":
-                        yield chunk({"content": value})
-                    elif kind == "error":
-                        err = _error_event(value)
-                        yield f"data: {json.dumps(err)}\n\n"
-                        break
-                    else:
-                        answer: Answer = value
-                        metrics.chat_seconds.observe(time.perf_counter() - start)
-                        shown = answer.variant
-                        yield chunk({}, answer.finish_reason, fedpersona=_extension(answer))
-                        if include_usage:
-                            data = {
-                                **base,
-                                "model": model_id(answer.variant),
-                                "system_fingerprint": None,
-                                "choices": [],
-                                "usage": _usage(answer),
-                            }
-                            yield f"data: {json.dumps(data)}\n\n"
-                        break
-                    event = await events.get()
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel.set()  # the client went away: stop generating
-
-        return StreamingResponse(
-            body(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    # ---- fedpersona extensions -----------------------------------------------------------
+    add_chat_routes(app, assistant, metrics, Depends(auth))
 
     @app.post("/v1/feedback", dependencies=[Depends(auth)], responses=ERRORS)
     def feedback(body: FeedbackRequest) -> dict[str, Any]:
@@ -659,37 +347,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-def _usage(answer: Answer) -> dict[str, int]:
-    return {
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-    }
-
-
-def _extension(answer: Answer) -> dict[str, Any]:
-    return {
-        "interaction_id": answer.interaction_id,
-        "variant": answer.variant,
-        "why": answer.why,
-        "retrieved": answer.retrieved,
-        "turns_used": answer.turns_used,
-        "context": answer.context,
-    }
-
-
-def _known(err: Exception) -> bool:
-    """Whether ``err`` is a refusal the API names (else it is a failure: a 500)."""
-    return isinstance(err, (ApiError, ValueError, UnknownModel))
-
-
-def _error_event(err: Exception) -> dict[str, Any]:
-    if _known(err):
-        return _as_api_error(err).body()
-    logger.error("generation failed mid-stream", exc_info=err)
-    return ApiError(500, f"generation failed: {err}", type="server_error").body()
 
 
 def _public_profile(assistant: Assistant) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from client import status as device_status
 from client.adapt import (
@@ -52,6 +51,7 @@ from client.store import Interaction, LocalStore
 from common import ab
 from common.data import Encoded, encode_messages
 from common.embedding import Embedder, get_embedder, user_embedding
+from common.generation import Generated, render, sample
 from common.lora import export_adapter, load_lora_tensors
 from common.personalization.base import is_lora_b
 from common.pii import naturalize, scrub
@@ -93,15 +93,6 @@ class Answer:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class Generated:
-    """One sampled completion: its text, why it ended, and the tokens produced."""
-
-    text: str
-    finish_reason: str
-    tokens: int
-
-
 def split_conversation(
     request: str | Sequence[Mapping[str, str]],
 ) -> tuple[list[dict[str, str]], str, str]:
@@ -126,70 +117,6 @@ def split_conversation(
     if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
         raise ValueError("the conversation must end with a non-empty user message")
     return turns[:-1], turns[-1]["content"], "\n".join(s for s in system if s.strip())
-
-
-class TextStream:
-    """Generated token ids -> the text the user sees, in pieces (transformers' streamer
-    protocol: ``put``/``end``).
-
-    The text is the decoded completion without special tokens, stripped, and cut before the
-    first ``stop`` string (:meth:`text_of`). A piece is handed to ``on_text`` only once it
-    cannot change: no half-decoded character, no text that could still begin a stop string,
-    no trailing whitespace. So the pieces add up to exactly the final text.
-    """
-
-    def __init__(
-        self, tokenizer: Any, *, stop: Sequence[str] = (), on_text: Callable[[str], None] | None
-    ) -> None:
-        self.tok = tokenizer
-        self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.on_text = on_text
-        self.ids: list[int] = []
-        self.sent = ""
-        self.stopped = False
-        self._prompt = True
-
-    def text_of(self, ids: Sequence[int], *, final: bool) -> tuple[str, bool]:
-        """``(text, whether a stop string ended it)`` for completion ``ids``."""
-        text = self.tok.decode(ids, skip_special_tokens=True).lstrip()
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            return text[: min(cuts)].rstrip(), True
-        if not final:  # what may still change: a stop string's start, a half character
-            text = text[: len(text) - self.hold].rstrip("\ufffd")
-        return text.rstrip(), False
-
-    def put(self, value: torch.Tensor) -> None:
-        """A step's new token(s); the first call is the prompt."""
-        if self._prompt:
-            self._prompt = False
-            return
-        self.ids.extend(int(i) for i in value.reshape(-1).tolist())
-        self._emit(final=False)
-
-    def end(self) -> None:
-        """Generation ended: hand out what was held back."""
-        self._emit(final=True)
-
-    def _emit(self, *, final: bool) -> None:
-        text, hit = self.text_of(self.ids, final=final)
-        self.stopped = self.stopped or hit
-        if self.on_text is not None and len(text) > len(self.sent) and text.startswith(self.sent):
-            piece, self.sent = text[len(self.sent) :], text
-            self.on_text(piece)
-
-
-class _Halt(StoppingCriteria):
-    """Ends generation at a stop string or when the caller cancels."""
-
-    def __init__(self, stream: TextStream, cancel: threading.Event | None) -> None:
-        self.stream = stream
-        self.cancel = cancel
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
-        done = self.stream.stopped or (self.cancel is not None and self.cancel.is_set())
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -249,14 +176,6 @@ class Assistant:
     def pad_id(self) -> int:
         """Padding token id."""
         return int(self.rt.tokenizer.pad_token_id)
-
-    @property
-    def eos_ids(self) -> set[int]:
-        """The token ids that end a turn."""
-        eos = self.rt.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.rt.tokenizer.eos_token_id
-        return set(eos) if isinstance(eos, list) else {int(eos)}
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         """Init tensors overlaid by the federation's last global shared tensors."""
@@ -355,11 +274,7 @@ class Assistant:
             kept = list(turns)
             while True:
                 messages = build(hist, kept)
-                ids = list(
-                    tok.apply_chat_template(
-                        messages, add_generation_prompt=True, tokenize=True, return_dict=True
-                    )["input_ids"]
-                )
+                ids = render(tok, messages)
                 size = len(ids)
                 if size <= room:
                     return messages, ids
@@ -374,7 +289,6 @@ class Assistant:
             f"model's context of {self.context_tokens} tokens holds {room}"
         )
 
-    @torch.no_grad()
     def generate(
         self,
         prompt_ids: list[int],
@@ -387,41 +301,20 @@ class Assistant:
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> list[Generated]:
-        """``n`` sampled completions of ``prompt_ids`` under the loaded adapter.
-
-        With ``n == 1`` and ``on_text``, text arrives as it is generated; the pieces add up to
-        the returned text exactly. Generation ends at the end of the turn, a ``stop`` string,
-        ``max_new_tokens``, or when ``cancel`` is set.
-        """
-        tok = self.rt.tokenizer
-        device = next(self.rt.model.parameters()).device
-        ids = torch.tensor([prompt_ids], device=device)
-        stream = TextStream(tok, stop=stop, on_text=on_text if n == 1 else None)
-        criteria = StoppingCriteriaList([_Halt(stream, cancel)])
-        if seed is not None:
-            torch.manual_seed(seed)
-        self.rt.model.eval()
-        out = self.rt.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=temperature,
-            top_p=0.95,
+        """``n`` sampled completions of ``prompt_ids`` under the loaded adapter
+        (:func:`common.generation.sample`; ``on_text`` streams when ``n == 1``)."""
+        return sample(
+            self.rt.model,
+            self.rt.tokenizer,
+            [prompt_ids],
+            n=n,
             max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
-            pad_token_id=self.pad_id,
-            streamer=stream if n == 1 else None,
-            stopping_criteria=criteria,
-        )
-        eos = self.eos_ids
-        results = []
-        for row in out[:, ids.shape[1] :].tolist():
-            end = next((i for i, t in enumerate(row) if t in eos), None)
-            produced = row if end is None else row[: end + 1]
-            text, hit = stream.text_of(produced, final=True)
-            reason = "stop" if end is not None or hit else "length"
-            results.append(Generated(text, reason, len(produced)))
-        return results
+            temperature=temperature,
+            seed=seed,
+            stop=stop,
+            on_text=on_text,
+            cancel=cancel,
+        )[0]
 
     def ask(
         self,

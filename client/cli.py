@@ -69,16 +69,6 @@ def _assistant(  # type: ignore[no-untyped-def]
         raise _fail(err) from None
 
 
-def _parse_sets(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"expected key=value, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 @app.command()
 def init(
     data_dir: DataDir,
@@ -307,7 +297,9 @@ def profile(
         try:
             current = Profile.from_dict(store.get_profile() or {})
             if set_:
-                current = current.updated(_parse_sets(set_))
+                from common.config import parse_set
+
+                current = current.updated(parse_set(set_))
                 store.put_profile(current.to_dict())
         except ValueError as err:
             raise _fail(err) from None

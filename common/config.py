@@ -627,3 +627,24 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         eval=EvalConfig(**groups["eval"]),
         **top,
     )
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` overrides (``--set``, of a run config or a profile); values are
+    TOML literals (``3``, ``0.5``, ``true``, ``"a b"``), else plain strings.
+
+    Raises:
+        ValueError: If an item has no ``=`` or an empty key.
+    """
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw.strip()
+    return out

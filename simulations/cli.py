@@ -47,7 +47,8 @@ def simulate(
     ] = False,
 ) -> None:
     """Run a local multi-client federation (Flower Simulation Engine on Ray)."""
-    from simulations.simulate import is_fedpersona_line, parse_set
+    from common.config import parse_set
+    from simulations.simulate import is_fedpersona_line
     from simulations.simulate import simulate as run
 
     try:

@@ -14,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from common.config import STRATEGIES
-from simulations.simulate import parse_set, simulate
+from common.config import STRATEGIES, parse_set
+from simulations.simulate import simulate
 
 
 def compare(

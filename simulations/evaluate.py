@@ -44,6 +44,7 @@ from common.config import RunConfig
 from common.crypto import Secret
 from common.data import SYSTEM_PROMPT, Encoded, UserData, encode, encode_scrubbed, select_users
 from common.embedding import get_embedder
+from common.generation import render, sample
 from common.lora import load_lora_tensors
 from common.pii import scrub
 from common.train import per_example_losses
@@ -180,32 +181,20 @@ class Evaluator:
     def generate(
         self, tensors: dict[str, torch.Tensor], prompts: list[str], *, max_new_tokens: int
     ) -> list[str]:
-        """Sampled replies to ``prompts`` (the federation's system prompt), left-padded batch."""
+        """Sampled replies to ``prompts`` (the federation's system prompt), one batch
+        (:func:`common.generation.sample`)."""
         load_lora_tensors(self.rt.model, tensors)
-        self.tok.padding_side = "left"
-        texts = [
-            self.tok.apply_chat_template(
+        rendered = [
+            render(
+                self.tok,
                 [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": p}],
-                add_generation_prompt=True,
-                tokenize=False,
             )
             for p in prompts
         ]
-        batch = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        device = next(self.rt.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        torch.manual_seed(self.seed)
-        out = self.rt.model.generate(
-            **batch,
-            do_sample=True,
-            temperature=0.8,
-            top_p=0.95,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad,
+        out = sample(
+            self.rt.model, self.tok, rendered, max_new_tokens=max_new_tokens, seed=self.seed
         )
-        self.tok.padding_side = "right"
-        width = batch["input_ids"].shape[1]
-        return [self.tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+        return [g[0].text for g in out]
 
     def generations(self, *, prompts_per_user: int, max_new_tokens: int) -> dict[str, Any]:
         """Style consistency, context relevance, novelty and leakage from generations."""

@@ -48,26 +48,6 @@ def is_fedpersona_line(line: str) -> bool:
     return bool(_FEDPERSONA.match(_ANSI.sub("", line)))
 
 
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """Parse ``key=value`` overrides; values are TOML literals, else plain strings.
-
-    Raises:
-        ValueError: If an item has no ``=``.
-    """
-    import tomllib
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

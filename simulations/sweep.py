@@ -19,8 +19,9 @@ import json
 import math
 from pathlib import Path
 
+from common.config import parse_set
 from common.dp.accounting import noise_for_target
-from simulations.simulate import parse_set, simulate
+from simulations.simulate import simulate
 
 EPSILONS = (math.inf, 8.0, 2.0, 1.0)
 

@@ -100,3 +100,21 @@ def test_dp_and_secagg_keys_are_validated() -> None:
         parse_run_config({"privacy.delta": 0.5 * 3})
     cfg = parse_run_config({"dp.noise-mode": "none", "dp.clip-norm": 0.0})
     assert not cfg.dp.adds_noise
+
+
+def test_set_overrides_parse_toml_literals_else_strings() -> None:
+    from common.config import parse_set
+
+    assert parse_set(["num-server-rounds=5", "dp.clip-norm=0.5", "secagg.enabled=false"]) == {
+        "num-server-rounds": 5,
+        "dp.clip-norm": 0.5,
+        "secagg.enabled": False,
+    }
+    assert parse_set(["tone=poetic", "domains=baking, chess", 'name="a b"']) == {
+        "tone": "poetic",
+        "domains": "baking, chess",
+        "name": "a b",
+    }
+    for bad in ("no-equals", "=5"):
+        with pytest.raises(ValueError, match="key=value"):
+            parse_set([bad])

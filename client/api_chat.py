@@ -1,0 +1,292 @@
+"""The OpenAI-compatible half of the device API: ``GET /v1/models`` and
+``POST /v1/chat/completions`` (streamed as server-sent events or not); see :mod:`client.api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI
+from fastapi.params import Depends
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from client.api_errors import ERRORS, ApiError, as_api_error, known
+from client.assistant import Answer, Assistant, UnknownModel, split_conversation
+
+logger = logging.getLogger(__name__)
+MAX_CONTENT = 8_000
+# Sampling divides the logits by the temperature: far below this they overflow to inf and the
+# sampler fails (temperature=1e-100 was a 500). 0.01 is already as good as greedy.
+MIN_TEMPERATURE = 0.01
+MODEL_PREFIX = "fedpersona"
+
+
+class TextPart(BaseModel):
+    """One part of a message's content list (text only)."""
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_CONTENT)
+
+
+class ChatMessage(BaseModel):
+    """One OpenAI chat message: text content, as a string or a list of text parts."""
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: (
+        Annotated[str, Field(max_length=MAX_CONTENT)]
+        | Annotated[list[TextPart], Field(max_length=64)]
+    )
+
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI ``/v1/chat/completions`` request fields fedpersona honours."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(default=MODEL_PREFIX, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    temperature: float = Field(default=0.8, ge=MIN_TEMPERATURE, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=1024)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1024)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=4
+    )
+    seed: int | None = None
+    candidates: int | None = Field(
+        default=None, ge=1, le=8, description="samples to rerank (default 3; 1 when streaming)"
+    )
+    task: str | None = Field(default=None, max_length=200, description="current task/app")
+
+
+def model_id(variant: str | None) -> str:
+    """The model id of ``variant`` (``None``: the device decides)."""
+    return MODEL_PREFIX if variant is None else f"{MODEL_PREFIX}-{variant}"
+
+
+def variant_of(model: str) -> str | None:
+    """The variant a requested model id names (``None``: the device decides)."""
+    if model.startswith(MODEL_PREFIX + "-"):
+        variant = model[len(MODEL_PREFIX) + 1 :]
+        if variant in ("personal", "global", "experts"):
+            return variant
+    return None
+
+
+def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depends) -> None:
+    """Add ``/v1/models`` and ``/v1/chat/completions`` to ``app``, guarded by ``auth``."""
+
+    @app.get("/v1/models", dependencies=[auth], responses=ERRORS)
+    def models() -> dict[str, Any]:
+        """The models this device answers with (OpenAI's list shape)."""
+        created = int(assistant.state.meta.last_round or 0)
+        about = {
+            None: "the device decides: " + assistant.why(),
+            "personal": "your personal model (the federation's adapter plus yours)",
+            "global": "the federation's model, without your personal adapter",
+            "experts": "expert adapters mixed for you by the router",
+        }
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id(v),
+                    "object": "model",
+                    "created": created,
+                    "owned_by": MODEL_PREFIX,
+                    "fedpersona": {"variant": v or "auto", "description": about[v]},
+                }
+                for v in (None, *assistant.variants())
+            ],
+        }
+
+    @app.post("/v1/chat/completions", dependencies=[auth], responses=ERRORS)
+    async def chat(body: ChatRequest) -> Any:
+        """OpenAI-compatible chat completion, personalized on the device."""
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            split_conversation(messages)
+        except ValueError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        variant = variant_of(body.model)
+        if variant == "experts" and assistant.router is None:
+            raise ApiError(
+                404,
+                f"model {body.model!r}: no expert adapters are installed on this device",
+                code="model_not_found",
+                param="model",
+            )
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        kwargs: dict[str, Any] = {
+            "n": body.candidates or (1 if body.stream else 3),
+            "max_new_tokens": body.max_completion_tokens or body.max_tokens or 64,
+            "temperature": body.temperature,
+            "task": body.task,
+            "seed": body.seed,
+            "model": variant,
+            "stop": stop,
+        }
+        completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await _stream(messages, kwargs, completion_id, include_usage)
+        start = time.perf_counter()
+        try:
+            answer = await run_in_threadpool(assistant.ask, messages, **kwargs)
+        except (ValueError, UnknownModel) as err:
+            raise as_api_error(err) from None
+        metrics.chat_seconds.observe(time.perf_counter() - start)
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_id(answer.variant),
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": answer.finish_reason,
+                }
+            ],
+            "usage": _usage(answer),
+            "fedpersona": _extension(answer),
+        }
+
+    async def _stream(
+        messages: list[dict[str, str]], kwargs: dict[str, Any], cid: str, include_usage: bool
+    ) -> Any:
+        """Run the answer in a thread; stream its pieces as OpenAI chunks.
+
+        The first event is awaited before the response starts, so a request that fails before
+        its first token (too long for the context, unknown model) still gets an HTTP error.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancel = threading.Event()
+        start = time.perf_counter()
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+        def work() -> None:
+            try:
+                put("done", assistant.ask(messages, on_text=lambda t: put("text", t), **kwargs))
+            except Exception as err:  # handed to the stream; nothing may die silently
+                put("error", err)
+
+        kwargs["cancel"] = cancel
+        # Chunks name the model that answers: the one asked for, else the device's choice
+        # (the A/B coin is thrown inside ``ask``: the final chunk names it).
+        shown = kwargs["model"] or (None if assistant.ab_test else assistant.variant)
+        threading.Thread(target=work, name="fedpersona-answer", daemon=True).start()
+        first = await events.get()
+        if first[0] == "error":
+            raise as_api_error(first[1]) if known(first[1]) else first[1]
+        metrics.first_token_seconds.observe(time.perf_counter() - start)
+        created = int(time.time())
+        base = {"id": cid, "object": "chat.completion.chunk", "created": created}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            data = {
+                **base,
+                "model": model_id(shown),
+                "system_fingerprint": None,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+                **({"usage": None} if include_usage else {}),
+                **extra,
+            }
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def body() -> AsyncIterator[str]:
+            nonlocal shown
+            event = first
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = event
+                    if kind == "text":
+                        yield chunk({"content": value})
+                    elif kind == "error":
+                        err = _error_event(value)
+                        yield f"data: {json.dumps(err)}\n\n"
+                        break
+                    else:
+                        answer: Answer = value
+                        metrics.chat_seconds.observe(time.perf_counter() - start)
+                        shown = answer.variant
+                        yield chunk({}, answer.finish_reason, fedpersona=_extension(answer))
+                        if include_usage:
+                            data = {
+                                **base,
+                                "model": model_id(answer.variant),
+                                "system_fingerprint": None,
+                                "choices": [],
+                                "usage": _usage(answer),
+                            }
+                            yield f"data: {json.dumps(data)}\n\n"
+                        break
+                    event = await events.get()
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()  # the client went away: stop generating
+
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    # ---- fedpersona extensions -----------------------------------------------------------
+
+
+def _usage(answer: Answer) -> dict[str, int]:
+    return {
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+    }
+
+
+def _extension(answer: Answer) -> dict[str, Any]:
+    return {
+        "interaction_id": answer.interaction_id,
+        "variant": answer.variant,
+        "why": answer.why,
+        "retrieved": answer.retrieved,
+        "turns_used": answer.turns_used,
+        "context": answer.context,
+    }
+
+
+def _error_event(err: Exception) -> dict[str, Any]:
+    if known(err):
+        return as_api_error(err).body()
+    logger.error("generation failed mid-stream", exc_info=err)
+    return ApiError(500, f"generation failed: {err}", type="server_error").body()

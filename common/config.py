@@ -8,9 +8,9 @@ receives the typed :class:`RunConfig`. Invalid values raise ``ValueError`` namin
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 STRATEGIES = ("fedavg-ft", "ffa", "fedsa", "dual", "blend")
 QUANTIZATIONS = ("none", "4bit")
@@ -204,12 +204,14 @@ class DPConfig:
     """
 
     noise_mode: str = "distributed"
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
+    clip_norm: float = 0.05
+    noise_multiplier: float = 7.1
     min_clients: int = 0
-    local_enabled: bool = False
-    local_noise_multiplier: float = 1.0
-    local_max_grad_norm: float = 1.0
+    local_enabled: bool = field(default=False, metadata={"key": "dp.local.enabled"})
+    local_noise_multiplier: float = field(
+        default=1.0, metadata={"key": "dp.local.noise-multiplier"}
+    )
+    local_max_grad_norm: float = field(default=1.0, metadata={"key": "dp.local.max-grad-norm"})
 
     def __post_init__(self) -> None:
         _require(
@@ -351,7 +353,7 @@ class RunConfig:
     evaluate_every: int = 1
     round_timeout: float = 3600.0
     seed: int = 42
-    strategy: str = "blend"
+    strategy: str = field(default="blend", metadata={"key": "personalization.strategy"})
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -362,11 +364,11 @@ class RunConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     ab: ABConfig = field(default_factory=ABConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = ""
-    run_name: str = ""
-    device_root: str = ""
-    users_per_node: int = 1
-    server_learning_rate: float = 1.0
+    output_dir: str = field(default="", metadata={"key": "output.dir"})
+    run_name: str = field(default="", metadata={"key": "output.run-name"})
+    device_root: str = field(default="", metadata={"key": "simulation.device-root"})
+    users_per_node: int = field(default=1, metadata={"key": "simulation.users-per-node"})
+    server_learning_rate: float = field(default=1.0, metadata={"key": "server.learning-rate"})
     resume: bool = True
 
     def __post_init__(self) -> None:
@@ -503,72 +505,40 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-# Flat run-config key -> (dataclass path, converter). The only list of accepted keys.
-_KEYS: dict[str, tuple[str, Any]] = {
-    "num-server-rounds": ("num_server_rounds", int),
-    "fraction-train": ("fraction_train", float),
-    "fraction-evaluate": ("fraction_evaluate", float),
-    "sampling": ("sampling", str),
-    "evaluate-every": ("evaluate_every", int),
-    "round-timeout": ("round_timeout", float),
-    "seed": ("seed", int),
-    "personalization.strategy": ("strategy", str),
-    "personalization.global-layers": ("personalization.global_layers", str),
-    "personalization.global-part": ("personalization.global_part", str),
-    "personalization.mix-prior": ("personalization.mix_prior", float),
-    "model.name": ("model.name", str),
-    "model.lora-r": ("model.lora_r", int),
-    "model.lora-alpha": ("model.lora_alpha", float),
-    "model.lora-dropout": ("model.lora_dropout", float),
-    "model.lora-targets": (
-        "model.lora_targets",
-        lambda v: tuple(t.strip() for t in str(v).split(",") if t.strip()),
-    ),
-    "model.lora-layers": ("model.lora_layers", str),
-    "model.init-seed": ("model.init_seed", int),
-    "model.quantization": ("model.quantization", str),
-    "model.dtype": ("model.dtype", str),
-    "data.min-lines": ("data.min_lines", int),
-    "data.num-users": ("data.num_users", int),
-    "data.test-fraction": ("data.test_fraction", float),
-    "data.max-seq-len": ("data.max_seq_len", int),
-    "data.max-test-samples": ("data.max_test_samples", int),
-    "data.min-examples": ("data.min_examples", int),
-    "train.local-steps": ("train.local_steps", int),
-    "train.batch-size": ("train.batch_size", int),
-    "train.learning-rate": ("train.learning_rate", float),
-    "dp.noise-mode": ("dp.noise_mode", str),
-    "dp.clip-norm": ("dp.clip_norm", float),
-    "dp.noise-multiplier": ("dp.noise_multiplier", float),
-    "dp.min-clients": ("dp.min_clients", int),
-    "dp.local.enabled": ("dp.local_enabled", _bool),
-    "dp.local.noise-multiplier": ("dp.local_noise_multiplier", float),
-    "dp.local.max-grad-norm": ("dp.local_max_grad_norm", float),
-    "secagg.enabled": ("secagg.enabled", _bool),
-    "secagg.num-shares": ("secagg.num_shares", float),
-    "secagg.reconstruction-threshold": ("secagg.reconstruction_threshold", float),
-    "secagg.timeout": ("secagg.timeout", float),
-    "privacy.epsilon-cap": ("privacy.epsilon_cap", float),
-    "privacy.delta": ("privacy.delta", float),
-    "privacy.accountant": ("privacy.accountant", str),
-    "privacy.verifiable-sampling": ("privacy.verifiable_sampling", _bool),
-    "privacy.target-epsilon": ("privacy.target_epsilon", float),
-    "privacy.period-days": ("privacy.period_days", float),
-    "privacy.period-epsilon-cap": ("privacy.period_epsilon_cap", float),
-    "audit.canaries": ("audit.canaries", int),
-    "audit.canary-repeats": ("audit.canary_repeats", int),
-    "audit.canary-users": ("audit.canary_users", int),
-    "audit.one-run": ("audit.one_run", _bool),
-    "ab.interactions": ("ab.interactions", int),
-    "ab.simulate-ratings": ("ab.simulate_ratings", _bool),
-    "eval.local-only": ("eval.local_only", _bool),
-    "output.dir": ("output_dir", str),
-    "output.run-name": ("run_name", str),
-    "simulation.device-root": ("device_root", str),
-    "simulation.users-per-node": ("users_per_node", int),
-    "server.learning-rate": ("server_learning_rate", float),
-    "resume": ("resume", _bool),
+def _split_list(value: Any) -> tuple[str, ...]:
+    return tuple(t.strip() for t in str(value).split(",") if t.strip())
+
+
+_CONVERTERS: dict[Any, Any] = {
+    int: int,
+    float: float,
+    str: str,
+    bool: _bool,
+    tuple[str, ...]: _split_list,
 }
+
+
+def _derive_keys() -> dict[str, tuple[str, Any]]:
+    """Flat run-config key -> (dataclass path, converter), read off the dataclasses: a field
+    ``lora_r`` of the ``model`` group is ``model.lora-r``, unless its metadata names its key.
+    The dataclasses are the one list of what a run config holds; ``pyproject.toml`` gives
+    the same defaults (tests/test_config.py checks that they agree)."""
+    keys: dict[str, tuple[str, Any]] = {}
+    hints = get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        kind = hints[f.name]
+        if is_dataclass(kind):
+            inner = get_type_hints(kind)
+            for g in fields(kind):
+                key = g.metadata.get("key", f"{f.name}.{g.name.replace('_', '-')}")
+                keys[key] = (f"{f.name}.{g.name}", _CONVERTERS[inner[g.name]])
+        else:
+            key = f.metadata.get("key", f.name.replace("_", "-"))
+            keys[key] = (f.name, _CONVERTERS[kind])
+    return keys
+
+
+_KEYS = _derive_keys()
 
 
 def parse_run_config(run_config: dict[str, Any]) -> RunConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import STRATEGIES, parse_run_config
+from common.config import STRATEGIES, RunConfig, parse_run_config
 from tests.conftest import default_run_config
 
 
@@ -17,6 +17,10 @@ def test_pyproject_defaults_parse() -> None:
     assert cfg.strategy in STRATEGIES
     assert cfg.model.lora_targets == ("q_proj", "v_proj")
     assert cfg.data.test_fraction == pytest.approx(0.2)
+    # One truth: pyproject.toml's defaults are the dataclasses' own, and every key the
+    # dataclasses define is there (a key is read off its field: common/config.py).
+    assert cfg == RunConfig()
+    assert set(default_run_config()) == set(RunConfig().to_flat())
 
 
 @pytest.mark.parametrize(

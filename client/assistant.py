@@ -53,7 +53,7 @@ from common.data import Encoded, encode_messages
 from common.embedding import Embedder, get_embedder, user_embedding
 from common.generation import Generated, render, sample
 from common.lora import export_adapter, load_lora_tensors
-from common.personalization.base import is_lora_b
+from common.personalization.base import compose, is_lora_b
 from common.pii import naturalize, scrub
 
 logger = logging.getLogger(__name__)
@@ -179,19 +179,20 @@ class Assistant:
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         """Init tensors overlaid by the federation's last global shared tensors."""
-        return {**self.rt.init, **(self.state.load_global() or {})}
+        return compose(self.rt.init, self.state.load_global())
 
     def personal_tensors(self, *, mix_weight: float | None = None) -> dict[str, torch.Tensor]:
         """The global tensors overlaid by this device's personal ones; for ``blend``, the
         global adapter weighted by ``mix_weight`` (default: the weight the device picked on its
         held-out data, 0 before any)."""
-        tensors = {**self.global_tensors(), **(self.state.load_personal() or {})}
-        if self.rt.strategy.mixed:
-            w = self.state.meta.mix_weight if mix_weight is None else mix_weight
-            for name in self.rt.shared_names:
-                if is_lora_b(name):
-                    tensors[name] = tensors[name] * (w or 0.0)
-        return tensors
+        w = self.state.meta.mix_weight if mix_weight is None else mix_weight
+        return compose(
+            self.rt.init,
+            self.state.load_global(),
+            self.state.load_personal(),
+            shared_names=self.rt.shared_names,
+            mix=(w or 0.0) if self.rt.strategy.mixed else None,
+        )
 
     def activate(self) -> str:
         """Hot-swap in the model the gate chooses; return its name.

@@ -59,7 +59,7 @@ from common.lora import (
 )
 from common.model import load_base_for, load_tokenizer, model_dir
 from common.personalization import Strategy, strategy_for
-from common.personalization.base import is_lora_b, layer_of
+from common.personalization.base import compose, layer_of
 from common.personalization.blend import pick_mix_weight
 from common.train import (
     HeldOutLosses,
@@ -321,18 +321,15 @@ class Device:
         personal_overrides_shared: bool,
         mix: float | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Init tensors, overlaid by the global shared ones, then by the device's personal ones;
-        with ``mix`` (``blend``), the global adapter's B scaled by it (0 switches it off)."""
-        tensors = dict(self.rt.init)
-        tensors.update(global_shared)
-        for name, value in (personal or {}).items():
-            if personal_overrides_shared or name not in global_shared:
-                tensors[name] = value
-        if mix is not None:
-            for name in self.rt.shared_names:
-                if is_lora_b(name):
-                    tensors[name] = tensors[name] * mix
-        return tensors
+        """:func:`common.personalization.base.compose` for this device's runtime."""
+        return compose(
+            self.rt.init,
+            global_shared,
+            personal,
+            shared_names=self.rt.shared_names,
+            mix=mix,
+            personal_overrides_shared=personal_overrides_shared,
+        )
 
     def global_model(self, global_shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What a brand-new user gets: the federation's shared tensors and nothing personal."""

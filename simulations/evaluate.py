@@ -36,7 +36,7 @@ import torch
 
 from client.adapt import adapt_on_feedback
 from client.device import get_runtime
-from client.state import GLOBAL_BLOB, PERSONAL_BLOB, tensors_from_bytes
+from client.state import GLOBAL_BLOB, META_BLOB, PERSONAL_BLOB, tensors_from_bytes
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common import audit, metrics
 from common.atomic import atomic_write_bytes
@@ -46,6 +46,7 @@ from common.data import SYSTEM_PROMPT, Encoded, UserData, encode, encode_scrubbe
 from common.embedding import get_embedder
 from common.generation import render, sample
 from common.lora import load_lora_tensors
+from common.personalization.base import compose
 from common.pii import scrub
 from common.train import per_example_losses
 
@@ -114,17 +115,31 @@ class Evaluator:
 
     def _load_devices(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         shared: dict[str, torch.Tensor] | None = None
-        personal = {}
+        personal, weights = {}, {}
         for user in self.users:
             d = self._device_dir(user.user)
             with LocalStore.open(d, Secret(key_file=d.with_name(d.name + ".key"))) as store:
                 g = store.get_blob(GLOBAL_BLOB)
                 p = store.get_blob(PERSONAL_BLOB)
+                meta = store.get_json(META_BLOB) or {}
             if g is not None and shared is None:
                 shared = tensors_from_bytes(g, "global")
             personal[user.user] = {} if p is None else tensors_from_bytes(p, "personal")
-        glob = {**self.rt.init, **(shared or {})}
-        return glob, {u: {**glob, **t} for u, t in personal.items()}
+            weights[user.user] = float(meta.get("mix_weight") or 0.0)
+        # What each device serves (blend: its own adapter + w·global, w its own choice).
+        mixed = self.rt.strategy.mixed
+        served = {
+            u: compose(
+                self.rt.init,
+                shared,
+                t,
+                shared_names=self.rt.shared_names,
+                mix=weights[u] if mixed else None,
+            )
+            for u, t in personal.items()
+        }
+        glob = compose(self.rt.init, shared, shared_names=self.rt.shared_names)
+        return glob, served
 
     def largest_store(self) -> int:
         """Bytes on disk of the largest simulated device store (database + wrapped key)."""

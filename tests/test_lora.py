@@ -115,3 +115,22 @@ def test_exported_adapter_reproduces_the_model(tmp_path, strategy) -> None:
     assert loaded.peft_config["default"].r == CFG.lora_r * len(strat.adapters)
     assert torch.allclose(actual, expected, atol=1e-5)
     assert not torch.allclose(actual, load_base_model("tiny")(input_ids=ids).logits, atol=1e-3)
+
+
+def test_compose_overlays_shared_then_personal_and_mixes_only_shared_b() -> None:
+    from common.personalization.base import compose
+
+    a = "m.layers.0.q_proj.lora_A.default.weight"
+    b = "m.layers.0.q_proj.lora_B.default.weight"
+    pb = "m.layers.0.q_proj.lora_B.personal.weight"
+    init = {a: torch.zeros(2), b: torch.zeros(2), pb: torch.zeros(2)}
+    shared = {a: torch.ones(2), b: torch.full((2,), 2.0)}
+    personal = {pb: torch.full((2,), 3.0), b: torch.full((2,), 9.0)}
+
+    served = compose(init, shared, personal, shared_names=[a, b], mix=0.5)
+    assert served[a].tolist() == [1.0, 1.0]  # A is never scaled
+    assert served[b].tolist() == [4.5, 4.5]  # personal overrides shared, then w·B
+    assert served[pb].tolist() == [3.0, 3.0]
+    start = compose(init, shared, personal, personal_overrides_shared=False)
+    assert start[b].tolist() == [2.0, 2.0] and start[pb].tolist() == [3.0, 3.0]
+    assert compose(init)[b].tolist() == [0.0, 0.0]

@@ -8,7 +8,9 @@ classifies names; models, training and transport are strategy-agnostic.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 GLOBAL_ADAPTER = "default"
 PERSONAL_ADAPTER = "personal"
@@ -92,3 +94,38 @@ class Strategy:
         personal = [n for n in names if self.is_personal(n)]
         frozen = [n for n in names if not self.is_trainable(n)]
         return shared, personal, frozen
+
+
+def compose(
+    init: Mapping[str, Any],
+    shared: Mapping[str, Any] | None = None,
+    personal: Mapping[str, Any] | None = None,
+    *,
+    shared_names: Iterable[str] = (),
+    mix: float | None = None,
+    personal_overrides_shared: bool = True,
+) -> dict[str, Any]:
+    """The one way LoRA tensors are put together into a model: the initial tensors, overlaid
+    by the federation's shared ones, then by a device's personal ones; with ``mix`` (``blend``)
+    the shared adapter's B tensors scaled by it (0 switches the global adapter off).
+
+    Args:
+        init: Every LoRA tensor at its initial value.
+        shared: The federation's shared tensors (``None``: the initial ones).
+        personal: The device's own tensors.
+        shared_names: The strategy's shared tensor names (what ``mix`` scales).
+        mix: ``blend``'s weight of the global adapter; ``None`` for the other strategies.
+        personal_overrides_shared: Whether a personal tensor replaces a shared one of the same
+            name (what a device serves) or only fills names the shared ones lack (where a
+            round starts from).
+    """
+    tensors = dict(init)
+    tensors.update(shared or {})
+    for name, value in (personal or {}).items():
+        if personal_overrides_shared or shared is None or name not in shared:
+            tensors[name] = value
+    if mix is not None:
+        for name in shared_names:
+            if is_lora_b(name):
+                tensors[name] = tensors[name] * mix
+    return tensors

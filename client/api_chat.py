@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from client.api_errors import ERRORS, ApiError, as_api_error, known
-from client.assistant import Answer, Assistant, UnknownModel, split_conversation
+from client.assistant import Assistant
+from client.conversation import Answer, UnknownModel, split_conversation
 
 logger = logging.getLogger(__name__)
 MAX_CONTENT = 8_000

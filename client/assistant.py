@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,12 @@ from client.adapt import (
     adapt_on_feedback,
     example_loss,
     hot_swap,
+)
+from client.conversation import (
+    Answer,
+    UnknownModel,
+    fit_messages,
+    split_conversation,
 )
 from client.device import Runtime, get_runtime
 from client.engine import Retrieved, build_messages, rerank, retrieve
@@ -51,72 +57,12 @@ from client.store import Interaction, LocalStore
 from common import ab
 from common.data import Encoded, encode_messages
 from common.embedding import Embedder, get_embedder, user_embedding
-from common.generation import Generated, render, sample
+from common.generation import Generated, sample
 from common.lora import export_adapter, load_lora_tensors
 from common.personalization.base import compose, is_lora_b
 from common.pii import naturalize, scrub
 
 logger = logging.getLogger(__name__)
-CHAT_ROLES = ("system", "developer", "user", "assistant")
-
-
-class ContextTooLong(ValueError):
-    """The request does not fit the model's context, even with earlier turns dropped."""
-
-
-class UnknownModel(LookupError):
-    """A model variant this device does not have."""
-
-
-@dataclass
-class Answer:
-    """What :meth:`Assistant.ask` returns.
-
-    ``text`` is the answer as the user sees it (not scrubbed: it is their own device);
-    ``finish_reason`` is ``stop`` (end of turn or a stop string) or ``length``;
-    ``prompt_tokens`` counts the rendered prompt the model saw and ``completion_tokens``
-    every token it generated (all candidates); ``turns_used`` the earlier conversation turns
-    that fit the context.
-    """
-
-    interaction_id: int
-    text: str
-    variant: str
-    candidates: list[dict[str, Any]]
-    retrieved: list[int]
-    context: dict[str, str]
-    why: str = ""
-    finish_reason: str = "stop"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    turns_used: int = 0
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def split_conversation(
-    request: str | Sequence[Mapping[str, str]],
-) -> tuple[list[dict[str, str]], str, str]:
-    """``(earlier user/assistant turns, the last user request, the system text)``.
-
-    Raises:
-        ValueError: No messages, an unknown role, or a last message that is not a non-empty
-            user message.
-    """
-    if isinstance(request, str):
-        request = [{"role": "user", "content": request}]
-    turns: list[dict[str, str]] = []
-    system: list[str] = []
-    for m in request:
-        role, content = m.get("role"), m.get("content")
-        if role not in CHAT_ROLES or not isinstance(content, str):
-            raise ValueError(f"a message needs a role in {CHAT_ROLES} and text content")
-        if role in ("system", "developer"):
-            system.append(content)
-        else:
-            turns.append({"role": role, "content": content})
-    if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
-        raise ValueError("the conversation must end with a non-empty user message")
-    return turns[:-1], turns[-1]["content"], "\n".join(s for s in system if s.strip())
 
 
 @dataclass
@@ -268,26 +214,13 @@ class Assistant:
         Raises:
             ContextTooLong: The system prompt and the last request alone do not fit.
         """
-        tok = self.rt.tokenizer
-        room = self.context_tokens - max_new_tokens
-        size = 0
-        for hist in (history, ()):
-            kept = list(turns)
-            while True:
-                messages = build(hist, kept)
-                ids = render(tok, messages)
-                size = len(ids)
-                if size <= room:
-                    return messages, ids
-                if not kept:
-                    break
-                # Drop the oldest exchange: its user turn and the answers that followed it.
-                kept = kept[1:]
-                while kept and kept[0]["role"] != "user":
-                    kept = kept[1:]
-        raise ContextTooLong(
-            f"the request needs {size} prompt tokens; with max_tokens={max_new_tokens} the "
-            f"model's context of {self.context_tokens} tokens holds {room}"
+        return fit_messages(
+            self.rt.tokenizer,
+            build,
+            history,
+            turns,
+            context_tokens=self.context_tokens,
+            max_new_tokens=max_new_tokens,
         )
 
     def generate(

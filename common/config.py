@@ -1,5 +1,8 @@
 """Run configuration: parse Flower's flat ``run_config`` once into frozen, validated dataclasses.
 
+(One file on purpose, over the usual length: the dataclasses here are the one list of the run
+config's keys, their types, defaults and checks; the keys are read off them.)
+
 Every tunable lives in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (kebab case, dotted
 groups). :func:`parse_run_config` is the only place that reads those keys; everything else
 receives the typed :class:`RunConfig`. Invalid values raise ``ValueError`` naming the key.

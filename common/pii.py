@@ -1,5 +1,8 @@
 """On-device PII scrubbing: find and mask personal data in text before it is stored or trained on.
 
+(One file on purpose, over the usual length: the detectors of every kind share the overlap
+and priority rules of :func:`find_pii`; split, a new kind could be added without them.)
+
 This module owns the detection and masking of personally identifying information (PII) in
 free text: everything a user types, and every answer, is passed through :func:`scrub` before
 it is persisted or used for training. The live conversation between a user and their own

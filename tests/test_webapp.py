@@ -216,7 +216,7 @@ def fixed_answer(
     """Make the assistant's generation stream ``pieces`` (``pause`` seconds apart) and return
     their concatenation, or raise ``RuntimeError(fail)`` after them: only the model's sampling
     is replaced; ranking, storing and the API's streaming run as usual."""
-    from client.assistant import Generated
+    from common.generation import Generated
 
     real = assistant.generate
     text = "".join(pieces)

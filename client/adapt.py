@@ -8,9 +8,7 @@
   starts from them, and its clipped, noised update is covered by the user-level guarantee.
 * **Cold start and drift** — the evidence that decides which model answers, and when to
   replay recent examples, is kept in :mod:`client.evidence` (no model needed to read it).
-* **Mixture of experts** (:class:`ExpertRouter`) — the user embedding gates (softmax over
-  cosine similarity) a small set of expert adapters, e.g. federation-level cluster adapters.
-  Mixing is exact where the experts differ only in LoRA B (fedsa): Σ g_i B_i A = (Σ g_i B_i) A.
+* **Mixture of experts** — see :mod:`client.experts`.
 """
 
 from __future__ import annotations
@@ -18,14 +16,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from common.data import Encoded, collate
 from common.lora import load_lora_tensors
-from common.personalization.base import is_lora_b
 from common.train import unfreeze_only
 
 
@@ -218,60 +213,3 @@ class GraphedAdapter:
         if not math.isfinite(loss):
             raise ValueError("non-finite loss during feedback adaptation")
         return loss, (time.perf_counter() - start) * 1000
-
-
-@dataclass
-class Expert:
-    """An expert adapter: LoRA B tensors and the embedding of what it is good at."""
-
-    name: str
-    centroid: np.ndarray
-    tensors: dict[str, torch.Tensor]
-
-
-class ExpertRouter:
-    """Softmax gate over experts by cosine similarity to the user embedding.
-
-    Args:
-        experts: Candidate experts; all must hold the same LoRA B names and shapes.
-        temperature: Softmax temperature over cosine similarities.
-        top_k: Keep only the ``top_k`` highest gates (renormalized).
-
-    Raises:
-        ValueError: No experts, non-B tensors (mixing would not be exact), or mismatched names.
-    """
-
-    def __init__(self, experts: Sequence[Expert], *, temperature: float = 0.1, top_k: int = 2):
-        if not experts:
-            raise ValueError("the router needs at least one expert")
-        names = set(experts[0].tensors)
-        for e in experts:
-            if set(e.tensors) != names:
-                raise ValueError(f"expert {e.name!r} holds different tensors than the others")
-            if not all(is_lora_b(n) for n in e.tensors):
-                raise ValueError(
-                    f"expert {e.name!r} holds LoRA A tensors; mixing is exact only for LoRA B "
-                    "(use the fedsa strategy, whose A is shared)"
-                )
-        self.experts = list(experts)
-        self.temperature = temperature
-        self.top_k = top_k
-
-    def gates(self, user: np.ndarray) -> np.ndarray:
-        """Gate weights (sum to 1, at most ``top_k`` non-zero) for a user embedding."""
-        sims = np.array([float(np.dot(user, e.centroid)) for e in self.experts])
-        logits = sims / self.temperature
-        weights = np.exp(logits - logits.max())
-        if self.top_k < len(weights):
-            weights[np.argsort(weights)[: len(weights) - self.top_k]] = 0.0
-        return weights / weights.sum()
-
-    def mix(self, user: np.ndarray) -> dict[str, torch.Tensor]:
-        """Σ g_i B_i over experts: the B tensors to hot-swap in for this user."""
-        g = self.gates(user)
-        out = {n: torch.zeros_like(t) for n, t in self.experts[0].tensors.items()}
-        for weight, expert in zip(g, self.experts, strict=True):
-            if weight > 0:
-                for n, t in expert.tensors.items():
-                    out[n] += float(weight) * t
-        return out

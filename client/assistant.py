@@ -27,14 +27,7 @@ import numpy as np
 import torch
 
 from client import status as device_status
-from client.adapt import (
-    Expert,
-    ExpertRouter,
-    GraphedAdapter,
-    adapt_on_feedback,
-    example_loss,
-    hot_swap,
-)
+from client.adapt import GraphedAdapter, adapt_on_feedback, example_loss, hot_swap
 from client.conversation import (
     Answer,
     UnknownModel,
@@ -45,13 +38,11 @@ from client.device import Runtime, get_runtime
 from client.engine import Retrieved, build_messages, rerank, retrieve
 from client.evidence import choose_variant
 from client.examples import endorsed_reply
+from client.experts import ExpertRouter, install, load_router
 from client.profile import Profile, extract_context
 from client.state import (
     DRIFT_BLOB,
-    EXPERTS_BLOB,
     GATE_BLOB,
-    tensors_from_bytes,
-    tensors_to_bytes,
 )
 from client.store import Interaction, LocalStore
 from common import ab
@@ -59,7 +50,7 @@ from common.data import Encoded, encode_messages
 from common.embedding import Embedder, get_embedder, user_embedding
 from common.generation import Generated, sample
 from common.lora import export_adapter, load_lora_tensors
-from common.personalization.base import compose, is_lora_b
+from common.personalization.base import compose
 from common.pii import naturalize, scrub
 
 logger = logging.getLogger(__name__)
@@ -550,23 +541,11 @@ class Assistant:
             return self.profile
 
     def _load_router(self) -> ExpertRouter | None:
-        raw = self.store.get_json(EXPERTS_BLOB)
-        if not raw:
-            return None
-        experts = []
-        for name, spec in raw.items():
-            blob = self.store.get_blob(f"expert:{name}")
-            if blob is None:
-                raise ValueError(f"expert {name!r} has no tensors in the store")
-            experts.append(
-                Expert(
-                    name, np.asarray(spec["centroid"], np.float32), tensors_from_bytes(blob, name)
-                )
-            )
-        return ExpertRouter(experts)
+        return load_router(self.store)
 
     def add_expert(self, name: str, adapter_dir: Path, *, about: str) -> dict[str, float]:
-        """Install a peft adapter's LoRA B tensors as an expert described by ``about``.
+        """Install a peft adapter's LoRA B tensors as an expert described by ``about``
+        (:func:`client.experts.install`).
 
         Returns:
             The router's gates for this user after the change.
@@ -574,26 +553,8 @@ class Assistant:
         Raises:
             ValueError: Shapes or names that do not fit this device's model.
         """
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-        b = {
-            k.replace(".lora_B.weight", ".lora_B.default.weight"): v
-            for k, v in tensors.items()
-            if ".lora_B." in k
-        }
-        want = {n: self.rt.shapes[n] for n in self.rt.shapes if is_lora_b(n) and ".default." in n}
-        if set(b) != set(want) or any(tuple(b[n].shape) != want[n] for n in want):
-            raise ValueError(
-                f"adapter {adapter_dir} does not fit this device's model/LoRA "
-                f"({len(b)} B tensors vs {len(want)} expected, or different shapes)"
-            )
-        centroid = self.embedder.encode_one(about)
         with self.lock:
-            raw = self.store.get_json(EXPERTS_BLOB) or {}
-            raw[name] = {"about": scrub(about), "centroid": centroid.tolist()}
-            self.store.put_blob(f"expert:{name}", tensors_to_bytes(b, {"expert": name}))
-            self.store.put_json(EXPERTS_BLOB, raw)
+            install(self.store, self.rt.shapes, self.embedder, name, adapter_dir, about=about)
             self.router = self._load_router()
             self.activate()
             assert self.router is not None

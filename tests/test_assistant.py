@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.adapt import Expert, ExpertRouter, hot_swap
+from client.adapt import hot_swap
 from client.assistant import Assistant
 from client.engine import build_messages, rerank, retrieve, system_prompt
 from client.evidence import DriftDetector, Gate
+from client.experts import Expert, ExpertRouter
 from client.profile import Profile, detect_format, extract_context, time_of_day
 from client.state import init_device
 from client.store import Interaction

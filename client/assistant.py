@@ -3,7 +3,7 @@
 :class:`Assistant` ties the pieces together over one open :class:`~client.store.LocalStore`:
 the profile (:mod:`client.profile`), the personalization engine (:mod:`client.engine`), the
 adaptation machinery (:mod:`client.adapt`) and the base model + LoRA runtime shared with the
-Flower ClientApp (:func:`client.device.get_runtime`). The CLI (:mod:`client.cli`) and the
+Flower ClientApp (:func:`client.runtime.get_runtime`). The CLI (:mod:`client.cli`) and the
 local HTTP API (:mod:`client.api`) are thin layers over it.
 
 The device's model settings (base model, LoRA, strategy, privacy caps) live in the store's
@@ -34,12 +34,12 @@ from client.conversation import (
     fit_messages,
     split_conversation,
 )
-from client.device import Runtime, get_runtime
 from client.engine import Retrieved, build_messages, rerank, retrieve
 from client.evidence import choose_variant
 from client.examples import endorsed_reply
 from client.experts import ExpertRouter, install, load_router
 from client.profile import Profile, extract_context
+from client.runtime import Runtime, get_runtime
 from client.state import (
     DRIFT_BLOB,
     GATE_BLOB,

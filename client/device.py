@@ -7,9 +7,9 @@ role (:func:`client.ingest.replay_role`). :meth:`Device.train` and :meth:`Device
 take the global shared tensors and return the shared tensors to send plus scalar metrics; the
 ClientApp (Message API, or SecAgg+'s legacy records) wraps the same calls.
 
-The base model and its peft wrapper are cached per process (:func:`get_runtime`): a Ray actor
-serves many simulated devices with one model, and every call re-loads that device's tensors in
-place, so no state leaks from one device to the next.
+The base model and its peft wrapper are cached per process (:func:`client.runtime.get_runtime`):
+a Ray actor serves many simulated devices with one model, and every call re-loads that device's
+tensors in place, so no state leaks from one device to the next.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
 
 from client import baseline
 from client.examples import Example, device_examples, split, too_few_examples
@@ -34,6 +32,7 @@ from client.gate import open_real_store
 from client.ingest import replay_role
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
 from client.policy import DevicePolicy, PolicyRefused
+from client.runtime import get_runtime
 from client.state import (
     LOCAL_USER,
     META_BLOB,
@@ -51,14 +50,9 @@ from common.dp.clipping import clip_update
 from common.dp.noise import add_gaussian_noise
 from common.dp.policy import client_noise_std, uniform_weights
 from common.lora import (
-    build_peft_model,
     get_lora_tensors,
-    init_lora_tensors,
     load_lora_tensors,
-    lora_shapes,
 )
-from common.model import load_base_for, load_tokenizer, model_dir
-from common.personalization import Strategy, strategy_for
 from common.personalization.base import compose, layer_of
 from common.personalization.blend import pick_mix_weight
 from common.train import (
@@ -71,22 +65,6 @@ from common.train import (
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Runtime:
-    """A loaded base model with the strategy's adapters, shared by devices in one process."""
-
-    model: PeftModel
-    tokenizer: PreTrainedTokenizerBase
-    strategy: Strategy
-    init: dict[str, torch.Tensor]
-    shapes: dict[str, tuple[int, ...]]
-    shared_names: list[str]
-    personal_names: list[str]
-    trainable_names: list[str]
-    base_ref: str
-
-
-_RUNTIMES: dict[tuple, Runtime] = {}
 # Tokenized data of the devices this process served lately (a Ray actor serves many simulated
 # devices); bounded, so memory stays flat in the number of users.
 _ENCODED: OrderedDict[tuple, tuple[tuple[Encoded, ...], ...]] = OrderedDict()
@@ -97,30 +75,6 @@ EVAL_BATCH_SIZE = 16
 # DP-SGD's Poisson batches and noise come from the OS's randomness (``None``): a seed from the
 # round and the user would let the server rebuild the batches. Tests may fix it.
 DP_SGD_SEED: int | None = None
-
-
-def get_runtime(cfg: RunConfig) -> Runtime:
-    """Load (once per process) the base model and wrap it for ``cfg``'s strategy and LoRA."""
-    key = (cfg.model, cfg.strategy, cfg.personalization)
-    if key not in _RUNTIMES:
-        strategy = strategy_for(cfg)
-        _RUNTIMES.clear()  # one model per process: a new config replaces the old one
-        base = load_base_for(cfg.model)
-        model = build_peft_model(base, cfg.model, strategy)
-        shapes = lora_shapes(model)
-        shared, personal, _ = strategy.split(list(shapes))
-        _RUNTIMES[key] = Runtime(
-            model=model,
-            tokenizer=load_tokenizer(cfg.model.name),
-            strategy=strategy,
-            init=init_lora_tensors(shapes, seed=cfg.model.init_seed, strategy=strategy),
-            shapes=shapes,
-            shared_names=shared,
-            personal_names=personal,
-            trainable_names=[n for n in shapes if strategy.is_trainable(n)],
-            base_ref=str(model_dir(cfg.model.name)),
-        )
-    return _RUNTIMES[key]
 
 
 def open_node_store(
@@ -147,12 +101,6 @@ def open_node_store(
     return LocalStore.open(
         simulated_dir, Secret(key_file=key_path), create=True, retention_days=retention
     )
-
-
-def shared_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the shared tensors for ``cfg`` (what the server sends)."""
-    rt = get_runtime(cfg)
-    return {n: rt.shapes[n] for n in rt.shared_names}
 
 
 def simulated_user(cfg: RunConfig, partition_id: int, num_partitions: int) -> UserData:

@@ -19,8 +19,9 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.device import Device, get_runtime, open_node_store, shared_shapes, simulated_user
+from client.device import Device, open_node_store, simulated_user
 from client.gate import federation_size
+from client.runtime import get_runtime, shared_shapes
 from common import ab
 from common.config import RunConfig, parse_run_config
 from common.sampling import poisson_sample

@@ -10,7 +10,7 @@ long-lived half of the ClientApp. It runs beside the SuperNode::
 and the SuperNode names it in its node config (``worker-socket="…"``, nothing else). The
 ClientApp (:mod:`client.client_app`, Flower only) then relays every message here: training
 and evaluation, which :mod:`client.handlers` answers with the model already in memory
-(:func:`client.device.get_runtime` caches it per process), and the SecAgg+ protocol stages.
+(:func:`client.runtime.get_runtime` caches it per process), and the SecAgg+ protocol stages.
 
 The worker belongs to **one device** and is the only process that unlocks it: it is started
 with the device's store (``--data-dir``, ``--key-file`` or ``$FEDPERSONA_PASSPHRASE``) and

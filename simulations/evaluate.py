@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from client.adapt import adapt_on_feedback
-from client.device import get_runtime
+from client.runtime import get_runtime
 from client.state import GLOBAL_BLOB, META_BLOB, PERSONAL_BLOB, tensors_from_bytes
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common import audit, metrics

@@ -163,7 +163,7 @@ def stored_device_state(data_dir: Path) -> dict[str, Any]:
 
 def initial_shared(cfg: RunConfig) -> dict[str, Any]:
     """A copy of the initial shared tensors of ``cfg``'s model (what a server sends first)."""
-    from client.device import get_runtime
+    from client.runtime import get_runtime
 
     rt = get_runtime(cfg)
     return {n: rt.init[n].clone() for n in rt.shared_names}

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
-from client.device import get_runtime
+from client.runtime import get_runtime
 from client.store import LocalStore
 from common.config import parse_run_config
 from common.crypto import Secret

@@ -13,8 +13,9 @@ from client.assistant import Assistant
 from client.client_app import DeviceError
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
-from client.device import Device, get_runtime, shared_shapes
+from client.device import Device
 from client.examples import device_examples
+from client.runtime import get_runtime, shared_shapes
 from client.state import init_device
 from common.config import parse_run_config
 from common.lora import get_lora_tensors, load_lora_tensors

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from client.client_app import train as client_train
-from client.device import Device, get_runtime
+from client.device import Device
 from client.policy import KNOB_LIMITS, DevicePolicy
+from client.runtime import get_runtime
 from common.config import parse_run_config
 from common.serialization import to_arrayrecord
 from common.train import train_steps_dp

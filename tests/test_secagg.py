@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.client_app import app as fedpersona_app
-from client.device import get_runtime
 from client.ledger import LedgerPolicy, PrivacyLedger
+from client.runtime import get_runtime
 from common import ab
 from common.config import parse_run_config
 from common.secagg import derive_secagg_params

@@ -84,7 +84,7 @@ def test_users_who_never_joined_are_measured_on_the_released_model(tmp_path) -> 
 
     import numpy as np
 
-    from client.device import get_runtime
+    from client.runtime import get_runtime
     from common.config import parse_run_config
     from server import checkpoint
     from simulations.cold_start import add_to_summary

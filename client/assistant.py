@@ -322,15 +322,9 @@ class Assistant:
             if swapped:
                 hot_swap(self.rt.model, self._tensors_for(variant))
             try:
+                sampling = {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature}
                 generated = self.generate(
-                    prompt_ids,
-                    n=n,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    seed=seed,
-                    stop=stop,
-                    on_text=on_text,
-                    cancel=cancel,
+                    prompt_ids, **sampling, seed=seed, stop=stop, on_text=on_text, cancel=cancel
                 )
             finally:
                 if swapped:

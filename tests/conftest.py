@@ -167,3 +167,14 @@ def initial_shared(cfg: RunConfig) -> dict[str, Any]:
 
     rt = get_runtime(cfg)
     return {n: rt.init[n].clone() for n in rt.shared_names}
+
+
+def tiny_assistant(data_dir: Path) -> tuple[LocalStore, Any, str]:
+    """A fresh tiny-model device in ``data_dir``: its open store, an assistant over it and the
+    API token (the caller closes the store)."""
+    from client.assistant import Assistant
+    from client.state import init_device
+
+    store = open_test_store(data_dir)
+    init_device(store, model="tiny")
+    return store, Assistant(store), store.get_meta("api_token")

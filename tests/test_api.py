@@ -6,17 +6,12 @@ import httpx
 import pytest
 
 from client.api import check_loopback, create_app
-from client.assistant import Assistant
-from client.state import init_device
-from tests.conftest import api_server, open_test_store
+from tests.conftest import api_server, tiny_assistant
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    store = open_test_store(tmp_path_factory.mktemp("api") / "dev")
-    init_device(store, model="tiny")
-    assistant = Assistant(store)
-    token = store.get_meta("api_token")
+    store, assistant, token = tiny_assistant(tmp_path_factory.mktemp("api") / "dev")
     with (
         api_server(create_app(assistant, token=token)) as url,
         httpx.Client(base_url=url, timeout=120) as client,

@@ -8,9 +8,7 @@ import openai
 import pytest
 
 from client.api import create_app
-from client.assistant import Assistant
-from client.state import init_device
-from tests.conftest import api_server, open_test_store
+from tests.conftest import api_server, tiny_assistant
 
 CAT = [
     {"role": "user", "content": "My cat is called Biscuit."},
@@ -21,10 +19,7 @@ CAT = [
 
 @pytest.fixture(scope="module")
 def device(tmp_path_factory):
-    store = open_test_store(tmp_path_factory.mktemp("openai") / "dev")
-    init_device(store, model="tiny")
-    assistant = Assistant(store)
-    token = store.get_meta("api_token")
+    store, assistant, token = tiny_assistant(tmp_path_factory.mktemp("openai") / "dev")
     with api_server(create_app(assistant, token=token)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0, timeout=120)
         yield client, assistant, url, token
@@ -231,10 +226,7 @@ def test_the_users_words_reach_their_model_and_the_store_keeps_them_scrubbed(
 
 
 def test_forget_erases_the_store_and_the_api_says_so(tmp_path) -> None:
-    store = open_test_store(tmp_path / "dev")
-    init_device(store, model="tiny")
-    assistant = Assistant(store)
-    token = store.get_meta("api_token")
+    store, assistant, token = tiny_assistant(tmp_path / "dev")
     auth = {"Authorization": f"Bearer {token}"}
     with (
         api_server(create_app(assistant, token=token)) as url,

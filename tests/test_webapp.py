@@ -28,8 +28,7 @@ import pytest
 
 from client.api import create_app
 from client.assistant import Assistant
-from client.state import init_device
-from tests.conftest import ROOT, api_server, open_test_store
+from tests.conftest import ROOT, api_server, tiny_assistant
 
 pytestmark = pytest.mark.browser
 
@@ -83,11 +82,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
     """``fedpersona device serve``'s app over a fresh tiny-model device, as tests/test_api.py."""
-    store = open_test_store(tmp_path_factory.mktemp("webapp") / "dev")
-    init_device(store, model="tiny")
+    store, assistant, token = tiny_assistant(tmp_path_factory.mktemp("webapp") / "dev")
     _ledger_with_two_rounds(store)
-    assistant = Assistant(store)
-    token = store.get_meta("api_token")
     with (
         api_server(create_app(assistant, token=token)) as url,
         httpx.Client(base_url=url, timeout=120) as http,

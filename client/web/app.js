@@ -508,20 +508,16 @@ function feedbackControls(chat, msg, item) {
     "aria-label": "Feedback on this answer",
   });
   const status = el("span", { class: "status", role: "status" }, msg.feedbackStatus || "");
-  const up = el("button", {
-    type: "button",
-    class: "thumb up",
-    "aria-label": "Good answer",
-    "aria-pressed": String(msg.rated === "up"),
-    title: "Good answer",
-  });
-  const down = el("button", {
-    type: "button",
-    class: "thumb down",
-    "aria-label": "Bad answer",
-    "aria-pressed": String(msg.rated === "down"),
-    title: "Bad answer",
-  });
+  const thumb = (kind, label) =>
+    el("button", {
+      type: "button",
+      class: `thumb ${kind}`,
+      "aria-label": label,
+      "aria-pressed": String(msg.rated === kind),
+      title: label,
+    });
+  const up = thumb("up", "Good answer");
+  const down = thumb("down", "Bad answer");
   const prefer = el("button", { type: "button", "aria-expanded": "false" }, "I prefer…");
   const edit = el("button", { type: "button" }, "Edit");
   const buttons = [up, down, prefer, edit];

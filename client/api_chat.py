@@ -205,7 +205,11 @@ def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depe
         # (the A/B coin is thrown inside ``ask``: the final chunk names it).
         shown = kwargs["model"] or (None if assistant.ab_test else assistant.variant)
         threading.Thread(target=work, name="fedpersona-answer", daemon=True).start()
-        first = await events.get()
+        try:
+            first = await events.get()
+        except asyncio.CancelledError:  # the client left before the first token
+            cancel.set()
+            raise
         if first[0] == "error":
             raise as_api_error(first[1]) if known(first[1]) else first[1]
         metrics.first_token_seconds.observe(time.perf_counter() - start)
@@ -263,8 +267,6 @@ def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depe
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-
-    # ---- fedpersona extensions -----------------------------------------------------------
 
 
 def _usage(answer: Answer) -> dict[str, int]:

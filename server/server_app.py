@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 
@@ -27,122 +28,17 @@ from common.dp.policy import client_noise_std, min_updates
 from common.lora import build_skeleton, export_adapter, init_lora_tensors, lora_shapes
 from common.model import load_model_config, model_dir
 from common.personalization import GLOBAL_ADAPTER, strategy_for
-from common.secagg import NOISE_TAIL_SIGMAS, derive_secagg_params
+from common.secagg import derive_secagg_params
 from common.serialization import from_arrayrecord, to_arrayrecord
 from server import checkpoint
 from server.accountant import FederationAccountant
 from server.outputs import write_summary
+from server.privacy import privacy_report
 from server.recorder import RoundRecorder
 from server.secagg import SecAggDPStrategy, secagg_workflow
 from server.strategy import PersonaFedAvg
 
 app = ServerApp()
-
-
-def secagg_clip_probability(*, updates: int, num_params: int) -> float:
-    """Union bound on the chance that SecAgg+ clips any coordinate of any of ``updates``
-    noised updates of ``num_params`` entries in one round.
-
-    An entry of a clipped update lies in [-C, C]; SecAgg+ quantizes within C + 7·std of noise
-    (:data:`common.secagg.NOISE_TAIL_SIGMAS`), so an entry is clipped only where its noise
-    passes 7 standard deviations (probability erfc(7/√2) ≈ 2.6e-12). A clipped entry changes
-    the released sum's distribution, so this probability belongs in δ.
-    """
-    return min(1.0, updates * num_params * math.erfc(NOISE_TAIL_SIGMAS / math.sqrt(2)))
-
-
-def privacy_report(  # type: ignore[no-untyped-def]
-    cfg: RunConfig,
-    *,
-    m_min: int,
-    sample_rate: float,
-    acc,
-    num_params: int = 0,
-    round_updates: tuple[int, ...] = (),
-) -> dict:
-    """What the printed ε means and what it assumes.
-
-    ``num_params`` (entries of the shared update) and ``round_updates`` (updates in each
-    released round) size the effective δ under SecAgg+ clipping
-    (:func:`secagg_clip_probability`).
-    """
-    dp = cfg.dp
-    if not dp.adds_noise:
-        user = {
-            "mode": dp.noise_mode,
-            "epsilon": float("inf"),
-            "note": "no user-level DP: updates are not noised",
-        }
-    else:
-        trust = (
-            f"at least m_min={m_min} of each round's participants are honest (each adds "
-            f"N(0, (σC)²/m_min) before SecAgg+); the server never sees a noise-free sum"
-            if dp.noise_mode == "distributed"
-            else "a trusted server (it adds the noise after unmasking the sum)"
-        )
-        user = {
-            "mode": dp.noise_mode,
-            "noise_multiplier": dp.noise_multiplier,
-            "clip_norm": dp.clip_norm,
-            "min_updates": m_min,
-            "sample_rate": sample_rate,
-            "rounds_released": len(acc.history),
-            "delta": cfg.privacy.delta,
-            "epsilon_rdp": acc.epsilon("rdp"),
-            "epsilon_prv": acc.epsilon("prv"),
-            "sampling": cfg.sampling,
-            "assumes": f"{trust}; "
-            + (
-                f"Poisson sampling by the server, each device with probability q={sample_rate:.3g}"
-                " (the sampling the accountant's amplification assumes)"
-                if cfg.sampling == "poisson"
-                else f"a fixed-size uniform sample of q={sample_rate:.3g} of the devices, "
-                "accounted as if Poisson (an approximation)"
-            )
-            + "; a device credits the sampling only where it drew its own participation "
-            "coin or its owner trusts the server's claim (device privacy policy), else it "
-            "charges each round it joins at q = 1",
-        }
-        clipped = (
-            sum(secagg_clip_probability(updates=u, num_params=num_params) for u in round_updates)
-            if dp.noise_mode == "distributed" and cfg.secagg.enabled
-            else 0.0
-        )
-        user.update(
-            {
-                "neighbouring": "add or remove one user's entire data (user-level); replacing "
-                "one user's data with another's doubles the sensitivity (2C): its ε is that of "
-                "σ/2",
-                "trust": (
-                    "honest-but-curious server that runs SecAgg+ as published; no collusion of "
-                    "the server with as many of a round's devices as the SecAgg+ "
-                    "reconstruction threshold; at least m_min honest devices in each released "
-                    "round, each adding its share of the noise"
-                    if dp.noise_mode == "distributed"
-                    else "a trusted server that adds the noise to the unmasked sum; devices "
-                    "cannot verify it and decline unless their owner trusts server noise"
-                ),
-                "effective_delta": cfg.privacy.delta + clipped,
-                "effective_delta_note": "δ plus the chance that SecAgg+ clipped any noised "
-                "coordinate in a released round (union bound over devices and entries: "
-                f"{clipped:.2g})"
-                if clipped
-                else "δ: no SecAgg+ quantization clips the noised updates",
-            }
-        )
-    return {
-        "user_level": user,
-        "record_level": {
-            "enabled": dp.local_enabled,
-            "noise_multiplier": dp.local_noise_multiplier if dp.local_enabled else 0.0,
-            "max_grad_norm": dp.local_max_grad_norm,
-            "note": "per device, from its own Opacus accountant: see clients[].record_epsilon",
-        },
-        "secure_aggregation": "SecAgg+" if cfg.secagg.enabled else "off",
-        "not_covered": "the scalar metrics devices report in the clear (train and held-out "
-        "losses, counts) are not part of any ε above",
-        "device_epsilon_cap": cfg.privacy.epsilon_cap,
-    }
 
 
 def _resume_state(
@@ -157,197 +53,250 @@ def _resume_state(
     return state
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` of train + evaluate and write the run's outputs.
+@dataclass
+class Plan:
+    """What a run needs before its first round, from the config and the nodes online."""
 
-    After every round the run's state is checkpointed under ``<run_dir>/checkpoint/``; a
-    ServerApp started again on the same run dir (same ``output.dir`` / ``output.run-name``,
-    ``resume = true``) continues at the next round with the same accounting.
-    """
-    t0 = time.time()
-    cfg = parse_run_config(dict(context.run_config))
+    cfg: RunConfig
+    run_dir: Path
+    init: dict[str, torch.Tensor]
+    shared_names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    num_nodes: int
+    m_min: int
+    sample_rate: float
+    max_cohort: int
+    # Nodes and how the server samples them: one device per node, or (simulation) nodes that
+    # each host several users, sample them themselves and weight their mean by the count.
+    hosts: bool
+    num_hosts: int
+    node_fraction: float
+    node_sampling: str
+    n_node_sampled: int
+    min_nodes: int
+    central_std: float
+
+
+def plan_run(cfg: RunConfig, run_id: int, grid: Grid) -> Plan:
+    """Shapes (never the base model's weights), m_min, sampling and noise of a run."""
     strategy = strategy_for(cfg)
-    run_dir = cfg.run_dir(context.run_id)
-    log(
-        INFO,
-        "fedpersona: strategy=%s model=%s secagg=%s dp=%s -> %s",
-        cfg.strategy,
-        cfg.model.name,
-        cfg.secagg.enabled,
-        cfg.dp.noise_mode,
-        run_dir,
-    )
-
-    # Shapes only: the server never needs the base model's weights.
     skeleton = build_skeleton(load_model_config(cfg.model.name), cfg.model, strategy)
     init = init_lora_tensors(lora_shapes(skeleton), seed=cfg.model.init_seed)
     del skeleton
     shared_names, _, _ = strategy.split(list(init))
-    shapes = {n: tuple(init[n].shape) for n in shared_names}
     num_nodes = cfg.data.num_users or max(2, len(list(grid.get_node_ids())))
-    m_min = min_updates(cfg, num_nodes)
     n_sampled = max(2, int(num_nodes * cfg.fraction_train))
-    sample_rate = cfg.fraction_train if cfg.sampling == "poisson" else n_sampled / num_nodes
-    # The most devices one sum can hold: a Poisson cohort may be any size.
-    max_cohort = num_nodes if cfg.sampling == "poisson" else n_sampled
-    # Nodes, and how the server samples them: one device per node, or (simulation) nodes that
-    # each host several users, sample them themselves and weight their mean by the count.
     hosts = cfg.users_per_node > 1
     num_hosts = math.ceil(num_nodes / cfg.users_per_node) if hosts else num_nodes
-    node_fraction = 1.0 if hosts else cfg.fraction_train
-    node_sampling = "fixed" if hosts else cfg.sampling
-    n_node_sampled = num_hosts if hosts else n_sampled
-    acc = (
-        FederationAccountant(
-            noise_multiplier=cfg.dp.noise_multiplier,
-            sample_rate=sample_rate,
-            delta=cfg.privacy.delta,
-        )
-        if cfg.dp.adds_noise
-        else None
+    return Plan(
+        cfg=cfg,
+        run_dir=cfg.run_dir(run_id),
+        init=init,
+        shared_names=shared_names,
+        shapes={n: tuple(init[n].shape) for n in shared_names},
+        num_nodes=num_nodes,
+        m_min=min_updates(cfg, num_nodes),
+        sample_rate=cfg.fraction_train if cfg.sampling == "poisson" else n_sampled / num_nodes,
+        # The most devices one sum can hold: a Poisson cohort may be any size.
+        max_cohort=num_nodes if cfg.sampling == "poisson" else n_sampled,
+        hosts=hosts,
+        num_hosts=num_hosts,
+        node_fraction=1.0 if hosts else cfg.fraction_train,
+        node_sampling="fixed" if hosts else cfg.sampling,
+        n_node_sampled=num_hosts if hosts else n_sampled,
+        min_nodes=max(2, num_hosts) if hosts else max(2, cfg.data.num_users),
+        central_std=(
+            cfg.dp.noise_multiplier * cfg.dp.clip_norm
+            if cfg.dp.noise_mode == "central" and cfg.dp.adds_noise
+            else 0.0
+        ),
     )
-    recorder = RoundRecorder(acc)
-    current = {n: init[n].numpy() for n in shared_names}
-    stopped_at: int | None = None
-    done, elapsed_before = 0, 0.0
-    resumed = _resume_state(cfg, run_dir, shapes)
-    if resumed is not None:
-        done, elapsed_before, stopped_at = resumed.round, resumed.elapsed_s, resumed.stopped_at
-        current = dict(zip(resumed.shared_names, resumed.shared, strict=True))
-        if acc is not None and resumed.accountant is not None:
-            acc.load_state_dict(resumed.accountant)
-        recorder.restore(
-            rounds=resumed.rounds,
-            clients=resumed.clients,
-            ab_rounds=resumed.ab_rounds,
-            pending_train=resumed.pending_train,
-        )
-        checkpoint.restore_rng(resumed.rng)
-        log(
-            INFO,
-            "fedpersona: resuming %s after round %s of %s (user ε so far %s)",
-            run_dir,
-            done,
-            cfg.num_server_rounds,
-            acc.epsilon("rdp") if acc is not None else "n/a",
-        )
-    remaining = max(0, cfg.num_server_rounds - done)
 
-    def save_checkpoint(server_round: int, stopped: int | None) -> None:
+
+@dataclass
+class Progress:
+    """A run's state between rounds: the global shared tensors, the books, the checkpoint."""
+
+    plan: Plan
+    current: dict[str, np.ndarray]
+    recorder: RoundRecorder
+    acc: FederationAccountant | None
+    done: int = 0
+    stopped_at: int | None = None
+    elapsed_before: float = 0.0
+    t0: float = field(default_factory=time.time)
+
+    def save(self, server_round: int, stopped: int | None) -> None:
         """Persist the run's state after ``server_round`` (atomically)."""
-        book = recorder.export_state()
+        book = self.recorder.export_state()
+        names = self.plan.shared_names
         checkpoint.save(
-            run_dir,
+            self.plan.run_dir,
             checkpoint.ServerState(
                 round=server_round,
-                shared_names=list(shared_names),
-                shared=[current[n] for n in shared_names],
-                config=cfg.to_flat(),
-                accountant=acc.state_dict() if acc is not None else None,
+                shared_names=list(names),
+                shared=[self.current[n] for n in names],
+                config=self.plan.cfg.to_flat(),
+                accountant=self.acc.state_dict() if self.acc is not None else None,
                 rounds=book["rounds"],
                 clients=book["clients"],
                 ab_rounds=book["ab_rounds"],
                 pending_train=book["pending_train"],
                 stopped_at=stopped,
                 rng=checkpoint.capture_rng(),
-                elapsed_s=elapsed_before + time.time() - t0,
+                elapsed_s=self.elapsed_before + time.time() - self.t0,
             ),
         )
 
-    central_std = (
-        cfg.dp.noise_multiplier * cfg.dp.clip_norm
-        if cfg.dp.noise_mode == "central" and cfg.dp.adds_noise
-        else 0.0
+
+def start(plan: Plan, t0: float) -> Progress:
+    """A fresh run's state, or the checkpointed one when ``resume`` finds it."""
+    cfg = plan.cfg
+    acc = (
+        FederationAccountant(
+            noise_multiplier=cfg.dp.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            delta=cfg.privacy.delta,
+        )
+        if cfg.dp.adds_noise
+        else None
     )
-    t_setup = time.time()
-    if remaining and cfg.secagg.enabled:
-        with_ab = bool(cfg.ab.interactions)
-        params = derive_secagg_params(
-            clip_norm=cfg.dp.clip_norm,
-            noise_std=client_noise_std(cfg, num_nodes),
-            num_clients=max(2, num_hosts if hosts else max_cohort),
-            max_weight=float(cfg.users_per_node),
-            num_params=sum(init[n].numel() for n in shared_names) + (ab.FIELDS if with_ab else 0),
-            num_shares=cfg.secagg.num_shares,
-            reconstruction_threshold=cfg.secagg.reconstruction_threshold,
-        )
+    progress = Progress(
+        plan,
+        {n: plan.init[n].numpy() for n in plan.shared_names},
+        RoundRecorder(acc),
+        acc,
+        t0=t0,
+    )
+    resumed = _resume_state(cfg, plan.run_dir, plan.shapes)
+    if resumed is None:
+        return progress
+    progress.done, progress.elapsed_before = resumed.round, resumed.elapsed_s
+    progress.stopped_at = resumed.stopped_at
+    progress.current = dict(zip(resumed.shared_names, resumed.shared, strict=True))
+    if acc is not None and resumed.accountant is not None:
+        acc.load_state_dict(resumed.accountant)
+    progress.recorder.restore(
+        rounds=resumed.rounds,
+        clients=resumed.clients,
+        ab_rounds=resumed.ab_rounds,
+        pending_train=resumed.pending_train,
+    )
+    checkpoint.restore_rng(resumed.rng)
+    log(
+        INFO,
+        "fedpersona: resuming %s after round %s of %s (user ε so far %s)",
+        plan.run_dir,
+        progress.done,
+        cfg.num_server_rounds,
+        acc.epsilon("rdp") if acc is not None else "n/a",
+    )
+    return progress
 
-        def secagg_round_end(server_round: int) -> None:
-            current.update(zip(shared_names, legacy.current, strict=True))
-            save_checkpoint(server_round, legacy.stopped_at)
 
-        legacy = SecAggDPStrategy(
-            shared_names=shared_names,
-            initial=[current[n] for n in shared_names],
-            recorder=recorder,
-            min_updates=m_min,
-            fraction_train=node_fraction,
-            fraction_evaluate=cfg.fraction_evaluate,
-            min_nodes=max(2, num_hosts) if hosts else max(2, cfg.data.num_users),
-            central_noise_std=central_std,
-            target_epsilon=cfg.privacy.target_epsilon,
-            ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm) if with_ab else None,
-            round_offset=done,
-            on_round_end=secagg_round_end,
-            sampling=node_sampling,
-            evaluate_every=cfg.evaluate_every,
-            num_rounds=cfg.num_server_rounds,
-            server_learning_rate=cfg.server_learning_rate,
-        )
-        legacy.stopped_at = stopped_at
-        workflow = secagg_workflow(
-            params,
-            timeout=cfg.secagg.timeout,
-            # m_min users; a simulation node hosting k users carries up to k of them
-            min_masked=max(1, math.ceil(m_min / cfg.users_per_node)),
-            shapes=[shapes[n] for n in shared_names] + ([(ab.FIELDS,)] if with_ab else []),
-        )
-        workflow(
-            grid,
-            LegacyContext(
-                context=context,
-                config=ServerConfig(num_rounds=remaining, round_timeout=cfg.round_timeout),
-                strategy=legacy,
-            ),
-        )
-    elif remaining:
+def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context) -> None:
+    """``remaining`` rounds through Flower's legacy workflow with SecAgg+."""
+    plan, cfg = progress.plan, progress.plan.cfg
+    names = plan.shared_names
+    with_ab = bool(cfg.ab.interactions)
+    params = derive_secagg_params(
+        clip_norm=cfg.dp.clip_norm,
+        noise_std=client_noise_std(cfg, plan.num_nodes),
+        num_clients=max(2, plan.num_hosts if plan.hosts else plan.max_cohort),
+        max_weight=float(cfg.users_per_node),
+        num_params=sum(plan.init[n].numel() for n in names) + (ab.FIELDS if with_ab else 0),
+        num_shares=cfg.secagg.num_shares,
+        reconstruction_threshold=cfg.secagg.reconstruction_threshold,
+    )
 
-        def fedavg_round_end(server_round: int, arrays: ArrayRecord | None) -> None:
-            if arrays is not None:
-                current.update((n, t.numpy()) for n, t in from_arrayrecord(arrays, shapes).items())
-            save_checkpoint(server_round, fed.stopped_at)
+    def round_end(server_round: int) -> None:
+        progress.current.update(zip(names, legacy.current, strict=True))
+        progress.save(server_round, legacy.stopped_at)
 
-        fed = PersonaFedAvg(
-            recorder=recorder,
-            min_updates=m_min,
-            central_noise_std=central_std,
-            target_epsilon=cfg.privacy.target_epsilon,
-            shapes=shapes,
-            round_offset=done,
-            on_round_end=fedavg_round_end,
-            sampling=node_sampling,
-            evaluate_every=cfg.evaluate_every,
-            num_rounds=cfg.num_server_rounds,
-            server_learning_rate=cfg.server_learning_rate,
-            fraction_train=node_fraction,
-            fraction_evaluate=cfg.fraction_evaluate,
-            min_train_nodes=n_node_sampled,
-            min_evaluate_nodes=max(1, int(num_hosts * cfg.fraction_evaluate)),
-            min_available_nodes=max(2, num_hosts) if hosts else max(2, cfg.data.num_users),
-            weighted_by_key="weight",
-        )
-        fed.stopped_at = stopped_at
-        fed.start(
-            grid=grid,
-            initial_arrays=to_arrayrecord({n: torch.from_numpy(current[n]) for n in shared_names}),
-            num_rounds=remaining,
-            timeout=cfg.round_timeout,
-            train_config=ConfigRecord({}),
-            evaluate_config=ConfigRecord({}),
-        )
-    t_rounds = time.time()
+    legacy = SecAggDPStrategy(
+        shared_names=names,
+        initial=[progress.current[n] for n in names],
+        recorder=progress.recorder,
+        min_updates=plan.m_min,
+        fraction_train=plan.node_fraction,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_nodes=plan.min_nodes,
+        central_noise_std=plan.central_std,
+        target_epsilon=cfg.privacy.target_epsilon,
+        ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm) if with_ab else None,
+        round_offset=progress.done,
+        on_round_end=round_end,
+        sampling=plan.node_sampling,
+        evaluate_every=cfg.evaluate_every,
+        num_rounds=cfg.num_server_rounds,
+        server_learning_rate=cfg.server_learning_rate,
+    )
+    legacy.stopped_at = progress.stopped_at
+    workflow = secagg_workflow(
+        params,
+        timeout=cfg.secagg.timeout,
+        # m_min users; a simulation node hosting k users carries up to k of them
+        min_masked=max(1, math.ceil(plan.m_min / cfg.users_per_node)),
+        shapes=[plan.shapes[n] for n in names] + ([(ab.FIELDS,)] if with_ab else []),
+    )
+    workflow(
+        grid,
+        LegacyContext(
+            context=context,
+            config=ServerConfig(num_rounds=remaining, round_timeout=cfg.round_timeout),
+            strategy=legacy,
+        ),
+    )
 
+
+def run_fedavg(progress: Progress, remaining: int, grid: Grid) -> None:
+    """``remaining`` rounds through the Message API's FedAvg (no SecAgg+)."""
+    plan, cfg = progress.plan, progress.plan.cfg
+
+    def round_end(server_round: int, arrays: ArrayRecord | None) -> None:
+        if arrays is not None:
+            progress.current.update(
+                (n, t.numpy()) for n, t in from_arrayrecord(arrays, plan.shapes).items()
+            )
+        progress.save(server_round, fed.stopped_at)
+
+    fed = PersonaFedAvg(
+        recorder=progress.recorder,
+        min_updates=plan.m_min,
+        central_noise_std=plan.central_std,
+        target_epsilon=cfg.privacy.target_epsilon,
+        shapes=plan.shapes,
+        round_offset=progress.done,
+        on_round_end=round_end,
+        sampling=plan.node_sampling,
+        evaluate_every=cfg.evaluate_every,
+        num_rounds=cfg.num_server_rounds,
+        server_learning_rate=cfg.server_learning_rate,
+        fraction_train=plan.node_fraction,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=plan.n_node_sampled,
+        min_evaluate_nodes=max(1, int(plan.num_hosts * cfg.fraction_evaluate)),
+        min_available_nodes=plan.min_nodes,
+        weighted_by_key="weight",
+    )
+    fed.stopped_at = progress.stopped_at
+    fed.start(
+        grid=grid,
+        initial_arrays=to_arrayrecord(
+            {n: torch.from_numpy(progress.current[n]) for n in plan.shared_names}
+        ),
+        num_rounds=remaining,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+    )
+
+
+def write_outputs(progress: Progress, timings: dict[str, float]) -> dict:
+    """The global adapter (peft) and ``summary.json``; returns the summary."""
+    plan, cfg, recorder = progress.plan, progress.plan.cfg, progress.recorder
+    strategy = strategy_for(cfg)
+    init, current, run_dir = plan.init, progress.current, plan.run_dir
     final = {n: t for n, t in init.items() if f".{GLOBAL_ADAPTER}." in n}
     final.update({n: torch.from_numpy(np.array(a)) for n, a in current.items()})
     export_adapter(
@@ -377,9 +326,9 @@ def main(grid: Grid, context: Context) -> None:
         users=users,
         privacy=privacy_report(
             cfg,
-            m_min=m_min,
-            sample_rate=sample_rate,
-            acc=acc,
+            m_min=plan.m_min,
+            sample_rate=plan.sample_rate,
+            acc=progress.acc,
             num_params=int(sum(np.size(a) for a in current.values())),
             round_updates=tuple(
                 int(r.get("updates", 0)) for r in recorder.rounds if r.get("released")
@@ -388,11 +337,47 @@ def main(grid: Grid, context: Context) -> None:
         ab_test=ab.summarize(recorder.ab_rounds, secure=cfg.secagg.enabled)
         if recorder.ab_rounds
         else None,
-        timings={
+        timings=timings,
+    )
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run ``num-server-rounds`` of train + evaluate and write the run's outputs.
+
+    After every round the run's state is checkpointed under ``<run_dir>/checkpoint/``; a
+    ServerApp started again on the same run dir (same ``output.dir`` / ``output.run-name``,
+    ``resume = true``) continues at the next round with the same accounting.
+    """
+    t0 = time.time()
+    cfg = parse_run_config(dict(context.run_config))
+    plan = plan_run(cfg, context.run_id, grid)
+    log(
+        INFO,
+        "fedpersona: strategy=%s model=%s secagg=%s dp=%s -> %s",
+        cfg.strategy,
+        cfg.model.name,
+        cfg.secagg.enabled,
+        cfg.dp.noise_mode,
+        plan.run_dir,
+    )
+    progress = start(plan, t0)
+    remaining = max(0, cfg.num_server_rounds - progress.done)
+    t_setup = time.time()
+    if remaining and cfg.secagg.enabled:
+        run_secagg(progress, remaining, grid, context)
+    elif remaining:
+        run_fedavg(progress, remaining, grid)
+    t_rounds = time.time()
+    done, before = progress.done, progress.elapsed_before
+    summary = write_outputs(
+        progress,
+        {
             "setup_s": t_setup - t0,
             "rounds_s": t_rounds - t_setup,
             "total_s": time.time() - t0,
-            **({"resumed_after_round": done, "before_restart_s": elapsed_before} if done else {}),
+            **({"resumed_after_round": done, "before_restart_s": before} if done else {}),
         },
     )
     log(
@@ -401,5 +386,5 @@ def main(grid: Grid, context: Context) -> None:
         summary["win_rate"],
         summary["ppl_gain"],
         summary["privacy"]["user_level"].get("epsilon_rdp", "inf"),
-        run_dir / "summary.json",
+        plan.run_dir / "summary.json",
     )

@@ -256,7 +256,7 @@ def test_dp_sgd_batches_and_noise_come_from_the_os_unless_seeded() -> None:
 
 def test_the_privacy_report_states_its_assumptions_and_the_effective_delta() -> None:
     from server.accountant import FederationAccountant
-    from server.server_app import privacy_report, secagg_clip_probability
+    from server.privacy import privacy_report, secagg_clip_probability
 
     cfg = parse_run_config(tiny_run_config(**HONEST))
     acc = FederationAccountant(noise_multiplier=7.1, sample_rate=1.0, delta=1e-5)

@@ -1,0 +1,120 @@
+"""What a run's printed ε means: the privacy section of ``summary.json``.
+
+The federation accountant (:mod:`server.accountant`) gives the numbers; this module says what
+they assume — the neighbouring relation, whom the guarantee trusts, the sampling the
+amplification credits, δ and the part SecAgg+'s quantization adds to it — and what no ε
+covers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from common.config import RunConfig
+from common.secagg import NOISE_TAIL_SIGMAS
+
+
+def secagg_clip_probability(*, updates: int, num_params: int) -> float:
+    """Union bound on the chance that SecAgg+ clips any coordinate of any of ``updates``
+    noised updates of ``num_params`` entries in one round.
+
+    An entry of a clipped update lies in [-C, C]; SecAgg+ quantizes within C + 7·std of noise
+    (:data:`common.secagg.NOISE_TAIL_SIGMAS`), so an entry is clipped only where its noise
+    passes 7 standard deviations (probability erfc(7/√2) ≈ 2.6e-12). A clipped entry changes
+    the released sum's distribution, so this probability belongs in δ.
+    """
+    return min(1.0, updates * num_params * math.erfc(NOISE_TAIL_SIGMAS / math.sqrt(2)))
+
+
+def privacy_report(  # type: ignore[no-untyped-def]
+    cfg: RunConfig,
+    *,
+    m_min: int,
+    sample_rate: float,
+    acc,
+    num_params: int = 0,
+    round_updates: tuple[int, ...] = (),
+) -> dict:
+    """What the printed ε means and what it assumes.
+
+    ``num_params`` (entries of the shared update) and ``round_updates`` (updates in each
+    released round) size the effective δ under SecAgg+ clipping
+    (:func:`secagg_clip_probability`).
+    """
+    dp = cfg.dp
+    if not dp.adds_noise:
+        user = {
+            "mode": dp.noise_mode,
+            "epsilon": float("inf"),
+            "note": "no user-level DP: updates are not noised",
+        }
+    else:
+        trust = (
+            f"at least m_min={m_min} of each round's participants are honest (each adds "
+            f"N(0, (σC)²/m_min) before SecAgg+); the server never sees a noise-free sum"
+            if dp.noise_mode == "distributed"
+            else "a trusted server (it adds the noise after unmasking the sum)"
+        )
+        user = {
+            "mode": dp.noise_mode,
+            "noise_multiplier": dp.noise_multiplier,
+            "clip_norm": dp.clip_norm,
+            "min_updates": m_min,
+            "sample_rate": sample_rate,
+            "rounds_released": len(acc.history),
+            "delta": cfg.privacy.delta,
+            "epsilon_rdp": acc.epsilon("rdp"),
+            "epsilon_prv": acc.epsilon("prv"),
+            "sampling": cfg.sampling,
+            "assumes": f"{trust}; "
+            + (
+                f"Poisson sampling by the server, each device with probability q={sample_rate:.3g}"
+                " (the sampling the accountant's amplification assumes)"
+                if cfg.sampling == "poisson"
+                else f"a fixed-size uniform sample of q={sample_rate:.3g} of the devices, "
+                "accounted as if Poisson (an approximation)"
+            )
+            + "; a device credits the sampling only where it drew its own participation "
+            "coin or its owner trusts the server's claim (device privacy policy), else it "
+            "charges each round it joins at q = 1",
+        }
+        clipped = (
+            sum(secagg_clip_probability(updates=u, num_params=num_params) for u in round_updates)
+            if dp.noise_mode == "distributed" and cfg.secagg.enabled
+            else 0.0
+        )
+        user.update(
+            {
+                "neighbouring": "add or remove one user's entire data (user-level); replacing "
+                "one user's data with another's doubles the sensitivity (2C): its ε is that of "
+                "σ/2",
+                "trust": (
+                    "honest-but-curious server that runs SecAgg+ as published; no collusion of "
+                    "the server with as many of a round's devices as the SecAgg+ "
+                    "reconstruction threshold; at least m_min honest devices in each released "
+                    "round, each adding its share of the noise"
+                    if dp.noise_mode == "distributed"
+                    else "a trusted server that adds the noise to the unmasked sum; devices "
+                    "cannot verify it and decline unless their owner trusts server noise"
+                ),
+                "effective_delta": cfg.privacy.delta + clipped,
+                "effective_delta_note": "δ plus the chance that SecAgg+ clipped any noised "
+                "coordinate in a released round (union bound over devices and entries: "
+                f"{clipped:.2g})"
+                if clipped
+                else "δ: no SecAgg+ quantization clips the noised updates",
+            }
+        )
+    return {
+        "user_level": user,
+        "record_level": {
+            "enabled": dp.local_enabled,
+            "noise_multiplier": dp.local_noise_multiplier if dp.local_enabled else 0.0,
+            "max_grad_norm": dp.local_max_grad_norm,
+            "note": "per device, from its own Opacus accountant: see clients[].record_epsilon",
+        },
+        "secure_aggregation": "SecAgg+" if cfg.secagg.enabled else "off",
+        "not_covered": "the scalar metrics devices report in the clear (train and held-out "
+        "losses, counts) are not part of any ε above",
+        "device_epsilon_cap": cfg.privacy.epsilon_cap,
+    }

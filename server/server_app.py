@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,6 +127,25 @@ class Progress:
     elapsed_before: float = 0.0
     t0: float = field(default_factory=time.time)
 
+    def strategy_options(self, on_round_end: Any) -> dict[str, Any]:
+        """What both round strategies (SecAgg+ and FedAvg) are given alike: the books, m_min,
+        noise, privacy target, sampling, schedule, server step and where the run resumes."""
+        plan, cfg = self.plan, self.plan.cfg
+        return {
+            "recorder": self.recorder,
+            "min_updates": plan.m_min,
+            "central_noise_std": plan.central_std,
+            "target_epsilon": cfg.privacy.target_epsilon,
+            "round_offset": self.done,
+            "on_round_end": on_round_end,
+            "sampling": plan.node_sampling,
+            "evaluate_every": cfg.evaluate_every,
+            "num_rounds": cfg.num_server_rounds,
+            "server_learning_rate": cfg.server_learning_rate,
+            "fraction_train": plan.node_fraction,
+            "fraction_evaluate": cfg.fraction_evaluate,
+        }
+
     def save(self, server_round: int, stopped: int | None) -> None:
         """Persist the run's state after ``server_round`` (atomically)."""
         book = self.recorder.export_state()
@@ -216,20 +236,9 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
     legacy = SecAggDPStrategy(
         shared_names=names,
         initial=[progress.current[n] for n in names],
-        recorder=progress.recorder,
-        min_updates=plan.m_min,
-        fraction_train=plan.node_fraction,
-        fraction_evaluate=cfg.fraction_evaluate,
         min_nodes=plan.min_nodes,
-        central_noise_std=plan.central_std,
-        target_epsilon=cfg.privacy.target_epsilon,
         ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm) if with_ab else None,
-        round_offset=progress.done,
-        on_round_end=round_end,
-        sampling=plan.node_sampling,
-        evaluate_every=cfg.evaluate_every,
-        num_rounds=cfg.num_server_rounds,
-        server_learning_rate=cfg.server_learning_rate,
+        **progress.strategy_options(round_end),
     )
     legacy.stopped_at = progress.stopped_at
     workflow = secagg_workflow(
@@ -261,19 +270,8 @@ def run_fedavg(progress: Progress, remaining: int, grid: Grid) -> None:
         progress.save(server_round, fed.stopped_at)
 
     fed = PersonaFedAvg(
-        recorder=progress.recorder,
-        min_updates=plan.m_min,
-        central_noise_std=plan.central_std,
-        target_epsilon=cfg.privacy.target_epsilon,
         shapes=plan.shapes,
-        round_offset=progress.done,
-        on_round_end=round_end,
-        sampling=plan.node_sampling,
-        evaluate_every=cfg.evaluate_every,
-        num_rounds=cfg.num_server_rounds,
-        server_learning_rate=cfg.server_learning_rate,
-        fraction_train=plan.node_fraction,
-        fraction_evaluate=cfg.fraction_evaluate,
+        **progress.strategy_options(round_end),
         min_train_nodes=plan.n_node_sampled,
         min_evaluate_nodes=max(1, int(plan.num_hosts * cfg.fraction_evaluate)),
         min_available_nodes=plan.min_nodes,

@@ -1,0 +1,42 @@
+"""The device store: everything a device knows about its user, in one encrypted SQLCipher
+database (see :mod:`client.store.local_store` for the files and guarantees).
+
+``LocalStore`` is the open store; its parts live beside it by what they hold: the connection
+(``connection.py``), metadata, blobs and the profile (``blobs.py``), the user's history —
+interactions, feedback, examples, retention — (``history.py``), and opening, keys,
+migrations, export and forgetting (``local_store.py``).
+"""
+
+from client.store.errors import StoreCorrupted, StoreError, StoreNotFound
+from client.store.history import (
+    DAY,
+    FEEDBACK_KINDS,
+    Feedback,
+    Interaction,
+    StoredExample,
+)
+from client.store.local_store import (
+    DB_FILE,
+    DEFAULT_RETENTION_DAYS,
+    KEY_FILE,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    LocalStore,
+)
+
+__all__ = [
+    "DAY",
+    "DB_FILE",
+    "DEFAULT_RETENTION_DAYS",
+    "FEEDBACK_KINDS",
+    "KEY_FILE",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Feedback",
+    "Interaction",
+    "LocalStore",
+    "StoreCorrupted",
+    "StoreError",
+    "StoreNotFound",
+    "StoredExample",
+]

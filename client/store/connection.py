@@ -1,0 +1,70 @@
+"""One open SQLCipher connection behind a lock: transactions, queries, closing.
+
+The store's parts (:mod:`client.store.blobs`, :mod:`client.store.history`) are mixins over
+this; :class:`~client.store.LocalStore` opens the connection and combines them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Self
+
+from client.store.errors import StoreError
+
+
+class Connection:
+    """An open store database. All methods are thread-safe (one connection behind a lock): the
+    local API serves requests from a thread pool."""
+
+    def __init__(self, root: Path, conn: Any, *, retention_days: float) -> None:
+        self.root = Path(root)
+        self._conn = conn
+        self._lock = threading.RLock()
+        self._pending: dict[str, bytes] | None = None  # blobs of an open batch()
+        self.retention_days = retention_days
+
+    @property
+    def schema_version(self) -> int:
+        """The database's schema version."""
+        with self._lock:
+            return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close the connection."""
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    self._conn.close()
+                    self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A cursor inside ``BEGIN IMMEDIATE … COMMIT`` (rolled back on any exception)."""
+        with self._lock:
+            if self._conn is None:
+                raise StoreError("the device store is closed")
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            if self._conn is None:
+                raise StoreError("the device store is closed")
+            return self._conn.execute(sql, args).fetchall()

@@ -15,7 +15,6 @@ tensors in place, so no state leaks from one device to the next.
 from __future__ import annotations
 
 import logging
-import random
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from client.ingest import replay_role
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
 from client.policy import DevicePolicy, PolicyRefused
 from client.runtime import get_runtime
+from client.simulated import planted_canaries, simulated_ratings, simulated_user
 from client.state import (
     LOCAL_USER,
     META_BLOB,
@@ -42,10 +42,10 @@ from client.state import (
     settings_from,
 )
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
-from common import ab, audit
+from common import ab
 from common.config import RunConfig
 from common.crypto import Secret, create_key_file
-from common.data import Encoded, Sample, UserData, encode, user_for_partition
+from common.data import Encoded, Sample, encode
 from common.dp.clipping import clip_update
 from common.dp.noise import add_gaussian_noise
 from common.dp.policy import client_noise_std, uniform_weights
@@ -57,7 +57,6 @@ from common.personalization.base import compose, layer_of
 from common.personalization.blend import pick_mix_weight
 from common.train import (
     HeldOutLosses,
-    per_example_losses,
     train_steps,
     train_steps_dp,
 )
@@ -100,21 +99,6 @@ def open_node_store(
     retention = float(node_config.get("retention-days", DEFAULT_RETENTION_DAYS))
     return LocalStore.open(
         simulated_dir, Secret(key_file=key_path), create=True, retention_days=retention
-    )
-
-
-def simulated_user(cfg: RunConfig, partition_id: int, num_partitions: int) -> UserData:
-    """The Shakespeare role a simulated device with ``partition_id`` replays.
-
-    Raises:
-        ValueError: If the partition id is out of range or too few roles qualify.
-    """
-    return user_for_partition(
-        partition_id,
-        num_partitions,
-        min_lines=cfg.data.min_lines,
-        seed=cfg.seed,
-        test_fraction=cfg.data.test_fraction,
     )
 
 
@@ -239,10 +223,7 @@ class Device:
                 return tuple(encode(Sample(e.prompt, e.reply), tok, n) for e in examples)
 
             # Audit canaries (the audit's own secrets, not the user's) join the training set.
-            planted: list = []
-            if self.partition_id is not None:
-                planted = [encode(c, tok, n) for c in audit.planted(self.cfg, self.partition_id)]
-            train = enc(self.train_examples) + tuple(planted)
+            train = enc(self.train_examples) + planted_canaries(self.cfg, self.partition_id, tok, n)
             cap = self.cfg.data.max_test_samples
             test = enc(self.held_out[0::2][:cap])
             select = enc(self.held_out[1::2][:cap])
@@ -364,27 +345,10 @@ class Device:
         pairs = [(v, r) for _, v, r in stored if v in ab.ARMS]
         if stored:
             self.store.set_meta("ab_reported_until", str(stored[-1][0]))
-        missing = k - len(pairs)
-        if self.cfg.ab.simulate_ratings and missing > 0:
-            rng = random.Random(f"ab:{self.cfg.seed}:{server_round}:{self.user}")
-            idx = [(server_round * k + i) % len(self.test_set) for i in range(missing)]
-            samples = [self.test_set[i] for i in idx]
-            arms = [rng.choice(ab.ARMS) for _ in idx]
-            models = {
-                "base": self.rt.init,
-                "global": self.global_model(global_shared),
-                "personal": self.served(global_shared, personal),
-            }
-            losses = {}
-            for name, tensors in models.items():
-                load_lora_tensors(self.rt.model, tensors)
-                losses[name] = per_example_losses(
-                    self.rt.model, samples, batch_size=self.cfg.train.batch_size, pad_id=self.pad_id
-                )
-            pairs += [
-                (arm, ab.simulated_rating(losses[arm][i], losses["base"][i]))
-                for i, arm in enumerate(arms)
-            ]
+        if self.cfg.ab.simulate_ratings:
+            pairs += simulated_ratings(
+                self, global_shared, personal, server_round=server_round, count=k - len(pairs)
+            )
         return ab.counts(pairs)
 
     def _privacy_metrics(self) -> dict[str, float]:

@@ -19,7 +19,8 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.device import Device, open_node_store, simulated_user
+from client.device import Device, open_node_store
+from client.simulated import simulated_user
 from client.gate import federation_size
 from client.runtime import get_runtime, shared_shapes
 from common import ab

@@ -249,7 +249,7 @@ class LocalDeployment:
         picks (default data settings), as a chat JSONL file, removed once imported — and
         ``fedpersona device privacy set`` with ``policy``. Skipped if the store exists already
         (a restarted device)."""
-        from client.device import simulated_user
+        from client.simulated import simulated_user
         from client.store import LocalStore
         from common.config import parse_run_config
 

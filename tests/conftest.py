@@ -120,7 +120,7 @@ def fill_store_with_role(
     """Put a role's turns into the store in ``data_dir`` as a user's examples; return how
     many were added (0 if it already held examples). A store without a privacy policy gets
     ``policy`` (default :func:`permissive_policy`; ``None``: none, the device's defaults apply)."""
-    from client.device import simulated_user
+    from client.simulated import simulated_user
     from client.ingest import replay_role
     from client.policy import DevicePolicy
 

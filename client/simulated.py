@@ -1,0 +1,84 @@
+"""What only a simulated device has: the Shakespeare role it replays, the audit's canaries
+planted in its training set, and the simulated user who rates its answers for the A/B counts.
+
+A simulation runs the same ClientApp and :class:`~client.device.Device` as a deployment; this
+module is the part that stands in for the user. It lives in ``client/`` because the ClientApp
+a simulation runs may only import downward; everything here is keyed by the partition id,
+which a real device does not have (its node config names a store, not a role).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import torch
+
+from common import ab, audit
+from common.config import RunConfig
+from common.data import Encoded, UserData, encode, user_for_partition
+from common.lora import load_lora_tensors
+from common.train import per_example_losses
+
+if TYPE_CHECKING:
+    from client.device import Device
+
+
+def simulated_user(cfg: RunConfig, partition_id: int, num_partitions: int) -> UserData:
+    """The Shakespeare role a simulated device with ``partition_id`` replays.
+
+    Raises:
+        ValueError: If the partition id is out of range or too few roles qualify.
+    """
+    return user_for_partition(
+        partition_id,
+        num_partitions,
+        min_lines=cfg.data.min_lines,
+        seed=cfg.seed,
+        test_fraction=cfg.data.test_fraction,
+    )
+
+
+def planted_canaries(cfg: RunConfig, partition_id: int | None, tokenizer, max_len: int) -> tuple:
+    """The audit's canaries (its own secrets, not the user's) a simulated device adds to its
+    training set, tokenized; none on a real device (``partition_id`` is ``None``)."""
+    if partition_id is None:
+        return ()
+    return tuple(encode(c, tokenizer, max_len) for c in audit.planted(cfg, partition_id))
+
+
+def simulated_ratings(
+    device: Device,
+    global_shared: dict[str, torch.Tensor],
+    personal: dict[str, torch.Tensor] | None,
+    *,
+    server_round: int,
+    count: int,
+) -> list[tuple[str, int]]:
+    """``count`` ``(arm, rating)`` pairs from a simulated user: each rates the answer of a
+    coin-chosen model (base, global, served) to a held-out prompt, higher the better that
+    model predicts the user's own reply (:func:`common.ab.simulated_rating`)."""
+    if count <= 0 or not device.test_set:
+        return []
+    rng = random.Random(f"ab:{device.cfg.seed}:{server_round}:{device.user}")
+    idx = [(server_round * count + i) % len(device.test_set) for i in range(count)]
+    samples: list[Encoded] = [device.test_set[i] for i in idx]
+    arms = [rng.choice(ab.ARMS) for _ in idx]
+    models = {
+        "base": device.rt.init,
+        "global": device.global_model(global_shared),
+        "personal": device.served(global_shared, personal),
+    }
+    losses = {}
+    with torch.no_grad():
+        for name, tensors in models.items():
+            load_lora_tensors(device.rt.model, tensors)
+            losses[name] = per_example_losses(
+                device.rt.model,
+                samples,
+                batch_size=device.cfg.train.batch_size,
+                pad_id=device.pad_id,
+            )
+    return [
+        (arm, ab.simulated_rating(losses[arm][i], losses["base"][i])) for i, arm in enumerate(arms)
+    ]

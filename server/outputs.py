@@ -12,12 +12,22 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common import metrics
+import numpy as np
+import torch
+
+from common import ab, metrics
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
-from common.personalization import Strategy
+from common.data import select_users
+from common.lora import export_adapter
+from common.model import model_dir
+from common.personalization import GLOBAL_ADAPTER, Strategy, strategy_for
+from server.privacy import privacy_report
+
+if TYPE_CHECKING:
+    from server.server_app import Progress
 
 
 def per_user_rows(
@@ -114,5 +124,57 @@ def write_summary(
     }
     atomic_write_bytes(
         run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True).encode()
+    )
+    return summary
+
+
+def write_outputs(progress: Progress, timings: dict[str, float]) -> dict:
+    """The global adapter (peft) and ``summary.json`` of a finished (or stopped) run; returns
+    the summary. The rows of simulated devices (which report their partition id) are
+    labelled with the names of the roles they replayed."""
+    plan, cfg, recorder = progress.plan, progress.plan.cfg, progress.recorder
+    strategy = strategy_for(cfg)
+    init, current, run_dir = plan.init, progress.current, plan.run_dir
+    final = {n: t for n, t in init.items() if f".{GLOBAL_ADAPTER}." in n}
+    final.update({n: torch.from_numpy(np.array(a)) for n, a in current.items()})
+    export_adapter(
+        final,
+        cfg.model,
+        run_dir / "global_adapter",
+        base_model=str(model_dir(cfg.model.name)),
+        note={"kind": "global", "strategy": cfg.strategy, "what": strategy.cold_start},
+    )
+    partitions = [k for k in recorder.clients if isinstance(k, int)]
+    n_users = max(cfg.data.num_users, max(partitions, default=-1) + 1)
+    users = [
+        u.user
+        for u in select_users(
+            n_users,
+            min_lines=cfg.data.min_lines,
+            seed=cfg.seed,
+            test_fraction=cfg.data.test_fraction,
+        )
+    ]
+    summary = write_summary(
+        run_dir,
+        cfg=cfg,
+        strategy=strategy,
+        rounds=recorder.rounds,
+        clients=recorder.clients,
+        users=users,
+        privacy=privacy_report(
+            cfg,
+            m_min=plan.m_min,
+            sample_rate=plan.sample_rate,
+            acc=progress.acc,
+            num_params=int(sum(np.size(a) for a in current.values())),
+            round_updates=tuple(
+                int(r.get("updates", 0)) for r in recorder.rounds if r.get("released")
+            ),
+        ),
+        ab_test=ab.summarize(recorder.ab_rounds, secure=cfg.secagg.enabled)
+        if recorder.ab_rounds
+        else None,
+        timings=timings,
     )
     return summary

@@ -24,17 +24,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import ab
 from common.config import RunConfig, parse_run_config
-from common.data import select_users
 from common.dp.policy import client_noise_std, min_updates
-from common.lora import build_skeleton, export_adapter, init_lora_tensors, lora_shapes
-from common.model import load_model_config, model_dir
-from common.personalization import GLOBAL_ADAPTER, strategy_for
+from common.lora import build_skeleton, init_lora_tensors, lora_shapes
+from common.model import load_model_config
+from common.personalization import strategy_for
 from common.secagg import derive_secagg_params
 from common.serialization import from_arrayrecord, to_arrayrecord
 from server import checkpoint
 from server.accountant import FederationAccountant
-from server.outputs import write_summary
-from server.privacy import privacy_report
+from server.outputs import write_outputs
 from server.recorder import RoundRecorder
 from server.secagg import SecAggDPStrategy, secagg_workflow
 from server.strategy import PersonaFedAvg
@@ -288,56 +286,6 @@ def run_fedavg(progress: Progress, remaining: int, grid: Grid) -> None:
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
     )
-
-
-def write_outputs(progress: Progress, timings: dict[str, float]) -> dict:
-    """The global adapter (peft) and ``summary.json``; returns the summary."""
-    plan, cfg, recorder = progress.plan, progress.plan.cfg, progress.recorder
-    strategy = strategy_for(cfg)
-    init, current, run_dir = plan.init, progress.current, plan.run_dir
-    final = {n: t for n, t in init.items() if f".{GLOBAL_ADAPTER}." in n}
-    final.update({n: torch.from_numpy(np.array(a)) for n, a in current.items()})
-    export_adapter(
-        final,
-        cfg.model,
-        run_dir / "global_adapter",
-        base_model=str(model_dir(cfg.model.name)),
-        note={"kind": "global", "strategy": cfg.strategy, "what": strategy.cold_start},
-    )
-    partitions = [k for k in recorder.clients if isinstance(k, int)]
-    n_users = max(cfg.data.num_users, max(partitions, default=-1) + 1)
-    users = [
-        u.user
-        for u in select_users(
-            n_users,
-            min_lines=cfg.data.min_lines,
-            seed=cfg.seed,
-            test_fraction=cfg.data.test_fraction,
-        )
-    ]
-    summary = write_summary(
-        run_dir,
-        cfg=cfg,
-        strategy=strategy,
-        rounds=recorder.rounds,
-        clients=recorder.clients,
-        users=users,
-        privacy=privacy_report(
-            cfg,
-            m_min=plan.m_min,
-            sample_rate=plan.sample_rate,
-            acc=progress.acc,
-            num_params=int(sum(np.size(a) for a in current.values())),
-            round_updates=tuple(
-                int(r.get("updates", 0)) for r in recorder.rounds if r.get("released")
-            ),
-        ),
-        ab_test=ab.summarize(recorder.ab_rounds, secure=cfg.secagg.enabled)
-        if recorder.ab_rounds
-        else None,
-        timings=timings,
-    )
-    return summary
 
 
 @app.main()

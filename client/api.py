@@ -26,6 +26,10 @@ OpenAI compatibility (what real clients rely on):
 fedpersona extensions: ``/v1/feedback``, ``/v1/profile``, ``/v1/budget``, ``/v1/privacy``,
 ``/v1/status``, ``/v1/export`` and ``/v1/forget``. Nothing in the store changes on a rejected
 request.
+
+(One file on purpose, over the usual length: every route here shares the app's auth middleware,
+security headers and error handling; the OpenAI routes are in client/api_chat.py, the error shapes
+in client/api_errors.py.)
 """
 
 from __future__ import annotations

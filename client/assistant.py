@@ -10,6 +10,10 @@ The device's model settings (base model, LoRA, strategy, privacy caps) live in t
 ``settings`` blob: written by ``device init`` and refreshed by the ClientApp whenever the
 device takes part in a federation, so the assistant always composes the same adapters the
 federation trained.
+
+(One file on purpose, over the usual length: asking is one path — retrieval, prompt, the answering
+model's choice, generation, reranking, storing — over the model state it swaps. Feedback is in
+client/feedback.py, experts in client/experts.py, the conversation in client/conversation.py.)
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Every command works on one device data dir (``--data-dir`` or ``$FEDPERSONA_DATA_DIR``) and
 unlocks its encrypted store with ``--key-file`` or a passphrase (``$FEDPERSONA_PASSPHRASE``, or
 typed when asked). Nothing here talks to any server; ``serve`` binds 127.0.0.1 only.
+
+(One file on purpose, over the usual length: each command is a short function over the same unlock
+and option helpers, and together they are what `fedpersona device --help` lists, read top to
+bottom; the work is in the modules they call.)
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ ClientApp (Message API, or SecAgg+'s legacy records) wraps the same calls.
 The base model and its peft wrapper are cached per process (:func:`client.runtime.get_runtime`):
 a Ray actor serves many simulated devices with one model, and every call re-loads that device's
 tensors in place, so no state leaks from one device to the next.
+
+(One file on purpose, over the usual length: the round and the device's evaluation share its
+tokenized examples, the composition of its adapters and blend's weight choice. What only a
+simulated device has is in client/simulated.py, the store in client/store/, the model cache in
+client/runtime.py.)
 """
 
 from __future__ import annotations

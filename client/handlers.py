@@ -20,9 +20,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from client.device import Device, open_node_store
-from client.simulated import simulated_user
 from client.gate import federation_size
 from client.runtime import get_runtime, shared_shapes
+from client.simulated import simulated_user
 from common import ab
 from common.config import RunConfig, parse_run_config
 from common.sampling import poisson_sample

@@ -18,6 +18,9 @@ conversation, parsed by the same code as an imported JSONL file.
 
 A file that cannot be read as what it claims to be is refused with the reason and nothing of
 any file in the same import is stored.
+
+(One file on purpose, over the usual length: the three formats share the splitting, the size and
+encoding checks and the all-or-nothing import.)
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ key next to it (``<socket>.key``, mode 0600) and answers only a peer that proves
 it (``multiprocessing.connection``'s HMAC handshake); messages travel as Flower's own protobuf
 record encoding and JSON, never pickle. One message at a time, in arrival order: the device's
 store is opened by one request at a time, as in a ClientApp process.
+
+(One file on purpose, over the usual length: the socket server, its handshake and the message relay
+are one protocol, whose other end is client/client_app.py.)
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ tensors.
 
 Nothing here touches a model hub: ``HF_HUB_OFFLINE`` is forced and every load is
 ``local_files_only``; a missing model is a ``FileNotFoundError`` that says how to get it.
+
+(One file on purpose, over the usual length: three sources of a base model (the embedded GGUF with
+its dequantization and cache, the tiny random model, a local directory) behind one loader, with the
+dtype and quantization choice applied to all three.)
 """
 
 from __future__ import annotations

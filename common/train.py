@@ -7,6 +7,9 @@ Whatever the base (fp32, bf16 or a 4-bit QLoRA base), the LoRA tensors are fp32 
 is computed on fp32 logits. On CUDA the forward pass runs under ``torch.autocast`` in the base's
 compute dtype (with a gradient scaler for fp16); on a CPU nothing is wrapped, so the fp32 path
 is exactly plain PyTorch.
+
+(One file on purpose, over the usual length: plain steps, DP-SGD steps and held-out losses share
+the batching, masking and autocast helpers at its top.)
 """
 
 from __future__ import annotations

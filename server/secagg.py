@@ -13,6 +13,10 @@ two flwr 1.42 problems fixed and DP done by fedpersona rather than the stock wra
   participants. A round with fewer than m_min participants, or a non-finite sum, is discarded
   and the previous model kept (the stock DP wrapper instead drops every round on any failure).
   In ``central`` mode the server adds N(0, (σC)²)/m after unmasking.
+
+(One file on purpose, over the usual length: the workflow's fixes and the strategy it drives are
+one protocol: the strategy's sampling sizes the workflow's quantization range, and the workflow's
+abort rule is the strategy's m_min.)
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ Every process gets its own session (its children share its process group), a log
 ``<root>/<name>.log`` and a tag in its environment; :meth:`LocalDeployment.stop` ends them by
 PID and kills (and reports) any tagged process left behind, e.g. the children of a node
 killed with SIGKILL.
+
+(One file on purpose, over the usual length: one class drives real processes of every kind
+(SuperLink, SuperNodes, ClientApp executors, workers, `flwr`) under one PID and process-group
+discipline; splitting it would split that cleanup.)
 """
 
 from __future__ import annotations

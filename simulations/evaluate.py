@@ -19,6 +19,10 @@ and writes ``evaluation.json`` next to it. Everything is measured on the users' 
   interactions until its personal model beats the global one on the new role again.
 
     python -m simulations.evaluate runs/quick-fedsa-…
+
+(One file on purpose, over the usual length: every metric reads the same loaded run — the devices'
+tensors and the users' encoded held-out text — through one Evaluator; a file per metric would split
+that state.)
 """
 
 from __future__ import annotations

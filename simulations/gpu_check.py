@@ -23,6 +23,9 @@ models (seed 0) saved to a temporary directory, so no model file has to be carri
 
     python -m simulations.gpu_check --model smollm2-shape --steps 30
     python -m simulations.gpu_check --allow-cpu --model tiny --steps 2 --out /tmp/gpu-check
+
+(One file on purpose, over the usual length: it is a self-contained script for a bare GPU machine,
+runnable without the rest of the project's dependencies.)
 """
 
 from __future__ import annotations

@@ -120,9 +120,9 @@ def fill_store_with_role(
     """Put a role's turns into the store in ``data_dir`` as a user's examples; return how
     many were added (0 if it already held examples). A store without a privacy policy gets
     ``policy`` (default :func:`permissive_policy`; ``None``: none, the device's defaults apply)."""
-    from client.simulated import simulated_user
     from client.ingest import replay_role
     from client.policy import DevicePolicy
+    from client.simulated import simulated_user
 
     user = simulated_user(parse_run_config(tiny_run_config()), partition_id, num_partitions)
     with open_test_store(data_dir) as store:

@@ -209,8 +209,8 @@ def _secret():  # type: ignore[no-untyped-def]
 
 def test_a_simulated_device_is_filled_through_the_same_path(tmp_path) -> None:
     # Prepare
-    from client.simulated import simulated_user
     from client.ingest import REPLAY_SOURCE, replay_role
+    from client.simulated import simulated_user
     from common.config import parse_run_config
     from common.pii import scrub
     from tests.conftest import tiny_run_config

@@ -1,0 +1,83 @@
+"""The layout a newcomer reads: layers import only downward, a long module says why it is one
+file, and the README's Layout section names every module in the tree."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("common", "server", "client", "simulations")
+# What each layer may import of ours: common is the shared contract; server and client never
+# import each other; simulations (and the console script in it) sit on top.
+MAY_IMPORT = {
+    "common": {"common"},
+    "server": {"common", "server"},
+    "client": {"common", "client"},
+    "simulations": {"common", "server", "client", "simulations"},
+}
+MAX_LINES = 350
+ONE_FILE = "One file on purpose, over the usual length:"
+
+
+def modules() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level names of everything ``path`` imports (function-level imports included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_layers_import_only_downward(path: Path) -> None:
+    layer = path.relative_to(ROOT).parts[0]
+    ours = imported_packages(path) & set(PACKAGES)
+    assert ours <= MAY_IMPORT[layer], f"{path.relative_to(ROOT)} imports {ours - MAY_IMPORT[layer]}"
+
+
+def test_a_long_module_says_why_it_is_one_file() -> None:
+    unexplained = []
+    for path in modules():
+        text = path.read_text()
+        if text.count("\n") > MAX_LINES and ONE_FILE not in " ".join(
+            (ast.get_docstring(ast.parse(text)) or "").split()
+        ):
+            unexplained.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
+    assert not unexplained, f"over {MAX_LINES} lines without '{ONE_FILE} …': {unexplained}"
+
+
+def test_the_checks_can_fail(tmp_path: Path) -> None:
+    # Prepare: a common module importing client, and a long one with no reason given.
+    upward = tmp_path / "bad.py"
+    upward.write_text("def f():\n    from client.device import Device\n")
+    # Execute / Assert
+    assert imported_packages(upward) & set(PACKAGES) == {"client"}
+    assert not {"client"} <= MAY_IMPORT["common"]
+    long = '"""A module."""\n' + "x = 1\n" * (MAX_LINES + 1)
+    assert ONE_FILE not in (ast.get_docstring(ast.parse(long)) or "")
+
+
+def test_readme_layout_names_every_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", block))
+    missing = [
+        str(p.relative_to(ROOT))
+        for p in modules()
+        if p.stem != "__init__" and p.stem not in words
+    ]
+    for sub in ("client/store", "client/web", "common/dp", "common/personalization"):
+        if f"{sub.split('/')[1]}/" not in block:
+            missing.append(sub + "/")
+    assert not missing, f"README's Layout does not name: {missing}"

@@ -221,7 +221,9 @@ def _train_hosted(content: RecordDict, context: Context, users: list[int]) -> Re
     if legacy:
         metrics[NUM_EXAMPLES_KEY] = k  # SecAgg+ weights the mean update by it
         if cfg.ab.interactions:  # the weighted mean over nodes must sum the counts
-            ab_vector = counts / max(k, 1) / ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
+            ab_vector = ab.to_masked(
+                counts / max(k, 1), max_interactions=cfg.ab.interactions, clip_norm=cfg.dp.clip_norm
+            )
     elif cfg.ab.interactions and k:
         metrics.update(ab.to_metrics(counts))
     return build_outbound_record(
@@ -276,7 +278,9 @@ def train(content: RecordDict, context: Context) -> RecordDict:
         if cfg.ab.interactions:
             # Every device appends the same-shaped vector (zeros when declining).
             counts = result.ab if result.ab is not None else np.zeros(ab.FIELDS)
-            ab_vector = counts / ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
+            ab_vector = ab.to_masked(
+                counts, max_interactions=cfg.ab.interactions, clip_norm=cfg.dp.clip_norm
+            )
     elif result.ab is not None:
         metrics.update(ab.to_metrics(result.ab))
     return build_outbound_record(

@@ -53,6 +53,18 @@ def scale(max_interactions: int, clip_norm: float) -> float:
     return MAX_RATING**2 * max_interactions / clip_norm
 
 
+def to_masked(counts: np.ndarray, *, max_interactions: int, clip_norm: float) -> np.ndarray:
+    """A device's (or a node's, divided by its users) counts as they ride along the SecAgg+
+    masked update: scaled into the clipping range (:func:`scale`)."""
+    return np.asarray(counts, np.float64) / scale(max_interactions, clip_norm)
+
+
+def from_masked(mean: np.ndarray, *, users: int, ab_scale: float) -> np.ndarray:
+    """The federation-wide counts from the unmasked mean of :func:`to_masked` vectors over
+    ``users`` participants (the only thing SecAgg+ reveals)."""
+    return np.asarray(mean, np.float64) * users * ab_scale
+
+
 METRIC_KEYS = tuple(f"ab_{f}_{arm}" for arm in ARMS for f in ("n", "sum", "sumsq"))
 
 

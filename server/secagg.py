@@ -46,6 +46,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
+from common import ab
 from common.sampling import evaluation_due, fixed_sample, poisson_sample
 from common.secagg import SecAggParams, quantization_range_for
 from server.recorder import RoundRecorder, users_in
@@ -387,7 +388,7 @@ class SecAggDPStrategy(Strategy):
         names = self.shared_names
         counts = None
         if ab_mean is not None and self.ab_scale:
-            counts = np.asarray(ab_mean, np.float64) * m * self.ab_scale
+            counts = ab.from_masked(ab_mean, users=m, ab_scale=self.ab_scale)
         released = self.release.apply(
             server_round,
             dict(zip(names, self.current, strict=True)),

@@ -107,12 +107,15 @@ class PersonalizationConfig:
     """Settings of the personalization strategy (``blend`` only, so far).
 
     ``global_layers``: the decoder layers whose global-adapter tensors the federation trains
-    (``""``: all). ``global_part``: ``AB`` or ``B`` (A stays at the shared initialisation).
+    (``""``: all). ``global_targets``: the LoRA target modules it trains there, comma-separated
+    (``""``: all of ``model.lora-targets``). ``global_part``: ``AB`` or ``B`` (A stays at the
+    shared initialisation).
     ``mix_prior``: the global adapter's weight a device serves unless its own held-out
     evidence says otherwise (one of ``MIX_WEIGHTS``; 0: only on evidence that it helps).
     """
 
     global_layers: str = ""
+    global_targets: str = ""
     global_part: str = "AB"
     mix_prior: float = 0.5
 
@@ -137,6 +140,11 @@ class PersonalizationConfig:
     def global_layer_range(self) -> tuple[int, int] | None:
         """``global_layers`` as ``(first, last)``, or ``None``."""
         return parse_layer_range(self.global_layers)
+
+    def global_target_names(self) -> tuple[str, ...] | None:
+        """``global_targets`` as module names, or ``None`` (all LoRA targets)."""
+        names = tuple(t.strip() for t in self.global_targets.split(",") if t.strip())
+        return names or None
 
 
 @dataclass(frozen=True)
@@ -400,6 +408,13 @@ class RunConfig:
             0 < self.server_learning_rate <= 100,
             "server.learning-rate",
             f"must be in (0, 100], got {self.server_learning_rate}",
+        )
+        targets = self.personalization.global_target_names() or ()
+        _require(
+            set(targets) <= set(self.model.lora_targets),
+            "personalization.global-targets",
+            f"must be among model.lora-targets ({', '.join(self.model.lora_targets)}); "
+            f"got {self.personalization.global_targets!r}",
         )
         _require(
             self.users_per_node >= 1,

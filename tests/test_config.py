@@ -31,6 +31,7 @@ def test_pyproject_defaults_parse() -> None:
         ("data.test-fraction", 1.5),
         ("personalization.mix-prior", 0.3),
         ("personalization.global-part", "A"),
+        ("personalization.global-targets", "k_proj"),
         ("train.learning-rate", -1.0),
         ("num-server-rounds", 0),
         ("model.lora-targets", ""),
@@ -122,3 +123,33 @@ def test_set_overrides_parse_toml_literals_else_strings() -> None:
     for bad in ("no-equals", "=5"):
         with pytest.raises(ValueError, match="key=value"):
             parse_set([bad])
+
+
+def test_blend_federates_only_the_part_of_the_global_adapter_it_is_told() -> None:
+    # Prepare: every LoRA tensor name of two layers, both targets, both adapters.
+    from common.personalization import strategy_for
+
+    names = [
+        f"base_model.model.model.layers.{layer}.self_attn.{target}.lora_{ab}.{adapter}.weight"
+        for layer in (0, 1)
+        for target in ("q_proj", "v_proj")
+        for ab in ("A", "B")
+        for adapter in ("default", "personal")
+    ]
+
+    def shared(**settings: str) -> list[str]:
+        raw = default_run_config() | {f"personalization.{k}": v for k, v in settings.items()}
+        strategy = strategy_for(parse_run_config(raw))
+        return [n.split("layers.")[1] for n in names if strategy.is_shared(n)]
+
+    # Execute / Assert: the global adapter only, narrowed by targets, layers and part.
+    assert len(shared()) == 8
+    assert shared(**{"global-targets": "v_proj"}) == [
+        "0.self_attn.v_proj.lora_A.default.weight",
+        "0.self_attn.v_proj.lora_B.default.weight",
+        "1.self_attn.v_proj.lora_A.default.weight",
+        "1.self_attn.v_proj.lora_B.default.weight",
+    ]
+    assert shared(**{"global-targets": "v_proj", "global-part": "B", "global-layers": "1-1"}) == [
+        "1.self_attn.v_proj.lora_B.default.weight"
+    ]

@@ -39,7 +39,10 @@ def strategy_for(cfg: RunConfig) -> Strategy:
     if cfg.strategy == "blend":
         p = cfg.personalization
         return get_strategy(
-            "blend", global_layers=p.global_layer_range(), global_part=p.global_part
+            "blend",
+            global_layers=p.global_layer_range(),
+            global_targets=p.global_target_names(),
+            global_part=p.global_part,
         )
     return get_strategy(cfg.strategy)
 

@@ -65,6 +65,7 @@ class Strategy:
     mixed: bool = False
     # ``blend``: which part of the global adapter the federation trains (see there).
     global_layers: tuple[int, int] | None = None
+    global_targets: tuple[str, ...] | None = None
     global_part: str = "AB"
 
     def update_source(self, name: str) -> str:

@@ -119,6 +119,8 @@ class Blend(Strategy):
         global_layers: Federate only the global adapter's tensors in these decoder layers
             (``personalization.global-layers``; ``None``: all). The rest of the global adapter
             stays at its initialisation (B = 0: no effect).
+        global_targets: Federate only the global adapter's tensors of these LoRA target
+            modules (``personalization.global-targets``; ``None``: all).
         global_part: ``AB`` (both LoRA factors) or ``B`` (A stays at the shared
             initialisation; ``personalization.global-part``).
 
@@ -128,7 +130,11 @@ class Blend(Strategy):
     """
 
     def __init__(
-        self, *, global_layers: tuple[int, int] | None = None, global_part: str = "AB"
+        self,
+        *,
+        global_layers: tuple[int, int] | None = None,
+        global_targets: tuple[str, ...] | None = None,
+        global_part: str = "AB",
     ) -> None:
         if global_part not in ("AB", "B"):
             raise ValueError(f"personalization.global-part must be AB or B, got {global_part!r}")
@@ -138,6 +144,7 @@ class Blend(Strategy):
             cold_start="the federation's global adapter alone",
             mixed=True,
             global_layers=global_layers,
+            global_targets=global_targets,
             global_part=global_part,
         )
 
@@ -145,6 +152,10 @@ class Blend(Strategy):
         if adapter_of(name) != GLOBAL_ADAPTER:
             return False
         if self.global_part == "B" and not is_lora_b(name):
+            return False
+        if self.global_targets is not None and not any(
+            f".{target}." in name for target in self.global_targets
+        ):
             return False
         layer = layer_of(name)
         if self.global_layers is not None and layer is not None:

@@ -2,7 +2,8 @@
 database (see :mod:`client.store.local_store` for the files and guarantees).
 
 ``LocalStore`` is the open store; its parts live beside it by what they hold: the connection
-(``connection.py``), metadata, blobs and the profile (``blobs.py``), the user's history —
+and its metadata strings (``connection.py``), blobs and the profile (``blobs.py``), the user's
+history —
 interactions, feedback, examples, retention — (``history.py``), and opening, keys,
 migrations, export and forgetting (``local_store.py``).
 """

@@ -1,5 +1,5 @@
-"""The store's small named values: metadata strings, blobs (adapters, ledger, device record,
-JSON documents) and the profile — each written in one transaction, or several in one
+"""The store's named values: blobs (adapters, ledger, device record, JSON documents) and the
+profile — each written in one transaction, or several in one
 :meth:`Blobs.batch`."""
 
 from __future__ import annotations
@@ -15,17 +15,7 @@ from client.store.errors import StoreCorrupted, StoreError
 
 
 class Blobs(Connection):
-    """Metadata, blobs and the profile of a :class:`~client.store.LocalStore`."""
-
-    def set_meta(self, key: str, value: str) -> None:
-        """Store a small string value."""
-        with self.transaction() as cur:
-            cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
-
-    def get_meta(self, key: str, default: str | None = None) -> str | None:
-        """A value stored with :meth:`set_meta`, or ``default``."""
-        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
-        return rows[0][0] if rows else default
+    """Blobs and the profile of a :class:`~client.store.LocalStore`."""
 
     @contextmanager
     def batch(self) -> Iterator[None]:

@@ -1,4 +1,5 @@
-"""One open SQLCipher connection behind a lock: transactions, queries, closing.
+"""One open SQLCipher connection behind a lock: transactions, queries, small metadata strings,
+closing.
 
 The store's parts (:mod:`client.store.blobs`, :mod:`client.store.history`) are mixins over
 this; :class:`~client.store.LocalStore` opens the connection and combines them.
@@ -68,3 +69,13 @@ class Connection:
             if self._conn is None:
                 raise StoreError("the device store is closed")
             return self._conn.execute(sql, args).fetchall()
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a small string value."""
+        with self.transaction() as cur:
+            cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        """A value stored with :meth:`set_meta`, or ``default``."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else default

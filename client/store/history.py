@@ -272,6 +272,5 @@ class History(Connection):
     def maybe_purge(self, *, now: float | None = None) -> int:
         """:meth:`purge_expired` if the last purge is more than a day old."""
         now = time.time() if now is None else now
-        rows = self._query("SELECT value FROM meta WHERE key = 'last_purge'")
-        last = float(rows[0][0]) if rows else 0.0
+        last = float(self.get_meta("last_purge", "0") or 0)
         return self.purge_expired(now=now) if now - last >= DAY else 0

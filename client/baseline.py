@@ -56,6 +56,7 @@ def train_round(
     learning_rate: float,
     seed: int,
     pad_id: int,
+    precision: str = "auto",
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Train the local-only LoRA (``trained`` so far, else its initialisation) for one round's
     steps on the batches of ``seed``.
@@ -74,5 +75,6 @@ def train_round(
         learning_rate=learning_rate,
         seed=seed,
         pad_id=pad_id,
+        precision=precision,
     )
     return get_lora_tensors(model, names), loss

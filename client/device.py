@@ -292,7 +292,6 @@ class Device:
             self.rt.model,
             examples,
             batch_size=max(self.cfg.train.batch_size, EVAL_BATCH_SIZE),
-            pad_id=self.pad_id,
             first_lora_layer=layers[0] if layers else 0,
         )
 
@@ -436,7 +435,13 @@ class Device:
                 **{**common, "seed": DP_SGD_SEED},
             )
         else:
-            loss = train_steps(self.rt.model, self.rt.trainable_names, self.train_set, **common)
+            loss = train_steps(
+                self.rt.model,
+                self.rt.trainable_names,
+                self.train_set,
+                precision=self.cfg.train.precision,
+                **common,
+            )
         after = get_lora_tensors(self.rt.model)
         # The shared tensors' change (blend: its personal adapter's change this round).
         source = {n: self.rt.strategy.update_source(n) for n in self.rt.shared_names}
@@ -449,6 +454,7 @@ class Device:
                 strategy=self.rt.strategy,
                 init=self.rt.init,
                 examples=self.train_set,
+                precision=self.cfg.train.precision,
                 **common,
             )
         norm = None

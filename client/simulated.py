@@ -74,10 +74,7 @@ def simulated_ratings(
         for name, tensors in models.items():
             load_lora_tensors(device.rt.model, tensors)
             losses[name] = per_example_losses(
-                device.rt.model,
-                samples,
-                batch_size=device.cfg.train.batch_size,
-                pad_id=device.pad_id,
+                device.rt.model, samples, batch_size=device.cfg.train.batch_size
             )
     return [
         (arm, ab.simulated_rating(losses[arm][i], losses["base"][i])) for i, arm in enumerate(arms)

@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 STRATEGIES = ("fedavg-ft", "ffa", "fedsa", "dual", "blend")
 QUANTIZATIONS = ("none", "4bit")
 DTYPES = ("auto", "float32", "bfloat16")
+TRAIN_PRECISIONS = ("auto", "float32", "bfloat16")
 NOISE_MODES = ("distributed", "central", "none")
 ACCOUNTANTS = ("rdp", "prv")
 # How the server picks each round's training cohort: a fixed-size uniform sample of
@@ -191,8 +192,17 @@ class TrainConfig:
     local_steps: int = 5
     batch_size: int = 4
     learning_rate: float = 5e-3
+    # The forward/backward precision of training on a CPU with an fp32 base: "auto" (bf16
+    # autocast where the CPU computes bf16 natively and a first batch's loss agrees with fp32's),
+    # "float32" or "bfloat16". A CUDA or bf16 base follows model.dtype. Evaluation stays fp32.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        _require(
+            self.precision in TRAIN_PRECISIONS,
+            "train.precision",
+            f"must be one of {', '.join(TRAIN_PRECISIONS)}; got {self.precision!r}",
+        )
         _require(
             self.local_steps >= 1, "train.local-steps", f"must be >= 1, got {self.local_steps}"
         )

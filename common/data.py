@@ -261,3 +261,27 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack(batch: list[Encoded]) -> dict[str, torch.Tensor]:
+    """A batch as one row with no padding: the samples side by side, ``position_ids``
+    restarting at 0 for each.
+
+    Given ``position_ids`` and no ``attention_mask``, transformers reads the restarts as
+    separate sequences and builds a block-diagonal causal mask: no token attends across
+    samples, and no compute is spent on padding. Each sample's first label is ignored (in a
+    packed row the shift would predict it from the sample before; unpacked, it is never
+    predicted either), so the reply-token losses are those of :func:`collate`'s batch.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for e in batch:
+        ids += e.input_ids
+        labels += (IGNORE_INDEX, *e.labels[1:])
+        positions += range(len(e.input_ids))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+    }

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import logging
 import random
 import secrets
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from common.data import Encoded, collate
+from common.data import IGNORE_INDEX, Encoded, collate, pack
 from common.model import compute_dtype
+
+logger = logging.getLogger(__name__)
 
 
 def autocast_for(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
@@ -37,6 +42,83 @@ def autocast_for(model: torch.nn.Module) -> contextlib.AbstractContextManager[ob
     if next(model.parameters()).device.type != "cuda" or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+# bf16 training on a CPU is kept only if its loss on the first batch is within this relative
+# distance of fp32's (bf16 keeps 8 bits of mantissa: a sound model agrees to ~1e-3).
+BF16_PARITY_RTOL = 1e-2
+_TRAIN_DTYPE_ATTR = "_fedpersona_cpu_train_dtype"
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """The CPU computes bf16 dot products in hardware (x86 ``avx512_bf16`` or ``amx_bf16`` in
+    Linux's ``/proc/cpuinfo``); elsewhere bf16 is emulated and no faster than fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = {
+        flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()
+    }
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager[object]:
+    if dtype == torch.bfloat16:
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def training_autocast(
+    model: torch.nn.Module, precision: str, batch: dict[str, torch.Tensor]
+) -> contextlib.AbstractContextManager[object]:
+    """The mixed precision of a training step (``train.precision``).
+
+    On CUDA, or with a bf16/4-bit base, :func:`autocast_for` (the base's compute dtype). On a
+    CPU with an fp32 base: ``"float32"`` — none; ``"bfloat16"`` — bf16 autocast (the LoRA
+    tensors, optimizer state and the loss stay fp32); ``"auto"`` — bf16 where the CPU has
+    native bf16 (:func:`cpu_has_native_bf16`) and ``batch``'s loss under bf16 is within
+    ``BF16_PARITY_RTOL`` of fp32's, checked once per model (two forward passes, logged);
+    else fp32.
+    """
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if not on_cpu or compute_dtype(model) != torch.float32:
+        return autocast_for(model)
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if precision == "bfloat16":
+        return _cpu_autocast(torch.bfloat16)
+    chosen = getattr(model, _TRAIN_DTYPE_ATTR, None)
+    if chosen is None:
+        chosen = torch.float32
+        if cpu_has_native_bf16():
+            exact, fast = bf16_parity(model, batch)
+            if abs(fast - exact) <= BF16_PARITY_RTOL * abs(exact):
+                chosen = torch.bfloat16
+            else:
+                logger.warning(
+                    "bf16 training loss %.5f differs from fp32's %.5f: training in fp32",
+                    fast,
+                    exact,
+                )
+        logger.info("CPU training precision: %s", chosen)
+        setattr(model, _TRAIN_DTYPE_ATTR, chosen)
+    return _cpu_autocast(chosen)
+
+
+@torch.no_grad()
+def bf16_parity(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """``batch``'s training loss in fp32 and under CPU bf16 autocast (eval mode: no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        exact = float(reply_token_losses(model, batch)[0].mean())
+        with _cpu_autocast(torch.bfloat16):
+            fast = float(reply_token_losses(model, batch)[0].mean())
+    finally:
+        model.train(was_training)
+    return exact, fast
 
 
 def _grad_scaler(model: torch.nn.Module) -> torch.amp.GradScaler | None:
@@ -58,7 +140,10 @@ def reply_token_losses(
     """
     lm = _causal_lm(model)
     hidden = lm.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),  # a packed row (common.data.pack)
+        use_cache=False,
     ).last_hidden_state
     return _head_losses(lm, hidden, batch["labels"])
 
@@ -104,8 +189,7 @@ class HeldOutLosses:
     Args:
         model: The (peft) causal LM.
         samples: Tokenized samples.
-        batch_size: Samples per forward pass.
-        pad_id: Padding token id.
+        batch_size: Samples per forward pass (packed into one row).
         first_lora_layer: The lowest decoder layer with LoRA (0: no sharing).
     """
 
@@ -115,15 +199,15 @@ class HeldOutLosses:
         samples: Sequence[Encoded],
         *,
         batch_size: int,
-        pad_id: int,
         first_lora_layer: int = 0,
     ) -> None:
         self.model = model
         device = next(model.parameters()).device
-        self.batches = [
-            {k: v.to(device) for k, v in collate(list(samples[i : i + batch_size]), pad_id).items()}
-            for i in range(0, len(samples), batch_size)
-        ]
+        chunks = [list(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+        # Each chunk packed into one row (no padding computed); a sample's reply-token count
+        # splits the row's losses back into samples.
+        self.batches = [{k: v.to(device) for k, v in pack(chunk).items()} for chunk in chunks]
+        self.counts = [[_targets(e) for e in chunk] for chunk in chunks]
         self.lm = _causal_lm(model)
         self.decoder = self.lm.get_decoder()
         n_layers = len(self.decoder.layers)
@@ -136,14 +220,7 @@ class HeldOutLosses:
                 autocast_for(model),
                 _decoder_layers(self.decoder, slice(0, self.split), final_norm=False),
             ):
-                self.lower = [
-                    self.decoder(
-                        input_ids=b["input_ids"],
-                        attention_mask=b["attention_mask"],
-                        use_cache=False,
-                    ).last_hidden_state
-                    for b in self.batches
-                ]
+                self.lower = [self._hidden(input_ids=b["input_ids"], batch=b) for b in self.batches]
 
     @torch.no_grad()
     def above(self, layer: int) -> HeldOutLosses:
@@ -168,7 +245,7 @@ class HeldOutLosses:
         return fork
 
     def _hidden(self, *, batch: dict[str, torch.Tensor], **inputs: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(**inputs, attention_mask=batch["attention_mask"], use_cache=False)
+        out = self.decoder(**inputs, position_ids=batch["position_ids"], use_cache=False)
         return out.last_hidden_state
 
     @torch.no_grad()
@@ -185,12 +262,9 @@ class HeldOutLosses:
         """Each sample's mean reply-token loss under the model's current LoRA tensors."""
         self.model.eval()
         out: list[float] = []
-        for i, batch in enumerate(self.batches):
-            losses, rows = self._batch_losses(i)
-            n = batch["input_ids"].shape[0]
-            sums = torch.zeros(n).index_add_(0, rows.cpu(), losses.cpu())
-            counts = torch.zeros(n).index_add_(0, rows.cpu(), torch.ones(len(losses)))
-            out += (sums / counts.clamp(min=1)).tolist()
+        for i, counts in enumerate(self.counts):
+            losses, _ = self._batch_losses(i)
+            out += [float(c.mean()) if c.numel() else 0.0 for c in losses.cpu().split(counts)]
         return out
 
     def mean(self) -> float:
@@ -208,6 +282,11 @@ class HeldOutLosses:
         if count == 0:
             raise ValueError("no reply tokens to evaluate")
         return total / count
+
+
+def _targets(sample: Encoded) -> int:
+    """How many of ``sample``'s tokens are predicted targets (reply tokens after the first)."""
+    return sum(1 for t in sample.labels[1:] if t != IGNORE_INDEX)
 
 
 def unfreeze_only(model: torch.nn.Module, trainable: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -233,10 +312,14 @@ def train_steps(
     learning_rate: float,
     seed: int,
     pad_id: int,
+    precision: str = "auto",
+    packed: bool = True,
 ) -> float:
     """Run ``steps`` AdamW steps on the named parameters only; everything else is frozen.
 
-    Batches are drawn with a ``seed``-ed RNG, so a round is reproducible.
+    Batches are drawn with a ``seed``-ed RNG, so a round is reproducible. Each batch is packed
+    into one row (:func:`common.data.pack`: no padding, no attention across samples; the same
+    loss as the padded batch) and runs in ``precision`` (:func:`training_autocast`).
 
     Args:
         model: The model (its LoRA tensors already set for this round).
@@ -246,7 +329,10 @@ def train_steps(
         batch_size: Samples per step.
         learning_rate: AdamW learning rate.
         seed: Seed for batch sampling.
-        pad_id: Padding token id.
+        pad_id: Padding token id (for ``packed=False``).
+        precision: ``train.precision``: ``"auto"``, ``"float32"`` or ``"bfloat16"``.
+        packed: Pack each batch into one row; ``False``: right-padded rows (the old path,
+            which benchmarks compare against).
 
     Returns:
         Mean training loss over the steps.
@@ -265,11 +351,10 @@ def train_steps(
     losses: list[float] = []
     try:
         for _ in range(steps):
-            batch = collate(
-                [samples[rng.randrange(len(samples))] for _ in range(batch_size)], pad_id
-            )
+            chosen = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
+            batch = pack(chosen) if packed else collate(chosen, pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_for(model):
+            with training_autocast(model, precision, batch):
                 # The mean over the batch's reply tokens, as transformers' causal-LM loss.
                 loss = reply_token_losses(model, batch)[0].mean()
             if not torch.isfinite(loss):
@@ -388,19 +473,17 @@ def train_steps_dp(
     return (sum(losses) / len(losses) if losses else float("nan")), sample_rate
 
 
-def evaluate_loss(
-    model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int, pad_id: int
-) -> float:
+def evaluate_loss(model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int) -> float:
     """Mean per-token cross-entropy of ``model`` on the reply tokens of ``samples``.
 
     Raises:
         ValueError: If ``samples`` holds no reply token.
     """
-    return HeldOutLosses(model, samples, batch_size=batch_size, pad_id=pad_id).mean()
+    return HeldOutLosses(model, samples, batch_size=batch_size).mean()
 
 
 def per_example_losses(
-    model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int, pad_id: int
+    model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int
 ) -> list[float]:
     """Mean reply-token cross-entropy of each sample (for membership and canary audits)."""
-    return HeldOutLosses(model, samples, batch_size=batch_size, pad_id=pad_id).per_example()
+    return HeldOutLosses(model, samples, batch_size=batch_size).per_example()

@@ -165,7 +165,7 @@ class Evaluator:
     def losses(self, tensors: dict[str, torch.Tensor], samples: list[Encoded]) -> list[float]:
         """Per-sample losses under ``tensors``."""
         load_lora_tensors(self.rt.model, tensors)
-        return per_example_losses(self.rt.model, samples, batch_size=self.batch, pad_id=self.pad)
+        return per_example_losses(self.rt.model, samples, batch_size=self.batch)
 
     # ---- personalization ----------------------------------------------------------------
 

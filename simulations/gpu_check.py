@@ -170,7 +170,7 @@ def run_variant(
     names = [n for n in lora_shapes(model) if strategy.is_trainable(n)]
     init = get_lora_tensors(model)
     eval_batch = samples[:batch_size]
-    loss_step0 = evaluate_loss(model, eval_batch, batch_size=batch_size, pad_id=PAD_ID)
+    loss_step0 = evaluate_loss(model, eval_batch, batch_size=batch_size)
     # Warm-up (kernels, cuBLAS handles, allocator), then restart from the same LoRA init.
     train_steps(
         model,
@@ -197,7 +197,7 @@ def run_variant(
     )
     _sync(device)
     train_s = time.perf_counter() - start
-    loss_after = evaluate_loss(model, eval_batch, batch_size=batch_size, pad_id=PAD_ID)
+    loss_after = evaluate_loss(model, eval_batch, batch_size=batch_size)
     exported = get_lora_tensors(model)
     tokens = steps * batch_size * len(samples[0].input_ids)
     result = {

@@ -273,7 +273,11 @@ def test_the_local_only_baseline_trains_with_the_devices_compute(tmp_path) -> No
     from client import baseline
     from common.train import train_steps
 
-    cfg = parse_run_config(_noiseless(**{"personalization.strategy": "fedsa"}))
+    # fp32: the check is of steps and batches; under bf16, Adam's ±lr steps magnify rounding
+    # on the elements whose gradient is near 0.
+    cfg = parse_run_config(
+        _noiseless(**{"personalization.strategy": "fedsa", "train.precision": "float32"})
+    )
     rt = get_runtime(cfg)
 
     # Execute: two rounds, then the same steps on a fresh LoRA by hand.
@@ -297,13 +301,16 @@ def test_the_local_only_baseline_trains_with_the_devices_compute(tmp_path) -> No
                 learning_rate=cfg.train.learning_rate,
                 seed=seed,
                 pad_id=device.pad_id,
+                precision="float32",
             )
             tensors.update(get_lora_tensors(rt.model, names))
 
     # Assert: A and B of the whole adapter, the device's steps and batches, nothing more.
     assert set(kept) == set(names) and any(".lora_A." in n for n in names)
+    # (Adam steps each element by about ±lr: compare each tensor's change, not elements.)
     for name in names:
-        torch.testing.assert_close(kept[name], tensors[name], atol=2e-3, rtol=1e-2)
+        moved = float((tensors[name] - rt.init[name]).norm())
+        assert float((kept[name] - tensors[name]).norm()) <= 0.02 * moved, name
     assert metrics["local_only_loss"] < metrics["base_loss"]
 
 

@@ -200,7 +200,7 @@ def test_bf16_base_on_cpu_trains_with_fp32_lora_and_decreasing_loss() -> None:
     cfg = ModelConfig(name="tiny", dtype="bfloat16")
     model = build_peft_model(base, cfg, get_strategy("fedsa"))
     samples = _samples(n=2, length=16)  # small: bf16 matmuls are slow on a CPU
-    before = evaluate_loss(model, samples, batch_size=2, pad_id=PAD)
+    before = evaluate_loss(model, samples, batch_size=2)
 
     # Execute
     mean = train_steps(
@@ -213,7 +213,7 @@ def test_bf16_base_on_cpu_trains_with_fp32_lora_and_decreasing_loss() -> None:
         seed=0,
         pad_id=PAD,
     )
-    after = evaluate_loss(model, samples, batch_size=2, pad_id=PAD)
+    after = evaluate_loss(model, samples, batch_size=2)
 
     # Assert
     assert compute_dtype(model) == torch.bfloat16

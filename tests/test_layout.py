@@ -73,9 +73,7 @@ def test_readme_layout_names_every_module() -> None:
     block = readme.split("## Layout", 1)[1].split("```", 2)[1]
     words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", block))
     missing = [
-        str(p.relative_to(ROOT))
-        for p in modules()
-        if p.stem != "__init__" and p.stem not in words
+        str(p.relative_to(ROOT)) for p in modules() if p.stem != "__init__" and p.stem not in words
     ]
     for sub in ("client/store", "client/web", "common/dp", "common/personalization"):
         if f"{sub.split('/')[1]}/" not in block:

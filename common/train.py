@@ -107,6 +107,12 @@ def training_autocast(
     return _cpu_autocast(chosen)
 
 
+def cpu_training_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """What ``train.precision = "auto"`` chose for ``model`` on a CPU (``None`` before its
+    first training step)."""
+    return getattr(model, _TRAIN_DTYPE_ATTR, None)
+
+
 @torch.no_grad()
 def bf16_parity(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
     """``batch``'s training loss in fp32 and under CPU bf16 autocast (eval mode: no dropout)."""

@@ -1,0 +1,250 @@
+"""Training speed against what the hardware allows: real tokens/s, model FLOPs, matmul peak.
+
+One run, the same seeded batches (4 samples of the user's text, ≤ 96 tokens) for every path:
+
+* **old loop** — the bare peft loop as it was: right-padded rows, fp32, ``model(**batch).loss``
+  (logits over the whole vocabulary at every position);
+* **padded / packed, fp32 / bf16** — :func:`common.train.train_steps`' own step (the output
+  layer on reply tokens only), on padded rows or one packed row, in fp32 or under CPU bf16
+  autocast;
+* **device round** — a device's whole federated round (policy and ledger, training in
+  ``train.precision = "auto"``, clipping, noise, encrypted store writes) as a deployed device
+  runs it: A/B counts come from ratings stored in its store (a simulated user's ratings cost
+  three forward passes a real device never makes, so ``ab.simulate-ratings`` is off).
+
+**Real tokens** are the samples' tokens (padding excluded). **Model FLOPs per real token**
+for LoRA training: every decoder layer's linear maps forward (2 FLOPs per weight), the layers
+from the first LoRA layer up backward once more (gradients of their inputs; frozen weights need
+no weight gradient), attention's score and value products (causal, per sample), and the output
+layer forward + backward on reply tokens only; LoRA's own matmuls (rank 8) are left out (< 1 %).
+**Peak** is a 2048³ matmul on the same cores, fp32 and bf16, measured in the same run; the
+utilisation is achieved model FLOP/s over that peak.
+
+``python -m simulations.bench_train --model smollm2`` prints JSON and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+BATCH = 4
+SEQ = 96
+MATMUL_N = 2048
+
+
+def matmul_peak(dtype: torch.dtype, *, n: int = MATMUL_N, repeats: int = 8) -> float:
+    """FLOP/s of an ``n``³ matmul in ``dtype`` on this process's threads (best of 3)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
+    return best
+
+
+def model_flops(model: torch.nn.Module, batches: list[list], *, first_lora_layer: int) -> float:
+    """Model FLOPs of one LoRA training step per batch, summed (see the module docstring)."""
+    from common.train import _causal_lm
+
+    lm = _causal_lm(model)
+    layers = lm.get_decoder().layers
+    # The base's linear maps (peft's wrappers hold them as ``base_layer``; LoRA's own skipped).
+    per_layer = sum(
+        m.weight.numel()
+        for name, m in layers[0].named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name
+    )
+    head = lm.get_output_embeddings().weight.numel()
+    hidden = lm.config.hidden_size
+    n_layers, trained = len(layers), len(layers) - first_lora_layer
+    total = 0.0
+    for batch in batches:
+        for e in batch:
+            n = len(e.input_ids)
+            replies = sum(1 for t in e.labels[1:] if t != -100)
+            linear = 2 * per_layer * n * (n_layers + trained)
+            # QK^T and AV: 2 products of 2·ctx·d FLOPs per token, ctx ≈ n/2 on average
+            # (causal); backward twice that in the trained layers.
+            attention = 2 * n * n * hidden * (n_layers + 2 * trained)
+            total += linear + attention + 4 * head * replies
+    return total
+
+
+def _bare(model, names, batches, *, lr: float, step) -> float:  # type: ignore[no-untyped-def]
+    """Seconds for one AdamW step per batch with ``step(batch) -> loss``."""
+    from common.train import unfreeze_only
+
+    params = unfreeze_only(model, names)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    start = time.perf_counter()
+    for batch in batches:
+        loss = step(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return seconds
+
+
+def bench(model_name: str, *, steps: int = 6) -> dict:
+    """Every path on the same batches; tokens/s, ratios and utilisation (CPU)."""
+    from client.device import Device
+    from client.runtime import get_runtime
+    from client.store import LocalStore
+    from common.config import parse_run_config
+    from common.crypto import Secret, create_key_file
+    from common.data import collate, pack
+    from common.lora import load_lora_tensors
+    from common.train import (
+        cpu_has_native_bf16,
+        cpu_training_dtype,
+        reply_token_losses,
+        training_autocast,
+    )
+
+    cfg = parse_run_config(
+        {
+            "model.name": model_name,
+            "data.num-users": 8,
+            "train.local-steps": steps,
+            "train.batch-size": BATCH,
+            "data.max-seq-len": SEQ,
+            "privacy.epsilon-cap": 100.0,  # a speed run must not be declined
+            "ab.simulate-ratings": False,
+        }
+    )
+    rt = get_runtime(cfg)
+    model, lr = rt.model, cfg.train.learning_rate
+    with tempfile.TemporaryDirectory() as tmp:
+        key = create_key_file(Path(tmp) / "k.key")
+        store = LocalStore.create(Path(tmp) / "dev", Secret(key_file=key))
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=8)
+        g = {n: rt.init[n] for n in rt.shared_names}
+        device.train(g, server_round=1)  # warm-up; makes the precision choice
+        # The batches train_steps draws in round 2.
+        rng = random.Random(zlib.crc32(f"{cfg.seed}:2:{device.user}".encode()))
+        samples = device.train_set
+        batches = [
+            [samples[rng.randrange(len(samples))] for _ in range(BATCH)] for _ in range(steps)
+        ]
+        start = time.perf_counter()
+        device.train(g, server_round=2)
+        device_s = time.perf_counter() - start
+        store.close()
+    pad = device.pad_id
+    real = sum(len(e.input_ids) for b in batches for e in b)
+    padded_tokens = sum(len(b) * max(len(e.input_ids) for e in b) for b in batches)
+    layers = cfg.model.layer_range()
+    flops = model_flops(model, batches, first_lora_layer=layers[0] if layers else 0)
+    names = rt.trainable_names
+
+    def run(step) -> float:  # type: ignore[no-untyped-def]
+        load_lora_tensors(model, rt.init)
+        return _bare(model, names, batches, lr=lr, step=step)
+
+    def ours(batch_of, dtype: str):  # type: ignore[no-untyped-def]
+        def step(batch: list) -> torch.Tensor:
+            b = batch_of(batch)
+            with training_autocast(model, dtype, b):
+                return reply_token_losses(model, b)[0].mean()
+
+        return step
+
+    paths = {
+        "old loop (padded, fp32, full logits)": lambda b: model(**collate(b, pad)).loss,
+        "padded, fp32": ours(lambda b: collate(b, pad), "float32"),
+        "packed, fp32": ours(pack, "float32"),
+        "padded, bf16": ours(lambda b: collate(b, pad), "bfloat16"),
+        "packed, bf16": ours(pack, "bfloat16"),
+    }
+    run(paths["packed, bf16"])  # warm-up of the bf16 kernels
+    seconds = {name: run(step) for name, step in paths.items()}
+    seconds["device round (auto)"] = device_s
+    peak = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    old = seconds["old loop (padded, fp32, full logits)"]
+    auto = cpu_training_dtype(model) == torch.bfloat16
+    chosen = "packed, bf16" if auto else "packed, fp32"
+    rows = {
+        name: {
+            "seconds": s,
+            "real_tokens_per_s": real / s,
+            "ratio_to_old_loop": old / s,
+            "model_tflops": flops / s / 1e12,
+            "of_fp32_peak": flops / s / peak["float32"],
+            "of_bf16_peak": flops / s / peak["bfloat16"],
+        }
+        for name, s in seconds.items()
+    }
+    return {
+        "model": model_name,
+        "threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "steps": steps,
+        "batch": BATCH,
+        "real_tokens": real,
+        "padded_tokens": padded_tokens,
+        "model_flops_per_real_token": flops / real,
+        "matmul_peak_tflops": {k: v / 1e12 for k, v in peak.items()},
+        "auto_precision": "bfloat16" if auto else "float32",
+        "paths": rows,
+        "device_over_bare": seconds[chosen] / device_s,
+        "best_over_old": max(old / s for s in seconds.values()),
+    }
+
+
+def markdown(r: dict) -> str:
+    """The paths as one Markdown table."""
+    lines = [
+        "| path | real tokens/s | × old loop | model TFLOP/s | of fp32 peak | of bf16 peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in r["paths"].items():
+        lines.append(
+            f"| {name} | {p['real_tokens_per_s']:.0f} | **{p['ratio_to_old_loop']:.2f}×** | "
+            f"{p['model_tflops']:.3f} | {p['of_fp32_peak']:.0%} | {p['of_bf16_peak']:.0%} |"
+        )
+    peak = r["matmul_peak_tflops"]
+    lines.append(
+        f"\n{r['model']} · {r['threads']} threads · {r['steps']} steps × {r['batch']} samples · "
+        f"{r['real_tokens']} real tokens ({r['padded_tokens']} padded) · "
+        f"{r['model_flops_per_real_token'] / 1e9:.2f} GFLOP per real token · matmul peak "
+        f"{peak['float32']:.2f} TFLOP/s fp32, {peak['bfloat16']:.2f} bf16 · auto precision: "
+        f"{r['auto_precision']} · device round / its bare loop **{r['device_over_bare']:.2f}×**"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=None, help="write JSON + Markdown here")
+    args = parser.parse_args()
+    r = bench(args.model, steps=args.steps)
+    print(json.dumps(r, indent=1))
+    print(markdown(r))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_train.json").write_text(json.dumps(r, indent=1))
+        (args.out / "bench_train.md").write_text(markdown(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The training-speed benchmark counts what it says: real tokens, model FLOPs, every path."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import ModelConfig
+from common.data import Encoded
+from common.lora import build_peft_model
+from common.model import TINY_CONFIG, load_base_for
+from common.personalization import get_strategy
+from simulations import bench_train
+
+
+def test_model_flops_are_the_linear_maps_attention_and_the_head_on_replies() -> None:
+    # Prepare: the tiny Llama with LoRA on layer 1 only (layer 0 is not trained through).
+    cfg = ModelConfig(name="tiny", lora_layers="1-1")
+    model = build_peft_model(load_base_for(cfg), cfg, get_strategy("fedsa"))
+    d, i = TINY_CONFIG["hidden_size"], TINY_CONFIG["intermediate_size"]
+    kv = d * TINY_CONFIG["num_key_value_heads"] // TINY_CONFIG["num_attention_heads"]
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * i  # q, o; k, v; gate, up, down
+    vocab = model.get_base_model().config.vocab_size
+    sample = Encoded(tuple(range(10, 20)), (-100,) * 4 + tuple(range(14, 20)))  # 6 targets
+
+    # Execute
+    flops = bench_train.model_flops(model, [[sample]], first_lora_layer=1)
+
+    # Assert: 2 layers forward + 1 backward; attention; the head forward + backward on 6.
+    n = 10
+    expected = 2 * per_layer * n * 3 + 2 * n * n * d * (2 + 2) + 4 * vocab * d * 6
+    assert flops == expected
+
+
+def test_every_training_path_is_timed_on_the_same_real_tokens() -> None:
+    r = bench_train.bench("tiny", steps=2)
+    assert set(r["paths"]) == {
+        "old loop (padded, fp32, full logits)",
+        "padded, fp32",
+        "packed, fp32",
+        "padded, bf16",
+        "packed, bf16",
+        "device round (auto)",
+    }
+    assert 0 < r["real_tokens"] <= r["padded_tokens"]
+    for p in r["paths"].values():
+        assert p["seconds"] > 0
+        assert p["real_tokens_per_s"] == pytest.approx(r["real_tokens"] / p["seconds"])
+        assert p["of_bf16_peak"] < p["of_fp32_peak"] or r["matmul_peak_tflops"]["bfloat16"] <= (
+            r["matmul_peak_tflops"]["float32"]
+        )
+    assert r["auto_precision"] in ("float32", "bfloat16")
+    assert "device round / its bare loop" in bench_train.markdown(r)

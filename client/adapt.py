@@ -21,7 +21,7 @@ import torch
 
 from common.data import Encoded, collate
 from common.lora import load_lora_tensors
-from common.train import unfreeze_only
+from common.train import reply_token_losses, training_autocast, unfreeze_only
 
 
 def hot_swap(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> float:
@@ -51,6 +51,7 @@ def adapt_on_feedback(
     learning_rate: float,
     pad_id: int,
     weights: Sequence[float] | None = None,
+    precision: str = "auto",
 ) -> tuple[float, float]:
     """A few SGD steps on the personal parameters towards ``examples`` (batched together).
 
@@ -62,6 +63,7 @@ def adapt_on_feedback(
         learning_rate: SGD learning rate.
         pad_id: Padding token id.
         weights: Per-example loss weights (drift recovery up-weights recent examples).
+        precision: ``train.precision`` (:func:`common.train.training_autocast`).
 
     Returns:
         ``(loss before the first step, milliseconds taken)``.
@@ -86,15 +88,15 @@ def adapt_on_feedback(
     optimizer = torch.optim.SGD(params, lr=learning_rate)
     model.train()
     first = math.nan
+    rows = batch["input_ids"].shape[0]
     try:
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                use_cache=False,
-            )
-            loss = _weighted_loss(logits.logits, batch["labels"], w)
+            # The output layer on reply tokens only, in the training precision (bf16 on a
+            # CPU with native bf16, after the parity check): what a federated round trains.
+            with training_autocast(model, precision, batch):
+                losses, row = reply_token_losses(model, batch)
+            loss = _weighted_mean(losses, row, rows, w)
             if not torch.isfinite(loss):
                 raise ValueError("non-finite loss during feedback adaptation")
             if step == 0:
@@ -113,6 +115,18 @@ def adapt_on_feedback(
     if device.type == "cuda":
         torch.cuda.synchronize()
     return first, (time.perf_counter() - start) * 1000
+
+
+def _weighted_mean(
+    losses: torch.Tensor, row: torch.Tensor, rows: int, w: torch.Tensor | None
+) -> torch.Tensor:
+    """Each example's mean reply-token loss, averaged (or weighted by ``w``)."""
+    sums = torch.zeros(rows, device=losses.device).index_add(0, row, losses)
+    counts = torch.zeros(rows, device=losses.device).index_add(0, row, torch.ones_like(losses))
+    per_example = sums / counts.clamp(min=1)
+    if w is None:
+        return per_example.mean()
+    return (per_example * w).sum()
 
 
 def _weighted_loss(

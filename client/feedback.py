@@ -172,6 +172,7 @@ class FeedbackLearning:
                     learning_rate=self.feedback_lr,
                     pad_id=self.pad_id,
                     weights=weights,
+                    precision=self.cfg.train.precision,
                 )
         except ValueError:
             self.activate()  # back to the stored tensors; nothing was saved

@@ -363,6 +363,7 @@ class Evaluator:
                 steps=3,
                 learning_rate=0.05,
                 pad_id=self.pad,
+                precision=self.cfg.train.precision,
             )
             self.adapt_ms.append(ms)
         params = dict(self.rt.model.named_parameters())

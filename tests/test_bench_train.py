@@ -45,8 +45,9 @@ def test_every_training_path_is_timed_on_the_same_real_tokens() -> None:
     for p in r["paths"].values():
         assert p["seconds"] > 0
         assert p["real_tokens_per_s"] == pytest.approx(r["real_tokens"] / p["seconds"])
-        assert p["of_bf16_peak"] < p["of_fp32_peak"] or r["matmul_peak_tflops"]["bfloat16"] <= (
-            r["matmul_peak_tflops"]["float32"]
+        assert (
+            p["of_bf16_peak"] < p["of_fp32_peak"]
+            or r["matmul_peak_tflops"]["bfloat16"] <= (r["matmul_peak_tflops"]["float32"])
         )
     assert r["auto_precision"] in ("float32", "bfloat16")
     assert "device round / its bare loop" in bench_train.markdown(r)

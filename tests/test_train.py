@@ -224,3 +224,33 @@ def test_auto_precision_takes_bf16_only_where_native_and_in_parity(monkeypatch) 
     assert chosen(True, (4.0, 4.2)) is None  # 5 % apart: fp32
     assert chosen(False, None) is None  # emulated bf16 is no faster: fp32
     assert chosen(True, (4.0, 4.01)) == torch.bfloat16
+
+
+def test_a_feedback_step_weighs_each_example_s_reply_loss(model) -> None:
+    # Prepare: three examples of different lengths, weighted as drift recovery does.
+    from client.adapt import _weighted_loss, adapt_on_feedback
+
+    samples = _samples()[:3]
+    weights = [0.2, 0.3, 0.5]
+    batch = collate(samples, PAD)
+    personal = [n for n, p in model.named_parameters() if ".lora_B." in n]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = float(_weighted_loss(logits, batch["labels"], torch.tensor(weights)))
+    before = get_lora_tensors(model)
+
+    # Execute: the loss before the first step (the output layer on reply tokens only).
+    first, _ = adapt_on_feedback(
+        model,
+        personal,
+        samples,
+        steps=1,
+        learning_rate=1e-3,
+        pad_id=PAD,
+        weights=weights,
+        precision="float32",
+    )
+    load_lora_tensors(model, before)
+
+    # Assert
+    assert first == pytest.approx(expected, rel=1e-5)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -124,7 +124,8 @@ def sample(
     on_text: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> list[list[Generated]]:
-    """``n`` sampled completions of each prompt (token ids), generated as one batch.
+    """``n`` sampled completions of each prompt (token ids), generated as one batch (one
+    prompt's ``n`` samples share its KV cache, computed once).
 
     Args:
         model: The causal LM (with whatever adapter is loaded).
@@ -152,6 +153,15 @@ def sample(
     if seed is not None:
         torch.manual_seed(seed)
     model.eval()
+    extra: dict[str, Any] = {"num_return_sequences": n}
+    if len(prompts) == 1 and n > 1 and width > 1:
+        # n samples of one prompt: its KV cache computed once (all but the last token, which
+        # generate feeds), then repeated for the n rows — not n prefills of the same tokens.
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], cache=cache)
+        cache.batch_repeat_interleave(n)
+        ids, mask = ids.repeat(n, 1), mask.repeat(n, 1)
+        extra = {"cache": cache, "use_cache": True}
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -159,10 +169,10 @@ def sample(
         temperature=temperature,
         top_p=top_p,
         max_new_tokens=max_new_tokens,
-        num_return_sequences=n,
         pad_token_id=pad,
         streamer=stream if streaming else None,
         stopping_criteria=StoppingCriteriaList([_Halt(stream, cancel)]),
+        **extra,
     )
     ends = eos_ids(model, tokenizer)
     results: list[Generated] = []

@@ -5,8 +5,10 @@ names of the tensors to train and tokenized samples, and return plain numbers.
 
 Whatever the base (fp32, bf16 or a 4-bit QLoRA base), the LoRA tensors are fp32 and every loss
 is computed on fp32 logits. On CUDA the forward pass runs under ``torch.autocast`` in the base's
-compute dtype (with a gradient scaler for fp16); on a CPU nothing is wrapped, so the fp32 path
-is exactly plain PyTorch.
+compute dtype (with a gradient scaler for fp16). On a CPU, training runs in ``train.precision``
+(:func:`training_autocast`: bf16 autocast where the CPU has native bf16 and the loss agrees
+with fp32's) and held-out losses in fp32, exactly plain PyTorch. Training batches and held-out
+samples are packed into rows without padding (:func:`common.data.pack`).
 
 (One file on purpose, over the usual length: plain steps, DP-SGD steps and held-out losses share
 the batching, masking and autocast helpers at its top.)

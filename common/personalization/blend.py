@@ -14,8 +14,9 @@ train alone:
   initialisation, so the average of the changes is a change of the same LoRA.
 * **Serving:** personal + w·global, where the device picks w from ``MIX_WEIGHTS`` on one half of
   its held-out slice (the other half reports). It starts from the federation's prior weight
-  (``personalization.mix-prior``, default 0.5) if the global adapter alone beats the base
-  model there (else from 0: a small federation's noise can swamp what its users share),
+  (``personalization.mix-prior``, default 0.5; 1 in ``population``) if the global adapter
+  alone beats the base model there (else from 0: a small federation's noise can swamp what
+  its users share),
   drops to 0 — its local-only model — when the global adapter at that weight raises the
   per-example loss there (``MIX_DROP_Z`` standard errors of the paired difference), and takes
   a larger weight only with evidence that it lowers it further (``MIX_EVIDENCE_Z``). A

@@ -11,7 +11,8 @@
    (``simulations.bench_chat``);
 4. **scaling** — simulated federations of 100 and 1,000 users (tiny model) with 10–100
    sampled per round: peak memory of the whole process tree (must stay flat in the number
-   of users) and seconds per round against clients per round.
+   of users) and seconds per round against clients per round; the same engine with SmolLM2
+   (100 users, 10–100 per round) for growth with model size; ``bench_growth.png`` plots both.
 
 Prints JSON and a Markdown table and writes both under ``--out``. ``--device cuda`` runs the
 model benchmarks on a GPU (the scaling part stays on the CPU simulation engine).
@@ -139,7 +140,9 @@ class PeakRSS:
         self._thread.join()
 
 
-def scaling(out: Path, grid: list[tuple[int, int]], *, rounds: int = 2) -> list[dict]:
+def scaling(
+    out: Path, grid: list[tuple[int, int]], *, rounds: int = 2, model: str = "tiny"
+) -> list[dict]:
     """Seconds per round and peak memory for (population, clients per round) pairs."""
     rows = []
     for population, per_round in grid:
@@ -160,13 +163,18 @@ def scaling(out: Path, grid: list[tuple[int, int]], *, rounds: int = 2) -> list[
             "secagg.num-shares": float(shares),
             "secagg.reconstruction-threshold": float(shares // 2 + 1),
         }
+        if model != "tiny":
+            overrides["model.name"] = model
         start = time.perf_counter()
         with PeakRSS() as mem:
-            run_dir = simulate("tiny", overrides, out, run_name=f"scale-{population}-{per_round}")
+            run_dir = simulate(
+                "tiny", overrides, out, run_name=f"scale-{model}-{population}-{per_round}"
+            )
         summary = json.loads((run_dir / "summary.json").read_text())
         later = summary["rounds"][1:] or summary["rounds"]
         rows.append(
             {
+                "model": model,
                 "population": population,
                 "clients_per_round": per_round,
                 "updates_last_round": summary["rounds"][-1].get("updates"),
@@ -178,8 +186,36 @@ def scaling(out: Path, grid: list[tuple[int, int]], *, rounds: int = 2) -> list[
     return rows
 
 
+def growth_plot(rows: list[dict], path: Path) -> None:
+    """Seconds per round and peak memory against clients per round, one line per model and
+    population, on one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        series.setdefault(f"{row.get('model', 'tiny')}, {row['population']} users", []).append(row)
+    for label, points in series.items():
+        points.sort(key=lambda p: p["clients_per_round"])
+        x = [p["clients_per_round"] for p in points]
+        time_ax.plot(x, [p["seconds_per_round"] for p in points], marker="o", label=label)
+        mem_ax.plot(x, [p["peak_rss_mib"] / 1024 for p in points], marker="o", label=label)
+    time_ax.set(xlabel="clients per round", ylabel="seconds per round", title="round time")
+    mem_ax.set(xlabel="clients per round", ylabel="peak RSS, all processes (GiB)", title="memory")
+    mem_ax.set_ylim(bottom=0)
+    for ax in (time_ax, mem_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # What run_suite writes into its folder (an earlier suite's folder may be written again).
-SUITE_FILES = frozenset({"bench.json", "bench.md", "runs"})
+SUITE_FILES = frozenset({"bench.json", "bench.md", "bench_growth.png", "runs"})
 
 
 def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False) -> dict:
@@ -207,6 +243,11 @@ def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False
         else [(100, 10), (1000, 10), (1000, 30), (1000, 100)]
     )
     results["scaling"] = scaling(out / "runs", grid)
+    if not quick_scaling:  # the same engine with the real model: growth with model size
+        results["scaling"] += scaling(
+            out / "runs", [(100, 10), (100, 30), (100, 100)], model="smollm2"
+        )
+    growth_plot(results["scaling"], out / "bench_growth.png")
     results["total_s"] = time.perf_counter() - t0
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     (out / "bench.md").write_text(markdown(results) + "\n")
@@ -288,10 +329,14 @@ def markdown(r: dict) -> str:
         from simulations import bench_train
 
         lines += ["", bench_train.markdown(r["training"])]
-    lines += ["", "| users | clients/round | s/round | peak RSS (MiB) |", "|---|---|---|---|"]
     lines += [
-        f"| {s['population']} | {s['clients_per_round']} | {s['seconds_per_round']:.1f} | "
-        f"{s['peak_rss_mib']:.0f} |"
+        "",
+        "| model | users | clients/round | s/round | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s.get('model', 'tiny')} | {s['population']} | {s['clients_per_round']} | "
+        f"{s['seconds_per_round']:.1f} | {s['peak_rss_mib']:.0f} |"
         for s in r["scaling"]
     ]
     where = r["device"] if isinstance(r["device"], str) else d["device"]

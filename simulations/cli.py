@@ -170,7 +170,7 @@ def bench(
 
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda: no CUDA device here")
-    with console.status("benchmarking (about 15 min on 2 CPU cores)…"):
+    with console.status("benchmarking (about 25 min on 2 CPU cores)…"):
         results = run_suite(out.resolve(), model=model, device=device, quick_scaling=quick_scaling)
     console.print((out / "bench.md").read_text())
     console.print(f"JSON: {out / 'bench.json'} ({results['total_s'] / 60:.1f} min)")

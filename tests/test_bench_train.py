@@ -51,3 +51,47 @@ def test_every_training_path_is_timed_on_the_same_real_tokens() -> None:
         )
     assert r["auto_precision"] in ("float32", "bfloat16")
     assert "device round / its bare loop" in bench_train.markdown(r)
+
+
+def test_the_growth_plot_draws_every_model_and_population(tmp_path) -> None:
+    from simulations.bench import growth_plot, markdown
+
+    rows = [
+        {
+            "model": m,
+            "population": pop,
+            "clients_per_round": k,
+            "seconds_per_round": s,
+            "peak_rss_mib": 5000.0 + k,
+        }
+        for m, pop, k, s in [
+            ("tiny", 1000, 10, 11.0),
+            ("tiny", 1000, 100, 140.0),
+            ("smollm2", 100, 10, 30.0),
+        ]
+    ]
+    growth_plot(rows, tmp_path / "growth.png")
+    assert (tmp_path / "growth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = markdown(
+        {
+            "privacy_round": {"secagg_dp": 1.0, "plain": 1.0, "ratio": 1.0},
+            "privacy_opacus": {"opacus_step_s": 1.0, "plain_step_s": 1.0, "ratio": 1.0},
+            "throughput": {
+                "device_tokens_per_s": 1.0,
+                "bare_tokens_per_s": 1.0,
+                "ratio_device_over_bare": 1.0,
+            },
+            "device_bench": {
+                "swap_inplace_ms": 1.0,
+                "swap_reload_base_ms": 1.0,
+                "ratio_reload_over_inplace": 1.0,
+                "one_feedback_ms": 1.0,
+            },
+            "scaling": rows,
+            "model": "smollm2",
+            "device": "cpu",
+            "threads": 2,
+            "total_s": 60.0,
+        }
+    )
+    assert "| smollm2 | 100 | 10 | 30.0 | 5010 |" in table

@@ -3,8 +3,10 @@
 Served by ``fedpersona device serve`` with uvicorn on 127.0.0.1 only. Every ``/v1`` route
 needs ``Authorization: Bearer <token>``; the token lives inside the encrypted store
 (``fedpersona device init`` prints it, ``device token`` shows it again). ``/health`` and
-``/ready`` are open (liveness/readiness probes); ``/metrics`` (Prometheus text format) needs the
-token too. ``/`` serves the web app (``client/web/``: static HTML/JS/CSS, no build step, nothing
+``/ready`` are open (liveness/readiness probes; they name nothing); ``/metrics`` (Prometheus text
+format) needs the token too. Every request must be addressed to the loopback (``Host``:
+127.0.0.1, localhost, [::1]; else 421 — DNS rebinding), and a body declared over ``MAX_BODY``
+is refused (413) before it is read. No schema or docs routes unless asked (``docs``). ``/`` serves the web app (``client/web/``: static HTML/JS/CSS, no build step, nothing
 fetched from elsewhere); it asks for the token once and sends it in the header, never in a URL
 or a cookie, so no other site can make the browser act with it.
 
@@ -65,10 +67,13 @@ from client.api_chat import MAX_CONTENT, add_chat_routes
 from client.api_errors import ERRORS, ApiError, as_api_error
 from client.assistant import Assistant
 from client.profile import CHOICES
-from client.store import LocalStore
+from client.store import API_TOKEN, LocalStore, StoreError
 
 logger = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# The largest request body read (64 messages of up to 8,000 characters fit): larger ones are
+# refused from their Content-Length, before they are read.
+MAX_BODY = 2 * 2**20
 # Ids are SQLite INTEGERs: a larger one made the store raise OverflowError (a 500).
 MAX_ID = 2**63 - 1
 WEB = Path(__file__).with_name("web")
@@ -143,17 +148,33 @@ class Metrics:
         )
 
 
-def create_app(assistant: Assistant, *, token: str) -> FastAPI:
-    """The FastAPI app over ``assistant``, guarded by bearer ``token``."""
+def create_app(assistant: Assistant, *, token: str, docs: bool = False) -> FastAPI:
+    """The FastAPI app over ``assistant``, guarded by bearer ``token`` (the store's current
+    token, read on every request, once ``fedpersona device token --rotate`` replaces it).
+
+    ``docs`` serves ``/docs``, ``/redoc`` and ``/openapi.json`` (development only: they are
+    open without a token and describe every route).
+    """
     if len(token) < 16:
         raise ValueError("API token too short")
     app = FastAPI(
         title="fedpersona device API",
         version="2",
         description="Local, private assistant API of one fedpersona device.",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     metrics = Metrics()
     forgotten = threading.Event()
+
+    def current_token() -> str:
+        if forgotten.is_set():
+            return token
+        try:
+            return assistant.store.get_meta(API_TOKEN) or token
+        except StoreError:  # closed: the 410 below answers
+            return token
 
     def auth(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         # The middleware already refused bad tokens; this declares the scheme in OpenAPI and
@@ -164,16 +185,33 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
     def authorized(header: str | None) -> bool:
         scheme, _, value = (header or "").partition(" ")
         return scheme.lower() == "bearer" and secrets.compare_digest(
-            value.strip().encode(), token.encode()
+            value.strip().encode(), current_token().encode()
         )
 
     @app.middleware("http")
     async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
-        # Auth before anything else (body validation included): an unauthenticated caller
+        # The Host first (a web page whose name resolves to 127.0.0.1 — DNS rebinding — sends
+        # its own name), then the declared body size (refused before a byte of it is read),
+        # then auth before anything else (body validation included): an unauthenticated caller
         # learns nothing but 401.
         path = request.url.path
         protected = path.startswith("/v1/") or path == "/metrics"
-        if protected and not authorized(request.headers.get("authorization")):
+        declared = request.headers.get("content-length", "")
+        if not loopback_host(request.headers.get("host", "")):
+            response = ApiError(
+                421,
+                "this API answers only requests addressed to 127.0.0.1 or localhost",
+                code="misdirected_request",
+            ).response()
+        elif (declared.isdigit() and int(declared) > MAX_BODY) or (
+            not declared and "transfer-encoding" in request.headers
+        ):
+            response = ApiError(
+                413 if declared.isdigit() else 411,
+                f"request bodies are at most {MAX_BODY:,} bytes, with a Content-Length",
+                code="request_too_large" if declared.isdigit() else "length_required",
+            ).response({"Connection": "close"})
+        elif protected and not authorized(request.headers.get("authorization")):
             response = ApiError(401, TOKEN_HINT, code="invalid_api_key").response(
                 {"WWW-Authenticate": "Bearer"}
             )
@@ -233,8 +271,9 @@ def create_app(assistant: Assistant, *, token: str) -> FastAPI:
 
     @app.get("/ready")
     def ready() -> dict[str, Any]:
-        """Readiness: the model is loaded and the store is open."""
-        return {"status": "ready", "model": assistant.cfg.model.name, "active": assistant.variant}
+        """Readiness: the model is loaded and the store is open (which model and adapter
+        answer is for token holders: ``/v1/status``)."""
+        return {"status": "ready"}
 
     @app.get("/metrics", dependencies=[Depends(auth)], response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
@@ -361,6 +400,16 @@ def _public_profile(assistant: Assistant) -> dict[str, Any]:
     data["description"] = assistant.profile.describe()
     data["options"] = {k: list(v) for k, v in CHOICES.items()}
     return data
+
+
+def loopback_host(header: str) -> bool:
+    """Whether an HTTP ``Host`` header names this machine's loopback (port optional)."""
+    name = header.strip().lower()
+    if name.startswith("["):  # [::1]:8765
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name in LOOPBACK
 
 
 def check_loopback(host: str) -> None:

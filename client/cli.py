@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from client.ingest import DEFAULT_MAX_BYTES
-from client.store import DEFAULT_RETENTION_DAYS, LocalStore, StoreError
+from client.store import API_TOKEN, DEFAULT_RETENTION_DAYS, LocalStore, StoreError
 from common.crypto import PASSPHRASE_ENV, Secret, StoreKeyError, resolve_secret
 
 app = typer.Typer(help="The on-device assistant (encrypted, local, private).", no_args_is_help=True)
@@ -106,7 +106,7 @@ def init(
             store.close()
             LocalStore.forget(data_dir)
             raise _fail(err) from None
-        token = store.get_meta("api_token")
+        token = store.get_meta(API_TOKEN)
     console.print(f"device store created in {data_dir} ({secret.kind})")
     console.print(
         f"model {settings['model.name']}, strategy {settings['personalization.strategy']}"
@@ -466,10 +466,21 @@ def privacy_set(
 
 
 @app.command()
-def token(data_dir: DataDir, key_file: KeyFile = None) -> None:
-    """Print the local API's bearer token."""
+def token(
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    rotate: Annotated[
+        bool,
+        typer.Option(
+            help="Replace the token (the old one stops working at once, in `device serve` too)"
+        ),
+    ] = False,
+) -> None:
+    """Print the local API's bearer token (``--rotate``: a new one)."""
+    from client.state import rotate_api_token
+
     with _open(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
-        print(store.get_meta("api_token"))
+        print(rotate_api_token(store) if rotate else store.get_meta(API_TOKEN))
 
 
 @app.command()
@@ -537,6 +548,10 @@ def serve(
         bool, typer.Option(help="Join the federated A/B test (coin-chosen model)")
     ] = False,
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
+    dev_docs: Annotated[
+        bool,
+        typer.Option(help="Also serve /docs, /redoc and /openapi.json (open, no token)"),
+    ] = False,
 ) -> None:
     """Serve the local HTTP API (OpenAI-compatible chat) on 127.0.0.1."""
     import uvicorn
@@ -549,11 +564,16 @@ def serve(
         raise _fail(err) from None
     assistant = _assistant(data_dir, key_file, retention_days, ab_test=ab_test)
     with assistant.store:
-        token_ = assistant.store.get_meta("api_token")
+        token_ = assistant.store.get_meta(API_TOKEN)
         if not token_:
             raise _fail(StoreError("no API token in the store; run `fedpersona device init`"))
         console.print(f"serving on http://{host}:{port} (bearer token: `fedpersona device token`)")
-        uvicorn.run(create_app(assistant, token=token_), host=host, port=port, log_level="info")
+        uvicorn.run(
+            create_app(assistant, token=token_, docs=dev_docs),
+            host=host,
+            port=port,
+            log_level="info",
+        )
 
 
 @app.command("expert-add")

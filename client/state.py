@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from client.policy import DevicePolicy
-from client.store import LocalStore, StoreCorrupted
+from client.store import API_TOKEN, LocalStore, StoreCorrupted
 from common.config import ModelConfig, RunConfig, parse_run_config
 
 if TYPE_CHECKING:  # torch is imported by the tensor functions only: status needs no model
@@ -67,11 +67,19 @@ def init_device(
     store.put_json(SETTINGS_BLOB, settings)
     if store.get_profile() is None:
         store.put_profile(Profile().to_dict())
-    if store.get_meta("api_token") is None:
-        store.set_meta("api_token", secrets.token_urlsafe(32))
+    if store.get_meta(API_TOKEN) is None:
+        rotate_api_token(store)
     if DevicePolicy.load(store) is None:  # the owner changes it with `device privacy set`
         DevicePolicy().save(store)
     return settings
+
+
+def rotate_api_token(store: LocalStore) -> str:
+    """Give the local API a new bearer token (the old one stops working at once, in a running
+    ``device serve`` too: it reads the token from the store on every request)."""
+    token = secrets.token_urlsafe(32)
+    store.set_meta(API_TOKEN, token)
+    return token
 
 
 def lora_fingerprint(m: ModelConfig) -> str:

@@ -320,7 +320,6 @@ def test_expert_add_installs_an_adapter_the_api_then_lists(tmp_path, run) -> Non
         assistant = Assistant(store)
         assert assistant.variant == "experts"
         token = store.get_meta("api_token")
-        models = TestClient(create_app(assistant, token=token)).get(
-            "/v1/models", headers={"Authorization": f"Bearer {token}"}
-        )
+        client = TestClient(create_app(assistant, token=token), base_url="http://127.0.0.1")
+        models = client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
         assert [m["id"] for m in models.json()["data"]][-1] == "fedpersona-experts"

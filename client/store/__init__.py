@@ -17,6 +17,7 @@ from client.store.history import (
     StoredExample,
 )
 from client.store.local_store import (
+    API_TOKEN,
     DB_FILE,
     DEFAULT_RETENTION_DAYS,
     KEY_FILE,
@@ -26,6 +27,7 @@ from client.store.local_store import (
 )
 
 __all__ = [
+    "API_TOKEN",
     "DAY",
     "DB_FILE",
     "DEFAULT_RETENTION_DAYS",

@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 DB_FILE = "store.db"
 KEY_FILE = "store.key"
 DEFAULT_RETENTION_DAYS = 28.0
+# The local API's bearer token (metadata): a credential, never in an export.
+API_TOKEN = "api_token"
+SECRET_META = frozenset({API_TOKEN})
 
 # Each entry migrates the schema from version i to i + 1 (``PRAGMA user_version``).
 MIGRATIONS: tuple[str, ...] = (
@@ -256,7 +259,9 @@ class LocalStore(History, Blobs):
         return isinstance(data, dict) and set(data) == cls.EXPORT_KEYS
 
     def export(self) -> dict[str, Any]:
-        """Everything in the store as plain JSON (embeddings and tensors summarized)."""
+        """Everything in the store as plain JSON (embeddings and tensors summarized) — but the
+        credentials in :data:`SECRET_META` (an export outlives ``forget``; a token in it would
+        open a later store's API to whoever holds the file)."""
         blobs = {}
         for name, size in self.blob_sizes().items():
             data = self.get_blob(name) or b""
@@ -266,7 +271,9 @@ class LocalStore(History, Blobs):
                 blobs[name] = {"binary_bytes": size}
         return {
             "schema_version": self.schema_version,
-            "meta": {k: v for k, v in self._query("SELECT key, value FROM meta")},
+            "meta": {
+                k: v for k, v in self._query("SELECT key, value FROM meta") if k not in SECRET_META
+            },
             "profile": self.get_profile(),
             "interactions": [
                 {

@@ -6,8 +6,9 @@ needs ``Authorization: Bearer <token>``; the token lives inside the encrypted st
 ``/ready`` are open (liveness/readiness probes; they name nothing); ``/metrics`` (Prometheus text
 format) needs the token too. Every request must be addressed to the loopback (``Host``:
 127.0.0.1, localhost, [::1]; else 421 — DNS rebinding), and a body declared over ``MAX_BODY``
-is refused (413) before it is read. No schema or docs routes unless asked (``docs``). ``/`` serves the web app (``client/web/``: static HTML/JS/CSS, no build step, nothing
-fetched from elsewhere); it asks for the token once and sends it in the header, never in a URL
+is refused (413) before it is read. No schema or docs routes unless asked (``docs``). ``/``
+serves the web app (``client/web/``: static HTML/JS/CSS, no build step, nothing fetched from
+elsewhere); it asks for the token once and sends it in the header, never in a URL
 or a cookie, so no other site can make the browser act with it.
 
 OpenAI compatibility (what real clients rely on):

@@ -31,9 +31,10 @@ from common.atomic import atomic_write_bytes
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
-# scrypt cost: 2^15 * 8 * 128 B = 32 MiB and ~0.1 s per unlock on a laptop core (OWASP minimum
-# is N=2^17 for interactive logins; a device store is unlocked once per process).
-SCRYPT_N = 2**15
+# scrypt cost for new wrapped keys: 2^17 * 8 * 128 B = 128 MiB per unlock (OWASP's minimum for
+# passphrases; a device store is unlocked once per process). Keys wrapped under 2^15 before
+# still open (the header carries n) and are re-wrapped at 2^17 on the next passphrase change.
+SCRYPT_N = 2**17
 SCRYPT_R = 8
 SCRYPT_P = 1
 WRAP_VERSION = 1
@@ -178,8 +179,8 @@ def write_wrapped_key(path: Path, secret: Secret, data_key: bytes) -> None:
 # Bounds on a wrapped key's scrypt parameters. The header is authenticated only by the GCM tag,
 # checked after the KDF ran: unchecked, a tampered ``p = 10**6`` would hang the unwrap for hours
 # and ``n = 2**40`` would exhaust memory before the tampering is noticed.
-MAX_SCRYPT_MEMORY = 2**30  # bytes, 128 * n * r (this version writes 32 MiB)
-MAX_SCRYPT_WORK = 2**24  # n * r * p (this version writes 2**18)
+MAX_SCRYPT_MEMORY = 2**30  # bytes, 128 * n * r (this version writes 128 MiB)
+MAX_SCRYPT_WORK = 2**24  # n * r * p (this version writes 2**20)
 
 
 def _check_kdf_params(path: Path, n: object, r: object, p: object) -> None:

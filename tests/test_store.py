@@ -296,3 +296,64 @@ def test_batch_lands_all_writes_or_none(tmp_path) -> None:
         assert store.get_blob("a") == b"new-a" and store.get_json("b") == {"x": 1}
         with pytest.raises(StoreError, match="nest"), store.batch(), store.batch():
             pass
+
+
+def test_fresh_store_files_are_private_from_their_first_moment(tmp_path) -> None:
+    # Prepare: a permissive umask, as a desktop session may have.
+    old = os.umask(0o022)
+    try:
+        # Execute
+        store = LocalStore.create(tmp_path / "dev", Secret(passphrase="correct horse battery"))
+        try:
+            store.set_meta("probe", "1")  # the first write: WAL and shared-memory files exist
+            files = sorted(p.name for p in (tmp_path / "dev").iterdir())
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "dev").iterdir()}
+            folder = stat.S_IMODE((tmp_path / "dev").stat().st_mode)
+        finally:
+            store.close()
+        # A file the process makes after the store opened follows its own umask again.
+        (tmp_path / "other").write_text("x")
+    finally:
+        os.umask(old)
+
+    # Assert
+    assert {"store.db", "store.db-wal", "store.db-shm", "store.key"} <= set(files)
+    assert folder == 0o700
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+    assert stat.S_IMODE((tmp_path / "other").stat().st_mode) == 0o644
+
+
+def test_a_loosened_store_folder_is_closed_again_on_open(tmp_path) -> None:
+    key = create_key_file(tmp_path / "dev.key")
+    LocalStore.create(tmp_path / "dev", Secret(key_file=key)).close()
+    (tmp_path / "dev").chmod(0o755)  # a store made before 0700 folders
+    LocalStore.open(tmp_path / "dev", Secret(key_file=key)).close()
+    assert stat.S_IMODE((tmp_path / "dev").stat().st_mode) == 0o700
+
+
+def test_passphrases_are_stretched_at_scrypt_n_2_17_and_old_stores_still_open(
+    tmp_path, monkeypatch
+) -> None:
+    import common.crypto as crypto
+
+    # Prepare: a store whose key was wrapped at the old cost.
+    monkeypatch.setattr(crypto, "SCRYPT_N", 2**15)
+    old = Secret(passphrase="an old passphrase")
+    with LocalStore.create(tmp_path / "dev", old) as store:
+        store.set_meta("kept", "yes")
+    monkeypatch.undo()
+    header = json.loads((tmp_path / "dev" / "store.key").read_text())
+    assert header["n"] == 2**15
+
+    # Execute: it opens; a passphrase change re-wraps at today's cost.
+    new = Secret(passphrase="a new, longer passphrase")
+    with LocalStore.open(tmp_path / "dev", old) as store:
+        assert store.get_meta("kept") == "yes"
+        store.change_secret(old, new)
+
+    # Assert
+    assert json.loads((tmp_path / "dev" / "store.key").read_text())["n"] == 2**17
+    with LocalStore.open(tmp_path / "dev", new) as store:
+        assert store.get_meta("kept") == "yes"
+    with pytest.raises(WrongKey):
+        LocalStore.open(tmp_path / "dev", old)

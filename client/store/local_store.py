@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,8 @@ class LocalStore(History, Blobs):
         root = Path(root)
         if (root / DB_FILE).exists() or (root / KEY_FILE).exists():
             raise StoreError(f"a device store already exists in {root}; open it or forget it")
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root.chmod(0o700)  # the store's own folder: nobody else lists or enters it
         data_key = wrap_new_data_key(root / KEY_FILE, secret)
         store = cls._connect(
             root, data_key, retention_days=retention_days, migrations=migrations, new=True
@@ -185,7 +187,17 @@ class LocalStore(History, Blobs):
                 f"{path} is missing but its wrapped key {KEY_FILE} is there; restore the "
                 "database from a backup or run `fedpersona device forget`"
             )
-        conn = sqlcipher3.connect(str(path), check_same_thread=False, isolation_level=None)
+        if root.stat().st_mode & 0o077:  # a store made before 0700 folders, or loosened
+            root.chmod(0o700)
+        # Files SQLite creates (the database, -wal, -shm) are 0600 from their first moment:
+        # the umask is tightened while the connection opens and switches to WAL. (The umask is
+        # per process: a file another thread creates meanwhile is only made more private.)
+        saved_umask = os.umask(0o077)
+        try:
+            conn = sqlcipher3.connect(str(path), check_same_thread=False, isolation_level=None)
+        except BaseException:
+            os.umask(saved_umask)
+            raise
         try:
             conn.execute("PRAGMA cipher_log_level = NONE")
             conn.execute(f"PRAGMA key = \"x'{data_key.hex()}'\"")
@@ -218,6 +230,8 @@ class LocalStore(History, Blobs):
         except BaseException:
             conn.close()
             raise
+        finally:
+            os.umask(saved_umask)
         path.chmod(0o600)
         store.purge_expired()
         return store

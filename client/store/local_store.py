@@ -88,6 +88,15 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _make_private(root: Path) -> None:
+    """The store's own folder: 0700, nobody else lists or enters it. A folder this process
+    does not own (a mount point given to it) keeps its mode, with a warning."""
+    try:
+        root.chmod(0o700)
+    except PermissionError:
+        logger.warning("cannot make %s private (0700): it is not this user's folder", root)
+
+
 class LocalStore(History, Blobs):
     """An open device store. Use :meth:`create` / :meth:`open`; close it (or use ``with``).
 
@@ -121,7 +130,7 @@ class LocalStore(History, Blobs):
         if (root / DB_FILE).exists() or (root / KEY_FILE).exists():
             raise StoreError(f"a device store already exists in {root}; open it or forget it")
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        root.chmod(0o700)  # the store's own folder: nobody else lists or enters it
+        _make_private(root)
         data_key = wrap_new_data_key(root / KEY_FILE, secret)
         store = cls._connect(
             root, data_key, retention_days=retention_days, migrations=migrations, new=True
@@ -188,7 +197,7 @@ class LocalStore(History, Blobs):
                 "database from a backup or run `fedpersona device forget`"
             )
         if root.stat().st_mode & 0o077:  # a store made before 0700 folders, or loosened
-            root.chmod(0o700)
+            _make_private(root)
         # Files SQLite creates (the database, -wal, -shm) are 0600 from their first moment:
         # the umask is tightened while the connection opens and switches to WAL. (The umask is
         # per process: a file another thread creates meanwhile is only made more private.)

@@ -67,6 +67,7 @@ from client import status as device_status
 from client.api_chat import MAX_CONTENT, add_chat_routes
 from client.api_errors import ERRORS, ApiError, as_api_error
 from client.assistant import Assistant
+from client.model_thread import MODEL_THREAD
 from client.profile import CHOICES
 from client.store import API_TOKEN, LocalStore, StoreError
 
@@ -296,10 +297,11 @@ def create_app(assistant: Assistant, *, token: str, docs: bool = False) -> FastA
     add_chat_routes(app, assistant, metrics, Depends(auth))
 
     @app.post("/v1/feedback", dependencies=[Depends(auth)], responses=ERRORS)
-    def feedback(body: FeedbackRequest) -> dict[str, Any]:
+    async def feedback(body: FeedbackRequest) -> dict[str, Any]:
         """Rate, prefer, edit or reject an answer; adapts the personal model right away."""
         try:
-            result = assistant.feedback(
+            result = await MODEL_THREAD.run(
+                assistant.feedback,
                 body.interaction_id,
                 rating=body.rating,
                 preferred=body.preferred,

@@ -17,11 +17,11 @@ from fastapi import FastAPI
 from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from client.api_errors import ERRORS, ApiError, as_api_error, known
 from client.assistant import Assistant
 from client.conversation import Answer, UnknownModel, split_conversation
+from client.model_thread import MODEL_THREAD
 
 logger = logging.getLogger(__name__)
 MAX_CONTENT = 8_000
@@ -156,7 +156,7 @@ def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depe
             return await _stream(messages, kwargs, completion_id, include_usage)
         start = time.perf_counter()
         try:
-            answer = await run_in_threadpool(assistant.ask, messages, **kwargs)
+            answer = await MODEL_THREAD.run(assistant.ask, messages, **kwargs)
         except (ValueError, UnknownModel) as err:
             raise as_api_error(err) from None
         metrics.chat_seconds.observe(time.perf_counter() - start)
@@ -181,7 +181,7 @@ def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depe
     async def _stream(
         messages: list[dict[str, str]], kwargs: dict[str, Any], cid: str, include_usage: bool
     ) -> Any:
-        """Run the answer in a thread; stream its pieces as OpenAI chunks.
+        """Run the answer on the model thread; stream its pieces as OpenAI chunks.
 
         The first event is awaited before the response starts, so a request that fails before
         its first token (too long for the context, unknown model) still gets an HTTP error.
@@ -204,7 +204,7 @@ def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depe
         # Chunks name the model that answers: the one asked for, else the device's choice
         # (the A/B coin is thrown inside ``ask``: the final chunk names it).
         shown = kwargs["model"] or (None if assistant.ab_test else assistant.variant)
-        threading.Thread(target=work, name="fedpersona-answer", daemon=True).start()
+        MODEL_THREAD.submit(work)
         try:
             first = await events.get()
         except asyncio.CancelledError:  # the client left before the first token

@@ -63,8 +63,13 @@ class Assistant(FeedbackLearning):
         embedder: Sentence embedder (default: the process-wide all-MiniLM-L6-v2).
         feedback_steps: Gradient steps per feedback.
         feedback_lr: SGD learning rate of feedback adaptation.
+        feedback_layers: Feedback trains the personal tensors of this many top decoder
+            layers (the layers below run once per feedback; ``None``: all layers).
         ab_test: Take part in the federated A/B test: each answer comes from the personal or
             the global model by a coin flip, and its rating is reported as a secure sum.
+        precision: ``auto``, ``float32`` or ``bfloat16``: whether answers come from a bf16
+            copy of the model (:func:`common.serving.serving_model`; on a CPU only); default:
+            the device's ``train.precision``.
     """
 
     def __init__(
@@ -74,18 +79,23 @@ class Assistant(FeedbackLearning):
         embedder: Embedder | None = None,
         feedback_steps: int = 3,
         feedback_lr: float = 0.05,
+        feedback_layers: int | None = 4,
         ab_test: bool = False,
+        precision: str | None = None,
     ) -> None:
         self.store = store
         self.ab_test = ab_test
         self.lock = threading.RLock()  # one generation / adaptation at a time
         self.cfg = device_status.load_settings(store)
-        self.rt: Runtime = get_runtime(self.cfg)
+        # Answers come from a bf16 copy where the CPU has native bf16 (client.runtime).
+        self.rt: Runtime = get_runtime(self.cfg, serving=precision or self.cfg.train.precision)
+        self.served = self.rt.served
         self.state = device_status.open_state(store, self.cfg)
         self.embedder = embedder or get_embedder()
         self.profile = Profile.from_dict(store.get_profile() or {})
         self.feedback_steps = feedback_steps
         self.feedback_lr = feedback_lr
+        self.feedback_layers = feedback_layers
         self.gate, self.drift = device_status.load_evidence(store, self.state)
         self.router = self._load_router()
         self._graphed: GraphedAdapter | bool | None = None
@@ -216,7 +226,7 @@ class Assistant(FeedbackLearning):
         """``n`` sampled completions of ``prompt_ids`` under the loaded adapter
         (:func:`common.generation.sample`; ``on_text`` streams when ``n == 1``)."""
         return sample(
-            self.rt.model,
+            self.rt.model if self.served is None else self.served.refresh(),
             self.rt.tokenizer,
             [prompt_ids],
             n=n,

@@ -562,7 +562,10 @@ def serve(
         check_loopback(host)
     except ValueError as err:
         raise _fail(err) from None
-    assistant = _assistant(data_dir, key_file, retention_days, ab_test=ab_test)
+    from client.model_thread import MODEL_THREAD
+
+    # Built on the thread that will answer: one OpenMP team for all model work.
+    assistant = MODEL_THREAD.call(_assistant, data_dir, key_file, retention_days, ab_test=ab_test)
     with assistant.store:
         token_ = assistant.store.get_meta(API_TOKEN)
         if not token_:

@@ -148,32 +148,26 @@ class FeedbackLearning:
         load_lora_tensors(self.rt.model, self.global_tensors())
         global_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
         hot_swap(self.rt.model, personal)
-        personal_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
-        self.gate.record(personal_loss=personal_loss, global_loss=global_loss)
-        drift = self.drift.update(personal_loss)
-        if self.rt.strategy.mixed:  # blend's personal adapter learns without the global one
-            hot_swap(self.rt.model, self.personal_tensors(mix_weight=0.0))
         try:
-            if graphed is not None and not drift:
-                _, ms = graphed.run(example, steps=self.feedback_steps)
-            else:
+            if graphed is None and self._trains_what_answers():
+                # The first step's loss *is* the personal model's prequential score (same
+                # tensors, same precision): one pass saved; on drift the step is undone below.
+                personal_loss, ms = self._steps([example], None, self.feedback_steps)
+                drift = self._record(personal_loss, global_loss)
                 if drift:
-                    examples = self._positive_examples(2 * self.drift.window)
-                    weights = self.drift.replay_weights(len(examples))
-                    steps = 2 * self.feedback_steps
-                    logger.info("drift detected: re-adapting on %d recent examples", len(examples))
+                    hot_swap(self.rt.model, personal)
+                    ms += self._replay()
+            else:
+                personal_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
+                drift = self._record(personal_loss, global_loss)
+                if self.rt.strategy.mixed:  # blend's personal adapter learns without global
+                    hot_swap(self.rt.model, self.personal_tensors(mix_weight=0.0))
+                if drift:
+                    ms = self._replay()
+                elif graphed is not None:
+                    _, ms = graphed.run(example, steps=self.feedback_steps)
                 else:
-                    examples, weights, steps = [example], None, self.feedback_steps
-                _, ms = adapt_on_feedback(
-                    self.rt.model,
-                    self.rt.personal_names,
-                    examples,
-                    steps=steps,
-                    learning_rate=self.feedback_lr,
-                    pad_id=self.pad_id,
-                    weights=weights,
-                    precision=self.cfg.train.precision,
-                )
+                    _, ms = self._steps([example], None, self.feedback_steps)
         except ValueError:
             self.activate()  # back to the stored tensors; nothing was saved
             raise
@@ -185,6 +179,39 @@ class FeedbackLearning:
         self.store.put_json(DRIFT_BLOB, self.drift.state_dict())
         self.activate()
         return ms, drift
+
+    def _trains_what_answers(self) -> bool:
+        """Whether the tensors feedback trains are those that answer, scored in the same
+        precision (no ``blend`` mix weight, no dropout, no autocast: a bf16 serving base)."""
+        mixed = self.rt.strategy.mixed and bool(self.state.meta.mix_weight)
+        return self.served is not None and not mixed and self.cfg.model.lora_dropout == 0
+
+    def _record(self, personal_loss: float, global_loss: float) -> bool:
+        """Record the prequential scores with the gate; return whether the taste drifted."""
+        self.gate.record(personal_loss=personal_loss, global_loss=global_loss)
+        return self.drift.update(personal_loss)
+
+    def _steps(
+        self, examples: list[Encoded], weights: list[float] | None, steps: int
+    ) -> tuple[float, float]:
+        return adapt_on_feedback(
+            self.rt.model,
+            self.rt.personal_names,
+            examples,
+            steps=steps,
+            learning_rate=self.feedback_lr,
+            pad_id=self.pad_id,
+            weights=weights,
+            precision=self.cfg.train.precision,
+            top_layers=self.feedback_layers,
+        )
+
+    def _replay(self) -> float:
+        """Drift: re-adapt on the recent endorsed examples, recent ones weighted up; ms."""
+        examples = self._positive_examples(2 * self.drift.window)
+        weights = self.drift.replay_weights(len(examples))
+        logger.info("drift detected: re-adapting on %d recent examples", len(examples))
+        return self._steps(examples, weights, 2 * self.feedback_steps)[1]
 
     def _graphed_adapter(self) -> GraphedAdapter | None:
         """The CUDA-graph feedback step on a GPU (built once); ``None`` on CPU."""

@@ -2,6 +2,13 @@
 adapters, loaded once per process and shared by every device it serves (a Ray actor serves
 many simulated devices; the assistant and the device worker one each). Each user's tensors are
 loaded into it in place (:func:`common.lora.load_lora_tensors`), so nothing leaks between users.
+
+The assistant asks for a *serving* runtime (``get_runtime(cfg, serving=precision)``): where
+answers come from a bf16 copy (:func:`common.serving.serving_model`: a CPU with native bf16,
+its next-token distributions checked against fp32's), its frozen base weights are then held in
+bf16 too — feedback scores and trains without re-casting 4 bytes a weight on every pass, and
+the process holds the same memory as one fp32 model (bf16 base + bf16 serving copy). LoRA
+tensors stay fp32.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from common.config import RunConfig
 from common.lora import build_peft_model, init_lora_tensors, lora_shapes
 from common.model import load_base_for, load_tokenizer, model_dir
 from common.personalization import Strategy, strategy_for
+from common.serving import ServingCopy, frozen_base_to, serving_model
 
 
 @dataclass
@@ -31,14 +39,21 @@ class Runtime:
     personal_names: list[str]
     trainable_names: list[str]
     base_ref: str
+    served: ServingCopy | None = None
 
 
 _RUNTIMES: dict[tuple, Runtime] = {}
 
 
-def get_runtime(cfg: RunConfig) -> Runtime:
-    """Load (once per process) the base model and wrap it for ``cfg``'s strategy and LoRA."""
-    key = (cfg.model, cfg.strategy, cfg.personalization)
+def get_runtime(cfg: RunConfig, *, serving: str | None = None) -> Runtime:
+    """Load (once per process) the base model and wrap it for ``cfg``'s strategy and LoRA.
+
+    Args:
+        cfg: The run config (model, LoRA, strategy).
+        serving: For the assistant: its answer precision (``auto``, ``float32``,
+            ``bfloat16``; see the module docstring); ``None`` for training and evaluation.
+    """
+    key = (cfg.model, cfg.strategy, cfg.personalization, serving)
     if key not in _RUNTIMES:
         strategy = strategy_for(cfg)
         _RUNTIMES.clear()  # one model per process: a new config replaces the old one
@@ -46,9 +61,13 @@ def get_runtime(cfg: RunConfig) -> Runtime:
         model = build_peft_model(base, cfg.model, strategy)
         shapes = lora_shapes(model)
         shared, personal, _ = strategy.split(list(shapes))
+        tokenizer = load_tokenizer(cfg.model.name)
+        served = None if serving is None else serving_model(model, tokenizer, serving)
+        if served is not None:
+            frozen_base_to(model, torch.bfloat16)
         _RUNTIMES[key] = Runtime(
             model=model,
-            tokenizer=load_tokenizer(cfg.model.name),
+            tokenizer=tokenizer,
             strategy=strategy,
             init=init_lora_tensors(shapes, seed=cfg.model.init_seed, strategy=strategy),
             shapes=shapes,
@@ -56,6 +75,7 @@ def get_runtime(cfg: RunConfig) -> Runtime:
             personal_names=personal,
             trainable_names=[n for n in shapes if strategy.is_trainable(n)],
             base_ref=str(model_dir(cfg.model.name)),
+            served=served,
         )
     return _RUNTIMES[key]
 

@@ -146,22 +146,22 @@ def reply_token_losses(
     vocabulary (49k for SmolLM2) are never computed, in training or evaluation. The values are
     the usual causal-LM losses on fp32 logits.
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     hidden = lm.get_decoder()(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),  # a packed row (common.data.pack)
         use_cache=False,
     ).last_hidden_state
-    return _head_losses(lm, hidden, batch["labels"])
+    return head_losses(lm, hidden, batch["labels"])
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers causal LM inside a peft wrapper (LoRA layers injected in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _head_losses(
+def head_losses(
     lm: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     shifted = labels[:, 1:]
@@ -172,7 +172,7 @@ def _head_losses(
 
 
 @contextlib.contextmanager
-def _decoder_layers(decoder: torch.nn.Module, layers: slice, *, final_norm: bool):  # type: ignore[no-untyped-def]
+def decoder_layers(decoder: torch.nn.Module, layers: slice, *, final_norm: bool):  # type: ignore[no-untyped-def]
     """Run ``decoder`` over a slice of its layers (and its final norm only if asked)."""
     saved_layers, saved_norm = decoder.layers, decoder.norm
     decoder.layers = torch.nn.ModuleList(list(saved_layers)[layers])
@@ -216,7 +216,7 @@ class HeldOutLosses:
         # splits the row's losses back into samples.
         self.batches = [{k: v.to(device) for k, v in pack(chunk).items()} for chunk in chunks]
         self.counts = [[_targets(e) for e in chunk] for chunk in chunks]
-        self.lm = _causal_lm(model)
+        self.lm = causal_lm(model)
         self.decoder = self.lm.get_decoder()
         n_layers = len(self.decoder.layers)
         self.split = first_lora_layer if 0 < first_lora_layer < n_layers else 0
@@ -226,7 +226,7 @@ class HeldOutLosses:
             with (
                 torch.no_grad(),
                 autocast_for(model),
-                _decoder_layers(self.decoder, slice(0, self.split), final_norm=False),
+                decoder_layers(self.decoder, slice(0, self.split), final_norm=False),
             ):
                 self.lower = [self._hidden(input_ids=b["input_ids"], batch=b) for b in self.batches]
 
@@ -244,7 +244,7 @@ class HeldOutLosses:
             inputs = self.lower or [
                 self.decoder.embed_tokens(batch["input_ids"]) for batch in self.batches
             ]
-            with _decoder_layers(self.decoder, slice(self.split, layer), final_norm=False):
+            with decoder_layers(self.decoder, slice(self.split, layer), final_norm=False):
                 fork.lower = [
                     self._hidden(inputs_embeds=lower, batch=batch)
                     for lower, batch in zip(inputs, self.batches, strict=True)
@@ -262,9 +262,9 @@ class HeldOutLosses:
         with autocast_for(self.model):
             if not self.split:
                 return reply_token_losses(self.model, batch)
-            with _decoder_layers(self.decoder, slice(self.split, None), final_norm=True):
+            with decoder_layers(self.decoder, slice(self.split, None), final_norm=True):
                 hidden = self._hidden(inputs_embeds=self.lower[i], batch=batch)
-            return _head_losses(self.lm, hidden, batch["labels"])
+            return head_losses(self.lm, hidden, batch["labels"])
 
     def per_example(self) -> list[float]:
         """Each sample's mean reply-token loss under the model's current LoRA tensors."""

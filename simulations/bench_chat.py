@@ -10,7 +10,10 @@ requests after one warm-up, measured in one run:
   (retrieval, prompt building, adapter choice, HTTP);
 * **whole answer**: the same request to the end (≤ 64 tokens), with tokens/s;
 * **3 candidates**: a non-streamed answer with 3 candidates of ≤ 64 tokens, reranked;
-* **one feedback**: ``POST /v1/feedback`` with a preferred answer (adapts the personal model).
+* **one feedback**: ``POST /v1/feedback`` with a preferred answer (adapts the personal model);
+* **old path / now**: 3 candidates and one feedback called directly, on this path (bf16
+  answers where the CPU has native bf16, feedback through the top layers) and on the old one
+  (fp32 answers, feedback through every layer with a separate scoring pass).
 
     python -m simulations.bench_chat --model smollm2 --out runs/bench-chat
 """
@@ -39,6 +42,7 @@ def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> 
 
     from client.api import create_app, serve_in_background
     from client.assistant import Assistant
+    from client.model_thread import MODEL_THREAD
     from client.state import init_device
     from client.store import LocalStore
     from common.crypto import Secret, create_key_file
@@ -51,7 +55,7 @@ def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> 
         store = LocalStore.open(root, Secret(key_file=key), create=True)
         init_device(store, model=model)
         t0 = time.perf_counter()
-        assistant = Assistant(store)
+        assistant = MODEL_THREAD.call(Assistant, store)  # as `device serve` builds it
         load_s = time.perf_counter() - t0
         token = store.get_meta("api_token")
         with serve_in_background(create_app(assistant, token=token)) as url:
@@ -108,7 +112,18 @@ def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> 
                     body={"interaction_id": iid, "preferred": f"Try a mushroom risotto ({i})."},
                 )
                 feedback.append(time.perf_counter() - start)
-            bare = _bare_first_token(assistant)
+            bare = MODEL_THREAD.call(_bare_first_token, assistant)
+        # The same work without the HTTP layer, on the model thread: this path and the old one
+        # (fp32 answers, feedback through every layer with a separate scoring pass).
+        paths = {
+            "now": MODEL_THREAD.call(_direct, assistant, repeats, max_tokens),
+            "old (fp32 answers, all-layer feedback)": MODEL_THREAD.call(
+                _direct,
+                Assistant(store, precision="float32", feedback_layers=None),
+                repeats,
+                max_tokens,
+            ),
+        }
         store.close()
     first = statistics.median(r["first_s"] for r in runs)
     total = statistics.median(r["total_s"] for r in runs)
@@ -128,13 +143,39 @@ def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> 
         "answer_tokens_per_s": tokens / total if total else 0.0,
         "three_candidates_s": statistics.median(three),
         "feedback_s": statistics.median(feedback),
+        "answers_in_bf16": assistant.served is not None,
+        "paths": paths,
+        "ratio_three_candidates_old_over_now": paths["old (fp32 answers, all-layer feedback)"][
+            "three_candidates_s"
+        ]
+        / paths["now"]["three_candidates_s"],
+        "ratio_feedback_old_over_now": paths["old (fp32 answers, all-layer feedback)"]["feedback_s"]
+        / paths["now"]["feedback_s"],
         "runs": runs,
+    }
+
+
+def _direct(assistant, repeats: int, max_tokens: int) -> dict:  # type: ignore[no-untyped-def]
+    """3 candidates and one feedback called on ``assistant`` directly (medians, seconds)."""
+    assistant.ask(CONVERSATION, n=3, max_new_tokens=max_tokens, seed=0)  # warm-up
+    three, feedback = [], []
+    for i in range(repeats):
+        start = time.perf_counter()
+        answer = assistant.ask(CONVERSATION, n=3, max_new_tokens=max_tokens, seed=i + 1)
+        three.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        assistant.feedback(answer.interaction_id, preferred=f"Try a mushroom risotto ({i}).")
+        feedback.append(time.perf_counter() - start)
+    return {
+        "three_candidates_s": statistics.median(three),
+        "feedback_s": statistics.median(feedback),
     }
 
 
 @torch.no_grad()
 def _bare_first_token(assistant, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
-    """The model alone: the same rendered prompt, prefill + one sampled token (median)."""
+    """The model alone (the one that answers: the bf16 serving copy where there is one): the
+    same rendered prompt, prefill + one sampled token (median)."""
     from client.engine import build_messages
 
     tok = assistant.rt.tokenizer
@@ -145,11 +186,10 @@ def _bare_first_token(assistant, repeats: int = 5) -> float:  # type: ignore[no-
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     times = []
+    model = assistant.rt.model if assistant.served is None else assistant.served.refresh()
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        assistant.rt.model.generate(
-            **ids, do_sample=True, max_new_tokens=1, pad_token_id=assistant.pad_id
-        )
+        model.generate(**ids, do_sample=True, max_new_tokens=1, pad_token_id=assistant.pad_id)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -173,10 +213,24 @@ def markdown(r: dict) -> str:
         ),
         ("one feedback (preferred answer, adapts)", f"{r['feedback_s'] * 1000:.0f} ms"),
     ]
+    if "paths" in r:
+        now, old = r["paths"]["now"], r["paths"]["old (fp32 answers, all-layer feedback)"]
+        rows += [
+            (
+                "3 candidates, without HTTP: old path / now",
+                f"{old['three_candidates_s']:.2f} s / {now['three_candidates_s']:.2f} s = "
+                f"**{r['ratio_three_candidates_old_over_now']:.2f}×** (target ≤ 6 s)",
+            ),
+            (
+                "one feedback, without HTTP: old path / now",
+                f"{old['feedback_s'] * 1000:.0f} ms / {now['feedback_s'] * 1000:.0f} ms = "
+                f"**{r['ratio_feedback_old_over_now']:.2f}×** (target ≤ 500 ms)",
+            ),
+        ]
     lines = ["| answering | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     lines.append(
         f"\n{r['model']} · {r['prompt_tokens']} prompt tokens · {r['threads']} threads · "
-        f"median of {r['repeats']}"
+        f"median of {r['repeats']} · answers in {'bf16' if r.get('answers_in_bf16') else 'fp32'}"
     )
     return "\n".join(lines)
 

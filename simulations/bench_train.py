@@ -57,9 +57,9 @@ def matmul_peak(dtype: torch.dtype, *, n: int = MATMUL_N, repeats: int = 8) -> f
 
 def model_flops(model: torch.nn.Module, batches: list[list], *, first_lora_layer: int) -> float:
     """Model FLOPs of one LoRA training step per batch, summed (see the module docstring)."""
-    from common.train import _causal_lm
+    from common.train import causal_lm
 
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     layers = lm.get_decoder().layers
     # The base's linear maps (peft's wrappers hold them as ``base_layer``; LoRA's own skipped).
     per_layer = sum(

@@ -12,10 +12,18 @@
 #
 #   docker compose build            # builds both targets
 #   docker build --target app -t fedpersona-app:0.1.0 .
+#
+# Where no image registry is reachable, build the bases with deploy/flwr-local.Dockerfile and
+# point these arguments at them (docker-compose.yml passes FEDPERSONA_SUPERLINK_BASE and
+# FEDPERSONA_SUPEREXEC_BASE); where download.pytorch.org is not reachable, put the CPU torch
+# wheel in deploy/wheels/ and set TORCH_INDEX_URL to the package index that has its
+# dependencies (deploy/compose_check.sh does both).
 ARG FLWR_VERSION=1.42.0
+ARG SUPERLINK_BASE=flwr/superlink:${FLWR_VERSION}
+ARG SUPEREXEC_BASE=flwr/superexec:${FLWR_VERSION}
 
 # ---- superlink ----------------------------------------------------------------------------
-FROM flwr/superlink:${FLWR_VERSION} AS superlink
+FROM ${SUPERLINK_BASE} AS superlink
 # The image runs as `app` (uid 49999, HOME=/app). A named volume mounted on a folder that
 # exists in the image inherits its owner, so the database folder must exist here.
 RUN mkdir -p /app/state
@@ -23,7 +31,8 @@ ENV FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 ENTRYPOINT ["flower-superlink"]
 
 # ---- app: ServerApp and ClientApp executor ---------------------------------------------------
-FROM flwr/superexec:${FLWR_VERSION} AS app
+FROM ${SUPEREXEC_BASE} AS app
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
@@ -32,15 +41,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
     FEDPERSONA_CACHE=/app/cache \
     FEDPERSONA_HOME=/app/fedpersona
-# Volume mount points owned by the image's user: the device store (clientapp) and the run
+# Volume mount points owned by the image's user (a named volume takes the owner of the folder
+# it is first mounted on): the device store and the worker's socket folder (worker), the run
 # outputs (serverapp).
 USER root
-RUN mkdir -p /device /app/cache /app/fedpersona/runs \
-    && chown -R app:app /device /app/cache /app/fedpersona
+RUN mkdir -p /device /run/fedpersona /app/cache /app/fedpersona/runs \
+    && chown -R app:app /device /run/fedpersona /app/cache /app/fedpersona
 USER app
 WORKDIR /app/src
-# CPU wheel of the pinned torch first (the default PyPI wheel carries CUDA, several GB).
-RUN python -m pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+# CPU wheel of the pinned torch first (the default PyPI wheel carries CUDA, several GB): from
+# deploy/wheels/ if it is there, else from the CPU index.
+RUN --mount=type=bind,source=deploy/wheels,target=/tmp/wheels \
+    python -m pip install "torch==2.13.0" --find-links /tmp/wheels --index-url "${TORCH_INDEX_URL}"
 COPY --chown=app:app pyproject.toml README.md ./
 COPY --chown=app:app common ./common
 COPY --chown=app:app server ./server

@@ -314,31 +314,9 @@ def markdown(r: dict) -> str:
             )
         )
     if "chat" in r:
-        c = r["chat"]
-        rows += [
-            (
-                "first streamed token via the API / the model alone",
-                f"{c['first_token_s']:.2f} s / {c['bare_first_token_s']:.2f} s = "
-                f"**{c['ratio_first_token_over_bare']:.2f}×**",
-            ),
-            (
-                f"streamed answer ≤ {c['max_tokens']} tokens; 3 candidates",
-                f"{c['answer_s']:.1f} s ({c['answer_tokens_per_s']:.1f} tokens/s); "
-                f"{c['three_candidates_s']:.1f} s (target ≤ 6 s)",
-            ),
-            ("one feedback via the API (adapts)", f"**{c['feedback_s'] * 1000:.0f} ms**"),
-        ]
-        if "paths" in c:
-            now, old = c["paths"]["now"], c["paths"]["old (fp32 answers, all-layer feedback)"]
-            rows += [
-                (
-                    "3 candidates / one feedback, old path over now",
-                    f"{old['three_candidates_s']:.1f} s / {now['three_candidates_s']:.1f} s = "
-                    f"**{c['ratio_three_candidates_old_over_now']:.2f}×**; "
-                    f"{old['feedback_s'] * 1000:.0f} ms / {now['feedback_s'] * 1000:.0f} ms = "
-                    f"**{c['ratio_feedback_old_over_now']:.2f}×**",
-                ),
-            ]
+        from simulations import bench_chat
+
+        rows += bench_chat.suite_rows(r["chat"])
     lines = ["| benchmark | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     if "training" in r:
         from simulations import bench_train

@@ -334,14 +334,15 @@ class LocalDeployment:
         return found
 
     def children_running(self, program: str) -> dict[int, int]:
-        """``{pid: parent pid}`` of this deployment's processes running ``program``."""
+        """``{pid: parent pid}`` of this deployment's processes running ``program`` (a fork of
+        one such process, not yet exec'd into something else, is not another one)."""
         found = {}
         for proc in self._tagged():
             with contextlib.suppress(psutil.Error):
                 cmdline = proc.cmdline()
                 if len(cmdline) > 1 and Path(cmdline[1]).name == program:
                     found[proc.pid] = proc.ppid()
-        return found
+        return {pid: parent for pid, parent in found.items() if parent not in found}
 
     # ---- the flwr CLI ---------------------------------------------------------------------
 

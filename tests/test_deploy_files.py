@@ -165,19 +165,37 @@ def test_compose_commands_use_only_flags_of_the_pinned_clis(compose, cli_flags) 
     assert set(compose["services"]) >= {"superlink", "serverapp", "supernode-0", "clientapp-0"}
 
 
+def _default(value: str) -> str:
+    """A compose value with its ``${VAR:-default}`` substitutions taken at their defaults."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+
+
 def test_compose_and_dockerfile_pin_the_installed_flower(compose) -> None:
     # Prepare
-    images = [s["image"] for s in compose["services"].values() if "image" in s]
+    images = [_default(s["image"]) for s in compose["services"].values() if "image" in s]
+    bases = [
+        _default(v)
+        for s in compose["services"].values()
+        for k, v in s.get("build", {}).get("args", {}).items()
+        if k.endswith("_BASE")
+    ]
     dockerfile = (ROOT / "Dockerfile").read_text()
 
-    # Assert
-    flower_images = [i for i in images if i.startswith("flwr/")]
-    assert flower_images, "no official Flower image used"
-    assert all(i.endswith(f":{flwr.__version__}") for i in flower_images), flower_images
+    # Assert: the official images by default (an operator's variables may name others).
+    flower_images = [i for i in images + bases if i.startswith("flwr/")]
+    assert sorted(set(flower_images)) == [
+        f"flwr/{n}:{flwr.__version__}" for n in ("superexec", "superlink", "supernode")
+    ]
+    assert all(
+        s["image"].startswith("${FEDPERSONA_") for s in _services(compose, "supernode-").values()
+    )
     assert f"ARG FLWR_VERSION={flwr.__version__}" in dockerfile
-    assert "FROM flwr/superlink:${FLWR_VERSION}" in dockerfile
-    assert "FROM flwr/superexec:${FLWR_VERSION}" in dockerfile
-    assert 'torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in dockerfile
+    assert "ARG SUPERLINK_BASE=flwr/superlink:${FLWR_VERSION}" in dockerfile
+    assert "ARG SUPEREXEC_BASE=flwr/superexec:${FLWR_VERSION}" in dockerfile
+    assert "FROM ${SUPERLINK_BASE} AS superlink" in dockerfile
+    assert "FROM ${SUPEREXEC_BASE} AS app" in dockerfile
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert 'torch==2.13.0" --find-links /tmp/wheels --index-url "${TORCH_INDEX_URL}"' in dockerfile
     targets = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE))
     built = {s["build"]["target"] for s in compose["services"].values() if "build" in s}
     assert built and built <= targets, (built, targets)
@@ -375,6 +393,86 @@ def test_compose_device_workers_match_their_supernodes(compose) -> None:
         assert [v.split("  ")[0] for v in clientapp["volumes"]] == [run_mount], name
         assert service["network_mode"] == "none" and "ports" not in service
         assert f"ping('{sock}')" in " ".join(service["healthcheck"]["test"]), name
+
+
+def _with_host_override(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Services of ``docker-compose.yml`` + ``deploy/compose.host.yml`` as compose merges them
+    here (command, healthcheck test and network mode replaced; ports reset)."""
+    override = yaml.load((ROOT / "deploy" / "compose.host.yml").read_text(), Loader=_ResetLoader)
+    merged = {}
+    for name, service in compose["services"].items():
+        extra = override["services"].get(name, {})
+        out = {**service, **{k: v for k, v in extra.items() if k not in ("build", "healthcheck")}}
+        if "healthcheck" in extra:
+            out["healthcheck"] = {**service["healthcheck"], **extra["healthcheck"]}
+        if "build" in service or "build" in extra:
+            out["build"] = {**service.get("build", {}), **extra.get("build", {})}
+        merged[name] = out
+    return merged
+
+
+class _ResetLoader(yaml.SafeLoader):
+    """YAML with compose's ``!reset`` tag (a value that clears the base file's)."""
+
+
+_ResetLoader.add_constructor("!reset", lambda loader, node: [])
+
+
+def test_compose_host_override_gives_each_service_its_own_loopback_port(compose, cli_flags) -> None:
+    # Prepare
+    services = _with_host_override(compose)
+    superlink = _command(services["superlink"])[1]
+    port = _arg(superlink, "--port")
+    listening: list[str] = []
+
+    # Assert: host networking for every Flower service, bound to 127.0.0.1 only, each on its
+    # own port; the workers keep no network at all; builds use the host's network.
+    for name, service in services.items():
+        if name.startswith("worker-"):
+            assert service["network_mode"] == "none", name
+            continue
+        cli, args = _command(service)
+        assert service["network_mode"] == "host" and not service.get("ports"), name
+        assert [f for f in _flags(args) if f not in cli_flags[cli]] == [], name
+        assert _arg(args, "--host") in (None, "127.0.0.1"), name
+        for flag in ("--port", "--health-server-address"):
+            if (value := _arg(args, flag)) is not None:
+                listening.append(value if ":" in value else f"127.0.0.1:{value}")
+        health = _arg(args, "--health-server-address")
+        assert f"'{health}'" in " ".join(service["healthcheck"]["test"]), name
+    assert all(a.startswith("127.0.0.1:") for a in listening)
+    assert len(listening) == len(set(listening)), sorted(listening)
+    assert _arg(_command(services["serverapp"])[1], "--runtime-api-address") == f"127.0.0.1:{port}"
+    for name, service in _services({"services": services}, "supernode-").items():
+        args = _command(service)[1]
+        assert _arg(args, "--superlink") == f"127.0.0.1:{port}", name
+        app_args = _command(services["clientapp-" + name.removeprefix("supernode-")])[1]
+        assert _arg(app_args, "--runtime-api-address") == f"127.0.0.1:{_arg(args, '--port')}"
+    assert all(s["build"]["network"] == "host" for s in services.values() if "build" in s)
+
+
+def test_compose_services_have_an_init_and_the_build_context_holds_only_the_project(
+    compose,
+) -> None:
+    assert all(s.get("init") is True for s in compose["services"].values())
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[[line.strip() for line in ignore].index("**")] == "**"  # everything out first
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copied = re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    sources = {p for line in copied for p in line.split()}
+    assert sources <= allowed, sources - allowed
+    for recipe in ("Dockerfile", "deploy/flwr-local.Dockerfile"):
+        for source in re.findall(r"source=(\S+?),", (ROOT / recipe).read_text()):
+            assert source in allowed and (ROOT / source).is_dir(), (recipe, source)
+    assert ".venv" not in allowed and "runs" not in allowed
+
+
+def test_compose_check_script_parses_and_stops_what_it_starts() -> None:
+    script = ROOT / "deploy" / "compose_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "trap cleanup EXIT" in text and "compose down" in text
+    assert "--owner 49999" in text and "umask 077" in text
 
 
 # ---- deploy/k8s -----------------------------------------------------------------------------

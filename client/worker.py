@@ -32,16 +32,26 @@ are one protocol, whose other end is client/client_app.py.)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import os
+import queue
 import signal
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
+from multiprocessing.connection import (
+    AuthenticationError,
+    Client,
+    Connection,
+    Listener,
+    answer_challenge,
+    deliver_challenge,
+)
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +69,12 @@ KINDS = ("train", "evaluate")
 PROTOCOL = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_CONTENT_BYTES = 1 << 31
+# A connection must prove the key within HANDSHAKE_SECONDS and start its request within
+# REQUEST_SECONDS of that, or it is closed; at most MAX_PENDING connections may wait so at
+# once (more are closed at once). An idle peer never holds up the requests behind it.
+HANDSHAKE_SECONDS = 5.0
+REQUEST_SECONDS = 30.0
+MAX_PENDING = 8
 _UNIX_PATH_MAX = 104  # the shortest sun_path limit among Linux (108) and macOS (104)
 
 
@@ -218,14 +234,15 @@ def serve(
             os.umask(old_umask)
         with listener:
             logger.info("device worker (pid %d) ready on %s", os.getpid(), path)
-            while True:
+            ready: queue.Queue[Connection] = queue.Queue()
+            gate = _Handshakes(key, ready)
+            threading.Thread(
+                target=gate.accept_forever, args=(listener,), name="worker-accept", daemon=True
+            ).start()
+            while True:  # one request at a time, in the order their handshakes completed
                 try:
-                    conn = listener.accept()
-                except AuthenticationError as err:
-                    logger.warning("refused a connection: %s", err)
-                    continue
-                except (EOFError, OSError) as err:  # the peer left during the handshake
-                    logger.debug("connection closed during the handshake: %s", err)
+                    conn = ready.get(timeout=1.0)  # wakes to let SIGTERM stop the worker
+                except queue.Empty:
                     continue
                 with conn:
                     _answer(conn, device, secagg_states)
@@ -235,6 +252,66 @@ def serve(
         for p in (path, key_path(path)):
             p.unlink(missing_ok=True)
         logger.info("device worker on %s stopped", path)
+
+
+class _Handshakes:
+    """Accepts connections and runs each one's HMAC handshake on its own thread, under a
+    deadline (:data:`HANDSHAKE_SECONDS`: a peer that stays silent is closed; an authenticated
+    one must start its request within :data:`REQUEST_SECONDS`) and a bound (:data:`MAX_PENDING`
+    connections waiting at once); connections with a request waiting go to ``ready``."""
+
+    def __init__(self, key: bytes, ready: queue.Queue[Connection]) -> None:
+        self.key = key
+        self.ready = ready
+        self.pending = threading.BoundedSemaphore(MAX_PENDING)
+
+    def accept_forever(self, listener: Listener) -> None:
+        # ``Listener.accept`` would run the handshake here, blocking on a silent peer: take the
+        # raw connection from its socket listener and authenticate it on a thread instead.
+        raw = listener._listener  # type: ignore[attr-defined]
+        while True:
+            try:
+                conn = raw.accept()
+            except OSError:  # the listener was closed: the worker is stopping
+                return
+            if not self.pending.acquire(blocking=False):
+                logger.warning("refused a connection: %d handshakes already pending", MAX_PENDING)
+                conn.close()
+                continue
+            threading.Thread(target=self._handshake, args=(conn,), daemon=True).start()
+
+    def _handshake(self, conn: Connection) -> None:
+        timer = threading.Timer(HANDSHAKE_SECONDS, _shut_down, args=(conn,))
+        timer.start()
+        try:
+            try:
+                deliver_challenge(conn, self.key)
+                answer_challenge(conn, self.key)
+            finally:
+                timer.cancel()
+            if not conn.poll(REQUEST_SECONDS):  # authenticated, but sends nothing
+                raise TimeoutError(f"no request within {REQUEST_SECONDS:.0f} s")
+        except AuthenticationError as err:
+            logger.warning("refused a connection: %s", err)
+            conn.close()
+            return
+        except (EOFError, OSError, ValueError) as err:  # left, timed out or closed mid-way
+            logger.warning("closed a connection before its request: %s", err)
+            conn.close()
+            return
+        finally:
+            self.pending.release()
+        self.ready.put(conn)
+
+
+def _shut_down(conn: Connection) -> None:
+    """End ``conn``'s socket both ways: a read blocked on it (another thread's) returns EOF."""
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
 
 
 def _answer(

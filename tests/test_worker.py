@@ -10,11 +10,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Client
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from client.client_app import DeviceError
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
 from common.config import parse_run_config
-from common.crypto import create_key_file
+from common.crypto import create_key_file, read_key_file
 from common.serialization import to_arrayrecord
 from simulations.simulate import PROJECT_DIR
 from tests.conftest import (
@@ -180,6 +182,51 @@ def test_wrong_key_is_refused_and_the_worker_serves_on(tmp_path, running_worker,
 
     with pytest.raises(DeviceError, match="rejected-message"):
         worker.forward(str(sock), "evaluate", RecordDict(), ctx)  # answered: it serves on
+
+
+def _connect(sock: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(sock))
+    return s
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    """Whether the worker ended ``s`` (after its challenge, if it sent one) within 10 s."""
+    s.settimeout(10)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        s.close()
+
+
+def test_idle_connections_do_not_stall_the_worker(running_worker) -> None:
+    # Prepare: a silent peer (no handshake) and an authenticated one that sends no request.
+    sock, proc = running_worker
+    idle = _connect(sock)
+    silent = Client(str(sock), family="AF_UNIX", authkey=read_key_file(worker.key_path(sock)))
+
+    # Execute: a health probe from a third client while both hang.
+    start = time.monotonic()
+    alive = worker.ping(sock)
+    waited = time.monotonic() - start
+
+    # Assert: answered at once, not behind them; both are closed by their deadlines.
+    assert alive and waited < worker.HANDSHAKE_SECONDS, waited
+    assert _closed_by_peer(idle)
+    assert silent.poll(worker.REQUEST_SECONDS + 10)  # EOF: the worker closed it
+    with pytest.raises(EOFError):
+        silent.recv_bytes()
+    silent.close()
+
+    # A flood of silent connections beyond the bound: the extra ones are refused at once,
+    # the rest dropped at the handshake deadline, and then the worker answers again.
+    flood = [_connect(sock) for _ in range(worker.MAX_PENDING + 4)]
+    assert all(_closed_by_peer(s) for s in flood)
+    assert proc.poll() is None and worker.ping(sock)
 
 
 def test_unknown_kind_and_an_empty_message_are_errors(running_worker) -> None:

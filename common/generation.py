@@ -117,6 +117,7 @@ def sample(
     *,
     n: int = 1,
     max_new_tokens: int,
+    min_new_tokens: int = 0,
     temperature: float = 0.8,
     top_p: float = 0.95,
     seed: int | None = None,
@@ -133,6 +134,7 @@ def sample(
         prompts: Rendered prompts (:func:`render`), left-padded together.
         n: Samples per prompt.
         max_new_tokens: Length limit per completion.
+        min_new_tokens: No end of turn before this many tokens (benchmarks: a fixed length).
         temperature: Sampling temperature.
         top_p: Nucleus sampling mass.
         seed: Seeds torch's generator first (reproducible samples).
@@ -169,6 +171,7 @@ def sample(
         temperature=temperature,
         top_p=top_p,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
         pad_token_id=pad,
         streamer=stream if streaming else None,
         stopping_criteria=StoppingCriteriaList([_Halt(stream, cancel)]),

@@ -61,7 +61,7 @@ fi
 if [ ! -f certs/ca.crt ]; then
   say "certificates (scripts/make_certs.py)"
   owner=(); [ "$(id -u)" = 0 ] && owner=(--owner 49999)
-  "$PY" scripts/make_certs.py --out certs --nodes 2 "${owner[@]}"
+  "$PY" scripts/make_certs.py --out certs --nodes 2 --host superlink "${owner[@]}"
 fi
 if [ ! -f .env ]; then
   umask 077

@@ -233,14 +233,45 @@ def unwrap_data_key(path: Path, secret: Secret) -> bytes:
         ) from None
 
 
-def shred(path: Path) -> None:
-    """Overwrite ``path`` with random bytes, fsync, then delete it (best effort on SSDs)."""
+def shred(path: Path) -> bool:
+    """Overwrite ``path`` with random bytes, fsync, then delete it (best effort on SSDs and
+    copy-on-write filesystems). Never follows a symbolic link: a link is removed unread and its
+    target left untouched; anything but a regular file is refused the same way.
+
+    Returns:
+        Whether a regular file's bytes were overwritten (``False``: nothing there, or a link
+        or special file that was only unlinked).
+    """
     path = Path(path)
-    if not path.exists():
-        return
-    size = path.stat().st_size
-    with open(path, "r+b") as handle:
-        handle.write(secrets.token_bytes(max(size, 1)))
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        if not os.path.islink(path):
+            raise
+        path.unlink()  # a planted link: removed, its target never opened
+        _log_refused(path, err)
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file; refusing to overwrite it")
+        remaining = max(info.st_size, 1)
+        while remaining:
+            remaining -= os.write(fd, secrets.token_bytes(min(remaining, 1 << 20)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     path.unlink()
+    return True
+
+
+def _log_refused(path: Path, err: OSError) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "not following the symbolic link %s (%s): the link was removed, its target untouched",
+        path,
+        err.strerror,
+    )

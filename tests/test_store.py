@@ -281,6 +281,59 @@ def test_passphrase_change_rewraps_the_key(tmp_path) -> None:
         assert store.count_interactions() == 1
 
 
+def test_passphrase_change_shreds_the_file_that_held_the_old_wrapping(tmp_path) -> None:
+    # Prepare: a second name for the wrapped key's inode (what an old copy on disk would be).
+    new = Secret(passphrase="a much better passphrase")
+    store = _new(tmp_path)
+    peek = tmp_path / "peek"
+    os.link(tmp_path / "dev" / KEY_FILE, peek)
+    old_bytes = peek.read_bytes()
+
+    # Execute
+    store.change_secret(PASS, new)
+    store.close()
+
+    # Assert: the old inode now holds random bytes of the same length (the old passphrase
+    # unwraps nothing left behind); no helper file stays; the new secret opens the store.
+    assert len(peek.read_bytes()) == len(old_bytes) and peek.read_bytes() != old_bytes
+    with pytest.raises(ValueError):
+        json.loads(peek.read_bytes())
+    assert sorted(p.name for p in (tmp_path / "dev").iterdir() if "key" in p.name) == [KEY_FILE]
+    LocalStore.open(tmp_path / "dev", new).close()
+
+
+def test_forget_never_follows_a_planted_symlink(tmp_path) -> None:
+    # Prepare: a link named like SQLite's journal, pointing at a file outside the store.
+    with _new(tmp_path) as store:
+        store.add_interaction("q", "a")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "dev" / f"{DB_FILE}-journal").symlink_to(victim)
+
+    # Execute
+    removed = LocalStore.forget(tmp_path / "dev")
+
+    # Assert: the link is gone, its target untouched; the store itself was erased.
+    assert f"{DB_FILE}-journal" in removed and KEY_FILE in removed
+    assert victim.read_text() == "precious"
+    assert not os.path.lexists(tmp_path / "dev" / f"{DB_FILE}-journal")
+    assert not LocalStore.exists(tmp_path / "dev")
+
+
+def test_shred_overwrites_regular_files_only(tmp_path) -> None:
+    from common.crypto import shred
+
+    target = tmp_path / "t"
+    target.write_bytes(b"x" * 10)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert shred(link) is False and target.read_bytes() == b"x" * 10 and not link.exists()
+    assert shred(tmp_path / "missing") is False
+    with pytest.raises(OSError, match="not a regular file|Is a directory"):
+        shred(tmp_path)
+    assert shred(target) is True and not target.exists()
+
+
 def test_batch_lands_all_writes_or_none(tmp_path) -> None:
     with open_test_store(tmp_path / "dev") as store:
         store.put_blob("a", b"old-a")

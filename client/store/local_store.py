@@ -177,6 +177,7 @@ class LocalStore(History, Blobs):
                 )
             raise StoreNotFound(f"no device store in {root}; run `fedpersona device init`")
         data_key = unwrap_data_key(root / KEY_FILE, secret)
+        shred(root / f"{KEY_FILE}.old")  # left by a passphrase change that was interrupted
         return cls._connect(root, data_key, retention_days=retention_days, migrations=migrations)
 
     @classmethod
@@ -261,9 +262,16 @@ class LocalStore(History, Blobs):
             logger.info("device store %s migrated to schema v%d", self.root, target)
 
     def change_secret(self, current: Secret, new: Secret) -> None:
-        """Re-wrap the data key under a new passphrase or key file."""
-        data_key = unwrap_data_key(self.root / KEY_FILE, current)
-        write_wrapped_key(self.root / KEY_FILE, new, data_key)
+        """Re-wrap the data key under a new passphrase or key file; the file that held it
+        under the old secret is shredded (its inode kept aside by a hard link while the new
+        one is written atomically), so the old passphrase unlocks nothing left behind."""
+        key = self.root / KEY_FILE
+        data_key = unwrap_data_key(key, current)
+        old = self.root / f"{KEY_FILE}.old"
+        shred(old)  # a previous change interrupted before its shred
+        os.link(key, old)
+        write_wrapped_key(key, new, data_key)
+        shred(old)
 
     EXPORT_KEYS = frozenset(
         {"schema_version", "meta", "profile", "interactions", "feedback", "examples", "blobs"}
@@ -332,13 +340,11 @@ class LocalStore(History, Blobs):
         """
         root = Path(root)
         removed = []
-        key = root / KEY_FILE
-        if key.exists():
-            shred(key)
-            removed.append(KEY_FILE)
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            path = root / f"{DB_FILE}{suffix}"
-            if path.exists():
+        names = [KEY_FILE, f"{KEY_FILE}.old"]
+        names += [f"{DB_FILE}{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
+        for name in names:  # the wrapped key first; links are removed, never followed
+            path = root / name
+            if os.path.lexists(path):
                 shred(path)
-                removed.append(path.name)
+                removed.append(name)
         return removed

@@ -468,7 +468,11 @@ class Device:
         # tensors, ledger and record, or with all three of this round's (the update is only
         # sent after the charge is committed).
         with self.store.batch():
-            self.state.save_personal({n: after[n] for n in self.rt.personal_names})
+            # Merged with any feedback the user gave meanwhile (device serve, another process).
+            self.state.update_personal(
+                {n: start[n] for n in self.rt.personal_names},
+                {n: after[n] for n in self.rt.personal_names},
+            )
             if local_only is not None:
                 baseline.save(self.store, local_only)
             self.ledger.charge(server_round=server_round, record=record, user=user, run=run)

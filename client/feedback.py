@@ -144,6 +144,8 @@ class FeedbackLearning:
         example = self._encode(prompt, context, target)
         graphed = self._graphed_adapter()  # built once on a GPU, before the tensors below
         personal = self.personal_tensors()
+        trained = self.personal_tensors(mix_weight=0.0)
+        before = {n: trained[n] for n in self.rt.personal_names}  # what the steps start from
         # Prequential: both models score the example before it is trained on.
         load_lora_tensors(self.rt.model, self.global_tensors())
         global_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
@@ -172,8 +174,10 @@ class FeedbackLearning:
             self.activate()  # back to the stored tensors; nothing was saved
             raise
         params = dict(self.rt.model.named_parameters())
-        self.state.save_personal(
-            {n: params[n].detach().to("cpu", torch.float32) for n in self.rt.personal_names}
+        # Merged with a federated round that landed meanwhile (the worker, another process).
+        self.state.update_personal(
+            before,
+            {n: params[n].detach().to("cpu", torch.float32) for n in self.rt.personal_names},
         )
         self.store.put_json(GATE_BLOB, self.gate.state_dict())
         self.store.put_json(DRIFT_BLOB, self.drift.state_dict())

@@ -14,6 +14,7 @@ silently mixed.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,8 @@ from common.config import ModelConfig, RunConfig, parse_run_config
 
 if TYPE_CHECKING:  # torch is imported by the tensor functions only: status needs no model
     import torch
+
+logger = logging.getLogger(__name__)
 
 PERSONAL_BLOB = "personal"
 GLOBAL_BLOB = "global"
@@ -239,6 +242,38 @@ class DeviceState:
     def save_personal(self, tensors: dict[str, torch.Tensor]) -> None:
         """Persist the personal tensors (one transaction)."""
         self.store.put_blob(PERSONAL_BLOB, tensors_to_bytes(tensors, self._expect))
+
+    def update_personal(
+        self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+    ) -> None:
+        """Persist personal tensors trained from ``before`` to ``after``, without losing
+        another writer's update: ``device serve``'s feedback and the worker's federated round
+        both read, train and write them, from separate processes. Read and written in one
+        write transaction (or at the commit of the open batch): if the stored tensors are
+        still ``before``, ``after`` is written; if someone else changed them meanwhile, their
+        value plus this update (``stored + after − before``) — both updates land.
+        """
+        import torch
+
+        names = list(after)
+
+        def merge(current: bytes | None) -> bytes:
+            stored = None if current is None else tensors_from_bytes(current, "personal")
+            if stored is None or all(
+                n in stored and n in before and torch.equal(stored[n], before[n].to(stored[n]))
+                for n in names
+            ):
+                return tensors_to_bytes(after, self._expect)
+            logger.info("personal tensors changed while training: both updates kept")
+            merged = {
+                n: stored[n] + (after[n] - before[n].to(after[n])).to(stored[n])
+                if n in stored and n in before
+                else after[n]
+                for n in names
+            }
+            return tensors_to_bytes(merged, self._expect)
+
+        self.store.put_blob_with(PERSONAL_BLOB, merge)
 
     def load_global(self) -> dict[str, torch.Tensor] | None:
         """The last global shared tensors received, or ``None``."""

@@ -39,6 +39,7 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 WRAP_VERSION = 1
 PASSPHRASE_ENV = "FEDPERSONA_PASSPHRASE"
+PASSPHRASE_FILE_ENV = "FEDPERSONA_PASSPHRASE_FILE"  # a file holding it (a container secret)
 
 
 class StoreKeyError(Exception):
@@ -73,7 +74,8 @@ class Secret:
 
 
 def resolve_secret(*, passphrase: str | None = None, key_file: Path | str | None = None) -> Secret:
-    """The secret to use: an explicit passphrase, a key file, or ``$FEDPERSONA_PASSPHRASE``.
+    """The secret to use: an explicit passphrase, a key file, ``$FEDPERSONA_PASSPHRASE``, or
+    the file ``$FEDPERSONA_PASSPHRASE_FILE`` names (its one line).
 
     Raises:
         ValueError: If none is available.
@@ -85,9 +87,16 @@ def resolve_secret(*, passphrase: str | None = None, key_file: Path | str | None
     env = os.environ.get(PASSPHRASE_ENV)
     if env:
         return Secret(passphrase=env)
+    file = os.environ.get(PASSPHRASE_FILE_ENV)
+    if file:  # e.g. a container secret: not in the environment `docker inspect` shows
+        try:
+            text = Path(file).read_text()
+        except OSError as err:
+            raise ValueError(f"cannot read {PASSPHRASE_FILE_ENV}={file}: {err.strerror}") from None
+        return Secret(passphrase=text.removesuffix("\n"))
     raise ValueError(
-        f"no key for the device store: pass --key-file, or set {PASSPHRASE_ENV} (or enter a "
-        "passphrase when asked)"
+        f"no key for the device store: pass --key-file, or set {PASSPHRASE_ENV} or "
+        f"{PASSPHRASE_FILE_ENV} (or enter a passphrase when asked)"
     )
 
 

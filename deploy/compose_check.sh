@@ -14,7 +14,7 @@
 # CAs (/usr/local/share/ca-certificates) and a CPU torch wheel from $PIP_FIND_LINKS are handed
 # to the builds. Host networking (deploy/compose.host.yml) unless COMPOSE_BRIDGE=1.
 # Starts only containers of the `fedpersona` project and stops them all (`down`), also on
-# failure; writes certs/ and .env in the project (0600, ignored by git) once.
+# failure; writes certs/ and secrets/ in the project (ignored by git) once.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -63,13 +63,15 @@ if [ ! -f certs/ca.crt ]; then
   owner=(); [ "$(id -u)" = 0 ] && owner=(--owner 49999)
   "$PY" scripts/make_certs.py --out certs --nodes 2 --host superlink "${owner[@]}"
 fi
-if [ ! -f .env ]; then
-  umask 077
-  printf 'FEDPERSONA_PASSPHRASE_0=%s\nFEDPERSONA_PASSPHRASE_1=%s\n' \
-    "$("$PY" -c 'import secrets; print(secrets.token_hex(24))')" \
-    "$("$PY" -c 'import secrets; print(secrets.token_hex(24))')" > .env
-  umask 022
-fi
+# Each device worker's passphrase: a secret file (0400, the containers' user), never an
+# environment variable.
+mkdir -p -m 700 secrets
+for i in 0 1; do
+  if [ ! -f "secrets/passphrase-$i" ]; then
+    (umask 277; "$PY" -c 'import secrets; print(secrets.token_hex(24))' > "secrets/passphrase-$i")
+    if [ "$(id -u)" = 0 ]; then chown 49999:49999 "secrets/passphrase-$i"; fi
+  fi
+done
 
 say "build"
 t=$(now); compose build >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
@@ -135,10 +137,9 @@ done
 
 rounds_of() {  # rounds device $1's store has trained
   compose run --rm --no-deps --entrypoint python "worker-$1" -c "
-import os
 from client.store import LocalStore
-from common.crypto import Secret
-with LocalStore.open('/device', Secret(passphrase=os.environ['FEDPERSONA_PASSPHRASE'])) as s:
+from common.crypto import resolve_secret
+with LocalStore.open('/device', resolve_secret()) as s:
     d = s.get_json('device') or {}
     print(d.get('rounds_trained', 0), int(s.get_blob('personal') is not None))" | tail -1
 }

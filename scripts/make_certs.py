@@ -21,7 +21,8 @@ Writes into ``--out``:
 
 Private keys and the secret are written with mode 0600, certificates and public keys 0644. An
 existing output is never overwritten unless ``--force`` is given. Containers of the official
-Flower images run as uid 49999: ``--owner 49999`` (as root) hands the files to that user.
+Flower images run as uid 49999: ``--owner 49999`` (as root) hands the files the containers
+read to that user — not ``ca.key``, which no container needs (keep it offline).
 """
 
 from __future__ import annotations
@@ -262,12 +263,13 @@ def make_certs(
 
 
 def _chown(files: CertFiles, owner: str, nodes: int) -> None:
-    """Hand every written file (and the folder) to ``UID[:GID]``."""
+    """Hand the files a container reads to ``UID[:GID]`` — never the CA's private key, which
+    stays with whoever ran this (it signs; no container needs it)."""
     uid_text, _, gid_text = owner.partition(":")
     uid, gid = int(uid_text), int(gid_text or uid_text)
-    os.chown(files.out, uid, gid)
     for name in expected_files(nodes):
-        os.chown(files.out / name, uid, gid)
+        if name != "ca.key":
+            os.chown(files.out / name, uid, gid)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -285,7 +287,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--owner",
         default=None,
-        help="UID[:GID] to own the files (needs root); 49999 for the Flower images' user",
+        help="UID[:GID] to own the files containers read, not ca.key (needs root); 49999 for "
+        "the Flower images' user",
     )
     return parser.parse_args(argv)
 

@@ -342,8 +342,18 @@ def test_compose_is_secure_by_default(compose) -> None:
         assert _arg(args, "--root-certificates") and _arg(args, "--auth-supernode-private-key")
     for name, service in _services(compose, "worker-").items():
         i = name.removeprefix("worker-")
-        value = service["environment"]["FEDPERSONA_PASSPHRASE"]
-        assert value.startswith(f"${{FEDPERSONA_PASSPHRASE_{i}:?"), value
+        # The passphrase is a secret file, never in the environment (`docker inspect`).
+        assert "FEDPERSONA_PASSPHRASE" not in service["environment"], name
+        assert service["secrets"] == [f"passphrase-{i}"], name
+        assert (
+            service["environment"]["FEDPERSONA_PASSPHRASE_FILE"] == f"/run/secrets/passphrase-{i}"
+        )
+        assert compose["secrets"][f"passphrase-{i}"] == {"file": f"./secrets/passphrase-{i}"}
+    # Every container: no capabilities, no privilege gain, a read-only root filesystem.
+    for name, service in services.items():
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert service.get("read_only") is True and "/tmp" in service.get("tmpfs", []), name
 
 
 def test_compose_clientapps_get_the_workers_socket_and_nothing_of_the_device(compose) -> None:
@@ -472,7 +482,7 @@ def test_compose_check_script_parses_and_stops_what_it_starts() -> None:
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     assert "trap cleanup EXIT" in text and "compose down" in text
-    assert "--owner 49999" in text and "umask 077" in text
+    assert "--owner 49999" in text and "umask 277" in text  # key material: owner-only
 
 
 # ---- deploy/k8s -----------------------------------------------------------------------------
@@ -511,6 +521,24 @@ def test_k8s_commands_use_only_flags_of_the_pinned_clis(k8s_docs, cli_flags) -> 
 
     # Assert
     assert unknown == []
+
+
+def test_k8s_pods_meet_the_restricted_pod_security_standard(k8s_docs) -> None:
+    # The namespace enforces `restricted`; every pod and container is set up to pass it, with
+    # a read-only root filesystem whose writable paths are volumes.
+    namespace = next(d for d in k8s_docs if d["kind"] == "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    containers = _containers(k8s_docs)
+    assert containers
+    for name, (container, pod) in containers.items():
+        ctx, sec = pod["securityContext"], container["securityContext"]
+        assert ctx["runAsNonRoot"] is True and ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert sec["allowPrivilegeEscalation"] is False and sec["capabilities"] == {"drop": ["ALL"]}
+        assert sec["readOnlyRootFilesystem"] is True, name
+        mounted = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {"/tmp", "/app/.flwr"} <= mounted, name
+        declared = {v["name"] for v in pod["volumes"]}
+        assert {m["name"] for m in container["volumeMounts"]} <= declared, name
 
 
 def test_k8s_superlink_state_probes_and_service(k8s_docs) -> None:
@@ -675,3 +703,16 @@ def test_make_certs_rejects_bad_arguments(tmp_path) -> None:
     res = _make_certs(tmp_path / "c", "--nodes", "0")
     assert res.returncode == 1 and "--nodes must be >= 1" in res.stderr
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing files to another user needs root")
+def test_make_certs_owner_gets_what_containers_read_but_never_the_ca_key(tmp_path) -> None:
+    # Execute
+    res = _make_certs(tmp_path / "certs", "--nodes", "1", "--owner", "49999")
+
+    # Assert: every file a container mounts belongs to the containers' user; the CA's private
+    # key (it signs, no container needs it) stays with whoever ran the script.
+    assert res.returncode == 0, res.stderr
+    owners = {p.name: p.stat().st_uid for p in (tmp_path / "certs").iterdir()}
+    assert owners.pop("ca.key") == os.geteuid()
+    assert set(owners.values()) == {49999}, owners

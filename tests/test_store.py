@@ -410,3 +410,38 @@ def test_passphrases_are_stretched_at_scrypt_n_2_17_and_old_stores_still_open(
         assert store.get_meta("kept") == "yes"
     with pytest.raises(WrongKey):
         LocalStore.open(tmp_path / "dev", old)
+
+
+def test_a_feedback_and_a_federated_round_racing_on_one_store_both_land(tmp_path) -> None:
+    # Prepare: two connections to one store — the worker's round and `device serve`'s
+    # feedback, each holding the device's state — both starting from the same personal P0.
+    import torch
+
+    from client.state import DeviceState
+
+    def state(store):  # type: ignore[no-untyped-def]
+        return DeviceState(store, user="u1", strategy="blend", model="tiny", lora="r4")
+
+    p0 = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.5]])}
+    with _new(tmp_path) as round_store, LocalStore.open(tmp_path / "dev", PASS) as serve_store:
+        state(round_store).save_personal(p0)
+        round_start = state(round_store).load_personal()
+        feedback_start = state(serve_store).load_personal()
+        round_after = {n: t + 0.25 for n, t in round_start.items()}  # the round's training
+        feedback_after = {n: t - 1.0 for n, t in feedback_start.items()}  # a feedback's steps
+
+        # Execute: the feedback lands first, then the round (inside its batch, as Device.train
+        # writes it with the ledger).
+        state(serve_store).update_personal(feedback_start, feedback_after)
+        with round_store.batch():
+            state(round_store).update_personal(round_start, round_after)
+
+        # Assert: both updates are in the stored tensors (P0 + 0.25 − 1.0), seen by both.
+        for store in (round_store, serve_store):
+            got = state(store).load_personal()
+            for n, t in p0.items():
+                assert torch.allclose(got[n], t + 0.25 - 1.0), (n, got[n])
+        # A writer alone writes exactly its result (no merge arithmetic).
+        exact = {n: t * 3 for n, t in p0.items()}
+        state(serve_store).update_personal(state(serve_store).load_personal(), exact)
+        assert all(torch.equal(state(round_store).load_personal()[n], exact[n]) for n in p0)

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from client.store.connection import Connection
 from client.store.errors import StoreCorrupted, StoreError
+
+
+def _current(cur: Any, name: str) -> bytes | None:
+    row = cur.execute("SELECT data FROM blobs WHERE name = ?", (name,)).fetchone()
+    return None if row is None else bytes(row[0])
 
 
 class Blobs(Connection):
@@ -33,6 +38,8 @@ class Blobs(Connection):
             with self.transaction() as cur:
                 now = time.time()
                 for name, data in pending.items():
+                    if callable(data):  # put_blob_with: computed from what is there now
+                        data = data(_current(cur, name))
                     cur.execute(
                         "INSERT OR REPLACE INTO blobs(name, data, updated) VALUES (?, ?, ?)",
                         (name, data, now),
@@ -49,6 +56,21 @@ class Blobs(Connection):
             cur.execute(
                 "INSERT OR REPLACE INTO blobs(name, data, updated) VALUES (?, ?, ?)",
                 (name, bytes(data), time.time()),
+            )
+
+    def put_blob_with(self, name: str, update: Callable[[bytes | None], bytes]) -> None:
+        """Replace blob ``name`` by ``update(its current value)``, read and written in one
+        write transaction (``BEGIN IMMEDIATE``: no other process or connection writes in
+        between) — or at the commit of the open :meth:`batch`. Two writers that each started
+        from an older value both land, if ``update`` merges."""
+        with self._lock:
+            if self._pending is not None:
+                self._pending[name] = update
+                return
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO blobs(name, data, updated) VALUES (?, ?, ?)",
+                (name, bytes(update(_current(cur, name))), time.time()),
             )
 
     def get_blob(self, name: str) -> bytes | None:

@@ -24,7 +24,8 @@ class Connection:
         self.root = Path(root)
         self._conn = conn
         self._lock = threading.RLock()
-        self._pending: dict[str, bytes] | None = None  # blobs of an open batch()
+        # Blobs of an open batch(): bytes, or a function of the current value (put_blob_with).
+        self._pending: dict[str, Any] | None = None
         self.retention_days = retention_days
 
     @property

@@ -236,7 +236,7 @@ def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False
         device,
         store=True,
     )
-    results["chat"] = bench_chat.bench(model)
+    results["chat"] = bench_chat.bench_in_fresh_process(model)  # a process like `device serve`
     grid = (
         [(100, 10), (1000, 10)]
         if quick_scaling

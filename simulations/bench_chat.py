@@ -259,6 +259,24 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_in_fresh_process(model: str = "smollm2", *, repeats: int = 5) -> dict:
+    """:func:`bench` in a new Python process, as ``device serve`` runs: there the model
+    thread is the only one that ever computes. In a process whose main thread already ran
+    torch (the rest of the suite), the two threads' OpenMP teams slow each other 1.4–2×."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="fp-bench-chat-out-") as out:
+        cmd = [sys.executable, "-m", "simulations.bench_chat", "--model", model]
+        subprocess.run(
+            [*cmd, "--repeats", str(repeats), "--out", out],
+            check=True,
+            capture_output=True,
+            timeout=1800,
+        )
+        return json.loads((Path(out) / "bench_chat.json").read_text())
+
+
 def suite_rows(c: dict) -> list[tuple[str, str]]:
     """The suite's rows (``fedpersona bench``) for results ``c`` of :func:`bench`."""
     rows = [

@@ -445,3 +445,18 @@ def test_a_feedback_and_a_federated_round_racing_on_one_store_both_land(tmp_path
         exact = {n: t * 3 for n, t in p0.items()}
         state(serve_store).update_personal(state(serve_store).load_personal(), exact)
         assert all(torch.equal(state(round_store).load_personal()[n], exact[n]) for n in p0)
+
+
+def test_passphrase_from_a_secret_file(tmp_path, monkeypatch) -> None:
+    from common.crypto import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV, resolve_secret
+
+    monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+    secret = tmp_path / "passphrase-0"
+    secret.write_text("a long enough passphrase\n")
+    monkeypatch.setenv(PASSPHRASE_FILE_ENV, str(secret))
+    assert resolve_secret() == Secret(passphrase="a long enough passphrase")
+    monkeypatch.setenv(PASSPHRASE_FILE_ENV, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=PASSPHRASE_FILE_ENV):
+        resolve_secret()
+    monkeypatch.setenv(PASSPHRASE_ENV, "the environment wins")  # an explicit variable first
+    assert resolve_secret().passphrase == "the environment wins"

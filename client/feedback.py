@@ -198,6 +198,7 @@ class FeedbackLearning:
     def _steps(
         self, examples: list[Encoded], weights: list[float] | None, steps: int
     ) -> tuple[float, float]:
+        """Feedback steps on the personal tensors (top layers): ``(first loss, ms)``."""
         return adapt_on_feedback(
             self.rt.model,
             self.rt.personal_names,

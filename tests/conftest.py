@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +180,23 @@ def tiny_assistant(data_dir: Path) -> tuple[LocalStore, Any, str]:
     store = open_test_store(data_dir)
     init_device(store, model="tiny")
     return store, Assistant(store), store.get_meta("api_token")
+
+
+@contextmanager
+def served_tiny_assistant(data_dir: Path) -> Iterator[tuple[Any, str, Any, str]]:
+    """A fresh tiny-model device (:func:`tiny_assistant`) served by a real uvicorn on
+    127.0.0.1: ``(an httpx client on it, the API token, the assistant, the URL)``; the server
+    is stopped and the store closed on exit."""
+    import httpx
+
+    from client.api import create_app
+
+    store, assistant, token = tiny_assistant(data_dir)
+    try:
+        with (
+            api_server(create_app(assistant, token=token)) as url,
+            httpx.Client(base_url=url, timeout=120) as client,
+        ):
+            yield client, token, assistant, url
+    finally:
+        store.close()

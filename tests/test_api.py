@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from client.api import check_loopback, create_app
-from tests.conftest import api_server, tiny_assistant
+from client.api import check_loopback
+from tests.conftest import served_tiny_assistant
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    store, assistant, token = tiny_assistant(tmp_path_factory.mktemp("api") / "dev")
-    with (
-        api_server(create_app(assistant, token=token)) as url,
-        httpx.Client(base_url=url, timeout=120) as client,
-    ):
-        yield client, token, assistant
-    store.close()
+    with served_tiny_assistant(tmp_path_factory.mktemp("api") / "dev") as (client, token, a, _):
+        yield client, token, a
 
 
 def _auth(token: str) -> dict[str, str]:

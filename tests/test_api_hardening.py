@@ -11,23 +11,17 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
 from client.api import MAX_BODY, create_app, loopback_host
 from client.state import rotate_api_token
-from tests.conftest import api_server, tiny_assistant
+from tests.conftest import served_tiny_assistant
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    store, assistant, token = tiny_assistant(tmp_path_factory.mktemp("hard") / "dev")
-    with (
-        api_server(create_app(assistant, token=token)) as url,
-        httpx.Client(base_url=url, timeout=120) as client,
-    ):
-        yield client, token, assistant, url
-    store.close()
+    with served_tiny_assistant(tmp_path_factory.mktemp("hard") / "dev") as served:
+        yield served
 
 
 def _raw(url: str, request: bytes, *, timeout: float = 10.0) -> tuple[int, bytes, float]:

@@ -26,6 +26,7 @@ from common.train import (
     decoder_layers,
     head_losses,
     reply_token_losses,
+    splittable,
     training_autocast,
     unfreeze_only,
 )
@@ -70,7 +71,7 @@ def adapt_on_feedback(
     on SmolLM2 (30 layers), k = 4 makes a step ~5× cheaper. The federated round still trains
     every layer; feedback nudges the layers nearest the output, where a preferred wording
     shows most. Decoders whose input embeddings are not transformed inside the model only
-    (:func:`splittable`); elsewhere every layer trains.
+    (:func:`common.train.splittable`); elsewhere every layer trains.
 
     Args:
         model: The peft model with the device's current tensors loaded.
@@ -139,18 +140,6 @@ def adapt_on_feedback(
     if device.type == "cuda":
         torch.cuda.synchronize()
     return first, (time.perf_counter() - start) * 1000
-
-
-# Decoder families whose forward takes ``inputs_embeds`` as the residual stream unchanged (no
-# embedding scale inside the model), so running layers [0, k) and then [k, n) from the hidden
-# state equals one pass: what the split feedback step (and HeldOutLosses) relies on.
-SPLITTABLE = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
-def splittable(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s decoder may be run in two parts (:data:`SPLITTABLE`)."""
-    lm = causal_lm(model)
-    return getattr(lm.config, "model_type", None) in SPLITTABLE
 
 
 def _layer_of(name: str) -> int | None:

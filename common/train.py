@@ -171,6 +171,17 @@ def head_losses(
     return losses, mask.nonzero()[:, 0]
 
 
+# Decoder families whose forward takes ``inputs_embeds`` as the residual stream unchanged (no
+# embedding scale inside the model), so running layers [0, k) and then [k, n) from the hidden
+# state equals one pass: what HeldOutLosses and the split feedback step rely on.
+SPLITTABLE = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def splittable(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s decoder may be run in two parts (:data:`SPLITTABLE`)."""
+    return getattr(causal_lm(model).config, "model_type", None) in SPLITTABLE
+
+
 @contextlib.contextmanager
 def decoder_layers(decoder: torch.nn.Module, layers: slice, *, final_norm: bool):  # type: ignore[no-untyped-def]
     """Run ``decoder`` over a slice of its layers (and its final norm only if asked)."""
@@ -192,7 +203,7 @@ class HeldOutLosses:
     decoder layer ``first_lora_layer`` > 0 (``model.lora-layers``), every version computes the
     same layers below it: their output is computed once, here, and each version runs only the
     layers above — k versions cost about one pass through the lower layers plus k through the
-    upper ones.
+    upper ones (for the decoders :func:`splittable` names; elsewhere every pass is whole).
 
     Args:
         model: The (peft) causal LM.
@@ -219,7 +230,8 @@ class HeldOutLosses:
         self.lm = causal_lm(model)
         self.decoder = self.lm.get_decoder()
         n_layers = len(self.decoder.layers)
-        self.split = first_lora_layer if 0 < first_lora_layer < n_layers else 0
+        share = 0 < first_lora_layer < n_layers and splittable(model)
+        self.split = first_lora_layer if share else 0
         self.lower: list[torch.Tensor] = []
         if self.split:
             model.eval()
@@ -236,7 +248,7 @@ class HeldOutLosses:
         decoder ``layer``: those layers run once, here, and each version only the layers from
         ``layer`` up (``blend``'s personal + w·global for every w, the global adapter living in
         the upper layers only). ``self`` when ``layer`` saves nothing."""
-        if not self.split < layer < len(self.decoder.layers):
+        if not (self.split < layer < len(self.decoder.layers) and splittable(self.model)):
             return self
         fork = copy.copy(self)
         self.model.eval()

@@ -163,7 +163,7 @@ class FeedbackLearning:
                 personal_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
                 drift = self._record(personal_loss, global_loss)
                 if self.rt.strategy.mixed:  # blend's personal adapter learns without global
-                    hot_swap(self.rt.model, self.personal_tensors(mix_weight=0.0))
+                    hot_swap(self.rt.model, trained)
                 if drift:
                     ms = self._replay()
                 elif graphed is not None:

@@ -29,6 +29,7 @@ import torch
 
 from common.data import IGNORE_INDEX, Encoded, collate, pack
 from common.model import compute_dtype
+from common.packed_attention import packed_rows
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +148,31 @@ def reply_token_losses(
     the usual causal-LM losses on fp32 logits.
     """
     lm = causal_lm(model)
-    hidden = lm.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),  # a packed row (common.data.pack)
-        use_cache=False,
-    ).last_hidden_state
+    with packed_attention_for(lm, batch):
+        hidden = lm.get_decoder()(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),  # a packed row (common.data.pack)
+            use_cache=False,
+        ).last_hidden_state
     return head_losses(lm, hidden, batch["labels"])
+
+
+def packed_attention_for(
+    lm: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> contextlib.AbstractContextManager[object]:
+    """Per-sample attention (:mod:`common.packed_attention`) for a packed row on a CPU — no
+    score computed across samples; the model's own attention elsewhere (padded batches, and
+    GPUs, whose SDPA kernels take the block mask at little cost)."""
+    positions = batch.get("position_ids")
+    if (
+        positions is None
+        or batch.get("attention_mask") is not None
+        or positions.device.type != "cpu"
+        or positions.shape[0] != 1
+    ):
+        return contextlib.nullcontext()
+    return packed_rows(lm, positions)
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -166,9 +185,61 @@ def head_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     shifted = labels[:, 1:]
     mask = shifted != -100
-    logits = lm.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    head = lm.get_output_embeddings()
+    held = getattr(lm, _HEAD_ATTR, None)  # the head in bf16 for a round (frozen_weights_in)
+    if held is not None and torch.is_autocast_enabled("cpu"):
+        logits = torch.nn.functional.linear(hidden[:, :-1][mask], held, head.bias).float()
+    else:
+        logits = head(hidden[:, :-1][mask]).float()
     losses = torch.nn.functional.cross_entropy(logits, shifted[mask], reduction="none")
     return losses, mask.nonzero()[:, 0]
+
+
+_HEAD_ATTR = "_fedpersona_head_in_training_dtype"
+
+
+@contextlib.contextmanager
+def frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """The base's frozen linear weights held in ``dtype`` for the block, restored after.
+
+    CPU autocast casts an fp32 weight to bf16 at every call (it caches only casts of tensors
+    that require gradients), so a frozen base is re-cast on every forward of every step —
+    ~8 % of a SmolLM2 step on 2 cores. Holding the decoder's frozen linear weights (and the
+    output layer, which may share its weight with the input embeddings and therefore gets its
+    own copy) in bf16 for a round casts them once: the values are the ones autocast would
+    compute, so training is unchanged. LoRA tensors, norms and embeddings stay as they are.
+    """
+    lm = causal_lm(model)
+    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    for name, module in lm.get_decoder().layers.named_modules():
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(module, torch.nn.Linear)
+            and "lora_" not in name
+            and weight is not None
+            and not weight.requires_grad
+            and weight.dtype == torch.float32
+        ):
+            saved.append((weight, weight.data))
+            weight.data = weight.data.to(dtype)
+    head = lm.get_output_embeddings()
+    if head is not None and head.weight.dtype == torch.float32:
+        setattr(lm, _HEAD_ATTR, head.weight.detach().to(dtype))
+    try:
+        yield
+    finally:
+        for weight, data in saved:
+            weight.data = data
+        if hasattr(lm, _HEAD_ATTR):
+            delattr(lm, _HEAD_ATTR)
+
+
+def _is_cpu_bf16(context: contextlib.AbstractContextManager[object]) -> bool:
+    return (
+        isinstance(context, torch.autocast)
+        and context.device == "cpu"
+        and context.fast_dtype == torch.bfloat16
+    )
 
 
 # Decoder families whose forward takes ``inputs_embeds`` as the residual stream unchanged (no
@@ -265,7 +336,8 @@ class HeldOutLosses:
         return fork
 
     def _hidden(self, *, batch: dict[str, torch.Tensor], **inputs: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(**inputs, position_ids=batch["position_ids"], use_cache=False)
+        with packed_attention_for(self.lm, batch):
+            out = self.decoder(**inputs, position_ids=batch["position_ids"], use_cache=False)
         return out.last_hidden_state
 
     @torch.no_grad()
@@ -369,12 +441,16 @@ def train_steps(
     rng = random.Random(seed)
     model.train()
     losses: list[float] = []
+    held = contextlib.ExitStack()
     try:
         for _ in range(steps):
             chosen = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
             batch = pack(chosen) if packed else collate(chosen, pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with training_autocast(model, precision, batch):
+            autocast = training_autocast(model, precision, batch)
+            if _is_cpu_bf16(autocast) and not losses:  # cast the frozen base once per round
+                held.enter_context(frozen_weights_in(model, torch.bfloat16))
+            with autocast:
                 # The mean over the batch's reply tokens, as transformers' causal-LM loss.
                 loss = reply_token_losses(model, batch)[0].mean()
             if not torch.isfinite(loss):
@@ -391,6 +467,7 @@ def train_steps(
                 scaler.update()
             losses.append(float(loss.detach()))
     finally:
+        held.close()
         model.eval()
         for param in params:
             param.requires_grad_(False)

@@ -5,8 +5,9 @@ One run, the same seeded batches (4 samples of the user's text, ≤ 96 tokens) f
 * **old loop** — the bare peft loop as it was: right-padded rows, fp32, ``model(**batch).loss``
   (logits over the whole vocabulary at every position);
 * **padded / packed, fp32 / bf16** — :func:`common.train.train_steps`' own step (the output
-  layer on reply tokens only), on padded rows or one packed row, in fp32 or under CPU bf16
-  autocast;
+  layer on reply tokens only), on padded rows or one packed row (per-sample attention,
+  :mod:`common.packed_attention`), in fp32 or under CPU bf16 autocast with the frozen base
+  cast to bf16 once for the run (:func:`common.train.frozen_weights_in`);
 * **device round** — a device's whole federated round (policy and ledger, training in
   ``train.precision = "auto"``, clipping, noise, encrypted store writes) as a deployed device
   runs it: A/B counts come from ratings stored in its store (a simulated user's ratings cost
@@ -26,6 +27,7 @@ utilisation is achieved model FLOP/s over that peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import tempfile
@@ -83,19 +85,21 @@ def model_flops(model: torch.nn.Module, batches: list[list], *, first_lora_layer
     return total
 
 
-def _bare(model, names, batches, *, lr: float, step) -> float:  # type: ignore[no-untyped-def]
-    """Seconds for one AdamW step per batch with ``step(batch) -> loss``."""
-    from common.train import unfreeze_only
+def _bare(model, names, batches, *, lr: float, step, hold_bf16: bool = False) -> float:  # type: ignore[no-untyped-def]
+    """Seconds for one AdamW step per batch with ``step(batch) -> loss`` (with ``hold_bf16``,
+    the frozen base cast to bf16 once, inside the timed span, as train_steps does)."""
+    from common.train import frozen_weights_in, unfreeze_only
 
     params = unfreeze_only(model, names)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     start = time.perf_counter()
-    for batch in batches:
-        loss = step(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    with frozen_weights_in(model, torch.bfloat16) if hold_bf16 else contextlib.nullcontext():
+        for batch in batches:
+            loss = step(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     model.eval()
     for p in params:
@@ -155,9 +159,9 @@ def bench(model_name: str, *, steps: int = 6) -> dict:
     flops = model_flops(model, batches, first_lora_layer=layers[0] if layers else 0)
     names = rt.trainable_names
 
-    def run(step) -> float:  # type: ignore[no-untyped-def]
+    def run(step, dtype: str) -> float:  # type: ignore[no-untyped-def]
         load_lora_tensors(model, rt.init)
-        return _bare(model, names, batches, lr=lr, step=step)
+        return _bare(model, names, batches, lr=lr, step=step, hold_bf16=dtype == "bfloat16")
 
     def ours(batch_of, dtype: str):  # type: ignore[no-untyped-def]
         def step(batch: list) -> torch.Tensor:
@@ -167,15 +171,18 @@ def bench(model_name: str, *, steps: int = 6) -> dict:
 
         return step
 
+    def old_step(b: list) -> torch.Tensor:
+        return model(**collate(b, pad)).loss
+
     paths = {
-        "old loop (padded, fp32, full logits)": lambda b: model(**collate(b, pad)).loss,
-        "padded, fp32": ours(lambda b: collate(b, pad), "float32"),
-        "packed, fp32": ours(pack, "float32"),
-        "padded, bf16": ours(lambda b: collate(b, pad), "bfloat16"),
-        "packed, bf16": ours(pack, "bfloat16"),
+        "old loop (padded, fp32, full logits)": (old_step, "float32"),
+        "padded, fp32": (ours(lambda b: collate(b, pad), "float32"), "float32"),
+        "packed, fp32": (ours(pack, "float32"), "float32"),
+        "padded, bf16": (ours(lambda b: collate(b, pad), "bfloat16"), "bfloat16"),
+        "packed, bf16": (ours(pack, "bfloat16"), "bfloat16"),
     }
-    run(paths["packed, bf16"])  # warm-up of the bf16 kernels
-    seconds = {name: run(step) for name, step in paths.items()}
+    run(*paths["packed, bf16"])  # warm-up of the bf16 kernels
+    seconds = {name: run(*path) for name, path in paths.items()}
     seconds["device round (auto)"] = device_s
     peak = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     old = seconds["old loop (padded, fp32, full logits)"]

@@ -8,7 +8,10 @@ long-lived worker (:mod:`client.worker`), which keeps it loaded across messages.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -176,7 +179,9 @@ def _hosted_device(context: Context, cfg: RunConfig, user: int) -> Iterator[Devi
         store.close()
 
 
-def _train_hosted(content: RecordDict, context: Context, users: list[int]) -> RecordDict:
+def _train_hosted(
+    content: RecordDict, context: Context, users: list[int], *, started: float | None
+) -> RecordDict:
     """A simulation node's training reply for the users it hosts.
 
     Each hosted user is in this round with probability ``fraction-train`` (Poisson, drawn from
@@ -190,8 +195,10 @@ def _train_hosted(content: RecordDict, context: Context, users: list[int]) -> Re
     global_shared, server_round, legacy = _incoming(content, cfg, "fitins")
     chosen = poisson_sample(users, cfg.fraction_train)
     results = []
+    device_s = 0.0
     for user in chosen:
         with _hosted_device(context, cfg, user) as device:
+            start = time.perf_counter()
             results.append(
                 device.train(
                     global_shared,
@@ -201,6 +208,7 @@ def _train_hosted(content: RecordDict, context: Context, users: list[int]) -> Re
                     self_sampled=True,  # the coin above, at fraction-train
                 )
             )
+            device_s += time.perf_counter() - start
     sent = [r for r in results if not r.declined]
     k = len(sent)
     update = {
@@ -226,7 +234,7 @@ def _train_hosted(content: RecordDict, context: Context, users: list[int]) -> Re
             )
     elif cfg.ab.interactions and k:
         metrics.update(ab.to_metrics(counts))
-    return build_outbound_record(
+    record = build_outbound_record(
         update,
         shared_names=rt.shared_names,
         metrics=metrics,
@@ -234,6 +242,8 @@ def _train_hosted(content: RecordDict, context: Context, users: list[int]) -> Re
         legacy="fitres" if legacy else None,
         ab_vector=ab_vector,
     )
+    _engine_time(context, cfg, server_round, started=started, device_s=device_s, users=len(chosen))
+    return record
 
 
 def _evaluate_hosted(content: RecordDict, context: Context, users: list[int]) -> RecordDict:
@@ -256,19 +266,57 @@ def _evaluate_hosted(content: RecordDict, context: Context, users: list[int]) ->
     )
 
 
-def train(content: RecordDict, context: Context) -> RecordDict:
-    """Train on the device's data; the reply holds the clipped (noised) shared update only."""
+ENGINE_TIMINGS = "engine_timings.jsonl"
+
+
+def _engine_time(
+    context: Context,
+    cfg: RunConfig,
+    server_round: int,
+    *,
+    started: float | None,
+    device_s: float,
+    users: int,
+) -> None:
+    """A simulated node's line in its run's ``engine_timings.jsonl``: how long the node
+    answered this train message (store open, device set-up, decoding and encoding included)
+    and how much of it the devices' own rounds took (``Device.train``). The simulation
+    engine's per-client overhead is measured from these (``simulations.bench``); a deployed
+    device (``data-dir`` in its node config) writes nothing."""
+    if started is None or not users or "data-dir" in context.node_config:
+        return
+    line = {
+        "round": server_round,
+        "users": users,
+        "node_s": time.perf_counter() - started,
+        "device_s": device_s,
+        "pid": os.getpid(),
+    }
+    path = cfg.run_dir(context.run_id) / ENGINE_TIMINGS
+    # One short append per message: atomic beside other processes' appends (O_APPEND).
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def train(content: RecordDict, context: Context, *, started: float | None = None) -> RecordDict:
+    """Train on the device's data; the reply holds the clipped (noised) shared update only.
+    ``started``: when the message arrived (``perf_counter``), for the engine's timings."""
     hosted = _hosted_users(context, parse_run_config(dict(context.run_config)))
     if hosted is not None:
-        return _train_hosted(content, context, hosted)
+        return _train_hosted(content, context, hosted, started=started)
     with _device(context) as device:
         global_shared, server_round, legacy = _incoming(content, device.cfg, "fitins")
+        start = time.perf_counter()
         result = device.train(
             global_shared,
             server_round=server_round,
             run=str(context.run_id),
             masked=_masked(content, legacy),
         )
+        device_s = time.perf_counter() - start
     metrics = dict(result.metrics)
     cfg = device.cfg
     ab_vector = None
@@ -283,7 +331,7 @@ def train(content: RecordDict, context: Context) -> RecordDict:
             )
     elif result.ab is not None:
         metrics.update(ab.to_metrics(result.ab))
-    return build_outbound_record(
+    record = build_outbound_record(
         result.update,
         shared_names=device.rt.shared_names,
         metrics=metrics,
@@ -291,6 +339,8 @@ def train(content: RecordDict, context: Context) -> RecordDict:
         legacy="fitres" if legacy else None,
         ab_vector=ab_vector,
     )
+    _engine_time(context, cfg, server_round, started=started, device_s=device_s, users=1)
+    return record
 
 
 def evaluate(content: RecordDict, context: Context) -> RecordDict:
@@ -313,7 +363,7 @@ def evaluate(content: RecordDict, context: Context) -> RecordDict:
 def answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """The reply content for a ``train`` or ``evaluate`` message."""
     if kind == "train":
-        return train(content, context)
+        return train(content, context, started=time.perf_counter())
     if kind == "evaluate":
         return evaluate(content, context)
     raise ValueError(f"unknown message kind {kind!r}; expected train or evaluate")

@@ -134,6 +134,8 @@ class RoundRecorder:
             "declined": int(sum(r.get("declined", 0) for r in rows)),
             "failures": failures,
             "released": released,
+            # The training phase's wall time (every SecAgg+ stage included).
+            "train_seconds": time.time() - self._start.get(server_round, time.time()),
         }
         if note:
             record["note"] = note

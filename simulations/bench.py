@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -140,6 +141,39 @@ class PeakRSS:
         self._thread.join()
 
 
+def engine_overhead(run_dir: Path, *, actors: int) -> dict:
+    """The simulation engine's per-client overhead in a finished run, rounds ≥ 2 (round 1
+    loads the model into every worker process).
+
+    Each simulated node logs, per train message, how long it answered (``node_s``: store open,
+    device set-up, decoding and encoding) and how much of that the devices' own rounds took
+    (``device_s``: :meth:`client.device.Device.train`); the server records each training
+    phase's wall time (every SecAgg+ stage included). With ``actors`` workers running in
+    parallel the engine had ``wall × actors`` worker-seconds: **overhead** is the share of
+    them not spent in ``Device.train`` (actor hops, Flower's messages, SecAgg+'s other stages,
+    store opens, encoding, idle workers); **node** the part spent in the node around it.
+    """
+    from client.handlers import ENGINE_TIMINGS
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rounds = [r for r in summary["rounds"] if "train_seconds" in r]
+    later = [r for r in rounds if r["round"] >= 2] or rounds
+    keep = {r["round"] for r in later}
+    path = run_dir / ENGINE_TIMINGS
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    lines = [x for x in lines if x["round"] in keep]
+    device = sum(x["device_s"] for x in lines)
+    node = sum(x["node_s"] for x in lines)
+    worker_s = sum(r["train_seconds"] for r in later) * actors
+    return {
+        "client_rounds": sum(x["users"] for x in lines),
+        "device_s_per_client": device / max(1, sum(x["users"] for x in lines)),
+        "node_overhead": 1 - device / node if node else None,
+        "engine_overhead": 1 - device / worker_s if worker_s else None,
+        "actors": actors,
+    }
+
+
 def scaling(
     out: Path, grid: list[tuple[int, int]], *, rounds: int = 2, model: str = "tiny"
 ) -> list[dict]:
@@ -181,9 +215,16 @@ def scaling(
                 "seconds_per_round": statistics.fmean(r["seconds"] for r in later),
                 "peak_rss_mib": mem.peak / 2**20,
                 "wall_s": time.perf_counter() - start,
+                "engine": engine_overhead(run_dir, actors=simulation_actors()),
             }
         )
     return rows
+
+
+def simulation_actors(cpus_per_client: int = 1) -> int:
+    """How many ClientApps Flower's simulation runs at once here (its Ray backend gives every
+    core to the run and each ClientApp ``cpus_per_client`` of them)."""
+    return max(1, (os.cpu_count() or 1) // cpus_per_client)
 
 
 def growth_plot(rows: list[dict], path: Path) -> None:
@@ -252,6 +293,16 @@ def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     (out / "bench.md").write_text(markdown(results) + "\n")
     return results
+
+
+def _engine_cells(row: dict) -> str:
+    e = row.get("engine")
+    if not e or e.get("engine_overhead") is None:
+        return "– | –"
+    return (
+        f"{e['device_s_per_client']:.2f} | **{e['engine_overhead']:.0%}** "
+        f"({e['node_overhead']:.0%})"
+    )
 
 
 def markdown(r: dict) -> str:
@@ -324,12 +375,13 @@ def markdown(r: dict) -> str:
         lines += ["", bench_train.markdown(r["training"])]
     lines += [
         "",
-        "| model | users | clients/round | s/round | peak RSS (MiB) |",
-        "|---|---|---|---|---|",
+        "| model | users | clients/round | s/round | peak RSS (MiB) | Device.train s/client "
+        "| engine overhead (of which in the node) |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {s.get('model', 'tiny')} | {s['population']} | {s['clients_per_round']} | "
-        f"{s['seconds_per_round']:.1f} | {s['peak_rss_mib']:.0f} |"
+        f"{s['seconds_per_round']:.1f} | {s['peak_rss_mib']:.0f} | {_engine_cells(s)} |"
         for s in r["scaling"]
     ]
     where = r["device"] if isinstance(r["device"], str) else d["device"]

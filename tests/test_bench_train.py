@@ -95,3 +95,32 @@ def test_the_growth_plot_draws_every_model_and_population(tmp_path) -> None:
         }
     )
     assert "| smollm2 | 100 | 10 | 30.0 | 5010 |" in table
+
+
+def test_the_engine_overhead_is_the_worker_time_outside_device_train(tmp_path) -> None:
+    # Prepare: a run of 3 rounds (round 1 loads the model and is left out), 2 workers; in
+    # rounds 2–3 the nodes answered 3 train messages (4 client-rounds) in 7 s, 6 s of which
+    # were Device.train, and the training phases took 5 + 5 s of wall time.
+    import json
+
+    from client.handlers import ENGINE_TIMINGS
+    from simulations.bench import engine_overhead
+
+    rounds = [{"round": r, "train_seconds": s} for r, s in [(1, 30.0), (2, 5.0), (3, 5.0)]]
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": rounds}))
+    lines = [
+        {"round": 1, "users": 2, "node_s": 20.0, "device_s": 2.0},
+        {"round": 2, "users": 1, "node_s": 3.0, "device_s": 2.5},
+        {"round": 2, "users": 2, "node_s": 2.0, "device_s": 1.5},
+        {"round": 3, "users": 1, "node_s": 2.0, "device_s": 2.0},
+    ]
+    (tmp_path / ENGINE_TIMINGS).write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    # Execute
+    e = engine_overhead(tmp_path, actors=2)
+
+    # Assert: 20 worker-seconds, 6 of them in Device.train; 1 of the nodes' 7 s around it.
+    assert e["client_rounds"] == 4
+    assert e["device_s_per_client"] == pytest.approx(1.5)
+    assert e["engine_overhead"] == pytest.approx(1 - 6 / 20)
+    assert e["node_overhead"] == pytest.approx(1 - 6 / 7)

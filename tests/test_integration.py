@@ -109,6 +109,15 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     ab = summary["ab_test"]
     assert ab["n_a"] + ab["n_b"] == pytest.approx(2 * 4 * 4, abs=1e-3)
     assert len(ab["satisfaction"]) == 2 and "SecAgg+" in ab["privacy"]
+    # The engine's own timings (simulated nodes only): every train message answered in
+    # round 2 is there, Device.train inside the node's time, and the overhead computable.
+    from simulations.bench import engine_overhead
+
+    engine = engine_overhead(run_dir, actors=2)
+    assert engine["client_rounds"] == rounds[1]["updates"] + rounds[1]["declined"]
+    assert engine["device_s_per_client"] > 0
+    assert 0 < engine["node_overhead"] < 1 and engine["engine_overhead"] < 1
+    assert all(r["train_seconds"] <= r["seconds"] for r in rounds)
     # Nothing left running: superlink, ServerApp, Ray.
     assert processes_mentioning(str(run_dir)) == []
     assert processes_mentioning(_ray_tmpdir(run_dir)) == []

@@ -8,9 +8,7 @@ long-lived worker (:mod:`client.worker`), which keeps it loaded across messages.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +23,7 @@ from flwr.compat.common import recorddict_compat as compat
 from client.device import Device, open_node_store
 from client.gate import federation_size
 from client.runtime import get_runtime, shared_shapes
-from client.simulated import simulated_user
+from client.simulated import engine_time, simulated_user
 from common import ab
 from common.config import RunConfig, parse_run_config
 from common.sampling import poisson_sample
@@ -242,7 +240,7 @@ def _train_hosted(
         legacy="fitres" if legacy else None,
         ab_vector=ab_vector,
     )
-    _engine_time(context, cfg, server_round, started=started, device_s=device_s, users=len(chosen))
+    engine_time(context, cfg, server_round, started=started, device_s=device_s, users=len(chosen))
     return record
 
 
@@ -264,41 +262,6 @@ def _evaluate_hosted(content: RecordDict, context: Context, users: list[int]) ->
         allowed_metrics=ALLOWED_EVAL_METRICS,
         legacy="evaluateres" if legacy else None,
     )
-
-
-ENGINE_TIMINGS = "engine_timings.jsonl"
-
-
-def _engine_time(
-    context: Context,
-    cfg: RunConfig,
-    server_round: int,
-    *,
-    started: float | None,
-    device_s: float,
-    users: int,
-) -> None:
-    """A simulated node's line in its run's ``engine_timings.jsonl``: how long the node
-    answered this train message (store open, device set-up, decoding and encoding included)
-    and how much of it the devices' own rounds took (``Device.train``). The simulation
-    engine's per-client overhead is measured from these (``simulations.bench``); a deployed
-    device (``data-dir`` in its node config) writes nothing."""
-    if started is None or not users or "data-dir" in context.node_config:
-        return
-    line = {
-        "round": server_round,
-        "users": users,
-        "node_s": time.perf_counter() - started,
-        "device_s": device_s,
-        "pid": os.getpid(),
-    }
-    path = cfg.run_dir(context.run_id) / ENGINE_TIMINGS
-    # One short append per message: atomic beside other processes' appends (O_APPEND).
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (json.dumps(line) + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 def train(content: RecordDict, context: Context, *, started: float | None = None) -> RecordDict:
@@ -339,7 +302,7 @@ def train(content: RecordDict, context: Context, *, started: float | None = None
         legacy="fitres" if legacy else None,
         ab_vector=ab_vector,
     )
-    _engine_time(context, cfg, server_round, started=started, device_s=device_s, users=1)
+    engine_time(context, cfg, server_round, started=started, device_s=device_s, users=1)
     return record
 
 

@@ -1,5 +1,6 @@
 """What only a simulated device has: the Shakespeare role it replays, the audit's canaries
-planted in its training set, and the simulated user who rates its answers for the A/B counts.
+planted in its training set, the simulated user who rates its answers for the A/B counts, and
+the simulated node's line in its run's engine timings.
 
 A simulation runs the same ClientApp and :class:`~client.device.Device` as a deployment; this
 module is the part that stands in for the user. It lives in ``client/`` because the ClientApp
@@ -9,10 +10,15 @@ which a real device does not have (its node config names a store, not a role).
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
+import time
 from typing import TYPE_CHECKING
 
 import torch
+from flwr.app import Context
 
 from common import ab, audit
 from common.config import RunConfig
@@ -22,6 +28,8 @@ from common.train import per_example_losses
 
 if TYPE_CHECKING:
     from client.device import Device
+
+log = logging.getLogger(__name__)
 
 
 def simulated_user(cfg: RunConfig, partition_id: int, num_partitions: int) -> UserData:
@@ -79,3 +87,44 @@ def simulated_ratings(
     return [
         (arm, ab.simulated_rating(losses[arm][i], losses["base"][i])) for i, arm in enumerate(arms)
     ]
+
+
+ENGINE_TIMINGS = "engine_timings.jsonl"
+
+
+def engine_time(
+    context: Context,
+    cfg: RunConfig,
+    server_round: int,
+    *,
+    started: float | None,
+    device_s: float,
+    users: int,
+) -> None:
+    """A simulated node's line in its run's ``engine_timings.jsonl``: how long the node
+    answered this train message (store open, device set-up, decoding and encoding included)
+    and how much of it the devices' own rounds took (``Device.train``). The simulation
+    engine's per-client overhead is measured from these (``simulations.bench_scaling``); a deployed
+    device (``data-dir`` in its node config) writes nothing."""
+    if started is None or not users or "data-dir" in context.node_config:
+        return
+    line = {
+        "round": server_round,
+        "users": users,
+        "node_s": time.perf_counter() - started,
+        "device_s": device_s,
+        "pid": os.getpid(),
+    }
+    run_dir = cfg.run_dir(context.run_id)
+    if not run_dir.is_dir():  # the server makes its run's folder; none here, nothing to time
+        return
+    # One short append per message: atomic beside other processes' appends (O_APPEND). A
+    # measurement never fails a round: an unwritable folder costs the line, not the update.
+    try:
+        fd = os.open(run_dir / ENGINE_TIMINGS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("engine timings not written to %s: %s", run_dir, exc)

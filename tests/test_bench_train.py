@@ -54,7 +54,8 @@ def test_every_training_path_is_timed_on_the_same_real_tokens() -> None:
 
 
 def test_the_growth_plot_draws_every_model_and_population(tmp_path) -> None:
-    from simulations.bench import growth_plot, markdown
+    from simulations.bench import markdown
+    from simulations.bench_scaling import growth_plot
 
     rows = [
         {
@@ -103,8 +104,8 @@ def test_the_engine_overhead_is_the_worker_time_outside_device_train(tmp_path) -
     # were Device.train, and the training phases took 5 + 5 s of wall time.
     import json
 
-    from client.handlers import ENGINE_TIMINGS
-    from simulations.bench import engine_overhead
+    from client.simulated import ENGINE_TIMINGS
+    from simulations.bench_scaling import engine_overhead
 
     rounds = [{"round": r, "train_seconds": s} for r, s in [(1, 30.0), (2, 5.0), (3, 5.0)]]
     (tmp_path / "summary.json").write_text(json.dumps({"rounds": rounds}))
@@ -124,3 +125,41 @@ def test_the_engine_overhead_is_the_worker_time_outside_device_train(tmp_path) -
     assert e["device_s_per_client"] == pytest.approx(1.5)
     assert e["engine_overhead"] == pytest.approx(1 - 6 / 20)
     assert e["node_overhead"] == pytest.approx(1 - 6 / 7)
+
+
+def test_a_node_times_only_into_its_servers_run_folder_and_never_fails_the_round(
+    tmp_path, caplog
+) -> None:
+    # Prepare: a simulated node whose run has no folder yet, then one whose folder is a file's
+    # child (unwritable), then the server's real folder.
+    import json
+
+    from client.simulated import ENGINE_TIMINGS, engine_time
+    from common.config import parse_run_config
+    from tests.conftest import make_context, tiny_run_config
+
+    def node(run_dir) -> tuple:
+        raw = tiny_run_config(
+            **{"output.dir": str(run_dir.parent), "output.run-name": run_dir.name}
+        )
+        return make_context(raw, {"partition-id": 0, "num-partitions": 2}), parse_run_config(raw)
+
+    missing, ours = tmp_path / "no-run", tmp_path / "run"
+    ours.mkdir()
+    (ours / ENGINE_TIMINGS).mkdir()  # a folder where the file goes: the append fails
+
+    # Execute / Assert: no folder → nothing written, nothing raised.
+    engine_time(*node(missing), 1, started=0.0, device_s=1.0, users=1)
+    assert not missing.exists()
+    # An unwritable line → a warning, the round goes on.
+    engine_time(*node(ours), 1, started=0.0, device_s=1.0, users=1)
+    assert "engine timings not written" in caplog.text
+    # A deployed device (a data dir in its node config) writes nothing; a simulated one writes.
+    (ours / ENGINE_TIMINGS).rmdir()
+    ctx, cfg = node(ours)
+    ctx.node_config["data-dir"] = str(tmp_path / "device")
+    engine_time(ctx, cfg, 1, started=0.0, device_s=1.0, users=1)
+    assert not (ours / ENGINE_TIMINGS).exists()
+    engine_time(*node(ours), 2, started=0.0, device_s=1.0, users=3)
+    line = json.loads((ours / ENGINE_TIMINGS).read_text())
+    assert line["round"] == 2 and line["users"] == 3 and line["device_s"] == 1.0

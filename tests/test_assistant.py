@@ -45,6 +45,28 @@ def test_embeddings_are_unit_384_d_and_semantic() -> None:
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.2
 
 
+def test_recent_texts_come_from_the_embedders_cache_with_the_same_vectors(monkeypatch) -> None:
+    # Prepare: a fresh embedder with room for 2 texts, counting the texts it runs the model on.
+    from common.embedding import Embedder
+
+    emb = Embedder(cache_size=2)
+    embedded: list[str] = []
+    run = emb._embed
+    monkeypatch.setattr(emb, "_embed", lambda t, b: embedded.extend(t) or run(t, b))
+    fresh = emb.encode(["bread", "sails", "bread"])  # a duplicate is embedded once
+
+    # Execute: both again (cached), then a third text (evicts the oldest), then the oldest.
+    again = emb.encode(["sails", "bread"])
+    emb.encode(["wind"])
+    emb.encode(["sails"])
+
+    # Assert: the same vectors, and the model ran only on texts not held.
+    assert embedded == ["bread", "sails", "wind", "sails"]
+    np.testing.assert_array_equal(again, fresh[[1, 0]])
+    np.testing.assert_array_equal(fresh[0], fresh[2])
+    assert emb.encode([]).shape == (0, EMBED_DIM)
+
+
 def test_user_embedding_weights_recent_history_more() -> None:
     a, b = np.eye(EMBED_DIM, dtype=np.float32)[:2]
     now = 1_000_000.0

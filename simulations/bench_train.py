@@ -1,6 +1,8 @@
 """Training speed against what the hardware allows: real tokens/s, model FLOPs, matmul peak.
 
-One run, the same seeded batches (4 samples of the user's text, ≤ 96 tokens) for every path:
+One run, the same seeded batches (4 samples of the user's text, ≤ 96 tokens) for every path,
+three times over (each time the batches of one more federated round, the paths interleaved in a
+rotated order, so that a slow spell of a shared machine does not fall on one path):
 
 * **old loop** — the bare peft loop as it was: right-padded rows, fp32, ``model(**batch).loss``
   (logits over the whole vocabulary at every position);
@@ -107,8 +109,14 @@ def _bare(model, names, batches, *, lr: float, step, hold_bf16: bool = False) ->
     return seconds
 
 
-def bench(model_name: str, *, steps: int = 6) -> dict:
-    """Every path on the same batches; tokens/s, ratios and utilisation (CPU)."""
+def bench(model_name: str, *, steps: int = 6, repeats: int = 3) -> dict:
+    """Every path on the same batches; tokens/s, ratios and utilisation (CPU).
+
+    ``repeats`` times, on the batches of one more federated round each: the device's round,
+    then every bare path, in an order rotated each time (a slow spell of a shared machine
+    then falls on different paths). Each path's figures are over all its runs (total real
+    tokens / total seconds); ``ratio_each`` keeps each repeat's ratio to the old loop, paired
+    on the same batches, to show the spread."""
     from client.device import Device
     from client.runtime import get_runtime
     from client.store import LocalStore
@@ -136,30 +144,10 @@ def bench(model_name: str, *, steps: int = 6) -> dict:
     )
     rt = get_runtime(cfg)
     model, lr = rt.model, cfg.train.learning_rate
-    with tempfile.TemporaryDirectory() as tmp:
-        key = create_key_file(Path(tmp) / "k.key")
-        store = LocalStore.create(Path(tmp) / "dev", Secret(key_file=key))
-        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=8)
-        g = {n: rt.init[n] for n in rt.shared_names}
-        device.train(g, server_round=1)  # warm-up; makes the precision choice
-        # The batches train_steps draws in round 2.
-        rng = random.Random(zlib.crc32(f"{cfg.seed}:2:{device.user}".encode()))
-        samples = device.train_set
-        batches = [
-            [samples[rng.randrange(len(samples))] for _ in range(BATCH)] for _ in range(steps)
-        ]
-        start = time.perf_counter()
-        device.train(g, server_round=2)
-        device_s = time.perf_counter() - start
-        store.close()
-    pad = device.pad_id
-    real = sum(len(e.input_ids) for b in batches for e in b)
-    padded_tokens = sum(len(b) * max(len(e.input_ids) for e in b) for b in batches)
-    layers = cfg.model.layer_range()
-    flops = model_flops(model, batches, first_lora_layer=layers[0] if layers else 0)
     names = rt.trainable_names
+    layers = cfg.model.layer_range()
 
-    def run(step, dtype: str) -> float:  # type: ignore[no-untyped-def]
+    def run(step, dtype: str, batches: list) -> float:  # type: ignore[no-untyped-def]
         load_lora_tensors(model, rt.init)
         return _bare(model, names, batches, lr=lr, step=step, hold_bf16=dtype == "bfloat16")
 
@@ -171,33 +159,66 @@ def bench(model_name: str, *, steps: int = 6) -> dict:
 
         return step
 
-    def old_step(b: list) -> torch.Tensor:
-        return model(**collate(b, pad)).loss
+    seconds: dict[str, list[float]] = {}
+    real, padded, flops = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        key = create_key_file(Path(tmp) / "k.key")
+        store = LocalStore.create(Path(tmp) / "dev", Secret(key_file=key))
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=8)
+        pad = device.pad_id
 
-    paths = {
-        "old loop (padded, fp32, full logits)": (old_step, "float32"),
-        "padded, fp32": (ours(lambda b: collate(b, pad), "float32"), "float32"),
-        "packed, fp32": (ours(pack, "float32"), "float32"),
-        "padded, bf16": (ours(lambda b: collate(b, pad), "bfloat16"), "bfloat16"),
-        "packed, bf16": (ours(pack, "bfloat16"), "bfloat16"),
-    }
-    run(*paths["packed, bf16"])  # warm-up of the bf16 kernels
-    seconds = {name: run(*path) for name, path in paths.items()}
-    seconds["device round (auto)"] = device_s
+        def old_step(b: list) -> torch.Tensor:
+            return model(**collate(b, pad)).loss
+
+        paths = {
+            "old loop (padded, fp32, full logits)": (old_step, "float32"),
+            "padded, fp32": (ours(lambda b: collate(b, pad), "float32"), "float32"),
+            "packed, fp32": (ours(pack, "float32"), "float32"),
+            "padded, bf16": (ours(lambda b: collate(b, pad), "bfloat16"), "bfloat16"),
+            "packed, bf16": (ours(pack, "bfloat16"), "bfloat16"),
+        }
+        g = {n: rt.init[n] for n in rt.shared_names}
+        device.train(g, server_round=1)  # warm-up; makes the precision choice
+        for i in range(repeats):
+            server_round = 2 + i
+            # The batches train_steps draws in this round.
+            rng = random.Random(zlib.crc32(f"{cfg.seed}:{server_round}:{device.user}".encode()))
+            samples = device.train_set
+            batches = [
+                [samples[rng.randrange(len(samples))] for _ in range(BATCH)] for _ in range(steps)
+            ]
+            if i == 0:
+                run(*paths["packed, bf16"], batches)  # warm-up of the bf16 kernels
+            start = time.perf_counter()
+            result = device.train(g, server_round=server_round)
+            seconds.setdefault("device round (auto)", []).append(time.perf_counter() - start)
+            if not result.metrics.get("weight"):
+                raise RuntimeError(f"the device declined round {server_round}: {result.metrics}")
+            order = list(paths.items())
+            order = order[i % len(order) :] + order[: i % len(order)]
+            for name, (step, dtype) in order:
+                seconds.setdefault(name, []).append(run(step, dtype, batches))
+            real.append(sum(len(e.input_ids) for b in batches for e in b))
+            padded.append(sum(len(b) * max(len(e.input_ids) for e in b) for b in batches))
+            flops.append(model_flops(model, batches, first_lora_layer=layers[0] if layers else 0))
+        store.close()
+    order = [*paths, "device round (auto)"]
     peak = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     old = seconds["old loop (padded, fp32, full logits)"]
     auto = cpu_training_dtype(model) == torch.bfloat16
     chosen = "packed, bf16" if auto else "packed, fp32"
+    total_real, total_flops = sum(real), sum(flops)
     rows = {
         name: {
-            "seconds": s,
-            "real_tokens_per_s": real / s,
-            "ratio_to_old_loop": old / s,
-            "model_tflops": flops / s / 1e12,
-            "of_fp32_peak": flops / s / peak["float32"],
-            "of_bf16_peak": flops / s / peak["bfloat16"],
+            "seconds": sum(seconds[name]),
+            "real_tokens_per_s": total_real / sum(seconds[name]),
+            "ratio_to_old_loop": sum(old) / sum(seconds[name]),
+            "ratio_each": [o / x for o, x in zip(old, seconds[name], strict=True)],
+            "model_tflops": total_flops / sum(seconds[name]) / 1e12,
+            "of_fp32_peak": total_flops / sum(seconds[name]) / peak["float32"],
+            "of_bf16_peak": total_flops / sum(seconds[name]) / peak["bfloat16"],
         }
-        for name, s in seconds.items()
+        for name in order
     }
     return {
         "model": model_name,
@@ -205,35 +226,45 @@ def bench(model_name: str, *, steps: int = 6) -> dict:
         "cpu_native_bf16": cpu_has_native_bf16(),
         "steps": steps,
         "batch": BATCH,
-        "real_tokens": real,
-        "padded_tokens": padded_tokens,
-        "model_flops_per_real_token": flops / real,
+        "repeats": repeats,
+        "real_tokens": total_real,
+        "padded_tokens": sum(padded),
+        "model_flops_per_real_token": total_flops / total_real,
         "matmul_peak_tflops": {k: v / 1e12 for k, v in peak.items()},
         "auto_precision": "bfloat16" if auto else "float32",
         "paths": rows,
-        "device_over_bare": seconds[chosen] / device_s,
-        "best_over_old": max(old / s for s in seconds.values()),
+        "device_over_bare": sum(seconds[chosen]) / sum(seconds["device round (auto)"]),
+        "device_over_bare_each": [
+            b / d for b, d in zip(seconds[chosen], seconds["device round (auto)"], strict=True)
+        ],
+        "best_over_old": max(p["ratio_to_old_loop"] for p in rows.values()),
     }
 
 
 def markdown(r: dict) -> str:
     """The paths as one Markdown table."""
     lines = [
-        "| path | real tokens/s | × old loop | model TFLOP/s | of fp32 peak | of bf16 peak |",
+        "| path | real tokens/s | × old loop (each repeat) | model TFLOP/s | of fp32 peak "
+        "| of bf16 peak |",
         "|---|---|---|---|---|---|",
     ]
     for name, p in r["paths"].items():
+        each = ", ".join(f"{x:.2f}" for x in p.get("ratio_each", []))
         lines.append(
-            f"| {name} | {p['real_tokens_per_s']:.0f} | **{p['ratio_to_old_loop']:.2f}×** | "
-            f"{p['model_tflops']:.3f} | {p['of_fp32_peak']:.0%} | {p['of_bf16_peak']:.0%} |"
+            f"| {name} | {p['real_tokens_per_s']:.0f} | **{p['ratio_to_old_loop']:.2f}×** "
+            f"({each}) | {p['model_tflops']:.3f} | {p['of_fp32_peak']:.0%} | "
+            f"{p['of_bf16_peak']:.0%} |"
         )
     peak = r["matmul_peak_tflops"]
+    each = ", ".join(f"{x:.2f}" for x in r.get("device_over_bare_each", []))
     lines.append(
-        f"\n{r['model']} · {r['threads']} threads · {r['steps']} steps × {r['batch']} samples · "
-        f"{r['real_tokens']} real tokens ({r['padded_tokens']} padded) · "
+        f"\n{r['model']} · {r['threads']} threads · {r.get('repeats', 1)} × {r['steps']} "
+        f"steps × {r['batch']} samples, paths interleaved · {r['real_tokens']} real tokens "
+        f"({r['padded_tokens']} padded) · "
         f"{r['model_flops_per_real_token'] / 1e9:.2f} GFLOP per real token · matmul peak "
         f"{peak['float32']:.2f} TFLOP/s fp32, {peak['bfloat16']:.2f} bf16 · auto precision: "
-        f"{r['auto_precision']} · device round / its bare loop **{r['device_over_bare']:.2f}×**"
+        f"{r['auto_precision']} · device round / its bare loop **{r['device_over_bare']:.2f}×** "
+        f"({each})"
     )
     return "\n".join(lines)
 
@@ -242,9 +273,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every path")
     parser.add_argument("--out", type=Path, default=None, help="write JSON + Markdown here")
     args = parser.parse_args()
-    r = bench(args.model, steps=args.steps)
+    r = bench(args.model, steps=args.steps, repeats=args.repeats)
     print(json.dumps(r, indent=1))
     print(markdown(r))
     if args.out:

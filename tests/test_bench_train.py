@@ -32,7 +32,7 @@ def test_model_flops_are_the_linear_maps_attention_and_the_head_on_replies() -> 
 
 
 def test_every_training_path_is_timed_on_the_same_real_tokens() -> None:
-    r = bench_train.bench("tiny", steps=2)
+    r = bench_train.bench("tiny", steps=2, repeats=2)
     assert set(r["paths"]) == {
         "old loop (padded, fp32, full logits)",
         "padded, fp32",
@@ -45,6 +45,8 @@ def test_every_training_path_is_timed_on_the_same_real_tokens() -> None:
     for p in r["paths"].values():
         assert p["seconds"] > 0
         assert p["real_tokens_per_s"] == pytest.approx(r["real_tokens"] / p["seconds"])
+        assert len(p["ratio_each"]) == 2  # each repeat's ratio, paired on its own batches
+        assert min(p["ratio_each"]) <= p["ratio_to_old_loop"] <= max(p["ratio_each"])
         assert (
             p["of_bf16_peak"] < p["of_fp32_peak"]
             or r["matmul_peak_tflops"]["bfloat16"] <= (r["matmul_peak_tflops"]["float32"])

@@ -200,3 +200,23 @@ def served_tiny_assistant(data_dir: Path) -> Iterator[tuple[Any, str, Any, str]]
             yield client, token, assistant, url
     finally:
         store.close()
+
+
+def random_lora_tiny():  # type: ignore[no-untyped-def]
+    """A fresh tiny peft model (LoRA on layers 0-1, fedsa) with seeded random LoRA tensors, so
+    that every adapter path changes the loss."""
+    import torch
+
+    from common.config import ModelConfig
+    from common.lora import build_peft_model, get_lora_tensors, load_lora_tensors
+    from common.model import load_base_for
+    from common.personalization import get_strategy
+
+    cfg = ModelConfig(name="tiny", lora_layers="0-1")
+    peft = build_peft_model(load_base_for(cfg), cfg, get_strategy("fedsa"))
+    gen = torch.Generator().manual_seed(3)
+    load_lora_tensors(
+        peft,
+        {n: 0.05 * torch.randn(t.shape, generator=gen) for n, t in get_lora_tensors(peft).items()},
+    )
+    return peft

@@ -9,13 +9,11 @@ import torch
 
 import common.packed_attention
 import common.train
-from common.config import ModelConfig
 from common.data import Encoded, pack
-from common.lora import build_peft_model, get_lora_tensors, load_lora_tensors
-from common.model import load_base_for
+from common.lora import get_lora_tensors, load_lora_tensors
 from common.packed_attention import PACKED, Layout, packed_attention, packed_rows
-from common.personalization import get_strategy
 from common.train import causal_lm, frozen_weights_in, reply_token_losses, train_steps
+from tests.conftest import random_lora_tiny
 
 
 def _samples() -> list[Encoded]:
@@ -26,17 +24,6 @@ def _samples() -> list[Encoded]:
         cut = length // 2
         out.append(Encoded(tuple(ids), tuple([-100] * cut + ids[cut:])))
     return out
-
-
-def _tiny():  # type: ignore[no-untyped-def]
-    cfg = ModelConfig(name="tiny", lora_layers="0-1")
-    peft = build_peft_model(load_base_for(cfg), cfg, get_strategy("fedsa"))
-    gen = torch.Generator().manual_seed(3)
-    load_lora_tensors(
-        peft,
-        {n: 0.05 * torch.randn(t.shape, generator=gen) for n, t in get_lora_tensors(peft).items()},
-    )
-    return peft
 
 
 def _loss_and_grads(peft, batch) -> tuple[float, dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
@@ -56,7 +43,7 @@ def _loss_and_grads(peft, batch) -> tuple[float, dict[str, torch.Tensor]]:  # ty
 def test_packed_attention_gives_the_block_mask_s_losses_and_gradients(monkeypatch) -> None:
     # Prepare: one packed row of 5 samples through the tiny Llama (grouped-query attention:
     # 4 heads, 2 key/value heads).
-    peft = _tiny()
+    peft = random_lora_tiny()
     batch = pack(_samples())
     default = causal_lm(peft).config._attn_implementation
 
@@ -126,7 +113,7 @@ def test_a_malformed_packed_row_is_refused(positions) -> None:
 
 
 def test_packed_attention_outside_packed_rows_refuses_and_the_model_is_restored() -> None:
-    peft = _tiny()
+    peft = random_lora_tiny()
     lm = causal_lm(peft)
     default = lm.config._attn_implementation
     q = torch.zeros(1, 4, 3, 16)
@@ -163,7 +150,7 @@ def test_holding_the_frozen_base_in_bf16_trains_as_autocast_does_and_restores_it
     monkeypatch,
 ) -> None:
     # Prepare
-    peft = _tiny()
+    peft = random_lora_tiny()
     before = {n: (p.dtype, p.data_ptr(), p.detach().clone()) for n, p in peft.named_parameters()}
 
     # Execute: 3 bf16 steps with the base re-cast at every call (autocast alone), then held.
@@ -182,7 +169,7 @@ def test_holding_the_frozen_base_in_bf16_trains_as_autocast_does_and_restores_it
 
 
 def test_inside_the_hold_the_frozen_linears_are_bf16_and_lora_is_not() -> None:
-    peft = _tiny()
+    peft = random_lora_tiny()
     for n, p in peft.named_parameters():
         p.requires_grad_("lora_" in n)
     with frozen_weights_in(peft, torch.bfloat16):

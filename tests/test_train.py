@@ -17,6 +17,7 @@ from common.train import (
     reply_token_losses,
     train_steps,
 )
+from tests.conftest import random_lora_tiny
 
 PAD = 2
 
@@ -137,17 +138,6 @@ def test_a_packed_row_has_no_padding_and_predicts_no_sample_from_the_one_before(
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
 
 
-def _fresh_tiny():  # type: ignore[no-untyped-def]
-    cfg = ModelConfig(name="tiny", lora_layers="0-1")
-    peft = build_peft_model(load_base_for(cfg), cfg, get_strategy("fedsa"))
-    gen = torch.Generator().manual_seed(3)
-    load_lora_tensors(
-        peft,
-        {n: 0.05 * torch.randn(t.shape, generator=gen) for n, t in get_lora_tensors(peft).items()},
-    )
-    return peft
-
-
 def _train(peft, *, packed: bool, precision: str) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
     start = {n: t.clone() for n, t in get_lora_tensors(peft).items()}
     names = list(start)
@@ -169,7 +159,7 @@ def _train(peft, *, packed: bool, precision: str) -> dict[str, torch.Tensor]:  #
 
 
 def test_packed_training_takes_the_padded_batches_steps() -> None:
-    peft = _fresh_tiny()
+    peft = random_lora_tiny()
     padded = _train(peft, packed=False, precision="float32")
     packed = _train(peft, packed=True, precision="float32")
     for name, tensor in padded.items():
@@ -178,7 +168,7 @@ def test_packed_training_takes_the_padded_batches_steps() -> None:
 
 def test_bf16_training_matches_fp32_within_the_parity_tolerance() -> None:
     # Prepare
-    peft = _fresh_tiny()
+    peft = random_lora_tiny()
     batch = pack(_samples()[:4])
 
     # Execute
@@ -208,7 +198,7 @@ def test_auto_precision_takes_bf16_only_where_native_and_in_parity(monkeypatch) 
     batch = pack(_samples()[:4])
 
     def chosen(native: bool, parity: tuple[float, float] | None) -> object:
-        peft = _fresh_tiny()
+        peft = random_lora_tiny()
         monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
         if parity is not None:
             monkeypatch.setattr(train, "bf16_parity", lambda model, b: parity)

@@ -382,6 +382,7 @@ def create_app(assistant: Assistant, *, token: str, docs: bool = False) -> FastA
             root = assistant.store.root
             assistant.store.close()
             forgotten.set()
+            assistant.embedder.clear_cache()  # recent texts' vectors, held in memory
             erased = LocalStore.forget(root)
         return {"erased": erased}
 

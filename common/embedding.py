@@ -54,8 +54,8 @@ class Embedder:
     """all-MiniLM-L6-v2 sentence embeddings (unit-norm float32 vectors of size 384).
 
     The last :data:`CACHE_SIZE` texts' vectors are kept in memory (exact text; the process
-    holds those texts anyway), so a text embedded again — the answer a feedback is about —
-    costs no model call."""
+    holds those texts anyway; :meth:`clear_cache` on ``forget``), so a text embedded again —
+    the answer a feedback is about — costs no model call."""
 
     def __init__(self, path: Path | None = None, *, cache_size: int = CACHE_SIZE) -> None:
         from transformers import AutoModel, AutoTokenizer
@@ -88,6 +88,16 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([vectors[t] for t in texts]).astype(np.float32)
+
+    def cached(self) -> int:
+        """How many texts' vectors the cache holds."""
+        with self._cache_lock:
+            return len(self._cache)
+
+    def clear_cache(self) -> None:
+        """Drop every cached text and vector (a store's ``forget`` leaves none in memory)."""
+        with self._cache_lock:
+            self._cache.clear()
 
     def _embed(self, texts: list[str], batch_size: int) -> np.ndarray:
         import torch

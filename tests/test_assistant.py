@@ -65,6 +65,8 @@ def test_recent_texts_come_from_the_embedders_cache_with_the_same_vectors(monkey
     np.testing.assert_array_equal(again, fresh[[1, 0]])
     np.testing.assert_array_equal(fresh[0], fresh[2])
     assert emb.encode([]).shape == (0, EMBED_DIM)
+    emb.clear_cache()
+    assert emb.cached() == 0
 
 
 def test_user_embedding_weights_recent_history_more() -> None:

@@ -234,10 +234,13 @@ def test_forget_erases_the_store_and_the_api_says_so(tmp_path) -> None:
     ):
         assert http.post("/v1/forget", headers=auth, json={}).status_code == 400
         assert (tmp_path / "dev" / "store.db").exists()
+        assistant.ask("What is the sea like?", n=2, max_new_tokens=2, seed=0)
+        assert assistant.embedder.cached() > 0  # the request and its candidates
         erased = http.post("/v1/forget", headers=auth, json={"confirm": "forget"})
         assert erased.status_code == 200, erased.text
         assert "store.key" in erased.json()["erased"]
         assert not (tmp_path / "dev" / "store.key").exists()
+        assert assistant.embedder.cached() == 0  # no recent text left in memory either
         gone = http.get("/v1/models", headers=auth)
         assert gone.status_code == 410 and gone.json()["error"]["code"] == "store_forgotten"
         assert http.get("/health").status_code == 200

@@ -106,7 +106,9 @@ def engine_time(
     and how much of it the devices' own rounds took (``Device.train``). The simulation
     engine's per-client overhead is measured from these (``simulations.bench_scaling``); a deployed
     device (``data-dir`` in its node config) writes nothing."""
-    if started is None or not users or "data-dir" in context.node_config:
+    run_dir = cfg.run_dir(context.run_id)
+    # A deployed device writes nothing; nor does a node whose server made no run folder here.
+    if started is None or not users or "data-dir" in context.node_config or not run_dir.is_dir():
         return
     line = {
         "round": server_round,
@@ -115,9 +117,6 @@ def engine_time(
         "device_s": device_s,
         "pid": os.getpid(),
     }
-    run_dir = cfg.run_dir(context.run_id)
-    if not run_dir.is_dir():  # the server makes its run's folder; none here, nothing to time
-        return
     # One short append per message: atomic beside other processes' appends (O_APPEND). A
     # measurement never fails a round: an unwritable folder costs the line, not the update.
     try:

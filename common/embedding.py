@@ -72,12 +72,14 @@ class Embedder:
         """Embed ``texts``; returns an array of shape ``(len(texts), 384)``. Texts seen
         recently come from the cache; the others are embedded in batches of ``batch_size``."""
         texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         with self._cache_lock:
             known = {t: self._cache[t] for t in texts if t in self._cache}
             for t in known:
                 self._cache.move_to_end(t)
         missing = list(dict.fromkeys(t for t in texts if t not in known))
-        fresh = self._embed(missing, batch_size) if missing else np.zeros((0, self.dim))
+        fresh = self._embed(missing, batch_size) if missing else []
         with self._cache_lock:
             for t, vec in zip(missing, fresh, strict=True):
                 self._cache[t] = vec
@@ -85,8 +87,6 @@ class Embedder:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         vectors = {**known, **dict(zip(missing, fresh, strict=True))}
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([vectors[t] for t in texts]).astype(np.float32)
 
     def cached(self) -> int:

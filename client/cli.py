@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from client.ingest import DEFAULT_MAX_BYTES
 from client.store import API_TOKEN, DEFAULT_RETENTION_DAYS, LocalStore, StoreError
-from common.crypto import PASSPHRASE_ENV, Secret, StoreKeyError, resolve_secret
+from common.crypto import PASSPHRASE_ENV, NoSecret, Secret, StoreKeyError, resolve_secret
 
 app = typer.Typer(help="The on-device assistant (encrypted, local, private).", no_args_is_help=True)
 console = Console()
@@ -39,11 +40,20 @@ Retention = Annotated[float, typer.Option(help="Delete interactions older than t
 
 
 def _secret(key_file: Path | None, *, confirm: bool = False) -> Secret:
+    """The store's secret from the options or environment; else asked at the terminal. A
+    passphrase given but too short is refused, never replaced by a prompt."""
     try:
         return resolve_secret(key_file=key_file)
-    except ValueError:
-        phrase = typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm)
+    except NoSecret as err:
+        if not sys.stdin.isatty():
+            raise _fail(err) from None
+    except ValueError as err:
+        raise _fail(err) from None
+    phrase = typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm)
+    try:
         return Secret(passphrase=phrase)
+    except ValueError as err:
+        raise _fail(err) from None
 
 
 def _fail(err: Exception) -> typer.Exit:

@@ -40,6 +40,7 @@ SCRYPT_P = 1
 WRAP_VERSION = 1
 PASSPHRASE_ENV = "FEDPERSONA_PASSPHRASE"
 PASSPHRASE_FILE_ENV = "FEDPERSONA_PASSPHRASE_FILE"  # a file holding it (a container secret)
+MIN_PASSPHRASE_CHARS = 8
 
 
 class StoreKeyError(Exception):
@@ -48,6 +49,10 @@ class StoreKeyError(Exception):
 
 class WrongKey(StoreKeyError):
     """The passphrase or key file does not unlock this store, or the wrapped key was altered."""
+
+
+class NoSecret(ValueError):
+    """No passphrase or key file was given anywhere (a terminal may still ask for one)."""
 
 
 class InsecureKeyFile(StoreKeyError):
@@ -64,8 +69,10 @@ class Secret:
     def __post_init__(self) -> None:
         if (self.passphrase is None) == (self.key_file is None):
             raise ValueError("give exactly one of a passphrase or a key file")
-        if self.passphrase is not None and len(self.passphrase) < 8:
-            raise ValueError("passphrase too short: use at least 8 characters")
+        if self.passphrase is not None and len(self.passphrase) < MIN_PASSPHRASE_CHARS:
+            raise ValueError(
+                f"passphrase too short: use at least {MIN_PASSPHRASE_CHARS} characters"
+            )
 
     @property
     def kind(self) -> str:
@@ -73,12 +80,23 @@ class Secret:
         return "passphrase" if self.passphrase is not None else "key-file"
 
 
+def _long_enough(passphrase: str, where: str) -> Secret:
+    """A passphrase from the environment, refused (never replaced by a prompt) when short."""
+    if len(passphrase) < MIN_PASSPHRASE_CHARS:
+        raise ValueError(
+            f"{where} is {len(passphrase)} characters long: a passphrase needs at least "
+            f"{MIN_PASSPHRASE_CHARS}; set a longer one or use --key-file"
+        )
+    return Secret(passphrase=passphrase)
+
+
 def resolve_secret(*, passphrase: str | None = None, key_file: Path | str | None = None) -> Secret:
     """The secret to use: an explicit passphrase, a key file, ``$FEDPERSONA_PASSPHRASE``, or
     the file ``$FEDPERSONA_PASSPHRASE_FILE`` names (its one line).
 
     Raises:
-        ValueError: If none is available.
+        NoSecret: If none is given anywhere.
+        ValueError: If the one given is too short or its file cannot be read.
     """
     if passphrase is not None:
         return Secret(passphrase=passphrase)
@@ -86,15 +104,15 @@ def resolve_secret(*, passphrase: str | None = None, key_file: Path | str | None
         return Secret(key_file=Path(key_file).expanduser())
     env = os.environ.get(PASSPHRASE_ENV)
     if env:
-        return Secret(passphrase=env)
+        return _long_enough(env, f"${PASSPHRASE_ENV}")
     file = os.environ.get(PASSPHRASE_FILE_ENV)
     if file:  # e.g. a container secret: not in the environment `docker inspect` shows
         try:
             text = Path(file).read_text()
         except OSError as err:
             raise ValueError(f"cannot read {PASSPHRASE_FILE_ENV}={file}: {err.strerror}") from None
-        return Secret(passphrase=text.removesuffix("\n"))
-    raise ValueError(
+        return _long_enough(text.removesuffix("\n"), f"the passphrase in {file}")
+    raise NoSecret(
         f"no key for the device store: pass --key-file, or set {PASSPHRASE_ENV} or "
         f"{PASSPHRASE_FILE_ENV} (or enter a passphrase when asked)"
     )

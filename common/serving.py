@@ -13,7 +13,7 @@ expert mix, a fresh feedback step — is what answers; nothing can go stale. The
 stays the one that trains and evaluates.
 
 :func:`serving_model` decides: only on a CPU, only for an fp32 base, only with native bf16
-(:func:`common.train.cpu_has_native_bf16`) unless asked for, and only if the copy's next-token
+(:func:`common.cpu.cpu_has_native_bf16`) unless asked for, and only if the copy's next-token
 distributions agree with fp32's (:data:`PARITY_KL` on a fixed text) — else the fp32 model
 answers and the reason is logged.
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from common.train import cpu_has_native_bf16
+from common.cpu import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import random
 import secrets
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
+from common.cpu import cpu_has_native_bf16
 from common.data import IGNORE_INDEX, Encoded, collate, pack
 from common.model import compute_dtype
 from common.packed_attention import packed_rows
@@ -51,20 +50,6 @@ def autocast_for(model: torch.nn.Module) -> contextlib.AbstractContextManager[ob
 # distance of fp32's (bf16 keeps 8 bits of mantissa: a sound model agrees to ~1e-3).
 BF16_PARITY_RTOL = 1e-2
 _TRAIN_DTYPE_ATTR = "_fedpersona_cpu_train_dtype"
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """The CPU computes bf16 dot products in hardware (x86 ``avx512_bf16`` or ``amx_bf16`` in
-    Linux's ``/proc/cpuinfo``); elsewhere bf16 is emulated and no faster than fp32."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    flags = {
-        flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()
-    }
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _cpu_autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager[object]:
@@ -114,6 +99,13 @@ def cpu_training_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """What ``train.precision = "auto"`` chose for ``model`` on a CPU (``None`` before its
     first training step)."""
     return getattr(model, _TRAIN_DTYPE_ATTR, None)
+
+
+def forget_precision_choice(model: torch.nn.Module) -> None:
+    """Let the next training step of ``model`` choose its CPU precision anew (a benchmark
+    measuring the choice this CPU makes now, not one an earlier caller made)."""
+    if hasattr(model, _TRAIN_DTYPE_ATTR):
+        delattr(model, _TRAIN_DTYPE_ATTR)
 
 
 @torch.no_grad()

@@ -54,6 +54,7 @@ from common.model import (
     load_base_model,
     model_dir,
 )
+from common.cpu import EMULATED_NOTE, cpu_has_native_bf16
 from common.personalization import get_strategy
 from common.train import evaluate_loss, train_steps
 from simulations.bench_device import SMOLLM2_SHAPE
@@ -288,6 +289,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
     lines += [f"- {'PASS' if ok else 'FAIL'} {name}" for name, ok in result["checks"].items()]
     lines += [f"- {name} did not run: {why}" for name, why in result["errors"].items()]
+    lines += [f"- {name}: {why}" for name, why in result.get("skipped", {}).items()]
     return "\n".join(lines)
 
 
@@ -302,6 +304,10 @@ def run(
 ) -> dict[str, Any]:
     """Measure every variant that ``device`` supports; returns a JSON-serializable dict."""
     names = list(VARIANTS) if device.type == "cuda" else list(CPU_VARIANTS)
+    skipped: dict[str, str] = {}
+    if device.type != "cuda" and not cpu_has_native_bf16():
+        names.remove("bf16")
+        skipped["bf16"] = EMULATED_NOTE
     with tempfile.TemporaryDirectory() as tmp:
         source = base_source(model, Path(tmp))
         vocab = json.loads((source / "config.json").read_text())["vocab_size"]
@@ -325,6 +331,7 @@ def run(
         "tolerance": tolerance,
         "variants": variants,
         "errors": errors,
+        "skipped": skipped,
         "checks": {"all_variants_ran": not errors, **checks(variants, tolerance=tolerance)},
     }
     result["ok"] = all(result["checks"].values())

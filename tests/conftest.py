@@ -220,3 +220,43 @@ def random_lora_tiny():  # type: ignore[no-untyped-def]
         {n: 0.05 * torch.randn(t.shape, generator=gen) for n, t in get_lora_tensors(peft).items()},
     )
     return peft
+
+
+@contextmanager
+def cpu_bf16(kind: str) -> Iterator[None]:
+    """This process's CPU answered as ``"native"`` or ``"emulated"`` bf16
+    (``$FEDPERSONA_CPU_BF16``), whatever the machine has; restored afterwards."""
+    from common.cpu import CPU_BF16_ENV, cpu_has_native_bf16
+
+    before = os.environ.get(CPU_BF16_ENV)
+    os.environ[CPU_BF16_ENV] = kind
+    cpu_has_native_bf16.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CPU_BF16_ENV, None)
+        else:
+            os.environ[CPU_BF16_ENV] = before
+        cpu_has_native_bf16.cache_clear()
+
+
+# A test that takes longer than this on 2 cores must carry the `slow` marker (README,
+# "Tests"); the run's end lists any that does not. A listing, not a failure: tests check
+# correctness, and a loaded machine must not turn a correct test red.
+SLOW_TEST_S = 120.0
+_unmarked_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:  # noqa: D103
+    # Set-up, call and teardown together.
+    if item.get_closest_marker("slow") is None:
+        _unmarked_seconds[item.nodeid] = _unmarked_seconds.get(item.nodeid, 0.0) + call.duration
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:  # noqa: D103
+    over = {k: v for k, v in _unmarked_seconds.items() if v > SLOW_TEST_S}
+    if over:
+        terminalreporter.section("tests over 120 s without the slow marker")
+        for nodeid, seconds in sorted(over.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")

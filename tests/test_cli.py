@@ -323,3 +323,41 @@ def test_expert_add_installs_an_adapter_the_api_then_lists(tmp_path, run) -> Non
         client = TestClient(create_app(assistant, token=token), base_url="http://127.0.0.1")
         models = client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
         assert [m["id"] for m in models.json()["data"]][-1] == "fedpersona-experts"
+
+
+@pytest.mark.parametrize("how", ["env", "file"])
+def test_a_short_passphrase_from_the_environment_is_refused_naming_the_minimum(
+    tmp_path, monkeypatch, how: str
+) -> None:
+    # Prepare: a store made with a good passphrase, then a 5-character one in the environment
+    from common.crypto import MIN_PASSPHRASE_CHARS, PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
+
+    d = tmp_path / "dev"
+    monkeypatch.setenv(PASSPHRASE_ENV, PASSPHRASE)
+    assert CliRunner().invoke(app, ["device", "init", "--data-dir", str(d)]).exit_code == 0
+    monkeypatch.delenv(PASSPHRASE_ENV)
+    if how == "env":
+        monkeypatch.setenv(PASSPHRASE_ENV, "short")
+    else:
+        (tmp_path / "pass").write_text("short\n")
+        monkeypatch.setenv(PASSPHRASE_FILE_ENV, str(tmp_path / "pass"))
+
+    # Execute: with a terminal-less stdin that would answer a prompt
+    out = CliRunner().invoke(app, ["device", "status", "--data-dir", str(d)], input=PASSPHRASE)
+
+    # Assert: refused with the minimum named, never a prompt
+    assert out.exit_code == 1
+    assert f"at least {MIN_PASSPHRASE_CHARS}" in out.output and "5 characters" in out.output
+    assert "Passphrase" not in out.output and "Aborted" not in out.output
+
+
+def test_no_passphrase_and_no_terminal_says_where_to_give_one(tmp_path, monkeypatch) -> None:
+    from common.crypto import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
+
+    monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+    monkeypatch.delenv(PASSPHRASE_FILE_ENV, raising=False)
+    monkeypatch.delenv("FEDPERSONA_KEY_FILE", raising=False)
+    out = CliRunner().invoke(app, ["device", "status", "--data-dir", str(tmp_path / "dev")])
+    assert out.exit_code == 1
+    assert "--key-file" in out.output and PASSPHRASE_ENV in out.output
+    assert "Aborted" not in out.output

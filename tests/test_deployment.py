@@ -160,6 +160,7 @@ def test_unregistered_and_keyless_supernodes_are_refused(tls_deployment) -> None
     assert {n["status"] for n in nodes} == {"online"}
 
 
+@pytest.mark.slow
 def test_tls_authenticated_process_isolated_federation_runs_two_rounds(tls_deployment) -> None:
     # Prepare
     d = tls_deployment
@@ -219,6 +220,7 @@ def _kill_tree(pid: int) -> list[int]:
     return [p.pid for p in victims]
 
 
+@pytest.mark.slow
 def test_secagg_round_completes_without_a_device_killed_mid_round(tmp_path) -> None:
     # Prepare: 3 SuperNodes, SecAgg+ (the default), m_min = 2. A stage waits for a lost node
     # until `secagg.timeout` or until the SuperLink marks it offline (<= 2 heartbeats, 60 s),

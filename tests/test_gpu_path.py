@@ -289,9 +289,14 @@ def test_gpu_check_refuses_cpu_without_flag(capsys: pytest.CaptureFixture[str]) 
     assert "--allow-cpu" in capsys.readouterr().err
 
 
-def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
-    # Prepare
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_gpu_check_cpu_smoke(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool
+) -> None:
+    # Prepare: the CPU's bf16 answered both ways, whatever this machine has
     from simulations import gpu_check
+
+    monkeypatch.setattr(gpu_check, "cpu_has_native_bf16", lambda: native_bf16)
 
     # Execute
     code = gpu_check.main(
@@ -312,10 +317,16 @@ def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
     slug = gpu_check.device_slug(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     result = json.loads((tmp_path / f"gpu_check_{slug}.json").read_text())
     assert code == 0 and result["ok"]
-    expected = {"fp32", "bf16", "4bit"} if torch.cuda.is_available() else {"fp32", "bf16"}
+    if torch.cuda.is_available():
+        expected = {"fp32", "bf16", "4bit"}
+    else:
+        expected = {"fp32", "bf16"} if native_bf16 else {"fp32"}
     assert set(result["variants"]) == expected
     assert all(v["tokens_per_s"] > 0 for v in result["variants"].values())
-    assert "| train tokens/s |" in (tmp_path / f"gpu_check_{slug}.md").read_text()
+    report = (tmp_path / f"gpu_check_{slug}.md").read_text()
+    assert "| train tokens/s |" in report
+    emulated = not torch.cuda.is_available() and not native_bf16
+    assert ("bf16: emulated on this CPU, not measured" in report) == emulated
 
 
 # --- CUDA only ------------------------------------------------------------------------------

@@ -187,6 +187,7 @@ class LocalFederation(LocalDeployment):
         return self.write_run_config(config, name)
 
 
+@pytest.mark.slow
 def test_deployment_superlink_and_two_supernodes(tmp_path) -> None:
     # Execute
     with LocalFederation(tmp_path, 2) as fed:
@@ -221,6 +222,7 @@ def _server_app_processes(superlink: subprocess.Popen) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 def test_deployment_server_app_killed_after_round_1_resumes_with_the_same_epsilon(
     tmp_path,
 ) -> None:

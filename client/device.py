@@ -2,8 +2,9 @@
 
 :class:`Device` works on one encrypted store: the user's examples (:mod:`client.examples`: the
 endorsed interactions and imported writing, the newest held out), the device's state and its
-privacy ledger. A simulated device is the same class over a store filled with its replayed
-role (:func:`client.ingest.replay_role`). :meth:`Device.train` and :meth:`Device.evaluate`
+privacy ledger. A simulated device is the same class over a store filled, through the import
+path, with its replayed role or its corpus user's data
+(:func:`client.ingest.fill_simulated_store`). :meth:`Device.train` and :meth:`Device.evaluate`
 take the global shared tensors and return the shared tensors to send plus scalar metrics; the
 ClientApp (Message API, or SecAgg+'s legacy records) wraps the same calls.
 
@@ -33,7 +34,7 @@ import torch
 from client import baseline
 from client.examples import Example, device_examples, split, too_few_examples
 from client.gate import open_real_store
-from client.ingest import replay_role
+from client.ingest import fill_simulated_store
 from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
 from client.policy import DevicePolicy, PolicyRefused
 from client.runtime import get_runtime
@@ -193,10 +194,11 @@ class Device:
     def simulated(
         cls, cfg: RunConfig, *, store: LocalStore, partition_id: int, num_partitions: int
     ) -> Device:
-        """A simulated device: ``store`` filled (once) with the role ``partition_id`` picks,
-        through the same import path a user's own writing takes."""
+        """A simulated device: ``store`` filled (once) with the data of the user
+        ``partition_id`` picks (a role, or a corpus user), through the same import path a
+        user's own writing takes."""
         user = simulated_user(cfg, partition_id, num_partitions)
-        replay_role(store, user)
+        fill_simulated_store(store, user)
         return cls(
             cfg,
             store=store,
@@ -557,8 +559,14 @@ class Device:
             }
         )
         self.state.save_meta()
+        # A simulated device also says whether it ever trained: the summary counts users who
+        # never did apart (their local-only model is the base model, nothing to beat).
+        trained = (
+            {} if self.partition_id is None else {"rounds_trained": self.state.meta.rounds_trained}
+        )
         return {
             **self._label(),
+            **trained,
             "n_train": len(self.train_examples),
             "n_test": len(self.test_set),
             "base_loss": float(self.state.meta.base_loss),

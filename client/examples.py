@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from client.store import Feedback, Interaction, LocalStore
+from common.data import held_out_count
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,6 @@ def too_few_examples(num_train: int, min_examples: int) -> str | None:
         f"{min_examples}; import your writing with `fedpersona device import` or rate more "
         "answers"
     )
-
-
-def held_out_count(n: int, fraction: float) -> int:
-    """How many of ``n`` examples (the newest) are held out: ``round(n·fraction)``, at least one
-    once there are two examples, and never all of them."""
-    if n < 2:
-        return 0
-    return min(n - 1, max(1, round(n * fraction)))
 
 
 def split(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:

@@ -22,7 +22,8 @@ from flwr.app import Context
 
 from common import ab, audit
 from common.config import RunConfig
-from common.data import Encoded, UserData, encode, user_for_partition
+from common.corpus import user_for_partition
+from common.data import Encoded, UserData, encode
 from common.lora import load_lora_tensors
 from common.train import per_example_losses
 
@@ -33,17 +34,14 @@ log = logging.getLogger(__name__)
 
 
 def simulated_user(cfg: RunConfig, partition_id: int, num_partitions: int) -> UserData:
-    """The Shakespeare role a simulated device with ``partition_id`` replays.
+    """The user a simulated device with ``partition_id`` plays: a Shakespeare role, or a user
+    of the run's corpus (``data.corpus``, :mod:`common.corpus`).
 
     Raises:
         ValueError: If the partition id is out of range or too few roles qualify.
     """
     return user_for_partition(
-        partition_id,
-        num_partitions,
-        min_lines=cfg.data.min_lines,
-        seed=cfg.seed,
-        test_fraction=cfg.data.test_fraction,
+        cfg.data, seed=cfg.seed, partition_id=partition_id, num_partitions=num_partitions
     )
 
 

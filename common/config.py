@@ -159,6 +159,9 @@ class DataConfig:
     max_seq_len: int = 96
     max_test_samples: int = 16
     min_examples: int = 8
+    # Simulation: a per-user corpus (a folder, one file or sub-folder per user, or one JSONL
+    # of records with a user id; :mod:`common.corpus`) instead of the Shakespeare roles.
+    corpus: str = ""
 
     def __post_init__(self) -> None:
         _require(self.min_lines >= 1, "data.min-lines", f"must be >= 1, got {self.min_lines}")

@@ -46,7 +46,12 @@ class Sample:
 
 @dataclass(frozen=True)
 class UserData:
-    """One user's samples, split in order into train and held-out test."""
+    """One user's samples, split in order into train and held-out test.
+
+    A Shakespeare role (``play``, ``role``, ``n_lines``), or a user of a per-user corpus
+    (:mod:`common.corpus`: ``role`` is the corpus's own user id, ``n_lines`` the number of
+    examples, ``files`` the user's files where the corpus is a folder).
+    """
 
     user: str
     play: str
@@ -54,6 +59,8 @@ class UserData:
     n_lines: int
     train: tuple[Sample, ...]
     test: tuple[Sample, ...]
+    files: tuple[str, ...] = ()
+    kind: str = "role"  # "role" (Shakespeare) or "corpus"
 
 
 def plays_dir() -> Path:
@@ -128,6 +135,14 @@ def _role_samples(scenes: list[list[Speech]], role: str) -> tuple[list[Sample], 
                 samples.append(Sample(prompt=prev.text, reply=cur.text))
         n_lines += sum(s.n_lines for s in scene if s.speaker == role)
     return samples, n_lines
+
+
+def held_out_count(n: int, fraction: float) -> int:
+    """How many of ``n`` examples (the newest) are held out: ``round(n·fraction)``, at least one
+    once there are two examples, and never all of them."""
+    if n < 2:
+        return 0
+    return min(n - 1, max(1, round(n * fraction)))
 
 
 @functools.lru_cache(maxsize=4)

@@ -52,6 +52,7 @@ ALLOWED_EVAL_METRICS = frozenset(
         "record_epsilon",
         "user_epsilon",
         "declined_rounds",
+        "rounds_trained",  # simulated devices only
     }
 )
 

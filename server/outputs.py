@@ -20,7 +20,7 @@ import torch
 from common import ab, metrics
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
-from common.data import select_users
+from common.corpus import simulation_users
 from common.lora import export_adapter
 from common.model import model_dir
 from common.personalization import GLOBAL_ADAPTER, Strategy, strategy_for
@@ -54,6 +54,7 @@ def per_user_rows(
                 "record_epsilon": c.get("record_epsilon", 0.0),
                 "user_epsilon": c.get("user_epsilon", 0.0),
                 "declined_rounds": int(c.get("declined_rounds", 0)),
+                **({"rounds_trained": int(c["rounds_trained"])} if "rounds_trained" in c else {}),
             }
         )
     return rows
@@ -73,14 +74,28 @@ def ppl_gain(rows: list[dict[str, Any]]) -> float:
 NO_WORSE_TOLERANCE = 0.005
 
 
+def trained(row: dict[str, Any]) -> bool:
+    """Whether a user trained in the run (a row without the count, a real device's, did)."""
+    return int(row.get("rounds_trained", 1)) > 0
+
+
 def versus_local(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """How the served models compare with what each user could train alone (the local-only
-    baseline, same compute): shares of users no worse (within 0.5 %) and strictly better."""
-    pairs = [(r["personal_loss"], r["local_only_loss"]) for r in rows if "local_only_loss" in r]
+    baseline, same compute): shares of the users **who trained** no worse (within 0.5 %) and
+    strictly better, and the mean gain in nats. A user who never trained has no local-only
+    model to beat (it is the base model): it is counted apart, as ``never_trained``."""
+    pairs = [
+        (r["personal_loss"], r["local_only_loss"])
+        for r in rows
+        if "local_only_loss" in r and trained(r)
+    ]
     if not pairs:
         return None
     return {
         "users": len(pairs),
+        "never_trained": sum(1 for r in rows if "local_only_loss" in r and not trained(r)),
+        "mean_gain_nats": statistics.fmean(b - p for p, b in pairs),
+        "worse": sum(p > b * (1 + NO_WORSE_TOLERANCE) for p, b in pairs),
         "no_worse_than_local": sum(p <= b * (1 + NO_WORSE_TOLERANCE) for p, b in pairs)
         / len(pairs),
         "win_vs_local": sum(p < b for p, b in pairs) / len(pairs),
@@ -90,6 +105,78 @@ def versus_local(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         "optimizer steps, batch size, sequence length and learning rate as the device spent "
         "(every adapter it trained counts); no federation, no noise",
     }
+
+
+def by_data(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The users who trained, in four groups by how many training examples they have
+    (quartiles of ``n_train``), then the users who never trained: per group, its range of
+    examples and mean base / global / served / local-only losses, and the shares better than
+    and no worse than training alone."""
+    done = sorted((r for r in rows if trained(r)), key=lambda r: r["n_train"])
+    groups: list[tuple[str, list[dict[str, Any]]]] = []
+    if done:
+        k = min(4, len(done))
+        cuts = [round(i * len(done) / k) for i in range(k + 1)]
+        groups += [(f"Q{i + 1}", done[cuts[i] : cuts[i + 1]]) for i in range(k)]
+    never = [r for r in rows if not trained(r)]
+    if never:
+        groups.append(("never trained", never))
+    out = []
+    for name, group in groups:
+        if not group:
+            continue
+        mean = {
+            key: statistics.fmean(r[key] for r in group) if all(key in r for r in group) else None
+            for key in ("base_loss", "global_loss", "personal_loss", "local_only_loss")
+        }
+        local = [
+            (r["personal_loss"], r["local_only_loss"]) for r in group if "local_only_loss" in r
+        ]
+        out.append(
+            {
+                "group": name,
+                "users": len(group),
+                "n_train_min": min(r["n_train"] for r in group),
+                "n_train_max": max(r["n_train"] for r in group),
+                **mean,
+                "better_than_local": (
+                    sum(p < b for p, b in local) / len(local)
+                    if local and name != "never trained"
+                    else None
+                ),
+                "no_worse_than_local": (
+                    sum(p <= b * (1 + NO_WORSE_TOLERANCE) for p, b in local) / len(local)
+                    if local and name != "never trained"
+                    else None
+                ),
+            }
+        )
+    return out
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """One plain sentence: who gained from joining, by how much, and what newcomers get."""
+    local = summary.get("versus_local")
+    parts = []
+    if local:
+        parts.append(
+            f"better than training alone for {round(local['win_vs_local'] * local['users'])} "
+            f"of the {local['users']} users who trained, by {local['mean_gain_nats']:.3f} nats "
+            f"on average; worse by more than {NO_WORSE_TOLERANCE:.1%} for {local['worse']}"
+        )
+        if local.get("never_trained"):
+            parts.append(f"{local['never_trained']} never trained (never sampled)")
+    cold = summary.get("cold_start_users")
+    if cold and cold.get("users"):
+        parts.append(
+            f"newcomers: the released model is below the base model for "
+            f"{round(cold['below_base'] * cold['users'])} of {cold['users']} "
+            f"({cold['base_loss']:.3f} → {cold['global_loss']:.3f})"
+        )
+    if not parts:
+        return "no local-only baseline measured (eval.local-only = false): nothing to compare"
+    sentence = "; ".join(parts)
+    return sentence[0].upper() + sentence[1:] + "."
 
 
 def write_summary(
@@ -118,10 +205,12 @@ def write_summary(
         "global_loss": statistics.fmean(r["global_loss"] for r in rows) if rows else None,
         "personal_loss": statistics.fmean(r["personal_loss"] for r in rows) if rows else None,
         "versus_local": versus_local(rows),
+        "by_data": by_data(rows),
         "privacy": privacy or {},
         "ab_test": ab_test,
         "timings": timings,
     }
+    summary["headline"] = headline(summary)
     atomic_write_bytes(
         run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True).encode()
     )
@@ -146,15 +235,7 @@ def write_outputs(progress: Progress, timings: dict[str, float]) -> dict:
     )
     partitions = [k for k in recorder.clients if isinstance(k, int)]
     n_users = max(cfg.data.num_users, max(partitions, default=-1) + 1)
-    users = [
-        u.user
-        for u in select_users(
-            n_users,
-            min_lines=cfg.data.min_lines,
-            seed=cfg.seed,
-            test_fraction=cfg.data.test_fraction,
-        )
-    ]
+    users = [u.user for u in simulation_users(cfg.data, seed=cfg.seed, count=n_users)]
     summary = write_summary(
         run_dir,
         cfg=cfg,

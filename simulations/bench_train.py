@@ -115,9 +115,7 @@ def _bare(model, names, batches, *, lr: float, step, hold_bf16: bool = False) ->
     return seconds
 
 
-def bench(
-    model_name: str, *, steps: int = 6, repeats: int = 3, peak_n: int = MATMUL_N
-) -> dict:
+def bench(model_name: str, *, steps: int = 6, repeats: int = 3, peak_n: int = MATMUL_N) -> dict:
     """Every path on the same batches; tokens/s, ratios and utilisation (CPU).
 
     ``repeats`` times, on the batches of one more federated round each: the device's round,

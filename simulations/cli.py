@@ -45,6 +45,13 @@ def simulate(
     with_report: Annotated[
         bool, typer.Option("--report", help="Then evaluate the run and write its report")
     ] = False,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="Per-user data instead of Shakespeare: a folder with one file or sub-folder "
+            "per user (text/Markdown, chat JSONL, mbox), or one JSONL of records with a user id"
+        ),
+    ] = None,
 ) -> None:
     """Run a local multi-client federation (Flower Simulation Engine on Ray)."""
     from common.config import parse_set
@@ -55,6 +62,8 @@ def simulate(
         overrides = parse_set(set_ or [])
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    if corpus is not None:
+        overrides["data.corpus"] = str(corpus.expanduser().resolve())
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -84,36 +93,74 @@ def simulate(
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(1) from None
         progress.update(task, completed=progress.tasks[0].total or 1, description=f"{preset}: done")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    table = Table(title=f"{summary['strategy']} — {run_dir}")
-    for col in ("user", "base", "global", "personal"):
-        table.add_column(col)
-    for row in summary["clients"]:
-        table.add_row(
-            row["user"],
-            f"{row['base_loss']:.3f}",
-            f"{row['global_loss']:.3f}",
-            f"{row['personal_loss']:.3f}",
-        )
-    console.print(table)
+    print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
+    if with_report:
+        report(run_dir, sweep=None, compare=None)
+
+
+# Runs with more users than this print the groups by data, not one row per user.
+MAX_USER_ROWS = 40
+
+
+def _loss(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    """What a finished run shows: its users (or their groups by data), then one sentence."""
+    rows = summary["clients"]
+    if len(rows) <= MAX_USER_ROWS:
+        table = Table(title=f"{summary['strategy']} — {run_dir}")
+        for col in ("user", "examples", "base", "global", "served", "local-only", "w"):
+            table.add_column(col)
+        for row in rows:
+            trained = row.get("rounds_trained", 1) > 0
+            table.add_row(
+                row["user"],
+                str(row["n_train"]),
+                _loss(row["base_loss"]),
+                _loss(row["global_loss"]),
+                _loss(row["personal_loss"]),
+                _loss(row.get("local_only_loss")) if trained else "never trained",
+                f"{row['mix_weight']:g}" if "mix_weight" in row else "",
+            )
+        console.print(table)
+    groups = summary.get("by_data") or []
+    if groups:
+        table = Table(title="by training examples (quartiles of the users who trained)")
+        for col in (
+            "users",
+            "examples",
+            "base",
+            "global",
+            "served",
+            "local-only",
+            "better than local",
+            "no worse",
+        ):
+            table.add_column(col)
+        for g in groups:
+            table.add_row(
+                f"{g['group']}: {g['users']}",
+                f"{g['n_train_min']}–{g['n_train_max']}",
+                _loss(g["base_loss"]),
+                _loss(g["global_loss"]),
+                _loss(g["personal_loss"]),
+                _loss(g["local_only_loss"]),
+                _share(g["better_than_local"]),
+                _share(g["no_worse_than_local"]),
+            )
+        console.print(table)
     console.print(
         f"win_rate={summary['win_rate']:.3f}  ppl_gain={summary['ppl_gain']:.4f}  "
         f"total={summary['timings']['total_s']:.0f} s"
     )
-    local = summary.get("versus_local")
-    if local:
-        console.print(
-            f"versus training alone (same compute): no worse for {local['no_worse_than_local']:.0%}"
-            f" of users, better for {local['win_vs_local']:.0%}"
-        )
-    cold = summary.get("cold_start_users")
-    if cold:
-        console.print(
-            f"{cold['users']} users who never joined: released model {cold['global_loss']:.3f} vs "
-            f"base {cold['base_loss']:.3f}, below base for {cold['below_base']:.0%}"
-        )
-    if with_report:
-        report(run_dir, sweep=None, compare=None)
+    if summary.get("headline"):
+        console.print(summary["headline"], soft_wrap=True)
 
 
 @app.command()

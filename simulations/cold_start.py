@@ -27,6 +27,7 @@ from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.crypto import Secret, create_key_file
 from server import checkpoint
+from server.outputs import headline
 
 
 def measure(run_dir: Path, count: int) -> dict[str, Any]:
@@ -75,6 +76,7 @@ def add_to_summary(run_dir: Path, count: int) -> dict[str, Any]:
     path = Path(run_dir) / "summary.json"
     summary = json.loads(path.read_text())
     summary["cold_start_users"] = result
+    summary["headline"] = headline(summary)
     atomic_write_bytes(path, json.dumps(summary, indent=2, allow_nan=True).encode())
     return result
 

@@ -45,8 +45,9 @@ from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common import audit, metrics
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
+from common.corpus import simulation_users
 from common.crypto import Secret
-from common.data import SYSTEM_PROMPT, Encoded, UserData, encode, encode_scrubbed, select_users
+from common.data import SYSTEM_PROMPT, Encoded, UserData, encode, encode_scrubbed
 from common.embedding import get_embedder
 from common.generation import render, sample
 from common.lora import load_lora_tensors
@@ -99,14 +100,7 @@ class Evaluator:
         self.batch = batch_size
         self.seed = seed
         n = len(self.summary["clients"])
-        self.users = list(
-            select_users(
-                n,
-                min_lines=self.cfg.data.min_lines,
-                seed=self.cfg.seed,
-                test_fraction=self.cfg.data.test_fraction,
-            )
-        )
+        self.users = list(simulation_users(self.cfg.data, seed=self.cfg.seed, count=n))
         self.global_tensors, self.personal = self._load_devices()
         self._enc: dict[tuple[str, str], list[Encoded]] = {}
         self.adapt_ms: list[float] = []
@@ -372,12 +366,7 @@ class Evaluator:
     def cold_start(self, *, new_users: int, ks: list[int]) -> dict[str, Any]:
         """win_rate of users outside the federation after k local interactions."""
         fresh = list(
-            select_users(
-                len(self.users) + new_users,
-                min_lines=self.cfg.data.min_lines,
-                seed=self.cfg.seed,
-                test_fraction=self.cfg.data.test_fraction,
-            )
+            simulation_users(self.cfg.data, seed=self.cfg.seed, count=len(self.users) + new_users)
         )[len(self.users) :]
         limit = self.cfg.data.max_test_samples
         curve: dict[int, list[int]] = {k: [] for k in ks}
@@ -402,11 +391,8 @@ class Evaluator:
     def drift(self, *, pairs: int, before: int, after: int) -> dict[str, Any]:
         """Interactions until a device adapted to role A beats the global model on role B."""
         fresh = list(
-            select_users(
-                len(self.users) + 2 * pairs,
-                min_lines=self.cfg.data.min_lines,
-                seed=self.cfg.seed + 1,
-                test_fraction=self.cfg.data.test_fraction,
+            simulation_users(
+                self.cfg.data, seed=self.cfg.seed + 1, count=len(self.users) + 2 * pairs
             )
         )[-2 * pairs :]
         limit = self.cfg.data.max_test_samples

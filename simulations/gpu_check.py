@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from common.config import ModelConfig
+from common.cpu import EMULATED_NOTE, cpu_has_native_bf16
 from common.data import IGNORE_INDEX, Encoded
 from common.lora import build_peft_model, get_lora_tensors, load_lora_tensors, lora_shapes
 from common.model import (
@@ -54,7 +55,6 @@ from common.model import (
     load_base_model,
     model_dir,
 )
-from common.cpu import EMULATED_NOTE, cpu_has_native_bf16
 from common.personalization import get_strategy
 from common.train import evaluate_loss, train_steps
 from simulations.bench_device import SMOLLM2_SHAPE

@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from common.config import parse_run_config
+from common.corpus import Corpus, corpus_of
 from simulations.presets import get_preset
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -177,7 +178,14 @@ def simulate(
     """
     spec = get_preset(preset)
     run_config: dict[str, Any] = {**spec.run_config, **(overrides or {})}
-    num_users = int(run_config.get("data.num-users") or spec.num_supernodes)
+    corpus, cold_start_users = None, spec.cold_start_users
+    if run_config.get("data.corpus"):
+        corpus, num_users, cold_start_users = corpus_federation(run_config, spec.cold_start_users)
+        for line in corpus.describe(joined=num_users):
+            if on_line:
+                on_line(f"fedpersona: {line}")
+    else:
+        num_users = int(run_config.get("data.num-users") or spec.num_supernodes)
     run_config["data.num-users"] = num_users
     cfg = parse_run_config(run_config)  # fail fast, before any process starts
     # One Flower node per simulated user, or nodes hosting several (simulation.users-per-node).
@@ -191,6 +199,8 @@ def simulate(
     run_config["output.dir"] = str(out)
     run_config["output.run-name"] = name
     run_dir.mkdir(parents=True)
+    if corpus is not None:
+        (run_dir / "corpus.json").write_text(json.dumps(corpus.to_json(), indent=1))
 
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir()
@@ -296,10 +306,43 @@ def simulate(
     summary = run_dir / "summary.json"
     if not summary.exists():
         raise RuntimeError(f"the run wrote no summary; see {log_path}")
-    if spec.cold_start_users:
+    if cold_start_users:
         from simulations.cold_start import add_to_summary
 
         if on_line:
-            on_line(f"fedpersona: evaluating {spec.cold_start_users} users who never joined")
-        add_to_summary(run_dir, spec.cold_start_users)
+            on_line(f"fedpersona: evaluating {cold_start_users} users who never joined")
+        add_to_summary(run_dir, cold_start_users)
     return run_dir
+
+
+# At most this share of a corpus's users are kept apart as newcomers (users who never join)
+# when a preset measures the released model on them: 1 in 5.
+NEWCOMER_SHARE_DIVISOR = 5
+
+
+def corpus_federation(run_config: dict[str, Any], cold_start_users: int) -> tuple[Corpus, int, int]:
+    """A corpus run's users: ``(corpus, users who join, newcomers measured after)``.
+
+    The users who join are ``data.num-users`` when set, else all eligible users but the
+    newcomers; the newcomers are the preset's count, at most a fifth of the corpus.
+
+    Raises:
+        ValueError: If the corpus cannot be read, no user is eligible, or ``data.num-users``
+            asks for more users than are eligible.
+    """
+    cfg = parse_run_config({**run_config, "data.num-users": 1})  # its data rules and seed
+    corpus = corpus_of(cfg.data, cfg.seed)
+    eligible = len(corpus.users)
+    asked = int(run_config.get("data.num-users") or 0)
+    if asked > eligible:
+        raise ValueError(
+            f"data.num-users = {asked}, but corpus {corpus.path} has {eligible} eligible users"
+        )
+    cold = min(cold_start_users, eligible // NEWCOMER_SHARE_DIVISOR)
+    joined = asked or eligible - cold
+    cold = min(cold, eligible - joined)
+    if joined < 2:
+        raise ValueError(
+            f"corpus {corpus.path} has {eligible} eligible user(s); a federation needs 2"
+        )
+    return corpus, joined, cold

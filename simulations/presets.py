@@ -111,24 +111,26 @@ _FEDERATION_SHAPE: dict[str, Any] = {
     "eval.local-only": True,
 }
 
-# σ for user-level ε = 1 (δ = 1e-5) over 4 Poisson-sampled rounds at q = 0.5 (RDP):
-# `fedpersona privacy noise --population 64 --per-round 32 --rounds 4` prints 4.531.
-QUICK_SIGMA = 4.54
+# σ for user-level ε = 1 (δ = 1e-5) over 2 rounds that every user joins (q = 1, RDP):
+# `fedpersona privacy noise --population 128 --per-round 128 --rounds 2` prints 5.742.
+QUICK_SIGMA = 5.75
 
 PRESETS["quick"] = Preset(
     name="quick",
-    num_supernodes=64,
+    num_supernodes=128,
     cold_start_users=16,
     run_config={
         **_FEDERATION_SHAPE,
-        "num-server-rounds": 4,
-        "fraction-train": 0.5,
+        # Two rounds, every user in both: the noise on a round's mean, σC/m, falls with the
+        # 128 users in it; the global adapter takes two server steps of 50 (population: ten of
+        # 10), each user four local steps, as a user sampled twice in population does.
+        "num-server-rounds": 2,
+        "fraction-train": 1.0,
         "simulation.users-per-node": 16,
-        # Four server steps instead of population's ten: each goes 25x along the noised mean.
-        "server.learning-rate": 25.0,
+        "server.learning-rate": 50.0,
         "dp.noise-multiplier": QUICK_SIGMA,
-        # m_min: a Poisson cohort (mean 32, sd 4) falls below 20 in about 1 round of 1,000.
-        "dp.min-clients": 20,
+        # m_min: every user trains in every round; a few may drop out.
+        "dp.min-clients": 120,
     },
 )
 

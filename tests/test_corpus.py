@@ -274,3 +274,97 @@ def test_a_simulation_runs_on_a_folder_corpus_and_reports_by_amount_of_data(
     for row in summary["clients"]:  # each device's store holds its own user's examples
         assert (run_dir / "devices" / row["user"] / "store.db").exists()
     print_summary(summary, run_dir)  # the table a person sees renders
+
+
+def test_the_summary_counts_users_who_never_trained_apart_and_groups_the_rest_by_data() -> None:
+    # Prepare: 8 users who trained (a quarter better, one worse), 2 who were never sampled
+    from server.outputs import by_data, headline, versus_local
+
+    rows = []
+    for i in range(8):
+        local = 4.0
+        served = {0: 3.9, 1: 3.95, 2: 4.1}.get(i, 4.0)  # 2 better, 1 worse by 2.5 %, 5 equal
+        rows.append(
+            {
+                "n_train": 10 * (i + 1),
+                "rounds_trained": 2,
+                "base_loss": 4.5,
+                "global_loss": 4.4,
+                "personal_loss": served,
+                "local_only_loss": local,
+            }
+        )
+    for n in (7, 300):
+        rows.append(
+            {
+                "n_train": n,
+                "rounds_trained": 0,
+                "base_loss": 4.5,
+                "global_loss": 4.4,
+                "personal_loss": 4.4,
+                "local_only_loss": 4.5,  # its local-only model is the base model
+            }
+        )
+
+    # Execute
+    local = versus_local(rows)
+    groups = by_data(rows)
+    sentence = headline({"versus_local": local})
+
+    # Assert: the never-sampled are not counted "better than local-only"
+    assert local["users"] == 8 and local["never_trained"] == 2
+    assert local["win_vs_local"] == 2 / 8 and local["worse"] == 1
+    assert local["mean_gain_nats"] == pytest.approx((0.1 + 0.05 - 0.1) / 8)
+    assert [g["group"] for g in groups] == ["Q1", "Q2", "Q3", "Q4", "never trained"]
+    assert [(g["n_train_min"], g["n_train_max"]) for g in groups[:4]] == [
+        (10, 20),
+        (30, 40),
+        (50, 60),
+        (70, 80),
+    ]
+    assert groups[0]["better_than_local"] == 1.0 and groups[1]["no_worse_than_local"] == 0.5
+    assert groups[-1]["users"] == 2 and groups[-1]["better_than_local"] is None
+    assert sentence == (
+        "Better than training alone for 2 of the 8 users who trained, by 0.006 nats on "
+        "average; worse by more than 0.5% for 1; 2 never trained (never sampled)."
+    )
+
+
+def test_chitchat_conversations_become_each_participant_s_replies() -> None:
+    from simulations.corpora import chitchat_records
+
+    dataset = {
+        "c1": {
+            "start": "2018-04-20T01:57:41",
+            "messages": [
+                [{"text": "Hello", "sender": "a"}, {"text": "How are you?", "sender": "a"}],
+                [{"text": "Fine, you?", "sender": "b"}],
+                [{"text": "Tired.", "sender": "a"}],
+                [{"text": "", "sender": "b"}],
+            ],
+        },
+        "c0": {"start": "2018-01-01T00:00:00", "messages": [[{"text": "Alone", "sender": "c"}]]},
+    }
+    records = chitchat_records(dataset)
+    assert [r["user"] for r in records] == ["a", "b"]  # c never answered anyone
+    a = records[0]
+    assert a["timestamp"] == "2018-04-20T01:57:41"
+    assert a["messages"] == [
+        {"role": "assistant", "content": "Hello\nHow are you?"},
+        {"role": "user", "content": "Fine, you?"},
+        {"role": "assistant", "content": "Tired."},
+    ]
+    assert records[1]["messages"][1] == {"role": "assistant", "content": "Fine, you?"}
+
+
+def test_the_installed_chitchat_corpus_is_read_as_real_users_of_very_different_sizes(
+    tmp_path,
+) -> None:
+    from simulations.corpora import write_chitchat
+
+    out = tmp_path / "chitchat.jsonl"
+    assert write_chitchat(out) > 7000
+    corpus = load_corpus(out, **RULES)
+    counts = corpus.example_counts()
+    assert len(corpus.users) > 500 and min(counts) >= 10 and max(counts) > 10_000
+    assert all(why for _, why in corpus.skipped)

@@ -181,6 +181,10 @@ def simulate(
     corpus, cold_start_users = None, spec.cold_start_users
     if run_config.get("data.corpus"):
         corpus, num_users, cold_start_users = corpus_federation(run_config, spec.cold_start_users)
+        if "dp.min-clients" not in (overrides or {}):
+            run_config["dp.min-clients"] = scaled_min_clients(
+                run_config, spec.num_supernodes, num_users
+            )
         for line in corpus.describe(joined=num_users):
             if on_line:
                 on_line(f"fedpersona: {line}")
@@ -318,6 +322,21 @@ def simulate(
 # At most this share of a corpus's users are kept apart as newcomers (users who never join)
 # when a preset measures the released model on them: 1 in 5.
 NEWCOMER_SHARE_DIVISOR = 5
+
+
+def scaled_min_clients(run_config: dict[str, Any], preset_users: int, users: int) -> int:
+    """A preset's m_min (``dp.min-clients``) for a federation of ``users`` instead of its own
+    ``preset_users``: the same share of the expected cohort, never more than the preset's.
+
+    Only how the noise is split changes: each device adds N(0, (σC)²/m_min), so a smaller
+    m_min adds more noise in all, never less (σ, and so ε, are the preset's).
+    """
+    m_min = int(run_config.get("dp.min-clients") or 0)
+    if m_min <= 0 or users >= preset_users:
+        return m_min
+    q = float(run_config.get("fraction-train", 1.0))
+    share = m_min / max(1.0, preset_users * q)
+    return max(1, min(m_min, int(users * q * share)))
 
 
 def corpus_federation(run_config: dict[str, Any], cold_start_users: int) -> tuple[Corpus, int, int]:

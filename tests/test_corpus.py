@@ -368,3 +368,16 @@ def test_the_installed_chitchat_corpus_is_read_as_real_users_of_very_different_s
     counts = corpus.example_counts()
     assert len(corpus.users) > 500 and min(counts) >= 10 and max(counts) > 10_000
     assert all(why for _, why in corpus.skipped)
+
+
+def test_a_smaller_corpus_federation_keeps_the_preset_s_share_of_m_min() -> None:
+    from simulations.presets import PRESETS
+    from simulations.simulate import scaled_min_clients
+
+    quick, population = PRESETS["quick"], PRESETS["population"]
+    # quick: all 128 users in each round, m_min 120 -> 5 users, m_min 4; 128 or more: as is.
+    assert scaled_min_clients(quick.run_config, 128, 5) == 4
+    assert scaled_min_clients(quick.run_config, 128, 600) == 120
+    # population: ~40 of 200 per round, m_min 26 -> 100 users (~20 per round): 13.
+    assert scaled_min_clients(population.run_config, 200, 100) == 13
+    assert scaled_min_clients({"dp.min-clients": 0}, 128, 5) == 0

@@ -10,7 +10,8 @@ was said to them. Users' amounts of data are very unequal (a handful of replies 
 ten thousand for a few), as in real deployments.
 
     python -m simulations.corpora chitchat --out runs/corpora/chitchat.jsonl
-    fedpersona simulate --preset population --corpus runs/corpora/chitchat.jsonl
+    fedpersona simulate --preset population --corpus runs/corpora/chitchat.jsonl \
+        --set data.num-users=200
 """
 
 from __future__ import annotations

@@ -195,6 +195,36 @@ def plot_ab(ab: dict, out: Path) -> Path:
     return _save(fig, out / "ab.png")
 
 
+BY_DATA_COLUMNS = (
+    ("users", "users"),
+    ("training examples", "examples"),
+    ("base", "base_loss"),
+    ("global", "global_loss"),
+    ("served", "personal_loss"),
+    ("local-only", "local_only_loss"),
+    ("better than local-only", "better_than_local"),
+    ("no worse", "no_worse_than_local"),
+)
+
+
+def by_data_rows(summary: dict) -> list[list[str]]:
+    """The summary's users grouped by training examples, as table cells (header first)."""
+    cells = [[name for name, _ in BY_DATA_COLUMNS]]
+    for g in summary.get("by_data") or []:
+        row = []
+        for _, key in BY_DATA_COLUMNS:
+            if key == "users":
+                row.append(f"{g['group']}: {g['users']}")
+            elif key == "examples":
+                row.append(f"{g['n_train_min']}–{g['n_train_max']}")
+            elif key in ("better_than_local", "no_worse_than_local"):
+                row.append("—" if g[key] is None else f"{g[key]:.0%}")
+            else:
+                row.append("—" if g[key] is None else f"{g[key]:.3f}")
+        cells.append(row)
+    return cells
+
+
 def build_report(
     run_dir: Path,
     *,
@@ -268,6 +298,13 @@ def build_report(
             )
         )
     md = [f"# {title}", "", *table, "", *[f"- {f}" for f in facts], ""]
+    groups = by_data_rows(summary)
+    if len(groups) > 1:
+        md += ["## Who gains from joining, by how much data they have", ""]
+        md += ["| " + " | ".join(r) + " |" for r in groups[:1]]
+        md += ["|" + "---|" * len(groups[0])]
+        md += ["| " + " | ".join(r) + " |" for r in groups[1:]]
+        md += ["", summary.get("headline", ""), ""]
     md += [f"## {name}\n\n![{name}]({path.name})\n" for name, path in figures]
     atomic_write_bytes(out / "report.md", "\n".join(md).encode())
 
@@ -284,6 +321,16 @@ def build_report(
         + "</tr>"
         for row in ev["seed_targets"]
     )
+    by_data_html = ""
+    if len(groups) > 1:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in groups[0])
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in groups[1:]
+        )
+        by_data_html = (
+            f"<h2>Who gains from joining, by how much data they have</h2><table><tr>{head}</tr>"
+            f"{body}</table><p>{html.escape(summary.get('headline', ''))}</p>"
+        )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
@@ -291,6 +338,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
 </head><body><h1>{html.escape(title)}</h1>
 <table><tr><th>metric</th><th>seed target</th><th>measured</th><th>meets</th></tr>{rows_html}
 </table><ul>{"".join(f"<li>{html.escape(f)}</li>" for f in facts)}</ul>
+{by_data_html}
 <div class="grid">{
         "".join(
             f"<figure>{img(p)}<figcaption>{html.escape(n)}</figcaption></figure>"

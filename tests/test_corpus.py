@@ -273,7 +273,13 @@ def test_a_simulation_runs_on_a_folder_corpus_and_reports_by_amount_of_data(
     assert "of the 5 users who trained" in summary["headline"]
     for row in summary["clients"]:  # each device's store holds its own user's examples
         assert (run_dir / "devices" / row["user"] / "store.db").exists()
-    print_summary(summary, run_dir)  # the table a person sees renders
+    from simulations.cli import console
+
+    with console.capture() as shown:  # what a person sees: users, groups, the sentence
+        print_summary(summary, run_dir)
+    text = shown.get()
+    assert "alice" in text and "Q4: 1" in text and "never trained" not in text
+    assert summary["headline"][:40] in " ".join(text.split())
 
 
 def test_the_summary_counts_users_who_never_trained_apart_and_groups_the_rest_by_data() -> None:

@@ -161,7 +161,12 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     html_path = build_report(run_dir)
     page = html_path.read_text()
     assert page.count("data:image/png;base64,") >= 7  # six plots + A/B
-    assert "mia_auc (global)" in (html_path.parent / "report.md").read_text()
+    report_md = (html_path.parent / "report.md").read_text()
+    assert "mia_auc (global)" in report_md
+    # Who gains, by amount of data: the tiny federation trains no local-only baseline here
+    # unless the preset asks; the groups are there either way.
+    assert "## Who gains from joining, by how much data they have" in report_md
+    assert "Who gains from joining" in page
 
 
 class LocalFederation(LocalDeployment):

@@ -25,9 +25,7 @@ def test_a_device_that_joins_every_round_it_is_sampled_for_stays_within_epsilon_
     cfg = parse_run_config({**preset.run_config, "data.num-users": preset.num_supernodes})
     # The sampling credit only where the device can verify the draw; else q = 1.
     q = cfg.fraction_train if cfg.privacy.verifiable_sampling else 1.0
-    eps = epsilon(
-        [(cfg.dp.noise_multiplier, q, cfg.num_server_rounds)], delta=cfg.privacy.delta
-    )
+    eps = epsilon([(cfg.dp.noise_multiplier, q, cfg.num_server_rounds)], delta=cfg.privacy.delta)
     assert eps <= cfg.privacy.epsilon_cap == 1.0
     assert eps > 0.9  # σ is sized for the cap, not far above it
 

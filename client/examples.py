@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from client.store import Feedback, Interaction, LocalStore
-from common.data import held_out_count
+from common.split import held_out_count
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.store import LocalStore
-from common.data import UserData
 from common.formats import (  # noqa: F401  (the import path's names, re-exported)
     DEFAULT_MAX_BYTES,
     FORMATS,
@@ -35,6 +34,9 @@ from common.formats import (  # noqa: F401  (the import path's names, re-exporte
     parse_text,
     read_file,
 )
+
+if TYPE_CHECKING:  # common.data imports torch: `device import` and `status` must not
+    from common.data import UserData
 
 REPLAY_SOURCE = "replay"
 

@@ -38,8 +38,9 @@ from typing import Any
 
 from common.config import DataConfig
 from common.corpus_layouts import CorpusError, folder_users, jsonl_users
-from common.data import Sample, UserData, held_out_count, select_users
+from common.data import Sample, UserData, select_users
 from common.formats import DEFAULT_MAX_BYTES, Pair
+from common.split import held_out_count
 
 MAX_USER_ID_CHARS = 64
 # Skipped users listed on screen (all of them are in the run's corpus.json).

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from common.pii import scrub
+from common.split import held_out_count  # noqa: F401  (re-exported)
 
 SYSTEM_PROMPT = "Answer in character, in the voice of the play."
 _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
@@ -135,14 +136,6 @@ def _role_samples(scenes: list[list[Speech]], role: str) -> tuple[list[Sample], 
                 samples.append(Sample(prompt=prev.text, reply=cur.text))
         n_lines += sum(s.n_lines for s in scene if s.speaker == role)
     return samples, n_lines
-
-
-def held_out_count(n: int, fraction: float) -> int:
-    """How many of ``n`` examples (the newest) are held out: ``round(n·fraction)``, at least one
-    once there are two examples, and never all of them."""
-    if n < 2:
-        return 0
-    return min(n - 1, max(1, round(n * fraction)))
 
 
 @functools.lru_cache(maxsize=4)

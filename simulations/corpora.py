@@ -1,4 +1,5 @@
-"""Real per-user corpora, written in the shape ``fedpersona simulate --corpus`` reads.
+"""Per-user corpora for simulation: real ones, written in the shape ``fedpersona simulate
+--corpus`` reads, and how a corpus sizes a run (who joins, who stays a newcomer, m_min).
 
 ``chitchat`` — the BYU Chit-Chat Challenge (``chitchat-dataset`` 0.9.0 on PyPI, MIT; installed
 by ``scripts/setup.sh``, read offline from the package): 7,168 typed conversations between
@@ -21,6 +22,9 @@ import importlib.util
 import json
 from pathlib import Path
 from typing import Any
+
+from common.config import parse_run_config
+from common.corpus import Corpus, corpus_of
 
 CHITCHAT = "chitchat-dataset==0.9.0"
 
@@ -89,6 +93,54 @@ def write_chitchat(out: Path) -> int:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(out)
     return len(records)
+
+
+# At most this share of a corpus's users are kept apart as newcomers (users who never join)
+# when a preset measures the released model on them: 1 in 5.
+NEWCOMER_SHARE_DIVISOR = 5
+
+
+def scaled_min_clients(run_config: dict[str, Any], preset_users: int, users: int) -> int:
+    """A preset's m_min (``dp.min-clients``) for a federation of ``users`` instead of its own
+    ``preset_users``: the same share of the expected cohort, never more than the preset's.
+
+    Only how the noise is split changes: each device adds N(0, (σC)²/m_min), so a smaller
+    m_min adds more noise in all, never less (σ, and so ε, are the preset's).
+    """
+    m_min = int(run_config.get("dp.min-clients") or 0)
+    if m_min <= 0 or users >= preset_users:
+        return m_min
+    q = float(run_config.get("fraction-train", 1.0))
+    share = m_min / max(1.0, preset_users * q)
+    return max(1, min(m_min, int(users * q * share)))
+
+
+def corpus_federation(run_config: dict[str, Any], cold_start_users: int) -> tuple[Corpus, int, int]:
+    """A corpus run's users: ``(corpus, users who join, newcomers measured after)``.
+
+    The users who join are ``data.num-users`` when set, else all eligible users but the
+    newcomers; the newcomers are the preset's count, at most a fifth of the corpus.
+
+    Raises:
+        ValueError: If the corpus cannot be read, no user is eligible, or ``data.num-users``
+            asks for more users than are eligible.
+    """
+    cfg = parse_run_config({**run_config, "data.num-users": 1})  # its data rules and seed
+    corpus = corpus_of(cfg.data, cfg.seed)
+    eligible = len(corpus.users)
+    asked = int(run_config.get("data.num-users") or 0)
+    if asked > eligible:
+        raise ValueError(
+            f"data.num-users = {asked}, but corpus {corpus.path} has {eligible} eligible users"
+        )
+    cold = min(cold_start_users, eligible // NEWCOMER_SHARE_DIVISOR)
+    joined = asked or eligible - cold
+    cold = min(cold, eligible - joined)
+    if joined < 2:
+        raise ValueError(
+            f"corpus {corpus.path} has {eligible} eligible user(s); a federation needs 2"
+        )
+    return corpus, joined, cold
 
 
 CORPORA = {"chitchat": write_chitchat}

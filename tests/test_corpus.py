@@ -219,7 +219,7 @@ def test_a_corpus_user_enters_its_device_through_the_import_path(folder, tmp_pat
 
 
 def test_a_corpus_run_takes_its_users_from_the_corpus_and_keeps_newcomers_apart(folder) -> None:
-    from simulations.simulate import corpus_federation
+    from simulations.corpora import corpus_federation
 
     run_config = tiny_run_config(**{"data.corpus": str(folder)})
     run_config.pop("data.num-users", None)
@@ -377,8 +377,8 @@ def test_the_installed_chitchat_corpus_is_read_as_real_users_of_very_different_s
 
 
 def test_a_smaller_corpus_federation_keeps_the_preset_s_share_of_m_min() -> None:
+    from simulations.corpora import scaled_min_clients
     from simulations.presets import PRESETS
-    from simulations.simulate import scaled_min_clients
 
     quick, population = PRESETS["quick"], PRESETS["population"]
     # quick: all 128 users in each round, m_min 120 -> 5 users, m_min 4; 128 or more: as is.

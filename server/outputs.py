@@ -74,6 +74,14 @@ def ppl_gain(rows: list[dict[str, Any]]) -> float:
 NO_WORSE_TOLERANCE = 0.005
 
 
+def _shares(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(better, no worse)``: shares of ``(served, local-only)`` loss pairs strictly below,
+    and within :data:`NO_WORSE_TOLERANCE` of, the local-only loss."""
+    better = sum(p < b for p, b in pairs) / len(pairs)
+    no_worse = sum(p <= b * (1 + NO_WORSE_TOLERANCE) for p, b in pairs) / len(pairs)
+    return better, no_worse
+
+
 def trained(row: dict[str, Any]) -> bool:
     """Whether a user trained in the run (a row without the count, a real device's, did)."""
     return int(row.get("rounds_trained", 1)) > 0
@@ -96,9 +104,8 @@ def versus_local(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         "never_trained": sum(1 for r in rows if "local_only_loss" in r and not trained(r)),
         "mean_gain_nats": statistics.fmean(b - p for p, b in pairs),
         "worse": sum(p > b * (1 + NO_WORSE_TOLERANCE) for p, b in pairs),
-        "no_worse_than_local": sum(p <= b * (1 + NO_WORSE_TOLERANCE) for p, b in pairs)
-        / len(pairs),
-        "win_vs_local": sum(p < b for p, b in pairs) / len(pairs),
+        "no_worse_than_local": _shares(pairs)[1],
+        "win_vs_local": _shares(pairs)[0],
         "mean_local_only_loss": statistics.fmean(b for _, b in pairs),
         "tolerance": NO_WORSE_TOLERANCE,
         "baseline": "a LoRA of the same size on the same user's examples, with the same "
@@ -132,6 +139,8 @@ def by_data(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         local = [
             (r["personal_loss"], r["local_only_loss"]) for r in group if "local_only_loss" in r
         ]
+        # A user who never trained has no local-only model to beat: no shares for that group.
+        shares = _shares(local) if local and name != "never trained" else None
         out.append(
             {
                 "group": name,
@@ -139,16 +148,8 @@ def by_data(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n_train_min": min(r["n_train"] for r in group),
                 "n_train_max": max(r["n_train"] for r in group),
                 **mean,
-                "better_than_local": (
-                    sum(p < b for p, b in local) / len(local)
-                    if local and name != "never trained"
-                    else None
-                ),
-                "no_worse_than_local": (
-                    sum(p <= b * (1 + NO_WORSE_TOLERANCE) for p, b in local) / len(local)
-                    if local and name != "never trained"
-                    else None
-                ),
+                "better_than_local": shares[0] if shares else None,
+                "no_worse_than_local": shares[1] if shares else None,
             }
         )
     return out

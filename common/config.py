@@ -25,6 +25,8 @@ ACCOUNTANTS = ("rdp", "prv")
 # fraction-train of the nodes, or each node independently with probability fraction-train
 # (Poisson: what the accountant's amplification by sampling assumes).
 SAMPLINGS = ("fixed", "poisson")
+# The server's step along each round's mean change (server/optimizer.py).
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
 
 
 def _require(cond: bool, key: str, msg: str) -> None:
@@ -367,6 +369,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """The server's step along each released mean change (see ``server/optimizer.py``)."""
+
+    optimizer: str = "sgd"
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _require(
+            self.optimizer in SERVER_OPTIMIZERS,
+            "server.optimizer",
+            f"must be one of {', '.join(SERVER_OPTIMIZERS)}; got {self.optimizer!r}",
+        )
+        _require(
+            0 < self.learning_rate <= 100,
+            "server.learning-rate",
+            f"must be in (0, 100], got {self.learning_rate}",
+        )
+        _require(
+            0 <= self.momentum < 1, "server.momentum", f"must be in [0, 1), got {self.momentum}"
+        )
+        _require(0 <= self.beta2 < 1, "server.beta2", f"must be in [0, 1), got {self.beta2}")
+        _require(self.tau > 0, "server.tau", f"must be > 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs, parsed from ``context.run_config``."""
 
@@ -392,7 +422,7 @@ class RunConfig:
     run_name: str = field(default="", metadata={"key": "output.run-name"})
     device_root: str = field(default="", metadata={"key": "simulation.device-root"})
     users_per_node: int = field(default=1, metadata={"key": "simulation.users-per-node"})
-    server_learning_rate: float = field(default=1.0, metadata={"key": "server.learning-rate"})
+    server: ServerConfig = field(default_factory=ServerConfig)
     resume: bool = True
 
     def __post_init__(self) -> None:
@@ -416,11 +446,6 @@ class RunConfig:
             self.evaluate_every >= 0,
             "evaluate-every",
             f"must be >= 0 (0 = after the last round only), got {self.evaluate_every}",
-        )
-        _require(
-            0 < self.server_learning_rate <= 100,
-            "server.learning-rate",
-            f"must be in (0, 100], got {self.server_learning_rate}",
         )
         targets = self.personalization.global_target_names() or ()
         _require(
@@ -505,8 +530,12 @@ class RunConfig:
             "audit": AuditConfig,
             "ab": ABConfig,
             "eval": EvalConfig,
+            "server": ServerConfig,
         }
         kwargs: dict[str, Any] = {}
+        data = dict(data)
+        if "server_learning_rate" in data:  # a summary written before server.optimizer
+            data["server"] = {"learning_rate": data.pop("server_learning_rate")}
         for key, value in data.items():
             if key in groups:
                 group = dict(value)
@@ -597,6 +626,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         "audit": {},
         "ab": {},
         "eval": {},
+        "server": {},
     }
     for key, raw in run_config.items():
         if key not in _KEYS:
@@ -626,6 +656,7 @@ def parse_run_config(run_config: dict[str, Any]) -> RunConfig:
         audit=AuditConfig(**groups["audit"]),
         ab=ABConfig(**groups["ab"]),
         eval=EvalConfig(**groups["eval"]),
+        server=ServerConfig(**groups["server"]),
         **top,
     )
 

@@ -8,8 +8,9 @@ started with. A ServerApp started on the same run dir with ``resume = true`` con
 next round with the same privacy accounting; a config that differs in anything but the round
 count and timeouts is refused, naming the keys.
 
-FedAvg here has no server optimizer (the mean update is applied as is), so there is no
-optimizer state to keep; ``server_optimizer`` records that explicitly.
+The server optimizer's state (``server/optimizer.py``: momentum's ``v``, adam's and yogi's
+``m`` and ``u``; none for ``sgd``) is kept beside the shared tensors, so a resumed run takes the
+same steps an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class ServerState:
     stopped_at: int | None = None
     rng: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    # ServerStep.state_dict(): {"kind": str, "first": {name: array}, "second": {name: array}}
+    optimizer: dict[str, Any] | None = None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -88,10 +91,19 @@ def save(run_dir: Path, state: ServerState) -> Path:
         "stopped_at": state.stopped_at,
         "rng": state.rng,
         "elapsed_s": state.elapsed_s,
-        "server_optimizer": None,  # FedAvg applies the mean update directly: no state
+        "server_optimizer": None,
     }
     buf = io.BytesIO()
     arrays = {f"shared_{i}": np.asarray(a, np.float32) for i, a in enumerate(state.shared)}
+    if state.optimizer is not None:
+        opt = state.optimizer
+        meta["server_optimizer"] = {
+            "kind": opt["kind"],
+            **{part: list(opt[part]) for part in ("first", "second")},
+        }
+        for part in ("first", "second"):
+            for i, a in enumerate(opt[part].values()):
+                arrays[f"opt_{part}_{i}"] = np.asarray(a, np.float64)
     np.savez(
         buf,
         meta=np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8),
@@ -115,6 +127,14 @@ def load(run_dir: Path) -> ServerState | None:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data["meta"]).decode())
             shared = [np.array(data[f"shared_{i}"]) for i in range(len(meta["shared_names"]))]
+            opt = meta.get("server_optimizer")
+            optimizer = None
+            if opt is not None:
+                optimizer = {"kind": opt["kind"]}
+                for part in ("first", "second"):
+                    optimizer[part] = {
+                        n: np.array(data[f"opt_{part}_{i}"]) for i, n in enumerate(opt[part])
+                    }
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as err:
         raise CheckpointError(
             f"{path}: unreadable checkpoint ({err}); move it away to start over"
@@ -137,6 +157,7 @@ def load(run_dir: Path) -> ServerState | None:
         stopped_at=meta["stopped_at"],
         rng=meta["rng"],
         elapsed_s=float(meta["elapsed_s"]),
+        optimizer=optimizer,
     )
 
 

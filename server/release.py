@@ -4,7 +4,9 @@ Devices send the clipped, noised *change* of the shared tensors (never a model).
 round's mean change, a round is **released** only if at least m_min users' updates are in it
 (fewer would carry less noise than the guarantee promises), its shapes are the model's and
 every value is finite. A released round gets the central noise σC/m when the server adds it,
-moves the global tensors ``current + server-learning-rate · mean``, charges the federation
+moves the global tensors one server-optimizer step along the mean (``server/optimizer.py``;
+``sgd``: ``current + server.learning-rate · mean``), hands the released mean to ``on_release``
+(the ServerApp keeps it under ``<run_dir>/released/``), charges the federation
 accountant and records the A/B sums; a discarded one keeps the previous tensors and is
 recorded with the reason. The strategies (``server/strategy.py``, ``server/secagg.py``) only
 sample, collect and average.
@@ -13,12 +15,13 @@ sample, collect and average.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
 from flwr.common.logger import log
 
+from server.optimizer import ServerStep
 from server.recorder import RoundRecorder
 
 
@@ -29,7 +32,9 @@ class ReleasePolicy:
         recorder: Run bookkeeping (holds the federation accountant, if any).
         min_updates: m_min.
         central_noise_std: σC in central mode (noise on the *sum*), else 0.
-        server_learning_rate: The step along the (noised) mean change; 1 is FedAvg.
+        server_step: The server optimizer (default: ``sgd`` at 1, FedAvg).
+        on_release: Called with the round and the mean change it released (noised), before
+            the step.
     """
 
     def __init__(
@@ -38,12 +43,14 @@ class ReleasePolicy:
         *,
         min_updates: int,
         central_noise_std: float = 0.0,
-        server_learning_rate: float = 1.0,
+        server_step: ServerStep | None = None,
+        on_release: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     ) -> None:
         self.recorder = recorder
         self.min_updates = min_updates
         self.central_noise_std = central_noise_std
-        self.server_learning_rate = server_learning_rate
+        self.server_step = server_step if server_step is not None else ServerStep()
+        self.on_release = on_release
 
     def problem(
         self,
@@ -101,8 +108,9 @@ class ReleasePolicy:
             std = self.central_noise_std / users
             change = {n: a + rng.normal(0.0, std, size=a.shape) for n, a in change.items()}
             log(INFO, "central DP: added N(0, %.3g²) to the mean update", std)
-        step = self.server_learning_rate
-        released = {n: (current[n] + step * change[n]).astype(np.float32) for n in current}
+        if self.on_release is not None:
+            self.on_release(server_round, change)
+        released = self.server_step.step(current, change)
         if ab_counts is not None and np.isfinite(ab_counts).all():
             self.recorder.ab(server_round, np.asarray(ab_counts, np.float64))
         if self.recorder.accountant is not None:

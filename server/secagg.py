@@ -49,6 +49,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from common import ab
 from common.sampling import evaluation_due, fixed_sample, poisson_sample
 from common.secagg import SecAggParams, quantization_range_for
+from server.optimizer import ServerStep
 from server.recorder import RoundRecorder, users_in
 from server.release import ReleasePolicy
 
@@ -248,7 +249,8 @@ class SecAggDPStrategy(Strategy):
         sampling: ``fixed`` or ``poisson`` (the training cohort; see ``server/sampling.py``).
         evaluate_every: Evaluate every N rounds and the last (0: the last only).
         num_rounds: The run's number of rounds (for the evaluation schedule).
-        server_learning_rate: The step along the (noised) mean update; 1 is FedAvg.
+        server_step: The server optimizer (``server/optimizer.py``; default FedAvg).
+        on_release: Called with each released round and its mean change (noised).
     """
 
     assemble_wait = 3600.0  # s for the federation to assemble before round 1
@@ -272,7 +274,8 @@ class SecAggDPStrategy(Strategy):
         sampling: str = "fixed",
         evaluate_every: int = 1,
         num_rounds: int = 0,
-        server_learning_rate: float = 1.0,
+        server_step: ServerStep | None = None,
+        on_release: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     ) -> None:
         super().__init__()
         self.sampling = sampling
@@ -291,7 +294,8 @@ class SecAggDPStrategy(Strategy):
             recorder,
             min_updates=min_updates,
             central_noise_std=central_noise_std,
-            server_learning_rate=server_learning_rate,
+            server_step=server_step,
+            on_release=on_release,
         )
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate

@@ -8,6 +8,7 @@ each released round, and ``summary.json`` says what the ε assumes.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.serverapp import Grid, ServerApp
 
 from common import ab
+from common.atomic import atomic_write_bytes
 from common.config import RunConfig, parse_run_config
 from common.dp.policy import client_noise_std, min_updates
 from common.lora import build_skeleton, init_lora_tensors, lora_shapes
@@ -32,12 +34,15 @@ from common.secagg import derive_secagg_params
 from common.serialization import from_arrayrecord, to_arrayrecord
 from server import checkpoint
 from server.accountant import FederationAccountant
+from server.optimizer import ServerStep
 from server.outputs import write_outputs
 from server.recorder import RoundRecorder
 from server.secagg import SecAggDPStrategy, secagg_workflow
 from server.strategy import PersonaFedAvg
 
 app = ServerApp()
+# Under the run dir: each released round's mean change (Progress.keep_released).
+RELEASED = "released"
 
 
 def _resume_state(
@@ -124,6 +129,7 @@ class Progress:
     stopped_at: int | None = None
     elapsed_before: float = 0.0
     t0: float = field(default_factory=time.time)
+    step: ServerStep = field(default_factory=ServerStep)
 
     def strategy_options(self, on_round_end: Any) -> dict[str, Any]:
         """What both round strategies (SecAgg+ and FedAvg) are given alike: the books, m_min,
@@ -139,10 +145,20 @@ class Progress:
             "sampling": plan.node_sampling,
             "evaluate_every": cfg.evaluate_every,
             "num_rounds": cfg.num_server_rounds,
-            "server_learning_rate": cfg.server_learning_rate,
+            "server_step": self.step,
+            "on_release": self.keep_released,
             "fraction_train": plan.node_fraction,
             "fraction_evaluate": cfg.fraction_evaluate,
         }
+
+    def keep_released(self, server_round: int, change: dict[str, np.ndarray]) -> None:
+        """Write a released round's mean change (noised: what the server saw) to
+        ``<run_dir>/released/round-NNNN.npz``: the run's audit trail of what it released, which
+        ``simulations/bench_server_step.py`` replays through other server optimizers."""
+        buf = io.BytesIO()
+        np.savez(buf, **{n: np.asarray(a, np.float32) for n, a in change.items()})
+        path = self.plan.run_dir / RELEASED / f"round-{server_round:04d}.npz"
+        atomic_write_bytes(path, buf.getvalue())
 
     def save(self, server_round: int, stopped: int | None) -> None:
         """Persist the run's state after ``server_round`` (atomically)."""
@@ -163,6 +179,7 @@ class Progress:
                 stopped_at=stopped,
                 rng=checkpoint.capture_rng(),
                 elapsed_s=self.elapsed_before + time.time() - self.t0,
+                optimizer=self.step.state_dict(),
             ),
         )
 
@@ -185,6 +202,7 @@ def start(plan: Plan, t0: float) -> Progress:
         RoundRecorder(acc),
         acc,
         t0=t0,
+        step=ServerStep.of(cfg.server),
     )
     resumed = _resume_state(cfg, plan.run_dir, plan.shapes)
     if resumed is None:
@@ -192,6 +210,8 @@ def start(plan: Plan, t0: float) -> Progress:
     progress.done, progress.elapsed_before = resumed.round, resumed.elapsed_s
     progress.stopped_at = resumed.stopped_at
     progress.current = dict(zip(resumed.shared_names, resumed.shared, strict=True))
+    if resumed.optimizer is not None:
+        progress.step.load_state_dict(resumed.optimizer)
     if acc is not None and resumed.accountant is not None:
         acc.load_state_dict(resumed.accountant)
     progress.recorder.restore(

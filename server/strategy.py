@@ -38,6 +38,7 @@ from common.serialization import (
     METRICS_KEY,
     reply_problem,
 )
+from server.optimizer import ServerStep
 from server.recorder import RoundRecorder, users_in
 from server.release import ReleasePolicy
 
@@ -91,7 +92,8 @@ class PersonaFedAvg(FedAvg):
         sampling: str = "fixed",
         evaluate_every: int = 1,
         num_rounds: int = 0,
-        server_learning_rate: float = 1.0,
+        server_step: ServerStep | None = None,
+        on_release: Callable[[int, dict[str, np.ndarray]], None] | None = None,
         **kwargs,  # type: ignore[no-untyped-def]
     ) -> None:
         super().__init__(**kwargs)
@@ -109,7 +111,8 @@ class PersonaFedAvg(FedAvg):
             recorder,
             min_updates=min_updates,
             central_noise_std=central_noise_std,
-            server_learning_rate=server_learning_rate,
+            server_step=server_step,
+            on_release=on_release,
         )
         self.target_epsilon = target_epsilon
         self.stopped_at: int | None = None

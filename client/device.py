@@ -513,40 +513,13 @@ class Device:
         composes its model from them and answers with the personal model only once it beats
         the global one here.
         """
-        test = self._held_out(self.test_set)
+        report = self.held_out_report(global_shared)
         if self.state.meta.base_loss is None:
-            with self.rt.model.disable_adapter():
-                self.state.meta.base_loss = test.mean()
-        global_loss = self._loss(self.global_model(global_shared), test)
-        personal = self.state.load_personal()
-        extra: dict[str, float] = {}
-        if self.rt.strategy.mixed:
-            weight = self._pick_mix_weight(global_shared, personal)
-            self.state.meta.mix_weight = weight
-            mixed = self._mixed(test, global_shared, personal)
-            personal_loss = self._loss(
-                self.served(global_shared, personal, mix_weight=weight), mixed
-            )
-            extra["mix_weight"] = weight
-            if self.local_baseline:  # blend's personal adapter alone is the local-only model
-                extra["local_only_loss"] = (
-                    personal_loss
-                    if weight == 0.0
-                    else self._loss(self.served(global_shared, personal, mix_weight=0.0), mixed)
-                )
-        else:
-            personal_loss = (
-                global_loss
-                if personal is None
-                else self._loss(self.served(global_shared, personal), test)
-            )
-            if self.local_baseline:
-                trained = baseline.load(self.store)
-                extra["local_only_loss"] = (
-                    float(self.state.meta.base_loss)
-                    if trained is None
-                    else self._loss({**self.rt.init, **trained}, test)
-                )
+            self.state.meta.base_loss = report["base_loss"]
+        global_loss, personal_loss = report["global_loss"], report["personal_loss"]
+        extra = {k: report[k] for k in ("mix_weight", "local_only_loss") if k in report}
+        if "mix_weight" in extra:
+            self.state.meta.mix_weight = extra["mix_weight"]
         self.state.save_global(global_shared)
         self.state.meta.global_loss = global_loss
         self.state.meta.personal_loss = personal_loss
@@ -577,6 +550,53 @@ class Device:
             "num-examples": len(self.test_set),
             "declined_rounds": len(self.ledger.declined),
             **self._privacy_metrics(),
+        }
+
+    @torch.no_grad()
+    def held_out_report(self, global_shared: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The losses :meth:`evaluate` reports for these global tensors, changing nothing:
+        ``base_loss``, ``global_loss``, ``personal_loss`` (the served model; for ``blend``
+        with the weight it would pick, ``mix_weight``) and, when asked, ``local_only_loss``.
+        ``simulations/bench_server_step.py`` asks it of other global tensors than the run's."""
+        test = self._held_out(self.test_set)
+        base_loss = self.state.meta.base_loss
+        if base_loss is None:
+            with self.rt.model.disable_adapter():
+                base_loss = test.mean()
+        global_loss = self._loss(self.global_model(global_shared), test)
+        personal = self.state.load_personal()
+        extra: dict[str, float] = {}
+        if self.rt.strategy.mixed:
+            weight = self._pick_mix_weight(global_shared, personal)
+            mixed = self._mixed(test, global_shared, personal)
+            personal_loss = self._loss(
+                self.served(global_shared, personal, mix_weight=weight), mixed
+            )
+            extra["mix_weight"] = weight
+            if self.local_baseline:  # blend's personal adapter alone is the local-only model
+                extra["local_only_loss"] = (
+                    personal_loss
+                    if weight == 0.0
+                    else self._loss(self.served(global_shared, personal, mix_weight=0.0), mixed)
+                )
+        else:
+            personal_loss = (
+                global_loss
+                if personal is None
+                else self._loss(self.served(global_shared, personal), test)
+            )
+            if self.local_baseline:
+                trained = baseline.load(self.store)
+                extra["local_only_loss"] = (
+                    float(base_loss)
+                    if trained is None
+                    else self._loss({**self.rt.init, **trained}, test)
+                )
+        return {
+            "base_loss": float(base_loss),
+            "global_loss": global_loss,
+            "personal_loss": personal_loss,
+            **extra,
         }
 
     @torch.no_grad()

@@ -16,6 +16,8 @@ import argparse
 import json
 import statistics
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,25 @@ from common.config import RunConfig
 from common.crypto import Secret, create_key_file
 from server import checkpoint
 from server.outputs import headline
+
+
+@contextmanager
+def newcomer_devices(cfg: RunConfig, count: int) -> Iterator[Iterator[Device]]:
+    """Simulated devices of the ``count`` users after the run's ``data.num-users`` (each
+    filled through the import path in a temporary store, opened one at a time)."""
+    joined = cfg.data.num_users
+    with tempfile.TemporaryDirectory(prefix="fp-cold-") as tmp:
+
+        def opened() -> Iterator[Device]:
+            for i in range(count):
+                root = Path(tmp) / f"newcomer{i}"
+                key = create_key_file(Path(tmp) / f"newcomer{i}.key")
+                with LocalStore.create(root, Secret(key_file=key)) as store:
+                    yield Device.simulated(
+                        cfg, store=store, partition_id=joined + i, num_partitions=joined + count
+                    )
+
+        yield opened()
 
 
 def measure(run_dir: Path, count: int) -> dict[str, Any]:
@@ -45,18 +66,10 @@ def measure(run_dir: Path, count: int) -> dict[str, Any]:
     released = {
         n: torch.from_numpy(a) for n, a in zip(state.shared_names, state.shared, strict=True)
     }
-    joined = cfg.data.num_users
     rows = []
-    with tempfile.TemporaryDirectory(prefix="fp-cold-") as tmp:
-        for i in range(count):
-            pid = joined + i
-            root = Path(tmp) / f"newcomer{i}"
-            key = create_key_file(Path(tmp) / f"newcomer{i}.key")
-            with LocalStore.create(root, Secret(key_file=key)) as store:
-                device = Device.simulated(
-                    cfg, store=store, partition_id=pid, num_partitions=joined + count
-                )
-                rows.append({"user": device.user, **device.newcomer_losses(released)})
+    with newcomer_devices(cfg, count) as devices:
+        for device in devices:
+            rows.append({"user": device.user, **device.newcomer_losses(released)})
     below = [r["global_loss"] < r["base_loss"] for r in rows]
     return {
         "users": len(rows),

@@ -427,6 +427,12 @@ class Device:
             seed=seed,
             pad_id=self.pad_id,
         )
+        source = {n: self.rt.strategy.update_source(n) for n in self.rt.shared_names}
+        sums = (
+            {src: torch.zeros_like(start[src], dtype=torch.float32) for src in source.values()}
+            if self.cfg.personalization.update == "gradient"
+            else None
+        )
         if self.cfg.dp.local_enabled:
             loss, _ = train_steps_dp(
                 self.rt.model,
@@ -442,12 +448,16 @@ class Device:
                 self.rt.trainable_names,
                 self.train_set,
                 precision=self.cfg.train.precision,
+                gradient_sums=sums,
                 **common,
             )
         after = get_lora_tensors(self.rt.model)
-        # The shared tensors' change (blend: its personal adapter's change this round).
-        source = {n: self.rt.strategy.update_source(n) for n in self.rt.shared_names}
-        update = {n: after[src] - start[src].to(after[src].dtype) for n, src in source.items()}
+        # The shared tensors' change (blend: its personal adapter's change this round), or
+        # minus the sum of this round's gradients there (personalization.update).
+        if sums is not None:
+            update = {n: -sums[src] for n, src in source.items()}
+        else:
+            update = {n: after[src] - start[src].to(after[src].dtype) for n, src in source.items()}
         local_only = None
         if self.local_baseline and not self.rt.strategy.mixed:
             local_only, _ = baseline.train_round(

@@ -25,6 +25,8 @@ ACCOUNTANTS = ("rdp", "prv")
 # fraction-train of the nodes, or each node independently with probability fraction-train
 # (Poisson: what the accountant's amplification by sampling assumes).
 SAMPLINGS = ("fixed", "poisson")
+# What a device sends for the shared tensors (personalization.update).
+UPDATES = ("change", "gradient")
 # The server's step along each round's mean change (server/optimizer.py).
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
 
@@ -115,12 +117,16 @@ class PersonalizationConfig:
     shared initialisation).
     ``mix_prior``: the global adapter's weight a device serves unless its own held-out
     evidence says otherwise (one of ``MIX_WEIGHTS``; 0: only on evidence that it helps).
+    ``update``: what a device sends for the shared tensors — ``change`` (how the tensors it
+    trained moved this round) or ``gradient`` (minus the sum of this round's gradients there,
+    the steepest-descent direction; clipped and noised alike).
     """
 
     global_layers: str = ""
     global_targets: str = ""
     global_part: str = "AB"
     mix_prior: float = 0.5
+    update: str = "change"
 
     def __post_init__(self) -> None:
         try:
@@ -131,6 +137,11 @@ class PersonalizationConfig:
             self.global_part in ("AB", "B"),
             "personalization.global-part",
             f"must be AB or B, got {self.global_part!r}",
+        )
+        _require(
+            self.update in UPDATES,
+            "personalization.update",
+            f"must be one of {', '.join(UPDATES)}; got {self.update!r}",
         )
         from common.personalization.blend import MIX_WEIGHTS
 
@@ -483,6 +494,12 @@ class RunConfig:
             "dp.noise-mode",
             '"distributed" needs secagg.enabled = true: unmasked, the server would see each '
             'update with only its share of the noise (use "central", which trusts the server)',
+        )
+        _require(
+            self.personalization.update == "change" or not self.dp.local_enabled,
+            "personalization.update",
+            '"gradient" needs dp.local.enabled = false: DP-SGD\'s per-example clipped, noised '
+            "gradients are not this round's gradients",
         )
         _require(
             self.strategy in STRATEGIES,

@@ -398,6 +398,7 @@ def train_steps(
     pad_id: int,
     precision: str = "auto",
     packed: bool = True,
+    gradient_sums: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """Run ``steps`` AdamW steps on the named parameters only; everything else is frozen.
 
@@ -417,6 +418,8 @@ def train_steps(
         precision: ``train.precision``: ``"auto"``, ``"float32"`` or ``"bfloat16"``.
         packed: Pack each batch into one row; ``False``: right-padded rows (the old path,
             which benchmarks compare against).
+        gradient_sums: Parameter name -> fp32 CPU tensor: each step's (unscaled) gradient of
+            that parameter is added to it (``personalization.update = "gradient"``).
 
     Returns:
         Mean training loss over the steps.
@@ -452,9 +455,13 @@ def train_steps(
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
+                _add_gradients(model, gradient_sums)
                 optimizer.step()
             else:
                 scaler.scale(loss).backward()
+                if gradient_sums:
+                    scaler.unscale_(optimizer)
+                    _add_gradients(model, gradient_sums)
                 scaler.step(optimizer)
                 scaler.update()
             losses.append(float(loss.detach()))
@@ -465,6 +472,17 @@ def train_steps(
             param.requires_grad_(False)
             param.grad = None
     return sum(losses) / len(losses)
+
+
+def _add_gradients(model: torch.nn.Module, sums: dict[str, torch.Tensor] | None) -> None:
+    """Add the named parameters' current gradients into ``sums`` (fp32, on its device)."""
+    if not sums:
+        return
+    params = dict(model.named_parameters())
+    for name, total in sums.items():
+        grad = params[name].grad
+        if grad is not None:
+            total += grad.detach().to(total.device, torch.float32)
 
 
 def _per_sample_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -476,3 +476,31 @@ def test_a_blend_device_serves_no_global_adapter_that_does_not_help(tmp_path) ->
     assert bad["mix_weight"] == 0.0 and served == 0.0
     assert bad["personal_loss"] == pytest.approx(bad["local_only_loss"])
     assert bad["global_loss"] > bad["base_loss"]
+
+
+def test_a_blend_device_sending_gradients_trains_the_same_personal_adapter(tmp_path) -> None:
+    # Prepare: the same device and round with each personalization.update.
+    results, after = {}, {}
+    for kind in ("change", "gradient"):
+        cfg = parse_run_config(
+            _noiseless(**{"personalization.strategy": "blend", "personalization.update": kind})
+        )
+        with open_test_store(tmp_path / kind) as store:
+            device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
+            # Execute
+            results[kind] = device.train(_global_init(cfg), server_round=1).update
+            after[kind] = device.state.load_personal()
+
+    # Assert: training is unchanged; the update is a descent direction, not the change itself.
+    assert all(torch.equal(after["change"][n], after["gradient"][n]) for n in after["change"])
+    change = torch.cat([t.flatten() for t in results["change"].values()])
+    gradient = torch.cat([results["gradient"][n].flatten() for n in results["change"]])
+    assert not torch.allclose(change, gradient)
+    assert torch.nn.functional.cosine_similarity(change, gradient, dim=0) > 0.2
+
+
+def test_gradient_updates_are_refused_with_local_dp_sgd() -> None:
+    with pytest.raises(ValueError, match="personalization.update"):
+        parse_run_config(
+            tiny_run_config(**{"personalization.update": "gradient", "dp.local.enabled": True})
+        )

@@ -244,3 +244,38 @@ def test_a_feedback_step_weighs_each_example_s_reply_loss(model) -> None:
 
     # Assert
     assert first == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_sums_hold_each_step_s_gradient_at_that_step() -> None:
+    # Prepare: the gradient of the one step's batch, computed by hand at the start tensors.
+    import random
+
+    peft = random_lora_tiny()
+    start = {n: t.clone() for n, t in get_lora_tensors(peft).items()}
+    names = list(start)
+    watched = [n for n in names if "lora_B" in n][:2]
+    rng = random.Random(7)
+    samples = _samples()
+    batch = pack([samples[rng.randrange(len(samples))] for _ in range(3)])
+    params = dict(peft.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    reply_token_losses(peft, batch)[0].mean().backward()
+    by_hand = {n: params[n].grad.detach().clone() for n in watched}
+    for n in names:
+        params[n].requires_grad_(False)
+        params[n].grad = None
+
+    # Execute: one step, then two, summing the gradients of the watched tensors.
+    one = {n: torch.zeros_like(start[n]) for n in watched}
+    kwargs = dict(batch_size=3, learning_rate=1e-2, seed=7, pad_id=PAD, precision="float32")
+    train_steps(peft, names, samples, steps=1, gradient_sums=one, **kwargs)
+    load_lora_tensors(peft, start)
+    two = {n: torch.zeros_like(start[n]) for n in watched}
+    train_steps(peft, names, samples, steps=2, gradient_sums=two, **kwargs)
+    load_lora_tensors(peft, start)
+
+    # Assert: the first step's sum is that gradient; a second step adds a different one.
+    for n in watched:
+        torch.testing.assert_close(one[n], by_hand[n], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(two[n], one[n])

@@ -29,6 +29,8 @@ from common.atomic import atomic_write_bytes
 
 VERSION = 1
 FILE = Path("checkpoint") / "server.npz"
+# Under the run dir: each released round's mean change, as the server saw it (noised).
+RELEASED = "released"
 # Keys a resumed run may change: how long it runs and how long it waits.
 MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "secagg.timeout", "resume"})
 
@@ -192,3 +194,12 @@ def check_compatible(
 def _client_key(key: str) -> int | str:
     """A ``clients`` key as the recorder keeps it: a partition id, or ``node-<id>``."""
     return int(key) if key.isdigit() else key
+
+
+def save_released(run_dir: Path, server_round: int, change: dict[str, np.ndarray]) -> None:
+    """Write a released round's mean change to ``<run_dir>/released/round-NNNN.npz``: the run's
+    audit trail of what it released, which ``simulations/bench_server_step.py`` replays through
+    other server optimizers."""
+    buf = io.BytesIO()
+    np.savez(buf, **{n: np.asarray(a, np.float32) for n, a in change.items()})
+    atomic_write_bytes(Path(run_dir) / RELEASED / f"round-{server_round:04d}.npz", buf.getvalue())

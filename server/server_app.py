@@ -8,7 +8,6 @@ each released round, and ``summary.json`` says what the ε assumes.
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.serverapp import Grid, ServerApp
 
 from common import ab
-from common.atomic import atomic_write_bytes
 from common.config import RunConfig, parse_run_config
 from common.dp.policy import client_noise_std, min_updates
 from common.lora import build_skeleton, init_lora_tensors, lora_shapes
@@ -41,8 +39,6 @@ from server.secagg import SecAggDPStrategy, secagg_workflow
 from server.strategy import PersonaFedAvg
 
 app = ServerApp()
-# Under the run dir: each released round's mean change (Progress.keep_released).
-RELEASED = "released"
 
 
 def _resume_state(
@@ -152,13 +148,8 @@ class Progress:
         }
 
     def keep_released(self, server_round: int, change: dict[str, np.ndarray]) -> None:
-        """Write a released round's mean change (noised: what the server saw) to
-        ``<run_dir>/released/round-NNNN.npz``: the run's audit trail of what it released, which
-        ``simulations/bench_server_step.py`` replays through other server optimizers."""
-        buf = io.BytesIO()
-        np.savez(buf, **{n: np.asarray(a, np.float32) for n, a in change.items()})
-        path = self.plan.run_dir / RELEASED / f"round-{server_round:04d}.npz"
-        atomic_write_bytes(path, buf.getvalue())
+        """Keep a released round's mean change under ``<run_dir>/released/``."""
+        checkpoint.save_released(self.plan.run_dir, server_round, change)
 
     def save(self, server_round: int, stopped: int | None) -> None:
         """Persist the run's state after ``server_round`` (atomically)."""

@@ -39,7 +39,6 @@ from common.crypto import Secret
 from server import checkpoint
 from server.optimizer import ServerStep
 from server.outputs import trained, versus_local
-from server.server_app import RELEASED
 from simulations.cold_start import newcomer_devices
 
 # Candidates beside the run's own optimizer: a larger server step, server momentum and the two
@@ -75,9 +74,9 @@ def released_means(run_dir: Path) -> list[dict[str, np.ndarray]]:
     Raises:
         ReplayError: If the run kept none (a run from before ``released/`` was written).
     """
-    files = sorted((Path(run_dir) / RELEASED).glob("round-*.npz"))
+    files = sorted((Path(run_dir) / checkpoint.RELEASED).glob("round-*.npz"))
     if not files:
-        raise ReplayError(f"{run_dir / RELEASED} holds no released round to replay")
+        raise ReplayError(f"{run_dir / checkpoint.RELEASED} holds no released round to replay")
     means = []
     for path in files:
         with np.load(path, allow_pickle=False) as data:

@@ -15,7 +15,6 @@ from client.runtime import get_runtime
 from common.config import ServerConfig, parse_run_config
 from server import checkpoint
 from server.optimizer import ServerStep
-from server.server_app import RELEASED
 from server.server_app import main as server_main
 from simulations import bench_server_step
 from tests.conftest import device_node_config, tiny_run_config
@@ -156,7 +155,7 @@ def test_the_released_means_replayed_give_the_run_s_global_tensors(tmp_path) -> 
     # Assert: one file per released round, holding the shared tensors' shapes; the final
     # tensors are the initial ones moved by the same optimizer along them.
     run = tmp_path / "run"
-    files = sorted((run / RELEASED).glob("round-*.npz"))
+    files = sorted((run / checkpoint.RELEASED).glob("round-*.npz"))
     assert [f.name for f in files] == ["round-0001.npz", "round-0002.npz", "round-0003.npz"]
     means = bench_server_step.released_means(run)
     final = checkpoint.load(run)
@@ -208,7 +207,7 @@ def test_the_benchmark_refuses_a_run_it_cannot_replay(tmp_path) -> None:
     raw, nodes = _federation(tmp_path, **{"num-server-rounds": 1})
     _serve(raw, nodes)
     run = tmp_path / "run"
-    for f in (run / RELEASED).glob("*.npz"):
+    for f in (run / checkpoint.RELEASED).glob("*.npz"):
         f.unlink()
     with pytest.raises(bench_server_step.ReplayError, match="no released round"):
         bench_server_step.measure(run, newcomers=0)

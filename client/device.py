@@ -563,11 +563,14 @@ class Device:
         }
 
     @torch.no_grad()
-    def held_out_report(self, global_shared: dict[str, torch.Tensor]) -> dict[str, float]:
+    def held_out_report(
+        self, global_shared: dict[str, torch.Tensor], *, mix_prior: float | None = None
+    ) -> dict[str, float]:
         """The losses :meth:`evaluate` reports for these global tensors, changing nothing:
         ``base_loss``, ``global_loss``, ``personal_loss`` (the served model; for ``blend``
         with the weight it would pick, ``mix_weight``) and, when asked, ``local_only_loss``.
-        ``simulations/bench_server_step.py`` asks it of other global tensors than the run's."""
+        ``simulations/bench_server_step.py`` asks it of other global tensors than the run's,
+        and of other prior weights (``mix_prior``; default: ``personalization.mix-prior``)."""
         test = self._held_out(self.test_set)
         base_loss = self.state.meta.base_loss
         if base_loss is None:
@@ -577,7 +580,7 @@ class Device:
         personal = self.state.load_personal()
         extra: dict[str, float] = {}
         if self.rt.strategy.mixed:
-            weight = self._pick_mix_weight(global_shared, personal)
+            weight = self._pick_mix_weight(global_shared, personal, mix_prior)
             mixed = self._mixed(test, global_shared, personal)
             personal_loss = self._loss(
                 self.served(global_shared, personal, mix_weight=weight), mixed
@@ -622,15 +625,18 @@ class Device:
         }
 
     def _pick_mix_weight(
-        self, global_shared: dict[str, torch.Tensor], personal: dict[str, torch.Tensor] | None
+        self,
+        global_shared: dict[str, torch.Tensor],
+        personal: dict[str, torch.Tensor] | None,
+        prior: float | None = None,
     ) -> float:
         """``blend``: the global adapter's weight, chosen on the selection half of the held-out
         slice, which the reported losses never use.
 
-        The federation's prior weight (``personalization.mix-prior``), if the global adapter
-        alone beats the base model there, stands unless the per-example losses say otherwise
-        (:func:`pick_mix_weight`). A device with fewer than two selection examples serves its
-        local-only model (weight 0).
+        The prior weight (``prior``; default: the federation's ``personalization.mix-prior``),
+        if the global adapter alone beats the base model there, stands unless the per-example
+        losses say otherwise (:func:`pick_mix_weight`). A device with fewer than two selection
+        examples serves its local-only model (weight 0).
         """
         if len(self.select_set) < 2:
             return 0.0
@@ -649,7 +655,7 @@ class Device:
 
         return pick_mix_weight(
             losses,
-            prior=self.cfg.personalization.mix_prior,
+            prior=self.cfg.personalization.mix_prior if prior is None else prior,
             base=base,
             global_alone=global_alone,
         )

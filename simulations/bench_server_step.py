@@ -6,7 +6,8 @@ changes the server saw, kept under ``RUN_DIR/released/`` — is the same whateve
 does with them. Each candidate server optimizer (``server/optimizer.py``) replays that
 sequence from the run's initial shared tensors; then every device of the run reports, through
 its own :meth:`client.device.Device.held_out_report` (the same weight rule and local-only
-baseline as in the run), what it would serve with the candidate's global adapter, and the
+baseline as in the run; a candidate may change the prior weight the rule starts from), what it
+would serve with the candidate's global adapter, and the
 run's newcomers (users who never joined) what they would get. No candidate costs privacy: all
 of it is post-processing of the same released aggregates, at the run's ε.
 
@@ -41,17 +42,17 @@ from server.optimizer import ServerStep
 from server.outputs import trained, versus_local
 from simulations.cold_start import newcomer_devices
 
-# Candidates beside the run's own optimizer: a larger server step, server momentum and the two
-# adaptive optimizers of Reddi et al. (ICLR'21) on the noised mean. Learning rates for adam /
-# yogi are per-coordinate steps (the update is normalised): about the size of the run's global
-# B entries over ten rounds.
+# Candidates beside the run's own settings: a smaller and a larger server step, the devices'
+# prior weight, server momentum at the same long-run step (0.9: ten times the step, so a tenth
+# of the rate), and the two adaptive optimizers of Reddi et al. (ICLR'21) on the noised mean
+# (their rates are per-coordinate steps, the update being normalised: about the size of the
+# run's global B entries over ten rounds). ``mix_prior`` is the weight the devices start from.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "sgd ×2": {"optimizer": "sgd", "learning_rate": "x2"},
-    "sgd ×4": {"optimizer": "sgd", "learning_rate": "x4"},
-    "momentum 0.9": {"optimizer": "momentum", "momentum": 0.9, "learning_rate": "x0.25"},
-    "momentum 0.9 ×2": {"optimizer": "momentum", "momentum": 0.9, "learning_rate": "x0.5"},
+    "sgd ×0.5": {"optimizer": "sgd", "learning_rate": "x0.5"},
+    "sgd ×1.5": {"optimizer": "sgd", "learning_rate": "x1.5"},
+    "prior 1": {"mix_prior": 1.0},
+    "momentum 0.9": {"optimizer": "momentum", "momentum": 0.9, "learning_rate": "x0.1"},
     "adam 0.01": {"optimizer": "adam", "learning_rate": 0.01},
-    "adam 0.03": {"optimizer": "adam", "learning_rate": 0.03},
     "yogi 0.01": {"optimizer": "yogi", "learning_rate": 0.01},
 }
 
@@ -61,11 +62,13 @@ class ReplayError(ValueError):
 
 
 def candidate_config(run: ServerConfig, spec: dict[str, Any]) -> ServerConfig:
-    """A candidate's ``server.*`` settings; a learning rate ``"xK"`` is K times the run's."""
+    """A candidate's ``server.*`` settings; a learning rate ``"xK"`` is K times the run's
+    (``mix_prior`` is the devices' side, not the server's: :func:`candidates_of` reads it)."""
     lr = spec.get("learning_rate", run.learning_rate)
     if isinstance(lr, str) and lr.startswith("x"):
         lr = run.learning_rate * float(lr[1:])
-    return replace(run, **{**spec, "learning_rate": float(lr)})
+    server = {k: v for k, v in spec.items() if k != "mix_prior"}
+    return replace(run, **{**server, "learning_rate": float(lr)})
 
 
 def released_means(run_dir: Path) -> list[dict[str, np.ndarray]]:
@@ -97,15 +100,18 @@ def displacement(cfg: ServerConfig, means: list[dict[str, np.ndarray]]) -> dict[
 
 def candidates_of(
     run: ServerConfig, means: list[dict[str, np.ndarray]], specs: dict[str, dict[str, Any]]
-) -> dict[str, tuple[ServerConfig, dict[str, np.ndarray]]]:
-    """Each candidate's settings and its shift of the run's final shared tensors (the run's
-    own optimizer first, with no shift)."""
+) -> dict[str, tuple[ServerConfig, dict[str, np.ndarray], float | None]]:
+    """Each candidate's settings, its shift of the run's final shared tensors and the prior
+    weight its devices start from (``None``: the run's; the run's own optimizer first, with
+    no shift)."""
     own = displacement(run, means)
-    out = {f"run: {describe(run)}": (run, {n: np.zeros_like(a) for n, a in own.items()})}
+    out = {f"run: {describe(run)}": (run, {n: np.zeros_like(a) for n, a in own.items()}, None)}
     for spec in specs.values():
         cfg = candidate_config(run, spec)
         moved = displacement(cfg, means)
-        out[describe(cfg)] = (cfg, {n: moved[n] - own[n] for n in own})
+        prior = spec.get("mix_prior")
+        name = describe(cfg) + ("" if prior is None else f", prior {prior:g}")
+        out[name] = (cfg, {n: moved[n] - own[n] for n in own}, prior)
     return out
 
 
@@ -168,8 +174,8 @@ def measure(
         final = device.state.load_global()
         if final is None:
             continue
-        for name, (_, shift) in cands.items():
-            report = device.held_out_report(shifted(final, shift))
+        for name, (_, shift, prior) in cands.items():
+            report = device.held_out_report(shifted(final, shift), mix_prior=prior)
             rows[name].append(
                 {
                     **report,
@@ -185,15 +191,16 @@ def measure(
         }
         with newcomer_devices(cfg, newcomers) as devices:
             for device in devices:
-                for name, (_, shift) in cands.items():
+                for name, (_, shift, _) in cands.items():
                     cold[name].append(device.newcomer_losses(shifted(released, shift)))
     results = [
         {
             "candidate": name,
             "server": asdict(server),
+            "mix_prior": cfg.personalization.mix_prior if prior is None else prior,
             **_summarise(rows[name], cold[name]),
         }
-        for name, (server, _) in cands.items()
+        for name, (server, _, prior) in cands.items()
     ]
     reference = results[0]["mean_gain_nats"]
     for result in results:
@@ -244,14 +251,15 @@ def table(result: dict[str, Any]) -> str:
         f"{result['users']} devices and {result['newcomers']} newcomers in "
         f"{result['minutes']:.1f} min (one run, same noise for every candidate).",
         "",
-        "| server optimizer | better than local-only | mean gain (nats) | × run's | worse "
-        "| weights served | newcomers below base | newcomer gain (nats) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server optimizer | devices' prior weight | better than local-only | mean gain (nats) "
+        "| × run's | worse | weights served | newcomers below base | newcomer gain (nats) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["candidates"]:
         ratio = c["gain_ratio_to_run"]
         lines.append(
-            f"| {c['candidate']} | {_pct(c['better_than_local'])} of {c['trained']} "
+            f"| {c['candidate']} | {c['mix_prior']:g} "
+            f"| {_pct(c['better_than_local'])} of {c['trained']} "
             f"| {_num(c['mean_gain_nats'])} | {'' if ratio is None else f'{ratio:.2f}'} "
             f"| {c['worse']} | {', '.join(f'{w}: {n}' for w, n in c['weights'].items())} "
             f"| {_pct(c['newcomers_below_base'])} | {_num(c['newcomer_gain_nats'])} |"

@@ -420,6 +420,10 @@ def test_the_mix_weight_keeps_the_prior_unless_the_evidence_says_otherwise() -> 
     # The prior raises every example's loss: the local-only model is served.
     hurts = shifted({0.5: 0.05, 1.0: 0.1, 2.0: 0.2, 4.0: 0.4})
     assert pick_mix_weight(_losses_by_weight(hurts), prior=0.5) == 0.0
+    # A prior taken too far for this user steps down to the largest weight that still helps.
+    too_far = shifted({0.5: -0.03, 1.0: -0.04, 2.0: 0.3, 4.0: 0.8})
+    assert pick_mix_weight(_losses_by_weight(too_far), prior=2.0) == 1.0
+    assert pick_mix_weight(_losses_by_weight(hurts), prior=2.0) == 0.0
     # A small, noisy gain keeps the prior; a consistent larger gain takes the larger weight.
     noisy = shifted({1.0: -0.01}, jitter=0.05)
     assert pick_mix_weight(_losses_by_weight(noisy), prior=0.5) == 0.5

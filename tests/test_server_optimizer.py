@@ -179,13 +179,17 @@ def test_the_benchmark_reproduces_the_run_and_ranks_other_optimizers(tmp_path) -
     _serve(raw, nodes)
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    specs = {"x4": {"optimizer": "sgd", "learning_rate": "x4"}, "adam": {"optimizer": "adam"}}
+    specs = {
+        "x4": {"optimizer": "sgd", "learning_rate": "x4"},
+        "adam": {"optimizer": "adam"},
+        "prior 0": {"mix_prior": 0.0},
+    }
 
     # Execute
     result = bench_server_step.measure(run, newcomers=2, specs=specs)
 
     # Assert: the run's own row is what its devices reported; the others differ.
-    own, x4, adam = result["candidates"]
+    own, x4, adam, prior0 = result["candidates"]
     assert own["candidate"] == "run: sgd lr 2"
     assert x4["server"]["learning_rate"] == 8.0 and x4["candidate"] == "sgd lr 8"
     assert adam["candidate"].startswith("adam lr 2")
@@ -201,6 +205,10 @@ def test_the_benchmark_reproduces_the_run_and_ranks_other_optimizers(tmp_path) -
     assert all(math.isfinite(v) for v in served_own + served_x4)
     assert 0.0 <= x4["newcomers_below_base"] <= 1.0
     assert "| run: sgd lr 2 |" in bench_server_step.table(result)
+    # A candidate prior changes the devices' weights, not the global adapter.
+    assert prior0["candidate"] == "sgd lr 2, prior 0" and prior0["mix_prior"] == 0.0
+    global_prior0 = [r["global_loss"] for r in result["rows"][prior0["candidate"]]]
+    assert global_prior0 == global_own
 
 
 def test_the_benchmark_refuses_a_run_it_cannot_replay(tmp_path) -> None:

@@ -1,10 +1,10 @@
 """Simulation presets: run-config overrides plus the federation's size and resources.
 
 ``tiny`` is for tests and smoke runs (random 2-layer model, < 2 min on 2 cores). ``quick`` is
-the README's main job: SmolLM2-135M on 8 Shakespeare roles, < 15 min on 2 CPU cores.
+the README's main job: SmolLM2-135M on 128 Shakespeare roles, ≤ 10 min on 2 CPU cores.
 ``full`` is larger and meant for a machine with more cores or a GPU. ``population`` is a
 federation in which federating can help: 200 users, about 40 Poisson-sampled per round, 10
-rounds, every device at ε ≤ 1, and 20 users who never join (cold start) — in about 30 min on
+rounds, every device at ε ≤ 1, and 20 users who never join (cold start) — in about 9 min on
 2 CPU cores, with 25 simulated users per Flower node.
 """
 
@@ -35,7 +35,7 @@ PRESETS: dict[str, Preset] = {
             "model.name": "tiny",
             "num-server-rounds": 2,
             # 4 users: the DP noise on the mean is σC/4 per entry; keep it well below the
-            # tiny model's LoRA scale (see README, "Privacy").
+            # tiny model's LoRA scale (see docs/privacy.md).
             "dp.clip-norm": 0.01,
             "data.max-seq-len": 64,
             "data.max-test-samples": 8,
@@ -150,8 +150,8 @@ PRESETS["population"] = Preset(
         # Devices send minus their round's gradients (the direction users share most: 0.61
         # mean cosine between two users' updates against 0.46 for their AdamW changes); the
         # server steps 20x along the clipped, noised mean, and devices start from half of it.
-        # Measured side by side: simulations/bench_server_step.py, README "A federation in
-        # which federating can help".
+        # Measured side by side: simulations/bench_server_step.py; docs/results.md, "A
+        # federation in which federating can help".
         "personalization.update": "gradient",
         "server.learning-rate": 20.0,
         "personalization.mix-prior": 0.5,

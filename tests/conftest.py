@@ -242,7 +242,7 @@ def cpu_bf16(kind: str) -> Iterator[None]:
 
 
 # A test that takes longer than this on 2 cores must carry the `slow` marker (README,
-# "Tests"); the run's end lists any that does not. A listing, not a failure: tests check
+# "Two commands"); the run's end lists any that does not. A listing, not a failure: tests check
 # correctness, and a loaded machine must not turn a correct test red.
 SLOW_TEST_S = 120.0
 _unmarked_seconds: dict[str, float] = {}

@@ -102,6 +102,19 @@ def test_every_cited_path_exists(doc: Path) -> None:
     assert not missing, f"{doc.relative_to(ROOT)} cites paths that do not exist: {missing}"
 
 
+def broken_links(doc: Path) -> list[str]:
+    """Relative Markdown links and images of ``doc`` whose target does not exist."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", doc.read_text())
+    local = [t.split("#", 1)[0] for t in targets if not re.match(r"[a-z]+:", t)]
+    return [t for t in local if t and not (doc.parent / t).exists()]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(doc: Path) -> None:
+    broken = broken_links(doc)
+    assert not broken, f"{doc.relative_to(ROOT)} links to what does not exist: {broken}"
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_fedpersona_command_shown_parses(doc: Path) -> None:
     root = _root_command()
@@ -111,7 +124,7 @@ def test_every_fedpersona_command_shown_parses(doc: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_the_checks_can_fail() -> None:
+def test_the_checks_can_fail(tmp_path: Path) -> None:
     root = _root_command()
     assert check_command("fedpersona simulate --preset quick", root) is None
     assert check_command("fedpersona simulate --no-such-flag 1", root) is not None
@@ -125,3 +138,6 @@ def test_the_checks_can_fail() -> None:
     }
     block = "```bash\nfedpersona simulate \\\n  --preset tiny  # a comment\n```"
     assert shown_commands(block) == ["fedpersona simulate    --preset tiny"]
+    page = tmp_path / "page.md"
+    page.write_text("[ok](page.md#x) ![img](img/none.png) [web](https://flower.ai)")
+    assert broken_links(page) == ["img/none.png"]

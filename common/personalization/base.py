@@ -46,7 +46,7 @@ def adapter_of(name: str) -> str:
 
 @dataclass(frozen=True)
 class Strategy:
-    """A personalization strategy (see the README's strategy table).
+    """A personalization strategy (see the strategy table in docs/personalization.md).
 
     Attributes:
         name: Config name (``personalization.strategy``).

@@ -8,8 +8,8 @@ target, so every number in the table comes from the run's own accountants.
 Each row also has what the users got: the served models against the local-only baseline
 (shares no worse and better) and, when the preset measures them, the released model on users
 who never joined. ``python -m simulations.sweep --preset population --users 200 --per-round 40
---rounds 10 --eval-fraction 1`` (the curve in docs/results.md) writes ``sweep.md``, ``sweep.json`` and
-``sweep.png`` under ``--out``.
+--rounds 10 --eval-fraction 1`` (the curve in docs/results.md) writes ``sweep.md``,
+``sweep.json`` and ``sweep.png`` under ``--out``.
 """
 
 from __future__ import annotations

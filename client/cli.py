@@ -21,8 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client.ingest import DEFAULT_MAX_BYTES
 from client.store import API_TOKEN, DEFAULT_RETENTION_DAYS, LocalStore, StoreError
+from client.store.ingest import DEFAULT_MAX_BYTES
 from common.crypto import PASSPHRASE_ENV, NoSecret, Secret, StoreKeyError, resolve_secret
 
 app = typer.Typer(help="The on-device assistant (encrypted, local, private).", no_args_is_help=True)
@@ -71,7 +71,7 @@ def _open(data_dir: Path, key_file: Path | None, retention: float) -> LocalStore
 def _assistant(  # type: ignore[no-untyped-def]
     data_dir: Path, key_file: Path | None, retention: float, *, ab_test: bool = False
 ):
-    from client.assistant import Assistant
+    from client.assistant.assistant import Assistant
     from common.model import quiet_transformers
 
     quiet_transformers()
@@ -97,7 +97,7 @@ def init(
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """Create the device's encrypted store, default profile and API token."""
-    from client.state import init_device
+    from client.store.state import init_device
     from common.crypto import create_key_file
 
     if new_key_file:
@@ -147,7 +147,7 @@ def import_(
     Everything is PII-scrubbed and kept only in the encrypted store, purged after the retention
     window and erased by `forget`. If any file cannot be read, nothing is imported.
     """
-    from client.ingest import BadImport, import_files
+    from client.store.ingest import BadImport, import_files
 
     with _open(data_dir, key_file, retention_days) as store:
         try:
@@ -305,7 +305,7 @@ def profile(
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """Show the profile, or change explicit preferences with --set."""
-    from client.profile import CHOICES, Profile
+    from client.assistant.profile import CHOICES, Profile
 
     with _open(data_dir, key_file, retention_days) as store:
         try:
@@ -336,7 +336,7 @@ def status(
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """Profile, history, personal adapter, ε spent / cap and retention."""
-    from client.status import status as device_status
+    from client.store.status import status as device_status
 
     with _open(data_dir, key_file, retention_days) as store:
         try:
@@ -383,7 +383,7 @@ def budget(
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
 ) -> None:
     """The privacy ledger: ε spent, cap, rounds charged/declined, what ε assumes."""
-    from client.status import budget as device_budget
+    from client.store.status import budget as device_budget
 
     with _open(data_dir, key_file, retention_days) as store:
         try:
@@ -407,7 +407,7 @@ def _policy_dict(policy) -> dict:  # type: ignore[no-untyped-def]
 @privacy_app.command("show")
 def privacy_show(data_dir: DataDir, key_file: KeyFile = None) -> None:
     """Print the policy every round's instructions are checked against."""
-    from client.policy import DevicePolicy
+    from client.federation.policy import DevicePolicy
 
     with _open(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
         try:
@@ -442,8 +442,8 @@ def privacy_set(
     period_epsilon_cap: Annotated[float | None, typer.Option(help="ε cap per period")] = None,
 ) -> None:
     """Change the policy (the options given); print the result."""
-    from client.ledger import LEDGER_BLOB
-    from client.policy import DevicePolicy
+    from client.federation.ledger import LEDGER_BLOB
+    from client.federation.policy import DevicePolicy
 
     changes = {
         k: v
@@ -487,7 +487,7 @@ def token(
     ] = False,
 ) -> None:
     """Print the local API's bearer token (``--rotate``: a new one)."""
-    from client.state import rotate_api_token
+    from client.store.state import rotate_api_token
 
     with _open(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
         print(rotate_api_token(store) if rotate else store.get_meta(API_TOKEN))
@@ -566,13 +566,13 @@ def serve(
     """Serve the local HTTP API (OpenAI-compatible chat) on 127.0.0.1."""
     import uvicorn
 
-    from client.api import check_loopback, create_app
+    from client.api.app import check_loopback, create_app
 
     try:
         check_loopback(host)
     except ValueError as err:
         raise _fail(err) from None
-    from client.model_thread import MODEL_THREAD
+    from client.assistant.model_thread import MODEL_THREAD
 
     # Built on the thread that will answer: one OpenMP team for all model work.
     assistant = MODEL_THREAD.call(_assistant, data_dir, key_file, retention_days, ab_test=ab_test)
@@ -636,7 +636,7 @@ def worker(
     """
     import logging
 
-    from client.worker import serve
+    from client.federation.worker import serve
 
     secret = _secret(key_file)
     if secret.passphrase is not None:  # typed at the prompt: this process alone keeps it

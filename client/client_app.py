@@ -7,11 +7,11 @@ protocol stages, which :func:`secagg_when_requested` hands to Flower's ``secaggp
 This module imports Flower only. Flower starts a fresh ClientApp process for every message,
 from the app bundle the server sends with each run — so on a real device this process is the
 server's code, not the device owner's. When the node config names the device's worker
-(``worker-socket``, see :mod:`client.worker`; its only key there), every training, evaluation
-and SecAgg+ message goes to the worker: the project's installed code, which alone holds the
-passphrase, the encrypted store, the SecAgg+ keys and the unmasked update, and enforces the
+(``worker-socket``, see :mod:`client.federation.worker`; its only key there), every training,
+evaluation and SecAgg+ message goes to the worker: the project's installed code, which alone holds
+the passphrase, the encrypted store, the SecAgg+ keys and the unmasked update, and enforces the
 owner's privacy policy. This process relays; if the worker is down the message fails. Without
-a worker (simulations, tests) :mod:`client.handlers` and the SecAgg+ checks run here.
+a worker (simulations, tests) :mod:`client.federation.handlers` and the SecAgg+ checks run here.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client import worker
-from client.worker import DeviceError, error_code
+from client.federation import worker
+from client.federation.worker import DeviceError, error_code
 
 
 def secagg_when_requested(msg: Message, ctxt: Context, call_next):  # type: ignore[no-untyped-def]
     """Run the device's side of SecAgg+ for SecAgg+ messages; pass others straight through.
 
     When the node config names the device's worker (``worker-socket``), the whole protocol
-    runs there (:func:`checked_secaggplus` in :mod:`client.worker`): the worker holds the
+    runs there (:func:`checked_secaggplus` in :mod:`client.federation.worker`): the worker holds the
     device's store, its SecAgg+ keys and its unmasked update, and this process — code the
     server ships in its app bundle — only relays what the worker answers (masked vectors,
     encrypted key shares). Without a worker it runs here.
@@ -57,10 +57,11 @@ def checked_secaggplus(msg: Message, ctxt: Context, call_next):  # type: ignore[
 
     A real device that will not contribute leaves the round at setup, or when the SecAgg+
     parameters would let its noise be clipped away or its masks be recovered
-    (:func:`client.gate.setup_refusal`); before it masks its update it checks the cohort it
-    would be summed with (:func:`client.gate.cohort_refusal`), and before it hands out mask
-    shares, the cohort the server would unmask (:func:`client.gate.unmask_refusal`). The
-    server gets a code, never the device's text.
+    (:func:`client.federation.gate.setup_refusal`); before it masks its update it checks the cohort
+    it would be summed with (:func:`client.federation.gate.cohort_refusal`), and before it hands out
+    mask shares, the cohort the server would unmask
+    (:func:`client.federation.gate.unmask_refusal`). The server gets a code, never the device's
+    text.
     """
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = configs.get(Key.STAGE) if msg.metadata.message_type == MessageType.TRAIN else None
@@ -83,7 +84,7 @@ def checked_secaggplus(msg: Message, ctxt: Context, call_next):  # type: ignore[
 
 def _refusal(stage: str, msg: Message, ctxt: Context, configs) -> str | None:  # type: ignore[no-untyped-def]
     """The gate's answer for ``stage`` (torch loads only for the setup's ledger check)."""
-    from client import gate
+    from client.federation import gate
     from common.config import parse_run_config
 
     cfg = parse_run_config(dict(ctxt.run_config))
@@ -144,7 +145,7 @@ def _answer(kind: str, content: RecordDict, context: Context) -> RecordDict:
 def _compute(kind: str, content: RecordDict, context: Context) -> RecordDict:
     if context.node_config.get(worker.SOCKET_KEY):
         return worker.forward(str(context.node_config[worker.SOCKET_KEY]), kind, content, context)
-    from client import handlers  # torch, transformers, peft: only where the model runs
+    from client.federation import handlers  # torch, transformers, peft: only where the model runs
 
     return handlers.answer(kind, content, context)
 

@@ -372,8 +372,8 @@ class EvalConfig:
 
     ``local_only``: also report the loss of the model the user could have trained alone — a LoRA
     of the same size, on the same examples, with the same optimizer steps and tokens as the
-    device spent (see ``client/baseline.py``). On in the simulation presets; a real device
-    computes it only if its node config also says ``local-only-baseline=true``.
+    device spent (see ``client/federation/baseline.py``). On in the simulation presets; a real
+    device computes it only if its node config also says ``local-only-baseline=true``.
     """
 
     local_only: bool = False

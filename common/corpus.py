@@ -23,7 +23,7 @@ seed, are the federation's in that order (the first ``data.num-users`` join; the
 are the newcomers a cold-start measurement uses) — the same order in every process.
 
 The simulated device of a user imports its data through the device's own import path
-(:func:`client.ingest.import_corpus_user`): PII-scrubbed, into its encrypted store.
+(:func:`client.store.ingest.import_corpus_user`): PII-scrubbed, into its encrypted store.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
           the signature removed) is a reply to the text it quotes, else to its subject.
 
 Pure parsing, nothing stored: a device stores what these return through
-:mod:`client.ingest`; a simulation reads a per-user corpus with them (:mod:`common.corpus`).
+:mod:`client.store.ingest`; a simulation reads a per-user corpus with them (:mod:`common.corpus`).
 A file that cannot be read as what it claims to be raises :class:`BadImport` with the reason.
 
 (One file on purpose, over the usual length: the three formats share the splitting and the

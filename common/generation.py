@@ -1,6 +1,6 @@
 """Sampling text from a causal LM: the one generation function of the project.
 
-The device's assistant (:mod:`client.assistant`) and the run evaluation
+The device's assistant (:mod:`client.assistant.assistant`) and the run evaluation
 (:mod:`simulations.evaluate`) both generate through :func:`sample`: rendered prompts (token
 ids, left-padded into one batch), ``n`` samples each, ending at the end of the turn, a stop
 string, the token limit or a cancel signal; each completion's text, why it ended and how many

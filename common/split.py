@@ -1,5 +1,5 @@
 """How a user's examples divide: the newest held out, the rest trained on — the same rule on
-a device (:mod:`client.examples`) and for a simulation's users (:mod:`common.corpus`). No
+a device (:mod:`client.store.examples`) and for a simulation's users (:mod:`common.corpus`). No
 torch here: a device's read-only commands import it."""
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ for i in 0 1; do
   # The Shakespeare role of user i as the owner's chat history (what `device import` reads).
   "$PY" - "$i" "$WORK/writing-$i.jsonl" <<'EOF'
 import json, sys
-from client.simulated import simulated_user
+from client.federation.simulated import simulated_user
 from common.config import parse_run_config
 user = simulated_user(parse_run_config({}), int(sys.argv[1]), 2)
 with open(sys.argv[2], "w") as f:

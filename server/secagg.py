@@ -7,9 +7,9 @@ two flwr 1.42 problems fixed and DP done by fedpersona rather than the stock wra
   actually sampled (devices check it). With fewer than m_min masked vectors collected the
   round aborts **before unmasking** (each device's noise share is sized for m_min: a smaller
   sum would carry less noise than promised — and real devices refuse to help unmask it
-  anyway, see ``client/gate.py``). A round that halts at any stage is closed as discarded.
-* :class:`SecAggDPStrategy` — devices send their clipped (and, in ``distributed`` mode, noised)
-  update with weight 1 (0 when they declined), so SecAgg+ yields the mean update of the
+  anyway, see ``client/federation/gate.py``). A round that halts at any stage is closed as
+discarded. * :class:`SecAggDPStrategy` — devices send their clipped (and, in ``distributed`` mode,
+  noised) update with weight 1 (0 when they declined), so SecAgg+ yields the mean update of the
   participants. A round with fewer than m_min participants, or a non-finite sum, is discarded
   and the previous model kept (the stock DP wrapper instead drops every round on any failure).
   In ``central`` mode the server adds N(0, (σC)²)/m after unmasking.

@@ -33,8 +33,8 @@ def throughput(model: str, device_name: str, *, steps: int = 6) -> dict:
     import random
     import zlib
 
-    from client.device import Device
-    from client.runtime import get_runtime
+    from client.federation.device import Device
+    from client.federation.runtime import get_runtime
     from client.store import LocalStore
     from common.config import parse_run_config
     from common.crypto import Secret, create_key_file

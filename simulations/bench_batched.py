@@ -22,7 +22,7 @@ import torch
 
 def bench(model_name: str, *, clients: int = 8, steps: int = 4) -> dict:
     """Real tokens/s of K solo rounds and of the same rounds batched (see the module docstring)."""
-    from client.runtime import get_runtime
+    from client.federation.runtime import get_runtime
     from common.config import parse_run_config
     from common.data import encode, user_for_partition
     from common.lora import get_lora_tensors, load_lora_tensors

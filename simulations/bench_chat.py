@@ -41,11 +41,11 @@ def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> 
     """Run the answering benchmark; returns the JSON-serializable results."""
     import openai
 
-    from client.api import create_app, serve_in_background
-    from client.assistant import Assistant
-    from client.model_thread import MODEL_THREAD
-    from client.state import init_device
+    from client.api.app import create_app, serve_in_background
+    from client.assistant.assistant import Assistant
+    from client.assistant.model_thread import MODEL_THREAD
     from client.store import LocalStore
+    from client.store.state import init_device
     from common.crypto import Secret, create_key_file
 
     with tempfile.TemporaryDirectory(prefix="fp-bench-chat-") as tmp:
@@ -194,7 +194,7 @@ def _direct(assistant, repeats: int, max_tokens: int) -> dict:  # type: ignore[n
 def _bare_first_token(assistant, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
     """The model alone (the one that answers: the bf16 serving copy where there is one): the
     same rendered prompt, prefill + one sampled token (median)."""
-    from client.engine import build_messages
+    from client.assistant.engine import build_messages
 
     tok = assistant.rt.tokenizer
     messages = build_messages(

@@ -34,12 +34,18 @@ def build_store(data_dir: Path) -> None:
     import numpy as np
     import torch
 
-    from client.evidence import Gate
-    from client.ledger import LedgerPolicy, PrivacyLedger
-    from client.profile import Profile
-    from client.state import GATE_BLOB, GLOBAL_BLOB, PERSONAL_BLOB, init_device, tensors_to_bytes
-    from client.status import load_settings, open_state
+    from client.assistant.evidence import Gate
+    from client.assistant.profile import Profile
+    from client.federation.ledger import LedgerPolicy, PrivacyLedger
     from client.store import LocalStore
+    from client.store.state import (
+        GATE_BLOB,
+        GLOBAL_BLOB,
+        PERSONAL_BLOB,
+        init_device,
+        tensors_to_bytes,
+    )
+    from client.store.status import load_settings, open_state
     from common.crypto import Secret
 
     rng = np.random.default_rng(0)

@@ -82,7 +82,7 @@ def bench(model: str, device_name: str, *, store: bool) -> dict:
     """Measure everything; returns a JSON-serializable dict."""
     from peft.utils import set_peft_model_state_dict
 
-    from client.adapt import GraphedAdapter, adapt_on_feedback, hot_swap
+    from client.assistant.adapt import GraphedAdapter, adapt_on_feedback, hot_swap
     from common.config import ModelConfig
     from common.data import IGNORE_INDEX, Encoded
     from common.lora import build_peft_model, init_lora_tensors, lora_shapes
@@ -181,10 +181,10 @@ def store_bytes(personal: dict, shared: dict) -> dict:
     """Bytes of one user's encrypted store on disk, with 0 and 100 interactions."""
     import numpy as np
 
-    from client.ledger import LedgerPolicy, PrivacyLedger
-    from client.profile import Profile
-    from client.state import GLOBAL_BLOB, PERSONAL_BLOB, tensors_to_bytes
+    from client.assistant.profile import Profile
+    from client.federation.ledger import LedgerPolicy, PrivacyLedger
     from client.store import LocalStore
+    from client.store.state import GLOBAL_BLOB, PERSONAL_BLOB, tensors_to_bytes
     from common.crypto import Secret, create_key_file
 
     rng = np.random.default_rng(0)

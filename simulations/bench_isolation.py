@@ -20,9 +20,9 @@ In Flower 1.42 a ``flwr-clientapp`` takes one task token and exits, whichever th
 long-lived process in ``process`` mode is the executor, not the ClientApp. The benchmark also
 counts the ClientApp processes started and times cold imports in a fresh interpreter: the
 ClientApp module (every message pays it; Flower only) and the model half
-(:mod:`client.handlers`: torch, transformers, peft), which per-message ClientApps pay for every
-training and evaluation message and the worker once. Writes ``bench_isolation_cpu.json`` and
-``.md`` to ``--out``.
+(:mod:`client.federation.handlers`: torch, transformers, peft), which per-message ClientApps pay
+for every training and evaluation message and the worker once. Writes ``bench_isolation_cpu.json``
+and ``.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -164,9 +164,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         "Cold imports in a fresh interpreter: the ClientApp module (Flower only; every message) "
         f"{result['cold_import_s']['client.client_app']:.1f} s; the model half "
-        f"(`client.handlers`: torch, transformers, peft) "
-        f"{result['cold_import_s']['client.handlers']:.1f} s — per training/evaluation message "
-        "without a worker, once per device with one.",
+        f"(`client.federation.handlers`: torch, transformers, peft) "
+        f"{result['cold_import_s']['client.federation.handlers']:.1f} s — per "
+        "training/evaluation message without a worker, once per device with one.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             for mode, m in modes.items()
             if mode != "subprocess" and "subprocess" in modes
         },
-        "cold_import_s": {m: cold_import_s(m) for m in ("client.client_app", "client.handlers")},
+        "cold_import_s": {
+            m: cold_import_s(m) for m in ("client.client_app", "client.federation.handlers")
+        },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_isolation_cpu.json").write_text(json.dumps(result, indent=1) + "\n")

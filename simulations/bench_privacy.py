@@ -44,7 +44,7 @@ def round_times(preset: str, out: Path, rounds: int) -> dict:
 
 def step_times(model_name: str, steps: int) -> dict:
     """Seconds per plain AdamW step vs per Opacus DP-SGD step (same model and batch size)."""
-    from client.device import Device
+    from client.federation.device import Device
     from client.store import LocalStore
     from common.config import parse_run_config
     from common.crypto import Secret, create_key_file

@@ -51,13 +51,13 @@ def engine_overhead(run_dir: Path, *, actors: int) -> dict:
 
     Each simulated node logs, per train message, how long it answered (``node_s``: store open,
     device set-up, decoding and encoding) and how much of that the devices' own rounds took
-    (``device_s``: :meth:`client.device.Device.train`); the server records each training
+    (``device_s``: :meth:`client.federation.device.Device.train`); the server records each training
     phase's wall time (every SecAgg+ stage included). With ``actors`` workers running in
     parallel the engine had ``wall × actors`` worker-seconds: **overhead** is the share of
     them not spent in ``Device.train`` (actor hops, Flower's messages, SecAgg+'s other stages,
     store opens, encoding, idle workers); **node** the part spent in the node around it.
     """
-    from client.simulated import ENGINE_TIMINGS
+    from client.federation.simulated import ENGINE_TIMINGS
 
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = [r for r in summary["rounds"] if "train_seconds" in r]

@@ -5,7 +5,7 @@ its local-only model), so the run's sequence of released means — the clipped, 
 changes the server saw, kept under ``RUN_DIR/released/`` — is the same whatever the server
 does with them. Each candidate server optimizer (``server/optimizer.py``) replays that
 sequence from the run's initial shared tensors; then every device of the run reports, through
-its own :meth:`client.device.Device.held_out_report` (the same weight rule and local-only
+its own :meth:`client.federation.device.Device.held_out_report` (the same weight rule and local-only
 baseline as in the run; a candidate may change the prior weight the rule starts from), what it
 would serve with the candidate's global adapter, and the
 run's newcomers (users who never joined) what they would get. No candidate costs privacy: all
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.device import Device
+from client.federation.device import Device
 from client.store import LocalStore
 from common.config import RunConfig, ServerConfig
 from common.crypto import Secret

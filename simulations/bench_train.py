@@ -123,8 +123,8 @@ def bench(model_name: str, *, steps: int = 6, repeats: int = 3, peak_n: int = MA
     then falls on different paths). Each path's figures are over all its runs (total real
     tokens / total seconds); ``ratio_each`` keeps each repeat's ratio to the old loop, paired
     on the same batches, to show the spread."""
-    from client.device import Device
-    from client.runtime import get_runtime
+    from client.federation.device import Device
+    from client.federation.runtime import get_runtime
     from client.store import LocalStore
     from common.config import parse_run_config
     from common.crypto import Secret, create_key_file

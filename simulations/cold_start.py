@@ -2,8 +2,8 @@
 
 After a simulated federation of ``data.num-users`` users, the next ``count`` Shakespeare roles
 of the same seeded order — users the federation never sampled, whose text it never saw —
-each get a simulated device of their own (the same :class:`client.device.Device`, its store
-filled through the import path) and evaluate the run's released shared tensors against the
+each get a simulated device of their own (the same :class:`client.federation.device.Device`, its
+store filled through the import path) and evaluate the run's released shared tensors against the
 base model on the test half of their held-out text: the cold-start model a newcomer is
 served. The result goes into the run's ``summary.json`` as ``cold_start_users``.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from client.device import Device
+from client.federation.device import Device
 from client.store import LocalStore
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig

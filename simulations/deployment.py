@@ -209,7 +209,7 @@ class LocalDeployment:
             data_dir, worker_name, executor_name = self.root / name, f"{name}-worker", f"{name}-app"
         unlock: list[str | Path] = ["--data-dir", data_dir, "--key-file", device_key(data_dir)]
         if worker:  # the worker alone unlocks the store; the ClientApps get its socket only
-            from client.worker import SOCKET_KEY
+            from client.federation.worker import SOCKET_KEY
 
             sock = self.root / f"{worker_name}.sock"
             worker_cmd = [BIN / "fedpersona", "device", "worker", "--socket", sock, *unlock]
@@ -253,7 +253,7 @@ class LocalDeployment:
         picks (default data settings), as a chat JSONL file, removed once imported — and
         ``fedpersona device privacy set`` with ``policy``. Skipped if the store exists already
         (a restarted device)."""
-        from client.simulated import simulated_user
+        from client.federation.simulated import simulated_user
         from client.store import LocalStore
         from common.config import parse_run_config
 
@@ -299,7 +299,7 @@ class LocalDeployment:
     @staticmethod
     def wait_worker(sock: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         """Wait until the device worker ``proc`` answers a ping on ``sock``."""
-        from client.worker import ping
+        from client.federation.worker import ping
 
         deadline = time.monotonic() + timeout
         while not ping(sock):

@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.adapt import adapt_on_feedback
-from client.runtime import get_runtime
-from client.state import GLOBAL_BLOB, META_BLOB, PERSONAL_BLOB, tensors_from_bytes
+from client.assistant.adapt import adapt_on_feedback
+from client.federation.runtime import get_runtime
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
+from client.store.state import GLOBAL_BLOB, META_BLOB, PERSONAL_BLOB, tensors_from_bytes
 from common import audit, metrics
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig

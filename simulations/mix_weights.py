@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from client.device import Device
+from client.federation.device import Device
 from client.store import LocalStore
 from common.config import RunConfig
 from common.crypto import Secret

@@ -27,7 +27,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fedpersona"))
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from client.api import serve_in_background as api_server  # noqa: E402, F401
+from client.api.app import serve_in_background as api_server  # noqa: E402, F401
 from client.store import LocalStore  # noqa: E402
 from common.config import RunConfig, parse_run_config  # noqa: E402
 from common.crypto import Secret  # noqa: E402
@@ -122,9 +122,9 @@ def fill_store_with_role(
     """Put a role's turns into the store in ``data_dir`` as a user's examples; return how
     many were added (0 if it already held examples). A store without a privacy policy gets
     ``policy`` (default :func:`permissive_policy`; ``None``: none, the device's defaults apply)."""
-    from client.ingest import replay_role
-    from client.policy import DevicePolicy
-    from client.simulated import simulated_user
+    from client.federation.policy import DevicePolicy
+    from client.federation.simulated import simulated_user
+    from client.store.ingest import replay_role
 
     user = simulated_user(parse_run_config(tiny_run_config()), partition_id, num_partitions)
     with open_test_store(data_dir) as store:
@@ -137,7 +137,7 @@ def permissive_policy(**changes: Any) -> Any:
     """The privacy policy of the in-process tests' devices: their owners accept the tiny
     federation of 4 the tests run, Flower's Message API without SecAgg+, server-added noise and
     rounds with no noise (tests/test_policy.py checks the defaults)."""
-    from client.policy import DevicePolicy
+    from client.federation.policy import DevicePolicy
 
     accepts = {
         "min_cohort": 1,
@@ -165,7 +165,7 @@ def stored_device_state(data_dir: Path) -> dict[str, Any]:
 
 def initial_shared(cfg: RunConfig) -> dict[str, Any]:
     """A copy of the initial shared tensors of ``cfg``'s model (what a server sends first)."""
-    from client.runtime import get_runtime
+    from client.federation.runtime import get_runtime
 
     rt = get_runtime(cfg)
     return {n: rt.init[n].clone() for n in rt.shared_names}
@@ -174,8 +174,8 @@ def initial_shared(cfg: RunConfig) -> dict[str, Any]:
 def tiny_assistant(data_dir: Path) -> tuple[LocalStore, Any, str]:
     """A fresh tiny-model device in ``data_dir``: its open store, an assistant over it and the
     API token (the caller closes the store)."""
-    from client.assistant import Assistant
-    from client.state import init_device
+    from client.assistant.assistant import Assistant
+    from client.store.state import init_device
 
     store = open_test_store(data_dir)
     init_device(store, model="tiny")
@@ -189,7 +189,7 @@ def served_tiny_assistant(data_dir: Path) -> Iterator[tuple[Any, str, Any, str]]
     is stopped and the store closed on exit."""
     import httpx
 
-    from client.api import create_app
+    from client.api.app import create_app
 
     store, assistant, token = tiny_assistant(data_dir)
     try:

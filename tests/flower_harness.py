@@ -127,7 +127,7 @@ def secagg_device_round(
     from flwr.server import LegacyContext, ServerConfig
 
     from client.client_app import app as fedpersona_app
-    from client.runtime import get_runtime
+    from client.federation.runtime import get_runtime
     from common import ab
     from common.config import parse_run_config
     from common.secagg import derive_secagg_params

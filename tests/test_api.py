@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.api import check_loopback
+from client.api.app import check_loopback
 from tests.conftest import served_tiny_assistant
 
 

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from client.api import MAX_BODY, create_app, loopback_host
-from client.state import rotate_api_token
+from client.api.app import MAX_BODY, create_app, loopback_host
+from client.store.state import rotate_api_token
 from tests.conftest import served_tiny_assistant
 
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.adapt import hot_swap
-from client.assistant import Assistant
-from client.engine import build_messages, rerank, retrieve, system_prompt
-from client.evidence import DriftDetector, Gate
-from client.experts import Expert, ExpertRouter
-from client.profile import Profile, detect_format, extract_context, time_of_day
-from client.state import init_device
+from client.assistant.adapt import hot_swap
+from client.assistant.assistant import Assistant
+from client.assistant.engine import build_messages, rerank, retrieve, system_prompt
+from client.assistant.evidence import DriftDetector, Gate
+from client.assistant.experts import Expert, ExpertRouter
+from client.assistant.profile import Profile, detect_format, extract_context, time_of_day
 from client.store import Interaction
+from client.store.state import init_device
 from common.embedding import EMBED_DIM, get_embedder, user_embedding
 from tests.conftest import open_test_store
 
@@ -281,7 +281,7 @@ def test_ab_test_answers_come_from_both_arms_and_their_ratings_are_counted(
     # the OS's randomness: here it alternates, so both arms are certain to answer.
     import itertools
 
-    from client.device import Device
+    from client.federation.device import Device
     from common.config import parse_run_config
     from tests.conftest import tiny_run_config
 
@@ -376,7 +376,7 @@ def test_experts_are_installed_routed_and_answer_until_the_personal_model_has_ev
 
 def test_the_cuda_graph_feedback_step_refuses_a_cpu_model(assistant) -> None:
     # (Its capture and replay run in tests/test_gpu_path.py on a CUDA machine.)
-    from client.adapt import GraphedAdapter
+    from client.assistant.adapt import GraphedAdapter
 
     with pytest.raises(ValueError, match="CUDA"):
         GraphedAdapter(

@@ -124,7 +124,7 @@ def test_the_engine_overhead_is_the_worker_time_outside_device_train(tmp_path) -
     # were Device.train, and the training phases took 5 + 5 s of wall time.
     import json
 
-    from client.simulated import ENGINE_TIMINGS
+    from client.federation.simulated import ENGINE_TIMINGS
     from simulations.bench_scaling import engine_overhead
 
     rounds = [{"round": r, "train_seconds": s} for r, s in [(1, 30.0), (2, 5.0), (3, 5.0)]]
@@ -154,7 +154,7 @@ def test_a_node_times_only_into_its_servers_run_folder_and_never_fails_the_round
     # child (unwritable), then the server's real folder.
     import json
 
-    from client.simulated import ENGINE_TIMINGS, engine_time
+    from client.federation.simulated import ENGINE_TIMINGS, engine_time
     from common.config import parse_run_config
     from tests.conftest import make_context, tiny_run_config
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
-from client.runtime import get_runtime
+from client.federation.runtime import get_runtime
 from client.store import LocalStore
 from common.config import parse_run_config
 from common.crypto import Secret
@@ -233,7 +233,7 @@ def test_privacy_show_and_set_through_the_cli(tmp_path, run) -> None:
     run("init", "--data-dir", str(d), "--model", "tiny", "--key-file", str(key), "--new-key-file")
     unlock = ["--data-dir", str(d), "--key-file", str(key)]
 
-    from client.policy import DevicePolicy
+    from client.federation.policy import DevicePolicy
 
     shown = json.loads(run("privacy", "show", *unlock).output)
     assert shown == {
@@ -250,7 +250,7 @@ def test_privacy_show_and_set_through_the_cli(tmp_path, run) -> None:
 
 
 def test_chat_remembers_the_conversation_and_takes_feedback(tmp_path, run, monkeypatch) -> None:
-    from client.assistant import Assistant
+    from client.assistant.assistant import Assistant
 
     d = str(tmp_path / "dev")
     run("init", "--data-dir", d, "--model", "tiny")
@@ -290,8 +290,8 @@ def test_chat_remembers_the_conversation_and_takes_feedback(tmp_path, run, monke
 def test_expert_add_installs_an_adapter_the_api_then_lists(tmp_path, run) -> None:
     from fastapi.testclient import TestClient
 
-    from client.api import create_app
-    from client.assistant import Assistant
+    from client.api.app import create_app
+    from client.assistant.assistant import Assistant
     from common.lora import export_adapter
 
     d = tmp_path / "dev"

@@ -190,7 +190,7 @@ def test_the_screen_lists_a_dozen_skips_and_counts_the_rest(tmp_path) -> None:
 
 def test_a_corpus_user_enters_its_device_through_the_import_path(folder, tmp_path) -> None:
     # Prepare: Alice's text carries an e-mail address
-    from client.device import Device
+    from client.federation.device import Device
     from common.config import parse_run_config
     from common.crypto import Secret, create_key_file
 

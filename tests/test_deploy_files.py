@@ -484,7 +484,7 @@ def test_compose_clientapps_get_the_workers_socket_and_nothing_of_the_device(com
 def test_compose_device_workers_match_their_supernodes(compose) -> None:
     from typer.main import get_command
 
-    from client import worker
+    from client.federation import worker
     from simulations.cli import app
 
     # Prepare

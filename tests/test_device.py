@@ -9,14 +9,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from client.assistant import Assistant
+from client.assistant.assistant import Assistant
 from client.client_app import DeviceError
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
-from client.device import Device
-from client.examples import device_examples
-from client.runtime import get_runtime, shared_shapes
-from client.state import init_device
+from client.federation.device import Device
+from client.federation.runtime import get_runtime, shared_shapes
+from client.store.examples import device_examples
+from client.store.state import init_device
 from common.config import parse_run_config
 from common.lora import get_lora_tensors, load_lora_tensors
 from common.model import load_base_model
@@ -270,7 +270,7 @@ def test_blend_trains_its_personal_adapter_alone_and_sends_that_change(tmp_path)
 
 def test_the_local_only_baseline_trains_with_the_devices_compute(tmp_path) -> None:
     # Prepare
-    from client import baseline
+    from client.federation import baseline
     from common.train import train_steps
 
     # fp32: the check is of steps and batches; under bf16, Adam's ±lr steps magnify rounding

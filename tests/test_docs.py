@@ -21,13 +21,14 @@ TOP += ("benchmarks", ".ci")
 PLACEHOLDER = re.compile(r"[<>*{}]|\bN+\b|NNNN|X{3,}|\.\.\.|…")
 # Files a documented command writes, named where the docs say so (not committed).
 WRITTEN = {"deploy/images.env"}  # deploy/pin_images.sh, on a machine that reaches a registry
-# What a cited path may end with; ``client/engine.rerank`` is the module client/engine.py.
+# What a cited path may end with; ``client/assistant/engine.rerank`` is the module
+# client/assistant/engine.py.
 SUFFIXES = {".py", ".md", ".json", ".sh", ".toml", ".yml", ".yaml", ".lock", ".png", ".html"}
 SUFFIXES |= {".js", ".css", ".txt", ".npz", ".jsonl", ".csv", ".env", ".Dockerfile", ".key"}
 
 
 def cited_paths(text: str) -> set[str]:
-    """Repository paths a Markdown text cites in code spans (``client/device.py``,
+    """Repository paths a Markdown text cites in code spans (``client/federation/device.py``,
     ``docs/deploy.md``, ``benchmarks/results/x.json``; a trailing ``/`` is a folder)."""
     out = set()
     for span in re.findall(r"`([^`\n]+)`", text):
@@ -132,8 +133,8 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     assert check_command("fedpersona device status --data-dir D", root) is None
     assert "client/no_such_file.py" in cited_paths("see `client/no_such_file.py`")
     assert not cited_paths("`runs/<run-name>/summary.json` and `RUN_DIR/devices/`")
-    assert cited_paths("`client/engine.rerank` `common/x.sample(a, b)`") == {
-        "client/engine.py",
+    assert cited_paths("`client/assistant/engine.rerank` `common/x.sample(a, b)`") == {
+        "client/assistant/engine.py",
         "common/x.py",
     }
     block = "```bash\nfedpersona simulate \\\n  --preset tiny  # a comment\n```"

@@ -25,7 +25,7 @@ from flwr.server import LegacyContext, ServerConfig
 from client.client_app import DeviceError
 from client.client_app import app as fedpersona_app
 from client.client_app import train as client_train
-from client.runtime import get_runtime
+from client.federation.runtime import get_runtime
 from common.config import parse_run_config
 from common.secagg import derive_secagg_params
 from common.serialization import to_arrayrecord
@@ -676,10 +676,10 @@ def test_resume_refuses_a_changed_privacy_config(tmp_path) -> None:
 _DEVICE_CHILD = """
 import os, signal, sys
 from pathlib import Path
-import client.device as device_mod
-import client.state as state_mod
+import client.federation.device as device_mod
+import client.store.state as state_mod
 from client.client_app import train
-from client.runtime import get_runtime
+from client.federation.runtime import get_runtime
 from common.config import parse_run_config
 from common.serialization import to_arrayrecord
 from tests.conftest import device_node_config, make_context, make_message, tiny_run_config

@@ -36,12 +36,18 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from client.api import create_app
-from client.assistant import Assistant
-from client.device import SETTINGS_BLOB
-from client.ledger import LEDGER_BLOB, LedgerPolicy, PrivacyLedger
-from client.state import META_BLOB, PERSONAL_BLOB, DeviceState, init_device, tensors_from_bytes
+from client.api.app import create_app
+from client.assistant.assistant import Assistant
+from client.federation.device import SETTINGS_BLOB
+from client.federation.ledger import LEDGER_BLOB, LedgerPolicy, PrivacyLedger
 from client.store import DB_FILE, KEY_FILE, LocalStore, StoreCorrupted
+from client.store.state import (
+    META_BLOB,
+    PERSONAL_BLOB,
+    DeviceState,
+    init_device,
+    tensors_from_bytes,
+)
 from common.crypto import Secret, WrongKey
 from tests.conftest import device_key, open_test_store
 

@@ -7,9 +7,16 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from client.examples import device_examples, split
-from client.ingest import BadImport, import_files, parse_chat, parse_mbox, parse_text, read_file
 from client.store import LocalStore
+from client.store.examples import device_examples, split
+from client.store.ingest import (
+    BadImport,
+    import_files,
+    parse_chat,
+    parse_mbox,
+    parse_text,
+    read_file,
+)
 from simulations.cli import app
 from tests.conftest import open_test_store
 
@@ -209,8 +216,8 @@ def _secret():  # type: ignore[no-untyped-def]
 
 def test_a_simulated_device_is_filled_through_the_same_path(tmp_path) -> None:
     # Prepare
-    from client.ingest import REPLAY_SOURCE, replay_role
-    from client.simulated import simulated_user
+    from client.federation.simulated import simulated_user
+    from client.store.ingest import REPLAY_SOURCE, replay_role
     from common.config import parse_run_config
     from common.pii import scrub
     from tests.conftest import tiny_run_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
+from client.federation.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
 from tests.conftest import open_test_store
 
 DAY = 86400.0
@@ -146,7 +146,7 @@ def test_saved_ledger_survives_reopening_the_store(tmp_path) -> None:
 
 def test_device_charges_match_the_server_accountant_with_verifiable_sampling(tmp_path) -> None:
     # Prepare: q = 0.25; the device joins rounds 1 and 4 of 4.
-    from client.device import Device
+    from client.federation.device import Device
     from common.config import parse_run_config
     from common.dp.accounting import epsilon
     from tests.conftest import open_test_store, tiny_run_config
@@ -174,7 +174,7 @@ def test_device_charges_match_the_server_accountant_with_verifiable_sampling(tmp
 
 
 def test_without_verifiable_sampling_each_joined_round_costs_q_one(tmp_path) -> None:
-    from client.device import Device
+    from client.federation.device import Device
     from common.config import parse_run_config
     from tests.conftest import open_test_store, tiny_run_config
 
@@ -191,7 +191,7 @@ def test_without_verifiable_sampling_each_joined_round_costs_q_one(tmp_path) -> 
 
 def test_local_dp_sgd_charges_record_level_epsilon(tmp_path) -> None:
     # Prepare: Opacus DP-SGD on the device, 2 steps at the device's Poisson rate.
-    from client.device import Device
+    from client.federation.device import Device
     from common.config import parse_run_config
     from common.dp.accounting import epsilon
     from tests.conftest import open_test_store, tiny_run_config

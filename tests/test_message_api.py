@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from client.client_app import app as fedpersona_app
-from client.runtime import get_runtime
+from client.federation.runtime import get_runtime
 from common.config import parse_run_config
 from common.serialization import to_arrayrecord
 from server.accountant import FederationAccountant

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from client.api import create_app
+from client.api.app import create_app
 from tests.conftest import api_server, tiny_assistant
 
 CAT = [
@@ -104,7 +104,7 @@ def test_streaming_assembles_to_the_same_text_as_not_streaming(
 ) -> None:
     client, assistant, _, _ = device
     # Each answer is stored and would be retrieved into the next prompt: keep prompts equal.
-    monkeypatch.setattr("client.assistant.retrieve", lambda *_, **__: [])
+    monkeypatch.setattr("client.assistant.assistant.retrieve", lambda *_, **__: [])
     before = assistant.store.count_interactions()
     for candidates in (1, 3):
         common = dict(

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from client.client_app import train as client_train
-from client.device import Device
-from client.policy import KNOB_LIMITS, DevicePolicy
-from client.runtime import get_runtime
+from client.federation.device import Device
+from client.federation.policy import KNOB_LIMITS, DevicePolicy
+from client.federation.runtime import get_runtime
 from common.config import parse_run_config
 from common.serialization import to_arrayrecord
 from common.train import train_steps_dp
@@ -110,7 +110,7 @@ def test_a_device_declines_a_weaker_round_and_its_ledger_is_unchanged(
     cfg = parse_run_config(tiny_run_config(**{**HONEST, **ATTACKS[attack]}))
     with open_test_store(tmp_path / "dev") as store:
         device = Device(cfg, store=store, num_partitions=8)
-        with caplog.at_level(logging.WARNING, logger="client.device"):
+        with caplog.at_level(logging.WARNING, logger="client.federation.device"):
             result = device.train(_global(cfg), server_round=1, run="2", masked=True)
 
         # Assert: declined, zeros, nothing charged or trained, the reason logged and kept.
@@ -466,7 +466,7 @@ def test_the_setup_check_names_each_bent_parameter() -> None:
     # bent range cannot reach the devices through it), so the wrap check is exercised here.
     from flwr.common.secure_aggregation.secaggplus_constants import Key
 
-    from client.gate import secagg_setup_problem
+    from client.federation.gate import secagg_setup_problem
 
     cfg = parse_run_config(
         tiny_run_config(**{"data.num-users": 4, "dp.clip-norm": 0.01, "dp.noise-multiplier": 1.0})
@@ -499,7 +499,7 @@ def test_the_setup_check_names_each_bent_parameter() -> None:
 def test_unmasking_a_node_both_alive_and_dead_is_refused() -> None:
     from flwr.common.secure_aggregation.secaggplus_constants import Key
 
-    from client.gate import unmask_problem
+    from client.federation.gate import unmask_problem
 
     ok = {Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: [4]}
     both = {Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: [3]}

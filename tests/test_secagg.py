@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.client_app import app as fedpersona_app
-from client.ledger import LedgerPolicy, PrivacyLedger
-from client.runtime import get_runtime
+from client.federation.ledger import LedgerPolicy, PrivacyLedger
+from client.federation.runtime import get_runtime
 from common import ab
 from common.config import parse_run_config
 from common.secagg import derive_secagg_params
@@ -262,7 +262,7 @@ def test_simulation_nodes_hosting_users_aggregate_per_user(tmp_path) -> None:
     # Prepare: 6 users on 2 simulation nodes (3 each), every user in the round (q = 1), no
     # noise, so the securely summed mean can be checked against each user's own update.
     from client.client_app import evaluate as client_evaluate
-    from client.device import Device
+    from client.federation.device import Device
     from common.serialization import to_arrayrecord
     from server.recorder import expand_hosted
     from tests.conftest import make_context, make_message

@@ -11,7 +11,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client.client_app import app as fedpersona_app
-from client.runtime import get_runtime
+from client.federation.runtime import get_runtime
 from common.config import ServerConfig, parse_run_config
 from server import checkpoint
 from server.optimizer import ServerStep

@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-from client.adapt import adapt_on_feedback
-from client.model_thread import ModelThread
+from client.assistant.adapt import adapt_on_feedback
+from client.assistant.model_thread import ModelThread
 from common.config import ModelConfig
 from common.data import encode_messages
 from common.lora import build_peft_model, get_lora_tensors, load_lora_tensors, lora_shapes
@@ -117,9 +117,9 @@ def test_model_thread_runs_calls_in_order_on_one_thread() -> None:
 def test_feedback_scores_prequentially_in_either_serving_precision(tmp_path, precision) -> None:
     # Prepare: a tiny device answering in bf16 (the first step's loss is the personal score)
     # or in fp32 (a separate scoring pass); one answer to give feedback on.
-    from client.adapt import example_loss, hot_swap
-    from client.assistant import Assistant
-    from client.state import init_device
+    from client.assistant.adapt import example_loss, hot_swap
+    from client.assistant.assistant import Assistant
+    from client.store.state import init_device
     from tests.conftest import open_test_store
 
     store = open_test_store(tmp_path / "dev")

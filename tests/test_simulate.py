@@ -84,7 +84,7 @@ def test_users_who_never_joined_are_measured_on_the_released_model(tmp_path) -> 
 
     import numpy as np
 
-    from client.runtime import get_runtime
+    from client.federation.runtime import get_runtime
     from common.config import parse_run_config
     from server import checkpoint
     from simulations.cold_start import add_to_summary
@@ -115,7 +115,7 @@ def test_users_who_never_joined_are_measured_on_the_released_model(tmp_path) -> 
     result = add_to_summary(run, 3)
 
     # Assert: three users beyond the federation's two, each with base and released losses.
-    from client.simulated import simulated_user
+    from client.federation.simulated import simulated_user
 
     assert [c["user"] for c in result["clients"]] == [
         simulated_user(cfg, pid, 5).user for pid in (2, 3, 4)

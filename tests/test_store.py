@@ -417,7 +417,7 @@ def test_a_feedback_and_a_federated_round_racing_on_one_store_both_land(tmp_path
     # feedback, each holding the device's state — both starting from the same personal P0.
     import torch
 
-    from client.state import DeviceState
+    from client.store.state import DeviceState
 
     def state(store):  # type: ignore[no-untyped-def]
         return DeviceState(store, user="u1", strategy="blend", model="tiny", lora="r4")

@@ -218,7 +218,7 @@ def test_auto_precision_takes_bf16_only_where_native_and_in_parity(monkeypatch) 
 
 def test_a_feedback_step_weighs_each_example_s_reply_loss(model) -> None:
     # Prepare: three examples of different lengths, weighted as drift recovery does.
-    from client.adapt import _weighted_loss, adapt_on_feedback
+    from client.assistant.adapt import _weighted_loss, adapt_on_feedback
 
     samples = _samples()[:3]
     weights = [0.2, 0.3, 0.5]

@@ -1,4 +1,4 @@
-"""The local web app (client/web) in a real browser: Debian's chromium driven by Playwright
+"""The local web app (client/api/web) in a real browser: Debian's chromium driven by Playwright
 against a real uvicorn server on 127.0.0.1 over the tiny model.
 
 Needs /usr/bin/chromium and the playwright Python package (``bash scripts/browser_setup.sh``);
@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from client.api import create_app
-from client.assistant import Assistant
+from client.api.app import create_app
+from client.assistant.assistant import Assistant
 from tests.conftest import ROOT, api_server, tiny_assistant
 
 pytestmark = pytest.mark.browser
@@ -95,8 +95,8 @@ def server(tmp_path_factory) -> Iterator[Server]:
 def _ledger_with_two_rounds(store) -> None:  # type: ignore[no-untyped-def]
     """A round joined (charged to both ledgers, ε about 0.5 each) and one declined, so the
     privacy page has rows to show."""
-    from client.ledger import LedgerPolicy, PrivacyLedger
-    from client.policy import DevicePolicy
+    from client.federation.ledger import LedgerPolicy, PrivacyLedger
+    from client.federation.policy import DevicePolicy
 
     ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(DevicePolicy.of(store)))
     now = time.time()

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from client import worker
 from client.client_app import DeviceError
 from client.client_app import evaluate as client_evaluate
 from client.client_app import train as client_train
+from client.federation import worker
 from common.config import parse_run_config
 from common.crypto import create_key_file, read_key_file
 from common.serialization import to_arrayrecord

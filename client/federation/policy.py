@@ -34,7 +34,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from client.ledger import PrivacyLedger
+from client.federation.ledger import PrivacyLedger
 from client.store import LocalStore, StoreCorrupted
 from common.config import ACCOUNTANTS, RunConfig
 

@@ -28,7 +28,7 @@ from client.store import LocalStore, StoreCorrupted
 from common.config import PrivacyConfig
 
 if TYPE_CHECKING:
-    from client.policy import DevicePolicy
+    from client.federation.policy import DevicePolicy
 
 # Version 2 adds "epsilon", the lifetime ε per kind computed at save time; version 3 adds each
 # event's "run" (the federation run it was charged in: round numbers restart with each run).

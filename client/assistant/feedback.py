@@ -4,7 +4,7 @@ profile, and — when it endorses an answer — trains the personal tensors a fe
 it (prequentially scored first, for the cold-start gate and drift detection; replaying the
 recent endorsed answers when the user's taste drifted; one CUDA-graph step on a GPU).
 
-:class:`FeedbackLearning` is the part of :class:`~client.assistant.Assistant` that does it
+:class:`FeedbackLearning` is the part of :class:`~client.assistant.assistant.Assistant` that does it
 (a mixin over the assistant's model state, store, profile, gate and drift detector).
 """
 
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from client.adapt import GraphedAdapter, adapt_on_feedback, example_loss, hot_swap
-from client.engine import build_messages
-from client.examples import endorsed_reply
-from client.state import DRIFT_BLOB, GATE_BLOB
+from client.assistant.adapt import GraphedAdapter, adapt_on_feedback, example_loss, hot_swap
+from client.assistant.engine import build_messages
 from client.store import Interaction
+from client.store.examples import endorsed_reply
+from client.store.state import DRIFT_BLOB, GATE_BLOB
 from common.data import Encoded, encode_messages
 from common.lora import load_lora_tensors
 from common.pii import naturalize, scrub
@@ -40,7 +40,7 @@ class FeedbackResult:
 
 class FeedbackLearning:
     """Feedback on the assistant's answers, and the adaptation it triggers (see the module
-    docstring); mixed into :class:`~client.assistant.Assistant`, which provides the model
+    docstring); mixed into :class:`~client.assistant.assistant.Assistant`, which provides the model
     state (``rt``, ``state``, ``personal_tensors``, ``global_tensors``, ``activate``), the
     ``store``, ``profile``, ``embedder``, ``gate``, ``drift`` and the ``lock``."""
 
@@ -52,7 +52,8 @@ class FeedbackLearning:
         )
 
     def _endorsed(self, inter: Interaction) -> str | None:
-        """The answer the user endorsed for ``inter`` (:func:`client.examples.endorsed_reply`)."""
+        """The answer the user endorsed for ``inter``
+        (:func:`client.store.examples.endorsed_reply`)."""
         return endorsed_reply(inter, self.store.feedback(interaction_id=inter.id))
 
     def _positive_examples(self, limit: int) -> list[Encoded]:

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from client.conversation import ContextTooLong, UnknownModel
+from client.assistant.conversation import ContextTooLong, UnknownModel
 
 
 class ErrorBody(BaseModel):

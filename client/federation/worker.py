@@ -9,8 +9,9 @@ long-lived half of the ClientApp. It runs beside the SuperNode::
 
 and the SuperNode names it in its node config (``worker-socket="…"``, nothing else). The
 ClientApp (:mod:`client.client_app`, Flower only) then relays every message here: training
-and evaluation, which :mod:`client.handlers` answers with the model already in memory
-(:func:`client.runtime.get_runtime` caches it per process), and the SecAgg+ protocol stages.
+and evaluation, which :mod:`client.federation.handlers` answers with the model already in memory
+(:func:`client.federation.runtime.get_runtime` caches it per process), and the SecAgg+ protocol
+stages.
 
 The worker belongs to **one device** and is the only process that unlocks it: it is started
 with the device's store (``--data-dir``, ``--key-file`` or ``$FEDPERSONA_PASSPHRASE``) and
@@ -83,7 +84,7 @@ SECAGG = "secagg"  # a SecAgg+ stage message: the worker runs the device's side 
 # What a device's worker is told at its start and a ClientApp cannot change: its store.
 STORE_KEYS = ("data-dir", "key-file", "retention-days", "local-only-baseline")
 # Node-config keys a ClientApp may forward: labels and the federation size (a larger one only
-# raises m_min, which the device then requires of every cohort; see client.gate).
+# raises m_min, which the device then requires of every cohort; see client.federation.gate).
 FORWARDED_KEYS = ("partition-id", "num-partitions")
 _SECAGG_RUNS = 8  # SecAgg+ protocol states kept (one per run in progress)
 
@@ -219,7 +220,7 @@ def serve(
     key_path(path).unlink(missing_ok=True)  # a dead worker's: this one gets a fresh key
     key = read_key_file(create_key_file(key_path(path)))
     if preload:  # torch, transformers and peft, once; the model loads with the first message
-        import client.handlers  # noqa: F401
+        import client.federation.handlers  # noqa: F401
 
     def _stop(signum: int, _frame: Any) -> None:
         raise SystemExit(0)
@@ -380,7 +381,7 @@ def _run(
     device: Mapping[str, Any] | None,
     secagg_states: OrderedDict[tuple[int, int], RecordDict],
 ) -> RecordDict:
-    from client import handlers
+    from client.federation import handlers
 
     if header.get("protocol") != PROTOCOL:
         raise ValueError(f"protocol {header.get('protocol')!r}, this worker speaks {PROTOCOL}")
@@ -407,8 +408,8 @@ def _secagg(
     states: OrderedDict[tuple[int, int], RecordDict],
 ) -> RecordDict:
     """One SecAgg+ stage of the device's side of the protocol, its state kept per run here."""
-    from client import handlers
     from client.client_app import checked_secaggplus
+    from client.federation import handlers
 
     fields = header.get("metadata")
     if not isinstance(fields, dict):

@@ -4,7 +4,7 @@ An expert is a peft adapter's LoRA B tensors (e.g. a federation cluster's adapte
 embedding of what it is good at. The router gates them by the user embedding (softmax over
 cosine similarity, top k) and mixes Σ g_i B_i — exact where the experts differ only in LoRA B
 (``fedsa``, whose A is shared): Σ g_i B_i A = (Σ g_i B_i) A. The mix answers while the cold-start
-gate still says the personal model has no evidence (:mod:`client.evidence`).
+gate still says the personal model has no evidence (:mod:`client.assistant.evidence`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.state import EXPERTS_BLOB, tensors_from_bytes, tensors_to_bytes
 from client.store import LocalStore
+from client.store.state import EXPERTS_BLOB, tensors_from_bytes, tensors_to_bytes
 from common.personalization.base import is_lora_b
 from common.pii import scrub
 

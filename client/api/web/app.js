@@ -1,5 +1,5 @@
 // fedpersona's local web app: chat, feedback, profile, privacy and model pages over the
-// device API (client/api.py) on 127.0.0.1.
+// device API (client/api/app.py) on 127.0.0.1.
 //
 // Rules this file keeps (the server's Content-Security-Policy enforces the first two):
 // * no inline script or style, and no element.style: looks change through classes and the

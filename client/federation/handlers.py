@@ -3,7 +3,7 @@
 :mod:`client.client_app` imports only Flower, so that the SecAgg+ protocol stages (setup,
 key sharing, unmasking) start in a fraction of a second; this module imports torch, peft and
 the device and runs wherever the model lives — in the ClientApp process, or in the device's
-long-lived worker (:mod:`client.worker`), which keeps it loaded across messages.
+long-lived worker (:mod:`client.federation.worker`), which keeps it loaded across messages.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.device import Device, open_node_store
-from client.gate import federation_size
-from client.runtime import get_runtime, shared_shapes
-from client.simulated import engine_time, simulated_user
+from client.federation.device import Device, open_node_store
+from client.federation.gate import federation_size
+from client.federation.runtime import get_runtime, shared_shapes
+from client.federation.simulated import engine_time, simulated_user
 from common import ab
 from common.config import RunConfig, parse_run_config
 from common.sampling import poisson_sample

@@ -1,5 +1,5 @@
 """The OpenAI-compatible half of the device API: ``GET /v1/models`` and
-``POST /v1/chat/completions`` (streamed as server-sent events or not); see :mod:`client.api`.
+``POST /v1/chat/completions`` (streamed as server-sent events or not); see :mod:`client.api.app`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from client.api_errors import ERRORS, ApiError, as_api_error, known
-from client.assistant import Assistant
-from client.conversation import Answer, UnknownModel, split_conversation
-from client.model_thread import MODEL_THREAD
+from client.api.errors import ERRORS, ApiError, as_api_error, known
+from client.assistant.assistant import Assistant
+from client.assistant.conversation import Answer, UnknownModel, split_conversation
+from client.assistant.model_thread import MODEL_THREAD
 
 logger = logging.getLogger(__name__)
 MAX_CONTENT = 8_000

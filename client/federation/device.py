@@ -1,21 +1,22 @@
 """One device's federated round, independent of the Flower API style that drives it.
 
-:class:`Device` works on one encrypted store: the user's examples (:mod:`client.examples`: the
+:class:`Device` works on one encrypted store: the user's examples (:mod:`client.store.examples`: the
 endorsed interactions and imported writing, the newest held out), the device's state and its
 privacy ledger. A simulated device is the same class over a store filled, through the import
 path, with its replayed role or its corpus user's data
-(:func:`client.ingest.fill_simulated_store`). :meth:`Device.train` and :meth:`Device.evaluate`
+(:func:`client.store.ingest.fill_simulated_store`). :meth:`Device.train` and :meth:`Device.evaluate`
 take the global shared tensors and return the shared tensors to send plus scalar metrics; the
 ClientApp (Message API, or SecAgg+'s legacy records) wraps the same calls.
 
-The base model and its peft wrapper are cached per process (:func:`client.runtime.get_runtime`):
-a Ray actor serves many simulated devices with one model, and every call re-loads that device's
-tensors in place, so no state leaks from one device to the next.
+The base model and its peft wrapper are cached per process
+(:func:`client.federation.runtime.get_runtime`): a Ray actor serves many simulated devices with one
+model, and every call re-loads that device's tensors in place, so no state leaks from one device to
+the next.
 
 (One file on purpose, over the usual length: the round and the device's evaluation share its
 tokenized examples, the composition of its adapters and blend's weight choice. What only a
-simulated device has is in client/simulated.py, the store in client/store/, the model cache in
-client/runtime.py.)
+simulated device has is in client/federation/simulated.py, the store in client/store/, the model
+cache in client/federation/runtime.py.)
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from client import baseline
-from client.examples import Example, device_examples, split, too_few_examples
-from client.gate import open_real_store
-from client.ingest import fill_simulated_store
-from client.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
-from client.policy import DevicePolicy, PolicyRefused
-from client.runtime import get_runtime
-from client.simulated import planted_canaries, simulated_ratings, simulated_user
-from client.state import (
+from client.federation import baseline
+from client.federation.gate import open_real_store
+from client.federation.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
+from client.federation.policy import DevicePolicy, PolicyRefused
+from client.federation.runtime import get_runtime
+from client.federation.simulated import planted_canaries, simulated_ratings, simulated_user
+from client.store import DEFAULT_RETENTION_DAYS, LocalStore
+from client.store.examples import Example, device_examples, split, too_few_examples
+from client.store.ingest import fill_simulated_store
+from client.store.state import (
     LOCAL_USER,
     META_BLOB,
     SETTINGS_BLOB,
@@ -47,7 +49,6 @@ from client.state import (
     lora_fingerprint,
     settings_from,
 )
-from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common import ab
 from common.config import RunConfig
 from common.crypto import Secret, create_key_file
@@ -144,8 +145,8 @@ class Device:
             own record, else ``local``.
         local_baseline: Also train and evaluate the local-only baseline (default:
             ``eval.local-only``; a real device's owner must agree, see the ClientApp).
-        policy: What the device accepts from the server (:mod:`client.policy`); default: the
-            policy kept in its store, else — kept there from now on — the protective defaults
+        policy: What the device accepts from the server (:mod:`client.federation.policy`); default:
+            the policy kept in its store, else — kept there from now on — the protective defaults
             (:meth:`simulated` passes the simulation's own run config).
     """
 

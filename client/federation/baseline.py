@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from client.state import tensors_from_bytes, tensors_to_bytes
 from client.store import LocalStore
+from client.store.state import tensors_from_bytes, tensors_to_bytes
 from common.data import Encoded
 from common.lora import get_lora_tensors, load_lora_tensors
 from common.personalization import Strategy

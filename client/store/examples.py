@@ -5,7 +5,7 @@ Two kinds of example, both ``(request, reply)`` in the user's own voice:
 * the user's **endorsed interactions** — a request and the answer the user rated 4–5,
   preferred, or edited to (a later reject or low rating withdraws it);
 * the **examples** in the store's ``examples`` table — writing the user imported with
-  ``fedpersona device import`` (:mod:`client.ingest`), or a simulated device's replayed role.
+  ``fedpersona device import`` (:mod:`client.store.ingest`), or a simulated device's replayed role.
 
 They are ordered by time; the newest ``data.test-fraction`` of them are the device's held-out
 slice — never trained on, used for the device's own decisions and its evaluation. Everything

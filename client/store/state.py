@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from client.policy import DevicePolicy
+from client.federation.policy import DevicePolicy
 from client.store import API_TOKEN, LocalStore, StoreCorrupted
 from common.config import ModelConfig, RunConfig, parse_run_config
 
@@ -34,7 +34,7 @@ GLOBAL_BLOB = "global"
 META_BLOB = "device"
 # The run-config subset a device keeps to rebuild its model (settings_from).
 SETTINGS_BLOB = "settings"
-# The assistant's evidence (client.evidence) and its installed expert adapters.
+# The assistant's evidence (client.assistant.evidence) and its installed expert adapters.
 GATE_BLOB = "gate"
 DRIFT_BLOB = "drift"
 EXPERTS_BLOB = "experts"
@@ -63,7 +63,7 @@ def init_device(
     Raises:
         ValueError: If the settings are invalid (the message names the key).
     """
-    from client.profile import Profile
+    from client.assistant.profile import Profile
 
     flat = {"model.name": model, "personalization.strategy": strategy, **(overrides or {})}
     settings = settings_from(parse_run_config(flat))

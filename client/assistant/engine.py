@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from client.profile import Profile, detect_format
+from client.assistant.profile import Profile, detect_format
 from client.store import Interaction
 from common.pii import PiiMatch, find_pii, naturalize, placeholder
 

@@ -7,7 +7,7 @@ needs ``Authorization: Bearer <token>``; the token lives inside the encrypted st
 format) needs the token too. Every request must be addressed to the loopback (``Host``:
 127.0.0.1, localhost, [::1]; else 421 — DNS rebinding), and a body declared over ``MAX_BODY``
 is refused (413) before it is read. No schema or docs routes unless asked (``docs``). ``/``
-serves the web app (``client/web/``: static HTML/JS/CSS, no build step, nothing fetched from
+serves the web app (``client/api/web/``: static HTML/JS/CSS, no build step, nothing fetched from
 elsewhere); it asks for the token once and sends it in the header, never in a URL
 or a cookie, so no other site can make the browser act with it.
 
@@ -31,8 +31,8 @@ fedpersona extensions: ``/v1/feedback``, ``/v1/profile``, ``/v1/budget``, ``/v1/
 request.
 
 (One file on purpose, over the usual length: every route here shares the app's auth middleware,
-security headers and error handling; the OpenAI routes are in client/api_chat.py, the error shapes
-in client/api_errors.py.)
+security headers and error handling; the OpenAI routes are in client/api/chat.py, the error shapes
+in client/api/errors.py.)
 """
 
 from __future__ import annotations
@@ -63,13 +63,13 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from client import status as device_status
-from client.api_chat import MAX_CONTENT, add_chat_routes
-from client.api_errors import ERRORS, ApiError, as_api_error
-from client.assistant import Assistant
-from client.model_thread import MODEL_THREAD
-from client.profile import CHOICES
+from client.api.chat import MAX_CONTENT, add_chat_routes
+from client.api.errors import ERRORS, ApiError, as_api_error
+from client.assistant.assistant import Assistant
+from client.assistant.model_thread import MODEL_THREAD
+from client.assistant.profile import CHOICES
 from client.store import API_TOKEN, LocalStore, StoreError
+from client.store import status as device_status
 
 logger = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -2,8 +2,8 @@
 planted in its training set, the simulated user who rates its answers for the A/B counts, and
 the simulated node's line in its run's engine timings.
 
-A simulation runs the same ClientApp and :class:`~client.device.Device` as a deployment; this
-module is the part that stands in for the user. It lives in ``client/`` because the ClientApp
+A simulation runs the same ClientApp and :class:`~client.federation.device.Device` as a deployment;
+this module is the part that stands in for the user. It lives in ``client/`` because the ClientApp
 a simulation runs may only import downward; everything here is keyed by the partition id,
 which a real device does not have (its node config names a store, not a role).
 """
@@ -28,7 +28,7 @@ from common.lora import load_lora_tensors
 from common.train import per_example_losses
 
 if TYPE_CHECKING:
-    from client.device import Device
+    from client.federation.device import Device
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """A conversation as the assistant takes it: the chat messages of a request, the answer it
 gets, and fitting the prompt into the model's context.
 
-The device API (:mod:`client.api_chat`) and the CLI's ``device chat`` pass the whole
+The device API (:mod:`client.api.chat`) and the CLI's ``device chat`` pass the whole
 conversation; :func:`split_conversation` separates the caller's system text, the earlier
 turns and the live request, and :func:`fit_messages` drops the oldest exchanges (then the
 retrieved history) until the rendered prompt leaves room for the answer.

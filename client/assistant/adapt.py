@@ -7,8 +7,8 @@
   the B matrices). Personal parameters never leave the device; the next federated round
   starts from them, and its clipped, noised update is covered by the user-level guarantee.
 * **Cold start and drift** — the evidence that decides which model answers, and when to
-  replay recent examples, is kept in :mod:`client.evidence` (no model needed to read it).
-* **Mixture of experts** — see :mod:`client.experts`.
+  replay recent examples, is kept in :mod:`client.assistant.evidence` (no model needed to read it).
+* **Mixture of experts** — see :mod:`client.assistant.experts`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The user's personal assistant on the device: ask, feedback, profile, status, budget.
 
 :class:`Assistant` ties the pieces together over one open :class:`~client.store.LocalStore`:
-the profile (:mod:`client.profile`), the personalization engine (:mod:`client.engine`), the
-adaptation machinery (:mod:`client.adapt`) and the base model + LoRA runtime shared with the
-Flower ClientApp (:func:`client.runtime.get_runtime`). The CLI (:mod:`client.cli`) and the
-local HTTP API (:mod:`client.api`) are thin layers over it.
+the profile (:mod:`client.assistant.profile`), the personalization engine
+(:mod:`client.assistant.engine`), the adaptation machinery (:mod:`client.assistant.adapt`) and the
+base model + LoRA runtime shared with the Flower ClientApp
+(:func:`client.federation.runtime.get_runtime`). The CLI (:mod:`client.cli`) and the local HTTP API
+(:mod:`client.api.app`) are thin layers over it.
 
 The device's model settings (base model, LoRA, strategy, privacy caps) live in the store's
 ``settings`` blob: written by ``device init`` and refreshed by the ClientApp whenever the
@@ -13,7 +14,8 @@ federation trained.
 
 (One file on purpose, over the usual length: asking is one path — retrieval, prompt, the answering
 model's choice, generation, reranking, storing — over the model state it swaps. Feedback is in
-client/feedback.py, experts in client/experts.py, the conversation in client/conversation.py.)
+client/assistant/feedback.py, experts in client/assistant/experts.py, the conversation in
+client/assistant/conversation.py.)
 """
 
 from __future__ import annotations
@@ -29,21 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from client import status as device_status
-from client.adapt import GraphedAdapter, hot_swap
-from client.conversation import (
+from client.assistant.adapt import GraphedAdapter, hot_swap
+from client.assistant.conversation import (
     Answer,
     UnknownModel,
     fit_messages,
     split_conversation,
 )
-from client.engine import Retrieved, build_messages, rerank, retrieve
-from client.evidence import choose_variant
-from client.experts import ExpertRouter, install, load_router
-from client.feedback import FeedbackLearning
-from client.profile import Profile, extract_context
-from client.runtime import Runtime, get_runtime
+from client.assistant.engine import Retrieved, build_messages, rerank, retrieve
+from client.assistant.evidence import choose_variant
+from client.assistant.experts import ExpertRouter, install, load_router
+from client.assistant.feedback import FeedbackLearning
+from client.assistant.profile import Profile, extract_context
+from client.federation.runtime import Runtime, get_runtime
 from client.store import LocalStore
+from client.store import status as device_status
 from common import ab
 from common.embedding import Embedder, get_embedder, user_embedding
 from common.generation import Generated, sample
@@ -58,7 +60,7 @@ class Assistant(FeedbackLearning):
     """A personalized assistant over one device store.
 
     Args:
-        store: The open device store (set up by :func:`client.state.init_device` or by a
+        store: The open device store (set up by :func:`client.store.state.init_device` or by a
             federation).
         embedder: Sentence embedder (default: the process-wide all-MiniLM-L6-v2).
         feedback_steps: Gradient steps per feedback.
@@ -87,7 +89,7 @@ class Assistant(FeedbackLearning):
         self.ab_test = ab_test
         self.lock = threading.RLock()  # one generation / adaptation at a time
         self.cfg = device_status.load_settings(store)
-        # Answers come from a bf16 copy where the CPU has native bf16 (client.runtime).
+        # Answers come from a bf16 copy where the CPU has native bf16 (client.federation.runtime).
         self.rt: Runtime = get_runtime(self.cfg, serving=precision or self.cfg.train.precision)
         self.served = self.rt.served
         self.state = device_status.open_state(store, self.cfg)
@@ -375,7 +377,7 @@ class Assistant(FeedbackLearning):
 
     def add_expert(self, name: str, adapter_dir: Path, *, about: str) -> dict[str, float]:
         """Install a peft adapter's LoRA B tensors as an expert described by ``about``
-        (:func:`client.experts.install`).
+        (:func:`client.assistant.experts.install`).
 
         Returns:
             The router's gates for this user after the change.
@@ -418,10 +420,10 @@ class Assistant(FeedbackLearning):
         )
 
     def budget(self) -> dict[str, Any]:
-        """The device's privacy ledger (:func:`client.status.budget`)."""
+        """The device's privacy ledger (:func:`client.store.status.budget`)."""
         return device_status.budget(self.store)
 
     def status(self) -> dict[str, Any]:
         """Profile, history, adapter, answering model, privacy, retention
-        (:func:`client.status.status`)."""
+        (:func:`client.store.status.status`)."""
         return device_status.status(self.store)

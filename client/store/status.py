@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from client.evidence import DriftDetector, Gate, choose_variant
-from client.examples import device_examples, split
-from client.ledger import LedgerPolicy, PrivacyLedger
-from client.policy import DevicePolicy
-from client.profile import Profile
-from client.state import (
+from client.assistant.evidence import DriftDetector, Gate, choose_variant
+from client.assistant.profile import Profile
+from client.federation.ledger import LedgerPolicy, PrivacyLedger
+from client.federation.policy import DevicePolicy
+from client.store import LocalStore
+from client.store.examples import device_examples, split
+from client.store.state import (
     DRIFT_BLOB,
     EXPERTS_BLOB,
     GATE_BLOB,
@@ -24,7 +25,6 @@ from client.state import (
     DeviceState,
     lora_fingerprint,
 )
-from client.store import LocalStore
 from common.config import RunConfig, parse_run_config
 
 

@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from client.ledger import LedgerPolicy, PrivacyLedger
-from client.policy import DevicePolicy
+from client.federation.ledger import LedgerPolicy, PrivacyLedger
+from client.federation.policy import DevicePolicy
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common.config import RunConfig
 from common.crypto import resolve_secret
@@ -195,8 +195,8 @@ def setup_refusal(
     """
     if "data-dir" not in node_config:
         return None
-    from client.examples import device_examples, split, too_few_examples
-    from client.ledger import BudgetExhausted
+    from client.federation.ledger import BudgetExhausted
+    from client.store.examples import device_examples, split, too_few_examples
 
     n = node_federation_size(cfg, node_config)
     with open_real_store(node_config) as store:

@@ -27,7 +27,7 @@ from common.personalization import GLOBAL_ADAPTER, Strategy, strategy_for
 from server.privacy import privacy_report
 
 if TYPE_CHECKING:
-    from server.server_app import Progress
+    from server.progress import Progress
 
 
 def per_user_rows(

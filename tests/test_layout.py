@@ -57,7 +57,68 @@ def test_a_long_module_says_why_it_is_one_file() -> None:
     assert not unexplained, f"over {MAX_LINES} lines without '{ONE_FILE} …': {unexplained}"
 
 
+def module_name(path: Path) -> str:
+    """``client/federation/device.py`` → ``client.federation.device`` (a package: its folder)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """Which of ``paths``' modules each imports (function-level and ``TYPE_CHECKING`` imports
+    included: a circle through them is still two files that cannot be read apart)."""
+    names = {module_name(p): p for p in paths}
+    edges: dict[str, set[str]] = {n: set() for n in names}
+    for name, path in names.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                edges[name] |= {a.name for a in node.names if a.name in names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in names:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    edges[name].add(full if full in names else node.module)
+    return edges
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected groups of two or more modules (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v] - {v}:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_two_modules_import_each_other() -> None:
+    found = circles(import_graph(modules()))
+    assert not found, f"import circles: {found}"
+
+
 def test_the_checks_can_fail(tmp_path: Path) -> None:
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"a", "b"}, "b": set()}) == []
     # Prepare: a common module importing client, and a long one with no reason given.
     upward = tmp_path / "bad.py"
     upward.write_text("def f():\n    from client.federation.device import Device\n")

@@ -353,8 +353,20 @@ class Device:
         if stored:
             self.store.set_meta("ab_reported_until", str(stored[-1][0]))
         if self.cfg.ab.simulate_ratings:
+            models = {
+                "base": self.rt.init,
+                "global": self.global_model(global_shared),
+                "personal": self.served(global_shared, personal),
+            }
             pairs += simulated_ratings(
-                self, global_shared, personal, server_round=server_round, count=k - len(pairs)
+                self.rt.model,
+                models,
+                self.test_set,
+                seed=self.cfg.seed,
+                user=self.user,
+                batch_size=self.cfg.train.batch_size,
+                server_round=server_round,
+                count=k - len(pairs),
             )
         return ab.counts(pairs)
 

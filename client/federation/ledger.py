@@ -22,13 +22,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from client.store import LocalStore, StoreCorrupted
-from common.config import PrivacyConfig
 
-if TYPE_CHECKING:
-    from client.federation.policy import DevicePolicy
+
+class PrivacyCaps(Protocol):
+    """What carries a device's caps: a run config's ``privacy.*`` keys (``PrivacyConfig``) or
+    its owner's policy (``client.federation.policy.DevicePolicy``)."""
+
+    epsilon_cap: float
+    delta: float
+    accountant: str
+    period_days: float
+    period_epsilon_cap: float
+
 
 # Version 2 adds "epsilon", the lifetime ε per kind computed at save time; version 3 adds each
 # event's "run" (the federation run it was charged in: round numbers restart with each run).
@@ -94,7 +102,7 @@ class LedgerPolicy:
             raise ValueError("privacy.period-days and privacy.period-epsilon-cap must be >= 0")
 
     @classmethod
-    def from_config(cls, privacy: PrivacyConfig | DevicePolicy) -> LedgerPolicy:
+    def from_config(cls, privacy: PrivacyCaps) -> LedgerPolicy:
         """The caps of a device's privacy policy (or a run config's ``privacy.*`` keys)."""
         return cls(
             epsilon_cap=privacy.epsilon_cap,

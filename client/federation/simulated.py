@@ -15,7 +15,6 @@ import logging
 import os
 import random
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import Context
@@ -26,9 +25,6 @@ from common.corpus import user_for_partition
 from common.data import Encoded, UserData, encode
 from common.lora import load_lora_tensors
 from common.train import per_example_losses
-
-if TYPE_CHECKING:
-    from client.federation.device import Device
 
 log = logging.getLogger(__name__)
 
@@ -54,34 +50,32 @@ def planted_canaries(cfg: RunConfig, partition_id: int | None, tokenizer, max_le
 
 
 def simulated_ratings(
-    device: Device,
-    global_shared: dict[str, torch.Tensor],
-    personal: dict[str, torch.Tensor] | None,
+    model: torch.nn.Module,
+    models: dict[str, dict[str, torch.Tensor]],
+    test_set: list[Encoded],
     *,
+    seed: int,
+    user: str,
+    batch_size: int,
     server_round: int,
     count: int,
 ) -> list[tuple[str, int]]:
     """``count`` ``(arm, rating)`` pairs from a simulated user: each rates the answer of a
-    coin-chosen model (base, global, served) to a held-out prompt, higher the better that
-    model predicts the user's own reply (:func:`common.ab.simulated_rating`)."""
-    if count <= 0 or not device.test_set:
+    coin-chosen model of ``models`` (``base``, ``global``, ``personal``: the LoRA tensors each
+    loads into ``model``) to a held-out prompt of ``test_set``, higher the better that model
+    predicts the user's own reply (:func:`common.ab.simulated_rating`); the coins are drawn from
+    the run's ``seed``, the round and the ``user``."""
+    if count <= 0 or not test_set:
         return []
-    rng = random.Random(f"ab:{device.cfg.seed}:{server_round}:{device.user}")
-    idx = [(server_round * count + i) % len(device.test_set) for i in range(count)]
-    samples: list[Encoded] = [device.test_set[i] for i in idx]
+    rng = random.Random(f"ab:{seed}:{server_round}:{user}")
+    idx = [(server_round * count + i) % len(test_set) for i in range(count)]
+    samples: list[Encoded] = [test_set[i] for i in idx]
     arms = [rng.choice(ab.ARMS) for _ in idx]
-    models = {
-        "base": device.rt.init,
-        "global": device.global_model(global_shared),
-        "personal": device.served(global_shared, personal),
-    }
     losses = {}
     with torch.no_grad():
         for name, tensors in models.items():
-            load_lora_tensors(device.rt.model, tensors)
-            losses[name] = per_example_losses(
-                device.rt.model, samples, batch_size=device.cfg.train.batch_size
-            )
+            load_lora_tensors(model, tensors)
+            losses[name] = per_example_losses(model, samples, batch_size=batch_size)
     return [
         (arm, ab.simulated_rating(losses[arm][i], losses["base"][i])) for i, arm in enumerate(arms)
     ]

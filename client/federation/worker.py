@@ -18,8 +18,8 @@ with the device's store (``--data-dir``, ``--key-file`` or ``$FEDPERSONA_PASSPHR
 serves that store whatever a ClientApp says. The ClientApp runs from the app bundle the server
 sends each run, so it gets the socket and nothing else — no passphrase, no key file, no store
 — and store settings in the node config it forwards are ignored. The worker also runs the
-device's side of SecAgg+ (:func:`client.client_app.checked_secaggplus`: the privacy policy's
-checks, the protocol's keys, the masking), so the update leaves the worker masked.
+device's side of SecAgg+ (:func:`client.federation.secagg_stage.checked_secaggplus`: the privacy
+policy's checks, the protocol's keys, the masking), so the update leaves the worker masked.
 
 The channel is a Unix socket, so nothing listens on the network. The worker writes a random
 key next to it (``<socket>.key``, mode 0600) and answers only a peer that proves knowledge of
@@ -61,6 +61,8 @@ from flwr.app.message import make_message
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from client.federation import secagg_stage
+from client.federation.errors import DeviceError, WorkerUnavailable, error_code
 from common.crypto import StoreKeyError, create_key_file, read_key_file
 
 logger = logging.getLogger(__name__)
@@ -87,35 +89,6 @@ STORE_KEYS = ("data-dir", "key-file", "retention-days", "local-only-baseline")
 # raises m_min, which the device then requires of every cohort; see client.federation.gate).
 FORWARDED_KEYS = ("partition-id", "num-partitions")
 _SECAGG_RUNS = 8  # SecAgg+ protocol states kept (one per run in progress)
-
-
-class WorkerUnavailable(RuntimeError):
-    """No worker answers at the configured socket (not started, stale, or wrong key)."""
-
-
-class DeviceError(RuntimeError):
-    """What the server learns of a failure on the device: a code, no text from the device.
-
-    Flower sends the text of an exception the ClientApp raises back to the server; paths,
-    file names and whether a file exists stay in the device's own log.
-    """
-
-    def __init__(self, code: str) -> None:
-        super().__init__(f"device error: {code} (the reason is in the device's log)")
-        self.code = code
-
-
-def error_code(err: Exception) -> str:
-    """The generic code of a failure (its class of cause, nothing of its text)."""
-    if isinstance(err, DeviceError):
-        return err.code
-    if isinstance(err, WorkerUnavailable):
-        return "worker-unavailable"
-    if isinstance(err, (ValueError, KeyError, TypeError)):
-        return "rejected-message"
-    if isinstance(err, OSError):
-        return "storage"
-    return "internal"
 
 
 def key_path(socket_path: str | Path) -> Path:
@@ -408,7 +381,6 @@ def _secagg(
     states: OrderedDict[tuple[int, int], RecordDict],
 ) -> RecordDict:
     """One SecAgg+ stage of the device's side of the protocol, its state kept per run here."""
-    from client.client_app import checked_secaggplus
     from client.federation import handlers
 
     fields = header.get("metadata")
@@ -424,7 +396,7 @@ def _secagg(
     def train(m: Message, ctxt: Context) -> Message:
         return Message(content=handlers.answer("train", m.content, ctxt), reply_to=m)
 
-    return checked_secaggplus(msg, context, train).content
+    return secagg_stage.checked_secaggplus(msg, context, train).content
 
 
 def _send(conn: Connection, status: dict[str, Any]) -> bool:

@@ -24,7 +24,7 @@ What it saves: the base's per-call costs (K× fewer layer launches and weight re
 the launch and weight-read bound regime of a 135M model with ~300-token batches) and the
 output layer's weight read; what it does not: FLOPs (the same tokens go through the same
 layers). Measured on a GPU when one is lent; on 2 CPU cores matmuls are compute-bound already
-and the gain is small (``simulations.bench_batched`` prints both).
+and the gain is small (``benchmarks.batched`` prints both).
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ def _client_key(key: str) -> int | str:
 
 def save_released(run_dir: Path, server_round: int, change: dict[str, np.ndarray]) -> None:
     """Write a released round's mean change to ``<run_dir>/released/round-NNNN.npz``: the run's
-    audit trail of what it released, which ``simulations/bench_server_step.py`` replays through
+    audit trail of what it released, which ``benchmarks/server_step.py`` replays through
     other server optimizers."""
     buf = io.BytesIO()
     np.savez(buf, **{n: np.asarray(a, np.float32) for n, a in change.items()})

@@ -167,7 +167,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (has summary.json)")],
     sweep: Annotated[
-        Path | None, typer.Option(help="sweep.json from `python -m simulations.sweep`")
+        Path | None, typer.Option(help="sweep.json from `python -m benchmarks.sweep`")
     ] = None,
     compare: Annotated[
         list[Path] | None,
@@ -199,8 +199,8 @@ def bench(
     ] = False,
 ) -> None:
     """Run the benchmark suite (privacy cost, throughput, device, scaling); print the table."""
+    from benchmarks.suite import SUITE_FILES
     from common.atomic import check_replaceable
-    from simulations.bench import SUITE_FILES
 
     try:
         check_replaceable(
@@ -213,7 +213,7 @@ def bench(
 
     import torch
 
-    from simulations.bench import run_suite
+    from benchmarks.suite import run_suite
 
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda: no CUDA device here")

@@ -3,7 +3,7 @@
 One SuperLink, SuperNodes each with its own encrypted device store, optionally their ClientApp
 executors (``--isolation process``) and device workers, TLS + SuperNode authentication when
 given ``scripts/make_certs.py`` output, and ``flwr`` runs against it. The integration and
-deployment tests and ``simulations/bench_isolation.py`` share it::
+deployment tests and ``benchmarks/isolation.py`` share it::
 
     with LocalDeployment(root) as d:
         d.start_superlink()

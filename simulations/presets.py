@@ -150,7 +150,7 @@ PRESETS["population"] = Preset(
         # Devices send minus their round's gradients (the direction users share most: 0.61
         # mean cosine between two users' updates against 0.46 for their AdamW changes); the
         # server steps 20x along the clipped, noised mean, and devices start from half of it.
-        # Measured side by side: simulations/bench_server_step.py; docs/results.md, "A
+        # Measured side by side: benchmarks/server_step.py; docs/results.md, "A
         # federation in which federating can help".
         "personalization.update": "gradient",
         "server.learning-rate": 20.0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,35 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.atomic import atomic_write_bytes  # noqa: E402
+
+
+def row_from_run(target_epsilon: float, sigma: float, run_dir: Path) -> dict:
+    """One table row from a finished run: its accountants' ε and its last round's losses
+    (the users evaluated in that round, all under the final model)."""
+    s = json.loads((Path(run_dir) / "summary.json").read_text())
+    user = s["privacy"]["user_level"]
+    last = s["rounds"][-1]
+    return {
+        "target_epsilon": target_epsilon,
+        "noise_multiplier": sigma,
+        "epsilon_rdp": user.get("epsilon_rdp", math.inf),
+        "epsilon_prv": user.get("epsilon_prv", math.inf),
+        "max_device_user_epsilon": max((c["user_epsilon"] for c in s["clients"]), default=0.0),
+        "base_loss": last["base_loss"],
+        "global_loss": last["global_loss"],
+        "personal_loss": last["personal_loss"],
+        "win_rate": last["win_rate"],
+        "evaluated": last["evaluated"],
+        "declined": sum(r.get("declined", 0) for r in s["rounds"]),
+        "local_only_loss": (s.get("versus_local") or {}).get("mean_local_only_loss"),
+        "no_worse_than_local": (s.get("versus_local") or {}).get("no_worse_than_local"),
+        "win_vs_local": (s.get("versus_local") or {}).get("win_vs_local"),
+        "newcomers_below_base": (s.get("cold_start_users") or {}).get("below_base"),
+        "newcomer_global_loss": (s.get("cold_start_users") or {}).get("global_loss"),
+        "newcomer_base_loss": (s.get("cold_start_users") or {}).get("base_loss"),
+        "minutes": s["timings"]["total_s"] / 60,
+        "run_dir": str(run_dir),
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -107,7 +137,7 @@ def plot_epsilon(summary: dict, out: Path) -> Path:
 
 
 def plot_sweep(rows: list[dict], out: Path) -> Path:
-    """ε–utility from ``simulations.sweep``'s ``sweep.json``: held-out losses against ε."""
+    """ε–utility from ``benchmarks.sweep``'s ``sweep.json``: held-out losses against ε."""
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
     finite = sorted(
         (
@@ -236,7 +266,7 @@ def build_report(
 
     Args:
         run_dir: The run to report on.
-        sweep: ``sweep.json`` of ``simulations.sweep`` for the ε–utility plot.
+        sweep: ``sweep.json`` of ``benchmarks.sweep`` for the ε–utility plot.
         compare: Other runs of the same setup at other noise levels (ε–utility plot).
         evaluate: Run the evaluation if ``evaluation.json`` is missing.
     """
@@ -262,8 +292,6 @@ def build_report(
     ]
     rows = json.loads(Path(sweep).read_text()) if sweep is not None else []
     if compare:
-        from simulations.sweep import row_from_run
-
         for d in [run_dir, *compare]:
             dp = json.loads((Path(d) / "summary.json").read_text())["config"]["dp"]
             rows.append(row_from_run(0.0, dp["noise_multiplier"], Path(d)))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks import train as bench_train
 from common.config import ModelConfig
 from common.data import Encoded
 from common.lora import build_peft_model
 from common.model import TINY_CONFIG, load_base_for
 from common.personalization import get_strategy
-from simulations import bench_train
 from tests.conftest import cpu_bf16
 
 
@@ -74,8 +74,8 @@ def test_every_training_path_is_timed_on_the_same_real_tokens(kind: str) -> None
 
 
 def test_the_growth_plot_draws_every_model_and_population(tmp_path) -> None:
-    from simulations.bench import markdown
-    from simulations.bench_scaling import growth_plot
+    from benchmarks.scaling import growth_plot
+    from benchmarks.suite import markdown
 
     rows = [
         {
@@ -124,8 +124,8 @@ def test_the_engine_overhead_is_the_worker_time_outside_device_train(tmp_path) -
     # were Device.train, and the training phases took 5 + 5 s of wall time.
     import json
 
+    from benchmarks.scaling import engine_overhead
     from client.federation.simulated import ENGINE_TIMINGS
-    from simulations.bench_scaling import engine_overhead
 
     rounds = [{"round": r, "train_seconds": s} for r, s in [(1, 30.0), (2, 5.0), (3, 5.0)]]
     (tmp_path / "summary.json").write_text(json.dumps({"rounds": rounds}))

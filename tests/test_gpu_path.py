@@ -108,7 +108,7 @@ def test_resolve_dtype_rejects_unknown_value() -> None:
 @pytest.fixture(scope="module")
 def fresh_interpreter() -> dict:
     """One fresh interpreter (clean ``sys.modules``): a 4-bit load on a CPU, then importing
-    ``simulations.gpu_check``; records the error and what each step imported."""
+    ``benchmarks.gpu_check``; records the error and what each step imported."""
     code = """
 import json, sys, torch
 from common.model import QuantizationUnavailable, load_base_model
@@ -120,7 +120,7 @@ except QuantizationUnavailable as err:
 def imported(names):
     return sorted({m.split(".")[0] for m, mod in sys.modules.items() if mod} & names)
 after_error = imported({"bitsandbytes", "peft"})
-import simulations.gpu_check
+import benchmarks.gpu_check
 app_deps = imported({"flwr", "opacus"})
 from common.config import ModelConfig
 from common.lora import build_peft_model
@@ -283,7 +283,7 @@ def test_autocast_is_a_no_op_on_cpu() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_gpu_check_refuses_cpu_without_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations import gpu_check
+    from benchmarks import gpu_check
 
     assert gpu_check.main(["--model", "tiny"]) == gpu_check.EXIT_NO_CUDA
     assert "--allow-cpu" in capsys.readouterr().err
@@ -294,7 +294,7 @@ def test_gpu_check_cpu_smoke(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool
 ) -> None:
     # Prepare: the CPU's bf16 answered both ways, whatever this machine has
-    from simulations import gpu_check
+    from benchmarks import gpu_check
 
     monkeypatch.setattr(gpu_check, "cpu_has_native_bf16", lambda: native_bf16)
 

@@ -111,7 +111,7 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     assert len(ab["satisfaction"]) == 2 and "SecAgg+" in ab["privacy"]
     # The engine's own timings (simulated nodes only): every train message answered in
     # round 2 is there, Device.train inside the node's time, and the overhead computable.
-    from simulations.bench_scaling import engine_overhead
+    from benchmarks.scaling import engine_overhead
 
     engine = engine_overhead(run_dir, actors=2)
     assert engine["client_rounds"] == rounds[1]["updates"] + rounds[1]["declined"]

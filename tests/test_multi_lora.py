@@ -139,7 +139,7 @@ def test_a_client_whose_loss_turns_non_finite_is_named(peft) -> None:
 
 
 def test_the_batched_benchmark_times_both_paths_on_the_same_tokens() -> None:
-    from simulations import bench_batched
+    from benchmarks import batched as bench_batched
 
     r = bench_batched.bench("tiny", clients=2, steps=1)
     assert r["real_tokens"] > 0 and r["clients"] == 2

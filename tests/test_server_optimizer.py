@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
+from benchmarks import server_step as bench_server_step
 from client.client_app import app as fedpersona_app
 from client.federation.runtime import get_runtime
 from common.config import ServerConfig, parse_run_config
 from server import checkpoint
 from server.optimizer import ServerStep
 from server.server_app import main as server_main
-from simulations import bench_server_step
 from tests.conftest import device_node_config, tiny_run_config
 from tests.flower_harness import InProcessGrid
 

@@ -582,7 +582,7 @@ class Device:
         """The losses :meth:`evaluate` reports for these global tensors, changing nothing:
         ``base_loss``, ``global_loss``, ``personal_loss`` (the served model; for ``blend``
         with the weight it would pick, ``mix_weight``) and, when asked, ``local_only_loss``.
-        ``simulations/bench_server_step.py`` asks it of other global tensors than the run's,
+        ``benchmarks/server_step.py`` asks it of other global tensors than the run's,
         and of other prior weights (``mix_prior``; default: ``personalization.mix-prior``)."""
         test = self._held_out(self.test_set)
         base_loss = self.state.meta.base_loss

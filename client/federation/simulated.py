@@ -96,7 +96,7 @@ def engine_time(
     """A simulated node's line in its run's ``engine_timings.jsonl``: how long the node
     answered this train message (store open, device set-up, decoding and encoding included)
     and how much of it the devices' own rounds took (``Device.train``). The simulation
-    engine's per-client overhead is measured from these (``simulations.bench_scaling``); a deployed
+    engine's per-client overhead is measured from these (``benchmarks.scaling``); a deployed
     device (``data-dir`` in its node config) writes nothing."""
     run_dir = cfg.run_dir(context.run_id)
     # A deployed device writes nothing; nor does a node whose server made no run folder here.

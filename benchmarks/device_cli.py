@@ -7,7 +7,7 @@ tensors of the SmolLM2 LoRA shape, a charged ledger, 100 interactions, feedback,
 profile; unlocked with a passphrase, i.e. scrypt), then runs each command as a new process,
 the way a user types it, five times, and prints the median wall time beside the 1.5 s target.
 
-    python -m simulations.bench_cli --out bench-cli
+    python -m benchmarks.device_cli --out bench-cli
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ side by side in one run and printed as a ratio:
 * on-device state per user: the encrypted store on disk with the personal adapter, the global
   copy, a 3-round ledger and a learned profile, with 0 and 100 interactions (target < 1 MB).
 
-    python -m simulations.bench_device --model smollm2 --out bench-device
-    python -m simulations.bench_device --model smollm2-shape --device cuda --out bench-gpu
+    python -m benchmarks.device --model smollm2 --out bench-device
+    python -m benchmarks.device --model smollm2-shape --device cuda --out bench-gpu
 """
 
 from __future__ import annotations

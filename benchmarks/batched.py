@@ -1,6 +1,6 @@
 """K clients' training rounds batched through one base against the same rounds one by one.
 
-``python -m simulations.bench_batched --model smollm2 --clients 8`` (on the GPU where there
+``python -m benchmarks.batched --model smollm2 --clients 8`` (on the GPU where there
 is one) trains K simulated users' personal tensors (their own Shakespeare roles, batches and
 seeds) for a few steps, first each alone with :func:`common.train.train_steps`, then all at
 once with :func:`common.multi_lora.train_steps_batched`, and prints real training tokens/s

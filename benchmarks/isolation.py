@@ -1,6 +1,6 @@
 """Round time of a real deployment: per-message ClientApps vs the long-lived device worker.
 
-    python -m simulations.bench_isolation [--rounds 3] [--nodes 2] [--modes subprocess worker]
+    python -m benchmarks.isolation [--rounds 3] [--nodes 2] [--modes subprocess worker]
 
 Starts, side by side in one run and one after the other (``--repeats`` times per mode, in
 ABBA order so that a drift in machine load weighs on both alike), the same deployment on

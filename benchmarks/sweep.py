@@ -7,7 +7,7 @@ target, so every number in the table comes from the run's own accountants.
 
 Each row also has what the users got: the served models against the local-only baseline
 (shares no worse and better) and, when the preset measures them, the released model on users
-who never joined. ``python -m simulations.sweep --preset population --users 200 --per-round 40
+who never joined. ``python -m benchmarks.sweep --preset population --users 200 --per-round 40
 --rounds 10 --eval-fraction 1`` (the curve in docs/results.md) writes ``sweep.md``,
 ``sweep.json`` and ``sweep.png`` under ``--out``.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common.config import parse_set
 from common.dp.accounting import noise_for_target
+from simulations.report import row_from_run
 from simulations.simulate import simulate
 
 EPSILONS = (math.inf, 8.0, 2.0, 1.0)
@@ -79,35 +80,6 @@ def _run_sigma(run_dir: Path) -> float:
 
 def _parse_epsilon(text: str) -> float:
     return math.inf if text.strip().lower() in ("inf", "∞") else float(text)
-
-
-def row_from_run(target_epsilon: float, sigma: float, run_dir: Path) -> dict:
-    """One table row from a finished run: its accountants' ε and its last round's losses
-    (the users evaluated in that round, all under the final model)."""
-    s = json.loads((Path(run_dir) / "summary.json").read_text())
-    user = s["privacy"]["user_level"]
-    last = s["rounds"][-1]
-    return {
-        "target_epsilon": target_epsilon,
-        "noise_multiplier": sigma,
-        "epsilon_rdp": user.get("epsilon_rdp", math.inf),
-        "epsilon_prv": user.get("epsilon_prv", math.inf),
-        "max_device_user_epsilon": max((c["user_epsilon"] for c in s["clients"]), default=0.0),
-        "base_loss": last["base_loss"],
-        "global_loss": last["global_loss"],
-        "personal_loss": last["personal_loss"],
-        "win_rate": last["win_rate"],
-        "evaluated": last["evaluated"],
-        "declined": sum(r.get("declined", 0) for r in s["rounds"]),
-        "local_only_loss": (s.get("versus_local") or {}).get("mean_local_only_loss"),
-        "no_worse_than_local": (s.get("versus_local") or {}).get("no_worse_than_local"),
-        "win_vs_local": (s.get("versus_local") or {}).get("win_vs_local"),
-        "newcomers_below_base": (s.get("cold_start_users") or {}).get("below_base"),
-        "newcomer_global_loss": (s.get("cold_start_users") or {}).get("global_loss"),
-        "newcomer_base_loss": (s.get("cold_start_users") or {}).get("base_loss"),
-        "minutes": s["timings"]["total_s"] / 60,
-        "run_dir": str(run_dir),
-    }
 
 
 def _fmt(x: float | None) -> str:

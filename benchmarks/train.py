@@ -27,7 +27,7 @@ bf16 is timed only where the CPU computes it natively (:func:`common.cpu.cpu_has
 elsewhere a bf16 matmul is emulated, ~40× slower than fp32's, and no path would choose it; the
 bf16 paths and the bf16 peak are then left out and the table says so.
 
-``python -m simulations.bench_train --model smollm2`` prints JSON and a Markdown table.
+``python -m benchmarks.train --model smollm2`` prints JSON and a Markdown table.
 """
 
 from __future__ import annotations

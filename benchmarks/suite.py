@@ -1,14 +1,14 @@
 """``fedpersona bench``: the benchmark suite — every figure a ratio measured in one run.
 
 1. **privacy** — round time with SecAgg+ + distributed DP / plain FedAvg (tiny federation),
-   and one Opacus DP-SGD step / one plain step on SmolLM2 (``simulations.bench_privacy``);
+   and one Opacus DP-SGD step / one plain step on SmolLM2 (``benchmarks.privacy``);
 2. **throughput** — a device's full federated round (ledger check, local training, clipping,
    noise, A/B counts, encrypted store writes) in training tokens/s against a bare peft
    training loop on the same model, batches and steps;
 3. **device** — adapter hot-swap, one-feedback adaptation and encrypted bytes per user
-   (``simulations.bench_device``); answering through the real local API: first streamed
+   (``benchmarks.device``); answering through the real local API: first streamed
    token against the model alone, the whole answer, 3 candidates, one feedback
-   (``simulations.bench_chat``);
+   (``benchmarks.chat``);
 4. **scaling** — simulated federations of 100 and 1,000 users (tiny model) with 10–100
    sampled per round: peak memory of the whole process tree (must stay flat in the number
    of users) and seconds per round against clients per round; the same engine with SmolLM2
@@ -112,8 +112,9 @@ SUITE_FILES = frozenset({"bench.json", "bench.md", "bench_growth.png", "runs"})
 
 def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False) -> dict:
     """Every benchmark; returns the JSON-serializable results."""
-    from simulations import bench_chat, bench_device, bench_privacy, bench_train
-    from simulations.bench_scaling import growth_plot, scaling
+    from benchmarks import bench_device, bench_privacy, bench_train
+    from benchmarks import chat as bench_chat
+    from benchmarks.scaling import growth_plot, scaling
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -222,12 +223,12 @@ def markdown(r: dict) -> str:
             )
         )
     if "chat" in r:
-        from simulations import bench_chat
+        from benchmarks import chat as bench_chat
 
         rows += bench_chat.suite_rows(r["chat"])
     lines = ["| benchmark | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     if "training" in r:
-        from simulations import bench_train
+        from benchmarks import train as bench_train
 
         lines += ["", bench_train.markdown(r["training"])]
     lines += [

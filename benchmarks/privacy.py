@@ -4,7 +4,7 @@
    users, seed) run both ways; rounds after the first (Ray start-up, model loading) averaged.
 2. One Opacus DP-SGD step vs one plain step on the same model, batch and LoRA tensors.
 
-``python -m simulations.bench_privacy --preset tiny --model smollm2`` prints JSON and writes
+``python -m benchmarks.privacy --preset tiny --model smollm2`` prints JSON and writes
 ``bench_privacy.json`` / ``bench_privacy.md`` under ``--out``.
 """
 

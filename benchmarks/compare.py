@@ -1,6 +1,6 @@
 """Compare the personalization strategies on one preset: same seed, same users.
 
-``python -m simulations.compare --preset quick --out runs/compare`` runs one simulation per
+``python -m benchmarks.compare --preset quick --out runs/compare`` runs one simulation per
 strategy, one after another, and writes ``comparison.md`` and ``comparison.json`` with base /
 global / personal loss, the local-only baseline (what each user could train alone with the
 same compute, when the preset measures it) and the shares of users no worse / better than

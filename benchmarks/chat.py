@@ -16,7 +16,7 @@ requests after one warm-up, measured in one run:
   answers where the CPU has native bf16, feedback through the top layers) and on the old one
   (fp32 answers, feedback through every layer with a separate scoring pass).
 
-    python -m simulations.bench_chat --model smollm2 --out runs/bench-chat
+    python -m benchmarks.chat --model smollm2 --out runs/bench-chat
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def bench_in_fresh_process(model: str = "smollm2", *, repeats: int = 5) -> dict:
     import sys
 
     with tempfile.TemporaryDirectory(prefix="fp-bench-chat-out-") as out:
-        cmd = [sys.executable, "-m", "simulations.bench_chat", "--model", model]
+        cmd = [sys.executable, "-m", "benchmarks.chat", "--model", model]
         subprocess.run(
             [*cmd, "--repeats", str(repeats), "--out", out],
             check=True,

@@ -11,7 +11,7 @@ would serve with the candidate's global adapter, and the
 run's newcomers (users who never joined) what they would get. No candidate costs privacy: all
 of it is post-processing of the same released aggregates, at the run's ε.
 
-    python -m simulations.bench_server_step RUN_DIR [--users N] [--newcomers 20]
+    python -m benchmarks.server_step RUN_DIR [--users N] [--newcomers 20]
 
 prints one row per candidate — among the users who trained: better than local-only, mean gain
 over local-only (nats) and its ratio to the run's own optimizer, worse by more than 0.5 %;

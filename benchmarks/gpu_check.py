@@ -21,8 +21,8 @@ bitsandbytes, not Flower or Opacus. ``--model smollm2-shape`` and ``--model tiny
 models (seed 0) saved to a temporary directory, so no model file has to be carried;
 ``--model smollm2`` loads the real embedded model.
 
-    python -m simulations.gpu_check --model smollm2-shape --steps 30
-    python -m simulations.gpu_check --allow-cpu --model tiny --steps 2 --out /tmp/gpu-check
+    python -m benchmarks.gpu_check --model smollm2-shape --steps 30
+    python -m benchmarks.gpu_check --allow-cpu --model tiny --steps 2 --out /tmp/gpu-check
 
 (One file on purpose, over the usual length: it is a self-contained script for a bare GPU machine,
 runnable without the rest of the project's dependencies.)
@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.device import SMOLLM2_SHAPE
 from common.config import ModelConfig
 from common.cpu import EMULATED_NOTE, cpu_has_native_bf16
 from common.data import IGNORE_INDEX, Encoded
@@ -57,7 +58,6 @@ from common.model import (
 )
 from common.personalization import get_strategy
 from common.train import evaluate_loss, train_steps
-from simulations.bench_device import SMOLLM2_SHAPE
 
 # Variant -> (model.dtype, model.quantization).
 VARIANTS: dict[str, tuple[str, str]] = {

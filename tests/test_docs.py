@@ -78,6 +78,7 @@ def check_command(line: str, root: click.Group) -> str | None:
         return f"{line!r}: {err}"
     command: click.Command = root
     path = ["fedpersona"]
+    words = [w for w in words if w not in ("…", "...")]  # "fedpersona device …": the group
     while isinstance(command, click.Group) and words and not words[0].startswith("-"):
         name = words[0].split("|", 1)[0]
         sub = command.get_command(click.Context(command), name)

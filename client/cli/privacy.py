@@ -1,0 +1,99 @@
+"""``fedpersona device privacy show|set``: the owner's privacy policy — what the device
+accepts from any server (caps, noise floor, SecAgg+, cohort size)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from client.cli.options import (
+    DataDir,
+    KeyFile,
+    app,
+    fail,
+    open_store,
+)
+from client.store import DEFAULT_RETENTION_DAYS
+
+privacy_app = typer.Typer(
+    help="The device's own privacy policy: what it accepts from a federation's server.",
+    no_args_is_help=True,
+)
+app.add_typer(privacy_app, name="privacy", rich_help_panel="The federation")
+
+
+def _policy_dict(policy) -> dict:  # type: ignore[no-untyped-def]
+    return {k.replace("_", "-"): v for k, v in policy.to_dict().items() if k != "version"}
+
+
+@privacy_app.command("show")
+def privacy_show(data_dir: DataDir, key_file: KeyFile = None) -> None:
+    """Print the policy every round's instructions are checked against."""
+    from client.federation.policy import DevicePolicy
+
+    with open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
+        try:
+            policy = DevicePolicy.of(store)
+        except ValueError as err:
+            raise fail(err) from None
+    print(json.dumps(_policy_dict(policy), indent=1))
+
+
+@privacy_app.command("set")
+def privacy_set(
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    epsilon_cap: Annotated[float | None, typer.Option(help="Lifetime ε cap (each kind)")] = None,
+    delta: Annotated[float | None, typer.Option(help="δ of every ε (fixed once charged)")] = None,
+    min_noise_multiplier: Annotated[
+        float | None, typer.Option(help="Least noise multiplier σ accepted (0: allow none)")
+    ] = None,
+    min_cohort: Annotated[
+        int | None, typer.Option(help="Least m_min a round may size the noise share by")
+    ] = None,
+    require_secagg: Annotated[
+        bool | None, typer.Option(help="Distributed noise only under SecAgg+ masking")
+    ] = None,
+    trust_server_noise: Annotated[
+        bool | None, typer.Option(help="Accept central noise the server adds (unverifiable)")
+    ] = None,
+    trust_server_sampling: Annotated[
+        bool | None, typer.Option(help="Credit the server's claimed sampling rate")
+    ] = None,
+    period_days: Annotated[float | None, typer.Option(help="Budget period (0: none)")] = None,
+    period_epsilon_cap: Annotated[float | None, typer.Option(help="ε cap per period")] = None,
+) -> None:
+    """Change the policy (the options given); print the result."""
+    from client.federation.ledger import LEDGER_BLOB
+    from client.federation.policy import DevicePolicy
+
+    changes = {
+        k: v
+        for k, v in {
+            "epsilon_cap": epsilon_cap,
+            "delta": delta,
+            "min_noise_multiplier": min_noise_multiplier,
+            "min_cohort": min_cohort,
+            "require_secagg": require_secagg,
+            "trust_server_noise": trust_server_noise,
+            "trust_server_sampling": trust_server_sampling,
+            "period_days": period_days,
+            "period_epsilon_cap": period_epsilon_cap,
+        }.items()
+        if v is not None
+    }
+    with open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
+        try:
+            policy = DevicePolicy.of(store)
+            new = policy.with_changes(**changes)
+            ledger = store.get_json(LEDGER_BLOB)
+            if new.delta != policy.delta and isinstance(ledger, dict) and ledger.get("events"):
+                raise ValueError(
+                    f"the ledger holds charges at δ = {policy.delta:g}; δ cannot change now"
+                )
+            new.save(store)
+        except ValueError as err:
+            raise fail(err) from None
+    print(json.dumps(_policy_dict(new), indent=1))

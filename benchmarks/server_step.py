@@ -34,9 +34,8 @@ import numpy as np
 import torch
 
 from client.federation.device import Device
-from client.store import LocalStore
+from client.store import open_beside_key
 from common.config import RunConfig, ServerConfig
-from common.crypto import Secret
 from server import checkpoint
 from server.optimizer import ServerStep
 from server.outputs import trained, versus_local
@@ -144,7 +143,7 @@ def run_devices(run_dir: Path, cfg: RunConfig, users: int | None) -> Iterator[De
     if not dirs:
         raise ReplayError(f"{run_dir / 'devices'} holds no device")
     for d in dirs[:users]:
-        store = LocalStore.open(d, Secret(key_file=Path(f"{d}.key")))
+        store = open_beside_key(d)
         try:
             yield Device(cfg, store=store, num_partitions=len(dirs))
         finally:

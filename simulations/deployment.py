@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from common.crypto import create_key_file
+from client.store import key_beside
 from simulations.simulate import (
     PROJECT_DIR,
     _free_port,
@@ -53,10 +53,7 @@ TAG_ENV = "FEDPERSONA_LOCAL_DEPLOYMENT"
 
 def device_key(data_dir: Path) -> Path:
     """A 0600 key file beside ``data_dir`` (created once), as a real device keeps one."""
-    key = Path(data_dir).with_name(Path(data_dir).name + ".key")
-    if not key.exists():
-        create_key_file(key)
-    return key
+    return key_beside(data_dir, create=True)
 
 
 # What the test devices' owners accept beyond the defaults: a federation of 2 or 3 devices.

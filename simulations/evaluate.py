@@ -40,13 +40,12 @@ import torch
 
 from client.assistant.adapt import adapt_on_feedback
 from client.federation.runtime import get_runtime
-from client.store import DEFAULT_RETENTION_DAYS, LocalStore
+from client.store import DEFAULT_RETENTION_DAYS, open_beside_key
 from client.store.state import GLOBAL_BLOB, META_BLOB, PERSONAL_BLOB, tensors_from_bytes
 from common import audit, metrics
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.corpus import simulation_users
-from common.crypto import Secret
 from common.data import SYSTEM_PROMPT, Encoded, UserData, encode, encode_scrubbed
 from common.embedding import get_embedder
 from common.generation import render, sample
@@ -116,7 +115,7 @@ class Evaluator:
         personal, weights = {}, {}
         for user in self.users:
             d = self._device_dir(user.user)
-            with LocalStore.open(d, Secret(key_file=d.with_name(d.name + ".key"))) as store:
+            with open_beside_key(d) as store:
                 g = store.get_blob(GLOBAL_BLOB)
                 p = store.get_blob(PERSONAL_BLOB)
                 meta = store.get_json(META_BLOB) or {}

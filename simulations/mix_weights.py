@@ -18,9 +18,8 @@ import statistics
 from pathlib import Path
 
 from client.federation.device import Device
-from client.store import LocalStore
+from client.store import open_beside_key
 from common.config import RunConfig
-from common.crypto import Secret
 from common.lora import load_lora_tensors
 from common.personalization.blend import MIX_WEIGHTS, pick_mix_weight
 from server.outputs import versus_local
@@ -40,7 +39,7 @@ def measure(run_dir: Path, cfg: RunConfig, users: int | None = None) -> list[dic
     rows = []
     dirs = sorted(p for p in (run_dir / "devices").iterdir() if p.is_dir())
     for d in dirs[:users]:
-        store = LocalStore.open(d, Secret(key_file=Path(f"{d}.key")))
+        store = open_beside_key(d)
         try:
             device = Device(cfg, store=store, num_partitions=len(dirs))
             g, p = device.state.load_global(), device.state.load_personal()

@@ -40,7 +40,7 @@ from client.api.app import create_app
 from client.assistant.assistant import Assistant
 from client.federation.device import SETTINGS_BLOB
 from client.federation.ledger import LEDGER_BLOB, LedgerPolicy, PrivacyLedger
-from client.store import DB_FILE, KEY_FILE, LocalStore, StoreCorrupted
+from client.store import DB_FILE, KEY_FILE, LocalStore, StoreCorrupted, key_beside
 from client.store.state import (
     META_BLOB,
     PERSONAL_BLOB,
@@ -356,7 +356,7 @@ def _clone(golden: Path, into: Path) -> Path:
     if into.exists():
         shutil.rmtree(into)
     shutil.copytree(golden, into)
-    key = into.with_name(into.name + ".key")  # where device_key() looks
+    key = key_beside(into)  # where device_key() looks
     if not key.exists():
         shutil.copy2(device_key(golden), key)
     return into

@@ -38,7 +38,7 @@ from client.federation.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedge
 from client.federation.policy import DevicePolicy, PolicyRefused
 from client.federation.runtime import get_runtime
 from client.federation.simulated import planted_canaries, simulated_ratings, simulated_user
-from client.store import DEFAULT_RETENTION_DAYS, LocalStore
+from client.store import DEFAULT_RETENTION_DAYS, LocalStore, key_beside, open_beside_key
 from client.store.examples import Example, device_examples, split, too_few_examples
 from client.store.ingest import fill_simulated_store
 from client.store.state import (
@@ -51,7 +51,6 @@ from client.store.state import (
 )
 from common import ab
 from common.config import RunConfig
-from common.crypto import Secret, create_key_file
 from common.data import Encoded, Sample, encode
 from common.dp.clipping import clip_update
 from common.dp.noise import add_gaussian_noise
@@ -100,13 +99,9 @@ def open_node_store(
         return open_real_store(node_config)
     if simulated_dir is None:
         raise ValueError("node config has no data-dir")
-    key_path = simulated_dir.with_name(simulated_dir.name + ".key")
-    if not key_path.exists():
-        create_key_file(key_path)
+    key_beside(simulated_dir, create=True)
     retention = float(node_config.get("retention-days", DEFAULT_RETENTION_DAYS))
-    return LocalStore.open(
-        simulated_dir, Secret(key_file=key_path), create=True, retention_days=retention
-    )
+    return open_beside_key(simulated_dir, create=True, retention_days=retention)
 
 
 class TooFewExamples(RuntimeError):

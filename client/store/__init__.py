@@ -24,6 +24,8 @@ from client.store.local_store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     LocalStore,
+    key_beside,
+    open_beside_key,
 )
 
 __all__ = [
@@ -42,4 +44,6 @@ __all__ = [
     "StoreError",
     "StoreNotFound",
     "StoredExample",
+    "key_beside",
+    "open_beside_key",
 ]

@@ -42,6 +42,7 @@ from client.store.errors import StoreCorrupted, StoreError, StoreNotFound
 from client.store.history import History
 from common.crypto import (
     Secret,
+    create_key_file,
     shred,
     unwrap_data_key,
     wrap_new_data_key,
@@ -86,6 +87,20 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def key_beside(data_dir: Path | str, *, create: bool = False) -> Path:
+    """The key file a simulated or test device keeps beside its data dir, ``<data_dir>.key``
+    (0600; made when ``create`` and missing). A real device keeps its key elsewhere."""
+    key = Path(data_dir).with_name(Path(data_dir).name + ".key")
+    if create and not key.exists():
+        create_key_file(key)
+    return key
+
+
+def open_beside_key(data_dir: Path | str, **kwargs: Any) -> LocalStore:
+    """:meth:`LocalStore.open` with the key file beside the data dir (:func:`key_beside`)."""
+    return LocalStore.open(Path(data_dir), Secret(key_file=key_beside(data_dir)), **kwargs)
 
 
 def _make_private(root: Path) -> None:

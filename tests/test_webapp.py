@@ -46,7 +46,7 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1100, "height": 750}
 MAX_TOKENS = "12"  # short answers: the tiny model on 2 CPU cores
 ANSWER_TIMEOUT_MS = 120_000
-WEB = ROOT / "client" / "web"
+WEB = ROOT / "client" / "api" / "web"
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright

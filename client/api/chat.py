@@ -10,15 +10,16 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI
+from fastapi import APIRouter
 from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from client.api.errors import ERRORS, ApiError, as_api_error, known
+from client.api.metrics import Metrics
 from client.assistant.assistant import Assistant
 from client.assistant.conversation import Answer, UnknownModel, split_conversation
 from client.assistant.model_thread import MODEL_THREAD
@@ -97,12 +98,24 @@ def variant_of(model: str) -> str | None:
     return None
 
 
-def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depends) -> None:
-    """Add ``/v1/models`` and ``/v1/chat/completions`` to ``app``, guarded by ``auth``."""
+def chat_router(assistant: Assistant, metrics: Metrics, auth: Depends) -> APIRouter:
+    """``/v1/models`` and ``/v1/chat/completions`` over ``assistant``, guarded by ``auth``."""
+    routes = ChatRoutes(assistant, metrics)
+    router = APIRouter()
+    router.get("/v1/models", dependencies=[auth], responses=ERRORS)(routes.models)
+    router.post("/v1/chat/completions", dependencies=[auth], responses=ERRORS)(routes.chat)
+    return router
 
-    @app.get("/v1/models", dependencies=[auth], responses=ERRORS)
-    def models() -> dict[str, Any]:
+
+class ChatRoutes:
+    """The OpenAI-compatible routes of one device's assistant."""
+
+    def __init__(self, assistant: Assistant, metrics: Metrics) -> None:
+        self.assistant, self.metrics = assistant, metrics
+
+    def models(self) -> dict[str, Any]:
         """The models this device answers with (OpenAI's list shape)."""
+        assistant = self.assistant
         created = int(assistant.state.meta.last_round or 0)
         about = {
             None: "the device decides: " + assistant.why(),
@@ -124,42 +137,20 @@ def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depe
             ],
         }
 
-    @app.post("/v1/chat/completions", dependencies=[auth], responses=ERRORS)
-    async def chat(body: ChatRequest) -> Any:
+    async def chat(self, body: ChatRequest) -> Any:
         """OpenAI-compatible chat completion, personalized on the device."""
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            split_conversation(messages)
-        except ValueError as err:
-            raise ApiError(400, str(err), param="messages") from None
-        variant = variant_of(body.model)
-        if variant == "experts" and assistant.router is None:
-            raise ApiError(
-                404,
-                f"model {body.model!r}: no expert adapters are installed on this device",
-                code="model_not_found",
-                param="model",
-            )
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        kwargs: dict[str, Any] = {
-            "n": body.candidates or (1 if body.stream else 3),
-            "max_new_tokens": body.max_completion_tokens or body.max_tokens or 64,
-            "temperature": body.temperature,
-            "task": body.task,
-            "seed": body.seed,
-            "model": variant,
-            "stop": stop,
-        }
+        kwargs = self._ask_kwargs(body, messages)
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(messages, kwargs, completion_id, include_usage)
+            return await self._stream(messages, kwargs, completion_id, include_usage)
         start = time.perf_counter()
         try:
-            answer = await MODEL_THREAD.run(assistant.ask, messages, **kwargs)
+            answer = await MODEL_THREAD.run(self.assistant.ask, messages, **kwargs)
         except (ValueError, UnknownModel) as err:
             raise as_api_error(err) from None
-        metrics.chat_seconds.observe(time.perf_counter() - start)
+        self.metrics.chat_seconds.observe(time.perf_counter() - start)
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -178,14 +169,41 @@ def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depe
             "fedpersona": _extension(answer),
         }
 
+    def _ask_kwargs(self, body: ChatRequest, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """``Assistant.ask``'s options for ``body``; a conversation it cannot answer (a bad
+        turn order, experts that are not installed) is a 400 / 404 before any work."""
+        try:
+            split_conversation(messages)
+        except ValueError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        variant = variant_of(body.model)
+        if variant == "experts" and self.assistant.router is None:
+            raise ApiError(
+                404,
+                f"model {body.model!r}: no expert adapters are installed on this device",
+                code="model_not_found",
+                param="model",
+            )
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return {
+            "n": body.candidates or (1 if body.stream else 3),
+            "max_new_tokens": body.max_completion_tokens or body.max_tokens or 64,
+            "temperature": body.temperature,
+            "task": body.task,
+            "seed": body.seed,
+            "model": variant,
+            "stop": stop,
+        }
+
     async def _stream(
-        messages: list[dict[str, str]], kwargs: dict[str, Any], cid: str, include_usage: bool
+        self, messages: list[dict[str, str]], kwargs: dict[str, Any], cid: str, include_usage: bool
     ) -> Any:
         """Run the answer on the model thread; stream its pieces as OpenAI chunks.
 
         The first event is awaited before the response starts, so a request that fails before
         its first token (too long for the context, unknown model) still gets an HTTP error.
         """
+        assistant = self.assistant
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
@@ -212,61 +230,78 @@ def add_chat_routes(app: FastAPI, assistant: Assistant, metrics: Any, auth: Depe
             raise
         if first[0] == "error":
             raise as_api_error(first[1]) if known(first[1]) else first[1]
-        metrics.first_token_seconds.observe(time.perf_counter() - start)
-        created = int(time.time())
-        base = {"id": cid, "object": "chat.completion.chunk", "created": created}
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-            data = {
-                **base,
-                "model": model_id(shown),
-                "system_fingerprint": None,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
-                **({"usage": None} if include_usage else {}),
-                **extra,
-            }
-            return f"data: {json.dumps(data)}\n\n"
-
-        async def body() -> AsyncIterator[str]:
-            nonlocal shown
-            event = first
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, value = event
-                    if kind == "text":
-                        yield chunk({"content": value})
-                    elif kind == "error":
-                        err = _error_event(value)
-                        yield f"data: {json.dumps(err)}\n\n"
-                        break
-                    else:
-                        answer: Answer = value
-                        metrics.chat_seconds.observe(time.perf_counter() - start)
-                        shown = answer.variant
-                        yield chunk({}, answer.finish_reason, fedpersona=_extension(answer))
-                        if include_usage:
-                            data = {
-                                **base,
-                                "model": model_id(answer.variant),
-                                "system_fingerprint": None,
-                                "choices": [],
-                                "usage": _usage(answer),
-                            }
-                            yield f"data: {json.dumps(data)}\n\n"
-                        break
-                    event = await events.get()
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel.set()  # the client went away: stop generating
-
+        self.metrics.first_token_seconds.observe(time.perf_counter() - start)
+        sse = _Chunks(cid, shown, include_usage)
         return StreamingResponse(
-            body(),
+            sse.events(first, events, cancel, lambda: self._answered(start)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    def _answered(self, start: float) -> None:
+        self.metrics.chat_seconds.observe(time.perf_counter() - start)
+
+
+class _Chunks:
+    """One streamed answer as OpenAI ``chat.completion.chunk`` server-sent events."""
+
+    def __init__(self, cid: str, shown: str | None, include_usage: bool) -> None:
+        self.base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time())}
+        self.shown, self.include_usage = shown, include_usage
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        data = {
+            **self.base,
+            "model": model_id(self.shown),
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            **({"usage": None} if self.include_usage else {}),
+            **extra,
+        }
+        return f"data: {json.dumps(data)}\n\n"
+
+    def usage(self, answer: Answer) -> str:
+        """The usage chunk ``stream_options.include_usage`` asks for (no choices)."""
+        data = {
+            **self.base,
+            "model": model_id(answer.variant),
+            "system_fingerprint": None,
+            "choices": [],
+            "usage": _usage(answer),
+        }
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def events(
+        self,
+        first: tuple[str, Any],
+        queue: asyncio.Queue[tuple[str, Any]],
+        cancel: threading.Event,
+        answered: Callable[[], None],
+    ) -> AsyncIterator[str]:
+        """The role chunk, each text piece, then the final chunk (and usage) or an error
+        event, then ``[DONE]``; generation stops when the client goes away."""
+        event = first
+        try:
+            yield self.chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = event
+                if kind == "text":
+                    yield self.chunk({"content": value})
+                elif kind == "error":
+                    yield f"data: {json.dumps(_error_event(value))}\n\n"
+                    break
+                else:
+                    answer: Answer = value
+                    answered()
+                    self.shown = answer.variant
+                    yield self.chunk({}, answer.finish_reason, fedpersona=_extension(answer))
+                    if self.include_usage:
+                        yield self.usage(answer)
+                    break
+                event = await queue.get()
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel.set()  # the client went away: stop generating
 
 
 def _usage(answer: Answer) -> dict[str, int]:

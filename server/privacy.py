@@ -9,6 +9,7 @@ covers.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from common.config import RunConfig
 from common.secagg import NOISE_TAIL_SIGMAS
@@ -43,18 +44,12 @@ def privacy_report(  # type: ignore[no-untyped-def]
     """
     dp = cfg.dp
     if not dp.adds_noise:
-        user = {
+        user: dict[str, Any] = {
             "mode": dp.noise_mode,
             "epsilon": float("inf"),
             "note": "no user-level DP: updates are not noised",
         }
     else:
-        trust = (
-            f"at least m_min={m_min} of each round's participants are honest (each adds "
-            f"N(0, (σC)²/m_min) before SecAgg+); the server never sees a noise-free sum"
-            if dp.noise_mode == "distributed"
-            else "a trusted server (it adds the noise after unmasking the sum)"
-        )
         user = {
             "mode": dp.noise_mode,
             "noise_multiplier": dp.noise_multiplier,
@@ -66,45 +61,9 @@ def privacy_report(  # type: ignore[no-untyped-def]
             "epsilon_rdp": acc.epsilon("rdp"),
             "epsilon_prv": acc.epsilon("prv"),
             "sampling": cfg.sampling,
-            "assumes": f"{trust}; "
-            + (
-                f"Poisson sampling by the server, each device with probability q={sample_rate:.3g}"
-                " (the sampling the accountant's amplification assumes)"
-                if cfg.sampling == "poisson"
-                else f"a fixed-size uniform sample of q={sample_rate:.3g} of the devices, "
-                "accounted as if Poisson (an approximation)"
-            )
-            + "; a device credits the sampling only where it drew its own participation "
-            "coin or its owner trusts the server's claim (device privacy policy), else it "
-            "charges each round it joins at q = 1",
+            "assumes": _assumes(cfg, m_min, sample_rate),
+            **_guarantee(cfg, num_params, round_updates),
         }
-        clipped = (
-            sum(secagg_clip_probability(updates=u, num_params=num_params) for u in round_updates)
-            if dp.noise_mode == "distributed" and cfg.secagg.enabled
-            else 0.0
-        )
-        user.update(
-            {
-                "neighbouring": "add or remove one user's entire data (user-level); replacing "
-                "one user's data with another's doubles the sensitivity (2C): its ε is that of "
-                "σ/2",
-                "trust": (
-                    "honest-but-curious server that runs SecAgg+ as published; no collusion of "
-                    "the server with as many of a round's devices as the SecAgg+ "
-                    "reconstruction threshold; at least m_min honest devices in each released "
-                    "round, each adding its share of the noise"
-                    if dp.noise_mode == "distributed"
-                    else "a trusted server that adds the noise to the unmasked sum; devices "
-                    "cannot verify it and decline unless their owner trusts server noise"
-                ),
-                "effective_delta": cfg.privacy.delta + clipped,
-                "effective_delta_note": "δ plus the chance that SecAgg+ clipped any noised "
-                "coordinate in a released round (union bound over devices and entries: "
-                f"{clipped:.2g})"
-                if clipped
-                else "δ: no SecAgg+ quantization clips the noised updates",
-            }
-        )
     return {
         "user_level": user,
         "record_level": {
@@ -117,4 +76,56 @@ def privacy_report(  # type: ignore[no-untyped-def]
         "not_covered": "the scalar metrics devices report in the clear (train and held-out "
         "losses, counts) are not part of any ε above",
         "device_epsilon_cap": cfg.privacy.epsilon_cap,
+    }
+
+
+def _assumes(cfg: RunConfig, m_min: int, sample_rate: float) -> str:
+    """Whom the user-level ε trusts and which sampling its amplification assumes."""
+    trust = (
+        f"at least m_min={m_min} of each round's participants are honest (each adds "
+        f"N(0, (σC)²/m_min) before SecAgg+); the server never sees a noise-free sum"
+        if cfg.dp.noise_mode == "distributed"
+        else "a trusted server (it adds the noise after unmasking the sum)"
+    )
+    sampling = (
+        f"Poisson sampling by the server, each device with probability q={sample_rate:.3g}"
+        " (the sampling the accountant's amplification assumes)"
+        if cfg.sampling == "poisson"
+        else f"a fixed-size uniform sample of q={sample_rate:.3g} of the devices, "
+        "accounted as if Poisson (an approximation)"
+    )
+    return (
+        f"{trust}; {sampling}; a device credits the sampling only where it drew its own "
+        "participation coin or its owner trusts the server's claim (device privacy policy), "
+        "else it charges each round it joins at q = 1"
+    )
+
+
+def _guarantee(cfg: RunConfig, num_params: int, round_updates: tuple[int, ...]) -> dict[str, Any]:
+    """The neighbouring relation, the trust model and the effective δ of the user-level ε."""
+    distributed = cfg.dp.noise_mode == "distributed"
+    clipped = (
+        sum(secagg_clip_probability(updates=u, num_params=num_params) for u in round_updates)
+        if distributed and cfg.secagg.enabled
+        else 0.0
+    )
+    return {
+        "neighbouring": "add or remove one user's entire data (user-level); replacing "
+        "one user's data with another's doubles the sensitivity (2C): its ε is that of "
+        "σ/2",
+        "trust": (
+            "honest-but-curious server that runs SecAgg+ as published; no collusion of "
+            "the server with as many of a round's devices as the SecAgg+ "
+            "reconstruction threshold; at least m_min honest devices in each released "
+            "round, each adding its share of the noise"
+            if distributed
+            else "a trusted server that adds the noise to the unmasked sum; devices "
+            "cannot verify it and decline unless their owner trusts server noise"
+        ),
+        "effective_delta": cfg.privacy.delta + clipped,
+        "effective_delta_note": "δ plus the chance that SecAgg+ clipped any noised "
+        "coordinate in a released round (union bound over devices and entries: "
+        f"{clipped:.2g})"
+        if clipped
+        else "δ: no SecAgg+ quantization clips the noised updates",
     }

@@ -28,13 +28,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from common.config import parse_run_config
 from simulations.corpora import corpus_federation, scaled_min_clients
-from simulations.presets import get_preset
+from simulations.presets import Preset, get_preset
+
+if TYPE_CHECKING:
+    from common.corpus import Corpus
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 _ROUND = re.compile(r"\[ROUND (\d+)(?:/(\d+))?\]")
@@ -177,23 +180,10 @@ def simulate(
         RuntimeError: If the run fails or writes no summary.
     """
     spec = get_preset(preset)
-    run_config: dict[str, Any] = {**spec.run_config, **(overrides or {})}
-    corpus, cold_start_users = None, spec.cold_start_users
-    if run_config.get("data.corpus"):
-        corpus, num_users, cold_start_users = corpus_federation(run_config, spec.cold_start_users)
-        if "dp.min-clients" not in (overrides or {}):
-            run_config["dp.min-clients"] = scaled_min_clients(
-                run_config, spec.num_supernodes, num_users
-            )
-        for line in corpus.describe(joined=num_users):
-            if on_line:
-                on_line(f"fedpersona: {line}")
-    else:
-        num_users = int(run_config.get("data.num-users") or spec.num_supernodes)
-    run_config["data.num-users"] = num_users
+    run_config, corpus, cold_start_users = _plan(spec, overrides or {}, on_line)
     cfg = parse_run_config(run_config)  # fail fast, before any process starts
     # One Flower node per simulated user, or nodes hosting several (simulation.users-per-node).
-    num_supernodes = math.ceil(num_users / cfg.users_per_node)
+    num_supernodes = math.ceil(run_config["data.num-users"] / cfg.users_per_node)
     ray_base = ray_temp_base()
     out = Path(out).expanduser().resolve()
     name = run_name or f"{preset}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -205,65 +195,19 @@ def simulate(
     run_dir.mkdir(parents=True)
     if corpus is not None:
         (run_dir / "corpus.json").write_text(json.dumps(corpus.to_json(), indent=1))
-
-    flwr_home = run_dir / ".flwr"
-    flwr_home.mkdir()
     port = _free_port()
-    (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "fedpersona-sim"\n\n'
-        f'[superlink.fedpersona-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    config_file = run_dir / "run-config.toml"
-    config_file.write_text(
-        "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in sorted(run_config.items()))
-    )
+    config_file = _write_run_config(run_dir, run_config)
     # Ray's socket paths must stay short (see ray_temp_base): not under run_dir, not named
     # after the run; where it is goes into FLWR_HOME, for whoever looks for its processes.
     ray_tmp = Path(tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir=ray_base))
-    (flwr_home / "ray-tmpdir").write_text(str(ray_tmp))
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        # The superlink starts `flower-superexec` and `flwr-serverapp` by name: find them
-        # in this interpreter's bin even when the venv is not activated.
-        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_TMPDIR": str(ray_tmp),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    log_path = run_dir / "flwr.log"
+    env = _environment(run_dir / ".flwr", port, ray_tmp)
     # SIGTERM must unwind through `finally` too, or the superlink and Ray outlive us.
     previous = _exit_on_sigterm()
-    superlink = subprocess.Popen(
-        [
-            str(bin_dir / "flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--isolation",
-            "subprocess",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--database",
-            str(flwr_home / "state.db"),
-            "--disable-runtime-dependency-installation",
-            "--log-file",
-            str(run_dir / "superlink.log"),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    superlink = _start_superlink(run_dir, port, env)
     try:
         _wait_port(port, superlink)
         cmd = [
-            str(bin_dir / "flwr"),
+            str(BIN_DIR / "flwr"),
             "run",
             str(PROJECT_DIR),
             "fedpersona-sim",
@@ -275,33 +219,7 @@ def simulate(
             f"client-resources-num-cpus={int(spec.cpus_per_client)} "
             f"client-resources-num-gpus={spec.gpus_per_client}",
         ]
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                cwd=PROJECT_DIR,
-                start_new_session=True,
-            )
-            assert proc.stdout is not None
-            try:
-                for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
-                    if on_line:
-                        on_line(line.rstrip("\n"))
-                    match = _ROUND.search(line)
-                    if match and on_round:
-                        on_round(int(match.group(1)), int(match.group(2) or cfg.num_server_rounds))
-                    if (run_dir / "summary.json").exists() and "win_rate=" in line:
-                        break
-                # The stream ends when the run ends; give `flwr` a moment to exit.
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=30)
-            finally:
-                stop_process_tree(proc)
+        _follow(cmd, env, run_dir, cfg.num_server_rounds, on_line=on_line, on_round=on_round)
     finally:
         stop_process_tree(superlink)
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -309,7 +227,7 @@ def simulate(
             signal.signal(signal.SIGTERM, previous)
     summary = run_dir / "summary.json"
     if not summary.exists():
-        raise RuntimeError(f"the run wrote no summary; see {log_path}")
+        raise RuntimeError(f"the run wrote no summary; see {run_dir / 'flwr.log'}")
     if cold_start_users:
         from simulations.cold_start import add_to_summary
 
@@ -317,3 +235,128 @@ def simulate(
             on_line(f"fedpersona: evaluating {cold_start_users} users who never joined")
         add_to_summary(run_dir, cold_start_users)
     return run_dir
+
+
+# Where the Flower commands are: this interpreter's bin, even when the venv is not activated.
+BIN_DIR = Path(sys.executable).parent
+
+
+def _plan(
+    spec: Preset, overrides: dict[str, Any], on_line: Callable[[str], None] | None
+) -> tuple[dict[str, Any], Corpus | None, int]:
+    """The run config (the preset's, the overrides, and the number of users), the per-user
+    corpus it reads if any, and how many newcomers to measure."""
+    run_config: dict[str, Any] = {**spec.run_config, **overrides}
+    corpus, cold_start_users = None, spec.cold_start_users
+    if run_config.get("data.corpus"):
+        corpus, num_users, cold_start_users = corpus_federation(run_config, spec.cold_start_users)
+        if "dp.min-clients" not in overrides:
+            run_config["dp.min-clients"] = scaled_min_clients(
+                run_config, spec.num_supernodes, num_users
+            )
+        for line in corpus.describe(joined=num_users):
+            if on_line:
+                on_line(f"fedpersona: {line}")
+    else:
+        num_users = int(run_config.get("data.num-users") or spec.num_supernodes)
+    run_config["data.num-users"] = num_users
+    return run_config, corpus, cold_start_users
+
+
+def _write_run_config(run_dir: Path, run_config: dict[str, Any]) -> Path:
+    """``run-config.toml`` in the run dir: what ``flwr run --run-config`` reads."""
+    path = run_dir / "run-config.toml"
+    path.write_text(
+        "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in sorted(run_config.items()))
+    )
+    return path
+
+
+def _environment(flwr_home: Path, port: int, ray_tmp: Path) -> dict[str, str]:
+    """The run's own ``FLWR_HOME`` (a federation at 127.0.0.1:``port``) and the environment of
+    every process it starts: offline, no runtime installs, Ray under ``ray_tmp``."""
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedpersona-sim"\n\n'
+        f'[superlink.fedpersona-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    (flwr_home / "ray-tmpdir").write_text(str(ray_tmp))
+    return {
+        **os.environ,
+        # The superlink starts `flower-superexec` and `flwr-serverapp` by name: find them
+        # in this interpreter's bin even when the venv is not activated.
+        "PATH": os.pathsep.join([str(BIN_DIR), os.environ.get("PATH", "")]),
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_TMPDIR": str(ray_tmp),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+def _start_superlink(run_dir: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    """A simulation SuperLink on 127.0.0.1:``port``, its state and log in the run dir."""
+    return subprocess.Popen(
+        [
+            str(BIN_DIR / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(Path(env["FLWR_HOME"]) / "state.db"),
+            "--disable-runtime-dependency-installation",
+            "--log-file",
+            str(run_dir / "superlink.log"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _follow(
+    cmd: list[str],
+    env: dict[str, str],
+    run_dir: Path,
+    num_rounds: int,
+    *,
+    on_line: Callable[[str], None] | None,
+    on_round: Callable[[int, int], None] | None,
+) -> None:
+    """Run ``flwr run`` and follow its stream into ``flwr.log`` until the run's summary is
+    written; ``flwr`` is stopped (with its process tree) however this ends."""
+    with open(run_dir / "flwr.log", "w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=PROJECT_DIR,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if on_line:
+                    on_line(line.rstrip("\n"))
+                match = _ROUND.search(line)
+                if match and on_round:
+                    on_round(int(match.group(1)), int(match.group(2) or num_rounds))
+                if (run_dir / "summary.json").exists() and "win_rate=" in line:
+                    break
+            # The stream ends when the run ends; give `flwr` a moment to exit.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+        finally:
+            stop_process_tree(proc)

@@ -38,7 +38,7 @@ from client.federation.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedge
 from client.federation.policy import DevicePolicy, PolicyRefused
 from client.federation.runtime import get_runtime
 from client.federation.simulated import planted_canaries, simulated_ratings, simulated_user
-from client.store import DEFAULT_RETENTION_DAYS, LocalStore, key_beside, open_beside_key
+from client.store import DEFAULT_RETENTION_DAYS, LocalStore, open_beside_key
 from client.store.examples import Example, device_examples, split, too_few_examples
 from client.store.ingest import fill_simulated_store
 from client.store.state import (
@@ -99,7 +99,6 @@ def open_node_store(
         return open_real_store(node_config)
     if simulated_dir is None:
         raise ValueError("node config has no data-dir")
-    key_beside(simulated_dir, create=True)
     retention = float(node_config.get("retention-days", DEFAULT_RETENTION_DAYS))
     return open_beside_key(simulated_dir, create=True, retention_days=retention)
 

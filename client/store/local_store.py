@@ -99,8 +99,10 @@ def key_beside(data_dir: Path | str, *, create: bool = False) -> Path:
 
 
 def open_beside_key(data_dir: Path | str, **kwargs: Any) -> LocalStore:
-    """:meth:`LocalStore.open` with the key file beside the data dir (:func:`key_beside`)."""
-    return LocalStore.open(Path(data_dir), Secret(key_file=key_beside(data_dir)), **kwargs)
+    """:meth:`LocalStore.open` with the key file beside the data dir (:func:`key_beside`; made
+    with the store when ``create``)."""
+    key = key_beside(data_dir, create=bool(kwargs.get("create")))
+    return LocalStore.open(Path(data_dir), Secret(key_file=key), **kwargs)
 
 
 def _make_private(root: Path) -> None:

@@ -100,6 +100,28 @@ def test_personal_state_survives_a_device_restart(tmp_path) -> None:
     store.close()
 
 
+def test_the_losses_evaluated_are_those_of_the_global_tensors_the_store_keeps(tmp_path) -> None:
+    # Prepare: a global adapter whose values fp16 cannot hold exactly.
+    cfg = parse_run_config(tiny_run_config(**{"personalization.strategy": "blend"}))
+    gen = torch.Generator().manual_seed(0)
+    shared = {
+        n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in _global_init(cfg).items()
+    }
+
+    # Execute
+    with open_test_store(tmp_path / "dev") as store:
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
+        reported = device.evaluate(shared, server_round=1)
+        kept = device.state.load_global()
+        replayed = device.held_out_report(kept)
+
+    # Assert: the store rounded the tensors, and the reported losses are the kept tensors',
+    # to the bit (what the device serves and what a replay of the run measures).
+    assert kept is not None and any(not torch.equal(kept[n], shared[n]) for n in shared)
+    assert replayed["global_loss"] == reported["global_loss"]
+    assert replayed["personal_loss"] == reported["personal_loss"]
+
+
 def test_evaluate_then_export_a_loadable_personal_adapter(tmp_path) -> None:
     # Prepare
     raw = tiny_run_config(**{"personalization.strategy": "dual"})

@@ -46,6 +46,7 @@ from client.store.state import (
     META_BLOB,
     SETTINGS_BLOB,
     DeviceState,
+    as_stored,
     lora_fingerprint,
     settings_from,
 )
@@ -528,8 +529,11 @@ class Device:
         global adapter's weight on the other half (its decision never sees the test half). The
         global tensors, the losses and the weight are kept in the store: the assistant
         composes its model from them and answers with the personal model only once it beats
-        the global one here.
+        the global one here. The global tensors are first rounded as the store keeps them
+        (:func:`client.store.state.as_stored`): the losses are those of the model served, and
+        a replay of the stored tensors measures the same.
         """
+        global_shared = as_stored(global_shared)
         report = self.held_out_report(global_shared)
         if self.state.meta.base_loss is None:
             self.state.meta.base_loss = report["base_loss"]

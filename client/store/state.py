@@ -152,6 +152,15 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def as_stored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` exactly as the store will give them back (fp32, rounded through fp16 where
+    :func:`tensors_to_bytes` keeps fp16): what a device evaluates is then what it serves, and
+    what a replay of its stored tensors measures."""
+    import torch
+
+    return {n: _compact(t).to(torch.float32) for n, t in tensors.items()}
+
+
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """Serialize tensors to safetensors bytes (fp16 where the values fit, else fp32)."""
     from safetensors.torch import save

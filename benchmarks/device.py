@@ -182,9 +182,10 @@ def store_bytes(personal: dict, shared: dict) -> dict:
     import numpy as np
 
     from client.assistant.profile import Profile
-    from client.federation.ledger import LedgerPolicy, PrivacyLedger
+    from client.federation.ledger import PrivacyLedger
     from client.store import LocalStore
     from client.store.state import GLOBAL_BLOB, PERSONAL_BLOB, tensors_to_bytes
+    from common.config import PrivacyCaps
     from common.crypto import Secret, create_key_file
 
     rng = np.random.default_rng(0)
@@ -194,7 +195,7 @@ def store_bytes(personal: dict, shared: dict) -> dict:
         with store:
             store.put_blob(PERSONAL_BLOB, tensors_to_bytes(personal, {}))
             store.put_blob(GLOBAL_BLOB, tensors_to_bytes(shared, {}))
-            ledger = PrivacyLedger(LedgerPolicy(epsilon_cap=10.0))
+            ledger = PrivacyLedger(PrivacyCaps(epsilon_cap=10.0))
             for r in range(1, 4):
                 ledger.charge(server_round=r, record=None, user=(7.1, 1.0, 1))
             ledger.save(store)

@@ -36,7 +36,7 @@ def build_store(data_dir: Path) -> None:
 
     from client.assistant.evidence import Gate
     from client.assistant.profile import Profile
-    from client.federation.ledger import LedgerPolicy, PrivacyLedger
+    from client.federation.ledger import PrivacyLedger
     from client.store import LocalStore
     from client.store.state import (
         GATE_BLOB,
@@ -70,7 +70,7 @@ def build_store(data_dir: Path) -> None:
         state.meta.rounds_trained, state.meta.last_round = 3, 3
         state.meta.personal_loss, state.meta.global_loss = 4.29, 4.66
         state.save_meta()
-        ledger = PrivacyLedger(LedgerPolicy.from_config(cfg.privacy))
+        ledger = PrivacyLedger(cfg.privacy.caps)
         for r in range(1, 4):
             ledger.charge(server_round=r, record=None, user=(7.1, 1.0, 1))
         ledger.save(store)

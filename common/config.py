@@ -10,6 +10,7 @@ receives the typed :class:`RunConfig`. Invalid values raise ``ValueError`` namin
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -309,33 +310,94 @@ class SecAggConfig:
         _require(self.timeout > 0, "secagg.timeout", "must be > 0 seconds")
 
 
+def finite_number(value: Any) -> bool:
+    """A finite number (``bool`` is not a number here: a policy file may hold anything)."""
+    return type(value) in (int, float) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
-class PrivacyConfig:
-    """Privacy budgets: per-device caps (the ledger) and the federation's target."""
+class PrivacyCaps:
+    """A device's privacy caps: the one declaration behind the run config's ``privacy.*``
+    keys (:class:`PrivacyConfig`), the owner's policy
+    (:class:`client.federation.policy.DevicePolicy`) and the ledger that enforces them
+    (:class:`client.federation.ledger.PrivacyLedger`).
+
+    Attributes:
+        epsilon_cap: Lifetime cap on each of record- and user-level ε.
+        delta: δ of every ε.
+        accountant: ``rdp`` or ``prv``.
+        period_days: Length of a budget period (0 = no per-period cap).
+        period_epsilon_cap: Cap on the ε spent within one period (0 = none).
+    """
 
     epsilon_cap: float = 1.0
     delta: float = 1e-5
     accountant: str = "rdp"
-    verifiable_sampling: bool = False
-    target_epsilon: float = 0.0
     period_days: float = 0.0
     period_epsilon_cap: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(
-            self.epsilon_cap > 0, "privacy.epsilon-cap", f"must be > 0, got {self.epsilon_cap}"
-        )
-        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
-        _require(
-            self.accountant in ACCOUNTANTS,
-            "privacy.accountant",
-            f"must be one of {', '.join(ACCOUNTANTS)}; got {self.accountant!r}",
-        )
-        _require(self.target_epsilon >= 0, "privacy.target-epsilon", "must be >= 0 (0 = no target)")
-        _require(self.period_days >= 0, "privacy.period-days", "must be >= 0 (0 = no period)")
-        _require(
-            self.period_epsilon_cap >= 0, "privacy.period-epsilon-cap", "must be >= 0 (0 = none)"
-        )
+        for ok, key, what in self._checks():
+            if not ok:
+                raise ValueError(self._invalid(key, what))
+
+    def _checks(self) -> list[tuple[bool, str, str]]:
+        """``(holds, key, what it must be)`` for every field; subclasses add theirs."""
+        return [
+            (
+                finite_number(self.epsilon_cap) and self.epsilon_cap > 0,
+                "epsilon-cap",
+                f"a number > 0, got {self.epsilon_cap!r}",
+            ),
+            (
+                finite_number(self.delta) and 0 < self.delta < 1,
+                "delta",
+                f"in (0, 1), got {self.delta!r}",
+            ),
+            (
+                self.accountant in ACCOUNTANTS,
+                "accountant",
+                f"one of {', '.join(ACCOUNTANTS)}; got {self.accountant!r}",
+            ),
+            (
+                finite_number(self.period_days) and self.period_days >= 0,
+                "period-days",
+                ">= 0 (0 = none)",
+            ),
+            (
+                finite_number(self.period_epsilon_cap) and self.period_epsilon_cap >= 0,
+                "period-epsilon-cap",
+                ">= 0 (0 = none)",
+            ),
+        ]
+
+    @staticmethod
+    def _invalid(key: str, what: str) -> str:
+        return f"privacy.{key} must be {what}"
+
+    @property
+    def caps(self) -> PrivacyCaps:
+        """Only the caps (what a ledger enforces), whatever carries them."""
+        return PrivacyCaps(**{f.name: getattr(self, f.name) for f in fields(PrivacyCaps)})
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(PrivacyCaps):
+    """Privacy budgets: the caps every simulated device enforces (:class:`PrivacyCaps`) and the
+    federation's target."""
+
+    verifiable_sampling: bool = False
+    target_epsilon: float = 0.0
+
+    def _checks(self) -> list[tuple[bool, str, str]]:
+        return [
+            *super()._checks(),
+            (self.target_epsilon >= 0, "target-epsilon", ">= 0 (0 = no target)"),
+        ]
+
+    @staticmethod
+    def _invalid(key: str, what: str) -> str:
+        return f"invalid run config `privacy.{key}`: must be {what}"
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from client.api.app import create_app
 from client.assistant.assistant import Assistant
 from client.federation.device import SETTINGS_BLOB
-from client.federation.ledger import LEDGER_BLOB, LedgerPolicy, PrivacyLedger
+from client.federation.ledger import LEDGER_BLOB, PrivacyLedger
 from client.store import DB_FILE, KEY_FILE, LocalStore, StoreCorrupted, key_beside
 from client.store.state import (
     META_BLOB,
@@ -48,6 +48,7 @@ from client.store.state import (
     init_device,
     tensors_from_bytes,
 )
+from common.config import PrivacyCaps
 from common.crypto import Secret, WrongKey
 from tests.conftest import device_key, open_test_store
 
@@ -133,7 +134,7 @@ def device(tmp_path: Path) -> Iterator[Device]:
     first = store.add_interaction("How do I bake bread?", "Knead, rise, bake.")
     store.add_feedback(first, "rating", value=3.0)
     p = assistant.cfg.privacy
-    ledger = PrivacyLedger(LedgerPolicy(delta=p.delta, accountant=p.accountant))
+    ledger = PrivacyLedger(PrivacyCaps(delta=p.delta, accountant=p.accountant))
     ledger.charge(server_round=1, record=(1.1, 0.05, 10), user=(0.8, 1.0, 1), now=1.0)
     ledger.save(store)
     gen = torch.Generator().manual_seed(0)
@@ -341,7 +342,7 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
         store.put_profile({"tone": "formal"})
         for i in range(40):
             store.add_interaction(f"question {i} " * 5, f"answer {i} " * 20)
-        PrivacyLedger(LedgerPolicy()).save(store)
+        PrivacyLedger(PrivacyCaps()).save(store)
         store.put_blob(PERSONAL_BLOB, save({"w": torch.ones(4, 4)}))
     assert (root / DB_FILE).stat().st_size >= 4 * PAGE
     return root
@@ -531,7 +532,7 @@ class StateStore:
         personal = state.load_personal()
         assert personal is not None and set(personal) == {"a", "b"}
         assert torch.equal(personal["a"], torch.ones(2, 3))
-        assert len(PrivacyLedger.load(self.store, LedgerPolicy()).events) == 2
+        assert len(PrivacyLedger.load(self.store, PrivacyCaps()).events) == 2
 
 
 @pytest.fixture
@@ -543,7 +544,7 @@ def state_store(tmp_path: Path) -> Iterator[StateStore]:
         state.meta.history.append({"round": 1, "loss": 1.5})
         state.save_meta()
         state.save_personal({"a": torch.ones(2, 3), "b": torch.zeros(4)})
-        ledger = PrivacyLedger(LedgerPolicy())
+        ledger = PrivacyLedger(PrivacyCaps())
         ledger.charge(server_round=1, record=(1.1, 0.05, 10), user=(0.8, 1.0, 1), now=1.0)
         ledger.save(store)
         good = {n: store.get_blob(n) or b"" for n in (META_BLOB, PERSONAL_BLOB, LEDGER_BLOB)}
@@ -751,7 +752,7 @@ def test_ledger_decoder_rejects_bad_json_cleanly(state_store: StateStore, blob: 
 
     # Execute
     try:
-        ledger = PrivacyLedger.load(state_store.store, LedgerPolicy())
+        ledger = PrivacyLedger.load(state_store.store, PrivacyCaps())
     except ValueError as err:
         # Assert: the message says it is the ledger that is bad.
         assert "ledger" in str(err), str(err)
@@ -778,7 +779,7 @@ def test_ledger_decoder_rejects_bad_json_cleanly(state_store: StateStore, blob: 
 )
 def test_ledger_names_the_bad_value_and_stays_unchanged(path: tuple, value: Any, message: str):
     # Prepare
-    ledger = PrivacyLedger(LedgerPolicy())
+    ledger = PrivacyLedger(PrivacyCaps())
     ledger.charge(server_round=1, record=(1.1, 0.05, 10), user=None, now=1.0)
     good = ledger.state_dict()
     bad = json.loads(json.dumps(good))

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client.federation.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
+from client.federation.ledger import BudgetExhausted, PrivacyLedger
+from common.config import PrivacyCaps
 from tests.conftest import open_test_store
 
 DAY = 86400.0
 
 
 def test_declines_exactly_when_the_cap_would_be_crossed() -> None:
-    ledger = PrivacyLedger(LedgerPolicy(epsilon_cap=1.0, delta=1e-5))
+    ledger = PrivacyLedger(PrivacyCaps(epsilon_cap=1.0, delta=1e-5))
     user = (7.1, 1.0, 1)
     charged = 0
     while True:
@@ -30,7 +31,7 @@ def test_declines_exactly_when_the_cap_would_be_crossed() -> None:
 
 
 def test_epsilon_matches_opacus_accountant() -> None:
-    ledger = PrivacyLedger(LedgerPolicy(epsilon_cap=100.0, delta=1e-5))
+    ledger = PrivacyLedger(PrivacyCaps(epsilon_cap=100.0, delta=1e-5))
     ledger.charge(server_round=1, record=(1.0, 0.04, 5), user=(3.0, 1.0, 1))
     ledger.charge(server_round=2, record=(1.0, 0.04, 5), user=(3.0, 1.0, 1))
     acc = RDPAccountant()
@@ -40,7 +41,7 @@ def test_epsilon_matches_opacus_accountant() -> None:
 
 
 def test_period_cap_limits_recent_spend_without_erasing_lifetime() -> None:
-    policy = LedgerPolicy(epsilon_cap=10.0, delta=1e-5, period_days=30, period_epsilon_cap=1.0)
+    policy = PrivacyCaps(epsilon_cap=10.0, delta=1e-5, period_days=30, period_epsilon_cap=1.0)
     ledger = PrivacyLedger(policy)
     t0 = 1_000_000_000.0
     user = (7.1, 1.0, 1)
@@ -57,7 +58,7 @@ def test_period_cap_limits_recent_spend_without_erasing_lifetime() -> None:
 
 
 def test_round_trip_and_rejects_wrong_state(tmp_path) -> None:
-    policy = LedgerPolicy(epsilon_cap=5.0, delta=1e-5)
+    policy = PrivacyCaps(epsilon_cap=5.0, delta=1e-5)
     ledger = PrivacyLedger(policy)
     ledger.charge(server_round=1, record=(1.0, 0.1, 3), user=(2.0, 1.0, 1))
     ledger.note_declined(server_round=2, reason="cap")
@@ -78,13 +79,13 @@ def test_round_trip_and_rejects_wrong_state(tmp_path) -> None:
         with pytest.raises(ValueError):
             PrivacyLedger(policy).load_state_dict(bad)
     with pytest.raises(ValueError, match="δ"):
-        PrivacyLedger.load(store, LedgerPolicy(epsilon_cap=5.0, delta=1e-6))
+        PrivacyLedger.load(store, PrivacyCaps(epsilon_cap=5.0, delta=1e-6))
     store.close()
 
 
 def test_saved_epsilon_is_the_accountants_and_v1_ledgers_still_load(tmp_path) -> None:
     # Prepare: a ledger with both kinds of charge, saved (version 2 keeps ε beside events).
-    policy = LedgerPolicy(epsilon_cap=50.0, delta=1e-5)
+    policy = PrivacyCaps(epsilon_cap=50.0, delta=1e-5)
     ledger = PrivacyLedger(policy)
     ledger.charge(server_round=1, record=(1.1, 0.05, 5), user=(3.0, 1.0, 1))
     ledger.charge(server_round=2, record=None, user=(3.0, 0.5, 2))
@@ -129,17 +130,17 @@ def test_corrupted_ledger_is_reported_and_kept(tmp_path) -> None:
     with open_test_store(tmp_path / "dev") as store:
         store.put_blob("ledger", b'{"version": 1, "events": [')
         with pytest.raises(ValueError, match="corrupted privacy ledger"):
-            PrivacyLedger.load(store, LedgerPolicy())
+            PrivacyLedger.load(store, PrivacyCaps())
         assert store.get_blob("ledger") == b'{"version": 1, "events": ['
 
 
 def test_saved_ledger_survives_reopening_the_store(tmp_path) -> None:
-    ledger = PrivacyLedger(LedgerPolicy())
+    ledger = PrivacyLedger(PrivacyCaps())
     ledger.charge(server_round=1, record=None, user=(7.1, 1.0, 1))
     with open_test_store(tmp_path / "dev") as store:
         ledger.save(store)
     with open_test_store(tmp_path / "dev") as store:
-        loaded = PrivacyLedger.load(store, LedgerPolicy())
+        loaded = PrivacyLedger.load(store, PrivacyCaps())
     assert loaded.events[0]["round"] == 1
     assert loaded.epsilon("user") == pytest.approx(ledger.epsilon("user"))
 

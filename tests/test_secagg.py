@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.client_app import app as fedpersona_app
-from client.federation.ledger import LedgerPolicy, PrivacyLedger
+from client.federation.ledger import PrivacyLedger
 from client.federation.runtime import get_runtime
 from common import ab
-from common.config import parse_run_config
+from common.config import PrivacyCaps, parse_run_config
 from common.secagg import derive_secagg_params
 from server.recorder import RoundRecorder
 from server.secagg import SecAggDPStrategy, secagg_workflow
@@ -217,7 +217,7 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
     raw = tiny_run_config(**{"data.num-users": 5, "train.local-steps": 1, "dp.min-clients": 4})
     cfg = parse_run_config(raw)
     dirs = {nid: tmp_path / f"device{nid}" for nid in range(1, 6)}
-    policy = LedgerPolicy(epsilon_cap=cfg.privacy.epsilon_cap, delta=cfg.privacy.delta)
+    policy = PrivacyCaps(epsilon_cap=cfg.privacy.epsilon_cap, delta=cfg.privacy.delta)
     spent = PrivacyLedger(policy)
     spent.charge(server_round=0, record=None, user=(cfg.dp.noise_multiplier, 1.0, 1))
     spent.charge(server_round=0, record=None, user=(cfg.dp.noise_multiplier, 1.0, 1))

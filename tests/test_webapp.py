@@ -95,10 +95,10 @@ def server(tmp_path_factory) -> Iterator[Server]:
 def _ledger_with_two_rounds(store) -> None:  # type: ignore[no-untyped-def]
     """A round joined (charged to both ledgers, ε about 0.5 each) and one declined, so the
     privacy page has rows to show."""
-    from client.federation.ledger import LedgerPolicy, PrivacyLedger
+    from client.federation.ledger import PrivacyLedger
     from client.federation.policy import DevicePolicy
 
-    ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(DevicePolicy.of(store)))
+    ledger = PrivacyLedger.load(store, DevicePolicy.of(store).caps)
     now = time.time()
     ledger.charge(
         server_round=1, record=(3.0, 0.2, 2), user=(2.0, 0.1, 1), run="run-7", now=now - 7200

@@ -34,7 +34,7 @@ import torch
 
 from client.federation import baseline
 from client.federation.gate import open_real_store
-from client.federation.ledger import BudgetExhausted, LedgerPolicy, PrivacyLedger
+from client.federation.ledger import BudgetExhausted, PrivacyLedger
 from client.federation.policy import DevicePolicy, PolicyRefused
 from client.federation.runtime import get_runtime
 from client.federation.simulated import planted_canaries, simulated_ratings, simulated_user
@@ -184,7 +184,7 @@ class Device:
         if stored != policy:
             policy.save(store)
         self.policy = policy
-        self.ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
+        self.ledger = PrivacyLedger.load(store, policy.caps)
 
     @classmethod
     def simulated(

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from client.federation.ledger import LedgerPolicy, PrivacyLedger
+from client.federation.ledger import PrivacyLedger
 from client.federation.policy import DevicePolicy
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common.config import RunConfig
@@ -172,7 +172,7 @@ def _keep_declined(
 ) -> None:
     """Keep a declined round and its reason in the device's ledger (nothing charged)."""
     if ledger is None:
-        ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
+        ledger = PrivacyLedger.load(store, policy.caps)
     ledger.note_declined(server_round=server_round, reason=reason)
     ledger.save(store)
 
@@ -201,7 +201,7 @@ def setup_refusal(
     n = node_federation_size(cfg, node_config)
     with open_real_store(node_config) as store:
         policy = DevicePolicy.of(store)
-        ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(policy))
+        ledger = PrivacyLedger.load(store, policy.caps)
         reason = policy.refusal(cfg, num_partitions=n, masked=True)
         if reason is None and secagg is not None:
             reason = secagg_setup_problem(

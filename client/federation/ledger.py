@@ -21,22 +21,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from client.store import LocalStore, StoreCorrupted
-
-
-class PrivacyCaps(Protocol):
-    """What carries a device's caps: a run config's ``privacy.*`` keys (``PrivacyConfig``) or
-    its owner's policy (``client.federation.policy.DevicePolicy``)."""
-
-    epsilon_cap: float
-    delta: float
-    accountant: str
-    period_days: float
-    period_epsilon_cap: float
-
+from common.config import PrivacyCaps
 
 # Version 2 adds "epsilon", the lifetime ε per kind computed at save time; version 3 adds each
 # event's "run" (the federation run it was charged in: round numbers restart with each run).
@@ -75,48 +63,10 @@ class BudgetExhausted(RuntimeError):
     """Releasing this round's update would push ε past a cap."""
 
 
-@dataclass(frozen=True)
-class LedgerPolicy:
-    """Caps the device enforces.
-
-    Attributes:
-        epsilon_cap: Lifetime cap on each of record- and user-level ε.
-        delta: δ of every ε.
-        accountant: ``rdp`` or ``prv``.
-        period_days: Length of a budget period (0 = no per-period cap).
-        period_epsilon_cap: Cap on ε spent within one period.
-    """
-
-    epsilon_cap: float = 1.0
-    delta: float = 1e-5
-    accountant: str = "rdp"
-    period_days: float = 0.0
-    period_epsilon_cap: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.epsilon_cap > 0:
-            raise ValueError(f"privacy.epsilon-cap must be > 0, got {self.epsilon_cap}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
-        if self.period_days < 0 or self.period_epsilon_cap < 0:
-            raise ValueError("privacy.period-days and privacy.period-epsilon-cap must be >= 0")
-
-    @classmethod
-    def from_config(cls, privacy: PrivacyCaps) -> LedgerPolicy:
-        """The caps of a device's privacy policy (or a run config's ``privacy.*`` keys)."""
-        return cls(
-            epsilon_cap=privacy.epsilon_cap,
-            delta=privacy.delta,
-            accountant=privacy.accountant,
-            period_days=privacy.period_days,
-            period_epsilon_cap=privacy.period_epsilon_cap,
-        )
-
-
 class PrivacyLedger:
     """Record- and user-level privacy spend of one device, with caps and persistence."""
 
-    def __init__(self, policy: LedgerPolicy) -> None:
+    def __init__(self, policy: PrivacyCaps) -> None:
         self.policy = policy
         # Each event: {"kind", "time", "round", "noise_multiplier", "sample_rate", "steps"}.
         self.events: list[dict[str, Any]] = []
@@ -328,7 +278,7 @@ class PrivacyLedger:
         store.put_json(LEDGER_BLOB, self.state_dict())
 
     @classmethod
-    def load(cls, store: LocalStore, policy: LedgerPolicy) -> PrivacyLedger:
+    def load(cls, store: LocalStore, policy: PrivacyCaps) -> PrivacyLedger:
         """Load the ledger from ``store`` (a fresh one if the store has none yet).
 
         Raises:

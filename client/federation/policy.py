@@ -30,13 +30,12 @@ config (:meth:`DevicePolicy.from_run_config`), fixed when its store is created.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from client.federation.ledger import PrivacyLedger
 from client.store import LocalStore, StoreCorrupted
-from common.config import ACCOUNTANTS, RunConfig
+from common.config import PrivacyCaps, RunConfig, finite_number
 
 POLICY_BLOB = "privacy_policy"
 POLICY_VERSION = 1
@@ -65,36 +64,21 @@ def _get(cfg: RunConfig, path: str) -> Any:
 
 
 @dataclass(frozen=True)
-class DevicePolicy:
-    """What a device accepts; see the module docstring for each field."""
+class DevicePolicy(PrivacyCaps):
+    """What a device accepts: its caps (:class:`common.config.PrivacyCaps`) and the terms of a
+    round; see the module docstring for each field."""
 
-    epsilon_cap: float = 1.0
-    delta: float = 1e-5
-    accountant: str = "rdp"
-    period_days: float = 0.0
-    period_epsilon_cap: float = 0.0
     min_noise_multiplier: float = 1.0
     min_cohort: int = 8
     require_secagg: bool = True
     trust_server_noise: bool = False
     trust_server_sampling: bool = False
 
-    def __post_init__(self) -> None:
-        def real(value: Any) -> bool:
-            return type(value) in (int, float) and math.isfinite(value)
-
+    def _checks(self) -> list[tuple[bool, str, str]]:
         checks = [
-            (real(self.epsilon_cap) and self.epsilon_cap > 0, "epsilon-cap", "a number > 0"),
-            (real(self.delta) and 0 < self.delta < 1, "delta", "in (0, 1)"),
-            (self.accountant in ACCOUNTANTS, "accountant", f"one of {', '.join(ACCOUNTANTS)}"),
-            (real(self.period_days) and self.period_days >= 0, "period-days", ">= 0"),
+            *super()._checks(),
             (
-                real(self.period_epsilon_cap) and self.period_epsilon_cap >= 0,
-                "period-epsilon-cap",
-                ">= 0",
-            ),
-            (
-                real(self.min_noise_multiplier) and self.min_noise_multiplier >= 0,
+                finite_number(self.min_noise_multiplier) and self.min_noise_multiplier >= 0,
                 "min-noise-multiplier",
                 ">= 0",
             ),
@@ -102,9 +86,11 @@ class DevicePolicy:
         ]
         for name in ("require_secagg", "trust_server_noise", "trust_server_sampling"):
             checks.append((type(getattr(self, name)) is bool, name.replace("_", "-"), "a bool"))
-        for ok, key, what in checks:
-            if not ok:
-                raise ValueError(f"device privacy policy: {key} must be {what}")
+        return checks
+
+    @staticmethod
+    def _invalid(key: str, what: str) -> str:
+        return f"device privacy policy: {key} must be {what}"
 
     # -- where it comes from -------------------------------------------------------------
 
@@ -113,11 +99,7 @@ class DevicePolicy:
         """A simulated device's policy: exactly what the simulation's own config asks."""
         p, dp = cfg.privacy, cfg.dp
         return cls(
-            epsilon_cap=p.epsilon_cap,
-            delta=p.delta,
-            accountant=p.accountant,
-            period_days=p.period_days,
-            period_epsilon_cap=p.period_epsilon_cap,
+            **asdict(p.caps),
             min_noise_multiplier=dp.noise_multiplier if dp.adds_noise else 0.0,
             min_cohort=1,
             require_secagg=dp.noise_mode == "distributed" and cfg.secagg.enabled,

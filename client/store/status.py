@@ -11,7 +11,7 @@ from typing import Any
 
 from client.assistant.evidence import DriftDetector, Gate, choose_variant
 from client.assistant.profile import Profile
-from client.federation.ledger import LedgerPolicy, PrivacyLedger
+from client.federation.ledger import PrivacyLedger
 from client.federation.policy import DevicePolicy
 from client.store import LocalStore
 from client.store.examples import device_examples, split
@@ -81,7 +81,7 @@ def budget(store: LocalStore) -> dict[str, Any]:
         ValueError: If the stored ledger is corrupted or kept under another accountant or δ.
     """
     p = DevicePolicy.of(store)
-    ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(p))
+    ledger = PrivacyLedger.load(store, p.caps)
     s = ledger.summary()
     return {
         "record_epsilon": s["record_epsilon"],
@@ -176,7 +176,7 @@ def privacy(store: LocalStore, *, shared_numbers: int | None = None) -> dict[str
         ValueError: If the stored ledger is corrupted or kept under another accountant or δ.
     """
     p = DevicePolicy.of(store)
-    ledger = PrivacyLedger.load(store, LedgerPolicy.from_config(p))
+    ledger = PrivacyLedger.load(store, p.caps)
     joined: dict[tuple[str, int], dict[str, Any]] = {}
     for e in ledger.events:
         row = joined.setdefault(

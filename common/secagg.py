@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.dp.privatize import Privatize
+
 MODULUS_RANGE = 2**32  # Flower's upper limit (masks are uint32)
-# Per-entry tail bound for the distributed noise: P(|N(0,1)| > 7) ≈ 2.6e-12.
-NOISE_TAIL_SIGMAS = 7.0
 # Quantization noise must stay far below the signal it rides on.
 MAX_RELATIVE_QUANTIZATION_ERROR = 1e-2
 
@@ -39,20 +39,19 @@ def quantization_range_for(num_clients: int) -> int:
 
 
 def derive_secagg_params(
+    privatize: Privatize,
     *,
-    clip_norm: float,
-    noise_std: float,
     num_clients: int,
     num_params: int,
     num_shares: float,
     reconstruction_threshold: float,
     max_weight: float = 1.0,
 ) -> SecAggParams:
-    """Derive SecAgg+ parameters for updates of L2 norm ≤ ``clip_norm`` plus N(0, noise_std²).
+    """Derive SecAgg+ parameters for updates privatized by ``privatize``: L2 norm ≤ ``C``
+    plus each device's noise share N(0, std²), quantized over ``privatize.clipping_range``.
 
     Args:
-        clip_norm: ``C``; an update entry is at most ``C`` in magnitude.
-        noise_std: Per-client, per-entry noise std (0 without distributed noise).
+        privatize: The round's privatize step (:class:`common.dp.privatize.Privatize`).
         num_clients: Most clients that can contribute to one sum.
         num_params: Number of shared parameters (sets the per-entry signal scale).
         num_shares: ``secagg.num-shares`` (a count > 2, or a fraction of clients).
@@ -64,6 +63,7 @@ def derive_secagg_params(
         ValueError: If the sum could overflow the modulus or quantization would swamp the
             signal (the message says which key to change).
     """
+    clip_norm, noise_std = privatize.clip_norm, privatize.noise_std
     if clip_norm <= 0:
         raise ValueError("SecAgg+ needs dp.clip-norm > 0: it bounds every value it quantizes")
     if max_weight < 1:
@@ -71,7 +71,7 @@ def derive_secagg_params(
     if num_clients < 2:
         raise ValueError(f"SecAgg+ needs at least 2 clients per round, got {num_clients}")
     # Every entry of a clipped update lies in [-C, C]; the noise adds a tail we bound too.
-    clipping_range = clip_norm + NOISE_TAIL_SIGMAS * noise_std
+    clipping_range = privatize.clipping_range
     # Each client contributes values in [0, q) plus the weight factor; the sum of
     # num_clients of them must stay below the modulus: q * (num_clients + 1) <= 2**32.
     quantization_range = quantization_range_for(num_clients)

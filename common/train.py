@@ -530,6 +530,8 @@ def train_steps_dp(
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    import common.dp.opacus_quiet  # noqa: F401  (before Opacus: no second log handler)
+
     if not samples:
         raise ValueError("no training samples on this device")
     sample_rate = min(1.0, batch_size / len(samples))

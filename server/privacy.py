@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from common.config import RunConfig
-from common.secagg import NOISE_TAIL_SIGMAS
+from common.dp.privatize import NOISE_TAIL_SIGMAS
 
 
 def secagg_clip_probability(*, updates: int, num_params: int) -> float:
@@ -20,7 +20,7 @@ def secagg_clip_probability(*, updates: int, num_params: int) -> float:
     noised updates of ``num_params`` entries in one round.
 
     An entry of a clipped update lies in [-C, C]; SecAgg+ quantizes within C + 7·std of noise
-    (:data:`common.secagg.NOISE_TAIL_SIGMAS`), so an entry is clipped only where its noise
+    (:data:`common.dp.privatize.NOISE_TAIL_SIGMAS`), so an entry is clipped only where its noise
     passes 7 standard deviations (probability erfc(7/√2) ≈ 2.6e-12). A clipped entry changes
     the released sum's distribution, so this probability belongs in δ.
     """

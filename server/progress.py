@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.dp.policy import min_updates
+from common.dp.privatize import Privatize
 from common.lora import build_skeleton, init_lora_tensors, lora_shapes
 from common.model import load_model_config
 from common.personalization import strategy_for
@@ -26,6 +26,7 @@ from server import checkpoint
 from server.accountant import FederationAccountant
 from server.optimizer import ServerStep
 from server.recorder import RoundRecorder
+from server.release import RoundOptions
 
 
 def _resume_state(
@@ -61,7 +62,7 @@ class Plan:
     node_sampling: str
     n_node_sampled: int
     min_nodes: int
-    central_std: float
+    privatize: Privatize
 
 
 def plan_run(cfg: RunConfig, run_id: int, grid: Grid) -> Plan:
@@ -82,7 +83,7 @@ def plan_run(cfg: RunConfig, run_id: int, grid: Grid) -> Plan:
         shared_names=shared_names,
         shapes={n: tuple(init[n].shape) for n in shared_names},
         num_nodes=num_nodes,
-        m_min=min_updates(cfg, num_nodes),
+        m_min=cfg.m_min(num_nodes),
         sample_rate=cfg.fraction_train if cfg.sampling == "poisson" else n_sampled / num_nodes,
         # The most devices one sum can hold: a Poisson cohort may be any size.
         max_cohort=num_nodes if cfg.sampling == "poisson" else n_sampled,
@@ -92,11 +93,7 @@ def plan_run(cfg: RunConfig, run_id: int, grid: Grid) -> Plan:
         node_sampling="fixed" if hosts else cfg.sampling,
         n_node_sampled=num_hosts if hosts else n_sampled,
         min_nodes=max(2, num_hosts) if hosts else max(2, cfg.data.num_users),
-        central_std=(
-            cfg.dp.noise_multiplier * cfg.dp.clip_norm
-            if cfg.dp.noise_mode == "central" and cfg.dp.adds_noise
-            else 0.0
-        ),
+        privatize=Privatize.of(cfg, num_nodes),
     )
 
 
@@ -114,25 +111,25 @@ class Progress:
     t0: float = field(default_factory=time.time)
     step: ServerStep = field(default_factory=ServerStep)
 
-    def strategy_options(self, on_round_end: Any) -> dict[str, Any]:
+    def round_options(self, on_round_end: Callable[..., None]) -> RoundOptions:
         """What both round strategies (SecAgg+ and FedAvg) are given alike: the books, m_min,
         noise, privacy target, sampling, schedule, server step and where the run resumes."""
         plan, cfg = self.plan, self.plan.cfg
-        return {
-            "recorder": self.recorder,
-            "min_updates": plan.m_min,
-            "central_noise_std": plan.central_std,
-            "target_epsilon": cfg.privacy.target_epsilon,
-            "round_offset": self.done,
-            "on_round_end": on_round_end,
-            "sampling": plan.node_sampling,
-            "evaluate_every": cfg.evaluate_every,
-            "num_rounds": cfg.num_server_rounds,
-            "server_step": self.step,
-            "on_release": self.keep_released,
-            "fraction_train": plan.node_fraction,
-            "fraction_evaluate": cfg.fraction_evaluate,
-        }
+        return RoundOptions(
+            recorder=self.recorder,
+            min_updates=plan.m_min,
+            central_noise_std=plan.privatize.central_std,
+            target_epsilon=cfg.privacy.target_epsilon,
+            fraction_train=plan.node_fraction,
+            fraction_evaluate=cfg.fraction_evaluate,
+            sampling=plan.node_sampling,
+            evaluate_every=cfg.evaluate_every,
+            num_rounds=cfg.num_server_rounds,
+            round_offset=self.done,
+            on_round_end=on_round_end,
+            server_step=self.step,
+            on_release=self.keep_released,
+        )
 
     def keep_released(self, server_round: int, change: dict[str, np.ndarray]) -> None:
         """Keep a released round's mean change under ``<run_dir>/released/``."""

@@ -9,18 +9,22 @@ moves the global tensors one server-optimizer step along the mean (``server/opti
 (the ServerApp keeps it under ``<run_dir>/released/``), charges the federation
 accountant and records the A/B sums; a discarded one keeps the previous tensors and is
 recorded with the reason. The strategies (``server/strategy.py``, ``server/secagg.py``) only
-sample, collect and average.
+sample, collect and average; both take their common options as one :class:`RoundOptions` and
+share the round book-keeping of :class:`RoundSchedule`.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.common.logger import log
 
+from common.sampling import evaluation_due
 from server.optimizer import ServerStep
 from server.recorder import RoundRecorder
 
@@ -117,3 +121,88 @@ class ReleasePolicy:
             self.recorder.accountant.release()
         self.recorder.trained(server_round, rows, failures=failures, released=True)
         return released
+
+
+@dataclass
+class RoundOptions:
+    """What both round strategies (``PersonaFedAvg``, ``SecAggDPStrategy``) are given alike:
+    one field per option, its default beside it."""
+
+    # Run bookkeeping (holds the federation accountant, if any).
+    recorder: RoundRecorder
+    # m_min: a round with fewer updates is discarded.
+    min_updates: int
+    # σC on the *sum* in central mode (the server's noise), else 0.
+    central_noise_std: float = 0.0
+    # Stop before the federation's ε would pass this (0 = no target).
+    target_epsilon: float = 0.0
+    # Share of the nodes online sampled to train / to evaluate per round.
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    # ``fixed`` or ``poisson`` (the training cohort; see ``common/sampling.py``).
+    sampling: str = "fixed"
+    # Evaluate every N rounds and the last (0: the last only); needs ``num_rounds``.
+    evaluate_every: int = 1
+    num_rounds: int = 0
+    # Rounds done before this ServerApp started (a resumed run): Flower's round r is the
+    # run's round ``round_offset + r``.
+    round_offset: int = 0
+    # Called after each round's training phase and again after its evaluation (the ServerApp
+    # checkpoints there); each strategy says with which arguments.
+    on_round_end: Callable[..., None] | None = None
+    # The server optimizer (``server/optimizer.py``; default: FedAvg).
+    server_step: ServerStep | None = None
+    # Called with each released round and its mean change (noised), before the step.
+    on_release: Callable[[int, dict[str, np.ndarray]], None] | None = None
+
+
+class RoundSchedule:
+    """The round book-keeping both strategies share: run round numbers, the privacy target,
+    the Poisson cohort's floor, the evaluation schedule and the release rule."""
+
+    def _adopt(self, options: RoundOptions) -> None:
+        self.options = options
+        self.recorder = options.recorder
+        self.min_updates = options.min_updates
+        self.target_epsilon = options.target_epsilon
+        self.sampling = options.sampling
+        self.evaluate_every = options.evaluate_every
+        self.num_rounds = options.num_rounds
+        self.round_offset = options.round_offset
+        self.on_round_end = options.on_round_end
+        self.release = ReleasePolicy(
+            options.recorder,
+            min_updates=options.min_updates,
+            central_noise_std=options.central_noise_std,
+            server_step=options.server_step,
+            on_release=options.on_release,
+        )
+        self.sampled: dict[int, int] = {}
+        self.stopped_at: int | None = None
+
+    def _stopping(self, server_round: int) -> bool:
+        """Open the run's round ``server_round``; ``True`` once the privacy target forbids it
+        (the round is recorded as where the run stopped)."""
+        self.stopped_at = self.recorder.open_round(
+            server_round, stopped_at=self.stopped_at, target_epsilon=self.target_epsilon
+        )
+        return self.stopped_at is not None
+
+    def _too_few(self, server_round: int, cohort: list[Any]) -> bool:
+        """A Poisson cohort below m_min: the round is skipped and nothing is sent."""
+        if self.sampling != "poisson" or len(cohort) >= self.min_updates:
+            return False
+        log(
+            WARNING,
+            "round %s skipped: a Poisson cohort of %s < m_min=%s (nothing sent)",
+            server_round,
+            len(cohort),
+            self.min_updates,
+        )
+        return True
+
+    def _evaluation_skipped(self, server_round: int) -> bool:
+        """The run's round ``server_round`` is not one ``evaluate-every`` evaluates."""
+        return bool(self.num_rounds) and not evaluation_due(
+            server_round, self.num_rounds, self.evaluate_every
+        )

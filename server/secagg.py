@@ -21,7 +21,6 @@ abort rule is the strategy's m_min.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -47,11 +46,10 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
 from common import ab
-from common.sampling import evaluation_due, fixed_sample, poisson_sample
+from common.sampling import fixed_sample, poisson_sample
 from common.secagg import SecAggParams, quantization_range_for
-from server.optimizer import ServerStep
-from server.recorder import RoundRecorder, users_in
-from server.release import ReleasePolicy
+from server.recorder import users_in
+from server.release import RoundOptions, RoundSchedule
 
 
 class _MaskedVectorGate:
@@ -228,29 +226,17 @@ def secagg_workflow(
     return DefaultWorkflow(fit_workflow=fit, evaluate_workflow=lambda grid, context: None)
 
 
-class SecAggDPStrategy(Strategy):
+class SecAggDPStrategy(RoundSchedule, Strategy):
     """Legacy strategy for the SecAgg+ workflow: mean of participants' updates, DP, records.
 
     Args:
+        options: What both round strategies take (:class:`server.release.RoundOptions`); its
+            ``on_round_end`` is called with the run's round after the training phase and
+            again after the evaluation.
         shared_names: Shared tensor names, in the order arrays travel.
         initial: Initial global shared tensors (numpy, in ``shared_names`` order).
-        recorder: Run bookkeeping (with the federation accountant, if any).
-        min_updates: m_min.
-        fraction_train: Share of available nodes sampled per round.
-        fraction_evaluate: Share of available nodes evaluated per round.
         min_nodes: Nodes to wait for before sampling.
-        central_noise_std: σC in central mode, else 0.
-        target_epsilon: Stop before the federation ε would pass this (0 = none).
         ab_scale: Scale of the A/B counts appended to the update (``None``: not appended).
-        round_offset: Rounds already done before this ServerApp started (a resumed run):
-            Flower's round r is the run's round ``round_offset + r``.
-        on_round_end: Called with the run's round after its training phase and again after
-            its evaluation (the ServerApp checkpoints there).
-        sampling: ``fixed`` or ``poisson`` (the training cohort; see ``server/sampling.py``).
-        evaluate_every: Evaluate every N rounds and the last (0: the last only).
-        num_rounds: The run's number of rounds (for the evaluation schedule).
-        server_step: The server optimizer (``server/optimizer.py``; default FedAvg).
-        on_release: Called with each released round and its mean change (noised).
     """
 
     assemble_wait = 3600.0  # s for the federation to assemble before round 1
@@ -258,50 +244,22 @@ class SecAggDPStrategy(Strategy):
 
     def __init__(
         self,
+        options: RoundOptions,
         *,
         shared_names: list[str],
         initial: list[np.ndarray],
-        recorder: RoundRecorder,
-        min_updates: int,
-        fraction_train: float,
-        fraction_evaluate: float,
         min_nodes: int,
-        central_noise_std: float = 0.0,
-        target_epsilon: float = 0.0,
         ab_scale: float | None = None,
-        round_offset: int = 0,
-        on_round_end: Callable[[int], None] | None = None,
-        sampling: str = "fixed",
-        evaluate_every: int = 1,
-        num_rounds: int = 0,
-        server_step: ServerStep | None = None,
-        on_release: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     ) -> None:
         super().__init__()
-        self.sampling = sampling
-        self.evaluate_every = evaluate_every
-        self.num_rounds = num_rounds
-        self.round_offset = round_offset
-        self.on_round_end = on_round_end
+        self._adopt(options)
+        self.fraction_train = options.fraction_train
+        self.fraction_evaluate = options.fraction_evaluate
         self._assembled = False
-        self.sampled: dict[int, int] = {}
         self.ab_scale = ab_scale
         self.shared_names = shared_names
         self.current = [np.asarray(a, dtype=np.float32) for a in initial]
-        self.recorder = recorder
-        self.min_updates = min_updates
-        self.release = ReleasePolicy(
-            recorder,
-            min_updates=min_updates,
-            central_noise_std=central_noise_std,
-            server_step=server_step,
-            on_release=on_release,
-        )
-        self.fraction_train = fraction_train
-        self.fraction_evaluate = fraction_evaluate
         self.min_nodes = min_nodes
-        self.target_epsilon = target_epsilon
-        self.stopped_at: int | None = None
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """The initial global shared tensors."""
@@ -339,23 +297,13 @@ class SecAggDPStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Sample clients for a SecAgg+ round (none once the privacy target is reached)."""
         server_round += self.round_offset
-        self.stopped_at = self.recorder.open_round(
-            server_round, stopped_at=self.stopped_at, target_epsilon=self.target_epsilon
-        )
-        if self.stopped_at is not None:
+        if self._stopping(server_round):
             return []
         fit_ins = FitIns(parameters, {"server-round": server_round})
         clients = self._sample(
             client_manager, self.fraction_train, poisson=self.sampling == "poisson"
         )
-        if self.sampling == "poisson" and len(clients) < self.min_updates:
-            log(
-                WARNING,
-                "round %s skipped: a Poisson cohort of %s < m_min=%s (nothing sent)",
-                server_round,
-                len(clients),
-                self.min_updates,
-            )
+        if self._too_few(server_round, clients):
             clients = []
         self.sampled[server_round] = len(clients)
         return [(c, fit_ins) for c in clients]
@@ -412,9 +360,7 @@ class SecAggDPStrategy(Strategy):
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Every sampled device evaluates base / global / personal on its held-out text."""
         server_round += self.round_offset
-        if self.num_rounds and not evaluation_due(
-            server_round, self.num_rounds, self.evaluate_every
-        ):
+        if self._evaluation_skipped(server_round):
             # Flower skips the evaluation (and aggregate_evaluate): close the round here.
             self.recorder.evaluated(server_round, [])
             if self.on_round_end is not None:

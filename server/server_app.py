@@ -20,7 +20,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import ab
 from common.config import parse_run_config
-from common.dp.policy import client_noise_std
 from common.secagg import derive_secagg_params
 from common.serialization import from_arrayrecord, to_arrayrecord
 from server.outputs import write_outputs
@@ -37,8 +36,7 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
     names = plan.shared_names
     with_ab = bool(cfg.ab.interactions)
     params = derive_secagg_params(
-        clip_norm=cfg.dp.clip_norm,
-        noise_std=client_noise_std(cfg, plan.num_nodes),
+        plan.privatize,
         num_clients=max(2, plan.num_hosts if plan.hosts else plan.max_cohort),
         max_weight=float(cfg.users_per_node),
         num_params=sum(plan.init[n].numel() for n in names) + (ab.FIELDS if with_ab else 0),
@@ -51,11 +49,11 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
         progress.save(server_round, legacy.stopped_at)
 
     legacy = SecAggDPStrategy(
+        progress.round_options(round_end),
         shared_names=names,
         initial=[progress.current[n] for n in names],
         min_nodes=plan.min_nodes,
-        ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm) if with_ab else None,
-        **progress.strategy_options(round_end),
+        ab_scale=ab.scale(cfg.ab.interactions, plan.privatize.clip_norm) if with_ab else None,
     )
     legacy.stopped_at = progress.stopped_at
     workflow = secagg_workflow(
@@ -87,8 +85,8 @@ def run_fedavg(progress: Progress, remaining: int, grid: Grid) -> None:
         progress.save(server_round, fed.stopped_at)
 
     fed = PersonaFedAvg(
+        progress.round_options(round_end),
         shapes=plan.shapes,
-        **progress.strategy_options(round_end),
         min_train_nodes=plan.n_node_sampled,
         min_evaluate_nodes=max(1, int(plan.num_hosts * cfg.fraction_evaluate)),
         min_available_nodes=plan.min_nodes,

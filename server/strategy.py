@@ -12,7 +12,7 @@ accountant's charge — is :class:`server.release.ReleasePolicy`, the same for t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import cast
 
@@ -31,16 +31,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import ab
-from common.sampling import evaluation_due, poisson_sample
+from common.sampling import poisson_sample
 from common.serialization import (
     ALLOWED_EVAL_METRICS,
     ALLOWED_TRAIN_METRICS,
     METRICS_KEY,
     reply_problem,
 )
-from server.optimizer import ServerStep
-from server.recorder import RoundRecorder, users_in
-from server.release import ReleasePolicy
+from server.recorder import users_in
+from server.release import RoundOptions, RoundSchedule
 
 
 def reply_metrics(replies: Iterable[Message]) -> list[dict[str, float]]:
@@ -55,20 +54,15 @@ def reply_metrics(replies: Iterable[Message]) -> list[dict[str, float]]:
     return out
 
 
-class PersonaFedAvg(FedAvg):
+class PersonaFedAvg(RoundSchedule, FedAvg):
     """``FedAvg`` with declines, m_min, central noise, accounting and bookkeeping.
 
     Args:
-        recorder: Shared run bookkeeping (holds the federation accountant, if any).
-        min_updates: m_min; rounds with fewer updates are discarded.
-        central_noise_std: Std of the noise added to the *sum* (σC) in central mode, else 0.
-        target_epsilon: Stop before the federation's ε would pass this (0 = no target).
+        options: What both round strategies take (:class:`server.release.RoundOptions`); its
+            ``on_round_end`` is called with the run's round and its current arrays after the
+            training phase, and with ``None`` arrays after the evaluation.
         shapes: The shared tensors' names and shapes: a training reply must hold exactly
             these (float32, finite) or it is rejected with a logged reason.
-        round_offset: Rounds already done before this ServerApp started (a resumed run):
-            Flower's round r is the run's round ``round_offset + r``.
-        on_round_end: Called with the run's round and its current arrays after the training
-            phase, and with ``None`` arrays after the evaluation (the ServerApp checkpoints).
         **kwargs: ``FedAvg`` arguments. ``min_available_nodes``, ``min_train_nodes`` and
             ``min_evaluate_nodes`` are what a round asks for: before the first round the
             strategy waits up to ``assemble_wait`` s for them, later up to ``rejoin_wait`` s
@@ -81,41 +75,19 @@ class PersonaFedAvg(FedAvg):
 
     def __init__(
         self,
+        options: RoundOptions,
         *,
-        recorder: RoundRecorder,
-        min_updates: int,
-        central_noise_std: float = 0.0,
-        target_epsilon: float = 0.0,
         shapes: Mapping[str, tuple[int, ...]] | None = None,
-        round_offset: int = 0,
-        on_round_end: Callable[[int, ArrayRecord | None], None] | None = None,
-        sampling: str = "fixed",
-        evaluate_every: int = 1,
-        num_rounds: int = 0,
-        server_step: ServerStep | None = None,
-        on_release: Callable[[int, dict[str, np.ndarray]], None] | None = None,
         **kwargs,  # type: ignore[no-untyped-def]
     ) -> None:
-        super().__init__(**kwargs)
-        self._global: ArrayRecord | None = None
-        self.sampling = sampling
-        self.evaluate_every = evaluate_every
-        self.num_rounds = num_rounds
-        self.shapes = dict(shapes) if shapes is not None else None
-        self.round_offset = round_offset
-        self.on_round_end = on_round_end
-        self.sampled: dict[int, int] = {}
-        self.recorder = recorder
-        self.min_updates = min_updates
-        self.release = ReleasePolicy(
-            recorder,
-            min_updates=min_updates,
-            central_noise_std=central_noise_std,
-            server_step=server_step,
-            on_release=on_release,
+        super().__init__(
+            fraction_train=options.fraction_train,
+            fraction_evaluate=options.fraction_evaluate,
+            **kwargs,
         )
-        self.target_epsilon = target_epsilon
-        self.stopped_at: int | None = None
+        self._adopt(options)
+        self._global: ArrayRecord | None = None
+        self.shapes = dict(shapes) if shapes is not None else None
         self._wanted = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
         self._assembled = False
 
@@ -141,24 +113,14 @@ class PersonaFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Sample as FedAvg does, unless the privacy target forbids another round."""
         server_round += self.round_offset
-        self.stopped_at = self.recorder.open_round(
-            server_round, stopped_at=self.stopped_at, target_epsilon=self.target_epsilon
-        )
-        if self.stopped_at is not None:
+        if self._stopping(server_round):
             return []
         self._global = arrays
         frozen = self._await_nodes(grid)
         if self.sampling == "poisson":
             nodes = poisson_sample(list(frozen.get_node_ids()), self.fraction_train)
             log(INFO, "configure_train: Poisson cohort of %s nodes", len(nodes))
-            if len(nodes) < self.min_updates:
-                log(
-                    WARNING,
-                    "round %s skipped: a Poisson cohort of %s < m_min=%s (nothing sent)",
-                    server_round,
-                    len(nodes),
-                    self.min_updates,
-                )
+            if self._too_few(server_round, nodes):
                 self.sampled[server_round] = 0
                 return []
             config["server-round"] = server_round
@@ -254,9 +216,7 @@ class PersonaFedAvg(FedAvg):
         """FedAvg's evaluation sampling, at the run's round number, in the rounds due
         (``evaluate-every``)."""
         server_round += self.round_offset
-        if self.num_rounds and not evaluation_due(
-            server_round, self.num_rounds, self.evaluate_every
-        ):
+        if self._evaluation_skipped(server_round):
             return []
         frozen = self._await_nodes(grid)
         return super().configure_evaluate(server_round, arrays, config, frozen)

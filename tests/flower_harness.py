@@ -130,8 +130,10 @@ def secagg_device_round(
     from client.federation.runtime import get_runtime
     from common import ab
     from common.config import parse_run_config
+    from common.dp.privatize import Privatize
     from common.secagg import derive_secagg_params
     from server.recorder import RoundRecorder
+    from server.release import RoundOptions
     from server.secagg import SecAggDPStrategy, secagg_workflow
 
     cfg = parse_run_config(raw)
@@ -139,8 +141,7 @@ def secagg_device_round(
     n = len(nodes)
     grid = InProcessGrid(fedpersona_app, nodes, run_config=raw, drop=drop)
     params = derive_secagg_params(
-        clip_norm=cfg.dp.clip_norm,
-        noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm / cfg.m_min(n) ** 0.5,
+        Privatize.of(cfg, n),
         num_clients=n,
         num_params=sum(int(np.prod(rt.shapes[name])) for name in rt.shared_names) + ab.FIELDS,
         num_shares=1.0,
@@ -148,12 +149,14 @@ def secagg_device_round(
     )
     params = replace(params, **(params_override or {}))
     strategy = SecAggDPStrategy(
+        RoundOptions(
+            recorder=RoundRecorder(None),
+            min_updates=min_updates,
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+        ),
         shared_names=rt.shared_names,
         initial=[rt.init[name].numpy() for name in rt.shared_names],
-        recorder=RoundRecorder(None),
-        min_updates=min_updates,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
         min_nodes=n,
         ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
     )

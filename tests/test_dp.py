@@ -11,11 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from common.config import parse_run_config
 from common.dp.accounting import epsilon, make_accountant, noise_for_target
 from common.dp.clipping import clip_update, global_norm
-from common.dp.noise import add_gaussian_noise, distributed_noise_std
+from common.dp.noise import add_gaussian_noise
+from common.dp.privatize import NOISE_TAIL_SIGMAS, Privatize, distributed_noise_std
 from common.secagg import derive_secagg_params
 from server.accountant import FederationAccountant
+from tests.conftest import tiny_run_config
 
 
 @settings(max_examples=60, deadline=None)
@@ -64,6 +67,34 @@ def test_distributed_noise_sums_to_the_configured_variance() -> None:
     target = (sigma * clip) ** 2
     assert float(total.var()) == pytest.approx(target, rel=0.02)
     assert abs(float(total.mean())) < 5 * sigma * clip / math.sqrt(n)
+
+
+@pytest.mark.parametrize(
+    ("mode", "share", "central"),
+    [("distributed", 1.3 * 0.5 / 2, 0.0), ("central", 0.0, 1.3 * 0.5), ("none", 0.0, 0.0)],
+)
+def test_the_privatize_step_reads_c_and_sigma_from_the_run_config(mode, share, central) -> None:
+    # Prepare: 4 devices, every one sampled (m_min = 4).
+    cfg = parse_run_config(
+        tiny_run_config(**{"dp.noise-mode": mode, "dp.noise-multiplier": 1.3, "dp.clip-norm": 0.5})
+    )
+    update = {"a": torch.full((3,), 10.0), "b": torch.zeros(2)}
+
+    # Execute
+    step = Privatize.of(cfg, 4)
+    out, norm = step(update)
+
+    # Assert: the device's share σC/√m_min (distributed) or the server's σC (central); the
+    # range SecAgg+ quantizes in covers C and the share's tail; the update is clipped to C.
+    assert step.noise_std == pytest.approx(share) and step.central_std == pytest.approx(central)
+    assert step.clipping_range == pytest.approx(0.5 + NOISE_TAIL_SIGMAS * share)
+    assert norm == pytest.approx(math.sqrt(300.0))
+    assert torch.equal(update["a"], torch.full((3,), 10.0))  # the input is untouched
+    if share == 0.0:
+        assert math.sqrt(sum(float(t.pow(2).sum()) for t in out.values())) <= 0.5
+        assert torch.equal(out["b"], torch.zeros(2))
+    else:
+        assert not torch.equal(out["b"], torch.zeros(2))  # noised
 
 
 def test_default_noise_generator_is_not_reproducible() -> None:
@@ -128,8 +159,7 @@ def test_federation_accountant_round_trip_and_rejects_wrong_state() -> None:
 
 def test_secagg_params_refuse_overflow_and_precision_loss() -> None:
     ok = derive_secagg_params(
-        clip_norm=1.0,
-        noise_std=0.3,
+        Privatize(1.0, 0.3),
         num_clients=8,
         num_params=10_000,
         num_shares=1.0,
@@ -140,8 +170,7 @@ def test_secagg_params_refuse_overflow_and_precision_loss() -> None:
     assert ok.clipping_range >= 1.0 + 7 * 0.3
     with pytest.raises(ValueError, match="clip-norm"):
         derive_secagg_params(
-            clip_norm=0.0,
-            noise_std=0.0,
+            Privatize(0.0, 0.0),
             num_clients=8,
             num_params=10,
             num_shares=1.0,
@@ -149,8 +178,7 @@ def test_secagg_params_refuse_overflow_and_precision_loss() -> None:
         )
     with pytest.raises(ValueError, match="quantization"):
         derive_secagg_params(
-            clip_norm=1.0,
-            noise_std=0.0,
+            Privatize(1.0, 0.0),
             num_clients=2**25,
             num_params=10,
             num_shares=1.0,
@@ -158,8 +186,7 @@ def test_secagg_params_refuse_overflow_and_precision_loss() -> None:
         )
     with pytest.raises(ValueError, match="swamp"):
         derive_secagg_params(
-            clip_norm=1.0,
-            noise_std=0.0,
+            Privatize(1.0, 0.0),
             num_clients=1000,
             num_params=10**12,
             num_shares=1.0,

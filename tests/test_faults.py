@@ -27,11 +27,13 @@ from client.client_app import app as fedpersona_app
 from client.client_app import train as client_train
 from client.federation.runtime import get_runtime
 from common.config import parse_run_config
+from common.dp.privatize import Privatize
 from common.secagg import derive_secagg_params
 from common.serialization import to_arrayrecord
 from server import checkpoint
 from server.accountant import FederationAccountant
 from server.recorder import RoundRecorder
+from server.release import RoundOptions
 from server.secagg import SecAggDPStrategy, secagg_workflow
 from server.server_app import main as server_main
 from server.strategy import PersonaFedAvg
@@ -257,8 +259,10 @@ def _run_from_zeros(strategy: PersonaFedAvg, grid: InProcessGrid, num_rounds: in
 def _fedavg_of_three() -> PersonaFedAvg:
     """The Message-API strategy over three nodes, m_min 2, checking replies against SHAPES."""
     return PersonaFedAvg(
-        recorder=RoundRecorder(None),
-        min_updates=2,
+        RoundOptions(
+            recorder=RoundRecorder(None),
+            min_updates=2,
+        ),
         shapes=SHAPES,
         min_train_nodes=3,
         min_evaluate_nodes=3,
@@ -389,12 +393,14 @@ def test_secagg_sampling_never_waits_for_a_node_lost_after_the_look() -> None:
     manager = Manager()
     manager.clients = {c: SimpleNamespace(cid=c) for c in "abc"}  # type: ignore[misc]
     strategy = SecAggDPStrategy(
+        RoundOptions(
+            recorder=RoundRecorder(None),
+            min_updates=2,
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+        ),
         shared_names=["t"],
         initial=[np.zeros(2, np.float32)],
-        recorder=RoundRecorder(None),
-        min_updates=2,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
         min_nodes=3,
     )
     strategy._assembled = True  # after round 1: lost nodes get at most rejoin_wait
@@ -455,8 +461,7 @@ def test_malformed_masked_vector_counts_as_a_dropout(kind, caplog) -> None:
         for nid in range(1, 6)
     }
     params = derive_secagg_params(
-        clip_norm=1.0,
-        noise_std=0.0,
+        Privatize(1.0, 0.0),
         num_clients=5,
         num_params=11,
         num_shares=1.0,
@@ -464,12 +469,14 @@ def test_malformed_masked_vector_counts_as_a_dropout(kind, caplog) -> None:
     )
     grid = InProcessGrid(_vector_app(updates, MASK_CORRUPTIONS[kind]), {n: {} for n in updates})
     strategy = SecAggDPStrategy(
+        RoundOptions(
+            recorder=RoundRecorder(None),
+            min_updates=3,
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+        ),
         shared_names=["t0", "t1"],
         initial=[np.zeros(s, np.float32) for s in shapes],
-        recorder=RoundRecorder(None),
-        min_updates=3,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
         min_nodes=5,
     )
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -504,12 +511,14 @@ def test_non_finite_or_misshapen_sum_keeps_the_previous_model(problem) -> None:
         mean = mean[:1]
     acc = FederationAccountant(noise_multiplier=1.0, sample_rate=1.0, delta=1e-5)
     strategy = SecAggDPStrategy(
+        RoundOptions(
+            recorder=RoundRecorder(acc),
+            min_updates=1,
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+        ),
         shared_names=["a", "b"],
         initial=initial,
-        recorder=RoundRecorder(acc),
-        min_updates=1,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
         min_nodes=2,
     )
     res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(mean), 2, {"declined": 0})

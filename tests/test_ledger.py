@@ -236,18 +236,21 @@ def test_server_stops_before_the_target_epsilon() -> None:
 
     from server.accountant import FederationAccountant
     from server.recorder import RoundRecorder
+    from server.release import RoundOptions
     from server.secagg import SecAggDPStrategy
 
     acc = FederationAccountant(noise_multiplier=7.1, sample_rate=1.0, delta=1e-5)
     strategy = SecAggDPStrategy(
+        RoundOptions(
+            recorder=RoundRecorder(acc),
+            min_updates=2,
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            target_epsilon=0.8,
+        ),
         shared_names=["w"],
         initial=[np.zeros(2, dtype=np.float32)],
-        recorder=RoundRecorder(acc),
-        min_updates=2,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
         min_nodes=2,
-        target_epsilon=0.8,
     )
     acc.release()
     acc.release()  # ε = 0.79 after two rounds; a third would give 0.99 > 0.8

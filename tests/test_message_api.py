@@ -9,9 +9,11 @@ from flwr.app import ConfigRecord
 from client.client_app import app as fedpersona_app
 from client.federation.runtime import get_runtime
 from common.config import parse_run_config
+from common.dp.privatize import Privatize
 from common.serialization import to_arrayrecord
 from server.accountant import FederationAccountant
 from server.recorder import RoundRecorder
+from server.release import RoundOptions
 from server.strategy import PersonaFedAvg
 from tests.conftest import device_node_config, tiny_run_config
 from tests.flower_harness import InProcessGrid
@@ -38,9 +40,11 @@ def test_message_api_round_with_and_without_central_noise(tmp_path, mode) -> Non
         else None
     )
     strategy = PersonaFedAvg(
-        recorder=RoundRecorder(acc),
-        min_updates=3,
-        central_noise_std=cfg.dp.noise_multiplier * cfg.dp.clip_norm if mode == "central" else 0.0,
+        RoundOptions(
+            recorder=RoundRecorder(acc),
+            min_updates=3,
+            central_noise_std=Privatize.of(cfg, 3).central_std,
+        ),
         min_train_nodes=3,
         min_evaluate_nodes=3,
         min_available_nodes=3,

@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 from common.config import parse_run_config
 from common.sampling import evaluation_due, fixed_sample, poisson_sample
 from server.recorder import RoundRecorder
+from server.release import RoundOptions
 from server.strategy import PersonaFedAvg
 from tests.flower_harness import InProcessGrid
 
@@ -78,14 +79,16 @@ def test_poisson_cohorts_and_final_only_evaluation_on_the_message_api_path() -> 
     # Prepare: 30 nodes, q = 0.3, m_min 5, 8 rounds, evaluated after the last one only.
     grid = InProcessGrid(_app(), {nid: {} for nid in range(1, 31)})
     strategy = PersonaFedAvg(
-        recorder=RoundRecorder(None),
-        min_updates=5,
+        RoundOptions(
+            recorder=RoundRecorder(None),
+            min_updates=5,
+            sampling="poisson",
+            evaluate_every=0,
+            num_rounds=8,
+            fraction_train=0.3,
+            fraction_evaluate=1.0,
+        ),
         shapes=SHAPES,
-        sampling="poisson",
-        evaluate_every=0,
-        num_rounds=8,
-        fraction_train=0.3,
-        fraction_evaluate=1.0,
         min_train_nodes=2,
         min_evaluate_nodes=30,
         min_available_nodes=30,

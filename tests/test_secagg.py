@@ -19,8 +19,10 @@ from client.federation.ledger import PrivacyLedger
 from client.federation.runtime import get_runtime
 from common import ab
 from common.config import PrivacyCaps, parse_run_config
+from common.dp.privatize import Privatize
 from common.secagg import derive_secagg_params
 from server.recorder import RoundRecorder
+from server.release import RoundOptions
 from server.secagg import SecAggDPStrategy, secagg_workflow
 from tests.conftest import device_node_config, open_test_store, tiny_run_config
 from tests.flower_harness import InProcessGrid, secagg_device_round
@@ -53,12 +55,14 @@ def _run_round(  # type: ignore[no-untyped-def]
 
 def _strategy(shapes, n_nodes: int, min_updates: int) -> SecAggDPStrategy:  # type: ignore[no-untyped-def]
     return SecAggDPStrategy(
+        RoundOptions(
+            recorder=RoundRecorder(None),
+            min_updates=min_updates,
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+        ),
         shared_names=[f"t{i}" for i in range(len(shapes))],
         initial=[np.zeros(s, dtype=np.float32) for s in shapes],
-        recorder=RoundRecorder(None),
-        min_updates=min_updates,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
         min_nodes=n_nodes,
     )
 
@@ -88,8 +92,7 @@ def test_secagg_sum_equals_weighted_mean_within_quantization(n_clients, sizes, w
     updates = _clipped_updates(n_clients, shapes, clip, rng)
     w = {nid: weights[nid - 1] for nid in updates}
     params = derive_secagg_params(
-        clip_norm=clip,
-        noise_std=0.0,
+        Privatize(clip, 0.0),
         num_clients=n_clients,
         num_params=sum(sizes),
         num_shares=1.0,
@@ -120,8 +123,7 @@ def test_one_of_five_dropped_at_each_stage(stage) -> None:
     updates = _clipped_updates(5, shapes, 1.0, rng)
     weights = dict.fromkeys(updates, 1)
     params = derive_secagg_params(
-        clip_norm=1.0,
-        noise_std=0.0,
+        Privatize(1.0, 0.0),
         num_clients=5,
         num_params=19,
         num_shares=1.0,
@@ -160,8 +162,7 @@ def test_more_nodes_than_planned_get_a_quantization_range_that_does_not_wrap() -
     shapes = [(6,)]
     updates = _clipped_updates(8, shapes, 1.0, rng)
     params = derive_secagg_params(
-        clip_norm=1.0,
-        noise_std=0.0,
+        Privatize(1.0, 0.0),
         num_clients=2,
         num_params=6,
         num_shares=1.0,
@@ -193,8 +194,7 @@ def test_too_few_updates_discard_the_round() -> None:
     shapes = [(5,)]
     updates = _clipped_updates(5, shapes, 1.0, rng)
     params = derive_secagg_params(
-        clip_norm=1.0,
-        noise_std=0.0,
+        Privatize(1.0, 0.0),
         num_clients=5,
         num_params=5,
         num_shares=1.0,
@@ -286,8 +286,7 @@ def test_simulation_nodes_hosting_users_aggregate_per_user(tmp_path) -> None:
     nodes = {nid: {"partition-id": nid - 1, "num-partitions": 2} for nid in (1, 2)}
     grid = InProcessGrid(fedpersona_app, nodes, run_config=raw)
     params = derive_secagg_params(
-        clip_norm=cfg.dp.clip_norm,
-        noise_std=0.0,
+        Privatize(cfg.dp.clip_norm, 0.0),
         num_clients=2,
         num_params=sum(int(np.prod(s)) for s in shapes) + ab.FIELDS,
         num_shares=1.0,
@@ -295,12 +294,14 @@ def test_simulation_nodes_hosting_users_aggregate_per_user(tmp_path) -> None:
         max_weight=3.0,
     )
     strategy = SecAggDPStrategy(
+        RoundOptions(
+            recorder=RoundRecorder(None),
+            min_updates=6,
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+        ),
         shared_names=rt.shared_names,
         initial=[rt.init[n].numpy() for n in rt.shared_names],
-        recorder=RoundRecorder(None),
-        min_updates=6,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
         min_nodes=2,
         ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
     )

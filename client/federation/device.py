@@ -53,9 +53,7 @@ from client.store.state import (
 from common import ab
 from common.config import RunConfig
 from common.data import Encoded, Sample, encode
-from common.dp.clipping import clip_update
-from common.dp.noise import add_gaussian_noise
-from common.dp.policy import client_noise_std, uniform_weights
+from common.dp.privatize import Privatize, uniform_weights
 from common.lora import (
     get_lora_tensors,
     load_lora_tensors,
@@ -477,12 +475,7 @@ class Device:
                 precision=self.cfg.train.precision,
                 **common,
             )
-        norm = None
-        if self.cfg.dp.clip_norm > 0:
-            update, norm = clip_update(update, clip_norm=self.cfg.dp.clip_norm)
-        std = client_noise_std(self.cfg, self.num_partitions)
-        if std > 0:
-            update = add_gaussian_noise(update, std=std)
+        update, norm = Privatize.of(self.cfg, self.num_partitions)(update)
 
         # One transaction: a device killed here restarts with the previous round's personal
         # tensors, ledger and record, or with all three of this round's (the update is only

@@ -37,7 +37,7 @@ from client.federation.policy import DevicePolicy
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore
 from common.config import RunConfig
 from common.crypto import resolve_secret
-from common.secagg import NOISE_TAIL_SIGMAS
+from common.dp.privatize import NOISE_TAIL_SIGMAS, Privatize
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +120,12 @@ def secagg_setup_problem(
             "that calls a device both alive and dead to different neighbours recover both of "
             "its masks; this device requires a threshold above half its neighbours"
         )
-    clip_norm = cfg.dp.clip_norm
-    share = 0.0  # the device's noise share (common.dp.policy.client_noise_std; no torch here)
-    if cfg.dp.distributed:
-        share = cfg.dp.noise_multiplier * clip_norm / cfg.m_min(num_partitions) ** 0.5
-    needed = clip_norm + NOISE_TAIL_SIGMAS * share
+    privatize = Privatize.of(cfg, num_partitions)  # what this device's update will be
+    needed = privatize.clipping_range
     if not clipping >= needed * (1 - 1e-9):
         return (
             f"the SecAgg+ clipping range {clipping:g} would cut this device's update (entries up "
-            f"to C = {clip_norm:g}) and its noise share; it needs at least {needed:.6g} "
+            f"to C = {privatize.clip_norm:g}) and its noise share; it needs at least {needed:.6g} "
             f"(C + {NOISE_TAIL_SIGMAS:g} standard deviations of the share)"
         )
     if max_weight != 1.0:

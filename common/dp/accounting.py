@@ -10,9 +10,14 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+
+# isort: off
+import common.dp.opacus_quiet  # noqa: F401  (before Opacus: no second log handler)
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
+
+# isort: on
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 

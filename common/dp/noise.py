@@ -9,25 +9,9 @@ least ``m_min`` clients are honest).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
-
-
-def distributed_noise_std(*, noise_multiplier: float, clip_norm: float, min_clients: int) -> float:
-    """Per-client noise std ``σC / sqrt(m_min)``.
-
-    Raises:
-        ValueError: On a negative multiplier, non-positive clip norm or ``min_clients < 1``.
-    """
-    if noise_multiplier < 0:
-        raise ValueError(f"dp.noise-multiplier must be >= 0, got {noise_multiplier}")
-    if clip_norm <= 0:
-        raise ValueError(f"dp.clip-norm must be > 0, got {clip_norm}")
-    if min_clients < 1:
-        raise ValueError(f"the minimum number of updates per round must be >= 1, got {min_clients}")
-    return noise_multiplier * clip_norm / math.sqrt(min_clients)
 
 
 def add_gaussian_noise(

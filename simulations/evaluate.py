@@ -50,7 +50,6 @@ from common.data import SYSTEM_PROMPT, Encoded, UserData, encode, encode_scrubbe
 from common.embedding import get_embedder
 from common.generation import render, sample
 from common.lora import load_lora_tensors
-from common.personalization.base import compose
 from common.pii import scrub
 from common.train import per_example_losses
 
@@ -124,18 +123,12 @@ class Evaluator:
             personal[user.user] = {} if p is None else tensors_from_bytes(p, "personal")
             weights[user.user] = float(meta.get("mix_weight") or 0.0)
         # What each device serves (blend: its own adapter + w·global, w its own choice).
-        mixed = self.rt.strategy.mixed
+        strategy = self.rt.strategy
         served = {
-            u: compose(
-                self.rt.init,
-                shared,
-                t,
-                shared_names=self.rt.shared_names,
-                mix=weights[u] if mixed else None,
-            )
+            u: strategy.served(self.rt.init, shared, t, weight=weights[u])
             for u, t in personal.items()
         }
-        glob = compose(self.rt.init, shared, shared_names=self.rt.shared_names)
+        glob = strategy.newcomer(self.rt.init, shared)
         return glob, served
 
     def largest_store(self) -> int:

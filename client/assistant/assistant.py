@@ -50,7 +50,6 @@ from common import ab
 from common.embedding import Embedder, get_embedder, user_embedding
 from common.generation import Generated, sample
 from common.lora import export_adapter
-from common.personalization.base import compose
 from common.pii import scrub
 
 logger = logging.getLogger(__name__)
@@ -114,20 +113,17 @@ class Assistant(FeedbackLearning):
         return int(self.rt.tokenizer.pad_token_id)
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
-        """Init tensors overlaid by the federation's last global shared tensors."""
-        return compose(self.rt.init, self.state.load_global())
+        """What a newcomer gets from the federation's last global shared tensors (the
+        strategy's :meth:`~common.personalization.base.Strategy.newcomer`)."""
+        return self.rt.strategy.newcomer(self.rt.init, self.state.load_global())
 
     def personal_tensors(self, *, mix_weight: float | None = None) -> dict[str, torch.Tensor]:
         """The global tensors overlaid by this device's personal ones; for ``blend``, the
         global adapter weighted by ``mix_weight`` (default: the weight the device picked on its
         held-out data, 0 before any)."""
         w = self.state.meta.mix_weight if mix_weight is None else mix_weight
-        return compose(
-            self.rt.init,
-            self.state.load_global(),
-            self.state.load_personal(),
-            shared_names=self.rt.shared_names,
-            mix=(w or 0.0) if self.rt.strategy.mixed else None,
+        return self.rt.strategy.served(
+            self.rt.init, self.state.load_global(), self.state.load_personal(), weight=w
         )
 
     def activate(self) -> str:

@@ -163,8 +163,7 @@ class FeedbackLearning:
             else:
                 personal_loss = example_loss(self.rt.model, example, pad_id=self.pad_id)
                 drift = self._record(personal_loss, global_loss)
-                if self.rt.strategy.mixed:  # blend's personal adapter learns without global
-                    hot_swap(self.rt.model, trained)
+                hot_swap(self.rt.model, trained)  # blend's personal adapter learns alone
                 if drift:
                     ms = self._replay()
                 elif graphed is not None:
@@ -188,8 +187,11 @@ class FeedbackLearning:
     def _trains_what_answers(self) -> bool:
         """Whether the tensors feedback trains are those that answer, scored in the same
         precision (no ``blend`` mix weight, no dropout, no autocast: a bf16 serving base)."""
-        mixed = self.rt.strategy.mixed and bool(self.state.meta.mix_weight)
-        return self.served is not None and not mixed and self.cfg.model.lora_dropout == 0
+        return (
+            self.served is not None
+            and self.rt.strategy.serves_trained(self.state.meta.mix_weight)
+            and self.cfg.model.lora_dropout == 0
+        )
 
     def _record(self, personal_loss: float, global_loss: float) -> bool:
         """Record the prequential scores with the gate; return whether the taste drifted."""

@@ -58,8 +58,7 @@ from common.lora import (
     get_lora_tensors,
     load_lora_tensors,
 )
-from common.personalization.base import compose, layer_of
-from common.personalization.blend import pick_mix_weight
+from common.personalization.base import layer_of
 from common.train import (
     HeldOutLosses,
     train_steps,
@@ -243,28 +242,9 @@ class Device:
         """Padding token id of the tokenizer."""
         return int(self.rt.tokenizer.pad_token_id)
 
-    def _compose(
-        self,
-        global_shared: dict[str, torch.Tensor],
-        personal: dict[str, torch.Tensor] | None,
-        *,
-        personal_overrides_shared: bool,
-        mix: float | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """:func:`common.personalization.base.compose` for this device's runtime."""
-        return compose(
-            self.rt.init,
-            global_shared,
-            personal,
-            shared_names=self.rt.shared_names,
-            mix=mix,
-            personal_overrides_shared=personal_overrides_shared,
-        )
-
     def global_model(self, global_shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What a brand-new user gets: the federation's shared tensors and nothing personal."""
-        mix = 1.0 if self.rt.strategy.mixed else None
-        return self._compose(global_shared, None, personal_overrides_shared=False, mix=mix)
+        return self.rt.strategy.newcomer(self.rt.init, global_shared)
 
     def served(
         self,
@@ -273,12 +253,11 @@ class Device:
         *,
         mix_weight: float | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The model this device answers with: global shared + personal tensors; for ``blend``
-        personal + w·global, w the weight last picked (0, the local-only model, before any)."""
-        if not self.rt.strategy.mixed:
-            return self._compose(global_shared, personal, personal_overrides_shared=True)
+        """The model this device answers with (the strategy's :meth:`served`): global shared +
+        personal tensors; for ``blend`` personal + w·global, w the weight last picked (0, the
+        local-only model, before any)."""
         w = self.state.meta.mix_weight if mix_weight is None else mix_weight
-        return self._compose(global_shared, personal, personal_overrides_shared=True, mix=w or 0.0)
+        return self.rt.strategy.served(self.rt.init, global_shared, personal, weight=w)
 
     def _held_out(self, examples: tuple[Encoded, ...]) -> HeldOutLosses:
         """An evaluator of several model versions on ``examples`` (layers below the LoRA
@@ -421,9 +400,7 @@ class Device:
 
         personal = self.state.load_personal()
         ab_counts = self.ab_counts(global_shared, personal, server_round)
-        # blend trains its personal adapter alone: the global adapter is off (B = 0).
-        mix = 0.0 if self.rt.strategy.mixed else None
-        start = self._compose(global_shared, personal, personal_overrides_shared=False, mix=mix)
+        start = self.rt.strategy.round_start(self.rt.init, global_shared, personal)
         load_lora_tensors(self.rt.model, start)
         seed = zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user}".encode())
         common = dict(
@@ -465,7 +442,7 @@ class Device:
         else:
             update = {n: after[src] - start[src].to(after[src].dtype) for n, src in source.items()}
         local_only = None
-        if self.local_baseline and not self.rt.strategy.mixed:
+        if self.local_baseline and not self.rt.strategy.local_only_personal:
             local_only, _ = baseline.train_round(
                 self.rt.model,
                 baseline.load(self.store),
@@ -582,39 +559,53 @@ class Device:
                 base_loss = test.mean()
         global_loss = self._loss(self.global_model(global_shared), test)
         personal = self.state.load_personal()
-        extra: dict[str, float] = {}
-        if self.rt.strategy.mixed:
-            weight = self._pick_mix_weight(global_shared, personal, mix_prior)
-            mixed = self._mixed(test, global_shared, personal)
-            personal_loss = self._loss(
-                self.served(global_shared, personal, mix_weight=weight), mixed
-            )
-            extra["mix_weight"] = weight
-            if self.local_baseline:  # blend's personal adapter alone is the local-only model
-                extra["local_only_loss"] = (
-                    personal_loss
-                    if weight == 0.0
-                    else self._loss(self.served(global_shared, personal, mix_weight=0.0), mixed)
-                )
-        else:
-            personal_loss = (
-                global_loss
-                if personal is None
-                else self._loss(self.served(global_shared, personal), test)
-            )
-            if self.local_baseline:
-                trained = baseline.load(self.store)
-                extra["local_only_loss"] = (
-                    float(base_loss)
-                    if trained is None
-                    else self._loss({**self.rt.init, **trained}, test)
-                )
-        return {
+        weight = self._pick_mix_weight(global_shared, personal, mix_prior)
+        # blend: its versions differ only in the federated layers (those below run once).
+        on = test if weight is None else self._mixed(test, global_shared, personal)
+        personal_loss = (
+            global_loss
+            if personal is None and weight is None
+            else self._loss(self.served(global_shared, personal, mix_weight=weight), on)
+        )
+        report = {
             "base_loss": float(base_loss),
             "global_loss": global_loss,
             "personal_loss": personal_loss,
-            **extra,
         }
+        if weight is not None:
+            report["mix_weight"] = weight
+        if self.local_baseline:
+            report["local_only_loss"] = self._local_only_loss(
+                global_shared,
+                personal,
+                weight=weight,
+                served_loss=personal_loss,
+                base_loss=float(base_loss),
+                on=on,
+            )
+        return report
+
+    def _local_only_loss(
+        self,
+        global_shared: dict[str, torch.Tensor],
+        personal: dict[str, torch.Tensor] | None,
+        *,
+        weight: float | None,
+        served_loss: float,
+        base_loss: float,
+        on: HeldOutLosses,
+    ) -> float:
+        """Held-out loss of what the user would have training alone with the same compute:
+        the personal adapter itself where the strategy's is local-only (``blend`` at weight
+        0), else the baseline LoRA trained beside the rounds (the base model before any)."""
+        if self.rt.strategy.local_only_personal:
+            if not weight:
+                return served_loss
+            return self._loss(self.served(global_shared, personal, mix_weight=0.0), on)
+        trained = baseline.load(self.store)
+        if trained is None:
+            return base_loss
+        return self._loss({**self.rt.init, **trained}, on)
 
     @torch.no_grad()
     def newcomer_losses(self, global_shared: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -633,15 +624,17 @@ class Device:
         global_shared: dict[str, torch.Tensor],
         personal: dict[str, torch.Tensor] | None,
         prior: float | None = None,
-    ) -> float:
-        """``blend``: the global adapter's weight, chosen on the selection half of the held-out
-        slice, which the reported losses never use.
+    ) -> float | None:
+        """The global adapter's weight (``None`` for a strategy without one), chosen on the
+        selection half of the held-out slice, which the reported losses never use.
 
         The prior weight (``prior``; default: the federation's ``personalization.mix-prior``),
         if the global adapter alone beats the base model there, stands unless the per-example
         losses say otherwise (:func:`pick_mix_weight`). A device with fewer than two selection
         examples serves its local-only model (weight 0).
         """
+        if not self.rt.strategy.mix_weights:
+            return None
         if len(self.select_set) < 2:
             return 0.0
         select = self._held_out(self.select_set)
@@ -657,7 +650,7 @@ class Device:
             )
             return mixed.per_example()
 
-        return pick_mix_weight(
+        return self.rt.strategy.pick_weight(
             losses,
             prior=self.cfg.personalization.mix_prior if prior is None else prior,
             base=base,

@@ -8,7 +8,7 @@ classifies names; models, training and transport are strategy-agnostic.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,16 +53,21 @@ class Strategy:
         adapters: peft adapters the model carries (``dual`` has a second, personal one).
         local_copy: The personal model is the device's locally trained copy of the shared
             tensors (``fedavg-ft``, ``ffa``), rather than global shared + personal tensors.
-        cold_start: What a brand-new user gets from the federation, in words.
-        mixed: The served model is personal + w·global, with a weight w each device picks on
-            its own held-out evidence (``blend``).
+        cold_start: What a brand-new user gets from the federation, in words
+            (:meth:`newcomer` gives the tensors).
+        mix_weights: The weights of the global adapter a device may serve, picked on its own
+            held-out evidence (:meth:`pick_weight`; ``blend``); empty: none to pick.
+        local_only_personal: The personal adapter is exactly what the user would train alone
+            (``blend``: the global adapter is off while it trains), so it is its own
+            local-only baseline.
     """
 
     name: str
     adapters: tuple[str, ...] = (GLOBAL_ADAPTER,)
     local_copy: bool = False
     cold_start: str = ""
-    mixed: bool = False
+    mix_weights: tuple[float, ...] = ()
+    local_only_personal: bool = False
     # ``blend``: which part of the global adapter the federation trains (see there).
     global_layers: tuple[int, int] | None = None
     global_targets: tuple[str, ...] | None = None
@@ -95,6 +100,58 @@ class Strategy:
         personal = [n for n in names if self.is_personal(n)]
         frozen = [n for n in names if not self.is_trainable(n)]
         return shared, personal, frozen
+
+    # -- what a device serves, what a newcomer gets, where a round starts -----------------
+    # Every caller composes a model through these: nothing outside this package asks which
+    # strategy it holds.
+
+    def served(
+        self,
+        init: Mapping[str, Any],
+        shared: Mapping[str, Any] | None,
+        personal: Mapping[str, Any] | None,
+        *,
+        weight: float | None = None,
+    ) -> dict[str, Any]:
+        """The model a device answers with: the federation's shared tensors overlaid by the
+        device's personal ones (``weight``: the global adapter's, where the strategy has one;
+        ignored otherwise)."""
+        return compose(init, shared, personal)
+
+    def newcomer(self, init: Mapping[str, Any], shared: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What a brand-new user gets from the federation (:attr:`cold_start`, in words)."""
+        return compose(init, shared)
+
+    def round_start(
+        self,
+        init: Mapping[str, Any],
+        shared: Mapping[str, Any] | None,
+        personal: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Where a device's round of training starts: the shared tensors as received, its
+        personal ones filling the names the federation does not carry."""
+        return compose(init, shared, personal, personal_overrides_shared=False)
+
+    def serves_trained(self, weight: float | None) -> bool:
+        """Whether the model served at ``weight`` is the one local training changes (so a
+        training step's loss is the served model's)."""
+        return True
+
+    def pick_weight(
+        self,
+        losses: Callable[[float], list[float]],
+        *,
+        prior: float,
+        base: list[float] | None = None,
+        global_alone: list[float] | None = None,
+    ) -> float:
+        """The weight among :attr:`mix_weights` a device serves, from the per-example held-out
+        losses ``losses(w)`` (only strategies with :attr:`mix_weights` have one).
+
+        Raises:
+            TypeError: For a strategy without a weight to pick.
+        """
+        raise TypeError(f"{self.name} serves no weighted global adapter")
 
 
 def compose(

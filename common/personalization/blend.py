@@ -37,13 +37,15 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from common.personalization.base import (
     GLOBAL_ADAPTER,
     PERSONAL_ADAPTER,
     Strategy,
     adapter_of,
+    compose,
     is_lora_b,
     layer_of,
 )
@@ -158,7 +160,8 @@ class Blend(Strategy):
             name="blend",
             adapters=(GLOBAL_ADAPTER, PERSONAL_ADAPTER),
             cold_start="the federation's global adapter alone",
-            mixed=True,
+            mix_weights=MIX_WEIGHTS,
+            local_only_personal=True,
             global_layers=global_layers,
             global_targets=global_targets,
             global_part=global_part,
@@ -189,3 +192,45 @@ class Blend(Strategy):
 
     def init_name(self, name: str) -> str:  # noqa: D102
         return _swap(name, PERSONAL_ADAPTER, GLOBAL_ADAPTER)
+
+    def _mixed(self, tensors: dict[str, Any], weight: float) -> dict[str, Any]:
+        """``tensors`` with the global adapter's B tensors scaled by ``weight``."""
+        return compose(tensors, shared_names=[n for n in tensors if self.is_shared(n)], mix=weight)
+
+    def served(  # noqa: D102
+        self,
+        init: Mapping[str, Any],
+        shared: Mapping[str, Any] | None,
+        personal: Mapping[str, Any] | None,
+        *,
+        weight: float | None = None,
+    ) -> dict[str, Any]:
+        # personal + w·global (w = 0: the local-only model).
+        return self._mixed(compose(init, shared, personal), weight or 0.0)
+
+    def newcomer(  # noqa: D102
+        self, init: Mapping[str, Any], shared: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        return self._mixed(compose(init, shared), 1.0)  # the global adapter alone
+
+    def round_start(  # noqa: D102
+        self,
+        init: Mapping[str, Any],
+        shared: Mapping[str, Any] | None,
+        personal: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        # The personal adapter trains alone: the global adapter is off (its B at 0).
+        return self._mixed(compose(init, shared, personal, personal_overrides_shared=False), 0.0)
+
+    def serves_trained(self, weight: float | None) -> bool:  # noqa: D102
+        return not weight
+
+    def pick_weight(  # noqa: D102
+        self,
+        losses: Callable[[float], list[float]],
+        *,
+        prior: float,
+        base: list[float] | None = None,
+        global_alone: list[float] | None = None,
+    ) -> float:
+        return pick_mix_weight(losses, prior=prior, base=base, global_alone=global_alone)

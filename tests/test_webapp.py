@@ -452,6 +452,32 @@ def test_profile_edits_are_saved_and_bad_values_are_refused(page, server, tmp_pa
     expect(pg.locator("#profile-status")).to_contain_text("tone")
 
 
+def test_a_late_profile_load_cannot_overwrite_what_is_typed(page, server) -> None:
+    # Prepare: the profile's GET answers only when the test lets it.
+    pg, _ = page
+    held: list = []
+    pg.route(
+        "**/v1/profile",
+        lambda route: held.append(route) if route.request.method == "GET" else route.continue_(),
+    )
+    login(pg, server, "#profile")
+    domains = pg.get_by_label("Domains (comma-separated)")
+
+    # Execute / Assert: nothing can be typed while it loads; once in, typing is kept.
+    expect(domains).to_be_disabled()
+    for _ in range(200):  # up to 10 s for the page to ask
+        if held:
+            break
+        pg.wait_for_timeout(50)
+    assert held, "the profile page never asked for /v1/profile"
+    held.pop().continue_()
+    expect(domains).to_be_enabled()
+    domains.fill("knitting")
+    pg.get_by_role("button", name="Save", exact=True).click()
+    expect(pg.locator("#profile-status")).to_have_text("Saved.")
+    expect(domains).to_have_value("knitting")
+
+
 def test_model_page_says_which_model_answers_and_why(page, server, tmp_path) -> None:
     pg, _ = page
     login(pg, server, "#model")

@@ -371,37 +371,15 @@ class Device:
         """
         masked = self.cfg.secagg.enabled if masked is None else masked
         try:
-            reason = self.policy.refusal(
-                self.cfg, num_partitions=self.num_partitions, masked=masked
+            record, user = self._admit(
+                server_round, run=run, masked=masked, self_sampled=self_sampled
             )
-            if reason is not None:
-                raise PolicyRefused(reason)
-            shortfall = too_few_examples(len(self.train_examples), self.cfg.data.min_examples)
-            if shortfall is not None:
-                raise TooFewExamples(shortfall)
-            record, user = self.planned_charges(server_round, run=run, self_sampled=self_sampled)
-            self.ledger.check(record=record, user=user)
         except (PolicyRefused, BudgetExhausted, TooFewExamples) as err:
-            logger.warning("device %s declines round %s: %s", self.user, server_round, err)
-            self.ledger.note_declined(server_round=server_round, reason=str(err))
-            self.ledger.save(self.store)
-            zeros = {n: torch.zeros_like(t) for n, t in global_shared.items()}
-            return TrainResult(
-                zeros,
-                {
-                    **self._label(),
-                    "declined": 1,
-                    "weight": 0,
-                    "num-examples": 0,
-                    **self._privacy_metrics(),
-                },
-                declined=True,
-            )
+            return self._decline(global_shared, server_round, err)
 
         personal = self.state.load_personal()
         ab_counts = self.ab_counts(global_shared, personal, server_round)
         start = self.rt.strategy.round_start(self.rt.init, global_shared, personal)
-        load_lora_tensors(self.rt.model, start)
         seed = zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user}".encode())
         common = dict(
             steps=self.cfg.train.local_steps,
@@ -410,6 +388,131 @@ class Device:
             seed=seed,
             pad_id=self.pad_id,
         )
+        loss, after, update = self._train_locally(start, common)
+        local_only = None
+        if self.local_baseline and not self.rt.strategy.local_only_personal:
+            local_only, _ = baseline.train_round(
+                self.rt.model,
+                baseline.load(self.store),
+                strategy=self.rt.strategy,
+                init=self.rt.init,
+                examples=self.train_set,
+                precision=self.cfg.train.precision,
+                **common,
+            )
+        update, norm = Privatize.of(self.cfg, self.num_partitions)(update)
+
+        self._commit(
+            server_round,
+            run=run,
+            personal=({n: start[n] for n in self.rt.personal_names}, after),
+            local_only=local_only,
+            charges=(record, user),
+            record={"round": server_round, "train_loss": loss, "update_norm_before_clip": norm},
+        )
+        weight = 1 if uniform_weights(self.cfg) else len(self.train_set)
+        return TrainResult(
+            update,
+            {
+                "train_loss": loss,
+                "num-examples": len(self.train_set),
+                "weight": weight,
+                "declined": 0,
+                **self._label(),
+                **self._privacy_metrics(),
+            },
+            declined=False,
+            ab=ab_counts,
+        )
+
+    def _commit(
+        self,
+        server_round: int,
+        *,
+        run: str,
+        personal: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+        local_only: dict[str, torch.Tensor] | None,
+        charges: tuple[tuple[float, float, int] | None, tuple[float, float, int] | None],
+        record: dict[str, Any],
+    ) -> None:
+        """Keep a trained round in one store transaction: a device killed here restarts with
+        the previous round's personal tensors, ledger and record, or with all three of this
+        round's (the update is only sent after the charge is committed).
+
+        Args:
+            personal: The personal tensors before and after the round (merged with any
+                feedback the user gave meanwhile: device serve, another process).
+            local_only: The local-only baseline's tensors after the round, if it trained.
+            charges: The round's ``(record, user)`` charges.
+            record: The round's entry in the device's history.
+        """
+        before, after = personal
+        with self.store.batch():
+            self.state.update_personal(before, {n: after[n] for n in self.rt.personal_names})
+            if local_only is not None:
+                baseline.save(self.store, local_only)
+            self.ledger.charge(
+                server_round=server_round, record=charges[0], user=charges[1], run=run
+            )
+            self.ledger.save(self.store)
+            self.state.meta.rounds_trained += 1
+            self.state.meta.last_round = server_round
+            self.state.meta.history.append(record)
+            self.state.save_meta()
+
+    def _admit(
+        self, server_round: int, *, run: str, masked: bool, self_sampled: bool
+    ) -> tuple[tuple[float, float, int] | None, tuple[float, float, int] | None]:
+        """The round's ``(record, user)`` charges, once the policy, the data and the ledger
+        all admit it.
+
+        Raises:
+            PolicyRefused: The owner's policy refuses the round's terms.
+            TooFewExamples: Fewer examples than ``data.min-examples``.
+            BudgetExhausted: A charge would pass a cap.
+        """
+        reason = self.policy.refusal(self.cfg, num_partitions=self.num_partitions, masked=masked)
+        if reason is not None:
+            raise PolicyRefused(reason)
+        shortfall = too_few_examples(len(self.train_examples), self.cfg.data.min_examples)
+        if shortfall is not None:
+            raise TooFewExamples(shortfall)
+        record, user = self.planned_charges(server_round, run=run, self_sampled=self_sampled)
+        self.ledger.check(record=record, user=user)
+        return record, user
+
+    def _decline(
+        self, global_shared: dict[str, torch.Tensor], server_round: int, err: Exception
+    ) -> TrainResult:
+        """A declined round: logged and kept in the ledger with its reason; a zero update of
+        weight 0 is all that leaves."""
+        logger.warning("device %s declines round %s: %s", self.user, server_round, err)
+        self.ledger.note_declined(server_round=server_round, reason=str(err))
+        self.ledger.save(self.store)
+        zeros = {n: torch.zeros_like(t) for n, t in global_shared.items()}
+        return TrainResult(
+            zeros,
+            {
+                **self._label(),
+                "declined": 1,
+                "weight": 0,
+                "num-examples": 0,
+                **self._privacy_metrics(),
+            },
+            declined=True,
+        )
+
+    def _train_locally(
+        self, start: dict[str, torch.Tensor], common: dict[str, Any]
+    ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The round's local steps from ``start`` (DP-SGD when ``dp.local`` is on).
+
+        Returns:
+            ``(mean training loss, the LoRA tensors after, the raw shared update)`` — the
+            update is the shared tensors' change (blend: its personal adapter's change), or
+            minus the sum of the round's gradients there (``personalization.update``).
+        """
+        load_lora_tensors(self.rt.model, start)
         source = {n: self.rt.strategy.update_source(n) for n in self.rt.shared_names}
         sums = (
             {src: torch.zeros_like(start[src], dtype=torch.float32) for src in source.values()}
@@ -435,58 +538,11 @@ class Device:
                 **common,
             )
         after = get_lora_tensors(self.rt.model)
-        # The shared tensors' change (blend: its personal adapter's change this round), or
-        # minus the sum of this round's gradients there (personalization.update).
         if sums is not None:
             update = {n: -sums[src] for n, src in source.items()}
         else:
             update = {n: after[src] - start[src].to(after[src].dtype) for n, src in source.items()}
-        local_only = None
-        if self.local_baseline and not self.rt.strategy.local_only_personal:
-            local_only, _ = baseline.train_round(
-                self.rt.model,
-                baseline.load(self.store),
-                strategy=self.rt.strategy,
-                init=self.rt.init,
-                examples=self.train_set,
-                precision=self.cfg.train.precision,
-                **common,
-            )
-        update, norm = Privatize.of(self.cfg, self.num_partitions)(update)
-
-        # One transaction: a device killed here restarts with the previous round's personal
-        # tensors, ledger and record, or with all three of this round's (the update is only
-        # sent after the charge is committed).
-        with self.store.batch():
-            # Merged with any feedback the user gave meanwhile (device serve, another process).
-            self.state.update_personal(
-                {n: start[n] for n in self.rt.personal_names},
-                {n: after[n] for n in self.rt.personal_names},
-            )
-            if local_only is not None:
-                baseline.save(self.store, local_only)
-            self.ledger.charge(server_round=server_round, record=record, user=user, run=run)
-            self.ledger.save(self.store)
-            self.state.meta.rounds_trained += 1
-            self.state.meta.last_round = server_round
-            self.state.meta.history.append(
-                {"round": server_round, "train_loss": loss, "update_norm_before_clip": norm}
-            )
-            self.state.save_meta()
-        weight = 1 if uniform_weights(self.cfg) else len(self.train_set)
-        return TrainResult(
-            update,
-            {
-                "train_loss": loss,
-                "num-examples": len(self.train_set),
-                "weight": weight,
-                "declined": 0,
-                **self._label(),
-                **self._privacy_metrics(),
-            },
-            declined=False,
-            ab=ab_counts,
-        )
+        return loss, after, update
 
     @torch.no_grad()
     def evaluate(

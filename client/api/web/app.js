@@ -660,9 +660,12 @@ const FIELD_LABELS = {
 };
 
 async function loadProfile() {
+  // The form stays disabled until the profile is in: a late load would overwrite typing.
+  $("profile-fieldset").disabled = true;
   $("profile-status").textContent = "";
   try {
     renderProfile(await getJSON("/v1/profile"));
+    $("profile-fieldset").disabled = false;
   } catch (err) {
     $("profile-status").textContent = err.message;
   }

@@ -25,6 +25,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,20 @@ from common.lora import export_adapter
 from common.pii import scrub
 
 logger = logging.getLogger(__name__)
+# The parts of an answer's time (Answer.timings_ms), in order.
+STEPS = ("prepare", "generate", "rerank_store")
+
+
+@dataclass
+class _Prepared:
+    """One request, ready to answer (:meth:`Assistant._prepare`)."""
+
+    clean: str  # the request PII-scrubbed: what is stored and embedded
+    context: dict[str, Any]
+    query: np.ndarray  # its embedding
+    history: list[Retrieved]  # the past interactions it recalls
+    messages: list[dict[str, str]]  # what the model sees
+    prompt_ids: list[int]
 
 
 class Assistant(FeedbackLearning):
@@ -260,13 +276,10 @@ class Assistant(FeedbackLearning):
         Args:
             request: The user's request, or the whole conversation as chat messages
                 (``system``/``developer``/``user``/``assistant``; the last one from the user).
-            n: Candidates to sample and rerank.
-            max_new_tokens: Length limit per candidate.
-            temperature: Sampling temperature.
-            task: The user's current task/app (context).
-            seed: Sampling seed (reproducible answers).
-            system: Extra system instructions from the caller (e.g. an API client's own
-                system message), appended after the personalized prompt.
+            n, max_new_tokens, temperature: Candidates to sample and rerank, the length limit
+                of each, the sampling temperature.
+            task, seed: The user's current task/app (context); a seed for reproducible answers.
+            system: The caller's own system instructions, after the personalized prompt.
             model: ``personal``, ``global`` or ``experts`` to choose the model; ``None``: the
                 device decides (the cold-start gate, or the A/B coin when the test is on).
             stop: Strings that end the answer (not included).
@@ -281,83 +294,135 @@ class Assistant(FeedbackLearning):
         """
         turns, last, extra = split_conversation(request)
         system = "\n".join(s for s in (extra, system) if s) or None
+        sampling = self._sampling(n, max_new_tokens, temperature, model)
+        with self.lock:
+            marks = [time.perf_counter()]
+            self.store.maybe_purge()
+            ready = self._prepare(last, turns, task=task, system=system, room=max_new_tokens)
+            marks.append(time.perf_counter())
+            variant, why, stored_variant = self._choose_model(model)
+            generated = self._generate_with(
+                variant,
+                ready.prompt_ids,
+                sampling,
+                seed=seed,
+                stop=stop,
+                on_text=on_text,
+                cancel=cancel,
+            )
+            marks.append(time.perf_counter())
+            ranked = self._rerank(generated, ready, system)
+            if on_text is not None and n > 1:
+                on_text(ranked[0].text)
+            interaction_id = self._remember(ready, ranked[0].text, stored_variant)
+            marks.append(time.perf_counter())
+        return Answer(
+            interaction_id=interaction_id,
+            text=ranked[0].text,
+            variant=variant,
+            candidates=[{"text": s.text, "score": s.score, "parts": s.parts} for s in ranked],
+            retrieved=[r.interaction.id for r in ready.history],
+            context=ready.context,
+            why=why,
+            finish_reason=generated[ranked[0].index].finish_reason,
+            prompt_tokens=len(ready.prompt_ids),
+            completion_tokens=sum(g.tokens for g in generated),
+            turns_used=len(ready.messages) - 2,
+            timings_ms={
+                step: (b - a) * 1000 for step, (a, b) in zip(STEPS, pairwise(marks), strict=True)
+            },
+        )
+
+    def _sampling(
+        self, n: int, max_new_tokens: int, temperature: float, model: str | None
+    ) -> dict[str, Any]:
+        """The sampling arguments of :meth:`ask`, checked (and its ``model``).
+
+        Raises:
+            ValueError: Bad sampling arguments.
+            UnknownModel: A ``model`` this device does not have.
+        """
         if not 1 <= n <= 8 or not 1 <= max_new_tokens <= 1024 or temperature <= 0:
             raise ValueError("need 1 <= n <= 8, 1 <= max_new_tokens <= 1024, temperature > 0")
         if model is not None and model not in ("personal", "global", "experts"):
             raise UnknownModel(f"unknown model {model!r}; this device has {self.variants()}")
-        with self.lock:
-            t0 = time.perf_counter()
-            self.store.maybe_purge()
-            clean = scrub(last)  # what may be stored or embedded; the model sees ``last``
-            context = extract_context(task=task)
-            query = self.embedder.encode_one(clean)
-            history = retrieve(query, self.store.interactions(limit=500))
-            for r in history:
-                r.endorsed = self._endorsed(r.interaction)
-            messages, prompt_ids = self.fit_prompt(
-                lambda hist, kept: build_messages(
-                    self.profile, last, context=context, history=hist, turns=kept, system=system
-                ),
-                history,
-                turns,
-                max_new_tokens,
-            )
-            t1 = time.perf_counter()
-            if model is not None:
-                variant, why, stored_variant = model, f"you asked for the {model} model", None
-            elif self.ab_test:
-                # Federated A/B test: a coin picks the model for this answer; the user's
-                # rating of it is counted (as a secure sum) in the next federated round.
-                variant = secrets.choice(ab.ARMS)
-                why = f"A/B test: a coin chose the {variant} model for this answer"
-                stored_variant = variant
-            else:
-                variant, why, stored_variant = self.variant, self.why(), self.variant
-            swapped = variant != self.variant or self.ab_test
-            if swapped:
-                hot_swap(self.rt.model, self._tensors_for(variant))
-            try:
-                sampling = {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature}
-                generated = self.generate(
-                    prompt_ids, **sampling, seed=seed, stop=stop, on_text=on_text, cancel=cancel
-                )
-            finally:
-                if swapped:
-                    self.activate()
-            t2 = time.perf_counter()
-            texts = [g.text for g in generated]
-            known = "\n".join(
-                [m["content"] for m in messages[1:] if m["role"] == "user"] + [system or ""]
-            )
-            ranked = rerank(
-                texts, self.embedder.encode(texts), query=query, profile=self.profile, known=known
-            )
-            best = ranked[0]
-            chosen = generated[best.index]
-            if on_text is not None and n > 1:
-                on_text(best.text)
-            interaction_id = self.store.add_interaction(
-                clean, best.text, context=context, embedding=query, variant=stored_variant
-            )
-            t3 = time.perf_counter()
-        return Answer(
-            interaction_id=interaction_id,
-            text=best.text,
-            variant=variant,
-            candidates=[{"text": s.text, "score": s.score, "parts": s.parts} for s in ranked],
-            retrieved=[r.interaction.id for r in history],
-            context=context,
-            why=why,
-            finish_reason=chosen.finish_reason,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=sum(g.tokens for g in generated),
-            turns_used=len(messages) - 2,
-            timings_ms={
-                "prepare": (t1 - t0) * 1000,
-                "generate": (t2 - t1) * 1000,
-                "rerank_store": (t3 - t2) * 1000,
-            },
+        return {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature}
+
+    def _remember(self, ready: _Prepared, answer: str, variant: str | None) -> int:
+        """Keep the exchange (the request scrubbed, its embedding, the answer and the A/B
+        variant that gave it); return the interaction's id."""
+        return self.store.add_interaction(
+            ready.clean, answer, context=ready.context, embedding=ready.query, variant=variant
         )
+
+    def _prepare(
+        self,
+        last: str,
+        turns: list[dict[str, str]],
+        *,
+        task: str | None,
+        system: str | None,
+        room: int,
+    ) -> _Prepared:
+        """The request scrubbed and embedded, the interactions it recalls (with what the user
+        endorsed) and the prompt that fits the context with ``room`` tokens to answer."""
+        clean = scrub(last)  # what may be stored or embedded; the model sees ``last``
+        context = extract_context(task=task)
+        query = self.embedder.encode_one(clean)
+        history = retrieve(query, self.store.interactions(limit=500))
+        for r in history:
+            r.endorsed = self._endorsed(r.interaction)
+        messages, prompt_ids = self.fit_prompt(
+            lambda hist, kept: build_messages(
+                self.profile, last, context=context, history=hist, turns=kept, system=system
+            ),
+            history,
+            turns,
+            room,
+        )
+        return _Prepared(clean, context, query, history, messages, prompt_ids)
+
+    def _rerank(
+        self, generated: list[Generated], ready: _Prepared, system: str | None
+    ) -> list[Any]:
+        """The candidates ranked for this user (their profile, the request, and not echoing
+        what the conversation already said)."""
+        texts = [g.text for g in generated]
+        known = "\n".join(
+            [m["content"] for m in ready.messages[1:] if m["role"] == "user"] + [system or ""]
+        )
+        return rerank(
+            texts, self.embedder.encode(texts), query=ready.query, profile=self.profile, known=known
+        )
+
+    def _choose_model(self, model: str | None) -> tuple[str, str, str | None]:
+        """``(variant, why, variant kept with the interaction)`` for one answer: the model
+        asked for; else, with the federated A/B test on, a coin's pick (the user's rating of
+        it is counted, as a secure sum, in the next round); else the gate's choice."""
+        if model is not None:
+            return model, f"you asked for the {model} model", None
+        if self.ab_test:
+            variant = secrets.choice(ab.ARMS)
+            return variant, f"A/B test: a coin chose the {variant} model for this answer", variant
+        return self.variant, self.why(), self.variant
+
+    def _generate_with(
+        self,
+        variant: str,
+        prompt_ids: list[int],
+        sampling: dict[str, Any],
+        **options: Any,
+    ) -> list[Any]:
+        """Generate under ``variant``'s tensors, hot-swapped in for this answer only (the
+        active model is back in place afterwards, whatever happens)."""
+        swapped = variant != self.variant or self.ab_test
+        if swapped:
+            hot_swap(self.rt.model, self._tensors_for(variant))
+        try:
+            return self.generate(prompt_ids, **sampling, **options)
+        finally:
+            if swapped:
+                self.activate()
 
     # ---- profile, experts, status -------------------------------------------------------
 

@@ -17,12 +17,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from common.atomic import atomic_write_bytes  # noqa: E402
+from common.atomic import atomic_write_bytes
+from simulations.plots import (
+    fmt,
+    plot_ab,
+    plot_cold_start,
+    plot_drift,
+    plot_epsilon,
+    plot_mia,
+    plot_rounds,
+    plot_sweep,
+    plot_users,
+)
 
 
 def row_from_run(target_epsilon: float, sigma: float, run_dir: Path) -> dict:
@@ -52,177 +58,6 @@ def row_from_run(target_epsilon: float, sigma: float, run_dir: Path) -> dict:
         "minutes": s["timings"]["total_s"] / 60,
         "run_dir": str(run_dir),
     }
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_rounds(summary: dict, out: Path) -> Path:
-    """Held-out losses (base, global, personal) and training loss per round."""
-    rounds = summary["rounds"]
-    x = [r["round"] for r in rounds]
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for key, style in (
-        ("base_loss", ":"),
-        ("global_loss", "--"),
-        ("personal_loss", "-"),
-        ("train_loss", "-."),
-    ):
-        y = [r.get(key) for r in rounds]
-        if any(v is not None for v in y):
-            ax.plot(x, y, style, marker="o", label=key.replace("_", " "))
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Losses per round (mean over users)")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "rounds.png")
-
-
-def plot_users(summary: dict, out: Path) -> Path:
-    """Each user's personal vs global held-out loss (below the diagonal = personal wins)."""
-    clients = summary["clients"]
-    g = [c["global_loss"] for c in clients]
-    p = [c["personal_loss"] for c in clients]
-    fig, ax = plt.subplots(figsize=(4.2, 4.0))
-    ax.scatter(g, p, s=30)
-    lo, hi = min(g + p), max(g + p)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    for c in clients:
-        ax.annotate(c["user"].split("@")[0], (c["global_loss"], c["personal_loss"]), fontsize=6)
-    ax.set_xlabel("global (cold-start) loss")
-    ax.set_ylabel("personal loss")
-    ax.set_title(f"Per user: win_rate {summary['win_rate']:.2f}")
-    return _save(fig, out / "users.png")
-
-
-def plot_epsilon(summary: dict, out: Path) -> Path:
-    """Federation ε per round (RDP, PRV) and each device's ledger ε against its cap."""
-    rounds = summary["rounds"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
-    x = [r["round"] for r in rounds]
-    for key, label in (("user_epsilon", "RDP"), ("user_epsilon_prv", "PRV")):
-        y = [r.get(key) for r in rounds]
-        if any(v is not None for v in y):
-            a.plot(x, y, marker="o", label=label)
-    cap = summary["privacy"].get("device_epsilon_cap")
-    if cap:
-        a.axhline(cap, color="r", ls="--", lw=0.8, label="device cap")
-    a.set_xlabel("round")
-    a.set_ylabel("user-level ε")
-    a.set_title("Federation ε")
-    a.legend(fontsize=8)
-    clients = summary["clients"]
-    b.bar(range(len(clients)), [c.get("user_epsilon", 0.0) for c in clients])
-    if cap:
-        b.axhline(cap, color="r", ls="--", lw=0.8)
-    b.set_xticks(
-        range(len(clients)), [c["user"].split("@")[0] for c in clients], rotation=60, fontsize=6
-    )
-    b.set_title("Each device's ledger ε")
-    return _save(fig, out / "epsilon.png")
-
-
-def plot_sweep(rows: list[dict], out: Path) -> Path:
-    """ε–utility from ``benchmarks.sweep``'s ``sweep.json``: held-out losses against ε."""
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    finite = sorted(
-        (
-            r
-            for r in rows
-            if isinstance(r.get("epsilon_rdp"), int | float) and r["epsilon_rdp"] != float("inf")
-        ),
-        key=lambda r: r["epsilon_rdp"],
-    )
-    eps = [r["epsilon_rdp"] for r in finite]
-    ax.plot(eps, [r["personal_loss"] for r in finite], marker="o", label="personal")
-    ax.plot(eps, [r["global_loss"] for r in finite], marker="s", ls="--", label="global")
-    no_dp = [r for r in rows if r not in finite]
-    if no_dp:
-        ax.axhline(no_dp[0]["personal_loss"], color="k", lw=0.8, ls=":", label="no DP")
-    ax.set_xscale("log")
-    ax.set_xlabel("user-level ε (RDP)")
-    ax.set_ylabel("held-out loss")
-    ax.set_title("Privacy–utility")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "epsilon_utility.png")
-
-
-def plot_cold_start(ev: dict, out: Path) -> Path:
-    """win_rate of new users against the number of local interactions."""
-    rates = {int(k): v for k, v in ev["cold_start"]["win_rate_by_k"].items()}
-    fig, ax = plt.subplots(figsize=(4.6, 3.2))
-    ks = sorted(rates)
-    ax.plot(ks, [rates[k] for k in ks], marker="o")
-    ax.axhline(0.85, color="r", ls="--", lw=0.8, label="0.85")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("local interactions")
-    ax.set_ylabel("win_rate vs global")
-    ax.set_title(f"Cold start (cold_start_k = {_fmt(ev['cold_start']['cold_start_k'])})")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "cold_start.png")
-
-
-def plot_drift(ev: dict, out: Path) -> Path:
-    """Personal loss on the new role after each interaction, against the global model's."""
-    fig, ax = plt.subplots(figsize=(4.6, 3.2))
-    for i, pair in enumerate(ev["drift"]["pairs"]):
-        trace = pair["personal_loss_trace"]
-        line = ax.plot(range(len(trace)), trace, marker=".", label=f"pair {i + 1}")[0]
-        ax.axhline(pair["global_loss_on_new"], color=line.get_color(), ls="--", lw=0.8)
-    ax.set_xlabel("interactions after the switch")
-    ax.set_ylabel("loss on the new role")
-    ax.set_title("Drift recovery (dashed: global)")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "drift.png")
-
-
-def plot_mia(ev: dict, out: Path) -> Path:
-    """ROC of the loss-threshold membership attack."""
-    mia = ev["membership_inference"]
-    fig, ax = plt.subplots(figsize=(4.0, 3.8))
-    for name in ("global", "personal"):
-        pts = mia["roc_points"][name]
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            label=f"{name}: AUC {mia[name]['mia_auc']:.3f}",
-        )
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.set_title("Membership inference ROC")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "mia_roc.png")
-
-
-def plot_ab(ab: dict, out: Path) -> Path:
-    """Mean rating per arm with its confidence interval."""
-    fig, ax = plt.subplots(figsize=(4.2, 3.2))
-    arms = ["global", "personal"]
-    means = [ab["mean_a"], ab["mean_b"]]
-    ax.bar(arms, means, color=["#999", "#3a7"])
-    ax.set_ylim(1, 5)
-    ax.set_ylabel("mean rating (1–5)")
-    ax.set_title(
-        f"A/B: Δ {ab['diff']:+.2f} [{ab['ci_low']:+.2f}, {ab['ci_high']:+.2f}], "
-        f"p={ab['p_value']:.3g}",
-        fontsize=9,
-    )
-    return _save(fig, out / "ab.png")
 
 
 BY_DATA_COLUMNS = (
@@ -282,6 +117,25 @@ def build_report(
     ev = json.loads(ev_path.read_text())
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
+    figures = _figures(run_dir, summary, ev, out, sweep=sweep, compare=compare)
+    title = f"fedpersona report — {run_dir.name}"
+    facts = _facts(summary, ev)
+    groups = by_data_rows(summary)
+    atomic_write_bytes(out / "report.md", _markdown(title, summary, ev, facts, groups, figures))
+    atomic_write_bytes(out / "report.html", _html(title, summary, ev, facts, groups, figures))
+    return out / "report.html"
+
+
+def _figures(
+    run_dir: Path,
+    summary: dict[str, Any],
+    ev: dict[str, Any],
+    out: Path,
+    *,
+    sweep: Path | None,
+    compare: list[Path] | None,
+) -> list[tuple[str, Path]]:
+    """The report's plots, drawn into ``out``: ``(caption, PNG path)`` each."""
     figures = [
         ("Losses per round", plot_rounds(summary, out)),
         ("Personal vs global, per user", plot_users(summary, out)),
@@ -300,14 +154,11 @@ def build_report(
     ab = summary.get("ab_test")
     if ab and ab.get("n_a", 0) and ab.get("n_b", 0):
         figures.append(("Federated A/B test", plot_ab(ab, out)))
+    return figures
 
-    title = f"fedpersona report — {run_dir.name}"
-    table = ["| metric | seed target | measured | meets |", "|---|---|---|---|"]
-    for row in ev["seed_targets"]:
-        table.append(
-            f"| {row['metric']} | {row['target']} | {_fmt(row['measured'])} | "
-            f"{_fmt(row['meets'])} |"
-        )
+
+def _facts(summary: dict[str, Any], ev: dict[str, Any]) -> list[str]:
+    """The run's facts in one line each: setup and scores, what the ε assumes, canaries."""
     p = ev["personalization"]
     facts = [
         f"strategy `{summary['strategy']}`, {len(summary['clients'])} users, "
@@ -325,8 +176,24 @@ def build_report(
                 f"{k} {[round(x, 2) for x in v]}" for k, v in c.items() if k.startswith("personal")
             )
         )
+    return facts
+
+
+def _markdown(
+    title: str,
+    summary: dict[str, Any],
+    ev: dict[str, Any],
+    facts: list[str],
+    groups: list[list[str]],
+    figures: list[tuple[str, Path]],
+) -> bytes:
+    """``report.md``: the seed targets, the facts, who gains by amount of data, the plots."""
+    table = ["| metric | seed target | measured | meets |", "|---|---|---|---|"]
+    for row in ev["seed_targets"]:
+        table.append(
+            f"| {row['metric']} | {row['target']} | {fmt(row['measured'])} | {fmt(row['meets'])} |"
+        )
     md = [f"# {title}", "", *table, "", *[f"- {f}" for f in facts], ""]
-    groups = by_data_rows(summary)
     if len(groups) > 1:
         md += ["## Who gains from joining, by how much data they have", ""]
         md += ["| " + " | ".join(r) + " |" for r in groups[:1]]
@@ -334,7 +201,18 @@ def build_report(
         md += ["| " + " | ".join(r) + " |" for r in groups[1:]]
         md += ["", summary.get("headline", ""), ""]
     md += [f"## {name}\n\n![{name}]({path.name})\n" for name, path in figures]
-    atomic_write_bytes(out / "report.md", "\n".join(md).encode())
+    return "\n".join(md).encode()
+
+
+def _html(
+    title: str,
+    summary: dict[str, Any],
+    ev: dict[str, Any],
+    facts: list[str],
+    groups: list[list[str]],
+    figures: list[tuple[str, Path]],
+) -> bytes:
+    """``report.html``: the same as ``report.md``, one self-contained page (plots inline)."""
 
     def img(path: Path) -> str:
         data = base64.b64encode(path.read_bytes()).decode()
@@ -343,7 +221,7 @@ def build_report(
     rows_html = "".join(
         "<tr>"
         + "".join(
-            f"<td>{html.escape(_fmt(row[k]))}</td>"
+            f"<td>{html.escape(fmt(row[k]))}</td>"
             for k in ("metric", "target", "measured", "meets")
         )
         + "</tr>"
@@ -373,5 +251,4 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
             for n, p in figures
         )
     }</div></body></html>"""
-    atomic_write_bytes(out / "report.html", page.encode())
-    return out / "report.html"
+    return page.encode()

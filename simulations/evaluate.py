@@ -489,40 +489,8 @@ def evaluate_run(
     drift = (
         timed("drift", ev.drift, pairs=drift_pairs, before=8, after=8) if "drift" in parts else {}
     )
-    rounds = ev.summary.get("rounds", [])
-    user_level = ev.summary.get("privacy", {}).get("user_level", {})
-    user_eps = user_level.get("epsilon_rdp", user_level.get("epsilon"))  # inf without noise
-    if user_eps is None:
-        user_eps = max((r.get("user_epsilon", math.inf) for r in rounds), default=math.inf)
-    measured = {
-        "personalization accuracy (attribution_acc@10)": personalization.get("attribution_acc@10"),
-        "preference alignment (win_rate)": personalization.get("win_rate"),
-        "style_consistency": gens.get("style_consistency"),
-        "context_relevance": gens.get("context_relevance"),
-        "novelty (distinct-2)": gens.get("novelty", {}).get("distinct_2"),
-        "mia_auc (global)": mia.get("global", {}).get("mia_auc"),
-        "mia_auc (personal, worst case)": mia.get("personal", {}).get("mia_auc"),
-        "leakage_rate": gens.get("leakage_rate"),
-        "cold_start_k": cold.get("cold_start_k"),
-        "user ε": user_eps,
-        "user embedding dim": 384,
-        "adaptation latency, one feedback (ms, this machine)": cold.get("adapt_ms_median"),
-        "state per user (bytes, largest store)": ev.largest_store(),
-        "data retention (days)": DEFAULT_RETENTION_DAYS,
-    }
-    # A row whose audit cannot fail says so instead of "meets".
-    vacuous = {"mia_auc (global)"} if mia.get("global_is_base") else set()
-    table = [
-        {
-            "metric": name,
-            "target": f"{rule[0]} {rule[1]}",
-            "measured": measured[name],
-            "meets": "cannot fail (released model = base)"
-            if name in vacuous
-            else _meets(rule, measured[name]),
-        }
-        for name, rule in SEED_TARGETS.items()
-    ]
+    user_eps = _user_epsilon(ev.summary)
+    table = _seed_table(ev, user_eps, personalization, gens, mia, cold)
     if one_run is not None:
         one_run["accountant_epsilon"] = user_eps
     result = {
@@ -586,3 +554,53 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _user_epsilon(summary: dict[str, Any]) -> float:
+    """The run's user-level ε (RDP where the run has it; inf without noise)."""
+    rounds = summary.get("rounds", [])
+    user_level = summary.get("privacy", {}).get("user_level", {})
+    user_eps = user_level.get("epsilon_rdp", user_level.get("epsilon"))  # inf without noise
+    if user_eps is None:
+        user_eps = max((r.get("user_epsilon", math.inf) for r in rounds), default=math.inf)
+    return float(user_eps)
+
+
+def _seed_table(
+    ev: Evaluator,
+    user_eps: float,
+    personalization: dict[str, Any],
+    gens: dict[str, Any],
+    mia: dict[str, Any],
+    cold: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The seed document's targets beside what this run measured, each with whether it is
+    met (an audit row that cannot fail says so)."""
+    measured = {
+        "personalization accuracy (attribution_acc@10)": personalization.get("attribution_acc@10"),
+        "preference alignment (win_rate)": personalization.get("win_rate"),
+        "style_consistency": gens.get("style_consistency"),
+        "context_relevance": gens.get("context_relevance"),
+        "novelty (distinct-2)": gens.get("novelty", {}).get("distinct_2"),
+        "mia_auc (global)": mia.get("global", {}).get("mia_auc"),
+        "mia_auc (personal, worst case)": mia.get("personal", {}).get("mia_auc"),
+        "leakage_rate": gens.get("leakage_rate"),
+        "cold_start_k": cold.get("cold_start_k"),
+        "user ε": user_eps,
+        "user embedding dim": 384,
+        "adaptation latency, one feedback (ms, this machine)": cold.get("adapt_ms_median"),
+        "state per user (bytes, largest store)": ev.largest_store(),
+        "data retention (days)": DEFAULT_RETENTION_DAYS,
+    }
+    vacuous = {"mia_auc (global)"} if mia.get("global_is_base") else set()
+    return [
+        {
+            "metric": name,
+            "target": f"{rule[0]} {rule[1]}",
+            "measured": measured[name],
+            "meets": "cannot fail (released model = base)"
+            if name in vacuous
+            else _meets(rule, measured[name]),
+        }
+        for name, rule in SEED_TARGETS.items()
+    ]

@@ -47,6 +47,15 @@ class ForgetRequest(BaseModel):
 def device_router(assistant: Assistant, metrics: Metrics, guard: Guard) -> APIRouter:
     """The extension routes over ``assistant``, each behind ``guard``'s bearer token."""
     router = APIRouter()
+    _learning_routes(router, assistant, metrics, guard)
+    _data_routes(router, assistant, guard)
+    return router
+
+
+def _learning_routes(
+    router: APIRouter, assistant: Assistant, metrics: Metrics, guard: Guard
+) -> None:
+    """What the user teaches the assistant: feedback on answers, the profile."""
 
     @router.post("/v1/feedback", dependencies=[Depends(guard.auth)], responses=ERRORS)
     async def feedback(body: FeedbackRequest) -> dict[str, Any]:
@@ -98,6 +107,10 @@ def device_router(assistant: Assistant, metrics: Metrics, guard: Guard) -> APIRo
         assistant.set_profile(changes)
         return _public_profile(assistant)
 
+
+def _data_routes(router: APIRouter, assistant: Assistant, guard: Guard) -> None:
+    """What the device holds and spends: the ledger, rounds, status, export and forget."""
+
     @router.get("/v1/budget", dependencies=[Depends(guard.auth)], responses=ERRORS)
     def budget() -> dict[str, Any]:
         """The device's privacy ledger."""
@@ -137,8 +150,6 @@ def device_router(assistant: Assistant, metrics: Metrics, guard: Guard) -> APIRo
             assistant.embedder.clear_cache()  # recent texts' vectors, held in memory
             erased = LocalStore.forget(root)
         return {"erased": erased}
-
-    return router
 
 
 def _numel(shape: tuple[int, ...]) -> int:

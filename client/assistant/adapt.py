@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -99,29 +99,69 @@ def adapt_on_feedback(
     start = time.perf_counter()
     split, names = _split_at(model, personal_names, top_layers)
     params = unfreeze_only(model, names)
-    backup = [p.detach().clone() for p in params]
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(list(examples), pad_id).items()}
-    losses_of = _upper_losses(model, batch, split, precision) if split else None
+    # The output layer on reply tokens only, in the training precision (bf16 on a CPU with
+    # native bf16, after the parity check): what a federated round trains.
+    losses_of = (
+        _upper_losses(model, batch, split, precision)
+        if split
+        else _whole_losses(model, batch, precision)
+    )
     w = None
     if weights is not None:
         w = torch.tensor(list(weights), dtype=torch.float32, device=device)
         w = w / w.sum()
+    first = _sgd_steps(
+        model,
+        params,
+        losses_of,
+        steps=steps,
+        learning_rate=learning_rate,
+        rows=batch["input_ids"].shape[0],
+        weights=w,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return first, (time.perf_counter() - start) * 1000
+
+
+def _whole_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """Per-token reply losses (and their rows) of ``batch`` through the whole model."""
+
+    def losses() -> tuple[torch.Tensor, torch.Tensor]:
+        with training_autocast(model, precision, batch):
+            return reply_token_losses(model, batch)
+
+    return losses
+
+
+def _sgd_steps(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    losses_of: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    learning_rate: float,
+    rows: int,
+    weights: torch.Tensor | None,
+) -> float:
+    """``steps`` SGD steps on ``params``; return the loss before the first.
+
+    Raises:
+        ValueError: The loss became non-finite (``params`` are restored first).
+    """
+    backup = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=learning_rate)
     model.train()
     first = math.nan
-    rows = batch["input_ids"].shape[0]
     try:
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            # The output layer on reply tokens only, in the training precision (bf16 on a
-            # CPU with native bf16, after the parity check): what a federated round trains.
-            if losses_of is not None:
-                losses, row = losses_of()
-            else:
-                with training_autocast(model, precision, batch):
-                    losses, row = reply_token_losses(model, batch)
-            loss = _weighted_mean(losses, row, rows, w)
+            losses, row = losses_of()
+            loss = _weighted_mean(losses, row, rows, weights)
             if not torch.isfinite(loss):
                 raise ValueError("non-finite loss during feedback adaptation")
             if step == 0:
@@ -137,9 +177,7 @@ def adapt_on_feedback(
         model.eval()
         for p in params:
             p.requires_grad_(False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return first, (time.perf_counter() - start) * 1000
+    return first
 
 
 def _layer_of(name: str) -> int | None:

@@ -117,6 +117,26 @@ def _per_client_lora(
             handle.remove()
 
 
+def _tensor_names(clients: Sequence[ClientJob], trainable: Sequence[str]) -> list[str]:
+    """The LoRA tensor names every client holds, sorted.
+
+    Raises:
+        ValueError: No clients, a client without samples or some tensors, or a trainable
+            name that is not one of them.
+    """
+    if not clients:
+        raise ValueError("no clients to train")
+    names = sorted({n for c in clients for n in c.tensors})
+    for i, c in enumerate(clients):
+        if not c.samples:
+            raise ValueError(f"client {i} has no training samples")
+        if set(c.tensors) != set(names):
+            raise ValueError(f"client {i} does not hold every LoRA tensor of the model")
+    if not set(trainable) <= set(names):
+        raise ValueError("some trainable names are not LoRA tensors of the model")
+    return names
+
+
 def train_steps_batched(
     model: torch.nn.Module,
     trainable: Sequence[str],
@@ -145,16 +165,7 @@ def train_steps_batched(
         ValueError: No clients, a client without samples or tensors, or a non-finite loss
             (naming the client; nothing is returned for any).
     """
-    if not clients:
-        raise ValueError("no clients to train")
-    names = sorted({n for c in clients for n in c.tensors})
-    for i, c in enumerate(clients):
-        if not c.samples:
-            raise ValueError(f"client {i} has no training samples")
-        if set(c.tensors) != set(names):
-            raise ValueError(f"client {i} does not hold every LoRA tensor of the model")
-    if not set(trainable) <= set(names):
-        raise ValueError("some trainable names are not LoRA tensors of the model")
+    names = _tensor_names(clients, trainable)
     device = next(model.parameters()).device
     stacked = {
         n: torch.stack([c.tensors[n] for c in clients]).to(device, torch.float32) for n in names

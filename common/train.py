@@ -22,6 +22,7 @@ import logging
 import random
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -452,18 +453,7 @@ def train_steps(
                 raise ValueError(
                     f"non-finite training loss {loss.item()}; lower train.learning-rate"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                _add_gradients(model, gradient_sums)
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                if gradient_sums:
-                    scaler.unscale_(optimizer)
-                    _add_gradients(model, gradient_sums)
-                scaler.step(optimizer)
-                scaler.update()
+            _step(model, loss, optimizer, scaler, gradient_sums)
             losses.append(float(loss.detach()))
     finally:
         held.close()
@@ -472,6 +462,29 @@ def train_steps(
             param.requires_grad_(False)
             param.grad = None
     return sum(losses) / len(losses)
+
+
+def _step(
+    model: torch.nn.Module,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    gradient_sums: dict[str, torch.Tensor] | None,
+) -> None:
+    """One optimizer step on ``loss`` (through the fp16 gradient scaler where there is one),
+    each step's unscaled gradients added into ``gradient_sums`` first."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        _add_gradients(model, gradient_sums)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if gradient_sums:
+        scaler.unscale_(optimizer)
+        _add_gradients(model, gradient_sums)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _add_gradients(model: torch.nn.Module, sums: dict[str, torch.Tensor] | None) -> None:
@@ -527,27 +540,24 @@ def train_steps_dp(
     Raises:
         ValueError: If there is nothing to train on or the loss becomes non-finite.
     """
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
+    # isort: off
     import common.dp.opacus_quiet  # noqa: F401  (before Opacus: no second log handler)
+    from opacus import GradSampleModule
+
+    # isort: on
 
     if not samples:
         raise ValueError("no training samples on this device")
     sample_rate = min(1.0, batch_size / len(samples))
     params = unfreeze_only(model, trainable)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    # Batches and noise from the OS's randomness unless a seed is given (tests): a seed the
-    # server could know (round, user) would let it rebuild the batches and the sampling
-    # credit would not hold against it.
-    noise_seed = secrets.randbits(63) if seed is None else seed
-    optimizer = DPOptimizer(
-        torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0),
+    optimizer = _dp_optimizer(
+        params,
+        learning_rate=learning_rate,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=max(1, round(sample_rate * len(samples))),
-        loss_reduction="sum",
-        generator=torch.Generator(device=params[0].device).manual_seed(noise_seed),
+        seed=seed,
     )
     device = params[0].device
     # Poisson sampling of the batch
@@ -571,15 +581,46 @@ def train_steps_dp(
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             optimizer.step()
     finally:
-        gsm.remove_hooks()
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-            for attr in ("grad_sample", "summed_grad"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
-        model.eval()
+        _detach_dp(gsm, params, model)
     return (sum(losses) / len(losses) if losses else float("nan")), sample_rate
+
+
+def _detach_dp(gsm: Any, params: list[torch.nn.Parameter], model: torch.nn.Module) -> None:
+    """Leave ``model`` as DP-SGD found it: no Opacus hooks, per-sample gradients or grads,
+    its parameters frozen again, in eval mode."""
+    gsm.remove_hooks()
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+        for attr in ("grad_sample", "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+    model.eval()
+
+
+def _dp_optimizer(
+    params: list[torch.nn.Parameter],
+    *,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    seed: int | None,
+):  # type: ignore[no-untyped-def]
+    """Opacus' ``DPOptimizer`` over AdamW: per-sample clipping to ``max_grad_norm`` and
+    Gaussian noise of ``noise_multiplier`` times it, from the OS's randomness unless a seed is
+    given (tests): a seed the server could know (round, user) would let it rebuild the noise."""
+    from opacus.optimizers import DPOptimizer
+
+    noise_seed = secrets.randbits(63) if seed is None else seed
+    return DPOptimizer(
+        torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="sum",
+        generator=torch.Generator(device=params[0].device).manual_seed(noise_seed),
+    )
 
 
 def evaluate_loss(model: torch.nn.Module, samples: Sequence[Encoded], *, batch_size: int) -> float:

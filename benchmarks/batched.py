@@ -20,13 +20,89 @@ import time
 import torch
 
 
+def _client_jobs(cfg, rt, clients: int) -> list:  # type: ignore[no-untyped-def]
+    """One job per simulated user: its own samples, perturbed start tensors and seed."""
+    from common.data import encode, user_for_partition
+    from common.multi_lora import ClientJob
+
+    jobs = []
+    for k in range(clients):
+        user = user_for_partition(
+            k,
+            clients,
+            min_lines=cfg.data.min_lines,
+            seed=cfg.seed,
+            test_fraction=cfg.data.test_fraction,
+        )
+        samples = [encode(s, rt.tokenizer, cfg.data.max_seq_len) for s in user.train]
+        gen = torch.Generator().manual_seed(k)
+        tensors = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in rt.init.items()}
+        jobs.append(
+            ClientJob(tensors=tensors, samples=samples, seed=random.Random(k).randrange(1 << 30))
+        )
+    return jobs
+
+
+def _sync(device: str) -> None:
+    """Wait for the GPU's queued work where ``device`` is CUDA; returns nothing."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _solo_rounds(  # type: ignore[no-untyped-def]
+    model, trainable: list[str], jobs: list, *, steps: int, bs: int, lr: float, pad_id: int
+) -> list[dict]:
+    """Each job's LoRA tensors after its round trained alone with ``train_steps``."""
+    from common.lora import get_lora_tensors, load_lora_tensors
+    from common.train import train_steps
+
+    solo = []
+    for job in jobs:
+        load_lora_tensors(model, job.tensors)
+        train_steps(
+            model,
+            trainable,
+            job.samples,
+            steps=steps,
+            batch_size=bs,
+            learning_rate=lr,
+            seed=job.seed,
+            pad_id=pad_id,
+        )
+        solo.append(get_lora_tensors(model, trainable))
+    return solo
+
+
+def _real_tokens(jobs: list, *, steps: int, bs: int) -> int:
+    """The tokens both paths trained on (the batches each client's seed draws)."""
+    tokens = 0
+    for job in jobs:
+        rng = random.Random(job.seed)
+        for _ in range(steps * bs):
+            tokens += len(job.samples[rng.randrange(len(job.samples))].input_ids)
+    return tokens
+
+
+def _update_agreement(  # type: ignore[no-untyped-def]
+    jobs: list, solo: list[dict], batched: list[dict], trainable: list[str]
+) -> tuple[list[float], list[float]]:
+    """Each client's update (after − before), batched against solo: cosines, relative gaps."""
+    cosines, gaps = [], []
+    for k, job in enumerate(jobs):
+        start_k = torch.cat([job.tensors[n].flatten() for n in trainable])
+        d_solo = torch.cat([solo[k][n].flatten() for n in trainable]) - start_k
+        d_batched = torch.cat([batched[k][n].flatten() for n in trainable]) - start_k
+        cosines.append(float(torch.nn.functional.cosine_similarity(d_solo, d_batched, dim=0)))
+        gaps.append(float((d_batched - d_solo).norm() / d_solo.norm()))
+    return cosines, gaps
+
+
 def bench(model_name: str, *, clients: int = 8, steps: int = 4) -> dict:
     """Real tokens/s of K solo rounds and of the same rounds batched (see the module docstring)."""
     from client.federation.runtime import get_runtime
     from common.config import parse_run_config
-    from common.data import encode, user_for_partition
-    from common.lora import get_lora_tensors, load_lora_tensors
-    from common.multi_lora import ClientJob, train_steps_batched
+    from common.lora import load_lora_tensors
+    from common.multi_lora import train_steps_batched
     from common.train import cpu_training_dtype, train_steps
 
     cfg = parse_run_config(
@@ -41,27 +117,8 @@ def bench(model_name: str, *, clients: int = 8, steps: int = 4) -> dict:
     model, tok = rt.model, rt.tokenizer
     device = next(model.parameters()).device.type
     trainable = list(rt.personal_names) or list(rt.trainable_names)
-    jobs = []
-    for k in range(clients):
-        user = user_for_partition(
-            k,
-            clients,
-            min_lines=cfg.data.min_lines,
-            seed=cfg.seed,
-            test_fraction=cfg.data.test_fraction,
-        )
-        samples = [encode(s, tok, cfg.data.max_seq_len) for s in user.train]
-        gen = torch.Generator().manual_seed(k)
-        tensors = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in rt.init.items()}
-        jobs.append(
-            ClientJob(tensors=tensors, samples=samples, seed=random.Random(k).randrange(1 << 30))
-        )
+    jobs = _client_jobs(cfg, rt, clients)
     lr, bs = cfg.train.learning_rate, cfg.train.batch_size
-
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     # Warm-up: the precision choice and kernels, on both paths.
     load_lora_tensors(model, jobs[0].tensors)
     train_steps(
@@ -75,44 +132,19 @@ def bench(model_name: str, *, clients: int = 8, steps: int = 4) -> dict:
         pad_id=tok.pad_token_id,
     )
     train_steps_batched(model, trainable, jobs[:2], steps=1, batch_size=bs, learning_rate=lr)
-    sync()
+    _sync(device)
     start = time.perf_counter()
-    solo = []
-    for job in jobs:
-        load_lora_tensors(model, job.tensors)
-        train_steps(
-            model,
-            trainable,
-            job.samples,
-            steps=steps,
-            batch_size=bs,
-            learning_rate=lr,
-            seed=job.seed,
-            pad_id=tok.pad_token_id,
-        )
-        solo.append(get_lora_tensors(model, trainable))
-    sync()
+    solo = _solo_rounds(model, trainable, jobs, steps=steps, bs=bs, lr=lr, pad_id=tok.pad_token_id)
+    _sync(device)
     solo_s = time.perf_counter() - start
     start = time.perf_counter()
     batched, _ = train_steps_batched(
         model, trainable, jobs, steps=steps, batch_size=bs, learning_rate=lr
     )
-    sync()
+    _sync(device)
     batched_s = time.perf_counter() - start
-    # The tokens both paths trained on (the batches each client's seed draws).
-    tokens = 0
-    for job in jobs:
-        rng = random.Random(job.seed)
-        for _ in range(steps * bs):
-            tokens += len(job.samples[rng.randrange(len(job.samples))].input_ids)
-    # Each client's update (after − before), batched against solo: cosine and relative gap.
-    cosines, gaps = [], []
-    for k, job in enumerate(jobs):
-        start_k = torch.cat([job.tensors[n].flatten() for n in trainable])
-        d_solo = torch.cat([solo[k][n].flatten() for n in trainable]) - start_k
-        d_batched = torch.cat([batched[k][n].flatten() for n in trainable]) - start_k
-        cosines.append(float(torch.nn.functional.cosine_similarity(d_solo, d_batched, dim=0)))
-        gaps.append(float((d_batched - d_solo).norm() / d_solo.norm()))
+    tokens = _real_tokens(jobs, steps=steps, bs=bs)
+    cosines, gaps = _update_agreement(jobs, solo, batched, trainable)
     return {
         "model": model_name,
         "device": device,

@@ -37,83 +37,120 @@ CONVERSATION = [
 ]
 
 
-def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> dict:
-    """Run the answering benchmark; returns the JSON-serializable results."""
-    import openai
-
-    from client.api.app import create_app, serve_in_background
-    from client.assistant.assistant import Assistant
-    from client.assistant.model_thread import MODEL_THREAD
+def _new_store(tmp: Path, model: str):  # type: ignore[no-untyped-def]
+    """A fresh encrypted device store under ``tmp``, set up for ``model``."""
     from client.store import LocalStore
     from client.store.state import init_device
     from common.crypto import Secret, create_key_file
 
+    root = tmp / "dev"
+    root.mkdir(mode=0o700)
+    key = tmp / "key"
+    create_key_file(key)
+    store = LocalStore.open(root, Secret(key_file=key), create=True)
+    init_device(store, model=model)
+    return store
+
+
+def _streamed(client, seed: int, max_tokens: int) -> dict:  # type: ignore[no-untyped-def]
+    """Seconds to the first piece and to the end of one streamed answer, and its tokens."""
+    start = time.perf_counter()
+    first = None
+    text = ""
+    usage = None
+    for chunk in client.chat.completions.create(
+        model="fedpersona",
+        messages=CONVERSATION,
+        max_tokens=max_tokens,
+        seed=seed,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter() - start
+            text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            usage = chunk.usage
+    total = time.perf_counter() - start
+    return {
+        "first_s": first if first is not None else total,
+        "total_s": total,
+        "tokens": usage.completion_tokens if usage else 0,
+        "prompt_tokens": usage.prompt_tokens if usage else 0,
+    }
+
+
+def _candidates(client, seed: int, max_tokens: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds of one non-streamed answer with 3 candidates, reranked."""
+    start = time.perf_counter()
+    client.chat.completions.create(
+        model="fedpersona",
+        messages=CONVERSATION,
+        max_tokens=max_tokens,
+        seed=seed,
+        extra_body={"candidates": 3},
+    )
+    return time.perf_counter() - start
+
+
+def _feedbacks(client, iid: int, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """Seconds of each of ``repeats`` ``POST /v1/feedback`` with a preferred answer."""
+    feedback = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        client.post(
+            "/feedback",
+            cast_to=object,
+            body={"interaction_id": iid, "preferred": f"Try a mushroom risotto ({i})."},
+        )
+        feedback.append(time.perf_counter() - start)
+    return feedback
+
+
+def _over_api(  # type: ignore[no-untyped-def]
+    assistant, token: str, repeats: int, max_tokens: int
+) -> tuple[list[dict], list[float], list[float], float]:
+    """``(streamed runs, 3-candidate seconds, feedback seconds, bare first token)`` via the API."""
+    import openai
+
+    from client.api.app import create_app, serve_in_background
+    from client.assistant.model_thread import MODEL_THREAD
+
+    with serve_in_background(create_app(assistant, token=token)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+        _streamed(client, 0, max_tokens)  # warm-up
+        runs = [_streamed(client, i + 1, max_tokens) for i in range(repeats)]
+        _candidates(client, 0, max_tokens)
+        three = [_candidates(client, i + 1, max_tokens) for i in range(repeats)]
+        feedback = _feedbacks(client, assistant.store.count_interactions(), repeats)
+        bare = MODEL_THREAD.call(_bare_first_token, assistant)
+    return runs, three, feedback, bare
+
+
+def _path_ratios(paths: dict) -> dict:
+    """This path against the old one: candidate speed, full candidates and feedback."""
+    now, old = paths["now"], paths["old (fp32 answers, all-layer feedback)"]
+    return {
+        "ratio_candidate_speed_now_over_old": now["three_candidates_tokens_per_s"]
+        / old["three_candidates_tokens_per_s"],
+        "ratio_full_candidates_old_over_now": old["three_full_candidates_s"]
+        / now["three_full_candidates_s"],
+        "ratio_feedback_old_over_now": old["feedback_s"] / now["feedback_s"],
+    }
+
+
+def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> dict:
+    """Run the answering benchmark; returns the JSON-serializable results."""
+    from client.assistant.assistant import Assistant
+    from client.assistant.model_thread import MODEL_THREAD
+
     with tempfile.TemporaryDirectory(prefix="fp-bench-chat-") as tmp:
-        root = Path(tmp) / "dev"
-        root.mkdir(mode=0o700)
-        key = Path(tmp) / "key"
-        create_key_file(key)
-        store = LocalStore.open(root, Secret(key_file=key), create=True)
-        init_device(store, model=model)
+        store = _new_store(Path(tmp), model)
         t0 = time.perf_counter()
         assistant = MODEL_THREAD.call(Assistant, store)  # as `device serve` builds it
         load_s = time.perf_counter() - t0
         token = store.get_meta("api_token")
-        with serve_in_background(create_app(assistant, token=token)) as url:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
-
-            def streamed(seed: int) -> dict:
-                start = time.perf_counter()
-                first = None
-                text = ""
-                usage = None
-                for chunk in client.chat.completions.create(
-                    model="fedpersona",
-                    messages=CONVERSATION,
-                    max_tokens=max_tokens,
-                    seed=seed,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                ):
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        first = first or time.perf_counter() - start
-                        text += chunk.choices[0].delta.content
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                total = time.perf_counter() - start
-                return {
-                    "first_s": first if first is not None else total,
-                    "total_s": total,
-                    "tokens": usage.completion_tokens if usage else 0,
-                    "prompt_tokens": usage.prompt_tokens if usage else 0,
-                }
-
-            def candidates(seed: int) -> float:
-                start = time.perf_counter()
-                client.chat.completions.create(
-                    model="fedpersona",
-                    messages=CONVERSATION,
-                    max_tokens=max_tokens,
-                    seed=seed,
-                    extra_body={"candidates": 3},
-                )
-                return time.perf_counter() - start
-
-            streamed(0)  # warm-up
-            runs = [streamed(i + 1) for i in range(repeats)]
-            candidates(0)
-            three = [candidates(i + 1) for i in range(repeats)]
-            iid = assistant.store.count_interactions()
-            feedback = []
-            for i in range(repeats):
-                start = time.perf_counter()
-                client.post(
-                    "/feedback",
-                    cast_to=object,
-                    body={"interaction_id": iid, "preferred": f"Try a mushroom risotto ({i})."},
-                )
-                feedback.append(time.perf_counter() - start)
-            bare = MODEL_THREAD.call(_bare_first_token, assistant)
+        runs, three, feedback, bare = _over_api(assistant, token, repeats, max_tokens)
         # The same work without the HTTP layer, on the model thread: this path and the old one
         # (fp32 answers, feedback through every layer with a separate scoring pass).
         paths = {
@@ -146,14 +183,7 @@ def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> 
         "feedback_s": statistics.median(feedback),
         "answers_in_bf16": assistant.served is not None,
         "paths": paths,
-        "ratio_candidate_speed_now_over_old": paths["now"]["three_candidates_tokens_per_s"]
-        / paths["old (fp32 answers, all-layer feedback)"]["three_candidates_tokens_per_s"],
-        "ratio_full_candidates_old_over_now": paths["old (fp32 answers, all-layer feedback)"][
-            "three_full_candidates_s"
-        ]
-        / paths["now"]["three_full_candidates_s"],
-        "ratio_feedback_old_over_now": paths["old (fp32 answers, all-layer feedback)"]["feedback_s"]
-        / paths["now"]["feedback_s"],
+        **_path_ratios(paths),
         "runs": runs,
     }
 

@@ -78,13 +78,91 @@ def _base(model: str, device: torch.device, dtype: torch.dtype):  # type: ignore
     return load_base_model(model, device=device).to(dtype).eval()
 
 
-def bench(model: str, device_name: str, *, store: bool) -> dict:
-    """Measure everything; returns a JSON-serializable dict."""
+def _swap_times(  # type: ignore[no-untyped-def]
+    peft_model, tensors: dict, model: str, device: torch.device, dtype: torch.dtype, cfg, strategy
+) -> tuple[float, float, float]:
+    """Milliseconds of three ways to put a user's adapter in place: in place, peft, reload."""
     from peft.utils import set_peft_model_state_dict
 
-    from client.assistant.adapt import GraphedAdapter, adapt_on_feedback, hot_swap
-    from common.config import ModelConfig
+    from client.assistant.adapt import hot_swap
+    from common.lora import build_peft_model
+
+    swap_inplace = _timed(lambda: hot_swap(peft_model, tensors), device, repeats=20)
+    peft_state = {n.replace(".default", ""): t.to(device) for n, t in tensors.items()}
+    swap_peft = _timed(
+        lambda: set_peft_model_state_dict(peft_model, peft_state), device, repeats=20
+    )
+
+    def reload() -> None:
+        m = build_peft_model(_base(model, device, dtype), cfg, strategy)
+        hot_swap(m, tensors)
+
+    swap_reload = _timed(reload, device, repeats=3, warmup=1)
+    return swap_inplace, swap_peft, swap_reload
+
+
+def _feedback_example():  # type: ignore[no-untyped-def]
+    """One feedback's sample: 1×64 tokens, a 16-token prompt and a 48-token answer."""
     from common.data import IGNORE_INDEX, Encoded
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (SEQ,), generator=g).tolist()
+    return Encoded(tuple(ids), tuple([IGNORE_INDEX] * 16 + ids[16:]))
+
+
+def _graph_results(  # type: ignore[no-untyped-def]
+    peft_model, personal: list[str], tensors: dict, example, device: torch.device
+) -> dict:
+    """CUDA graph timings, its update's gap to the eager one and the peak GPU memory."""
+    from client.assistant.adapt import GraphedAdapter, adapt_on_feedback, hot_swap
+
+    pad = SMOLLM2_SHAPE["pad_token_id"]
+    results: dict = {}
+    graphed = GraphedAdapter(peft_model, personal, seq_len=SEQ, learning_rate=0.05, pad_id=pad)
+    results["graph_capture_ms"] = graphed.capture_ms
+    for steps in (1, 3):
+        results[f"adapt_graph_{steps}step_ms"] = _timed(
+            lambda s=steps: graphed.run(example, steps=s), device, repeats=50
+        )
+    # Correctness: the graph step and the eager step give the same update.
+    hot_swap(peft_model, tensors)
+    graphed.run(example, steps=1)
+    params = dict(peft_model.named_parameters())
+    after_graph = {n: params[n].detach().float().clone() for n in personal}
+    hot_swap(peft_model, tensors)
+    adapt_on_feedback(peft_model, personal, [example], steps=1, learning_rate=0.05, pad_id=pad)
+    diff = max(float((params[n].detach().float() - after_graph[n]).abs().max()) for n in personal)
+    results["graph_vs_eager_max_abs_diff"] = diff
+    results["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return results
+
+
+def _adapt_results(  # type: ignore[no-untyped-def]
+    peft_model, personal: list[str], tensors: dict, device: torch.device
+) -> dict:
+    """One-feedback timings (eager; on CUDA also as a CUDA graph), in milliseconds."""
+    from client.assistant.adapt import adapt_on_feedback, hot_swap
+
+    example = _feedback_example()
+    pad = SMOLLM2_SHAPE["pad_token_id"]
+    hot_swap(peft_model, tensors)
+    results: dict = {}
+    for steps in (1, 3):
+        results[f"adapt_eager_{steps}step_ms"] = _timed(
+            lambda s=steps: adapt_on_feedback(
+                peft_model, personal, [example], steps=s, learning_rate=0.05, pad_id=pad
+            ),
+            device,
+            repeats=5 if device.type == "cpu" else 20,
+        )
+    if device.type == "cuda":
+        results.update(_graph_results(peft_model, personal, tensors, example, device))
+    return results
+
+
+def bench(model: str, device_name: str, *, store: bool) -> dict:
+    """Measure everything; returns a JSON-serializable dict."""
+    from common.config import ModelConfig
     from common.lora import build_peft_model, init_lora_tensors, lora_shapes
     from common.personalization import get_strategy
 
@@ -102,55 +180,10 @@ def bench(model: str, device_name: str, *, store: bool) -> dict:
     tensors = init_lora_tensors(shapes, seed=1)
     tensors = {n: t + 0.01 * torch.randn_like(t) for n, t in tensors.items()}
     lora_params = sum(t.numel() for t in tensors.values())
-
-    # Hot-swap: three ways to put a user's adapter in place.
-    swap_inplace = _timed(lambda: hot_swap(peft_model, tensors), device, repeats=20)
-    peft_state = {n.replace(".default", ""): t.to(device) for n, t in tensors.items()}
-    swap_peft = _timed(
-        lambda: set_peft_model_state_dict(peft_model, peft_state), device, repeats=20
+    swap_inplace, swap_peft, swap_reload = _swap_times(
+        peft_model, tensors, model, device, dtype, cfg, strategy
     )
-
-    def reload() -> None:
-        m = build_peft_model(_base(model, device, dtype), cfg, strategy)
-        hot_swap(m, tensors)
-
-    swap_reload = _timed(reload, device, repeats=3, warmup=1)
-
-    # One feedback: 1×64 tokens (a 16-token prompt, a 48-token answer), 3 SGD steps.
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (SEQ,), generator=g).tolist()
-    example = Encoded(tuple(ids), tuple([IGNORE_INDEX] * 16 + ids[16:]))
-    pad = SMOLLM2_SHAPE["pad_token_id"]
-    hot_swap(peft_model, tensors)
-    results: dict = {}
-    for steps in (1, 3):
-        results[f"adapt_eager_{steps}step_ms"] = _timed(
-            lambda s=steps: adapt_on_feedback(
-                peft_model, personal, [example], steps=s, learning_rate=0.05, pad_id=pad
-            ),
-            device,
-            repeats=5 if device.type == "cpu" else 20,
-        )
-    if device.type == "cuda":
-        graphed = GraphedAdapter(peft_model, personal, seq_len=SEQ, learning_rate=0.05, pad_id=pad)
-        results["graph_capture_ms"] = graphed.capture_ms
-        for steps in (1, 3):
-            results[f"adapt_graph_{steps}step_ms"] = _timed(
-                lambda s=steps: graphed.run(example, steps=s), device, repeats=50
-            )
-        # Correctness: the graph step and the eager step give the same update.
-        hot_swap(peft_model, tensors)
-        graphed.run(example, steps=1)
-        params = dict(peft_model.named_parameters())
-        after_graph = {n: params[n].detach().float().clone() for n in personal}
-        hot_swap(peft_model, tensors)
-        adapt_on_feedback(peft_model, personal, [example], steps=1, learning_rate=0.05, pad_id=pad)
-        diff = max(
-            float((params[n].detach().float() - after_graph[n]).abs().max()) for n in personal
-        )
-        results["graph_vs_eager_max_abs_diff"] = diff
-        results["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-
+    results = _adapt_results(peft_model, personal, tensors, device)
     out = {
         "model": model,
         "device": torch.cuda.get_device_name()

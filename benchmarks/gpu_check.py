@@ -137,6 +137,22 @@ def _mib(n_bytes: int) -> float:
     return n_bytes / 2**20
 
 
+def _train(  # type: ignore[no-untyped-def]
+    model, names: list[str], samples: list[Encoded], *, steps: int, batch_size: int, seed: int
+) -> float:
+    """Mean loss of ``steps`` :func:`common.train.train_steps` at the check's rate and pad id."""
+    return train_steps(
+        model,
+        names,
+        samples,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=LEARNING_RATE,
+        seed=seed,
+        pad_id=PAD_ID,
+    )
+
+
 def run_variant(
     variant: str,
     source: Path,
@@ -173,29 +189,11 @@ def run_variant(
     eval_batch = samples[:batch_size]
     loss_step0 = evaluate_loss(model, eval_batch, batch_size=batch_size)
     # Warm-up (kernels, cuBLAS handles, allocator), then restart from the same LoRA init.
-    train_steps(
-        model,
-        names,
-        samples,
-        steps=2,
-        batch_size=batch_size,
-        learning_rate=LEARNING_RATE,
-        seed=0,
-        pad_id=PAD_ID,
-    )
+    _train(model, names, samples, steps=2, batch_size=batch_size, seed=0)
     load_lora_tensors(model, init)
     _sync(device)
     start = time.perf_counter()
-    train_loss = train_steps(
-        model,
-        names,
-        samples,
-        steps=steps,
-        batch_size=batch_size,
-        learning_rate=LEARNING_RATE,
-        seed=1,
-        pad_id=PAD_ID,
-    )
+    train_loss = _train(model, names, samples, steps=steps, batch_size=batch_size, seed=1)
     _sync(device)
     train_s = time.perf_counter() - start
     loss_after = evaluate_loss(model, eval_batch, batch_size=batch_size)

@@ -112,8 +112,10 @@ SUITE_FILES = frozenset({"bench.json", "bench.md", "bench_growth.png", "runs"})
 
 def run_suite(out: Path, *, model: str, device: str, quick_scaling: bool = False) -> dict:
     """Every benchmark; returns the JSON-serializable results."""
-    from benchmarks import bench_device, bench_privacy, bench_train
     from benchmarks import chat as bench_chat
+    from benchmarks import device as bench_device
+    from benchmarks import privacy as bench_privacy
+    from benchmarks import train as bench_train
     from benchmarks.scaling import growth_plot, scaling
 
     out.mkdir(parents=True, exist_ok=True)
@@ -158,11 +160,10 @@ def _engine_cells(row: dict) -> str:
     )
 
 
-def markdown(r: dict) -> str:
-    """The suite as one Markdown table (+ the scaling table)."""
+def _privacy_rows(r: dict) -> list[tuple[str, str]]:
+    """The privacy rows: SecAgg+ + DP round time and the Opacus step, each against plain."""
     p, o = r["privacy_round"], r["privacy_opacus"]
-    d = r["device_bench"] if "device_bench" in r else r["device"]
-    rows = [
+    return [
         (
             "round time, SecAgg+ + DP / plain FedAvg (tiny)",
             f"{p['secagg_dp']:.2f} s / {p['plain']:.2f} s = **{p['ratio']:.2f}×**",
@@ -173,38 +174,45 @@ def markdown(r: dict) -> str:
             f"**{o['ratio']:.2f}×**",
         ),
     ]
-    if "training" in r:
-        t = r["training"]
-        best = t["paths"]["packed, bf16" if t["auto_precision"] == "bfloat16" else "packed, fp32"]
-        old = t["paths"]["old loop (padded, fp32, full logits)"]
-        bf16_share = (
-            t.get("bf16_note")
-            if best.get("of_bf16_peak") is None
-            else f"{best['of_bf16_peak']:.0%} of bf16's"
-        )
-        rows += [
-            (
-                "training, real tokens/s: packed + auto precision / old bare loop",
-                f"{best['real_tokens_per_s']:.0f} / {old['real_tokens_per_s']:.0f} = "
-                f"**{best['ratio_to_old_loop']:.2f}×** ({best['of_fp32_peak']:.0%} of the fp32 "
-                f"matmul peak, {bf16_share})",
-            ),
-            (
-                "device round / the same bare loop",
-                f"{t['paths']['device round (auto)']['real_tokens_per_s']:.0f} / "
-                f"{best['real_tokens_per_s']:.0f} = **{t['device_over_bare']:.2f}×**",
-            ),
-        ]
-    else:
+
+
+def _training_rows(r: dict) -> list[tuple[str, str]]:
+    """The training rows: every path's benchmark (CPU) or the throughput one (GPU)."""
+    if "training" not in r:
         t = r["throughput"]
-        rows.append(
+        return [
             (
                 "device round / bare peft loop, tokens/s",
                 f"{t['device_tokens_per_s']:.0f} / {t['bare_tokens_per_s']:.0f} = "
                 f"**{t['ratio_device_over_bare']:.2f}×**",
             )
-        )
-    rows += [
+        ]
+    t = r["training"]
+    best = t["paths"]["packed, bf16" if t["auto_precision"] == "bfloat16" else "packed, fp32"]
+    old = t["paths"]["old loop (padded, fp32, full logits)"]
+    bf16_share = (
+        t.get("bf16_note")
+        if best.get("of_bf16_peak") is None
+        else f"{best['of_bf16_peak']:.0%} of bf16's"
+    )
+    return [
+        (
+            "training, real tokens/s: packed + auto precision / old bare loop",
+            f"{best['real_tokens_per_s']:.0f} / {old['real_tokens_per_s']:.0f} = "
+            f"**{best['ratio_to_old_loop']:.2f}×** ({best['of_fp32_peak']:.0%} of the fp32 "
+            f"matmul peak, {bf16_share})",
+        ),
+        (
+            "device round / the same bare loop",
+            f"{t['paths']['device round (auto)']['real_tokens_per_s']:.0f} / "
+            f"{best['real_tokens_per_s']:.0f} = **{t['device_over_bare']:.2f}×**",
+        ),
+    ]
+
+
+def _device_rows(d: dict) -> list[tuple[str, str]]:
+    """The device rows: hot-swap against reload, feedback steps, encrypted state per user."""
+    rows = [
         (
             "adapter hot-swap (in place) vs reload",
             f"{d['swap_inplace_ms']:.1f} ms vs "
@@ -222,6 +230,29 @@ def markdown(r: dict) -> str:
                 f"{d['store_bytes_0_interactions']:,} / {d['store_bytes_100_interactions']:,} B",
             )
         )
+    return rows
+
+
+def _scaling_lines(scaling: list[dict]) -> list[str]:
+    """The scaling table's lines, a blank line first."""
+    lines = [
+        "",
+        "| model | users | clients/round | s/round | peak RSS (MiB) | Device.train s/client "
+        "| engine overhead (of which in the node) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s.get('model', 'tiny')} | {s['population']} | {s['clients_per_round']} | "
+        f"{s['seconds_per_round']:.1f} | {s['peak_rss_mib']:.0f} | {_engine_cells(s)} |"
+        for s in scaling
+    ]
+    return lines
+
+
+def markdown(r: dict) -> str:
+    """The suite as one Markdown table (+ the scaling table)."""
+    d = r["device_bench"] if "device_bench" in r else r["device"]
+    rows = _privacy_rows(r) + _training_rows(r) + _device_rows(d)
     if "chat" in r:
         from benchmarks import chat as bench_chat
 
@@ -231,17 +262,7 @@ def markdown(r: dict) -> str:
         from benchmarks import train as bench_train
 
         lines += ["", bench_train.markdown(r["training"])]
-    lines += [
-        "",
-        "| model | users | clients/round | s/round | peak RSS (MiB) | Device.train s/client "
-        "| engine overhead (of which in the node) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {s.get('model', 'tiny')} | {s['population']} | {s['clients_per_round']} | "
-        f"{s['seconds_per_round']:.1f} | {s['peak_rss_mib']:.0f} | {_engine_cells(s)} |"
-        for s in r["scaling"]
-    ]
+    lines += _scaling_lines(r["scaling"])
     where = r["device"] if isinstance(r["device"], str) else d["device"]
     lines.append(f"\n{where} · {r['threads']} threads · total {r['total_s'] / 60:.1f} min")
     return "\n".join(lines)

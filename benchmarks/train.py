@@ -115,31 +115,11 @@ def _bare(model, names, batches, *, lr: float, step, hold_bf16: bool = False) ->
     return seconds
 
 
-def bench(model_name: str, *, steps: int = 6, repeats: int = 3, peak_n: int = MATMUL_N) -> dict:
-    """Every path on the same batches; tokens/s, ratios and utilisation (CPU).
-
-    ``repeats`` times, on the batches of one more federated round each: the device's round,
-    then every bare path, in an order rotated each time (a slow spell of a shared machine
-    then falls on different paths). Each path's figures are over all its runs (total real
-    tokens / total seconds); ``ratio_each`` keeps each repeat's ratio to the old loop, paired
-    on the same batches, to show the spread."""
-    from client.federation.device import Device
-    from client.federation.runtime import get_runtime
-    from client.store import LocalStore
+def _speed_config(model_name: str, steps: int):  # type: ignore[no-untyped-def]
+    """The run config of a speed run: 8 users, ``steps`` local steps, never declined."""
     from common.config import parse_run_config
-    from common.crypto import Secret, create_key_file
-    from common.data import collate, pack
-    from common.lora import load_lora_tensors
-    from common.train import (
-        cpu_training_dtype,
-        forget_precision_choice,
-        reply_token_losses,
-        training_autocast,
-    )
 
-    native_bf16 = cpu_has_native_bf16()
-
-    cfg = parse_run_config(
+    return parse_run_config(
         {
             "model.name": model_name,
             "data.num-users": 8,
@@ -150,55 +130,83 @@ def bench(model_name: str, *, steps: int = 6, repeats: int = 3, peak_n: int = MA
             "ab.simulate-ratings": False,
         }
     )
-    rt = get_runtime(cfg)
+
+
+def _our_step(model, batch_of, dtype: str):  # type: ignore[no-untyped-def]
+    """``step(batch) -> loss`` of train_steps' own step (reply tokens only) under ``dtype``."""
+    from common.train import reply_token_losses, training_autocast
+
+    def step(batch: list) -> torch.Tensor:
+        b = batch_of(batch)
+        with training_autocast(model, dtype, b):
+            return reply_token_losses(model, b)[0].mean()
+
+    return step
+
+
+def _bare_paths(model, pad: int, native_bf16: bool) -> dict:  # type: ignore[no-untyped-def]
+    """The bare paths by table name: ``(step, dtype)``; the bf16 ones only where native."""
+    from common.data import collate, pack
+
+    def old_step(b: list) -> torch.Tensor:
+        return model(**collate(b, pad)).loss
+
+    paths = {
+        "old loop (padded, fp32, full logits)": (old_step, "float32"),
+        "padded, fp32": (_our_step(model, lambda b: collate(b, pad), "float32"), "float32"),
+        "packed, fp32": (_our_step(model, pack, "float32"), "float32"),
+    }
+    if native_bf16:
+        paths["padded, bf16"] = (
+            _our_step(model, lambda b: collate(b, pad), "bfloat16"),
+            "bfloat16",
+        )
+        paths["packed, bf16"] = (_our_step(model, pack, "bfloat16"), "bfloat16")
+    return paths
+
+
+def _run_bare(rt, lr: float, path: tuple, batches: list) -> float:  # type: ignore[no-untyped-def]
+    """Seconds of the bare path ``(step, dtype)`` on ``batches``, from the LoRA init."""
+    from common.lora import load_lora_tensors
+
+    step, dtype = path
+    load_lora_tensors(rt.model, rt.init)
+    return _bare(
+        rt.model, rt.trainable_names, batches, lr=lr, step=step, hold_bf16=dtype == "bfloat16"
+    )
+
+
+def _round_batches(cfg, device, server_round: int, steps: int) -> list[list]:  # type: ignore[no-untyped-def]
+    """The batches train_steps draws on ``device`` in ``server_round``."""
+    rng = random.Random(zlib.crc32(f"{cfg.seed}:{server_round}:{device.user}".encode()))
+    samples = device.train_set
+    return [[samples[rng.randrange(len(samples))] for _ in range(BATCH)] for _ in range(steps)]
+
+
+def _time_paths(  # type: ignore[no-untyped-def]
+    cfg, rt, *, steps: int, repeats: int, native_bf16: bool
+) -> tuple[dict[str, list[float]], list[int], list[int], list[float], list[str]]:
+    """Seconds of every path by name, real/padded tokens and FLOPs per repeat, table order."""
+    from client.federation.device import Device
+    from client.store import LocalStore
+    from common.crypto import Secret, create_key_file
+
     model, lr = rt.model, cfg.train.learning_rate
-    forget_precision_choice(model)  # the device round below chooses on this CPU, now
-    names = rt.trainable_names
     layers = cfg.model.layer_range()
-
-    def run(step, dtype: str, batches: list) -> float:  # type: ignore[no-untyped-def]
-        load_lora_tensors(model, rt.init)
-        return _bare(model, names, batches, lr=lr, step=step, hold_bf16=dtype == "bfloat16")
-
-    def ours(batch_of, dtype: str):  # type: ignore[no-untyped-def]
-        def step(batch: list) -> torch.Tensor:
-            b = batch_of(batch)
-            with training_autocast(model, dtype, b):
-                return reply_token_losses(model, b)[0].mean()
-
-        return step
-
     seconds: dict[str, list[float]] = {}
     real, padded, flops = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         key = create_key_file(Path(tmp) / "k.key")
         store = LocalStore.create(Path(tmp) / "dev", Secret(key_file=key))
         device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=8)
-        pad = device.pad_id
-
-        def old_step(b: list) -> torch.Tensor:
-            return model(**collate(b, pad)).loss
-
-        paths = {
-            "old loop (padded, fp32, full logits)": (old_step, "float32"),
-            "padded, fp32": (ours(lambda b: collate(b, pad), "float32"), "float32"),
-            "packed, fp32": (ours(pack, "float32"), "float32"),
-        }
-        if native_bf16:
-            paths["padded, bf16"] = (ours(lambda b: collate(b, pad), "bfloat16"), "bfloat16")
-            paths["packed, bf16"] = (ours(pack, "bfloat16"), "bfloat16")
+        paths = _bare_paths(model, device.pad_id, native_bf16)
         g = {n: rt.init[n] for n in rt.shared_names}
         device.train(g, server_round=1)  # warm-up; makes the precision choice
         for i in range(repeats):
             server_round = 2 + i
-            # The batches train_steps draws in this round.
-            rng = random.Random(zlib.crc32(f"{cfg.seed}:{server_round}:{device.user}".encode()))
-            samples = device.train_set
-            batches = [
-                [samples[rng.randrange(len(samples))] for _ in range(BATCH)] for _ in range(steps)
-            ]
+            batches = _round_batches(cfg, device, server_round, steps)
             if i == 0 and native_bf16:
-                run(*paths["packed, bf16"], batches)  # warm-up of the bf16 kernels
+                _run_bare(rt, lr, paths["packed, bf16"], batches)  # warm-up of the bf16 kernels
             start = time.perf_counter()
             result = device.train(g, server_round=server_round)
             seconds.setdefault("device round (auto)", []).append(time.perf_counter() - start)
@@ -206,34 +214,62 @@ def bench(model_name: str, *, steps: int = 6, repeats: int = 3, peak_n: int = MA
                 raise RuntimeError(f"the device declined round {server_round}: {result.metrics}")
             rotated = list(paths.items())
             rotated = rotated[i % len(rotated) :] + rotated[: i % len(rotated)]
-            for name, (step, dtype) in rotated:
-                seconds.setdefault(name, []).append(run(step, dtype, batches))
+            for name, path in rotated:
+                seconds.setdefault(name, []).append(_run_bare(rt, lr, path, batches))
             real.append(sum(len(e.input_ids) for b in batches for e in b))
             padded.append(sum(len(b) * max(len(e.input_ids) for e in b) for b in batches))
             flops.append(model_flops(model, batches, first_lora_layer=layers[0] if layers else 0))
         store.close()
-    table = [*paths, "device round (auto)"]
-    peak = {"float32": matmul_peak(torch.float32, n=peak_n)}
-    if native_bf16:
-        peak["bfloat16"] = matmul_peak(torch.bfloat16, n=peak_n)
+    return seconds, real, padded, flops, [*paths, "device round (auto)"]
+
+
+def _path_rows(  # type: ignore[no-untyped-def]
+    seconds: dict[str, list[float]], table: list[str], real: int, flops: float, peak: dict
+) -> dict:
+    """Each path's figures over all its runs, by name, in ``table``'s order."""
     old = seconds["old loop (padded, fp32, full logits)"]
-    auto = cpu_training_dtype(model) == torch.bfloat16
-    chosen = "packed, bf16" if auto else "packed, fp32"
-    total_real, total_flops = sum(real), sum(flops)
-    rows = {
+    return {
         name: {
             "seconds": sum(seconds[name]),
-            "real_tokens_per_s": total_real / sum(seconds[name]),
+            "real_tokens_per_s": real / sum(seconds[name]),
             "ratio_to_old_loop": sum(old) / sum(seconds[name]),
             "ratio_each": [o / x for o, x in zip(old, seconds[name], strict=True)],
-            "model_tflops": total_flops / sum(seconds[name]) / 1e12,
-            "of_fp32_peak": total_flops / sum(seconds[name]) / peak["float32"],
+            "model_tflops": flops / sum(seconds[name]) / 1e12,
+            "of_fp32_peak": flops / sum(seconds[name]) / peak["float32"],
             "of_bf16_peak": (
-                total_flops / sum(seconds[name]) / peak["bfloat16"] if native_bf16 else None
+                flops / sum(seconds[name]) / peak["bfloat16"] if "bfloat16" in peak else None
             ),
         }
         for name in table
     }
+
+
+def bench(model_name: str, *, steps: int = 6, repeats: int = 3, peak_n: int = MATMUL_N) -> dict:
+    """Every path on the same batches; tokens/s, ratios and utilisation (CPU).
+
+    ``repeats`` times, on the batches of one more federated round each: the device's round,
+    then every bare path, in an order rotated each time (a slow spell of a shared machine
+    then falls on different paths). Each path's figures are over all its runs (total real
+    tokens / total seconds); ``ratio_each`` keeps each repeat's ratio to the old loop, paired
+    on the same batches, to show the spread."""
+    from client.federation.runtime import get_runtime
+    from common.train import cpu_training_dtype, forget_precision_choice
+
+    native_bf16 = cpu_has_native_bf16()
+    cfg = _speed_config(model_name, steps)
+    rt = get_runtime(cfg)
+    model = rt.model
+    forget_precision_choice(model)  # the device round below chooses on this CPU, now
+    seconds, real, padded, flops, table = _time_paths(
+        cfg, rt, steps=steps, repeats=repeats, native_bf16=native_bf16
+    )
+    peak = {"float32": matmul_peak(torch.float32, n=peak_n)}
+    if native_bf16:
+        peak["bfloat16"] = matmul_peak(torch.bfloat16, n=peak_n)
+    auto = cpu_training_dtype(model) == torch.bfloat16
+    chosen = "packed, bf16" if auto else "packed, fp32"
+    total_real, total_flops = sum(real), sum(flops)
+    rows = _path_rows(seconds, table, total_real, total_flops, peak)
     return {
         "model": model_name,
         "threads": torch.get_num_threads(),

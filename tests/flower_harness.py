@@ -149,12 +149,7 @@ def secagg_device_round(
     )
     params = replace(params, **(params_override or {}))
     strategy = SecAggDPStrategy(
-        RoundOptions(
-            recorder=RoundRecorder(None),
-            min_updates=min_updates,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-        ),
+        RoundOptions(recorder=RoundRecorder(None), min_updates=min_updates),
         shared_names=rt.shared_names,
         initial=[rt.init[name].numpy() for name in rt.shared_names],
         min_nodes=n,

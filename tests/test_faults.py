@@ -259,10 +259,7 @@ def _run_from_zeros(strategy: PersonaFedAvg, grid: InProcessGrid, num_rounds: in
 def _fedavg_of_three() -> PersonaFedAvg:
     """The Message-API strategy over three nodes, m_min 2, checking replies against SHAPES."""
     return PersonaFedAvg(
-        RoundOptions(
-            recorder=RoundRecorder(None),
-            min_updates=2,
-        ),
+        RoundOptions(recorder=RoundRecorder(None), min_updates=2),
         shapes=SHAPES,
         min_train_nodes=3,
         min_evaluate_nodes=3,
@@ -393,12 +390,7 @@ def test_secagg_sampling_never_waits_for_a_node_lost_after_the_look() -> None:
     manager = Manager()
     manager.clients = {c: SimpleNamespace(cid=c) for c in "abc"}  # type: ignore[misc]
     strategy = SecAggDPStrategy(
-        RoundOptions(
-            recorder=RoundRecorder(None),
-            min_updates=2,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-        ),
+        RoundOptions(recorder=RoundRecorder(None), min_updates=2),
         shared_names=["t"],
         initial=[np.zeros(2, np.float32)],
         min_nodes=3,
@@ -469,12 +461,7 @@ def test_malformed_masked_vector_counts_as_a_dropout(kind, caplog) -> None:
     )
     grid = InProcessGrid(_vector_app(updates, MASK_CORRUPTIONS[kind]), {n: {} for n in updates})
     strategy = SecAggDPStrategy(
-        RoundOptions(
-            recorder=RoundRecorder(None),
-            min_updates=3,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-        ),
+        RoundOptions(recorder=RoundRecorder(None), min_updates=3),
         shared_names=["t0", "t1"],
         initial=[np.zeros(s, np.float32) for s in shapes],
         min_nodes=5,
@@ -511,12 +498,7 @@ def test_non_finite_or_misshapen_sum_keeps_the_previous_model(problem) -> None:
         mean = mean[:1]
     acc = FederationAccountant(noise_multiplier=1.0, sample_rate=1.0, delta=1e-5)
     strategy = SecAggDPStrategy(
-        RoundOptions(
-            recorder=RoundRecorder(acc),
-            min_updates=1,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-        ),
+        RoundOptions(recorder=RoundRecorder(acc), min_updates=1),
         shared_names=["a", "b"],
         initial=initial,
         min_nodes=2,

@@ -84,7 +84,14 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     assert len(str(run_dir)) > 200
     assert "warning" not in (done.stdout + done.stderr).lower(), done.stdout + done.stderr
 
-    # Assert: outputs
+    # Assert: outputs, then the evaluation and report built on them.
+    summary = _check_tiny_outputs(run_dir)
+    _check_evaluation_and_report(run_dir, summary)
+
+
+def _check_tiny_outputs(run_dir: Path) -> dict:
+    """The tiny fedsa run's summary, global adapter, device stores, A/B sums and engine
+    timings hold what they should, and nothing is left running; returns the summary."""
     summary = _check_summary(run_dir, n_users=4, n_rounds=2)
     rounds, clients = summary["rounds"], summary["clients"]
     # Loss fell: each user's personal model beats the base model, and round 2 beats round 1.
@@ -123,7 +130,12 @@ def test_simulation_tiny_personal_beats_global(tmp_path) -> None:
     assert processes_mentioning(_ray_tmpdir(run_dir)) == []
     assert not Path(_ray_tmpdir(run_dir)).exists()
 
-    # Evaluate the run and build its report (small settings: tiny model, few samples).
+    return summary
+
+
+def _check_evaluation_and_report(run_dir: Path, summary: dict) -> None:
+    """The run's evaluation (small settings: tiny model, few samples), its one-run audit's
+    machinery and its report."""
     evaluation = evaluate_run(
         run_dir,
         prompts_per_user=2,

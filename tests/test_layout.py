@@ -84,6 +84,45 @@ def import_graph(paths: list[Path]) -> dict[str, set[str]]:
     return edges
 
 
+def defined_names(path: Path) -> set[str]:
+    """The top-level names a module defines or imports (what ``from it import x`` can take)."""
+    out: set[str] = set()
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Assign):
+            out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            out |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return out
+
+
+def unresolved_imports(paths: list[Path], importers: list[Path]) -> list[str]:
+    """``importer: from module import name`` lines, anywhere in ``importers`` (lazy imports
+    inside functions included), whose ``name`` is neither a module among ``paths`` nor a
+    top-level name of ``module``: a lazy one fails only when its function first runs."""
+    names = {module_name(p): p for p in paths}
+    defined = {n: defined_names(p) for n, p in names.items()}
+    bad = []
+    for path in importers:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in names:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    if full not in names and alias.name not in defined[node.module]:
+                        bad.append(
+                            f"{path.relative_to(ROOT)}: from {node.module} import {alias.name}"
+                        )
+    return bad
+
+
+def test_every_import_of_our_own_names_resolves() -> None:
+    tests = sorted((ROOT / "tests").glob("*.py"))
+    assert unresolved_imports(modules(), modules() + tests) == []
+
+
 def circles(edges: dict[str, set[str]]) -> list[list[str]]:
     """The import circles: strongly connected groups of two or more modules (Tarjan)."""
     index: dict[str, int] = {}
@@ -119,6 +158,26 @@ def circles(edges: dict[str, set[str]]) -> list[list[str]]:
 def test_no_two_modules_import_each_other() -> None:
     found = circles(import_graph(modules()))
     assert not found, f"import circles: {found}"
+
+
+def test_a_stale_lazy_import_is_found(tmp_path: Path) -> None:
+    # A module whose function imports a name its package no longer has.
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "real.py").write_text("VALUE = 1\n")
+    user = tmp_path / "pkg" / "user.py"
+    user.write_text("def f():\n    from pkg import gone\n    from pkg.real import VALUE, lost\n")
+    paths = sorted((tmp_path / "pkg").glob("*.py"))
+
+    import tests.test_layout as layout
+
+    saved = layout.ROOT
+    layout.ROOT = tmp_path
+    try:
+        bad = unresolved_imports(paths, paths)
+    finally:
+        layout.ROOT = saved
+    assert bad == ["pkg/user.py: from pkg import gone", "pkg/user.py: from pkg.real import lost"]
 
 
 def test_the_checks_can_fail(tmp_path: Path) -> None:

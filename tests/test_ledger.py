@@ -244,8 +244,6 @@ def test_server_stops_before_the_target_epsilon() -> None:
         RoundOptions(
             recorder=RoundRecorder(acc),
             min_updates=2,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
             target_epsilon=0.8,
         ),
         shared_names=["w"],

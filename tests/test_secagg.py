@@ -55,12 +55,7 @@ def _run_round(  # type: ignore[no-untyped-def]
 
 def _strategy(shapes, n_nodes: int, min_updates: int) -> SecAggDPStrategy:  # type: ignore[no-untyped-def]
     return SecAggDPStrategy(
-        RoundOptions(
-            recorder=RoundRecorder(None),
-            min_updates=min_updates,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-        ),
+        RoundOptions(recorder=RoundRecorder(None), min_updates=min_updates),
         shared_names=[f"t{i}" for i in range(len(shapes))],
         initial=[np.zeros(s, dtype=np.float32) for s in shapes],
         min_nodes=n_nodes,
@@ -294,12 +289,7 @@ def test_simulation_nodes_hosting_users_aggregate_per_user(tmp_path) -> None:
         max_weight=3.0,
     )
     strategy = SecAggDPStrategy(
-        RoundOptions(
-            recorder=RoundRecorder(None),
-            min_updates=6,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-        ),
+        RoundOptions(recorder=RoundRecorder(None), min_updates=6),
         shared_names=rt.shared_names,
         initial=[rt.init[n].numpy() for n in rt.shared_names],
         min_nodes=2,

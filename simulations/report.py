@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +119,29 @@ def build_report(
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     figures = _figures(run_dir, summary, ev, out, sweep=sweep, compare=compare)
-    title = f"fedpersona report — {run_dir.name}"
-    facts = _facts(summary, ev)
-    groups = by_data_rows(summary)
-    atomic_write_bytes(out / "report.md", _markdown(title, summary, ev, facts, groups, figures))
-    atomic_write_bytes(out / "report.html", _html(title, summary, ev, facts, groups, figures))
+    page = _Page(
+        title=f"fedpersona report — {run_dir.name}",
+        summary=summary,
+        ev=ev,
+        facts=_facts(summary, ev),
+        groups=by_data_rows(summary),
+        figures=figures,
+    )
+    atomic_write_bytes(out / "report.md", _markdown(page))
+    atomic_write_bytes(out / "report.html", _html(page))
     return out / "report.html"
+
+
+@dataclass
+class _Page:
+    """What both forms of the report show."""
+
+    title: str
+    summary: dict[str, Any]  # summary.json
+    ev: dict[str, Any]  # evaluation.json
+    facts: list[str]  # one line each
+    groups: list[list[str]]  # who gains, by amount of data (header row first)
+    figures: list[tuple[str, Path]]  # (caption, PNG)
 
 
 def _figures(
@@ -179,15 +197,9 @@ def _facts(summary: dict[str, Any], ev: dict[str, Any]) -> list[str]:
     return facts
 
 
-def _markdown(
-    title: str,
-    summary: dict[str, Any],
-    ev: dict[str, Any],
-    facts: list[str],
-    groups: list[list[str]],
-    figures: list[tuple[str, Path]],
-) -> bytes:
+def _markdown(page: _Page) -> bytes:
     """``report.md``: the seed targets, the facts, who gains by amount of data, the plots."""
+    title, summary, ev, facts, groups = page.title, page.summary, page.ev, page.facts, page.groups
     table = ["| metric | seed target | measured | meets |", "|---|---|---|---|"]
     for row in ev["seed_targets"]:
         table.append(
@@ -200,19 +212,13 @@ def _markdown(
         md += ["|" + "---|" * len(groups[0])]
         md += ["| " + " | ".join(r) + " |" for r in groups[1:]]
         md += ["", summary.get("headline", ""), ""]
-    md += [f"## {name}\n\n![{name}]({path.name})\n" for name, path in figures]
+    md += [f"## {name}\n\n![{name}]({path.name})\n" for name, path in page.figures]
     return "\n".join(md).encode()
 
 
-def _html(
-    title: str,
-    summary: dict[str, Any],
-    ev: dict[str, Any],
-    facts: list[str],
-    groups: list[list[str]],
-    figures: list[tuple[str, Path]],
-) -> bytes:
+def _html(page: _Page) -> bytes:
     """``report.html``: the same as ``report.md``, one self-contained page (plots inline)."""
+    title, summary, ev, facts, groups = page.title, page.summary, page.ev, page.facts, page.groups
 
     def img(path: Path) -> str:
         data = base64.b64encode(path.read_bytes()).decode()
@@ -237,7 +243,7 @@ def _html(
             f"<h2>Who gains from joining, by how much data they have</h2><table><tr>{head}</tr>"
             f"{body}</table><p>{html.escape(summary.get('headline', ''))}</p>"
         )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+    text = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
 .grid{{display:grid;grid-template-columns:1fr 1fr;gap:16px}}img{{max-width:100%}}</style>
@@ -248,7 +254,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
 <div class="grid">{
         "".join(
             f"<figure>{img(p)}<figcaption>{html.escape(n)}</figcaption></figure>"
-            for n, p in figures
+            for n, p in page.figures
         )
     }</div></body></html>"""
-    return page.encode()
+    return text.encode()

@@ -116,11 +116,12 @@ class Strategy:
         """The model a device answers with: the federation's shared tensors overlaid by the
         device's personal ones (``weight``: the global adapter's, where the strategy has one;
         ignored otherwise)."""
-        return compose(init, shared, personal)
+        return self._weighted(compose(init, shared, personal), weight or 0.0)
 
     def newcomer(self, init: Mapping[str, Any], shared: Mapping[str, Any] | None) -> dict[str, Any]:
-        """What a brand-new user gets from the federation (:attr:`cold_start`, in words)."""
-        return compose(init, shared)
+        """What a brand-new user gets from the federation (:attr:`cold_start`, in words): for
+        ``blend`` the global adapter alone (weight 1)."""
+        return self._weighted(compose(init, shared), 1.0)
 
     def round_start(
         self,
@@ -129,8 +130,14 @@ class Strategy:
         personal: Mapping[str, Any] | None,
     ) -> dict[str, Any]:
         """Where a device's round of training starts: the shared tensors as received, its
-        personal ones filling the names the federation does not carry."""
-        return compose(init, shared, personal, personal_overrides_shared=False)
+        personal ones filling the names the federation does not carry (``blend``: the global
+        adapter off, weight 0, so its personal adapter trains alone)."""
+        return self._weighted(compose(init, shared, personal, personal_overrides_shared=False), 0.0)
+
+    def _weighted(self, tensors: dict[str, Any], weight: float) -> dict[str, Any]:
+        """``tensors`` with the global adapter at ``weight``, for a strategy that weights it
+        (:attr:`mix_weights`); as they are otherwise."""
+        return tensors
 
     def serves_trained(self, weight: float | None) -> bool:
         """Whether the model served at ``weight`` is the one local training changes (so a

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from common.personalization.base import (
@@ -193,34 +193,9 @@ class Blend(Strategy):
     def init_name(self, name: str) -> str:  # noqa: D102
         return _swap(name, PERSONAL_ADAPTER, GLOBAL_ADAPTER)
 
-    def _mixed(self, tensors: dict[str, Any], weight: float) -> dict[str, Any]:
-        """``tensors`` with the global adapter's B tensors scaled by ``weight``."""
+    def _weighted(self, tensors: dict[str, Any], weight: float) -> dict[str, Any]:
+        # personal + w·global: the global adapter's B tensors scaled by w (0: local-only).
         return compose(tensors, shared_names=[n for n in tensors if self.is_shared(n)], mix=weight)
-
-    def served(  # noqa: D102
-        self,
-        init: Mapping[str, Any],
-        shared: Mapping[str, Any] | None,
-        personal: Mapping[str, Any] | None,
-        *,
-        weight: float | None = None,
-    ) -> dict[str, Any]:
-        # personal + w·global (w = 0: the local-only model).
-        return self._mixed(compose(init, shared, personal), weight or 0.0)
-
-    def newcomer(  # noqa: D102
-        self, init: Mapping[str, Any], shared: Mapping[str, Any] | None
-    ) -> dict[str, Any]:
-        return self._mixed(compose(init, shared), 1.0)  # the global adapter alone
-
-    def round_start(  # noqa: D102
-        self,
-        init: Mapping[str, Any],
-        shared: Mapping[str, Any] | None,
-        personal: Mapping[str, Any] | None,
-    ) -> dict[str, Any]:
-        # The personal adapter trains alone: the global adapter is off (its B at 0).
-        return self._mixed(compose(init, shared, personal, personal_overrides_shared=False), 0.0)
 
     def serves_trained(self, weight: float | None) -> bool:  # noqa: D102
         return not weight

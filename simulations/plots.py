@@ -26,6 +26,18 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def _finish(
+    fig: plt.Figure, ax: Any, path: Path, *, x: str, y: str, title: str, legend: bool = True
+) -> Path:
+    """Label ``ax`` (axes, title, the legend unless told not to) and save ``fig`` to ``path``."""
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -47,11 +59,14 @@ def plot_rounds(summary: dict, out: Path) -> Path:
         y = [r.get(key) for r in rounds]
         if any(v is not None for v in y):
             ax.plot(x, y, style, marker="o", label=key.replace("_", " "))
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Losses per round (mean over users)")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "rounds.png")
+    return _finish(
+        fig,
+        ax,
+        out / "rounds.png",
+        x="round",
+        y="loss (nats/token)",
+        title="Losses per round (mean over users)",
+    )
 
 
 def plot_users(summary: dict, out: Path) -> Path:
@@ -65,10 +80,15 @@ def plot_users(summary: dict, out: Path) -> Path:
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     for c in clients:
         ax.annotate(c["user"].split("@")[0], (c["global_loss"], c["personal_loss"]), fontsize=6)
-    ax.set_xlabel("global (cold-start) loss")
-    ax.set_ylabel("personal loss")
-    ax.set_title(f"Per user: win_rate {summary['win_rate']:.2f}")
-    return _save(fig, out / "users.png")
+    return _finish(
+        fig,
+        ax,
+        out / "users.png",
+        x="global (cold-start) loss",
+        y="personal loss",
+        title=f"Per user: win_rate {summary['win_rate']:.2f}",
+        legend=False,
+    )
 
 
 def plot_epsilon(summary: dict, out: Path) -> Path:
@@ -116,11 +136,14 @@ def plot_sweep(rows: list[dict], out: Path) -> Path:
     if no_dp:
         ax.axhline(no_dp[0]["personal_loss"], color="k", lw=0.8, ls=":", label="no DP")
     ax.set_xscale("log")
-    ax.set_xlabel("user-level ε (RDP)")
-    ax.set_ylabel("held-out loss")
-    ax.set_title("Privacy–utility")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "epsilon_utility.png")
+    return _finish(
+        fig,
+        ax,
+        out / "epsilon_utility.png",
+        x="user-level ε (RDP)",
+        y="held-out loss",
+        title="Privacy–utility",
+    )
 
 
 def plot_cold_start(ev: dict, out: Path) -> Path:
@@ -131,11 +154,14 @@ def plot_cold_start(ev: dict, out: Path) -> Path:
     ax.plot(ks, [rates[k] for k in ks], marker="o")
     ax.axhline(0.85, color="r", ls="--", lw=0.8, label="0.85")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("local interactions")
-    ax.set_ylabel("win_rate vs global")
-    ax.set_title(f"Cold start (cold_start_k = {fmt(ev['cold_start']['cold_start_k'])})")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "cold_start.png")
+    return _finish(
+        fig,
+        ax,
+        out / "cold_start.png",
+        x="local interactions",
+        y="win_rate vs global",
+        title=f"Cold start (cold_start_k = {fmt(ev['cold_start']['cold_start_k'])})",
+    )
 
 
 def plot_drift(ev: dict, out: Path) -> Path:
@@ -145,11 +171,14 @@ def plot_drift(ev: dict, out: Path) -> Path:
         trace = pair["personal_loss_trace"]
         line = ax.plot(range(len(trace)), trace, marker=".", label=f"pair {i + 1}")[0]
         ax.axhline(pair["global_loss_on_new"], color=line.get_color(), ls="--", lw=0.8)
-    ax.set_xlabel("interactions after the switch")
-    ax.set_ylabel("loss on the new role")
-    ax.set_title("Drift recovery (dashed: global)")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "drift.png")
+    return _finish(
+        fig,
+        ax,
+        out / "drift.png",
+        x="interactions after the switch",
+        y="loss on the new role",
+        title="Drift recovery (dashed: global)",
+    )
 
 
 def plot_mia(ev: dict, out: Path) -> Path:
@@ -164,11 +193,14 @@ def plot_mia(ev: dict, out: Path) -> Path:
             label=f"{name}: AUC {mia[name]['mia_auc']:.3f}",
         )
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.set_title("Membership inference ROC")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "mia_roc.png")
+    return _finish(
+        fig,
+        ax,
+        out / "mia_roc.png",
+        x="false-positive rate",
+        y="true-positive rate",
+        title="Membership inference ROC",
+    )
 
 
 def plot_ab(ab: dict, out: Path) -> Path:

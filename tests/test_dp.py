@@ -157,39 +157,27 @@ def test_federation_accountant_round_trip_and_rejects_wrong_state() -> None:
         other.load_state_dict({"history": []})
 
 
-def test_secagg_params_refuse_overflow_and_precision_loss() -> None:
-    ok = derive_secagg_params(
-        Privatize(1.0, 0.3),
-        num_clients=8,
-        num_params=10_000,
+def _derive(privatize: Privatize, num_clients: int, num_params: int):  # type: ignore[no-untyped-def]
+    return derive_secagg_params(
+        privatize,
+        num_clients=num_clients,
+        num_params=num_params,
         num_shares=1.0,
         reconstruction_threshold=0.67,
     )
+
+
+def test_secagg_params_refuse_overflow_and_precision_loss() -> None:
+    ok = _derive(Privatize(1.0, 0.3), 8, 10_000)
     # The sum of every client's quantized values fits the modulus.
     assert ok.quantization_range * (8 + 1) <= ok.modulus_range
     assert ok.clipping_range >= 1.0 + 7 * 0.3
-    with pytest.raises(ValueError, match="clip-norm"):
-        derive_secagg_params(
-            Privatize(0.0, 0.0),
-            num_clients=8,
-            num_params=10,
-            num_shares=1.0,
-            reconstruction_threshold=0.67,
-        )
-    with pytest.raises(ValueError, match="quantization"):
-        derive_secagg_params(
-            Privatize(1.0, 0.0),
-            num_clients=2**25,
-            num_params=10,
-            num_shares=1.0,
-            reconstruction_threshold=0.67,
-        )
-    with pytest.raises(ValueError, match="swamp"):
-        derive_secagg_params(
-            Privatize(1.0, 0.0),
-            num_clients=1000,
-            num_params=10**12,
-            num_shares=1.0,
-            reconstruction_threshold=0.67,
-        )
     assert np.isfinite(ok.quantization_step)
+    refused = [
+        (Privatize(0.0, 0.0), 8, 10, "clip-norm"),
+        (Privatize(1.0, 0.0), 2**25, 10, "quantization"),
+        (Privatize(1.0, 0.0), 1000, 10**12, "swamp"),
+    ]
+    for privatize, clients, params, says in refused:
+        with pytest.raises(ValueError, match=says):
+            _derive(privatize, clients, params)

@@ -67,6 +67,9 @@ class Strategy:
     local_copy: bool = False
     cold_start: str = ""
     mix_weights: tuple[float, ...] = ()
+    # How a device picks among ``mix_weights`` (:meth:`pick_weight`; ``blend``'s
+    # :func:`common.personalization.blend.pick_mix_weight`).
+    weight_rule: Callable[..., float] | None = None
     local_only_personal: bool = False
     # ``blend``: which part of the global adapter the federation trains (see there).
     global_layers: tuple[int, int] | None = None
@@ -158,7 +161,9 @@ class Strategy:
         Raises:
             TypeError: For a strategy without a weight to pick.
         """
-        raise TypeError(f"{self.name} serves no weighted global adapter")
+        if self.weight_rule is None:
+            raise TypeError(f"{self.name} serves no weighted global adapter")
+        return self.weight_rule(losses, prior=prior, base=base, global_alone=global_alone)
 
 
 def compose(

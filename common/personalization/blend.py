@@ -161,6 +161,7 @@ class Blend(Strategy):
             adapters=(GLOBAL_ADAPTER, PERSONAL_ADAPTER),
             cold_start="the federation's global adapter alone",
             mix_weights=MIX_WEIGHTS,
+            weight_rule=pick_mix_weight,
             local_only_personal=True,
             global_layers=global_layers,
             global_targets=global_targets,
@@ -199,13 +200,3 @@ class Blend(Strategy):
 
     def serves_trained(self, weight: float | None) -> bool:  # noqa: D102
         return not weight
-
-    def pick_weight(  # noqa: D102
-        self,
-        losses: Callable[[float], list[float]],
-        *,
-        prior: float,
-        base: list[float] | None = None,
-        global_alone: list[float] | None = None,
-    ) -> float:
-        return pick_mix_weight(losses, prior=prior, base=base, global_alone=global_alone)

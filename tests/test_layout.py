@@ -25,6 +25,8 @@ MAY_IMPORT = {
 CONSOLE_SCRIPT = ROOT / "simulations" / "cli.py"
 MAX_LINES = 400
 ONE_FILE = "One file on purpose, over the usual length:"
+MAX_FUNCTION_LINES = 80
+ONE_FUNCTION = "One function on purpose, over the usual length:"
 
 
 def modules() -> list[Path]:
@@ -60,6 +62,40 @@ def test_a_long_module_says_why_it_is_one_file() -> None:
         ):
             unexplained.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
     assert not unexplained, f"over {MAX_LINES} lines without '{ONE_FILE} …': {unexplained}"
+
+
+def long_functions(paths: list[Path]) -> list[str]:
+    """Functions over ``MAX_FUNCTION_LINES`` lines (``def`` to its last line, docstring
+    included) whose docstring does not say ``ONE_FUNCTION …``."""
+    out = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            why = " ".join((ast.get_docstring(node) or "").split())
+            if length > MAX_FUNCTION_LINES and ONE_FUNCTION not in why:
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    return out
+
+
+def test_no_function_is_long_without_saying_why() -> None:
+    tests = sorted((ROOT / "tests").glob("*.py"))
+    assert long_functions(modules() + tests) == []
+
+
+def test_a_long_function_is_found(tmp_path: Path) -> None:
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def f():\n{body}\n\ndef g():\n    return 1\n")
+    import tests.test_layout as layout
+
+    saved = layout.ROOT
+    layout.ROOT = tmp_path
+    try:
+        found = long_functions([tmp_path / "long.py"])
+    finally:
+        layout.ROOT = saved
+    assert found == [f"long.py:1 f ({MAX_FUNCTION_LINES + 1} lines)"]
 
 
 def module_name(path: Path) -> str:

@@ -55,7 +55,8 @@ class Child:
         ready: Probe that answers ``True`` once the child serves (default: it is running).
         ready_timeout_s: How long a start may take to become ready.
         prepare: Called before every start; returns extra ``Popen`` arguments (e.g. a fresh
-            pipe for a secret: ``{"pass_fds": (fd,)}``) and may set up files.
+            pipe for a secret: ``{"pass_fds": (fd,)}``; ``env``: variables added to the
+            child's environment) and may set up files.
         cleanup: Called after every exit and at stop (e.g. remove a socket).
         diagnose: Given the exit code and the child's last output lines, the reason it can
             never run (the service stops with it) or ``None`` (restart it).
@@ -168,10 +169,11 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         extra = child.prepare() if child.prepare is not None else {}
         fds = list(extra.get("pass_fds", ()))
+        env = {**(child.env if child.env is not None else os.environ), **extra.pop("env", {})}
         child.tail = []
         child.proc = subprocess.Popen(
             list(child.argv),
-            env=dict(child.env) if child.env is not None else None,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

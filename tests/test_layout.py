@@ -127,7 +127,9 @@ def defined_names(path: Path) -> set[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             out.add(node.name)
         elif isinstance(node, ast.Assign):
-            out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            for target in node.targets:
+                names = target.elts if isinstance(target, ast.Tuple) else [target]
+                out |= {t.id for t in names if isinstance(t, ast.Name)}
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             out.add(node.target.id)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -1,5 +1,7 @@
-"""``fedpersona device worker``: the device's long-lived worker, the only process that unlocks
-its store for the federation (:mod:`client.federation.worker`)."""
+"""``fedpersona device join|worker|federation``: this device in a federation — ``join`` runs its
+worker, SuperNode and ClientApp executor as one supervised service
+(:mod:`client.federation.join`); ``worker`` is the long-lived process that alone unlocks the
+store (:mod:`client.federation.worker`); ``federation pause|resume`` is the owner's switch."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from client.cli.options import (
     KeyFile,
     Retention,
     app,
+    console,
     fail,
+    open_store,
     secret_of,
 )
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore, StoreError
@@ -72,3 +76,139 @@ def worker(
         serve(socket, preload=preload, device=device)
     except (ValueError, RuntimeError) as err:
         raise fail(err) from None
+
+
+@app.command(rich_help_panel="The federation")
+def join(
+    address: Annotated[str, typer.Argument(help="The federation's server, HOST:PORT")],
+    ca: Annotated[
+        Path, typer.Option(help="The federation's CA certificate (ca.crt, from its operator)")
+    ],
+    data_dir: DataDir,
+    key_file: KeyFile = None,
+    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+    num_partitions: Annotated[
+        int | None,
+        typer.Option(help="Federation size this device sizes its noise share by (else the run's)"),
+    ] = None,
+    local_only_baseline: Annotated[
+        bool, typer.Option(help="Also train the local-only baseline the server may ask for")
+    ] = False,
+) -> None:
+    """Join a federation: this device's worker, SuperNode and ClientApp executor as one service.
+
+    Makes the device's key pair the first time (the private key stays here, 0600; send the
+    public key it prints to the operator), checks the server's certificate against --ca, then
+    keeps the three processes running — restarting one that dies — until SIGTERM or Ctrl-C,
+    which stops them all. Log: <data-dir>/join.log; state: `fedpersona device status`.
+    """
+    import logging
+    import signal
+
+    from client.federation.join import (
+        JOIN_LOG,
+        JoinError,
+        JoinPlan,
+        check_server,
+        ensure_node_key,
+        join_lock,
+    )
+    from client.federation.join import join as run_join
+    from common.supervise import ServiceFailed
+
+    secret = _unlocked(data_dir, key_file, retention_days)
+    plan = JoinPlan(
+        address=address,
+        ca=ca.absolute(),
+        data_dir=data_dir.absolute(),
+        key_file=None if secret.key_file is None else Path(secret.key_file).absolute(),
+        retention_days=retention_days,
+        num_partitions=num_partitions,
+        local_only_baseline=local_only_baseline,
+    )
+    logger = _join_logger(plan.data_dir / JOIN_LOG)
+
+    def on_start(supervisor) -> None:  # type: ignore[no-untyped-def]
+        signal.signal(signal.SIGTERM, supervisor.stop)
+        signal.signal(signal.SIGINT, supervisor.stop)
+
+    try:
+        with join_lock(plan.data_dir):
+            public, made = ensure_node_key(plan)
+            if made:
+                console.print(
+                    f"Made this device's key pair: {plan.node_key} (private, stays here) and "
+                    f"{plan.node_pub}. Send the public key to the federation's operator, who "
+                    "registers it with `fedpersona server devices add`:\n"
+                    + public.decode().strip(),
+                    soft_wrap=True,
+                )
+            check_server(plan.address, plan.ca)
+            console.print(
+                f"joining {plan.address} (log: {plan.data_dir / JOIN_LOG}); Ctrl-C to leave",
+                soft_wrap=True,
+            )
+            logger.info("joining %s", plan.address)
+            run_join(plan, secret.passphrase, logger, on_start=on_start)
+    except (JoinError, ServiceFailed) as err:
+        logger.error("%s", err)
+        raise fail(err) from None
+    finally:
+        logging.getLogger("fedpersona.join").handlers.clear()
+    console.print(f"left the federation at {plan.address}; nothing of it runs any more")
+
+
+def _unlocked(data_dir: Path, key_file: Path | None, retention_days: float):  # type: ignore[no-untyped-def]
+    """The store's secret, once it opened the store (a missing store or a wrong passphrase
+    is found here, before anything starts)."""
+    if not LocalStore.exists(data_dir):
+        raise fail(ValueError(f"no device store at {data_dir}: run `fedpersona device init` first"))
+    secret = secret_of(key_file)
+    try:
+        LocalStore.open(data_dir, secret, retention_days=retention_days).close()
+    except (StoreError, StoreKeyError, FileNotFoundError, ValueError) as err:
+        raise fail(err) from None
+    return secret
+
+
+def _join_logger(path: Path):  # type: ignore[no-untyped-def]
+    """``fedpersona.join``: everything into ``path``; restarts and failures also here."""
+    import logging
+
+    logger = logging.getLogger("fedpersona.join")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    shown = logging.StreamHandler()
+    shown.setLevel(logging.WARNING)
+    shown.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(shown)
+    return logger
+
+
+federation_app = typer.Typer(
+    help="Pause or resume this device's part in its federation.", no_args_is_help=True
+)
+app.add_typer(federation_app, name="federation", rich_help_panel="The federation")
+
+
+@federation_app.command("pause")
+def pause(data_dir: DataDir, key_file: KeyFile = None) -> None:
+    """Decline every round from now on, charging nothing, until `resume`."""
+    from client.store.state import set_paused
+
+    with open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
+        set_paused(store, True)
+    console.print("paused: this device declines every round (nothing charged) until `resume`")
+
+
+@federation_app.command("resume")
+def resume(data_dir: DataDir, key_file: KeyFile = None) -> None:
+    """Take part in the federation's rounds again (within the privacy policy)."""
+    from client.store.state import set_paused
+
+    with open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
+        set_paused(store, False)
+    console.print("resumed: this device takes part in rounds again, within its privacy policy")

@@ -149,7 +149,54 @@ def status(
     )
     table.add_row("retention", f"{info['retention_days']:g} days")
     table.add_row("store", f"{info['store_bytes']} B on disk, encrypted")
+    for name, value in _federation_rows(info["federation"]):
+        table.add_row(name, value)
     console.print(table)
+
+
+def _federation_rows(f: dict) -> list[tuple[str, str]]:
+    """``device status``'s federation lines: the service, the switch, rounds, what left."""
+    import time
+
+    def when(t: float | None) -> str:
+        return "never" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+    service = (
+        "not joined (`fedpersona device join ADDRESS --ca CA_CERT`)"
+        if not f["joined"]
+        else f"{f['address']}: " + ("running" if f["running"] else "not running")
+    )
+    if f["paused_since"] is not None:
+        service += f"; paused since {when(f['paused_since'])} (declines every round)"
+    rows = [
+        ("federation", service),
+        (
+            "rounds",
+            f"{f['rounds_joined']} joined, {f['rounds_declined']} declined; last "
+            f"{when(f['last_round_time'])}; user ε {f['user_epsilon']:.3f} / cap "
+            f"{f['epsilon_cap']:g}",
+        ),
+    ]
+    for d in f["declined"][-3:]:
+        rows.append((f"declined round {d['round']}", d["reason"]))
+    if f["sent"]:
+        last = f["sent"][-1]
+        what = last["sent"]
+        shapes = ", ".join(
+            f"{t['name'].split('model.')[-1]} {'×'.join(map(str, t['shape']))}"
+            for t in what.get("tensors", [])[:3]
+        )
+        more = len(what.get("tensors", [])) - 3
+        rows.append(
+            (
+                f"what left (round {last['round']})",
+                f"{what['bytes']:,} B in {len(what.get('tensors', []))} tensors"
+                + (", masked by SecAgg+" if what["masked"] else ", in the clear")
+                + (f" + {what['ab_numbers']} A/B numbers" if what["ab_numbers"] else "")
+                + (f": {shapes}" + (f" and {more} more" if more > 0 else "") if shapes else ""),
+            )
+        )
+    return rows
 
 
 @app.command(rich_help_panel="Your store")

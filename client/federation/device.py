@@ -24,6 +24,7 @@ client/federation/runtime.py.)
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ from client.store.state import (
     SETTINGS_BLOB,
     DeviceState,
     lora_fingerprint,
+    paused_since,
     settings_from,
 )
 from common import ab
@@ -102,6 +104,10 @@ class TooFewExamples(RuntimeError):
     """The store holds fewer training examples than ``data.min-examples``."""
 
 
+class Paused(RuntimeError):
+    """The device's owner paused its federation (it declines every round, charging nothing)."""
+
+
 @dataclass
 class TrainResult:
     """What one training round produced on the device.
@@ -118,6 +124,49 @@ class TrainResult:
     metrics: dict[str, float | int]
     declined: bool
     ab: np.ndarray | None = None
+
+
+# Rounds whose record keeps every tensor's name and shape (older ones keep the totals).
+SENT_DETAIL_ROUNDS = 16
+
+
+def _trim_sent(history: list[dict[str, Any]]) -> None:
+    """Drop the tensor list of all but the last ``SENT_DETAIL_ROUNDS`` rounds' records (the
+    device record stays small over years of rounds)."""
+    trained = [h for h in history if isinstance(h.get("sent"), dict)]
+    for h in trained[:-SENT_DETAIL_ROUNDS]:
+        h["sent"].pop("tensors", None)
+
+
+def round_record(
+    server_round: int, run: str, *, loss: float, norm: float | None, sent: dict[str, Any]
+) -> dict[str, Any]:
+    """A trained round's entry in the device's history."""
+    return {
+        "round": server_round,
+        "run": run,
+        "time": time.time(),
+        "train_loss": loss,
+        "update_norm_before_clip": norm,
+        "sent": sent,
+    }
+
+
+def what_leaves(
+    update: Mapping[str, torch.Tensor], masked: bool, ab_counts: np.ndarray | None
+) -> dict[str, Any]:
+    """What a round's reply carries, for the owner's record: each tensor's name, shape and
+    bytes (32-bit numbers: the update's floats, or SecAgg+'s masked integers in their place),
+    the A/B counts' numbers and whether the server saw it masked — never a value."""
+    tensors = [
+        {"name": n, "shape": list(t.shape), "bytes": 4 * t.numel()} for n, t in update.items()
+    ]
+    return {
+        "masked": masked,
+        "tensors": tensors,
+        "ab_numbers": 0 if ab_counts is None else int(np.asarray(ab_counts).size),
+        "bytes": sum(t["bytes"] for t in tensors),
+    }
 
 
 class Device(DeviceEvaluation):
@@ -315,7 +364,7 @@ class Device(DeviceEvaluation):
             record, user = self._admit(
                 server_round, run=run, masked=masked, self_sampled=self_sampled
             )
-        except (PolicyRefused, BudgetExhausted, TooFewExamples) as err:
+        except (Paused, PolicyRefused, BudgetExhausted, TooFewExamples) as err:
             return self._decline(global_shared, server_round, err)
 
         personal = self.state.load_personal()
@@ -349,7 +398,9 @@ class Device(DeviceEvaluation):
             personal=({n: start[n] for n in self.rt.personal_names}, after),
             local_only=local_only,
             charges=(record, user),
-            record={"round": server_round, "train_loss": loss, "update_norm_before_clip": norm},
+            record=round_record(
+                server_round, run, loss=loss, norm=norm, sent=what_leaves(update, masked, ab_counts)
+            ),
         )
         weight = 1 if uniform_weights(self.cfg) else len(self.train_set)
         return TrainResult(
@@ -399,6 +450,7 @@ class Device(DeviceEvaluation):
             self.state.meta.rounds_trained += 1
             self.state.meta.last_round = server_round
             self.state.meta.history.append(record)
+            _trim_sent(self.state.meta.history)
             self.state.save_meta()
 
     def _admit(
@@ -408,10 +460,17 @@ class Device(DeviceEvaluation):
         all admit it.
 
         Raises:
+            Paused: The owner paused the federation on this device.
             PolicyRefused: The owner's policy refuses the round's terms.
             TooFewExamples: Fewer examples than ``data.min-examples``.
             BudgetExhausted: A charge would pass a cap.
         """
+        since = paused_since(self.store)
+        if since is not None:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(since))
+            raise Paused(
+                f"paused by the device's owner since {when} (`fedpersona device federation resume`)"
+            )
         reason = self.policy.refusal(self.cfg, num_partitions=self.num_partitions, masked=masked)
         if reason is not None:
             raise PolicyRefused(reason)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,18 @@ logger = logging.getLogger(__name__)
 
 DB_FILE = "store.db"
 KEY_FILE = "store.key"
+# What `fedpersona device join` keeps beside the store (client/federation/join.py): the
+# device's SuperNode key pair, its log, lock and state, and Flower's own folder. Forgetting
+# the store removes them too (the private key shredded).
+NODE_KEY_FILE = "node.key"
+FEDERATION_FILES = (
+    NODE_KEY_FILE,
+    f"{NODE_KEY_FILE}.pub",
+    "join.log",
+    "join.lock",
+    "federation.json",
+)
+FEDERATION_DIRS = ("flwr",)
 DEFAULT_RETENTION_DAYS = 28.0
 # The local API's bearer token (metadata): a credential, never in an export.
 API_TOKEN = "api_token"
@@ -359,9 +372,14 @@ class LocalStore(History, Blobs):
         removed = []
         names = [KEY_FILE, f"{KEY_FILE}.old"]
         names += [f"{DB_FILE}{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
-        for name in names:  # the wrapped key first; links are removed, never followed
+        for name in [*names, *FEDERATION_FILES]:  # the wrapped key first; links never followed
             path = root / name
             if os.path.lexists(path):
                 shred(path)
                 removed.append(name)
+        for name in FEDERATION_DIRS:
+            path = root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(f"{name}/")
         return removed

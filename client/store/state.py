@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -292,3 +293,22 @@ class DeviceState:
     def save_global(self, tensors: dict[str, torch.Tensor]) -> None:
         """Keep the latest global shared tensors."""
         self.store.put_blob(GLOBAL_BLOB, tensors_to_bytes(tensors, self._expect))
+
+
+# The owner's pause switch (`fedpersona device federation pause`, the web app): while set, the
+# device declines every round, charging nothing. Metadata (the time it was set), not a blob.
+PAUSED_META = "federation_paused"
+
+
+def paused_since(store: LocalStore) -> float | None:
+    """When the owner paused the federation on this device, or ``None`` if it takes part."""
+    value = store.get_meta(PAUSED_META, "")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def set_paused(store: LocalStore, paused: bool) -> None:
+    """Pause (decline every round from now on) or resume taking part."""
+    store.set_meta(PAUSED_META, str(time.time()) if paused else "")

@@ -24,6 +24,7 @@ from client.store.state import (
     SETTINGS_BLOB,
     DeviceState,
     lora_fingerprint,
+    paused_since,
 )
 from common.config import RunConfig, parse_run_config
 
@@ -149,6 +150,53 @@ def status(store: LocalStore) -> dict[str, Any]:
         "retention_days": store.retention_days,
         "last_purge": float(store.get_meta("last_purge", "0") or 0),
         "store_bytes": store.size_bytes(),
+        "federation": federation(store, state),
+    }
+
+
+def federation(store: LocalStore, state: DeviceState) -> dict[str, Any]:
+    """This device in its federation: the service ``device join`` runs (the address, whether
+    it runs now), the pause switch, rounds joined and declined (with reasons), ε against the
+    cap, the last round's time and what left the device in its last rounds (names, shapes,
+    bytes; never values).
+
+    Raises:
+        ValueError: If the stored ledger is corrupted.
+    """
+    from client.federation.join import read_state
+
+    service = read_state(store.root)
+    p = DevicePolicy.of(store)
+    ledger = PrivacyLedger.load(store, p.caps)
+    s = ledger.summary()
+    declined = [
+        {
+            "run": str(d.get("run", "")),
+            "round": d["round"],
+            "time": d["time"],
+            "reason": d["reason"],
+        }
+        for d in ledger.declined
+    ]
+    sent = [
+        {k: h.get(k) for k in ("run", "round", "time", "sent")}
+        for h in state.meta.history
+        if isinstance(h.get("sent"), dict)
+    ]
+    times = [e["time"] for e in ledger.events] + [d["time"] for d in declined]
+    return {
+        "joined": service is not None,
+        "address": None if service is None else service.get("address"),
+        "running": bool(service and service.get("running")),
+        "processes": {} if service is None else service.get("processes", {}),
+        "paused_since": paused_since(store),
+        "rounds_joined": int(s["rounds_charged"]),
+        "rounds_declined": len(declined),
+        "declined": declined[-10:],
+        "user_epsilon": s["user_epsilon"],
+        "epsilon_cap": p.epsilon_cap,
+        "last_round_time": max(times, default=None),
+        "sent": sent[-10:],
     }
 
 

@@ -1,0 +1,377 @@
+"""``fedpersona device join``: this device in a federation, as one supervised service.
+
+Three processes make a device's side of a federation (docs/deploy.md): the **device worker**
+(the only one that unlocks the store; keeps the model loaded), the **SuperNode** (pulls the
+federation's messages over TLS, authenticated by the device's own key) and its **ClientApp
+executor** (runs each message's ClientApp, which relays to the worker).
+:func:`join` runs them as one :class:`common.supervise.Supervisor` service:
+
+* before anything starts, the address is reached and its TLS certificate checked against the
+  federation's CA, so an unreachable server or a wrong CA is one clear line;
+* the device's SuperNode key pair is made on the device the first time
+  (``<data-dir>/node.key``, 0600, never printed; the public key ``node.key.pub`` is what the
+  operator registers);
+* a lock (``<data-dir>/join.lock``) keeps a second ``join`` off the same store;
+* a child that dies is restarted with back-off; a SuperNode turned away for its key or
+  certificate stops the service with the fix;
+* one log, ``<data-dir>/join.log``; the service's state in ``<data-dir>/federation.json``
+  (the federation's address, each process's pid and restarts) for ``device status``;
+* the passphrase is handed to each worker start through a pipe (never the environment a
+  process listing shows); the worker's socket lives in a private temporary folder (a Unix
+  socket path is capped at 107 bytes), removed at the end with everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.store import FEDERATION_FILES
+from common.atomic import atomic_write_bytes
+from common.crypto import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
+from common.keys import write_node_keys
+from common.supervise import Child, Supervisor
+
+BIN = Path(sys.executable).parent
+NODE_KEY, _, JOIN_LOG, JOIN_LOCK, STATE_FILE = FEDERATION_FILES  # forgotten with the store
+CONNECT_TIMEOUT_S = 10.0
+# The model loads in the worker before it answers (minutes on a slow disk).
+WORKER_READY_S = 600.0
+# What Flower's SuperNode prints when the SuperLink turns it away, and what that means here.
+REFUSALS = (
+    (
+        "Failed to activate SuperNode",
+        "the federation at {address} does not know this device's key: send {pub} to its "
+        "operator (`fedpersona server devices add`), then run `fedpersona device join` again",
+    ),
+    (
+        "All SuperNodes must be registered",
+        "the federation at {address} admits registered devices only: send {pub} to its "
+        "operator (`fedpersona server devices add`), then run `fedpersona device join` again",
+    ),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the server at {address} is not certified by {ca}: get the federation's ca.crt from "
+        "its operator and pass it with --ca",
+    ),
+)
+
+
+class JoinError(RuntimeError):
+    """The device cannot join (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class JoinPlan:
+    """What ``fedpersona device join`` was asked.
+
+    Attributes:
+        address: The federation's SuperLink, ``host:port``.
+        ca: The federation's CA certificate.
+        data_dir: The device's store (``device init`` made it).
+        key_file: The store's key file, if it has one (else the passphrase is piped).
+        retention_days: The store's retention.
+        num_partitions: The federation's size, if the operator said (the noise share).
+        local_only_baseline: Let the worker train the local-only baseline when asked.
+    """
+
+    address: str
+    ca: Path
+    data_dir: Path
+    key_file: Path | None = None
+    retention_days: float = 28.0
+    num_partitions: int | None = None
+    local_only_baseline: bool = False
+
+    @property
+    def node_key(self) -> Path:
+        """The device's SuperNode private key (its public key beside it, ``.pub``)."""
+        return self.data_dir / NODE_KEY
+
+    @property
+    def node_pub(self) -> Path:
+        return self.data_dir / f"{NODE_KEY}.pub"
+
+
+# ---- before anything starts -------------------------------------------------------------
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as its parts.
+
+    Raises:
+        JoinError: If it is not ``host:port`` with a port in 1..65535.
+    """
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise JoinError(f"{address!r} is not HOST:PORT (e.g. fl.example.org:8000)")
+    return host, int(port)
+
+
+def check_server(address: str, ca: Path, *, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Reach ``address`` and check its TLS certificate against ``ca`` (and its name).
+
+    Raises:
+        JoinError: No CA file, the server unreachable, or not certified by ``ca``.
+    """
+    if not ca.is_file():
+        raise JoinError(f"no CA certificate at {ca}: get the federation's ca.crt from its operator")
+    host, port = split_address(address)
+    try:
+        context = ssl.create_default_context(cafile=str(ca))
+    except ssl.SSLError as err:
+        raise JoinError(f"{ca} is not a PEM CA certificate ({err.reason})") from None
+    context.set_alpn_protocols(["h2"])  # gRPC's
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            pass
+    except ssl.SSLCertVerificationError as err:
+        raise JoinError(
+            f"the server at {address} is not certified by {ca} ({err.verify_message}): get "
+            "the federation's ca.crt from its operator and pass it with --ca"
+        ) from None
+    except (OSError, ssl.SSLError) as err:
+        why = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise JoinError(
+            f"cannot reach the federation at {address} ({why}): is its server running, and "
+            "is the address right?"
+        ) from None
+
+
+def ensure_node_key(plan: JoinPlan) -> tuple[bytes, bool]:
+    """The device's SuperNode public key, made (with its private key, 0600) the first time;
+    and whether it was made now.
+
+    Raises:
+        JoinError: If only one half of the pair is there.
+    """
+    have = (plan.node_key.exists(), plan.node_pub.exists())
+    if have == (True, True):
+        return plan.node_pub.read_bytes(), False
+    if any(have):
+        raise JoinError(
+            f"{plan.node_key} or {plan.node_pub} is missing: restore the pair the operator "
+            "registered, or remove both to make a new one (the operator must then register it)"
+        )
+    return write_node_keys(plan.node_key, plan.node_pub), True
+
+
+@contextlib.contextmanager
+def join_lock(data_dir: Path) -> Iterator[None]:
+    """Hold ``<data-dir>/join.lock`` for the service's life.
+
+    Raises:
+        JoinError: If another ``join`` holds it.
+    """
+    path = data_dir / JOIN_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise JoinError(
+                f"another `fedpersona device join` (pid {holder}) runs on {data_dir}; stop it "
+                "first (one device, one federation service)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ---- the service ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _env(flwr_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (PASSPHRASE_ENV, PASSPHRASE_FILE_ENV)}
+    env.update(
+        {
+            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+    )
+    return env
+
+
+def diagnose_supernode(plan: JoinPlan, code: int, tail: list[str]) -> str | None:
+    """Why the SuperNode can never run (it is then not restarted), or ``None``."""
+    text = "\n".join(tail)
+    for marker, reason in REFUSALS:
+        if marker in text:
+            return reason.format(address=plan.address, pub=plan.node_pub, ca=plan.ca)
+    return None
+
+
+def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Child]:
+    """The worker, the SuperNode and its ClientApp executor, in start order."""
+    from client.federation.worker import SOCKET_KEY, ping
+
+    env = _env(plan.data_dir / "flwr")
+    sock = run_dir / "worker.sock"
+    runtime, node_health, exec_health = _free_port(), _free_port(), _free_port()
+    worker = [
+        str(BIN / "fedpersona"), "device", "worker", "--socket", str(sock),
+        "--data-dir", str(plan.data_dir), "--retention-days", str(plan.retention_days),
+    ]  # fmt: skip
+    if plan.key_file is not None:
+        worker += ["--key-file", str(plan.key_file)]
+    if plan.num_partitions is not None:
+        worker += ["--num-partitions", str(plan.num_partitions)]
+    if plan.local_only_baseline:
+        worker.append("--local-only-baseline")
+
+    def piped_passphrase() -> dict[str, Any]:
+        """A fresh pipe holding the passphrase for this start of the worker."""
+        if passphrase is None:
+            return {}
+        read, write = os.pipe()
+        os.write(write, passphrase.encode())
+        os.close(write)
+        return {"pass_fds": (read,), "env": {PASSPHRASE_FILE_ENV: f"/dev/fd/{read}"}}
+
+    def remove_socket() -> None:
+        for path in (sock, sock.with_name(sock.name + ".key")):
+            path.unlink(missing_ok=True)
+
+    supernode = [
+        str(BIN / "flower-supernode"), "--superlink", plan.address,
+        "--root-certificates", str(plan.ca),
+        "--auth-supernode-private-key", str(plan.node_key),
+        "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime),
+        "--health-server-address", f"127.0.0.1:{node_health}",
+        "--node-config", f'{SOCKET_KEY}="{sock}"',
+    ]  # fmt: skip
+    executor = [
+        str(BIN / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{runtime}",
+        "--insecure", "--health-server-address", f"127.0.0.1:{exec_health}",
+    ]  # fmt: skip
+    return [
+        Child(
+            "worker",
+            worker,
+            env=env,
+            ready=lambda: ping(sock),
+            ready_timeout_s=WORKER_READY_S,
+            prepare=piped_passphrase,
+            cleanup=remove_socket,
+        ),
+        Child(
+            "supernode",
+            supernode,
+            env=env,
+            ready=lambda: _port_open(runtime),
+            diagnose=lambda code, tail: diagnose_supernode(plan, code, tail),
+        ),
+        Child("clientapp-executor", executor, env=env, ready=lambda: _port_open(exec_health)),
+    ]
+
+
+def write_state(plan: JoinPlan, processes: dict[str, Any], *, joined_at: float) -> None:
+    """``<data-dir>/federation.json``: the federation and the service's processes."""
+    state = {
+        "address": plan.address,
+        "ca": str(plan.ca),
+        "node_public_key": str(plan.node_pub),
+        "pid": os.getpid(),
+        "joined_at": joined_at,
+        "updated_at": time.time(),
+        "processes": processes,
+    }
+    atomic_write_bytes(plan.data_dir / STATE_FILE, json.dumps(state, indent=1).encode())
+
+
+def read_state(data_dir: Path) -> dict[str, Any] | None:
+    """What the running (or last) ``join`` wrote, with ``running``: whether its process and
+    every child are alive now. ``None`` if this device never joined."""
+    path = Path(data_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+
+    def alive(pid: object) -> bool:
+        if type(pid) is not int or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    procs = state.get("processes") if isinstance(state.get("processes"), dict) else {}
+    service = alive(state.get("pid"))
+    state["running"] = bool(
+        service
+        and procs
+        and all(alive(p.get("pid")) for p in procs.values() if isinstance(p, dict))
+    )
+    return state
+
+
+def join(
+    plan: JoinPlan,
+    passphrase: str | None,
+    logger: logging.Logger,
+    *,
+    on_start: Callable[[Supervisor], None] | None = None,
+) -> None:
+    """Run the device's federation service until its supervisor is stopped (``on_start``
+    gets it before anything starts: the command's SIGTERM/Ctrl-C handler stops it) — see the
+    module docstring.
+
+    Raises:
+        JoinError: The device cannot join (the message says why).
+        common.supervise.ServiceFailed: A process cannot run (its reason).
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="fpj-"))  # 0700; short enough for a socket path
+    joined_at = time.time()
+    try:
+        sup = Supervisor(
+            children(plan, run_dir, passphrase),
+            logger=logger,
+            on_change=lambda processes: write_state(plan, processes, joined_at=joined_at),
+        )
+        if on_start is not None:
+            on_start(sup)
+        sup.run()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -231,6 +231,15 @@ def _device_app() -> typer.Typer:
 
 app.add_typer(_device_app(), name="device")
 
+
+def _server_app() -> typer.Typer:
+    from server.cli import app as server_app
+
+    return server_app
+
+
+app.add_typer(_server_app(), name="server")
+
 privacy_app = typer.Typer(help="Privacy helpers.", no_args_is_help=True)
 app.add_typer(privacy_app, name="privacy")
 

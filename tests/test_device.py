@@ -530,3 +530,31 @@ def test_gradient_updates_are_refused_with_local_dp_sgd() -> None:
         parse_run_config(
             tiny_run_config(**{"personalization.update": "gradient", "dp.local.enabled": True})
         )
+
+
+def test_a_paused_device_declines_charging_nothing_until_resumed(tmp_path) -> None:
+    from client.store.state import set_paused
+
+    # Prepare
+    cfg = parse_run_config(tiny_run_config(**{"personalization.strategy": "fedsa"}))
+    g = _global_init(cfg)
+    with open_test_store(tmp_path / "dev") as store:
+        device = Device.simulated(cfg, store=store, partition_id=0, num_partitions=4)
+        set_paused(store, True)
+
+        # Execute
+        paused = device.train(g, server_round=1)
+        set_paused(store, False)
+        resumed = device.train(g, server_round=2)
+
+        # Assert: the paused round is a decline with its reason, nothing charged.
+        assert paused.declined and paused.metrics["declined"] == 1
+        assert all(not torch.count_nonzero(t) for t in paused.update.values())
+        (declined,) = device.ledger.declined
+        assert declined["round"] == 1 and "paused by the device's owner" in declined["reason"]
+        assert not resumed.declined
+        assert [e["round"] for e in device.ledger.events if e["kind"] == "user"] == [2]
+        # What left in round 2 is on record: names, shapes, bytes; never values.
+        sent = device.state.meta.history[-1]["sent"]
+        assert {t["name"] for t in sent["tensors"]} == set(g)
+        assert sent["bytes"] == sum(4 * t.numel() for t in g.values())

@@ -574,6 +574,27 @@ def test_privacy_page_shows_the_ledger_and_exports_the_data(page, server, tmp_pa
     expect(pg.locator("#export-status")).to_contain_text("Downloaded")
 
 
+def test_the_federation_switch_pauses_and_resumes_the_device(page, server) -> None:
+    from client.store.state import paused_since
+
+    # Prepare
+    pg, watch = page
+    login(pg, server, "#privacy")
+    federation = pg.locator("#federation")
+    expect(federation).to_contain_text("not joined")
+
+    # Execute / Assert: paused in the store (rounds are declined), then resumed.
+    pg.get_by_role("button", name="Pause", exact=True).click()
+    expect(pg.locator("#federation-status")).to_contain_text("Paused")
+    expect(federation).to_contain_text("paused since")
+    assert watch.bodies("/v1/federation")[-1] == {"paused": True}
+    assert paused_since(server.assistant.store) is not None
+    pg.get_by_role("button", name="Resume", exact=True).click()
+    expect(pg.locator("#federation-status")).to_contain_text("Resumed")
+    expect(federation).to_contain_text("Taking part")
+    assert paused_since(server.assistant.store) is None
+
+
 def test_forget_erases_everything(page, server) -> None:
     """Last: the store is gone afterwards and every /v1 call answers 410."""
     pg, watch = page

@@ -19,6 +19,7 @@ from client.assistant.model_thread import MODEL_THREAD
 from client.assistant.profile import CHOICES
 from client.store import LocalStore
 from client.store import status as device_status
+from client.store.state import set_paused
 
 # Ids are SQLite INTEGERs: a larger one made the store raise OverflowError (a 500).
 MAX_ID = 2**63 - 1
@@ -34,6 +35,14 @@ class FeedbackRequest(BaseModel):
     preferred: str | None = Field(default=None, min_length=1, max_length=MAX_CONTENT)
     edit: str | None = Field(default=None, min_length=1, max_length=MAX_CONTENT)
     reject: bool = False
+
+
+class FederationSwitch(BaseModel):
+    """The owner's pause switch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    paused: bool
 
 
 class ForgetRequest(BaseModel):
@@ -122,6 +131,14 @@ def _data_routes(router: APIRouter, assistant: Assistant, guard: Guard) -> None:
         shared = sum(_numel(assistant.rt.shapes[n]) for n in assistant.rt.shared_names)
         with assistant.lock:
             return device_status.privacy(assistant.store, shared_numbers=shared)
+
+    @router.put("/v1/federation", dependencies=[Depends(guard.auth)], responses=ERRORS)
+    def federation(body: FederationSwitch) -> dict[str, Any]:
+        """Pause (decline every round, charging nothing) or resume taking part; returns the
+        device's federation facts (``device status``'s)."""
+        with assistant.lock:
+            set_paused(assistant.store, body.paused)
+            return device_status.federation(assistant.store)
 
     @router.get("/v1/status", dependencies=[Depends(guard.auth)], responses=ERRORS)
     def device_state() -> dict[str, Any]:

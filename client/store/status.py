@@ -150,21 +150,22 @@ def status(store: LocalStore) -> dict[str, Any]:
         "retention_days": store.retention_days,
         "last_purge": float(store.get_meta("last_purge", "0") or 0),
         "store_bytes": store.size_bytes(),
-        "federation": federation(store, state),
+        "federation": federation(store),
     }
 
 
-def federation(store: LocalStore, state: DeviceState) -> dict[str, Any]:
+def federation(store: LocalStore) -> dict[str, Any]:
     """This device in its federation: the service ``device join`` runs (the address, whether
     it runs now), the pause switch, rounds joined and declined (with reasons), ε against the
     cap, the last round's time and what left the device in its last rounds (names, shapes,
     bytes; never values).
 
     Raises:
-        ValueError: If the stored ledger is corrupted.
+        ValueError: If the stored ledger or device record is corrupted.
     """
     from client.federation.join import read_state
 
+    state = open_state(store, load_settings(store))  # fresh: the worker writes it
     service = read_state(store.root)
     p = DevicePolicy.of(store)
     ledger = PrivacyLedger.load(store, p.caps)
@@ -268,6 +269,7 @@ def privacy(store: LocalStore, *, shared_numbers: int | None = None) -> dict[str
         )
     rounds.sort(key=lambda r: r["time"], reverse=True)
     return {
+        "federation": federation(store),
         "budget": budget(store),
         "rounds": rounds,
         "never_leaves": list(NEVER_LEAVES),

@@ -839,6 +839,7 @@ function renderPrivacy(p) {
         )
       : el("p", { class: "muted" }, "No federated rounds yet: nothing has left this device."),
   );
+  renderFederation(p.federation || {});
   $("never-leaves").replaceChildren(...(p.never_leaves || []).map((x) => el("li", {}, x)));
   const s = p.stored || {};
   facts($("stored"), [
@@ -853,6 +854,47 @@ function renderPrivacy(p) {
     ["Last purge", when(p.last_purge)],
   ]);
 }
+
+/** The federation facts (`device status`'s) and the pause switch. */
+function renderFederation(f) {
+  const service = f.joined
+    ? `${f.address}: ${f.running ? "running" : "not running"}`
+    : "not joined (fedpersona device join ADDRESS --ca CA_CERT)";
+  const last = (f.sent || []).at(-1);
+  const left = last
+    ? `round ${last.round}: ${last.sent.bytes} bytes in ${(last.sent.tensors || []).length} ` +
+      `tensors${last.sent.masked ? ", masked by SecAgg+" : ", in the clear"}`
+    : "nothing yet";
+  facts($("federation"), [
+    ["Service", service],
+    ["Taking part", f.paused_since ? `paused since ${when(f.paused_since)}` : "yes"],
+    ["Rounds", `${f.rounds_joined ?? 0} joined, ${f.rounds_declined ?? 0} declined`],
+    ["Last round", when(f.last_round_time)],
+    ["User ε", `${fmt(f.user_epsilon)} of ${fmt(f.epsilon_cap)}`],
+    ["Last sent", left],
+  ]);
+  const button = $("federation-switch");
+  button.textContent = f.paused_since ? "Resume" : "Pause";
+  button.setAttribute("aria-pressed", f.paused_since ? "true" : "false");
+  button.dataset.paused = f.paused_since ? "true" : "false";
+}
+
+$("federation-switch").addEventListener("click", async () => {
+  const button = $("federation-switch");
+  const status = $("federation-status");
+  const pause = button.dataset.paused !== "true";
+  button.disabled = true;
+  try {
+    renderFederation(await sendJSON("PUT", "/v1/federation", { paused: pause }));
+    status.textContent = pause
+      ? "Paused: this device declines every round, charging nothing."
+      : "Resumed: this device takes part in rounds again.";
+  } catch (err) {
+    status.textContent = `Not changed: ${err.message}`;
+  } finally {
+    button.disabled = false;
+  }
+});
 
 $("export").addEventListener("click", async () => {
   const status = $("export-status");

@@ -26,6 +26,7 @@ from client.federation.runtime import get_runtime, shared_shapes
 from client.federation.simulated import engine_time, simulated_user
 from common import ab
 from common.config import RunConfig, parse_run_config
+from common.dp.privatize import ab_in_range
 from common.sampling import poisson_sample
 from common.serialization import (
     ALLOWED_EVAL_METRICS,
@@ -227,9 +228,7 @@ def _train_hosted(
     if legacy:
         metrics[NUM_EXAMPLES_KEY] = k  # SecAgg+ weights the mean update by it
         if cfg.ab.interactions:  # the weighted mean over nodes must sum the counts
-            ab_vector = ab.to_masked(
-                counts / max(k, 1), max_interactions=cfg.ab.interactions, clip_norm=cfg.dp.clip_norm
-            )
+            ab_vector = ab_in_range(cfg, counts / max(k, 1))
     elif cfg.ab.interactions and k:
         metrics.update(ab.to_metrics(counts))
     record = build_outbound_record(
@@ -289,9 +288,7 @@ def train(content: RecordDict, context: Context, *, started: float | None = None
         if cfg.ab.interactions:
             # Every device appends the same-shaped vector (zeros when declining).
             counts = result.ab if result.ab is not None else np.zeros(ab.FIELDS)
-            ab_vector = ab.to_masked(
-                counts, max_interactions=cfg.ab.interactions, clip_norm=cfg.dp.clip_norm
-            )
+            ab_vector = ab_in_range(cfg, counts)
     elif result.ab is not None:
         metrics.update(ab.to_metrics(result.ab))
     record = build_outbound_record(

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from common.config import RunConfig
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # SecAgg+ clips each entry at C plus this many standard deviations of the device's noise
@@ -116,3 +117,11 @@ def uniform_weights(cfg: RunConfig) -> bool:
     """Average per user (weight 1) rather than per example: needed for user-level DP's
     sensitivity bound and for SecAgg+'s bounded weights."""
     return cfg.secagg.enabled or cfg.dp.clip_norm > 0
+
+
+def ab_in_range(cfg: RunConfig, counts: np.ndarray) -> np.ndarray:
+    """A device's A/B counts scaled so every entry lies within ``C`` — the range SecAgg+
+    quantizes the update in — to ride in the same masked vector (:func:`common.ab.to_masked`)."""
+    from common import ab
+
+    return ab.to_masked(counts, max_interactions=cfg.ab.interactions, clip_norm=cfg.dp.clip_norm)

@@ -30,17 +30,16 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.flower_env import BIN, flower_env
 from common.keys import SUPEREXEC_SECRET, make_certs
 from common.supervise import Child
 
-BIN = Path(sys.executable).parent
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the Flower app `flwr run` packs
 FEDERATION = "fedpersona"
 DEFAULT_PORT = 8000
@@ -76,16 +75,7 @@ class FederationDir:
 
     def env(self) -> dict[str, str]:
         """The environment every Flower process and ``flwr`` call here runs with."""
-        return {
-            **os.environ,
-            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-            "FLWR_HOME": str(self.flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-        }
+        return flower_env(self.flwr_home)
 
     def require_init(self) -> None:
         """Raises :class:`OperatorError` unless ``init`` wrote the key material here."""

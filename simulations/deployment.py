@@ -39,6 +39,7 @@ from typing import Any
 import psutil
 
 from client.store import key_beside
+from common.flower_env import flower_env
 from simulations.simulate import (
     PROJECT_DIR,
     _free_port,
@@ -114,18 +115,7 @@ class LocalDeployment:
             f'[superlink]\ndefault = "{federation}"\n\n[superlink.{federation}]\n'
             f'address = "127.0.0.1:{self.port}"\n{tls}'
         )
-        self.env = {
-            **os.environ,
-            # The SuperLink, SuperNodes and executors start Flower's CLIs by name.
-            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            TAG_ENV: self.tag,
-        }
+        self.env = {**flower_env(flwr_home), TAG_ENV: self.tag}
 
     def __enter__(self) -> LocalDeployment:
         return self

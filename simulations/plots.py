@@ -26,10 +26,21 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def _finish(
-    fig: plt.Figure, ax: Any, path: Path, *, x: str, y: str, title: str, legend: bool = True
-) -> Path:
-    """Label ``ax`` (axes, title, the legend unless told not to) and save ``fig`` to ``path``."""
+# Each plot's axes: x label, y label.
+AXES = {
+    "rounds.png": ("round", "loss (nats/token)"),
+    "users.png": ("global (cold-start) loss", "personal loss"),
+    "epsilon_utility.png": ("user-level ε (RDP)", "held-out loss"),
+    "cold_start.png": ("local interactions", "win_rate vs global"),
+    "drift.png": ("interactions after the switch", "loss on the new role"),
+    "mia_roc.png": ("false-positive rate", "true-positive rate"),
+}
+
+
+def _finish(fig: plt.Figure, ax: Any, path: Path, title: str, *, legend: bool = True) -> Path:
+    """Label ``ax`` (its :data:`AXES`, ``title``, the legend unless told not to) and save
+    ``fig`` to ``path``."""
+    x, y = AXES[path.name]
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title)
@@ -59,14 +70,7 @@ def plot_rounds(summary: dict, out: Path) -> Path:
         y = [r.get(key) for r in rounds]
         if any(v is not None for v in y):
             ax.plot(x, y, style, marker="o", label=key.replace("_", " "))
-    return _finish(
-        fig,
-        ax,
-        out / "rounds.png",
-        x="round",
-        y="loss (nats/token)",
-        title="Losses per round (mean over users)",
-    )
+    return _finish(fig, ax, out / "rounds.png", "Losses per round (mean over users)")
 
 
 def plot_users(summary: dict, out: Path) -> Path:
@@ -81,13 +85,7 @@ def plot_users(summary: dict, out: Path) -> Path:
     for c in clients:
         ax.annotate(c["user"].split("@")[0], (c["global_loss"], c["personal_loss"]), fontsize=6)
     return _finish(
-        fig,
-        ax,
-        out / "users.png",
-        x="global (cold-start) loss",
-        y="personal loss",
-        title=f"Per user: win_rate {summary['win_rate']:.2f}",
-        legend=False,
+        fig, ax, out / "users.png", f"Per user: win_rate {summary['win_rate']:.2f}", legend=False
     )
 
 
@@ -136,14 +134,7 @@ def plot_sweep(rows: list[dict], out: Path) -> Path:
     if no_dp:
         ax.axhline(no_dp[0]["personal_loss"], color="k", lw=0.8, ls=":", label="no DP")
     ax.set_xscale("log")
-    return _finish(
-        fig,
-        ax,
-        out / "epsilon_utility.png",
-        x="user-level ε (RDP)",
-        y="held-out loss",
-        title="Privacy–utility",
-    )
+    return _finish(fig, ax, out / "epsilon_utility.png", "Privacy–utility")
 
 
 def plot_cold_start(ev: dict, out: Path) -> Path:
@@ -158,9 +149,7 @@ def plot_cold_start(ev: dict, out: Path) -> Path:
         fig,
         ax,
         out / "cold_start.png",
-        x="local interactions",
-        y="win_rate vs global",
-        title=f"Cold start (cold_start_k = {fmt(ev['cold_start']['cold_start_k'])})",
+        f"Cold start (cold_start_k = {fmt(ev['cold_start']['cold_start_k'])})",
     )
 
 
@@ -171,14 +160,7 @@ def plot_drift(ev: dict, out: Path) -> Path:
         trace = pair["personal_loss_trace"]
         line = ax.plot(range(len(trace)), trace, marker=".", label=f"pair {i + 1}")[0]
         ax.axhline(pair["global_loss_on_new"], color=line.get_color(), ls="--", lw=0.8)
-    return _finish(
-        fig,
-        ax,
-        out / "drift.png",
-        x="interactions after the switch",
-        y="loss on the new role",
-        title="Drift recovery (dashed: global)",
-    )
+    return _finish(fig, ax, out / "drift.png", "Drift recovery (dashed: global)")
 
 
 def plot_mia(ev: dict, out: Path) -> Path:
@@ -193,14 +175,7 @@ def plot_mia(ev: dict, out: Path) -> Path:
             label=f"{name}: AUC {mia[name]['mia_auc']:.3f}",
         )
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    return _finish(
-        fig,
-        ax,
-        out / "mia_roc.png",
-        x="false-positive rate",
-        y="true-positive rate",
-        title="Membership inference ROC",
-    )
+    return _finish(fig, ax, out / "mia_roc.png", "Membership inference ROC")
 
 
 def plot_ab(ab: dict, out: Path) -> Path:

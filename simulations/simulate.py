@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from common.config import parse_run_config
+from common.flower_env import flower_env
 from simulations.corpora import corpus_federation, scaled_min_clients
 from simulations.presets import Preset, get_preset
 
@@ -282,17 +283,9 @@ def _environment(flwr_home: Path, port: int, ray_tmp: Path) -> dict[str, str]:
     )
     (flwr_home / "ray-tmpdir").write_text(str(ray_tmp))
     return {
-        **os.environ,
-        # The superlink starts `flower-superexec` and `flwr-serverapp` by name: find them
-        # in this interpreter's bin even when the venv is not activated.
-        "PATH": os.pathsep.join([str(BIN_DIR), os.environ.get("PATH", "")]),
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        **flower_env(flwr_home),
         "RAY_TMPDIR": str(ray_tmp),
         "RAY_USAGE_STATS_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
     }
 
 

@@ -24,6 +24,14 @@ from client.cli.options import (
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore, StoreError
 from common.crypto import PASSPHRASE_ENV, StoreKeyError
 
+NumPartitions = Annotated[
+    int | None,
+    typer.Option(help="Federation size this device sizes its noise share by (else the run's)"),
+]
+LocalOnlyBaseline = Annotated[
+    bool, typer.Option(help="Also train the local-only baseline the server may ask for")
+]
+
 
 @app.command(rich_help_panel="The federation")
 def worker(
@@ -33,13 +41,8 @@ def worker(
     data_dir: DataDir,
     key_file: KeyFile = None,
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
-    num_partitions: Annotated[
-        int | None,
-        typer.Option(help="Federation size this device sizes its noise share by (else the run's)"),
-    ] = None,
-    local_only_baseline: Annotated[
-        bool, typer.Option(help="Also train the local-only baseline the server may ask for")
-    ] = False,
+    num_partitions: NumPartitions = None,
+    local_only_baseline: LocalOnlyBaseline = False,
     preload: Annotated[
         bool, typer.Option(help="Import torch/transformers/peft before the first message")
     ] = True,
@@ -87,13 +90,8 @@ def join(
     data_dir: DataDir,
     key_file: KeyFile = None,
     retention_days: Retention = DEFAULT_RETENTION_DAYS,
-    num_partitions: Annotated[
-        int | None,
-        typer.Option(help="Federation size this device sizes its noise share by (else the run's)"),
-    ] = None,
-    local_only_baseline: Annotated[
-        bool, typer.Option(help="Also train the local-only baseline the server may ask for")
-    ] = False,
+    num_partitions: NumPartitions = None,
+    local_only_baseline: LocalOnlyBaseline = False,
 ) -> None:
     """Join a federation: this device's worker, SuperNode and ClientApp executor as one service.
 

@@ -31,7 +31,6 @@ import os
 import shutil
 import socket
 import ssl
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -42,10 +41,10 @@ from typing import Any
 from client.store import FEDERATION_FILES
 from common.atomic import atomic_write_bytes
 from common.crypto import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
+from common.flower_env import BIN, flower_env
 from common.keys import write_node_keys
 from common.supervise import Child, Supervisor
 
-BIN = Path(sys.executable).parent
 NODE_KEY, _, JOIN_LOG, JOIN_LOCK, STATE_FILE = FEDERATION_FILES  # forgotten with the store
 CONNECT_TIMEOUT_S = 10.0
 # The model loads in the worker before it answers (minutes on a slow disk).
@@ -212,22 +211,6 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _env(flwr_home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (PASSPHRASE_ENV, PASSPHRASE_FILE_ENV)}
-    env.update(
-        {
-            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-        }
-    )
-    return env
-
-
 def diagnose_supernode(plan: JoinPlan, code: int, tail: list[str]) -> str | None:
     """Why the SuperNode can never run (it is then not restarted), or ``None``."""
     text = "\n".join(tail)
@@ -241,7 +224,7 @@ def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Chil
     """The worker, the SuperNode and its ClientApp executor, in start order."""
     from client.federation.worker import SOCKET_KEY, ping
 
-    env = _env(plan.data_dir / "flwr")
+    env = flower_env(plan.data_dir / "flwr", drop=(PASSPHRASE_ENV, PASSPHRASE_FILE_ENV))
     sock = run_dir / "worker.sock"
     runtime, node_health, exec_health = _free_port(), _free_port(), _free_port()
     worker = [

@@ -36,6 +36,14 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _on(directory: Path, call, *args):  # type: ignore[no-untyped-def]
+    """``call(the federation folder, *args)``; its refusal is the command's one error line."""
+    try:
+        return call(FederationDir(directory.absolute()), *args)
+    except OperatorError as err:
+        raise _fail(err) from None
+
+
 @app.command()
 def init(
     host: Annotated[
@@ -121,10 +129,7 @@ def devices_add(
     directory: Dir = DEFAULT_DIR,
 ) -> None:
     """Register a device's public key: it may connect from now on."""
-    try:
-        node_id = operator.add_device(FederationDir(directory.absolute()), public_key)
-    except OperatorError as err:
-        raise _fail(err) from None
+    node_id = _on(directory, operator.add_device, public_key)
     console.print(f"registered {public_key} as node {node_id}")
 
 
@@ -134,10 +139,7 @@ def devices_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """The registered devices and whether each is online."""
-    try:
-        nodes = operator.list_devices(FederationDir(directory.absolute()))
-    except OperatorError as err:
-        raise _fail(err) from None
+    nodes = _on(directory, operator.list_devices)
     if as_json:
         print(json.dumps(nodes, indent=1))
         return
@@ -155,10 +157,7 @@ def devices_remove(
     directory: Dir = DEFAULT_DIR,
 ) -> None:
     """Revoke a device: its key no longer connects."""
-    try:
-        operator.remove_device(FederationDir(directory.absolute()), node_id)
-    except OperatorError as err:
-        raise _fail(err) from None
+    _on(directory, operator.remove_device, node_id)
     console.print(f"revoked node {node_id}")
 
 

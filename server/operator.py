@@ -32,7 +32,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +57,16 @@ class FederationDir:
 
     root: Path
 
-    @property
-    def certs(self) -> Path:
-        return self.root / "certs"
+    def __post_init__(self) -> None:
+        paths = {"certs": "certs", "flwr_home": "flwr", "runs": "runs"}
+        for name, folder in paths.items():
+            object.__setattr__(self, name, self.root / folder)
+        object.__setattr__(self, "ca", self.root / "certs" / "ca.crt")
 
-    @property
-    def ca(self) -> Path:
-        return self.certs / "ca.crt"
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.root / "flwr"
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
+    certs: Path = field(init=False)
+    ca: Path = field(init=False)
+    flwr_home: Path = field(init=False)
+    runs: Path = field(init=False)
 
     def env(self) -> dict[str, str]:
         """The environment every Flower process and ``flwr`` call here runs with."""

@@ -11,16 +11,7 @@ from typing import Annotated
 
 import typer
 
-from client.cli.options import (
-    DataDir,
-    KeyFile,
-    Retention,
-    app,
-    console,
-    fail,
-    open_store,
-    secret_of,
-)
+from client.cli import options
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore, StoreError
 from common.crypto import PASSPHRASE_ENV, StoreKeyError
 
@@ -33,14 +24,14 @@ LocalOnlyBaseline = Annotated[
 ]
 
 
-@app.command(rich_help_panel="The federation")
+@options.app.command(rich_help_panel="The federation")
 def worker(
     socket: Annotated[
         Path, typer.Option(help="Unix socket to answer on; the SuperNode's worker-socket")
     ],
-    data_dir: DataDir,
-    key_file: KeyFile = None,
-    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+    data_dir: options.DataDir,
+    key_file: options.KeyFile = None,
+    retention_days: options.Retention = DEFAULT_RETENTION_DAYS,
     num_partitions: NumPartitions = None,
     local_only_baseline: LocalOnlyBaseline = False,
     preload: Annotated[
@@ -58,13 +49,13 @@ def worker(
 
     from client.federation.worker import serve
 
-    secret = secret_of(key_file)
+    secret = options.secret_of(key_file)
     if secret.passphrase is not None:  # typed at the prompt: this process alone keeps it
         os.environ[PASSPHRASE_ENV] = secret.passphrase
     try:  # unlock (creating on first use) now, or fail before any ClientApp waits on it
         LocalStore.open(data_dir, secret, retention_days=retention_days, create=True).close()
     except (StoreError, StoreKeyError, FileNotFoundError, ValueError) as err:
-        raise fail(err) from None
+        raise options.fail(err) from None
     device: dict[str, object] = {
         "data-dir": str(data_dir.absolute()),
         "retention-days": retention_days,
@@ -78,18 +69,18 @@ def worker(
     try:
         serve(socket, preload=preload, device=device)
     except (ValueError, RuntimeError) as err:
-        raise fail(err) from None
+        raise options.fail(err) from None
 
 
-@app.command(rich_help_panel="The federation")
+@options.app.command(rich_help_panel="The federation")
 def join(
     address: Annotated[str, typer.Argument(help="The federation's server, HOST:PORT")],
     ca: Annotated[
         Path, typer.Option(help="The federation's CA certificate (ca.crt, from its operator)")
     ],
-    data_dir: DataDir,
-    key_file: KeyFile = None,
-    retention_days: Retention = DEFAULT_RETENTION_DAYS,
+    data_dir: options.DataDir,
+    key_file: options.KeyFile = None,
+    retention_days: options.Retention = DEFAULT_RETENTION_DAYS,
     num_partitions: NumPartitions = None,
     local_only_baseline: LocalOnlyBaseline = False,
 ) -> None:
@@ -134,7 +125,7 @@ def join(
         with join_lock(plan.data_dir):
             public, made = ensure_node_key(plan)
             if made:
-                console.print(
+                options.console.print(
                     f"Made this device's key pair: {plan.node_key} (private, stays here) and "
                     f"{plan.node_pub}. Send the public key to the federation's operator, who "
                     "registers it with `fedpersona server devices add`:\n"
@@ -142,7 +133,7 @@ def join(
                     soft_wrap=True,
                 )
             check_server(plan.address, plan.ca)
-            console.print(
+            options.console.print(
                 f"joining {plan.address} (log: {plan.data_dir / JOIN_LOG}); Ctrl-C to leave",
                 soft_wrap=True,
             )
@@ -150,22 +141,24 @@ def join(
             run_join(plan, secret.passphrase, logger, on_start=on_start)
     except (JoinError, ServiceFailed) as err:
         logger.error("%s", err)
-        raise fail(err) from None
+        raise options.fail(err) from None
     finally:
         logging.getLogger("fedpersona.join").handlers.clear()
-    console.print(f"left the federation at {plan.address}; nothing of it runs any more")
+    options.console.print(f"left the federation at {plan.address}; nothing of it runs any more")
 
 
 def _unlocked(data_dir: Path, key_file: Path | None, retention_days: float):  # type: ignore[no-untyped-def]
     """The store's secret, once it opened the store (a missing store or a wrong passphrase
     is found here, before anything starts)."""
     if not LocalStore.exists(data_dir):
-        raise fail(ValueError(f"no device store at {data_dir}: run `fedpersona device init` first"))
-    secret = secret_of(key_file)
+        raise options.fail(
+            ValueError(f"no device store at {data_dir}: run `fedpersona device init` first")
+        )
+    secret = options.secret_of(key_file)
     try:
         LocalStore.open(data_dir, secret, retention_days=retention_days).close()
     except (StoreError, StoreKeyError, FileNotFoundError, ValueError) as err:
-        raise fail(err) from None
+        raise options.fail(err) from None
     return secret
 
 
@@ -189,24 +182,28 @@ def _join_logger(path: Path):  # type: ignore[no-untyped-def]
 federation_app = typer.Typer(
     help="Pause or resume this device's part in its federation.", no_args_is_help=True
 )
-app.add_typer(federation_app, name="federation", rich_help_panel="The federation")
+options.app.add_typer(federation_app, name="federation", rich_help_panel="The federation")
 
 
 @federation_app.command("pause")
-def pause(data_dir: DataDir, key_file: KeyFile = None) -> None:
+def pause(data_dir: options.DataDir, key_file: options.KeyFile = None) -> None:
     """Decline every round from now on, charging nothing, until `resume`."""
     from client.store.state import set_paused
 
-    with open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
+    with options.open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
         set_paused(store, True)
-    console.print("paused: this device declines every round (nothing charged) until `resume`")
+    options.console.print(
+        "paused: this device declines every round (nothing charged) until `resume`"
+    )
 
 
 @federation_app.command("resume")
-def resume(data_dir: DataDir, key_file: KeyFile = None) -> None:
+def resume(data_dir: options.DataDir, key_file: options.KeyFile = None) -> None:
     """Take part in the federation's rounds again (within the privacy policy)."""
     from client.store.state import set_paused
 
-    with open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
+    with options.open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
         set_paused(store, False)
-    console.print("resumed: this device takes part in rounds again, within its privacy policy")
+    options.console.print(
+        "resumed: this device takes part in rounds again, within its privacy policy"
+    )

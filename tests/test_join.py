@@ -146,3 +146,21 @@ def test_the_plan_keeps_the_node_key_beside_the_store(tmp_path) -> None:
     plan = JoinPlan(address="h:1", ca=tmp_path / "ca.crt", data_dir=tmp_path / "d")
     assert plan.node_key == tmp_path / "d" / "node.key"
     assert plan.node_pub == tmp_path / "d" / "node.key.pub"
+
+
+def test_the_owner_pauses_and_resumes_from_the_command_line(device) -> None:
+    data_dir, key = device
+    unlock = ("--data-dir", data_dir, "--key-file", key)
+
+    def federation() -> dict:
+        import json
+
+        done = _run("device", "status", "--json", *unlock)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout)["federation"]
+
+    assert _run("device", "federation", "pause", *unlock).returncode == 0
+    paused = federation()
+    assert paused["paused_since"] is not None and paused["rounds_joined"] == 0
+    assert _run("device", "federation", "resume", *unlock).returncode == 0
+    assert federation()["paused_since"] is None

@@ -185,25 +185,25 @@ federation_app = typer.Typer(
 options.app.add_typer(federation_app, name="federation", rich_help_panel="The federation")
 
 
-@federation_app.command("pause")
-def pause(data_dir: options.DataDir, key_file: options.KeyFile = None) -> None:
-    """Decline every round from now on, charging nothing, until `resume`."""
+def _switch(data_dir: Path, key_file: Path | None, *, paused: bool) -> None:
     from client.store.state import set_paused
 
     with options.open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
-        set_paused(store, True)
+        set_paused(store, paused)
     options.console.print(
         "paused: this device declines every round (nothing charged) until `resume`"
+        if paused
+        else "resumed: this device takes part in rounds again, within its privacy policy"
     )
+
+
+@federation_app.command("pause")
+def pause(data_dir: options.DataDir, key_file: options.KeyFile = None) -> None:
+    """Decline every round from now on, charging nothing, until `resume`."""
+    _switch(data_dir, key_file, paused=True)
 
 
 @federation_app.command("resume")
 def resume(data_dir: options.DataDir, key_file: options.KeyFile = None) -> None:
     """Take part in the federation's rounds again (within the privacy policy)."""
-    from client.store.state import set_paused
-
-    with options.open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
-        set_paused(store, False)
-    options.console.print(
-        "resumed: this device takes part in rounds again, within its privacy policy"
-    )
+    _switch(data_dir, key_file, paused=False)

@@ -37,7 +37,7 @@ from simulations.deployment import (
 )
 from tests.conftest import open_test_store
 
-pytestmark = [pytest.mark.integration, pytest.mark.deployment]
+pytestmark = [pytest.mark.integration, pytest.mark.deployment, pytest.mark.slow]
 FEDPERSONA = str(Path(sys.executable).parent / "fedpersona")
 DEVICES = 3
 ROUNDS = 3

@@ -16,7 +16,9 @@ together.
   one's clean-up (a socket, a key file).
 
 Every child's output goes, line by line and prefixed with its name, to the one log the
-supervisor writes (its ``logger``).
+supervisor writes (its ``logger``, :func:`service_logger`). The small probes the services
+need — a free port, an open port, a live pid — are here too (:func:`free_port`,
+:func:`port_open`, :func:`pid_alive`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 BACKOFF_S = 1.0
@@ -38,6 +42,48 @@ STABLE_S = 60.0
 STOP_TIMEOUT_S = 10.0
 # How many of a child's last output lines :attr:`Child.diagnose` sees.
 TAIL_LINES = 200
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` (a readiness probe)."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether ``pid`` (read from a state file: anything) names a running process."""
+    if type(pid) is not int or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def service_logger(name: str, path: Path) -> logging.Logger:
+    """The service's one log: everything into ``path``; restarts and failures also on the
+    terminal."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    shown = logging.StreamHandler()
+    shown.setLevel(logging.WARNING)
+    shown.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(shown)
+    return logger
 
 
 class ServiceFailed(RuntimeError):
@@ -131,6 +177,11 @@ class Supervisor:
     def stop(self, *_: object) -> None:
         """Ask :meth:`run` to stop every child and return (a signal handler too)."""
         self.stopping.set()
+
+    def stop_on_signals(self) -> None:
+        """SIGTERM and SIGINT (Ctrl-C) stop the service (call from the main thread)."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
 
     def state(self) -> dict[str, Any]:
         """Each child's pid, whether it runs, since when and how often it was restarted."""

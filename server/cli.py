@@ -5,7 +5,6 @@ devices, start a run and follow it, and see what the runs have done."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from pathlib import Path
 from typing import Annotated
@@ -86,9 +85,7 @@ def start(
 ) -> None:
     """Run the SuperLink (TLS, device authentication, its database) and its ServerApp
     executor as one service, until SIGTERM or Ctrl-C stops both."""
-    import logging
-
-    from common.supervise import ServiceFailed, Supervisor
+    from common.supervise import ServiceFailed, Supervisor, service_logger
 
     fed = FederationDir(directory.absolute())
     try:
@@ -96,20 +93,11 @@ def start(
     except OperatorError as err:
         raise _fail(err) from None
     operator.write_flwr_config(fed, port)
-    logger = logging.getLogger("fedpersona.server")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    handler = logging.FileHandler(fed.root / operator.LOG_FILE)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    shown = logging.StreamHandler()
-    shown.setLevel(logging.WARNING)
-    logger.addHandler(shown)
+    logger = service_logger("fedpersona.server", fed.root / operator.LOG_FILE)
     supervisor = Supervisor(
         children, logger=logger, on_change=lambda p: operator.write_state(fed, port, p)
     )
-    signal.signal(signal.SIGTERM, supervisor.stop)
-    signal.signal(signal.SIGINT, supervisor.stop)
+    supervisor.stop_on_signals()
     console.print(
         f"serving on {host}:{port} (log: {fed.root / operator.LOG_FILE}); Ctrl-C to stop",
         soft_wrap=True,

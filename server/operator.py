@@ -32,13 +32,13 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.flower_env import BIN, flower_env
 from common.keys import SUPEREXEC_SECRET, make_certs
-from common.supervise import Child
+from common.supervise import Child, free_port, pid_alive, port_open
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the Flower app `flwr run` packs
 FEDERATION = "fedpersona"
@@ -57,16 +57,21 @@ class FederationDir:
 
     root: Path
 
-    def __post_init__(self) -> None:
-        paths = {"certs": "certs", "flwr_home": "flwr", "runs": "runs"}
-        for name, folder in paths.items():
-            object.__setattr__(self, name, self.root / folder)
-        object.__setattr__(self, "ca", self.root / "certs" / "ca.crt")
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
 
-    certs: Path = field(init=False)
-    ca: Path = field(init=False)
-    flwr_home: Path = field(init=False)
-    runs: Path = field(init=False)
+    @property
+    def ca(self) -> Path:
+        return self.certs / "ca.crt"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
 
     def env(self) -> dict[str, str]:
         """The environment every Flower process and ``flwr`` call here runs with."""
@@ -118,17 +123,6 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def write_flwr_config(fed: FederationDir, port: int) -> None:
     """``flwr``'s connection to this SuperLink, over TLS with the federation's CA."""
     fed.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -151,7 +145,7 @@ def service(fed: FederationDir, *, host: str, port: int) -> list[Child]:
             "another with --port"
         )
     (fed.root / "state").mkdir(parents=True, exist_ok=True)
-    env, health = fed.env(), _free_port()
+    env, health = fed.env(), free_port()
     superlink = [
         str(BIN / "flower-superlink"),
         "--ssl-ca-certfile", str(fed.ca),
@@ -172,7 +166,7 @@ def service(fed: FederationDir, *, host: str, port: int) -> list[Child]:
         "--superexec-auth-secret-file", str(fed.certs / SUPEREXEC_SECRET),
     ]  # fmt: skip
     return [
-        Child("superlink", superlink, env=env, ready=lambda: _port_open(port)),
+        Child("superlink", superlink, env=env, ready=lambda: port_open(port)),
         Child("serverapp-executor", executor, env=env),
     ]
 
@@ -305,16 +299,7 @@ def status(fed: FederationDir) -> dict[str, Any]:
     state: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         state = json.loads((fed.root / STATE_FILE).read_text())
-    pid = state.get("pid")
-    running = False
-    if isinstance(pid, int) and pid > 0:
-        try:
-            os.kill(pid, 0)
-            running = True
-        except ProcessLookupError:
-            running = False
-        except PermissionError:
-            running = True
+    running = pid_alive(state.get("pid"))
     runs = []
     if fed.runs.is_dir():
         for run_dir in sorted(p for p in fed.runs.iterdir() if p.is_dir()):

@@ -40,9 +40,9 @@ import psutil
 
 from client.store import key_beside
 from common.flower_env import flower_env
+from common.supervise import free_port
 from simulations.simulate import (
     PROJECT_DIR,
-    _free_port,
     _toml_value,
     _wait_port,
     stop_process_tree,
@@ -103,7 +103,7 @@ class LocalDeployment:
         self.root = Path(root)
         self.ca = ca
         self.federation = federation
-        self.port = _free_port()
+        self.port = free_port()
         self.tag = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
         self.workers: dict[Path, subprocess.Popen] = {}  # socket -> device worker
@@ -206,7 +206,7 @@ class LocalDeployment:
             node_config = f'data-dir="{data_dir}" key-file="{device_key(data_dir)}"'
         if label:
             node_config = f"partition-id={partition} num-partitions={partitions} " + node_config
-        runtime_port = _free_port()
+        runtime_port = free_port()
         cmd: list[str | Path] = [
             BIN / "flower-supernode",
             "--superlink", f"127.0.0.1:{self.port}",

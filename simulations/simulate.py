@@ -34,6 +34,7 @@ import psutil
 
 from common.config import parse_run_config
 from common.flower_env import flower_env
+from common.supervise import free_port
 from simulations.corpora import corpus_federation, scaled_min_clients
 from simulations.presets import Preset, get_preset
 
@@ -59,12 +60,6 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -196,7 +191,7 @@ def simulate(
     run_dir.mkdir(parents=True)
     if corpus is not None:
         (run_dir / "corpus.json").write_text(json.dumps(corpus.to_json(), indent=1))
-    port = _free_port()
+    port = free_port()
     config_file = _write_run_config(run_dir, run_config)
     # Ray's socket paths must stay short (see ray_temp_base): not under run_dir, not named
     # after the run; where it is goes into FLWR_HOME, for whoever looks for its processes.

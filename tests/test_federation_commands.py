@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from common.keys import make_certs
+from common.supervise import free_port
 from simulations.deployment import (
     LocalDeployment,
     device_key,
@@ -87,12 +87,6 @@ class Services:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _until(cond, what: str, timeout: float, proc: subprocess.Popen | None = None) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not cond():
@@ -108,7 +102,7 @@ def federation(tmp_path_factory) -> Iterator[tuple[Services, Path, int, list[Pat
     """``server init`` + ``server start``; three devices with their owners' writing."""
     root = tmp_path_factory.mktemp("fed")
     s = Services(root)
-    fed, port = root / "federation", _free_port()
+    fed, port = root / "federation", free_port()
     devices = []
     try:
         done = s.cli("server", "init", "--dir", fed, "--host", "localhost")

@@ -64,7 +64,7 @@ def test_a_long_module_says_why_it_is_one_file() -> None:
     assert not unexplained, f"over {MAX_LINES} lines without '{ONE_FILE} …': {unexplained}"
 
 
-def long_functions(paths: list[Path]) -> list[str]:
+def long_functions(paths: list[Path], root: Path = ROOT) -> list[str]:
     """Functions over ``MAX_FUNCTION_LINES`` lines (``def`` to its last line, docstring
     included) whose docstring does not say ``ONE_FUNCTION …``."""
     out = []
@@ -75,7 +75,7 @@ def long_functions(paths: list[Path]) -> list[str]:
             length = (node.end_lineno or node.lineno) - node.lineno + 1
             why = " ".join((ast.get_docstring(node) or "").split())
             if length > MAX_FUNCTION_LINES and ONE_FUNCTION not in why:
-                out.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+                out.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({length} lines)")
     return out
 
 
@@ -87,20 +87,13 @@ def test_no_function_is_long_without_saying_why() -> None:
 def test_a_long_function_is_found(tmp_path: Path) -> None:
     body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
     (tmp_path / "long.py").write_text(f"def f():\n{body}\n\ndef g():\n    return 1\n")
-    import tests.test_layout as layout
-
-    saved = layout.ROOT
-    layout.ROOT = tmp_path
-    try:
-        found = long_functions([tmp_path / "long.py"])
-    finally:
-        layout.ROOT = saved
+    found = long_functions([tmp_path / "long.py"], root=tmp_path)
     assert found == [f"long.py:1 f ({MAX_FUNCTION_LINES + 1} lines)"]
 
 
-def module_name(path: Path) -> str:
+def module_name(path: Path, root: Path = ROOT) -> str:
     """``client/federation/device.py`` → ``client.federation.device`` (a package: its folder)."""
-    parts = path.relative_to(ROOT).with_suffix("").parts
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -137,11 +130,11 @@ def defined_names(path: Path) -> set[str]:
     return out
 
 
-def unresolved_imports(paths: list[Path], importers: list[Path]) -> list[str]:
+def unresolved_imports(paths: list[Path], importers: list[Path], root: Path = ROOT) -> list[str]:
     """``importer: from module import name`` lines, anywhere in ``importers`` (lazy imports
     inside functions included), whose ``name`` is neither a module among ``paths`` nor a
     top-level name of ``module``: a lazy one fails only when its function first runs."""
-    names = {module_name(p): p for p in paths}
+    names = {module_name(p, root): p for p in paths}
     defined = {n: defined_names(p) for n, p in names.items()}
     bad = []
     for path in importers:
@@ -151,7 +144,7 @@ def unresolved_imports(paths: list[Path], importers: list[Path]) -> list[str]:
                     full = f"{node.module}.{alias.name}"
                     if full not in names and alias.name not in defined[node.module]:
                         bad.append(
-                            f"{path.relative_to(ROOT)}: from {node.module} import {alias.name}"
+                            f"{path.relative_to(root)}: from {node.module} import {alias.name}"
                         )
     return bad
 
@@ -207,14 +200,7 @@ def test_a_stale_lazy_import_is_found(tmp_path: Path) -> None:
     user.write_text("def f():\n    from pkg import gone\n    from pkg.real import VALUE, lost\n")
     paths = sorted((tmp_path / "pkg").glob("*.py"))
 
-    import tests.test_layout as layout
-
-    saved = layout.ROOT
-    layout.ROOT = tmp_path
-    try:
-        bad = unresolved_imports(paths, paths)
-    finally:
-        layout.ROOT = saved
+    bad = unresolved_imports(paths, paths, root=tmp_path)
     assert bad == ["pkg/user.py: from pkg import gone", "pkg/user.py: from pkg.real import lost"]
 
 

@@ -92,7 +92,6 @@ def join(
     which stops them all. Log: <data-dir>/join.log; state: `fedpersona device status`.
     """
     import logging
-    import signal
 
     from client.federation.join import (
         JOIN_LOG,
@@ -103,7 +102,7 @@ def join(
         join_lock,
     )
     from client.federation.join import join as run_join
-    from common.supervise import ServiceFailed
+    from common.supervise import ServiceFailed, Supervisor, service_logger
 
     secret = _unlocked(data_dir, key_file, retention_days)
     plan = JoinPlan(
@@ -115,11 +114,7 @@ def join(
         num_partitions=num_partitions,
         local_only_baseline=local_only_baseline,
     )
-    logger = _join_logger(plan.data_dir / JOIN_LOG)
-
-    def on_start(supervisor) -> None:  # type: ignore[no-untyped-def]
-        signal.signal(signal.SIGTERM, supervisor.stop)
-        signal.signal(signal.SIGINT, supervisor.stop)
+    logger = service_logger("fedpersona.join", plan.data_dir / JOIN_LOG)
 
     try:
         with join_lock(plan.data_dir):
@@ -138,7 +133,7 @@ def join(
                 soft_wrap=True,
             )
             logger.info("joining %s", plan.address)
-            run_join(plan, secret.passphrase, logger, on_start=on_start)
+            run_join(plan, secret.passphrase, logger, on_start=Supervisor.stop_on_signals)
     except (JoinError, ServiceFailed) as err:
         logger.error("%s", err)
         raise options.fail(err) from None
@@ -160,23 +155,6 @@ def _unlocked(data_dir: Path, key_file: Path | None, retention_days: float):  # 
     except (StoreError, StoreKeyError, FileNotFoundError, ValueError) as err:
         raise options.fail(err) from None
     return secret
-
-
-def _join_logger(path: Path):  # type: ignore[no-untyped-def]
-    """``fedpersona.join``: everything into ``path``; restarts and failures also here."""
-    import logging
-
-    logger = logging.getLogger("fedpersona.join")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    shown = logging.StreamHandler()
-    shown.setLevel(logging.WARNING)
-    shown.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(shown)
-    return logger
 
 
 federation_app = typer.Typer(

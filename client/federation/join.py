@@ -43,7 +43,7 @@ from common.atomic import atomic_write_bytes
 from common.crypto import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
 from common.flower_env import BIN, flower_env
 from common.keys import write_node_keys
-from common.supervise import Child, Supervisor
+from common.supervise import Child, Supervisor, free_port, pid_alive, port_open
 
 NODE_KEY, _, JOIN_LOG, JOIN_LOCK, STATE_FILE = FEDERATION_FILES  # forgotten with the store
 CONNECT_TIMEOUT_S = 10.0
@@ -200,17 +200,6 @@ def join_lock(data_dir: Path) -> Iterator[None]:
 # ---- the service ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def diagnose_supernode(plan: JoinPlan, code: int, tail: list[str]) -> str | None:
     """Why the SuperNode can never run (it is then not restarted), or ``None``."""
     text = "\n".join(tail)
@@ -226,7 +215,7 @@ def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Chil
 
     env = flower_env(plan.data_dir / "flwr", drop=(PASSPHRASE_ENV, PASSPHRASE_FILE_ENV))
     sock = run_dir / "worker.sock"
-    runtime, node_health, exec_health = _free_port(), _free_port(), _free_port()
+    runtime, node_health, exec_health = free_port(), free_port(), free_port()
     worker = [
         str(BIN / "fedpersona"), "device", "worker", "--socket", str(sock),
         "--data-dir", str(plan.data_dir), "--retention-days", str(plan.retention_days),
@@ -277,10 +266,10 @@ def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Chil
             "supernode",
             supernode,
             env=env,
-            ready=lambda: _port_open(runtime),
+            ready=lambda: port_open(runtime),
             diagnose=lambda code, tail: diagnose_supernode(plan, code, tail),
         ),
-        Child("clientapp-executor", executor, env=env, ready=lambda: _port_open(exec_health)),
+        Child("clientapp-executor", executor, env=env, ready=lambda: port_open(exec_health)),
     ]
 
 
@@ -309,23 +298,12 @@ def read_state(data_dir: Path) -> dict[str, Any] | None:
     if not isinstance(state, dict):
         return None
 
-    def alive(pid: object) -> bool:
-        if type(pid) is not int or pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
     procs = state.get("processes") if isinstance(state.get("processes"), dict) else {}
-    service = alive(state.get("pid"))
+    service = pid_alive(state.get("pid"))
     state["running"] = bool(
         service
         and procs
-        and all(alive(p.get("pid")) for p in procs.values() if isinstance(p, dict))
+        and all(pid_alive(p.get("pid")) for p in procs.values() if isinstance(p, dict))
     )
     return state
 

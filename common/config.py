@@ -172,6 +172,9 @@ class DataConfig:
     test_fraction: float = 0.2
     max_seq_len: int = 96
     max_test_samples: int = 16
+    # The device's own decisions (its mixing weight) use the rest of the held-out slice, up to
+    # this many examples: a user with more data decides on more evidence.
+    max_select_samples: int = 16
     min_examples: int = 8
     # Simulation: a per-user corpus (a folder, one file or sub-folder per user, or one JSONL
     # of records with a user id; :mod:`common.corpus`) instead of the Shakespeare roles.
@@ -194,6 +197,11 @@ class DataConfig:
             self.max_test_samples >= 1,
             "data.max-test-samples",
             f"must be >= 1, got {self.max_test_samples}",
+        )
+        _require(
+            self.max_select_samples >= 1,
+            "data.max-select-samples",
+            f"must be >= 1, got {self.max_select_samples}",
         )
         _require(
             self.min_examples >= 1,

@@ -101,6 +101,8 @@ _FEDERATION_SHAPE: dict[str, Any] = {
     # A larger held-out slice: each device decides its mixing weight on evidence.
     "data.test-fraction": 0.3,
     "data.max-test-samples": 6,
+    # The weight is chosen on up to 24 more: users with more data decide on more evidence.
+    "data.max-select-samples": 24,
     "train.local-steps": 2,
     "train.batch-size": 4,
     "train.learning-rate": 0.01,

@@ -236,6 +236,30 @@ def test_a_device_trains_on_its_stores_examples_and_never_on_its_held_out_slice(
     assert same(base, held_out_changed)
 
 
+def test_the_held_out_slice_reports_on_one_part_and_decides_on_the_rest(tmp_path) -> None:
+    # Prepare: 40 examples (the newest 8 held out at test-fraction 0.2), 2 reported, up to 5
+    # for the device's own decisions.
+    pairs = [(f"What of day {i}?", f"On day {i} it rained.") for i in range(40)]
+    raw = tiny_run_config(
+        **{"data.min-examples": 1, "data.max-test-samples": 2, "data.max-select-samples": 5}
+    )
+    cfg = parse_run_config(raw)
+
+    # Execute
+    with open_test_store(tmp_path / "d") as store:
+        store.add_examples(pairs, source="import:text", ts=1_000.0)
+        device = Device(cfg, store=store, num_partitions=4, policy=permissive_policy())
+        held_out = [e.prompt for e in device.held_out]
+        test = [e.prompt for e in device.held_out[0::2][:2]]
+        n_train, n_select, n_test = map(len, (device.train_set, device.select_set, device.test_set))
+
+    # Assert: every other held-out example is reported (2 of them); the decisions use 5 of the
+    # other 6, none of them reported or trained on.
+    assert len(held_out) == 8 and n_train == 32
+    assert (n_test, n_select) == (2, 5)
+    assert len(set(test)) == 2 and set(test) <= set(held_out)
+
+
 def test_wrong_shapes_from_the_server_are_rejected(tmp_path, caplog) -> None:
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
@@ -451,8 +475,14 @@ def test_the_mix_weight_keeps_the_prior_unless_the_evidence_says_otherwise() -> 
     assert pick_mix_weight(_losses_by_weight(noisy), prior=0.5) == 0.5
     helps = shifted({0.5: -0.01, 1.0: -0.02, 2.0: -0.05, 4.0: -0.03})
     assert pick_mix_weight(_losses_by_weight(helps), prior=0.5) == 2.0
-    # One example is no evidence: the local-only model.
+    # One example is no evidence: the local-only model. Two that agree on a gain of 5 standard
+    # errors are not evidence either (a t of 5 at one degree of freedom is p ~ 0.06); six that
+    # agree as well are.
     assert pick_mix_weight(lambda w: [3.0 - w], prior=0.5) == 0.0
+    two = {w: [3.0, 3.2] for w in MIX_WEIGHTS} | {4.0: [2.9, 3.05]}
+    assert pick_mix_weight(_losses_by_weight(two), prior=0.5) == 0.5
+    six = {w: [3.0, 3.2] * 3 for w in MIX_WEIGHTS} | {4.0: [2.9, 3.05] * 3}
+    assert pick_mix_weight(_losses_by_weight(six), prior=0.5) == 4.0
     # The prior is earned: a global adapter no better than the base model on these examples
     # (a small federation's noise) gets weight 0 unless a weight shows a gain with evidence.
     base = [4.0] * len(alone)

@@ -249,9 +249,10 @@ class Device(DeviceEvaluation):
         )
 
     def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...], tuple[Encoded, ...]]:
-        """The tokenized training examples, and the held-out slice in two halves: every other
-        example (the oldest first) for reporting, the rest for the device's own decisions —
-        at most ``data.max-test-samples`` each (cached in memory, never on disk)."""
+        """The tokenized training examples, and the held-out slice in two parts: every other
+        example (the oldest first, at most ``data.max-test-samples``) for reporting, the rest
+        (at most ``data.max-select-samples``) for the device's own decisions (cached in memory,
+        never on disk)."""
         content = hash(tuple((e.prompt, e.reply) for e in (*self.train_examples, *self.held_out)))
         key = (
             str(self.store.root),
@@ -270,9 +271,10 @@ class Device(DeviceEvaluation):
 
             # Audit canaries (the audit's own secrets, not the user's) join the training set.
             train = enc(self.train_examples) + planted_canaries(self.cfg, self.partition_id, tok, n)
-            cap = self.cfg.data.max_test_samples
-            test = enc(self.held_out[0::2][:cap])
-            select = enc(self.held_out[1::2][:cap])
+            reported = self.held_out[0::2][: self.cfg.data.max_test_samples]
+            rest = self.held_out[1::2] + self.held_out[2 * len(reported) :: 2]
+            test = enc(reported)
+            select = enc(rest[: self.cfg.data.max_select_samples])
             _ENCODED[key] = (train, select, test)
             while len(_ENCODED) > ENCODED_CACHE_SIZE:
                 _ENCODED.popitem(last=False)

@@ -20,7 +20,7 @@ train alone:
   steps down — to the largest smaller weight that still lowers the loss there, else to 0, its
   local-only model — when the global adapter at that weight raises the per-example loss there
   (``MIX_DROP_Z`` standard errors of the paired difference), and takes
-  a larger weight only with evidence that it lowers it further (``MIX_EVIDENCE_Z``). A
+  a larger weight only with evidence that it lowers it further (``MIX_EVIDENCE_P``). A
   brand-new user gets the global adapter alone.
 
 Why a prior and not the device's evidence alone: a device holds a handful of held-out
@@ -40,6 +40,8 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+from scipy.stats import t as student_t
+
 from common.personalization.base import (
     GLOBAL_ADAPTER,
     PERSONAL_ADAPTER,
@@ -56,15 +58,21 @@ MIX_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 # The prior weight is dropped (to 0, the local-only model) when it raises the per-example loss
 # on the selection examples by more than this many standard errors of the paired difference.
 MIX_DROP_Z = 1.0
-# A larger weight replaces the prior only when it lowers that loss by this many standard
-# errors. A device has ~5 selection examples (a t of 2.5 at 4 degrees of freedom: one-sided
-# p ~ 0.03). Replaying the 171 trained devices of a `population` run with gradient updates
-# (per-example losses at every weight, `simulations/mix_weights.py`): at 2, 2.5, 3 and 4 the
-# preset's rule served a model no worse than local-only to all of them, better for 97 % at
-# each, with mean gains 0.114, 0.096, 0.083 and 0.062 nats; at 2 with the larger weights of
-# a server step of 30, two users were worse off (and at 2 on an older, noisier run, jumps to
-# weight 4 made 2 users in 65 worse off).
-MIX_EVIDENCE_Z = 2.5
+# A larger weight replaces the prior only when it lowers that loss with a one-sided p-value
+# below this (Student's t on the paired per-example differences, n - 1 degrees of freedom:
+# 3.7 standard errors at 5 examples, 2.6 at 16). The rule until 0d4848a, a fixed 2.5
+# standard errors, is p ~ 0.12 on 2 examples and ~ 0.03 on 6: on one `population` draw the
+# two users served worse than their local-only model had both jumped to weight 4 that way
+# (one on 2 selection examples, one on 6). Replaying the 171 trained devices of an earlier
+# `population` run (per-example losses at every weight, `simulations/mix_weights.py`, prior
+# 0.5): the fixed 2.5 served weight 2 or 4 to 31 users, mean gain 0.099 nats; p 0.01 to 11,
+# mean gain 0.082; both left the same one user (served the prior) worse off.
+MIX_EVIDENCE_P = 0.01
+
+
+def _evidence_bar(n: int) -> float:
+    """Standard errors of the paired decrease that count as evidence on ``n`` examples."""
+    return float(student_t.ppf(1.0 - MIX_EVIDENCE_P, n - 1))
 
 
 def pick_mix_weight(
@@ -85,8 +93,8 @@ def pick_mix_weight(
     paired loss increase over weight 0 (the local-only model) of more than ``MIX_DROP_Z``
     standard errors steps it down to the largest smaller weight that lowers the mean loss against
     weight 0, or to 0 where none does;
-    a larger weight whose mean paired decrease against ``prior`` passes ``MIX_EVIDENCE_Z``
-    standard errors replaces it (of those, the largest decrease). Fewer than two examples:
+    a larger weight whose mean paired decrease against ``prior`` is significant at
+    ``MIX_EVIDENCE_P`` (one-sided paired t) replaces it (of those, the largest decrease). Fewer than two examples:
     weight 0.
     """
     unearned = (
@@ -117,11 +125,11 @@ def pick_mix_weight(
                 if z_score(local, losses(weight))[0] > 0:
                     return weight
             return 0.0
-    best, best_gain = prior, 0.0
+    best, best_gain, bar = prior, 0.0, _evidence_bar(n)
     for weight in MIX_WEIGHTS:
         if weight > prior:
             gain, z = z_score(current, losses(weight))
-            if z > MIX_EVIDENCE_Z and gain > best_gain:
+            if z > bar and gain > best_gain:
                 best, best_gain = weight, gain
     return best
 

@@ -94,8 +94,8 @@ def pick_mix_weight(
     standard errors steps it down to the largest smaller weight that lowers the mean loss against
     weight 0, or to 0 where none does;
     a larger weight whose mean paired decrease against ``prior`` is significant at
-    ``MIX_EVIDENCE_P`` (one-sided paired t) replaces it (of those, the largest decrease). Fewer than two examples:
-    weight 0.
+    ``MIX_EVIDENCE_P`` (one-sided paired t) replaces it (of those, the largest decrease).
+    Fewer than two examples: weight 0.
     """
     unearned = (
         base is not None

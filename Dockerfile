@@ -1,38 +1,22 @@
-# fedpersona images on the official Flower 1.42.0 images, one build target per role:
+# The fedpersona image, on the official Flower 1.42.0 superexec image: CPU torch, this project
+# and the embedded SmolLM2 model. docker-compose.yml runs every service from it with the
+# entrypoint `fedpersona`: `server start` (the SuperLink and its ServerApp executor, both
+# Flower executables of the installed flwr) and `device join --part …` (a device's worker,
+# SuperNode and ClientApp executor, one container each).
 #
-#   superlink  flwr/superlink + a state folder owned by the image's user (the database volume)
-#   app        flwr/superexec + CPU torch + this project + the embedded SmolLM2 model
+#   docker compose build
+#   docker build -t fedpersona-app:0.1.0 .
 #
-# In Flower 1.42 a ServerApp or ClientApp runs as a short-lived `flwr-serverapp` /
-# `flwr-clientapp` process that needs a task token; the long-lived process of an app
-# container is `flower-superexec`, which asks the SuperLink (or its SuperNode) for tasks and
-# starts one app process per task. So the `serverapp` and every `clientapp-<i>` service of
-# docker-compose.yml run this `app` image with the entrypoint `flower-superexec`.
-# SuperNodes in process isolation run no project code: they use flwr/supernode unchanged.
-#
-#   docker compose build            # builds both targets
-#   docker build --target app -t fedpersona-app:0.1.0 .
-#
-# Where no image registry is reachable, build the bases with deploy/flwr-local.Dockerfile and
-# point these arguments at them (docker-compose.yml passes FEDPERSONA_SUPERLINK_BASE and
-# FEDPERSONA_SUPEREXEC_BASE); where download.pytorch.org is not reachable, put the CPU torch
-# wheel in deploy/wheels/ and set TORCH_INDEX_URL to the package index that has its
-# dependencies (deploy/compose_check.sh does both).
+# Where no image registry is reachable, build the base with deploy/flwr-local.Dockerfile and
+# point SUPEREXEC_BASE at it (docker-compose.yml passes FEDPERSONA_SUPEREXEC_BASE); where
+# download.pytorch.org is not reachable, put the CPU torch wheel in deploy/wheels/ and set
+# TORCH_INDEX_URL to the package index that has its dependencies (deploy/compose_check.sh does
+# both).
 ARG FLWR_VERSION=1.42.0
-ARG SUPERLINK_BASE=flwr/superlink:${FLWR_VERSION}
-# The app image's Python must be the locks' (3.11): the superexec image's py3.11 variant (its
+# The image's Python must be the locks' (3.11): the superexec image's py3.11 variant (its
 # plain version tag carries Python 3.13).
 ARG SUPEREXEC_BASE=flwr/superexec:${FLWR_VERSION}-py3.11-ubuntu24.04
 
-# ---- superlink ----------------------------------------------------------------------------
-FROM ${SUPERLINK_BASE} AS superlink
-# The image runs as `app` (uid 49999, HOME=/app). A named volume mounted on a folder that
-# exists in the image inherits its owner, so the database folder must exist here.
-RUN mkdir -p /app/state
-ENV FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
-ENTRYPOINT ["flower-superlink"]
-
-# ---- app: ServerApp and ClientApp executor ---------------------------------------------------
 FROM ${SUPEREXEC_BASE} AS app
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_INDEX_URL=https://pypi.org/simple
@@ -45,11 +29,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     FEDPERSONA_CACHE=/app/cache \
     FEDPERSONA_HOME=/app/fedpersona
 # Volume mount points owned by the image's user (a named volume takes the owner of the folder
-# it is first mounted on): the device store and the worker's socket folder (worker), the run
-# outputs (serverapp).
+# it is first mounted on): the device store (worker), the worker's socket folder (worker and
+# executor), the SuperNode's key pair (supernode), the federation folder (server).
 USER root
-RUN mkdir -p /device /run/fedpersona /app/cache /app/fedpersona/runs \
-    && chown -R app:app /device /run/fedpersona /app/cache /app/fedpersona
+RUN mkdir -p /device /run/fedpersona /node /federation /app/cache /app/fedpersona \
+    && chown -R app:app /device /run/fedpersona /node /federation /app/cache /app/fedpersona
 USER app
 WORKDIR /app/src
 # Every dependency from the hash-checked locks (deploy/lock.py writes them for CPython 3.11 on
@@ -81,4 +65,4 @@ RUN sed -i 's/.*"flwr\[simulation\].*//' pyproject.toml \
 # Convert the embedded GGUF once at build time, so no task process pays for it.
 RUN python -c "from common.model import model_dir; model_dir('smollm2'); model_dir('tiny')"
 WORKDIR /app
-ENTRYPOINT ["flower-superexec"]
+ENTRYPOINT ["fedpersona"]

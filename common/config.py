@@ -31,6 +31,9 @@ UPDATES = ("change", "gradient")
 # The server's step along each round's mean change (server/optimizer.py).
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
 
+# Where a ServerApp puts its runs when the run config names no output.dir.
+RUNS_DIR_ENV = "FEDPERSONA_RUNS_DIR"
+
 
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
@@ -587,10 +590,16 @@ class RunConfig:
     def run_dir(self, run_id: int) -> Path:
         """Where this run's outputs go: ``<output.dir>/<output.run-name>``.
 
-        Defaults: ``$FEDPERSONA_HOME/runs`` (``~/.fedpersona/runs``) and ``run-<run_id>``.
+        Defaults: ``$FEDPERSONA_RUNS_DIR`` (``fedpersona server start`` sets it to its
+        federation folder's ``runs/``), else ``$FEDPERSONA_HOME/runs`` (``~/.fedpersona/runs``);
+        and ``run-<run_id>``.
         """
-        root = self.output_dir or os.path.join(
-            os.environ.get("FEDPERSONA_HOME", os.path.expanduser("~/.fedpersona")), "runs"
+        root = (
+            self.output_dir
+            or os.environ.get(RUNS_DIR_ENV)
+            or os.path.join(
+                os.environ.get("FEDPERSONA_HOME", os.path.expanduser("~/.fedpersona")), "runs"
+            )
         )
         return Path(root).expanduser() / (self.run_name or f"run-{run_id}")
 

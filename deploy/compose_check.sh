@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# The Docker Compose deployment, end to end on this host: build, up, 2 federated rounds of the
-# tiny model with SecAgg+ through TLS and SuperNode authentication, the device stores checked,
-# down (the volumes stay). Run it again and it reuses the images, the certificates, the
-# registrations and the stores, and resumes: each device then has 2 more rounds.
+# The Docker Compose deployment, end to end on this host, through the project's own commands:
+# build, `fedpersona server init` and `server start` in the `server` container, each device's
+# key made on the device (`device key`) and registered by the operator (`fedpersona server
+# devices add` on this host, on the same federation folder), the devices' stores (`device
+# init|import|privacy set`), `device join --part …` in three containers per device, then
+# `fedpersona server run`: 2 federated rounds of the tiny model with SecAgg+ through TLS and
+# node authentication; the device stores checked; down (the volumes and ./federation stay).
+# Run it again and it reuses the images, the federation, the registrations and the stores:
+# each device then has 2 more rounds.
 #
 #   bash deploy/compose_check.sh                        # official Flower images
 #   FEDPERSONA_LOCAL_BASE=local/debian-python:bookworm bash deploy/compose_check.sh
 #
 # Needs: a running Docker engine with compose v2 (`docker compose version`), and the project's
-# environment (`bash scripts/setup.sh`: make_certs.py and the `flwr` CLI run on the host).
-# FEDPERSONA_LOCAL_BASE: where no image registry is reachable, build the Flower images from
-# this local Python 3.11 base (deploy/flwr-local.Dockerfile) and use them; this host's extra
-# CAs (/usr/local/share/ca-certificates) and a CPU torch wheel from $PIP_FIND_LINKS are handed
-# to the builds. Host networking (deploy/compose.host.yml) unless COMPOSE_BRIDGE=1.
-# Starts only containers of the `fedpersona` project and stops them all (`down`), also on
-# failure; writes certs/ and secrets/ in the project (ignored by git) once.
+# environment (`bash scripts/setup.sh`: the operator's `fedpersona server` commands run on the
+# host). FEDPERSONA_LOCAL_BASE: where no image registry is reachable, build Flower's superexec
+# image from this local Python 3.11 base (deploy/flwr-local.Dockerfile) and use it; this
+# host's extra CAs (/usr/local/share/ca-certificates) and a CPU torch wheel from
+# $PIP_FIND_LINKS are handed to the build. Host networking (deploy/compose.host.yml) unless
+# COMPOSE_BRIDGE=1. Starts only containers of the `fedpersona` project and stops them all
+# (`down`), also on failure; writes federation/ and secrets/ in the project (ignored by git).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-FLWR=${FLWR:-$(dirname "$PY")/flwr}
+FP=${FP:-$(dirname "$PY")/fedpersona}
 WORK=${WORK:-$ROOT/runs/compose-check}
 FLWR_VERSION=$("$PY" -c 'import flwr; print(flwr.__version__)')
 FILES=(-f docker-compose.yml)
@@ -41,28 +46,23 @@ trap cleanup EXIT
 
 # ---- images ---------------------------------------------------------------------------------
 if [ -n "${FEDPERSONA_LOCAL_BASE:-}" ]; then
-  say "local Flower $FLWR_VERSION images FROM $FEDPERSONA_LOCAL_BASE"
+  say "local Flower $FLWR_VERSION superexec image FROM $FEDPERSONA_LOCAL_BASE"
   cp /usr/local/share/ca-certificates/*.crt deploy/ca/ 2>/dev/null || true
   for d in ${PIP_FIND_LINKS:-}; do cp "$d"/torch-2.13.0+cpu-cp311-*.whl deploy/wheels/ 2>/dev/null || true; done
-  for target in superlink supernode superexec; do
-    docker build -q --network host -f deploy/flwr-local.Dockerfile --target "$target" \
-      --build-arg BASE="$FEDPERSONA_LOCAL_BASE" --build-arg FLWR_VERSION="$FLWR_VERSION" \
-      -t "local/flwr-$target:$FLWR_VERSION" . >/dev/null
-  done
-  export FEDPERSONA_SUPERLINK_BASE=local/flwr-superlink:$FLWR_VERSION
+  docker build -q --network host -f deploy/flwr-local.Dockerfile --target superexec \
+    --build-arg BASE="$FEDPERSONA_LOCAL_BASE" --build-arg FLWR_VERSION="$FLWR_VERSION" \
+    -t "local/flwr-superexec:$FLWR_VERSION" . >/dev/null
   export FEDPERSONA_SUPEREXEC_BASE=local/flwr-superexec:$FLWR_VERSION
-  export FEDPERSONA_SUPERNODE_IMAGE=local/flwr-supernode:$FLWR_VERSION
   if ls deploy/wheels/torch-*.whl >/dev/null 2>&1; then
     export FEDPERSONA_TORCH_INDEX_URL=${FEDPERSONA_TORCH_INDEX_URL:-https://pypi.org/simple}
   fi
 fi
 
-# ---- key material and passphrases (once) ----------------------------------------------------
-if [ ! -f certs/ca.crt ]; then
-  say "certificates (scripts/make_certs.py)"
-  owner=(); [ "$(id -u)" = 0 ] && owner=(--owner 49999)
-  "$PY" scripts/make_certs.py --out certs --nodes 2 --host superlink "${owner[@]}"
-fi
+# ---- the federation folder and the passphrases (once) -----------------------------------------
+# ./federation is the `server` container's --dir and the operator's on this host; the
+# containers' user (uid 49999) writes it.
+mkdir -p federation
+if [ "$(id -u)" = 0 ]; then chown 49999:49999 federation; fi
 # Each device worker's passphrase: a secret file (0400, the containers' user), never an
 # environment variable.
 mkdir -p -m 700 secrets
@@ -77,29 +77,23 @@ say "build"
 t=$(now); compose build >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
 BUILD_S=$(( $(now) - t ))
 
-say "up: SuperLink + ServerApp executor"
+if [ ! -f federation/certs/ca.crt ]; then
+  say "fedpersona server init (once)"
+  compose run --rm --no-deps -T server server init --dir /federation \
+    --host server --host 127.0.0.1 --host localhost
+fi
+
+say "up: fedpersona server start"
 t=$(now)
-compose up -d --wait --wait-timeout 300 superlink serverapp
+compose up -d --wait --wait-timeout 300 server
 
-# The flwr CLI on this host talks to the SuperLink over TLS (the project's CA).
-export FLWR_HOME=$WORK/flwr-home
-mkdir -p "$FLWR_HOME"
-cat >"$FLWR_HOME/config.toml" <<EOF
-[superlink]
-default = "fedpersona-docker"
-
-[superlink.fedpersona-docker]
-address = "127.0.0.1:8000"
-root-certificates = "$ROOT/certs/ca.crt"
-EOF
-export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0
-
-say "register the devices' SuperNodes (once)"
+say "each device's key, made on the device; the operator registers it (once)"
 for i in 0 1; do
-  if out=$("$FLWR" supernode register certs/supernode-$i.pub fedpersona-docker 2>&1); then
-    echo "supernode-$i: registered"
+  compose run --rm --no-deps -T supernode-$i device key --data-dir /node >"$WORK/device-$i.pub"
+  if out=$("$FP" server devices add "$WORK/device-$i.pub" --dir federation 2>&1); then
+    echo "device $i: $out"
   elif grep -qi "already" <<<"$out"; then
-    echo "supernode-$i: registered already"
+    echo "device $i: registered already"
   else
     echo "$out" >&2; exit 1
   fi
@@ -107,7 +101,7 @@ done
 
 say "the devices' owners: init, import their writing, privacy policy (once)"
 for i in 0 1; do
-  if compose run --rm --no-deps --entrypoint python "worker-$i" -c \
+  if compose run --rm --no-deps -T --entrypoint python "worker-$i" -c \
       "import sys; from client.store import LocalStore; sys.exit(not LocalStore.exists('/device'))"; then
     echo "device $i: store exists"
     continue
@@ -124,8 +118,8 @@ with open(sys.argv[2], "w") as f:
         f.write(json.dumps({"messages": turn}) + "\n")
 EOF
   chmod 644 "$WORK/writing-$i.jsonl"
-  run=(compose run --rm --no-deps -v "$WORK/writing-$i.jsonl:/tmp/writing.jsonl:ro"
-       --entrypoint fedpersona "worker-$i" device)
+  run=(compose run --rm --no-deps -T -v "$WORK/writing-$i.jsonl:/tmp/writing.jsonl:ro"
+       "worker-$i" device)
   "${run[@]}" init --model tiny --data-dir /device
   "${run[@]}" import /tmp/writing.jsonl --data-dir /device
   # A federation of 2 (the default minimum cohort is larger), and a lifetime user-level ε cap
@@ -136,7 +130,7 @@ EOF
 done
 
 rounds_of() {  # rounds device $1's store has trained
-  compose run --rm --no-deps --entrypoint python "worker-$1" -c "
+  compose run --rm --no-deps -T --entrypoint python "worker-$1" -c "
 from client.store import LocalStore
 from common.crypto import resolve_secret
 with LocalStore.open('/device', resolve_secret()) as s:
@@ -146,11 +140,11 @@ with LocalStore.open('/device', resolve_secret()) as s:
 declare -A BEFORE
 for i in 0 1; do BEFORE[$i]=$(rounds_of "$i" | cut -d' ' -f1); done
 
-say "up: the devices (SuperNode + ClientApp executor + worker each)"
+say "up: the devices (device join: worker, SuperNode, ClientApp executor each)"
 compose up -d --wait --wait-timeout 600
 UP_S=$(( $(now) - t ))
 
-say "flwr run: 2 rounds, tiny model, SecAgg+"
+say "fedpersona server run: 2 rounds, tiny model, SecAgg+"
 name=compose-$(date +%Y%m%d-%H%M%S)
 cat >"$WORK/run.toml" <<EOF
 "model.name" = "tiny"
@@ -164,9 +158,11 @@ cat >"$WORK/run.toml" <<EOF
 "output.run-name" = "$name"
 EOF
 t=$(now)
-"$FLWR" run . fedpersona-docker --stream --run-config "$WORK/run.toml" 2>&1 | tee "$WORK/run.log"
+"$FP" server run --dir federation --run-config "$WORK/run.toml" 2>&1 | tee "$WORK/run.log"
 RUN_S=$(( $(now) - t ))
 grep -q "fedpersona: strategy=" "$WORK/run.log" || { echo "the ServerApp did not start" >&2; exit 1; }
+[ -f "federation/runs/$name/summary.json" ] || { echo "no summary in federation/runs/$name" >&2; exit 1; }
+"$FP" server status --dir federation
 
 say "the device stores after the run"
 ok=1
@@ -175,7 +171,10 @@ for i in 0 1; do
   echo "device $i: rounds trained ${BEFORE[$i]} -> $after, personal adapter stored: $personal"
   [ "$after" -eq $(( BEFORE[$i] + 2 )) ] && [ "$personal" = 1 ] || ok=0
 done
-compose logs --no-color worker-0 worker-1 >"$WORK/workers.log" 2>&1 || true
+for i in 0 1; do  # the worker's output is in its service's log, on the device
+  compose exec -T "worker-$i" fedpersona device status --data-dir /device || ok=0
+  compose exec -T "worker-$i" cat /device/join.log
+done >"$WORK/workers.log" 2>&1
 [ "$(grep -c 'secagg answered in' "$WORK/workers.log")" -ge 16 ] || { echo "SecAgg+ stages missing" >&2; ok=0; }
 
 say "down (volumes stay)"

@@ -159,7 +159,7 @@ def run(
     """Start a federation run on the devices online and follow its rounds to the end."""
     fed = FederationDir(directory.absolute())
     try:
-        fed.require_init()
+        env = operator.connect(fed)
         config = operator.run_config_file(fed, run_config)
     except OperatorError as err:
         raise _fail(err) from None
@@ -169,7 +169,7 @@ def run(
                 str(operator.BIN / "flwr"), "run", str(operator.PROJECT_DIR),
                 operator.FEDERATION, "--stream", "--run-config", str(config),
             ],
-            env=fed.env(),
+            env=env,
             cwd=operator.PROJECT_DIR,
         )  # fmt: skip
     finally:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import RUNS_DIR_ENV
 from common.flower_env import BIN, flower_env
 from common.keys import SUPEREXEC_SECRET, make_certs
 from common.supervise import Child, free_port, pid_alive, port_open
@@ -145,6 +146,7 @@ def service(fed: FederationDir, *, host: str, port: int) -> list[Child]:
             "another with --port"
         )
     (fed.root / "state").mkdir(parents=True, exist_ok=True)
+    fed.runs.mkdir(parents=True, exist_ok=True)
     env, health = fed.env(), free_port()
     superlink = [
         str(BIN / "flower-superlink"),
@@ -167,7 +169,8 @@ def service(fed: FederationDir, *, host: str, port: int) -> list[Child]:
     ]  # fmt: skip
     return [
         Child("superlink", superlink, env=env, ready=lambda: port_open(port)),
-        Child("serverapp-executor", executor, env=env),
+        # Its ServerApps put their runs here unless a run config names another output.dir.
+        Child("serverapp-executor", executor, env={**env, RUNS_DIR_ENV: str(fed.runs)}),
     ]
 
 
@@ -180,19 +183,36 @@ def write_state(fed: FederationDir, port: int, processes: dict[str, Any]) -> Non
 # ---- devices and runs (the flwr CLI against the running SuperLink) ------------------------
 
 
+def connect(fed: FederationDir) -> dict[str, str]:
+    """The environment for ``flwr`` against the server ``start`` runs on this folder: its
+    connection written afresh (the port from ``server.json``, the CA's path as seen from here:
+    the folder may be a container's, mounted elsewhere).
+
+    Raises:
+        OperatorError: Not initialised, or no server was started here.
+    """
+    fed.require_init()
+    try:
+        port = int(json.loads((fed.root / STATE_FILE).read_text())["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OperatorError(
+            f"no server was started in {fed.root}: run `fedpersona server start`"
+        ) from None
+    write_flwr_config(fed, port)
+    return fed.env()
+
+
 def flwr(fed: FederationDir, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``flwr ARGS`` against this federation (from the project folder).
 
     Raises:
         OperatorError: The server is not running here, or ``flwr`` failed (its message).
     """
-    fed.require_init()
-    if not (fed.flwr_home / "config.toml").is_file():
-        raise OperatorError(f"no server was started in {fed.root}: run `fedpersona server start`")
+    env = connect(fed)
     try:
         done = subprocess.run(
             [str(BIN / "flwr"), *args],
-            env=fed.env(),
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -239,8 +259,9 @@ def remove_device(fed: FederationDir, node_id: str) -> None:
 
 
 def run_config_file(fed: FederationDir, run_config: Path | None) -> Path:
-    """A run config for ``flwr run``: ``run_config``'s keys, with ``output.dir`` defaulting to
-    ``<dir>/runs`` (a file in the federation folder; the caller's is not changed).
+    """A run config for ``flwr run``: ``run_config``'s keys (a file in the federation folder;
+    the caller's is not changed). Without ``output.dir``, the server's ServerApps write to
+    its ``<dir>/runs``.
 
     Raises:
         OperatorError: The file is missing or not TOML.
@@ -253,8 +274,6 @@ def run_config_file(fed: FederationDir, run_config: Path | None) -> Path:
             keys = tomllib.loads(run_config.read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise OperatorError(f"cannot read the run config {run_config}: {err}") from None
-    keys.setdefault("output.dir", str(fed.runs))
-    fed.runs.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=fed.root)
     with os.fdopen(fd, "w") as handle:
         for key, value in keys.items():

@@ -1,8 +1,10 @@
 """The deployment files agree with the pinned Flower CLIs and with ``scripts/make_certs.py``.
 
-Docker and Kubernetes are not run here; instead every command line in ``docker-compose.yml``
-and ``deploy/k8s/`` is checked against the ``--help`` of the installed Flower 1.42 CLIs, and
-every address, port, volume, certificate path and health check against the rest of the files.
+Docker and Kubernetes are not run here (``deploy/compose_check.sh`` runs the compose file end
+to end); instead every command line in ``docker-compose.yml`` is parsed by the project's own CLI
+and every one in ``deploy/k8s/`` checked against the ``--help`` of the installed Flower 1.42
+CLIs, and every address, port, volume, certificate path and health check against the rest of
+the files.
 ``make_certs.py`` output is checked the way Flower and Python's TLS will read it.
 """
 
@@ -127,20 +129,6 @@ def cert_names(tmp_path_factory) -> set[str]:
     return {p.name for p in out.iterdir()}
 
 
-def _services(compose: dict[str, Any], prefix: str) -> dict[str, dict[str, Any]]:
-    return {n: s for n, s in compose["services"].items() if n.startswith(prefix)}
-
-
-def _flower_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every service but the device workers (which run fedpersona, not a Flower CLI)."""
-    return {n: s for n, s in compose["services"].items() if not n.startswith("worker-")}
-
-
-def _command(service: dict[str, Any]) -> tuple[str, list[str]]:
-    entrypoint = service["entrypoint"]
-    return entrypoint[0], [*entrypoint[1:], *service.get("command", [])]
-
-
 def _containers(docs: list[dict[str, Any]]) -> dict[str, tuple[dict, dict]]:
     """``{deployment name: (container, pod spec)}`` (one container per Deployment here)."""
     out = {}
@@ -153,19 +141,51 @@ def _containers(docs: list[dict[str, Any]]) -> dict[str, tuple[dict, dict]]:
 
 
 # ---- docker-compose.yml ---------------------------------------------------------------------
+# Every service runs the project's own command: the operator's `fedpersona server start`, and
+# each device's `fedpersona device join --part …` in three containers.
+
+DEVICE_PARTS = {"worker": "worker", "supernode": "supernode", "clientapp": "clientapp-executor"}
 
 
-def test_compose_commands_use_only_flags_of_the_pinned_clis(compose, cli_flags) -> None:
+def _fedpersona(service: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The ``fedpersona`` command a service runs (``"server start"``, ``"device join"``) and
+    its parameters as the CLI parses them (an unknown flag fails here)."""
+    from typer.main import get_command
+
+    from simulations.cli import app
+
+    assert service["entrypoint"] == ["fedpersona"]
+    group, name, *args = service["command"]
+    ctx = get_command(app).commands[group].commands[name].make_context(name, list(args))
+    return f"{group} {name}", ctx.params
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """``{container path: source}`` of a service's volumes."""
+    return {m.split(":")[1]: m.split(":")[0] for m in service.get("volumes", [])}
+
+
+def _devices(services: dict[str, Any]) -> dict[str, dict[str, tuple[dict, dict]]]:
+    """``{i: {part prefix: (service, join parameters)}}`` for every device."""
+    out: dict[str, dict[str, tuple[dict, dict]]] = {}
+    for name, service in services.items():
+        prefix, _, i = name.rpartition("-")
+        if prefix in DEVICE_PARTS:
+            out.setdefault(i, {})[prefix] = (service, _fedpersona(service)[1])
+    return out
+
+
+def test_compose_services_run_the_projects_own_commands(compose) -> None:
     # Execute
-    unknown = []
-    for name, service in _flower_services(compose).items():
-        cli, args = _command(service)
-        assert cli in CLIS, f"{name}: entrypoint {cli} is not a Flower CLI"
-        unknown += [f"{name}: {cli} {f}" for f in _flags(args) if f not in cli_flags[cli]]
+    commands = {name: _fedpersona(s) for name, s in compose["services"].items()}
 
-    # Assert
-    assert unknown == []
-    assert set(compose["services"]) >= {"superlink", "serverapp", "supernode-0", "clientapp-0"}
+    # Assert: the server's one service; each device's three parts of one `device join`.
+    assert commands.pop("server")[0] == "server start"
+    devices = _devices(compose["services"])
+    assert len(devices) >= 2 and len(commands) == 3 * len(devices)
+    for name, (command, params) in commands.items():
+        prefix = name.rpartition("-")[0]
+        assert command == "device join" and params["part"] == DEVICE_PARTS[prefix], name
 
 
 def _default(value: str) -> str:
@@ -175,39 +195,200 @@ def _default(value: str) -> str:
 
 def test_compose_and_dockerfile_pin_the_installed_flower(compose) -> None:
     # Prepare
-    images = [_default(s["image"]) for s in compose["services"].values() if "image" in s]
-    bases = [
+    services = compose["services"].values()
+    bases = {
         _default(v)
-        for s in compose["services"].values()
+        for s in services
         for k, v in s.get("build", {}).get("args", {}).items()
         if k.endswith("_BASE")
-    ]
+    }
     dockerfile = (ROOT / "Dockerfile").read_text()
 
-    # Assert: the official images by default (an operator's variables may name others); the
-    # app image's base is the superexec variant with the locks' Python.
-    flower_images = [i for i in images + bases if i.startswith("flwr/")]
+    # Assert: one image, built on the official superexec image with the locks' Python by
+    # default (an operator's variable may name another); fedpersona its entrypoint.
     v = flwr.__version__
-    assert sorted(set(flower_images)) == [
-        f"flwr/superexec:{v}-py{lock.PYTHON}-ubuntu24.04",
-        f"flwr/superlink:{v}",
-        f"flwr/supernode:{v}",
-    ]
-    assert all(
-        s["image"].startswith("${FEDPERSONA_") for s in _services(compose, "supernode-").values()
-    )
-    assert f"ARG FLWR_VERSION={flwr.__version__}" in dockerfile
-    assert "ARG SUPERLINK_BASE=flwr/superlink:${FLWR_VERSION}" in dockerfile
+    assert {s["image"] for s in services} == {"fedpersona-app:0.1.0"}
+    assert bases == {f"flwr/superexec:{v}-py{lock.PYTHON}-ubuntu24.04"}
+    assert f"ARG FLWR_VERSION={v}" in dockerfile
     assert (
         f"ARG SUPEREXEC_BASE=flwr/superexec:${{FLWR_VERSION}}-py{lock.PYTHON}-ubuntu24.04"
         in dockerfile
     )
-    assert "FROM ${SUPERLINK_BASE} AS superlink" in dockerfile
-    assert "FROM ${SUPEREXEC_BASE} AS app" in dockerfile
+    assert re.findall(r"^FROM (.+)$", dockerfile, re.MULTILINE) == ["${SUPEREXEC_BASE} AS app"]
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
-    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE))
-    built = {s["build"]["target"] for s in compose["services"].values() if "build" in s}
-    assert built and built <= targets, (built, targets)
+    assert dockerfile.rstrip().endswith('ENTRYPOINT ["fedpersona"]')
+    # Every mount point of the compose file exists in the image, owned by its user.
+    created = re.search(r"RUN mkdir -p ([^\\&]+)", dockerfile).group(1).split()
+    targets = {t for s in services for t in _mounts(s) if not t.startswith("/app/certs/")}
+    assert targets - {"/run/secrets"} <= set(created), targets - set(created)
+
+
+def test_compose_volumes_keep_each_device_apart(compose) -> None:
+    # Prepare
+    declared = set(compose["volumes"])
+    named: dict[str, list[str]] = {}
+    for name, service in compose["services"].items():
+        for source in _mounts(service).values():
+            if not source.startswith((".", "/")):
+                named.setdefault(source, []).append(name)
+
+    # Assert: the store is the worker's alone; the socket's folder it shares with its
+    # executor; the key pair is the SuperNode's alone; the federation folder the server's.
+    assert set(named) <= declared, f"undeclared named volumes: {set(named) - declared}"
+    for i, parts in _devices(compose["services"]).items():
+        (worker, w), (node, n) = parts["worker"], parts["supernode"]
+        assert _mounts(worker)[str(w["data_dir"])] == f"device-{i}"
+        assert named[f"device-{i}"] == [f"worker-{i}"]
+        assert sorted(named[f"device-{i}-run"]) == [f"clientapp-{i}", f"worker-{i}"]
+        assert _mounts(node)[str(n["data_dir"])] == f"device-{i}-node"
+        assert named[f"device-{i}-node"] == [f"supernode-{i}"]
+    server, params = compose["services"]["server"], _fedpersona(compose["services"]["server"])[1]
+    assert _mounts(server) == {str(params["directory"]): "./federation"}
+
+
+def test_compose_publishes_ports_on_loopback_only(compose) -> None:
+    # Prepare
+    published = [
+        (name, str(p)) for name, s in compose["services"].items() for p in s.get("ports", [])
+    ]
+
+    # Assert
+    assert published, "the server publishes no port"
+    assert all(p.startswith("127.0.0.1:") for _, p in published), published
+    modes = [s["network_mode"] for s in compose["services"].values() if "network_mode" in s]
+    # Never the host's network: a SuperNode's, or none at all (the device workers).
+    assert all(m.startswith("service:") or m == "none" for m in modes), modes
+
+
+def test_compose_devices_reach_the_server_and_their_parts_each_other(compose) -> None:
+    # Prepare
+    services = compose["services"]
+    port = _fedpersona(services["server"])[1]["port"]
+
+    # Assert: the server's --port is what is published and what every SuperNode dials (TLS
+    # with the federation's CA, mounted read-only); each executor shares its SuperNode's
+    # network and runtime port; worker and SuperNode name the same socket folder, which is
+    # the volume the worker and its executor share.
+    assert services["server"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    for i, parts in _devices(services).items():
+        (worker, w), (node, n), (app, a) = (parts[p] for p in ("worker", "supernode", "clientapp"))
+        assert n["address"] == f"server:{port}" and n["ca"] is not None
+        assert _mounts(node)[str(n["ca"])] == "./federation/certs/ca.crt"
+        assert f"./federation/certs/ca.crt:{n['ca']}:ro" in node["volumes"]
+        assert app["network_mode"] == f"service:supernode-{i}"
+        assert a["runtime_port"] == n["runtime_port"] is not None
+        assert w["run_dir"] == n["run_dir"] is not None
+        assert _mounts(worker)[str(w["run_dir"])] == _mounts(app)[str(w["run_dir"])]
+
+
+def test_compose_health_checks_probe_each_part(compose) -> None:
+    # Prepare
+    services = compose["services"]
+    test = lambda s: " ".join(s["healthcheck"]["test"])  # noqa: E731
+
+    # Assert
+    assert f"('127.0.0.1',{_fedpersona(services['server'])[1]['port']})" in test(services["server"])
+    for parts in _devices(services).values():
+        (worker, w), (node, n), (app, a) = (parts[p] for p in ("worker", "supernode", "clientapp"))
+        assert f"ping('{w['run_dir']}/worker.sock')" in test(worker)
+        assert f"('127.0.0.1',{n['runtime_port']})" in test(node)
+        assert f"r('{a['data_dir']}','clientapp-executor')" in test(app)
+    assert all(test(s).startswith("CMD python -c") for s in services.values())
+
+
+def test_compose_is_secure_by_default(compose) -> None:
+    services = compose["services"]
+    for i, parts in _devices(services).items():
+        (worker, _), (app, _) = parts["worker"], parts["clientapp"]
+        # The passphrase is a secret file, never in the environment (`docker inspect`).
+        assert "FEDPERSONA_PASSPHRASE" not in worker["environment"], i
+        assert worker["secrets"] == [f"passphrase-{i}"], i
+        assert worker["environment"]["FEDPERSONA_PASSPHRASE_FILE"] == f"/run/secrets/passphrase-{i}"
+        assert compose["secrets"][f"passphrase-{i}"] == {"file": f"./secrets/passphrase-{i}"}
+        assert worker["network_mode"] == "none" and "ports" not in worker
+        # The executor runs the server's code: no passphrase, key or store, only the socket.
+        text = yaml.safe_dump(app)
+        assert "PASSPHRASE" not in text and "key-file" not in text and "/device" not in text
+        assert list(_mounts(app).values()) == [f"device-{i}-run"], i
+    # Every container: no capabilities, no privilege gain, a read-only root filesystem.
+    for name, service in services.items():
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert service.get("read_only") is True and "/tmp" in service.get("tmpfs", []), name
+
+
+def _with_host_override(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Services of ``docker-compose.yml`` + ``deploy/compose.host.yml`` as compose merges them
+    here (command, healthcheck test and network mode replaced; ports reset)."""
+    override = yaml.load((ROOT / "deploy" / "compose.host.yml").read_text(), Loader=_ResetLoader)
+    merged = {}
+    for name, service in compose["services"].items():
+        extra = override["services"].get(name, {})
+        out = {**service, **{k: v for k, v in extra.items() if k not in ("build", "healthcheck")}}
+        if "healthcheck" in extra:
+            out["healthcheck"] = {**service["healthcheck"], **extra["healthcheck"]}
+        if "build" in service or "build" in extra:
+            out["build"] = {**service.get("build", {}), **extra.get("build", {})}
+        merged[name] = out
+    return merged
+
+
+class _ResetLoader(yaml.SafeLoader):
+    """YAML with compose's ``!reset`` tag (a value that clears the base file's)."""
+
+
+_ResetLoader.add_constructor("!reset", lambda loader, node: [])
+
+
+def test_compose_host_override_gives_each_service_its_own_loopback_port(compose) -> None:
+    # Prepare
+    services = _with_host_override(compose)
+    server = _fedpersona(services["server"])[1]
+    runtime_ports = []
+
+    # Assert: host networking for every service but the workers (no network at all), the
+    # server bound to 127.0.0.1, every device dialling it there, each device's SuperNode and
+    # executor on their own runtime port; builds use the host's network.
+    assert server["host"] == "127.0.0.1"
+    for i, parts in _devices(services).items():
+        (worker, _), (node, n), (app, a) = (parts[p] for p in ("worker", "supernode", "clientapp"))
+        assert worker["network_mode"] == "none", i
+        assert node["network_mode"] == app["network_mode"] == "host" and not node.get("ports")
+        assert n["address"] == f"127.0.0.1:{server['port']}"
+        assert a["runtime_port"] == n["runtime_port"]
+        assert f"('127.0.0.1',{n['runtime_port']})" in " ".join(node["healthcheck"]["test"])
+        runtime_ports.append(n["runtime_port"])
+    assert len(set(runtime_ports)) == len(runtime_ports) >= 2
+    assert server["port"] not in runtime_ports
+    assert services["server"]["network_mode"] == "host" and not services["server"].get("ports")
+    assert all(s["build"]["network"] == "host" for s in services.values() if "build" in s)
+
+
+def test_compose_services_have_an_init_and_the_build_context_holds_only_the_project(
+    compose,
+) -> None:
+    assert all(s.get("init") is True for s in compose["services"].values())
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[[line.strip() for line in ignore].index("**")] == "**"  # everything out first
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copied = re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    sources = {p for line in copied for p in line.split()}
+    assert sources <= allowed, sources - allowed
+    for recipe in ("Dockerfile", "deploy/flwr-local.Dockerfile"):
+        for source in re.findall(r"source=(\S+?),", (ROOT / recipe).read_text()):
+            assert source in allowed and (ROOT / source).exists(), (recipe, source)
+    assert ".venv" not in allowed and "runs" not in allowed and "federation" not in allowed
+
+
+def test_compose_check_script_parses_and_stops_what_it_starts() -> None:
+    script = ROOT / "deploy" / "compose_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "trap cleanup EXIT" in text and "compose down" in text
+    assert "chown 49999:49999 federation" in text and "umask 277" in text  # owner-only
+    # The operator's and the owners' own commands, as docs/deploy.md shows them.
+    for command in ("server init", "server devices add", "server run", "device key"):
+        assert command in text, command
 
 
 def _pip_installs(dockerfile: str) -> list[str]:
@@ -301,299 +482,12 @@ def test_pin_images_writes_each_compose_image_variable_at_its_digest(tmp_path) -
     )
     compose_text = COMPOSE.read_text()
     variables = set(re.findall(r"\$\{(FEDPERSONA_[A-Z_]+(?:BASE|IMAGE)):-", compose_text))
-    assert (
-        set(lines)
-        == variables
-        == {"FEDPERSONA_SUPERLINK_BASE", "FEDPERSONA_SUPEREXEC_BASE", "FEDPERSONA_SUPERNODE_IMAGE"}
-    )
+    assert set(lines) == variables == {"FEDPERSONA_SUPEREXEC_BASE"}
     for var, pinned in lines.items():
         tag = re.search(r"\$\{" + var + r":-([^}]+)\}", compose_text).group(1)
         repo = tag.rsplit(":", 1)[0]
         assert re.fullmatch(re.escape(repo) + r"@sha256:[0-9a-f]{64}", pinned), pinned
-    assert (tmp_path / "calls").read_text().count("pull") == 3
-
-
-def test_compose_volumes_are_named_and_each_device_has_its_own(compose) -> None:
-    # Prepare
-    declared = set(compose["volumes"])
-    named: dict[str, list[str]] = {}
-    for name, service in compose["services"].items():
-        for mount in service.get("volumes", []):
-            source = mount.split(":", 1)[0]
-            if not source.startswith((".", "/")):
-                named.setdefault(source, []).append(name)
-    devices = _services(compose, "worker-")
-
-    # Assert
-    assert set(named) <= declared, f"undeclared named volumes: {set(named) - declared}"
-    device_volumes = []
-    for name, service in devices.items():
-        stores = [m.split(":")[0] for m in service["volumes"] if m.split(":")[1] == "/device"]
-        assert len(stores) == 1, f"{name} has no store volume on /device"
-        # The store is the worker's alone; the socket's volume it shares with its ClientApps.
-        assert named[stores[0]] == [name], f"{stores[0]}: {named[stores[0]]}"
-        clientapp = "clientapp-" + name.removeprefix("worker-")
-        assert sorted(named[f"{stores[0]}-run"]) == [clientapp, name]
-        device_volumes.append(stores[0])
-    assert len(set(device_volumes)) == len(devices) >= 2
-    superlink = compose["services"]["superlink"]
-    database = _arg(_command(superlink)[1], "--database")
-    assert database is not None and any(
-        m.split(":")[0] in declared and database.startswith(m.split(":")[1] + "/")
-        for m in superlink["volumes"]
-    ), "the SuperLink database is not on a named volume"
-
-
-def test_compose_publishes_ports_on_loopback_only(compose) -> None:
-    # Prepare
-    published = [
-        (name, str(p)) for name, s in compose["services"].items() for p in s.get("ports", [])
-    ]
-
-    # Assert
-    assert published, "the SuperLink publishes no port"
-    assert all(p.startswith("127.0.0.1:") for _, p in published), published
-    modes = [s["network_mode"] for s in compose["services"].values() if "network_mode" in s]
-    # Never the host's network: a SuperNode's, or none at all (the device workers).
-    assert all(m.startswith("service:") or m == "none" for m in modes), modes
-
-
-def test_compose_nodes_and_executors_reach_their_apis(compose) -> None:
-    # Prepare
-    services = compose["services"]
-    superlink_args = _command(services["superlink"])[1]
-    port = int(_arg(superlink_args, "--port"))
-    supernodes = _services(compose, "supernode-")
-    clientapps = _services(compose, "clientapp-")
-
-    # Assert: everything reaches the SuperLink service on its --port, which is what's published.
-    assert services["superlink"]["ports"] == [f"127.0.0.1:{port}:{port}"]
-    assert _arg(_command(services["serverapp"])[1], "--runtime-api-address") == (
-        f"superlink:{port}"
-    )
-    for name, service in supernodes.items():
-        assert _arg(_command(service)[1], "--superlink") == f"superlink:{port}", name
-        assert _arg(_command(service)[1], "--isolation") == "process", name
-    # Each device's executor talks to its own SuperNode over the shared loopback.
-    assert len(clientapps) == len(supernodes) >= 2
-    for name, service in clientapps.items():
-        node = "supernode-" + name.removeprefix("clientapp-")
-        assert service["network_mode"] == f"service:{node}"
-        node_args = _command(supernodes[node])[1]
-        assert _arg(node_args, "--host") == "127.0.0.1"
-        assert _arg(_command(service)[1], "--runtime-api-address") == (
-            f"127.0.0.1:{_arg(node_args, '--port')}"
-        )
-        # A real device: no partition to replay (its worker knows the federation's size).
-        node_config = _arg(node_args, "--node-config")
-        assert "partition-id" not in node_config
-
-
-def test_compose_certificates_are_make_certs_outputs(compose, cert_names) -> None:
-    # Prepare
-    mounts: dict[str, dict[str, str]] = {}  # service -> {container path: certs file}
-    for name, service in compose["services"].items():
-        for mount in service.get("volumes", []):
-            source, target = mount.split(":")[:2]
-            if source.startswith("./certs/"):
-                mounts.setdefault(name, {})[target] = source.removeprefix("./certs/")
-
-    # Assert: every mounted file is one make_certs.py writes, read-only.
-    referenced = {f for m in mounts.values() for f in m.values()}
-    assert referenced <= cert_names, referenced - cert_names
-    assert all(
-        m.endswith(":ro")
-        for s in compose["services"].values()
-        for m in s.get("volumes", [])
-        if m.startswith("./certs/")
-    )
-    assert "ca.key" not in referenced  # the CA's key never goes into a container
-    # Every certificate flag points at a mounted file.
-    path_flags = (
-        "--ssl-ca-certfile",
-        "--ssl-certfile",
-        "--ssl-keyfile",
-        "--root-certificates",
-        "--auth-supernode-private-key",
-        "--superexec-auth-secret-file",
-    )
-    for name, service in compose["services"].items():
-        args = _command(service)[1]
-        for flag in path_flags:
-            if (path := _arg(args, flag)) is not None:
-                assert path in mounts.get(name, {}), f"{name}: {flag}={path} is not mounted"
-    # Each SuperNode authenticates with its own key.
-    node_keys = [mounts[n]["/app/certs/supernode.key"] for n in _services(compose, "supernode-")]
-    assert node_keys == [f"supernode-{i}.key" for i in range(len(node_keys))]
-
-
-def test_compose_health_checks_probe_each_health_server(compose) -> None:
-    for name, service in _flower_services(compose).items():
-        # Prepare
-        address = _arg(_command(service)[1], "--health-server-address")
-        test = " ".join(service.get("healthcheck", {}).get("test", []))
-
-        # Assert
-        assert address is not None and address.startswith("127.0.0.1:"), name
-        assert test.startswith("CMD python -c"), name
-        assert f"'{address}'" in test, f"{name}: health check does not probe {address}"
-
-
-def test_compose_is_secure_by_default(compose) -> None:
-    services = compose["services"]
-    superlink = _command(services["superlink"])[1]
-    assert "--enable-supernode-auth" in superlink and "--insecure" not in superlink
-    assert _arg(superlink, "--isolation") == "process"
-    for name, service in services.items():
-        args = _command(service)[1]
-        if "--insecure" in args:  # only a device executor on its SuperNode's loopback
-            assert _arg(args, "--runtime-api-address").startswith("127.0.0.1:"), name
-    for service in _services(compose, "supernode-").values():
-        args = _command(service)[1]
-        assert _arg(args, "--root-certificates") and _arg(args, "--auth-supernode-private-key")
-    for name, service in _services(compose, "worker-").items():
-        i = name.removeprefix("worker-")
-        # The passphrase is a secret file, never in the environment (`docker inspect`).
-        assert "FEDPERSONA_PASSPHRASE" not in service["environment"], name
-        assert service["secrets"] == [f"passphrase-{i}"], name
-        assert (
-            service["environment"]["FEDPERSONA_PASSPHRASE_FILE"] == f"/run/secrets/passphrase-{i}"
-        )
-        assert compose["secrets"][f"passphrase-{i}"] == {"file": f"./secrets/passphrase-{i}"}
-    # Every container: no capabilities, no privilege gain, a read-only root filesystem.
-    for name, service in services.items():
-        assert service.get("cap_drop") == ["ALL"], name
-        assert "no-new-privileges:true" in service.get("security_opt", []), name
-        assert service.get("read_only") is True and "/tmp" in service.get("tmpfs", []), name
-
-
-def test_compose_clientapps_get_the_workers_socket_and_nothing_of_the_device(compose) -> None:
-    # The ClientApp runs the server's code: no passphrase or key in its environment or
-    # arguments, no mount of the device's store; its SuperNode's node config names the
-    # worker's socket only.
-    services = compose["services"]
-    for name, service in _services(compose, "clientapp-").items():
-        i = name.removeprefix("clientapp-")
-        text = yaml.safe_dump(service)
-        assert "PASSPHRASE" not in text and "key-file" not in text and "data-dir" not in text
-        assert [m.split(":")[0] for m in service["volumes"]] == [f"device-{i}-run"], name
-        node_config = _arg(_command(services[f"supernode-{i}"])[1], "--node-config")
-        assert node_config.startswith("worker-socket=") and " " not in node_config.strip(), name
-
-
-def test_compose_device_workers_match_their_supernodes(compose) -> None:
-    from typer.main import get_command
-
-    from client.federation import worker
-    from simulations.cli import app
-
-    # Prepare
-    device_cli = get_command(app).commands["device"]
-    workers = _services(compose, "worker-")
-    supernodes = _services(compose, "supernode-")
-
-    # Assert: one worker per device; its socket is its SuperNode's worker-socket, on the
-    # volume its ClientApps share; it unlocks the same store; the health check pings it.
-    assert len(workers) == len(supernodes) >= 2
-    for name, service in workers.items():
-        i = name.removeprefix("worker-")
-        assert service["entrypoint"] == ["fedpersona"]
-        command = service["command"]
-        assert command[:2] == ["device", "worker"]
-        ctx = device_cli.commands["worker"].make_context("worker", list(command[2:]))
-        sock = str(ctx.params["socket"])
-        node_config = _arg(_command(supernodes[f"supernode-{i}"])[1], "--node-config")
-        assert f'{worker.SOCKET_KEY}="{sock}"' in node_config, name
-        # The worker holds the store (its --data-dir on the device's volume) and the socket's
-        # volume, which its ClientApps share.
-        assert str(ctx.params["data_dir"]) == "/device", name
-        assert f"device-{i}:/device" in service["volumes"], name
-        run_mount = f"device-{i}-run:{str(Path(sock).parent)}"
-        assert run_mount in service["volumes"], name
-        clientapp = compose["services"][f"clientapp-{i}"]
-        assert [v.split("  ")[0] for v in clientapp["volumes"]] == [run_mount], name
-        assert service["network_mode"] == "none" and "ports" not in service
-        assert f"ping('{sock}')" in " ".join(service["healthcheck"]["test"]), name
-
-
-def _with_host_override(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Services of ``docker-compose.yml`` + ``deploy/compose.host.yml`` as compose merges them
-    here (command, healthcheck test and network mode replaced; ports reset)."""
-    override = yaml.load((ROOT / "deploy" / "compose.host.yml").read_text(), Loader=_ResetLoader)
-    merged = {}
-    for name, service in compose["services"].items():
-        extra = override["services"].get(name, {})
-        out = {**service, **{k: v for k, v in extra.items() if k not in ("build", "healthcheck")}}
-        if "healthcheck" in extra:
-            out["healthcheck"] = {**service["healthcheck"], **extra["healthcheck"]}
-        if "build" in service or "build" in extra:
-            out["build"] = {**service.get("build", {}), **extra.get("build", {})}
-        merged[name] = out
-    return merged
-
-
-class _ResetLoader(yaml.SafeLoader):
-    """YAML with compose's ``!reset`` tag (a value that clears the base file's)."""
-
-
-_ResetLoader.add_constructor("!reset", lambda loader, node: [])
-
-
-def test_compose_host_override_gives_each_service_its_own_loopback_port(compose, cli_flags) -> None:
-    # Prepare
-    services = _with_host_override(compose)
-    superlink = _command(services["superlink"])[1]
-    port = _arg(superlink, "--port")
-    listening: list[str] = []
-
-    # Assert: host networking for every Flower service, bound to 127.0.0.1 only, each on its
-    # own port; the workers keep no network at all; builds use the host's network.
-    for name, service in services.items():
-        if name.startswith("worker-"):
-            assert service["network_mode"] == "none", name
-            continue
-        cli, args = _command(service)
-        assert service["network_mode"] == "host" and not service.get("ports"), name
-        assert [f for f in _flags(args) if f not in cli_flags[cli]] == [], name
-        assert _arg(args, "--host") in (None, "127.0.0.1"), name
-        for flag in ("--port", "--health-server-address"):
-            if (value := _arg(args, flag)) is not None:
-                listening.append(value if ":" in value else f"127.0.0.1:{value}")
-        health = _arg(args, "--health-server-address")
-        assert f"'{health}'" in " ".join(service["healthcheck"]["test"]), name
-    assert all(a.startswith("127.0.0.1:") for a in listening)
-    assert len(listening) == len(set(listening)), sorted(listening)
-    assert _arg(_command(services["serverapp"])[1], "--runtime-api-address") == f"127.0.0.1:{port}"
-    for name, service in _services({"services": services}, "supernode-").items():
-        args = _command(service)[1]
-        assert _arg(args, "--superlink") == f"127.0.0.1:{port}", name
-        app_args = _command(services["clientapp-" + name.removeprefix("supernode-")])[1]
-        assert _arg(app_args, "--runtime-api-address") == f"127.0.0.1:{_arg(args, '--port')}"
-    assert all(s["build"]["network"] == "host" for s in services.values() if "build" in s)
-
-
-def test_compose_services_have_an_init_and_the_build_context_holds_only_the_project(
-    compose,
-) -> None:
-    assert all(s.get("init") is True for s in compose["services"].values())
-    ignore = (ROOT / ".dockerignore").read_text().splitlines()
-    assert ignore[[line.strip() for line in ignore].index("**")] == "**"  # everything out first
-    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    copied = re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
-    sources = {p for line in copied for p in line.split()}
-    assert sources <= allowed, sources - allowed
-    for recipe in ("Dockerfile", "deploy/flwr-local.Dockerfile"):
-        for source in re.findall(r"source=(\S+?),", (ROOT / recipe).read_text()):
-            assert source in allowed and (ROOT / source).exists(), (recipe, source)
-    assert ".venv" not in allowed and "runs" not in allowed
-
-
-def test_compose_check_script_parses_and_stops_what_it_starts() -> None:
-    script = ROOT / "deploy" / "compose_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    text = script.read_text()
-    assert "trap cleanup EXIT" in text and "compose down" in text
-    assert "--owner 49999" in text and "umask 277" in text  # key material: owner-only
+    assert (tmp_path / "calls").read_text().count("pull") == 1
 
 
 # ---- deploy/k8s -----------------------------------------------------------------------------

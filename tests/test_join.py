@@ -164,3 +164,78 @@ def test_the_owner_pauses_and_resumes_from_the_command_line(device) -> None:
     assert paused["paused_since"] is not None and paused["rounds_joined"] == 0
     assert _run("device", "federation", "resume", *unlock).returncode == 0
     assert federation()["paused_since"] is None
+
+
+def test_device_key_prints_the_public_key_and_keeps_the_private_one(tmp_path) -> None:
+    # Execute: twice on a folder with no store (a SuperNode's own, in a container)
+    first = _run("device", "key", "--data-dir", tmp_path / "node")
+    again = _run("device", "key", "--data-dir", tmp_path / "node")
+
+    # Assert: the same public key, alone on stdout; the private key 0600, never printed.
+    assert first.returncode == again.returncode == 0, first.stdout + first.stderr
+    assert first.stdout == again.stdout
+    assert first.stdout.startswith("ecdsa-sha2-nistp384 ") and len(first.stdout.splitlines()) == 1
+    assert (tmp_path / "node" / "node.key").stat().st_mode & 0o777 == 0o600
+    assert "PRIVATE KEY" not in first.stdout + first.stderr
+
+
+def test_each_part_checks_only_what_it_uses(device, certs, tmp_path) -> None:
+    data_dir, key = device
+    join = ("device", "join", "127.0.0.1:9")
+    _one_error_line(
+        _run(*join, "--data-dir", data_dir, "--key-file", key, "--part", "bogus"),
+        "choose one of worker, supernode, clientapp-executor",
+    )
+    _one_error_line(_run(*join, "--data-dir", data_dir, "--key-file", key), "--ca is needed")
+    # The worker opens the store and needs no CA (it has no network).
+    _one_error_line(
+        _run(*join, "--part", "worker", "--data-dir", tmp_path / "none", "--key-file", key),
+        "no device store at",
+    )
+    # The SuperNode needs no store: its key and the server.
+    node = tmp_path / "node"
+    address = f"127.0.0.1:{_closed_port()}"
+    done = _run("device", "join", address, "--part", "supernode", "--ca", certs / "ca.crt",
+                "--data-dir", node)  # fmt: skip
+    _one_error_line(done, "cannot reach the federation at", address)
+    assert (node / "node.key.pub").is_file() and (node / "join-supernode.log").is_file()
+    assert not (node / "join.log").exists()
+
+
+def test_the_worker_part_serves_its_socket_in_the_shared_folder_until_stopped(
+    device, tmp_path
+) -> None:
+    import json
+    import signal
+    import time
+
+    from client.federation.worker import ping
+
+    # Prepare
+    data_dir, key = device
+    run_dir = tmp_path / "run"
+    sock = run_dir / "worker.sock"
+
+    # Execute: the worker alone, as the compose file's worker container runs it
+    proc = subprocess.Popen(
+        [FEDPERSONA, "device", "join", "127.0.0.1:9", "--part", "worker", "--data-dir",
+         str(data_dir), "--key-file", str(key), "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ping(sock) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        served = ping(sock)
+        state = json.loads((data_dir / "federation.json").read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+
+    # Assert: its socket answered in the shared folder; the state names the part and its one
+    # process; SIGTERM stopped it cleanly and took the socket away, the folder stays.
+    assert served, out
+    assert state["part"] == "worker" and list(state["processes"]) == ["worker"]
+    assert proc.returncode == 0, out
+    assert run_dir.is_dir() and not sock.exists()
+    assert processes_mentioning(str(run_dir)) == []

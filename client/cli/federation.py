@@ -5,6 +5,7 @@ store (:mod:`client.federation.worker`); ``federation pause|resume`` is the owne
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Annotated
@@ -75,14 +76,31 @@ def worker(
 @options.app.command(rich_help_panel="The federation")
 def join(
     address: Annotated[str, typer.Argument(help="The federation's server, HOST:PORT")],
-    ca: Annotated[
-        Path, typer.Option(help="The federation's CA certificate (ca.crt, from its operator)")
-    ],
     data_dir: options.DataDir,
+    ca: Annotated[
+        Path | None,
+        typer.Option(help="The federation's CA certificate (ca.crt, from its operator)"),
+    ] = None,
     key_file: options.KeyFile = None,
     retention_days: options.Retention = DEFAULT_RETENTION_DAYS,
     num_partitions: NumPartitions = None,
     local_only_baseline: LocalOnlyBaseline = False,
+    part: Annotated[
+        str | None,
+        typer.Option(
+            help="Run only this process: worker, supernode or clientapp-executor (one "
+            "container each, as in docker-compose.yml; give them the same --run-dir and "
+            "--runtime-port)"
+        ),
+    ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the worker's socket, shared by the parts (default: private)"),
+    ] = None,
+    runtime_port: Annotated[
+        int | None,
+        typer.Option(help="The SuperNode's port for its executor (default: a free one)"),
+    ] = None,
 ) -> None:
     """Join a federation: this device's worker, SuperNode and ClientApp executor as one service.
 
@@ -91,55 +109,92 @@ def join(
     keeps the three processes running — restarting one that dies — until SIGTERM or Ctrl-C,
     which stops them all. Log: <data-dir>/join.log; state: `fedpersona device status`.
     """
+    from client.federation.join import JoinError, JoinPlan
+
+    try:
+        plan = JoinPlan(
+            address=address,
+            ca=None if ca is None else ca.absolute(),
+            data_dir=data_dir.absolute(),
+            key_file=None if key_file is None else key_file.absolute(),
+            retention_days=retention_days,
+            num_partitions=num_partitions,
+            local_only_baseline=local_only_baseline,
+            part=part,
+            run_dir=None if run_dir is None else run_dir.absolute(),
+            runtime_port=runtime_port,
+        )
+    except JoinError as err:
+        raise options.fail(err) from None
+    passphrase = None
+    if plan.runs("worker"):  # only the worker opens the store
+        secret = _unlocked(data_dir, key_file, retention_days)
+        plan = dataclasses.replace(
+            plan, key_file=None if secret.key_file is None else Path(secret.key_file).absolute()
+        )
+        passphrase = secret.passphrase
+    else:
+        plan.data_dir.mkdir(parents=True, exist_ok=True)
+    _run_join(plan, passphrase)
+
+
+def _run_join(plan, passphrase: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Hold the lock, make the key and check the server where this service needs them, then
+    run it until it is stopped."""
     import logging
 
-    from client.federation.join import (
-        JOIN_LOG,
-        JoinError,
-        JoinPlan,
-        check_server,
-        ensure_node_key,
-        join_lock,
-    )
+    from client.federation.join import JOIN_LOCK, JOIN_LOG, JoinError, check_server, join_lock
     from client.federation.join import join as run_join
     from common.supervise import ServiceFailed, Supervisor, service_logger
 
-    secret = _unlocked(data_dir, key_file, retention_days)
-    plan = JoinPlan(
-        address=address,
-        ca=ca.absolute(),
-        data_dir=data_dir.absolute(),
-        key_file=None if secret.key_file is None else Path(secret.key_file).absolute(),
-        retention_days=retention_days,
-        num_partitions=num_partitions,
-        local_only_baseline=local_only_baseline,
-    )
-    logger = service_logger("fedpersona.join", plan.data_dir / JOIN_LOG)
-
+    logger = service_logger("fedpersona.join", plan.file(JOIN_LOG))
     try:
-        with join_lock(plan.data_dir):
-            public, made = ensure_node_key(plan)
-            if made:
-                options.console.print(
-                    f"Made this device's key pair: {plan.node_key} (private, stays here) and "
-                    f"{plan.node_pub}. Send the public key to the federation's operator, who "
-                    "registers it with `fedpersona server devices add`:\n"
-                    + public.decode().strip(),
-                    soft_wrap=True,
-                )
-            check_server(plan.address, plan.ca)
+        with join_lock(plan.data_dir, plan.file(JOIN_LOCK)):
+            if plan.runs("supernode"):
+                _print_new_key(plan.data_dir)
+                check_server(plan.address, plan.ca)
+            what = f"{plan.part} of " if plan.part else ""
             options.console.print(
-                f"joining {plan.address} (log: {plan.data_dir / JOIN_LOG}); Ctrl-C to leave",
+                f"joining {plan.address}: {what}this device's service (log: "
+                f"{plan.file(JOIN_LOG)}); Ctrl-C to leave",
                 soft_wrap=True,
             )
-            logger.info("joining %s", plan.address)
-            run_join(plan, secret.passphrase, logger, on_start=Supervisor.stop_on_signals)
+            logger.info("joining %s%s", plan.address, f" ({plan.part})" if plan.part else "")
+            run_join(plan, passphrase, logger, on_start=Supervisor.stop_on_signals)
     except (JoinError, ServiceFailed) as err:
         logger.error("%s", err)
         raise options.fail(err) from None
     finally:
         logging.getLogger("fedpersona.join").handlers.clear()
     options.console.print(f"left the federation at {plan.address}; nothing of it runs any more")
+
+
+def _print_new_key(data_dir: Path) -> None:
+    """Make the device's key pair if it has none, and then say what to send the operator."""
+    from client.federation.join import NODE_KEY, ensure_node_key
+
+    public, made = ensure_node_key(data_dir)
+    if made:
+        options.console.print(
+            f"Made this device's key pair: {data_dir / NODE_KEY} (private, stays here) and "
+            f"{data_dir / NODE_KEY}.pub. Send the public key to the federation's operator, who "
+            "registers it with `fedpersona server devices add`:\n" + public.decode().strip(),
+            soft_wrap=True,
+        )
+
+
+@options.app.command(rich_help_panel="The federation")
+def key(data_dir: options.DataDir) -> None:
+    """Print this device's public key: what the federation's operator registers
+    (`fedpersona server devices add`). Made on the device the first time; the private key
+    stays in the data directory (0600) and is never printed."""
+    from client.federation.join import JoinError, ensure_node_key
+
+    try:
+        public, _ = ensure_node_key(data_dir.absolute())
+    except JoinError as err:
+        raise options.fail(err) from None
+    print(public.decode().strip())
 
 
 def _unlocked(data_dir: Path, key_file: Path | None, retention_days: float):  # type: ignore[no-untyped-def]

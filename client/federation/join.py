@@ -19,6 +19,13 @@ executor** (runs each message's ClientApp, which relays to the worker).
 * the passphrase is handed to each worker start through a pipe (never the environment a
   process listing shows); the worker's socket lives in a private temporary folder (a Unix
   socket path is capped at 107 bytes), removed at the end with everything else.
+
+A deployment that isolates the three (docker-compose.yml: the worker without a network, the
+executor without the store) runs the same command once per part, ``--part worker|supernode|
+clientapp-executor``, with a shared ``--run-dir`` for the worker's socket and a fixed
+``--runtime-port`` between the SuperNode and its executor. A part keeps its own lock, log and
+state file (``join-<part>.*``; the worker's are the device's own), and checks only what it
+uses: the worker the store (it needs no network), the SuperNode the server and the key.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from common.keys import write_node_keys
 from common.supervise import Child, Supervisor, free_port, pid_alive, port_open
 
 NODE_KEY, _, JOIN_LOG, JOIN_LOCK, STATE_FILE = FEDERATION_FILES  # forgotten with the store
+PARTS = ("worker", "supernode", "clientapp-executor")
 CONNECT_TIMEOUT_S = 10.0
 # The model loads in the worker before it answers (minutes on a slow disk).
 WORKER_READY_S = 600.0
@@ -85,15 +93,38 @@ class JoinPlan:
         retention_days: The store's retention.
         num_partitions: The federation's size, if the operator said (the noise share).
         local_only_baseline: Let the worker train the local-only baseline when asked.
+        part: Run only this one of :data:`PARTS` (``None``: all three).
+        run_dir: The worker's socket folder (shared by the parts; default: a private
+            temporary folder).
+        runtime_port: The SuperNode's port for its executor (default: a free one).
     """
 
     address: str
-    ca: Path
+    ca: Path | None
     data_dir: Path
     key_file: Path | None = None
     retention_days: float = 28.0
     num_partitions: int | None = None
     local_only_baseline: bool = False
+    part: str | None = None
+    run_dir: Path | None = None
+    runtime_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.part is not None and self.part not in PARTS:
+            raise JoinError(f"--part {self.part!r}: choose one of {', '.join(PARTS)}")
+        if self.runs("supernode") and self.ca is None:
+            raise JoinError("--ca is needed: the federation's CA certificate, from its operator")
+        if self.runtime_port is not None and not 0 < self.runtime_port < 65536:
+            raise JoinError(f"--runtime-port {self.runtime_port}: a port is 1..65535")
+
+    def runs(self, name: str) -> bool:
+        """Whether this service runs the part ``name``."""
+        return self.part in (None, name)
+
+    def file(self, name: str) -> Path:
+        """The service's lock, log or state file (see :func:`service_file`)."""
+        return service_file(self.data_dir, name, self.part)
 
     @property
     def node_key(self) -> Path:
@@ -103,6 +134,15 @@ class JoinPlan:
     @property
     def node_pub(self) -> Path:
         return self.data_dir / f"{NODE_KEY}.pub"
+
+
+def service_file(data_dir: Path, name: str, part: str | None) -> Path:
+    """The lock, log or state file (``join.lock``, ``join.log``, ``federation.json``) of the
+    service running ``part`` on ``data_dir``: a part other than the worker names its own."""
+    if part in (None, "worker"):
+        return data_dir / name
+    stem, _, suffix = name.partition(".")
+    return data_dir / f"{stem}-{part}.{suffix}"
 
 
 # ---- before anything starts -------------------------------------------------------------
@@ -154,32 +194,34 @@ def check_server(address: str, ca: Path, *, timeout: float = CONNECT_TIMEOUT_S) 
         ) from None
 
 
-def ensure_node_key(plan: JoinPlan) -> tuple[bytes, bool]:
-    """The device's SuperNode public key, made (with its private key, 0600) the first time;
-    and whether it was made now.
+def ensure_node_key(data_dir: Path) -> tuple[bytes, bool]:
+    """The device's SuperNode public key (``<data-dir>/node.key.pub``), made with its private
+    key (0600) the first time; and whether it was made now.
 
     Raises:
         JoinError: If only one half of the pair is there.
     """
-    have = (plan.node_key.exists(), plan.node_pub.exists())
+    key, pub = data_dir / NODE_KEY, data_dir / f"{NODE_KEY}.pub"
+    have = (key.exists(), pub.exists())
     if have == (True, True):
-        return plan.node_pub.read_bytes(), False
+        return pub.read_bytes(), False
     if any(have):
         raise JoinError(
-            f"{plan.node_key} or {plan.node_pub} is missing: restore the pair the operator "
-            "registered, or remove both to make a new one (the operator must then register it)"
+            f"{key} or {pub} is missing: restore the pair the operator registered, or remove "
+            "both to make a new one (the operator must then register it)"
         )
-    return write_node_keys(plan.node_key, plan.node_pub), True
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return write_node_keys(key, pub), True
 
 
 @contextlib.contextmanager
-def join_lock(data_dir: Path) -> Iterator[None]:
-    """Hold ``<data-dir>/join.lock`` for the service's life.
+def join_lock(data_dir: Path, path: Path | None = None) -> Iterator[None]:
+    """Hold ``<data-dir>/join.lock`` (or ``path``) for the service's life.
 
     Raises:
         JoinError: If another ``join`` holds it.
     """
-    path = data_dir / JOIN_LOCK
+    path = data_dir / JOIN_LOCK if path is None else path
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
@@ -215,7 +257,8 @@ def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Chil
 
     env = flower_env(plan.data_dir / "flwr", drop=(PASSPHRASE_ENV, PASSPHRASE_FILE_ENV))
     sock = run_dir / "worker.sock"
-    runtime, node_health, exec_health = free_port(), free_port(), free_port()
+    runtime = plan.runtime_port or free_port()
+    node_health, exec_health = free_port(), free_port()
     worker = [
         str(BIN / "fedpersona"), "device", "worker", "--socket", str(sock),
         "--data-dir", str(plan.data_dir), "--retention-days", str(plan.retention_days),
@@ -252,7 +295,7 @@ def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Chil
         str(BIN / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{runtime}",
         "--insecure", "--health-server-address", f"127.0.0.1:{exec_health}",
     ]  # fmt: skip
-    return [
+    every = [
         Child(
             "worker",
             worker,
@@ -271,26 +314,29 @@ def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Chil
         ),
         Child("clientapp-executor", executor, env=env, ready=lambda: port_open(exec_health)),
     ]
+    return [c for c in every if plan.runs(c.name)]
 
 
 def write_state(plan: JoinPlan, processes: dict[str, Any], *, joined_at: float) -> None:
     """``<data-dir>/federation.json``: the federation and the service's processes."""
     state = {
         "address": plan.address,
-        "ca": str(plan.ca),
+        "ca": None if plan.ca is None else str(plan.ca),
         "node_public_key": str(plan.node_pub),
         "pid": os.getpid(),
         "joined_at": joined_at,
         "updated_at": time.time(),
         "processes": processes,
     }
-    atomic_write_bytes(plan.data_dir / STATE_FILE, json.dumps(state, indent=1).encode())
+    if plan.part is not None:
+        state["part"] = plan.part
+    atomic_write_bytes(plan.file(STATE_FILE), json.dumps(state, indent=1).encode())
 
 
-def read_state(data_dir: Path) -> dict[str, Any] | None:
-    """What the running (or last) ``join`` wrote, with ``running``: whether its process and
-    every child are alive now. ``None`` if this device never joined."""
-    path = Path(data_dir) / STATE_FILE
+def read_state(data_dir: Path, part: str | None = None) -> dict[str, Any] | None:
+    """What the running (or last) ``join`` (of ``part``, if given) wrote, with ``running``:
+    whether its process and every child are alive now. ``None`` if this device never joined."""
+    path = service_file(Path(data_dir), STATE_FILE, part)
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -323,7 +369,12 @@ def join(
         JoinError: The device cannot join (the message says why).
         common.supervise.ServiceFailed: A process cannot run (its reason).
     """
-    run_dir = Path(tempfile.mkdtemp(prefix="fpj-"))  # 0700; short enough for a socket path
+    private = plan.run_dir is None
+    if private:  # 0700; short enough for a socket path
+        run_dir = Path(tempfile.mkdtemp(prefix="fpj-"))
+    else:
+        run_dir = plan.run_dir
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     joined_at = time.time()
     try:
         sup = Supervisor(
@@ -335,4 +386,5 @@ def join(
             on_start(sup)
         sup.run()
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if private:
+            shutil.rmtree(run_dir, ignore_errors=True)

@@ -166,3 +166,41 @@ def test_skellam_tends_to_the_gaussian_and_sampling_only_lowers_it() -> None:
     assert skellam.epsilon([], 1e-5) == 0.0
     with pytest.raises(ValueError):
         skellam.SkellamRound(l1=1, l2=1, variance=0, scale=1)
+
+
+def test_a_sampled_federated_run_gets_the_general_subsampling_bound() -> None:
+    # A fine grid (s = 1e9), 2^20 numbers, C = 0.03, z = 1, 100 of 3,400 clients per round for
+    # 1,500 rounds, δ = 1/3400: 7.475051 in the authors' accounting (as Zhu & Wang's general
+    # bound on the Gaussian's RDP; the subsampled Gaussian's own, tighter analysis gives 6.71).
+    d, clip, scale = 2**20, 0.03, 1e9
+    run = skellam.SkellamRound(
+        l1=clip * math.sqrt(d),
+        l2=clip,
+        variance=clip**2,
+        scale=scale,
+        sample_rate=100 / 3400,
+        steps=1500,
+    )
+    assert skellam.epsilon([run], 1 / 3400) == pytest.approx(7.475051, abs=1e-5)
+    # Unconditional rounding's inflated sensitivity (C + √d/s) costs a little more.
+    t = clip * scale + math.sqrt(d)
+    rounded = skellam.SkellamRound(
+        **{**run.__dict__, "l1": t * math.sqrt(d) / scale, "l2": t / scale}
+    )
+    assert 7.475051 < skellam.epsilon([rounded], 1 / 3400) < 7.4760
+
+
+@pytest.mark.parametrize(("mu", "shift"), [(4.0, 1), (25.0, 2), (100.0, 5)])
+def test_the_skellam_bound_holds_over_the_exact_divergence(mu: float, shift: int) -> None:
+    from scipy.special import logsumexp
+    from scipy.stats import skellam as sk
+
+    # The exact Rényi divergence of a shifted 1-D Skellam of variance μ from the centred one.
+    k = np.arange(-400, 401)
+    log_p, log_q = sk.logpmf(k - shift, mu / 2, mu / 2), sk.logpmf(k, mu / 2, mu / 2)
+    keep = np.isfinite(log_p) & np.isfinite(log_q)
+    for order in (2, 4, 16, 64):
+        exact = logsumexp(order * log_p[keep] + (1 - order) * log_q[keep]) / (order - 1)
+        bound = skellam.skellam_rdp(order, l1=shift, l2=shift, variance=mu, scale=1.0)
+        assert exact <= bound * (1 + 1e-9), (mu, shift, order)
+        assert bound >= order * shift**2 / (2 * mu)  # never below the Gaussian's

@@ -47,6 +47,7 @@ KNOB_LIMITS: dict[str, tuple[str, int]] = {
     "train.local-steps": ("train.local_steps", 1_000),
     "train.batch-size": ("train.batch_size", 256),
     "data.max-test-samples": ("data.max_test_samples", 1_024),
+    "data.max-select-samples": ("data.max_select_samples", 1_024),
     "audit.canaries": ("audit.canaries", 64),
     "audit.canary-repeats": ("audit.canary_repeats", 100),
 }

@@ -234,3 +234,26 @@ def test_the_layout_names_every_module() -> None:
         if f"{sub.name}/" not in block:
             missing.append(str(sub.relative_to(ROOT)) + "/")
     assert not missing, f"docs/architecture.md's Layout does not name: {missing}"
+
+
+def test_the_flower_app_bundle_holds_every_module_the_apps_import() -> None:
+    # `flwr run` packs the project into a FAB with Flower's own rules (.gitignore included):
+    # a pattern that drops a package (once: `federation/` dropped client/federation/) breaks
+    # every ClientApp on a real device while local runs still find the files on disk.
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    # Execute
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))) as fab:
+        packed = set(fab.namelist())
+
+    # Assert
+    needed = {
+        str(p.relative_to(ROOT))
+        for pkg in ("common", "server", "client")
+        for p in (ROOT / pkg).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    assert needed - packed == set()

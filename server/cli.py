@@ -95,7 +95,7 @@ def start(
     operator.write_flwr_config(fed, port)
     logger = service_logger("fedpersona.server", fed.root / operator.LOG_FILE)
     supervisor = Supervisor(
-        children, logger=logger, on_change=lambda p: operator.write_state(fed, port, p)
+        children, logger=logger, on_change=lambda p: operator.write_state(fed, host, port, p)
     )
     supervisor.stop_on_signals()
     console.print(

@@ -39,7 +39,7 @@ from typing import Any
 from common.config import RUNS_DIR_ENV
 from common.flower_env import BIN, flower_env
 from common.keys import SUPEREXEC_SECRET, make_certs
-from common.supervise import Child, free_port, pid_alive, port_open
+from common.supervise import Child, free_port, port_open
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the Flower app `flwr run` packs
 FEDERATION = "fedpersona"
@@ -168,15 +168,15 @@ def service(fed: FederationDir, *, host: str, port: int) -> list[Child]:
         "--superexec-auth-secret-file", str(fed.certs / SUPEREXEC_SECRET),
     ]  # fmt: skip
     return [
-        Child("superlink", superlink, env=env, ready=lambda: port_open(port)),
+        Child("superlink", superlink, env=env, ready=lambda: port_open(port, host)),
         # Its ServerApps put their runs here unless a run config names another output.dir.
         Child("serverapp-executor", executor, env={**env, RUNS_DIR_ENV: str(fed.runs)}),
     ]
 
 
-def write_state(fed: FederationDir, port: int, processes: dict[str, Any]) -> None:
-    """``server.json``: the port and the service's processes."""
-    state = {"port": port, "pid": os.getpid(), "processes": processes}
+def write_state(fed: FederationDir, host: str, port: int, processes: dict[str, Any]) -> None:
+    """``server.json``: the address and the service's processes."""
+    state = {"host": host, "port": port, "pid": os.getpid(), "processes": processes}
     (fed.root / STATE_FILE).write_text(json.dumps(state, indent=1))
 
 
@@ -318,7 +318,10 @@ def status(fed: FederationDir) -> dict[str, Any]:
     state: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         state = json.loads((fed.root / STATE_FILE).read_text())
-    running = pid_alive(state.get("pid"))
+    # Running: the SuperLink answers where `start` bound it (a pid alone would not do: the
+    # folder may be a container's, whose pids are not this host's).
+    port = state.get("port")
+    running = isinstance(port, int) and port_open(port, str(state.get("host", "127.0.0.1")))
     runs = []
     if fed.runs.is_dir():
         for run_dir in sorted(p for p in fed.runs.iterdir() if p.is_dir()):

@@ -140,6 +140,8 @@ class Supervisor:
             status file).
         backoff_s: The first restart's wait (doubling up to ``max_backoff_s``).
         stable_s: A child that ran this long restarts after ``backoff_s`` again.
+        tick: ``(interval_s, fn)``: ``fn`` is called every ``interval_s`` while the service
+            runs (a probe; what it raises is logged, never stops the service).
     """
 
     def __init__(
@@ -151,8 +153,10 @@ class Supervisor:
         backoff_s: float = BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
         stable_s: float = STABLE_S,
+        tick: tuple[float, Callable[[], None]] | None = None,
     ) -> None:
         self.children = list(children)
+        self.tick = tick
         self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
         self.log = logger
         self.on_change = on_change
@@ -173,9 +177,16 @@ class Supervisor:
                 if self.stopping.is_set():
                     return
                 self._start_ready(child)
+            next_tick = time.monotonic()
             while not self.stopping.wait(poll_s):
                 for child in self.children:
                     self._tend(child)
+                if self.tick is not None and time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.tick[0]
+                    try:
+                        self.tick[1]()
+                    except Exception as err:  # noqa: BLE001 - a probe never stops the service
+                        self.log.warning("probe failed: %s", err)
         finally:
             self._stop_all()
 

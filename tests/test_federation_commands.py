@@ -196,6 +196,7 @@ def test_devices_join_a_run_survives_a_killed_worker_and_everything_stops(federa
         assert status.returncode == 0, status.stdout + status.stderr
         f = json.loads(status.stdout)["federation"]
         assert f["joined"] and f["running"] and f["address"] == f"127.0.0.1:{port}"
+        assert f["connected"] is True and f["server_error"] is None  # its server answers
         # The victim lost round 1 (or 2) if the kill came before its update was committed.
         assert f["rounds_joined"] in ((ROUNDS - 2, ROUNDS - 1, ROUNDS) if i == 1 else (ROUNDS,))
         assert 0 < f["user_epsilon"] <= f["epsilon_cap"]

@@ -239,3 +239,25 @@ def test_the_worker_part_serves_its_socket_in_the_shared_folder_until_stopped(
     assert proc.returncode == 0, out
     assert run_dir.is_dir() and not sock.exists()
     assert processes_mentioning(str(run_dir)) == []
+
+
+def test_connected_means_running_and_a_recent_answer_from_the_server(tmp_path) -> None:
+    import json
+    import time
+
+    from client.federation.join import PROBE_S, read_state
+
+    def state(server: dict | None) -> dict:
+        alive = {"pid": os.getpid()}  # this test's process: alive
+        (tmp_path / "federation.json").write_text(
+            json.dumps({"pid": os.getpid(), "processes": {"worker": alive}, "server": server})
+        )
+        return read_state(tmp_path)
+
+    now = time.time()
+    assert state({"reachable": True, "checked_at": now, "error": None})["connected"] is True
+    stale = {"reachable": True, "checked_at": now - 4 * PROBE_S, "error": None}
+    assert state(stale)["connected"] is False
+    down = {"reachable": False, "checked_at": now, "error": "cannot reach"}
+    assert state(down)["connected"] is False
+    assert state(None)["connected"] is None  # not checked here (a worker-only part)

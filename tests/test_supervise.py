@@ -152,3 +152,28 @@ def test_a_child_that_never_becomes_ready_fails_the_start(tmp_path) -> None:
     with pytest.raises(ServiceFailed, match="slow did not become ready"):
         sup.run(poll_s=0.05)
     assert sup.children[0].proc is not None and sup.children[0].proc.poll() is not None
+
+
+def test_a_probe_runs_every_interval_and_its_failure_never_stops_the_service(tmp_path) -> None:
+    # Prepare: a service whose probe fails every other call.
+    sleeper = _script(tmp_path, "sleeper", "import time\ntime.sleep(600)\n")
+    logger, log = _logger(tmp_path)
+    calls: list[float] = []
+
+    def probe() -> None:
+        calls.append(time.monotonic())
+        if len(calls) % 2 == 0:
+            raise OSError("server gone")
+
+    sup = Supervisor([Child("s", sleeper)], logger=logger, tick=(0.2, probe))
+
+    # Execute
+    thread, errors = _run_in_thread(sup)
+    _wait(lambda: len(calls) >= 4)
+    sup.stop()
+    thread.join(timeout=30)
+
+    # Assert: called about every 0.2 s from the start; its failure was logged, not fatal.
+    assert errors == [] and not thread.is_alive()
+    assert all(b - a >= 0.15 for a, b in zip(calls, calls[1:], strict=False))
+    assert "probe failed: server gone" in log.read_text()

@@ -166,6 +166,12 @@ def _federation_rows(f: dict) -> list[tuple[str, str]]:
         if not f["joined"]
         else f"{f['address']}: " + ("running" if f["running"] else "not running")
     )
+    if f["joined"] and f["running"] and f["connected"] is not None:
+        service += (
+            ", connected"
+            if f["connected"]
+            else f", not connected ({f['server_error'] or 'no recent check'})"
+        )
     if f["paused_since"] is not None:
         service += f"; paused since {when(f['paused_since'])} (declines every round)"
     rows = [

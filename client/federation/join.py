@@ -26,6 +26,12 @@ clientapp-executor``, with a shared ``--run-dir`` for the worker's socket and a 
 ``--runtime-port`` between the SuperNode and its executor. A part keeps its own lock, log and
 state file (``join-<part>.*``; the worker's are the device's own), and checks only what it
 uses: the worker the store (it needs no network), the SuperNode the server and the key.
+
+While it runs, a service with a SuperNode checks every :data:`PROBE_S` that the server still
+answers (TLS with the federation's CA): ``device status`` says "connected" on a recent check.
+
+(One file on purpose, over the usual length: the plan, the checks before anything starts and
+the service they guard are one command, read top to bottom.)
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ from common.supervise import Child, Supervisor, free_port, pid_alive, port_open
 NODE_KEY, _, JOIN_LOG, JOIN_LOCK, STATE_FILE = FEDERATION_FILES  # forgotten with the store
 PARTS = ("worker", "supernode", "clientapp-executor")
 CONNECT_TIMEOUT_S = 10.0
+# How often a running service checks that the federation's server answers (TLS, its CA):
+# `device status` says "connected" only on a check younger than three of these.
+PROBE_S = 30.0
 # The model loads in the worker before it answers (minutes on a slow disk).
 WORKER_READY_S = 600.0
 # What Flower's SuperNode prints when the SuperLink turns it away, and what that means here.
@@ -317,8 +326,15 @@ def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Chil
     return [c for c in every if plan.runs(c.name)]
 
 
-def write_state(plan: JoinPlan, processes: dict[str, Any], *, joined_at: float) -> None:
-    """``<data-dir>/federation.json``: the federation and the service's processes."""
+def write_state(
+    plan: JoinPlan,
+    processes: dict[str, Any],
+    *,
+    joined_at: float,
+    server: dict[str, Any] | None = None,
+) -> None:
+    """``<data-dir>/federation.json``: the federation, the service's processes and the last
+    check of the server (``server``: ``reachable``, ``checked_at``, ``error``)."""
     state = {
         "address": plan.address,
         "ca": None if plan.ca is None else str(plan.ca),
@@ -327,6 +343,7 @@ def write_state(plan: JoinPlan, processes: dict[str, Any], *, joined_at: float) 
         "joined_at": joined_at,
         "updated_at": time.time(),
         "processes": processes,
+        "server": server,
     }
     if plan.part is not None:
         state["part"] = plan.part
@@ -350,6 +367,18 @@ def read_state(data_dir: Path, part: str | None = None) -> dict[str, Any] | None
         service
         and procs
         and all(pid_alive(p.get("pid")) for p in procs.values() if isinstance(p, dict))
+    )
+    probe = state.get("server") if isinstance(state.get("server"), dict) else None
+    # Connected: running, and the server answered a check that is recent (None: not checked,
+    # e.g. a worker-only part in its own container).
+    state["connected"] = (
+        None
+        if probe is None
+        else bool(
+            state["running"]
+            and probe.get("reachable")
+            and time.time() - float(probe.get("checked_at") or 0) < 3 * PROBE_S
+        )
     )
     return state
 
@@ -376,11 +405,32 @@ def join(
         run_dir = plan.run_dir
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     joined_at = time.time()
+    server: dict[str, Any] | None = None
+    processes: dict[str, Any] = {}
+
+    def record(now: dict[str, Any] | None = None) -> None:
+        processes.update(now or {})
+        write_state(plan, processes, joined_at=joined_at, server=server)
+
+    def probe() -> None:
+        """Check the server answers (TLS with the federation's CA); record it."""
+        nonlocal server
+        try:
+            check_server(plan.address, plan.ca)  # type: ignore[arg-type]
+            error = None
+        except JoinError as err:
+            error = str(err)
+        if server is not None and (error is None) != server["reachable"]:
+            logger.warning("server %s", "reachable again" if error is None else error)
+        server = {"reachable": error is None, "checked_at": time.time(), "error": error}
+        record()
+
     try:
         sup = Supervisor(
             children(plan, run_dir, passphrase),
             logger=logger,
-            on_change=lambda processes: write_state(plan, processes, joined_at=joined_at),
+            on_change=record,
+            tick=(PROBE_S, probe) if plan.runs("supernode") else None,
         )
         if on_start is not None:
             on_start(sup)

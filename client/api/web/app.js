@@ -857,9 +857,14 @@ function renderPrivacy(p) {
 
 /** The federation facts (`device status`'s) and the pause switch. */
 function renderFederation(f) {
-  const service = f.joined
+  let service = f.joined
     ? `${f.address}: ${f.running ? "running" : "not running"}`
     : "not joined (fedpersona device join ADDRESS --ca CA_CERT)";
+  if (f.joined && f.running && f.connected !== null && f.connected !== undefined) {
+    service += f.connected
+      ? ", connected"
+      : `, not connected (${f.server_error || "no recent check"})`;
+  }
   const last = (f.sent || []).at(-1);
   const left = last
     ? `round ${last.round}: ${last.sent.bytes} bytes in ${(last.sent.tensors || []).length} ` +

@@ -171,13 +171,14 @@ def _run_join(plan, passphrase: str | None) -> None:  # type: ignore[no-untyped-
 
 def _print_new_key(data_dir: Path) -> None:
     """Make the device's key pair if it has none, and then say what to send the operator."""
-    from client.federation.join import NODE_KEY, ensure_node_key
+    from client.federation.join import ensure_node_key, node_key_paths
 
     public, made = ensure_node_key(data_dir)
     if made:
+        key, pub = node_key_paths(data_dir)
         options.console.print(
-            f"Made this device's key pair: {data_dir / NODE_KEY} (private, stays here) and "
-            f"{data_dir / NODE_KEY}.pub. Send the public key to the federation's operator, who "
+            f"Made this device's key pair: {key} (private, stays here) and {pub}. Send the "
+            "public key to the federation's operator, who "
             "registers it with `fedpersona server devices add`:\n" + public.decode().strip(),
             soft_wrap=True,
         )

@@ -138,11 +138,16 @@ class JoinPlan:
     @property
     def node_key(self) -> Path:
         """The device's SuperNode private key (its public key beside it, ``.pub``)."""
-        return self.data_dir / NODE_KEY
+        return node_key_paths(self.data_dir)[0]
 
     @property
     def node_pub(self) -> Path:
-        return self.data_dir / f"{NODE_KEY}.pub"
+        return node_key_paths(self.data_dir)[1]
+
+
+def node_key_paths(data_dir: Path) -> tuple[Path, Path]:
+    """The device's SuperNode key pair in ``data_dir``: private key, public key."""
+    return data_dir / NODE_KEY, data_dir / f"{NODE_KEY}.pub"
 
 
 def service_file(data_dir: Path, name: str, part: str | None) -> Path:
@@ -210,7 +215,7 @@ def ensure_node_key(data_dir: Path) -> tuple[bytes, bool]:
     Raises:
         JoinError: If only one half of the pair is there.
     """
-    key, pub = data_dir / NODE_KEY, data_dir / f"{NODE_KEY}.pub"
+    key, pub = node_key_paths(data_dir)
     have = (key.exists(), pub.exists())
     if have == (True, True):
         return pub.read_bytes(), False
@@ -351,8 +356,9 @@ def write_state(
 
 
 def read_state(data_dir: Path, part: str | None = None) -> dict[str, Any] | None:
-    """What the running (or last) ``join`` (of ``part``, if given) wrote, with ``running``:
-    whether its process and every child are alive now. ``None`` if this device never joined."""
+    """What the running (or last) ``join`` (of ``part``, if given) wrote, with ``running``
+    (its process and every child alive now), ``connected`` and ``server_error`` (the last
+    check of the server). ``None`` if this device never joined."""
     path = service_file(Path(data_dir), STATE_FILE, part)
     try:
         state = json.loads(path.read_text())
@@ -380,6 +386,7 @@ def read_state(data_dir: Path, part: str | None = None) -> dict[str, Any] | None
             and time.time() - float(probe.get("checked_at") or 0) < 3 * PROBE_S
         )
     )
+    state["server_error"] = None if probe is None else probe.get("error")
     return state
 
 

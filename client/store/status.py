@@ -191,9 +191,7 @@ def federation(store: LocalStore) -> dict[str, Any]:
         "running": bool(service and service.get("running")),
         # Whether the server answered the service's last check (None: not checked here).
         "connected": None if service is None else service.get("connected"),
-        "server_error": None
-        if not service or not isinstance(service.get("server"), dict)
-        else service["server"].get("error"),
+        "server_error": None if service is None else service.get("server_error"),
         "processes": {} if service is None else service.get("processes", {}),
         "paused_since": paused_since(store),
         "rounds_joined": int(s["rounds_charged"]),

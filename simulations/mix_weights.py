@@ -4,7 +4,8 @@ would have served.
 ``python -m simulations.mix_weights RUN_DIR [--users N]`` opens each simulated device's store
 in ``RUN_DIR/devices/``, composes its personal + w·global model for every w in
 ``MIX_WEIGHTS`` and writes ``RUN_DIR/mix_weights.json`` (each user's per-example losses on the
-selection and test halves, and the base model's and the global adapter's alone); it prints,
+selection and test halves, the base model's and the global adapter's alone, and each
+example's reply tokens); it prints,
 for fixed weights and for :func:`~common.personalization.blend.pick_mix_weight` at the run's
 prior, the share of users whose served model is no worse than the local-only one (within
 0.5 %) and strictly better on the test half. About 9 s per user on 2 CPU cores.
@@ -50,6 +51,8 @@ def measure(run_dir: Path, cfg: RunConfig, users: int | None = None) -> list[dic
                 held_out = device._held_out(examples)
                 with device.rt.model.disable_adapter():
                     losses = {"base": held_out.per_example()}
+                # Reply tokens per example: a run's summary weights each loss by them.
+                losses["tokens"] = [c for batch in held_out.counts for c in batch]
                 load_lora_tensors(device.rt.model, device.global_model(g))
                 losses["global"] = held_out.per_example()
                 for w in MIX_WEIGHTS:
@@ -62,13 +65,24 @@ def measure(run_dir: Path, cfg: RunConfig, users: int | None = None) -> list[dic
     return rows
 
 
+def mean_loss(half: dict, weight: float | str) -> float:
+    """The loss a run's summary reports on ``half`` at ``weight``: per reply token (files
+    written before the token counts were kept: per example)."""
+    losses = half[str(weight)]
+    tokens = half.get("tokens")
+    if tokens is None:
+        return statistics.fmean(losses)
+    return sum(x * n for x, n in zip(losses, tokens, strict=True)) / sum(tokens)
+
+
 def shares(rows: list[dict], picks: list[float]) -> tuple[float, float]:
     """(no worse than local-only, better than local-only) on the test half for ``picks``, as
-    the run's summary counts them (:func:`server.outputs.versus_local`)."""
+    the run's summary counts them (:func:`server.outputs.versus_local`; token-weighted, so a
+    replay of the run's own picks reproduces its summary)."""
     served = [
         {
-            "personal_loss": statistics.fmean(row["test"][str(w)]),
-            "local_only_loss": statistics.fmean(row["test"]["0.0"]),
+            "personal_loss": mean_loss(row["test"], w),
+            "local_only_loss": mean_loss(row["test"], "0.0"),
         }
         for row, w in zip(rows, picks, strict=True)
     ]

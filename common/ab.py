@@ -59,6 +59,21 @@ def to_masked(counts: np.ndarray, *, max_interactions: int, clip_norm: float) ->
     return np.asarray(counts, np.float64) / scale(max_interactions, clip_norm)
 
 
+def check_integer_headroom(max_interactions: int, max_devices: int, bits: int) -> None:
+    """``skellam`` mode sends the counts as integers in SecAgg+'s ``b``-bit residues: their sum
+    over ``max_devices`` must stay below ``2^(b-1)``.
+
+    Raises:
+        ValueError: If it might not (the message says what to change).
+    """
+    largest = MAX_RATING**2 * max_interactions * max_devices
+    if largest >= 2 ** (bits - 1):
+        raise ValueError(
+            f"A/B counts of {max_devices} devices (up to {largest}) do not fit {bits}-bit "
+            "residues; lower ab.interactions (0 turns the A/B test off)"
+        )
+
+
 def from_masked(mean: np.ndarray, *, users: int, ab_scale: float) -> np.ndarray:
     """The federation-wide counts from the unmasked mean of :func:`to_masked` vectors over
     ``users`` participants (the only thing SecAgg+ reveals)."""

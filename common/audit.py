@@ -145,3 +145,124 @@ def references(cfg: RunConfig, count: int) -> list[Sample]:
             taken.add(reply)
             out.append(Sample(CANARY_PROMPT, reply))
     return out
+
+
+# -- Canary clients: the user-level one-run audit -----------------------------------------
+#
+# The record-level canaries above sit in users' text: a user-level DP release hides them
+# among that user's other examples and the federation's other users, so their audit has no
+# power at this scale (a run without noise proves ε ≥ 0). Canary *clients* test the guarantee
+# the accountant states, for its own neighbouring relation (one client's whole update present
+# or absent; Andrew et al., "One-shot empirical privacy estimation for federated learning",
+# 2024, with Steinke et al.'s one-run counting): the last ``audit.canary-clients`` of the
+# federation's ``data.num-users`` are simulated clients without data. Each takes part in the
+# run with probability ½ (a coin from the run seed, which only the auditor knows); its rounds
+# are drawn like a user's Poisson sample, at ``fraction-train`` per round, also from the run
+# seed; one that takes part sends, in each of its rounds, a fixed random unit direction of its
+# own scaled to norm C, through the same clip, noise share and SecAgg+ as every device. After
+# the run the auditor scores each canary by how far the released sums moved along its
+# direction in its rounds, guesses "took part" for the highest scores only, and counts.
+
+# Guess "took part" for this fraction of the canary clients with the highest scores (fixed
+# before any run: a bound computed after choosing the fraction on the result would not hold).
+CLIENT_GUESS_FRACTION = 0.1
+
+
+def canary_client(cfg: RunConfig, partition_id: int) -> int | None:
+    """The canary client index ``j`` a simulated partition plays (``None``: a user with data):
+    partitions ``[num_users − K, num_users)`` for ``K = audit.canary-clients``."""
+    k, n = cfg.audit.canary_clients, cfg.data.num_users
+    return partition_id - (n - k) if k and n - k <= partition_id < n else None
+
+
+def data_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[int, int]:
+    """``(partition, partitions)`` among the users with data: canary clients take no user's
+    data, so user ``i`` of a run with canaries is user ``i`` of the same run without them, and
+    users after the federation's (newcomers) follow on."""
+    k, n = cfg.audit.canary_clients, cfg.data.num_users
+    if not k:
+        return partition_id, num_partitions
+    if canary_client(cfg, partition_id) is not None:
+        raise ValueError(f"partition {partition_id} is a canary client: it has no data")
+    return (partition_id if partition_id < n - k else partition_id - k), num_partitions - k
+
+
+def clients_included(cfg: RunConfig) -> list[bool]:
+    """Which canary clients take part (independent fair coins from the run seed)."""
+    rng = random.Random(f"canary-client:{cfg.seed}")
+    return [rng.random() < 0.5 for _ in range(cfg.audit.canary_clients)]
+
+
+def client_rounds(cfg: RunConfig, j: int, num_rounds: int) -> list[int]:
+    """The rounds (1-based) canary client ``j`` is sampled in: each with probability
+    ``fraction-train``, from the run seed (the server cannot tell them from a user's)."""
+    rng = random.Random(f"canary-client-rounds:{cfg.seed}:{j}")
+    return [r for r in range(1, num_rounds + 1) if rng.random() < cfg.fraction_train]
+
+
+def client_direction(cfg: RunConfig, j: int, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Canary client ``j``'s unit direction over the shared tensors ``shapes`` (numpy arrays;
+    each tensor from its own name's stream, so the order of ``shapes`` does not matter)."""
+    import zlib
+
+    import numpy as np
+
+    parts = {
+        name: np.random.default_rng([int(cfg.seed), j, zlib.crc32(name.encode())]).standard_normal(
+            shape
+        )
+        for name, shape in shapes.items()
+    }
+    norm = math.sqrt(sum(float((p**2).sum()) for p in parts.values()))
+    return {name: p / norm for name, p in parts.items()}
+
+
+def client_scores(cfg: RunConfig, released: dict[int, tuple[int, dict]]) -> list[float]:
+    """Each canary client's score: the mean movement of the released sums along its direction
+    in its rounds, ``⟨u_j, m_r·mean_r⟩`` averaged over its rounds ``r`` among the released
+    ones ``{r: (m_r, mean_r)}`` (0 without any). Taking part adds ``C`` to each term; the
+    other clients' and the noise's projections are the same for a canary that did not."""
+    if not released:
+        raise ValueError("no released round to audit")
+    shapes = {name: tuple(a.shape) for name, a in next(iter(released.values()))[1].items()}
+    last = max(released)
+    scores = []
+    for j in range(cfg.audit.canary_clients):
+        rounds = [r for r in client_rounds(cfg, j, last) if r in released]
+        if not rounds:
+            scores.append(0.0)
+            continue
+        u = client_direction(cfg, j, shapes)
+        moved = [
+            released[r][0] * sum(float((u[n] * released[r][1][n]).sum()) for n in shapes)
+            for r in rounds
+        ]
+        scores.append(sum(moved) / len(moved))
+    return scores
+
+
+def client_audit(
+    scores: Sequence[float],
+    included: Sequence[bool],
+    *,
+    delta: float,
+    guess_fraction: float = CLIENT_GUESS_FRACTION,
+    confidence: float = 0.95,
+) -> dict[str, float | int]:
+    """Guess "took part" for the ``guess_fraction`` highest scores (abstain on the rest) and
+    the ε lower bound the correct guesses prove (:func:`epsilon_lower_bound`)."""
+    m = len(scores)
+    if m != len(included) or m == 0:
+        raise ValueError("need one score per canary client, and at least one")
+    k = max(1, int(m * guess_fraction))
+    top = sorted(range(m), key=lambda i: scores[i])[m - k :]
+    v = sum(bool(included[i]) for i in top)
+    return {
+        "canary_clients": m,
+        "took_part": int(sum(included)),
+        "guesses": k,
+        "correct": v,
+        "delta": delta,
+        "confidence": confidence,
+        "epsilon_lower_bound": epsilon_lower_bound(m, k, v, delta=delta, confidence=confidence),
+    }

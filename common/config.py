@@ -20,7 +20,7 @@ STRATEGIES = ("fedavg-ft", "ffa", "fedsa", "dual", "blend")
 QUANTIZATIONS = ("none", "4bit")
 DTYPES = ("auto", "float32", "bfloat16")
 TRAIN_PRECISIONS = ("auto", "float32", "bfloat16")
-NOISE_MODES = ("distributed", "central", "none")
+NOISE_MODES = ("distributed", "skellam", "central", "none")
 ACCOUNTANTS = ("rdp", "prv")
 # How the server picks each round's training cohort: a fixed-size uniform sample of
 # fraction-train of the nodes, or each node independently with probability fraction-train
@@ -247,6 +247,8 @@ class DPConfig:
     """User-level DP on the shared update, and record-level DP-SGD on the device.
 
     ``noise_mode``: ``distributed`` (each client adds N(0, (σC)²/m_min) before SecAgg+),
+    ``skellam`` (each client adds its share of Skellam noise as integers inside SecAgg+'s
+    field, after a rotation and stochastic rounding: :mod:`common.dp.discrete`),
     ``central`` (the server adds N(0, (σC)²) to the unmasked sum) or ``none`` (clipping only
     when ``clip_norm`` > 0). ``min_clients`` is m_min, the fewest updates the server accepts
     for a round (0: every sampled client must report).
@@ -298,8 +300,14 @@ class DPConfig:
 
     @property
     def distributed(self) -> bool:
-        """True if each device adds its share of the noise (N(0, (σC)²/m_min)) itself."""
-        return self.noise_mode == "distributed" and self.adds_noise
+        """True if each device adds its share of the noise itself (``distributed``:
+        N(0, (σC)²/m_min); ``skellam``: the same variance as integers)."""
+        return self.noise_mode in ("distributed", "skellam") and self.adds_noise
+
+    @property
+    def discrete(self) -> bool:
+        """True if the devices' noise shares are Skellam integers inside SecAgg+."""
+        return self.noise_mode == "skellam" and self.adds_noise
 
 
 @dataclass(frozen=True)
@@ -421,9 +429,16 @@ class AuditConfig:
     # One-run audit (Steinke, Nasr & Jagielski 2023): each canary planted with probability ½,
     # canary j in user j mod canary-users' data only (see common/audit.py).
     one_run: bool = False
+    # The user-level one-run audit (common/audit.py, "canary clients"): the last
+    # canary-clients of data.num-users are simulated clients that send a random direction of
+    # norm C (each taking part with probability ½), not users with data.
+    canary_clients: int = 0
 
     def __post_init__(self) -> None:
         _require(0 <= self.canaries <= 100, "audit.canaries", "must be in [0, 100]")
+        _require(
+            0 <= self.canary_clients <= 100_000, "audit.canary-clients", "must be in [0, 100000]"
+        )
         _require(self.canary_repeats >= 1, "audit.canary-repeats", "must be >= 1")
         _require(self.canary_users >= 1, "audit.canary-users", "must be >= 1")
 
@@ -543,6 +558,7 @@ class RunConfig:
             "simulation.users-per-node",
             f"must be >= 1, got {self.users_per_node}",
         )
+        self._check_canary_clients()
         if self.users_per_node > 1:
             # A node hosting several simulated users samples each of them itself (Poisson)
             # and sends their mean update weighted by their count.
@@ -563,10 +579,11 @@ class RunConfig:
             )
             _require(self.data.num_users > 0, "data.num-users", "must be set with users per node")
         _require(
-            self.dp.noise_mode != "distributed" or not self.dp.adds_noise or self.secagg.enabled,
+            not self.dp.distributed or self.secagg.enabled,
             "dp.noise-mode",
-            '"distributed" needs secagg.enabled = true: unmasked, the server would see each '
-            'update with only its share of the noise (use "central", which trusts the server)',
+            f'"{self.dp.noise_mode}" needs secagg.enabled = true: unmasked, the server would see '
+            'each update with only its share of the noise (use "central", which trusts the '
+            "server)",
         )
         _require(
             self.personalization.update == "change" or not self.dp.local_enabled,
@@ -578,6 +595,20 @@ class RunConfig:
             self.strategy in STRATEGIES,
             "personalization.strategy",
             f"must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}",
+        )
+
+    def _check_canary_clients(self) -> None:
+        """The audit's canary clients are hosted simulation clients, beside >= 2 users."""
+        k = self.audit.canary_clients
+        _require(
+            k == 0 or self.users_per_node > 1,
+            "audit.canary-clients",
+            "needs simulation.users-per-node > 1 (canary clients are hosted by simulation nodes)",
+        )
+        _require(
+            k == 0 or k < self.data.num_users - 1,
+            "audit.canary-clients",
+            "must leave at least 2 of data.num-users with data",
         )
 
     def m_min(self, num_nodes: int) -> int:

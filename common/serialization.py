@@ -178,6 +178,7 @@ def build_outbound_record(
     allowed_metrics: frozenset[str],
     legacy: str | None = None,
     ab_vector: np.ndarray | None = None,
+    discrete: np.ndarray | None = None,
 ) -> RecordDict:
     """Build the only record a device sends to the server.
 
@@ -192,7 +193,11 @@ def build_outbound_record(
             legacy workflow (the SecAgg+ path), whose arrays are an unnamed list in
             ``shared_names`` order.
         ab_vector: ``fitres`` only: the scaled A/B counts (``common/ab.py``), appended after
-            the shared tensors so that SecAgg+ sums them with the update.
+            the shared tensors so that SecAgg+ sums them with the update (``skellam`` mode:
+            the counts themselves, as integers).
+        discrete: ``fitres`` only, ``skellam`` mode: the update encoded as integers
+            (:mod:`common.dp.discrete`), sent in place of the tensors (``shared`` is then
+            empty); float64, which holds them exactly, for SecAgg+'s identity quantizer.
 
     Raises:
         ValueError: If a non-shared tensor or a non-allowed metric would leave the device.
@@ -211,12 +216,18 @@ def build_outbound_record(
     num_examples = int(metrics.get(NUM_EXAMPLES_KEY, 0))
     scalars = {k: v for k, v in metrics.items() if k != NUM_EXAMPLES_KEY}
     status = Status(code=Code.OK, message="declined" if scalars.get("declined") else "ok")
+    if discrete is not None and (legacy != "fitres" or shared):
+        raise ValueError("an encoded update leaves only in a SecAgg+ fitres, without tensors")
     if legacy == "fitres":
-        arrays = [shared[n].detach().to("cpu", torch.float32).numpy() for n in shared_names]
+        dtype = np.float32 if discrete is None else np.float64
+        if discrete is None:
+            arrays = [shared[n].detach().to("cpu", torch.float32).numpy() for n in shared_names]
+        else:
+            arrays = [np.asarray(discrete, dtype=np.float64).reshape(-1)]
         if ab_vector is not None:
             if ab_vector.shape != (ab.FIELDS,):
                 raise ValueError(f"A/B vector must have shape ({ab.FIELDS},)")
-            arrays.append(np.asarray(ab_vector, dtype=np.float32))
+            arrays.append(np.asarray(ab_vector, dtype=dtype))
         res = FitRes(status, ndarrays_to_parameters(arrays), num_examples, scalars)
         return compat.fitres_to_recorddict(res, keep_input=False)
     if legacy == "evaluateres":

@@ -60,6 +60,14 @@ def per_user_rows(
     return rows
 
 
+def user_labels(cfg: RunConfig, partitions: list[int]) -> list[str]:
+    """The users simulated partitions ``0, 1, …`` play (enough for ``partitions``); the
+    audit's canary clients, the last ``audit.canary-clients`` partitions, play none."""
+    n_data = cfg.data.num_users - cfg.audit.canary_clients
+    count = max(n_data, max(partitions, default=-1) + 1)
+    return [u.user for u in simulation_users(cfg.data, seed=cfg.seed, count=count)]
+
+
 def win_rate(rows: list[dict[str, Any]]) -> float:
     """Share of users whose personal model has lower held-out loss than the global one."""
     return metrics.win_rate([r["personal_loss"] for r in rows], [r["global_loss"] for r in rows])
@@ -234,9 +242,7 @@ def write_outputs(progress: Progress, timings: dict[str, float]) -> dict:
         base_model=str(model_dir(cfg.model.name)),
         note={"kind": "global", "strategy": cfg.strategy, "what": strategy.cold_start},
     )
-    partitions = [k for k in recorder.clients if isinstance(k, int)]
-    n_users = max(cfg.data.num_users, max(partitions, default=-1) + 1)
-    users = [u.user for u in simulation_users(cfg.data, seed=cfg.seed, count=n_users)]
+    users = user_labels(cfg, [k for k in recorder.clients if isinstance(k, int)])
     summary = write_summary(
         run_dir,
         cfg=cfg,
@@ -252,6 +258,11 @@ def write_outputs(progress: Progress, timings: dict[str, float]) -> dict:
             num_params=int(sum(np.size(a) for a in current.values())),
             round_updates=tuple(
                 int(r.get("updates", 0)) for r in recorder.rounds if r.get("released")
+            ),
+            discrete=(
+                plan.privatize.discrete_params(int(sum(np.size(a) for a in current.values())))
+                if plan.privatize.discrete
+                else None
             ),
         ),
         ab_test=ab.summarize(recorder.ab_rounds, secure=cfg.secagg.enabled)

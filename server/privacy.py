@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from common.config import RunConfig
+from common.dp.discrete import DiscreteParams
 from common.dp.privatize import NOISE_TAIL_SIGMAS
 
 
@@ -35,12 +36,13 @@ def privacy_report(  # type: ignore[no-untyped-def]
     acc,
     num_params: int = 0,
     round_updates: tuple[int, ...] = (),
+    discrete: DiscreteParams | None = None,
 ) -> dict:
     """What the printed ε means and what it assumes.
 
     ``num_params`` (entries of the shared update) and ``round_updates`` (updates in each
     released round) size the effective δ under SecAgg+ clipping
-    (:func:`secagg_clip_probability`).
+    (:func:`secagg_clip_probability`). ``discrete``: ``skellam`` mode's derived parameters.
     """
     dp = cfg.dp
     if not dp.adds_noise:
@@ -64,6 +66,8 @@ def privacy_report(  # type: ignore[no-untyped-def]
             "assumes": _assumes(cfg, m_min, sample_rate),
             **_guarantee(cfg, num_params, round_updates),
         }
+        if discrete is not None:
+            user.update(_skellam(discrete))
     return {
         "user_level": user,
         "record_level": {
@@ -79,12 +83,40 @@ def privacy_report(  # type: ignore[no-untyped-def]
     }
 
 
+def _skellam(params: DiscreteParams) -> dict[str, Any]:
+    """``skellam`` mode: which guarantee holds, and the derived encoding it holds for."""
+    return {
+        "guarantee": "exact for what the server unmasks: the sum of the devices' rotated, "
+        "scaled, stochastically rounded updates plus their Skellam shares, analysed together "
+        "(Agarwal, Kairouz, Liu 2021, RDP with the rounding's inflated sensitivities; "
+        "Poisson subsampling by Zhu & Wang's general bound); the modulo-2^b reduction is "
+        "post-processing",
+        "epsilon_prv_note": "no PRV analysis of the Skellam mechanism here: epsilon_prv is the "
+        "RDP ε",
+        "discrete": {
+            "rotation_length": params.d,
+            "bits": params.bits,
+            "scale": params.scale,
+            "l2_sensitivity_over_clip": params.l2_sensitivity / params.clip_norm,
+            "max_contributions": params.max_contributions,
+            "wrap_probability_per_round": params.wrap_probability,
+            "wrap_note": "a wrap-around corrupts that round's mean (utility), never the "
+            "guarantee: the bound is printed for each run",
+        },
+    }
+
+
 def _assumes(cfg: RunConfig, m_min: int, sample_rate: float) -> str:
     """Whom the user-level ε trusts and which sampling its amplification assumes."""
+    share = (
+        "its share of Skellam noise as integers inside SecAgg+"
+        if cfg.dp.discrete
+        else "N(0, (σC)²/m_min) before SecAgg+"
+    )
     trust = (
         f"at least m_min={m_min} of each round's participants are honest (each adds "
-        f"N(0, (σC)²/m_min) before SecAgg+); the server never sees a noise-free sum"
-        if cfg.dp.noise_mode == "distributed"
+        f"{share}); the server never sees a noise-free sum"
+        if cfg.dp.distributed
         else "a trusted server (it adds the noise after unmasking the sum)"
     )
     sampling = (
@@ -103,10 +135,10 @@ def _assumes(cfg: RunConfig, m_min: int, sample_rate: float) -> str:
 
 def _guarantee(cfg: RunConfig, num_params: int, round_updates: tuple[int, ...]) -> dict[str, Any]:
     """The neighbouring relation, the trust model and the effective δ of the user-level ε."""
-    distributed = cfg.dp.noise_mode == "distributed"
+    distributed = cfg.dp.distributed
     clipped = (
         sum(secagg_clip_probability(updates=u, num_params=num_params) for u in round_updates)
-        if distributed and cfg.secagg.enabled
+        if distributed and cfg.secagg.enabled and not cfg.dp.discrete
         else 0.0
     )
     return {
@@ -127,5 +159,6 @@ def _guarantee(cfg: RunConfig, num_params: int, round_updates: tuple[int, ...]) 
         "coordinate in a released round (union bound over devices and entries: "
         f"{clipped:.2g})"
         if clipped
-        else "δ: no SecAgg+ quantization clips the noised updates",
+        else "δ: no SecAgg+ quantization clips the noised updates"
+        + (" (skellam: SecAgg+ carries the devices' integers exactly)" if cfg.dp.discrete else ""),
     }

@@ -64,6 +64,14 @@ class Plan:
     min_nodes: int
     privatize: Privatize
 
+    @property
+    def rounding(self) -> tuple[float, float, float] | None:
+        """``skellam`` mode: the rounding the accountant charges with (``None`` otherwise)."""
+        if not self.privatize.discrete:
+            return None
+        dim = sum(self.init[n].numel() for n in self.shared_names)
+        return self.privatize.discrete_params(dim).charge
+
 
 def plan_run(cfg: RunConfig, run_id: int, grid: Grid) -> Plan:
     """Shapes (never the base model's weights), m_min, sampling and noise of a run."""
@@ -167,6 +175,7 @@ def start(plan: Plan, t0: float) -> Progress:
             noise_multiplier=cfg.dp.noise_multiplier,
             sample_rate=plan.sample_rate,
             delta=cfg.privacy.delta,
+            rounding=plan.rounding,
         )
         if cfg.dp.adds_noise
         else None

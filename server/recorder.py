@@ -35,9 +35,10 @@ def users_in(row: dict[str, Any]) -> int:
 
 def expand_hosted(row: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per user: a simulation node hosting several users reports each one's metrics
-    as ``<metric>#<i>`` (see ``common.serialization.HOSTED_SEP``)."""
+    as ``<metric>#<i>`` (see ``common.serialization.HOSTED_SEP``). A node that hosts only the
+    audit's canary clients evaluates no one: no row."""
     if not any(HOSTED_SEP in k for k in row):
-        return [row]
+        return [row] if "personal_loss" in row else []
     users: dict[str, dict[str, Any]] = {}
     shared = {k: v for k, v in row.items() if HOSTED_SEP not in k}
     for key, value in row.items():

@@ -46,6 +46,8 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
 from common import ab
+from common.dp import discrete
+from common.dp.discrete import DiscreteParams
 from common.sampling import fixed_sample, poisson_sample
 from common.secagg import SecAggParams, quantization_range_for
 from server.recorder import users_in
@@ -111,16 +113,24 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
         shapes: Shapes of the vector each device sums (shared tensors, then the A/B
             counts when they ride along); ``None`` skips the masked-vector check.
         min_masked: The fewest masked vectors a sum may be unmasked from (m_min nodes).
+        fixed_range: Keep the quantization range as given (``skellam`` mode: it is the
+            identity on the devices' integers) instead of sizing it for each round's cohort.
         **kwargs: ``SecAggPlusWorkflow`` arguments.
     """
 
     def __init__(
-        self, *, shapes: list[tuple[int, ...]] | None = None, min_masked: int = 2, **kwargs
+        self,
+        *,
+        shapes: list[tuple[int, ...]] | None = None,
+        min_masked: int = 2,
+        fixed_range: bool = False,
+        **kwargs,
     ) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**kwargs)
         # SecAgg+ puts the quantized weight factor first.
         self.masked_shapes = [(1,), *shapes] if shapes is not None else None
         self.min_masked = min_masked
+        self.fixed_range = fixed_range
         self._planned_quantization_range = self.quantization_range
 
     def __call__(self, grid, context) -> None:  # type: ignore[no-untyped-def]
@@ -147,7 +157,11 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def setup_stage(self, grid, context, state: WorkflowState) -> bool:  # type: ignore[no-untyped-def]
         """Flower's stage, with the quantization range sized for the cohort actually sampled
-        (never above the planned one): more nodes than planned must not wrap the modulus."""
+        (never above the planned one): more nodes than planned must not wrap the modulus.
+        A fixed range (``skellam`` mode) stays as it is: its bit width was derived for the
+        largest sum the federation can hold."""
+        if self.fixed_range:
+            return super().setup_stage(grid, context, state)
         strategy = context.strategy
         configure = strategy.configure_fit
         planned = self._planned_quantization_range
@@ -207,12 +221,15 @@ def secagg_workflow(
     min_masked: int,
     evaluate: bool = True,
     shapes: list[tuple[int, ...]] | None = None,
+    fixed_range: bool = False,
 ) -> DefaultWorkflow:
     """Flower's ``DefaultWorkflow`` whose fit rounds run :class:`RobustSecAggPlusWorkflow`
-    (``shapes``: what each masked vector must hold; ``min_masked``: see there)."""
+    (``shapes``: what each masked vector must hold; ``min_masked``, ``fixed_range``: see
+    there)."""
     fit = RobustSecAggPlusWorkflow(
         shapes=shapes,
         min_masked=min_masked,
+        fixed_range=fixed_range,
         num_shares=params.num_shares,
         reconstruction_threshold=params.reconstruction_threshold,
         max_weight=params.max_weight,
@@ -236,7 +253,12 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
         shared_names: Shared tensor names, in the order arrays travel.
         initial: Initial global shared tensors (numpy, in ``shared_names`` order).
         min_nodes: Nodes to wait for before sampling.
-        ab_scale: Scale of the A/B counts appended to the update (``None``: not appended).
+        ab_scale: Scale of the A/B counts appended to the update (``None``: not appended,
+            or, with ``discrete``, appended as integers).
+        discrete: ``skellam`` mode's parameters: devices send their updates as integers
+            (:mod:`common.dp.discrete`), which the strategy decodes from the unmasked sum;
+            ``None``: devices send real numbers.
+        run_id: The run whose rounds seed the rotation (``skellam`` mode).
     """
 
     assemble_wait = 3600.0  # s for the federation to assemble before round 1
@@ -250,8 +272,12 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
         initial: list[np.ndarray],
         min_nodes: int,
         ab_scale: float | None = None,
+        discrete: DiscreteParams | None = None,
+        run_id: int | str = "",
     ) -> None:
         super().__init__()
+        self.discrete = discrete
+        self.run_id = run_id
         self._adopt(options)
         self.fraction_train = options.fraction_train
         self.fraction_evaluate = options.fraction_evaluate
@@ -299,7 +325,10 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
         server_round += self.round_offset
         if self._stopping(server_round):
             return []
-        fit_ins = FitIns(parameters, {"server-round": server_round})
+        config: dict[str, Scalar] = {"server-round": server_round}
+        if self.discrete is not None:  # what devices check against their own derivation
+            config.update(discrete.offer(self.discrete, self._seed(server_round)))
+        fit_ins = FitIns(parameters, config)
         clients = self._sample(
             client_manager, self.fraction_train, poisson=self.sampling == "poisson"
         )
@@ -332,15 +361,15 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
         # Stragglers and dropouts: sampled but neither a result nor a reported failure.
         lost = max(0, self.sampled.get(server_round, 0) - len(results) - len(failures))
         mean = parameters_to_ndarrays(results[0][1].parameters) if results else []
-        ab_mean = None
-        if self.ab_scale and len(mean) == len(self.current) + 1:
-            # The A/B counts rode along, scaled; the mean over the m participants × m × scale
-            # is the federation-wide sum (the only thing SecAgg+ reveals).
-            ab_mean, mean = mean[-1], mean[:-1]
         names = self.shared_names
         counts = None
-        if ab_mean is not None and self.ab_scale:
-            counts = ab.from_masked(ab_mean, users=m, ab_scale=self.ab_scale)
+        if self.discrete is not None:
+            mean, counts = self._decoded(server_round, mean, results, users=m)
+        elif self.ab_scale and len(mean) == len(self.current) + 1:
+            # The A/B counts rode along, scaled; the mean over the m participants × m × scale
+            # is the federation-wide sum (the only thing SecAgg+ reveals).
+            counts = ab.from_masked(mean[-1], users=m, ab_scale=self.ab_scale)
+            mean = mean[:-1]
         released = self.release.apply(
             server_round,
             dict(zip(names, self.current, strict=True)),
@@ -354,6 +383,38 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
             return None, {}
         self.current = [released[n] for n in names]
         return ndarrays_to_parameters(self.current), {}
+
+    def _seed(self, server_round: int) -> int:
+        """The rotation's public seed for ``server_round`` of this run."""
+        return discrete.round_seed(self.run_id, server_round)
+
+    def _decoded(
+        self,
+        server_round: int,
+        unmasked: list[np.ndarray],
+        results: list[tuple[ClientProxy, FitRes]],
+        *,
+        users: int,
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """``skellam`` mode: the mean update over the ``users`` participants (shared tensors
+        in order) and the A/B counts, from Flower's weighted mean of the integer vectors.
+        Nothing (an empty list) when no device sent a vector."""
+        params = self.discrete
+        assert params is not None
+        weight = sum(res.num_examples for _, res in results)
+        finite = all(np.all(np.isfinite(a)) for a in unmasked)
+        if not unmasked or weight <= 0 or users <= 0 or not finite:
+            return [], None  # nothing to release (the round is discarded)
+        total = discrete.unmasked_sum(unmasked[0], weight, params.bits)
+        flat = discrete.decode(total, params, self._seed(server_round)) / users
+        mean, offset = [], 0
+        for arr in self.current:
+            mean.append(flat[offset : offset + arr.size].reshape(arr.shape).astype(np.float32))
+            offset += arr.size
+        counts = None
+        if self.ab_scale is not None and len(unmasked) == 2:  # integer counts, summed
+            counts = discrete.unmasked_sum(unmasked[1], weight, params.bits).astype(np.float64)
+        return mean, counts
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -35,14 +35,31 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
     plan, cfg = progress.plan, progress.plan.cfg
     names = plan.shared_names
     with_ab = bool(cfg.ab.interactions)
+    privatize = plan.privatize
+    dim = sum(plan.init[n].numel() for n in names)
+    coded = privatize.discrete_params(dim) if privatize.discrete else None
+    if coded is not None and with_ab:
+        ab.check_integer_headroom(cfg.ab.interactions, privatize.max_contributions, coded.bits)
     params = derive_secagg_params(
-        plan.privatize,
+        privatize,
         num_clients=max(2, plan.num_hosts if plan.hosts else plan.max_cohort),
-        max_weight=float(cfg.users_per_node),
-        num_params=sum(plan.init[n].numel() for n in names) + (ab.FIELDS if with_ab else 0),
+        # skellam: every node sends weight 1 (SecAgg+'s quantizer is then the identity)
+        max_weight=1.0 if coded is not None else float(cfg.users_per_node),
+        num_params=dim + (ab.FIELDS if with_ab and coded is None else 0),
         num_shares=cfg.secagg.num_shares,
         reconstruction_threshold=cfg.secagg.reconstruction_threshold,
     )
+    if coded is not None:
+        log(
+            INFO,
+            "fedpersona: skellam noise in SecAgg+'s integers: %s numbers rotated in %s, "
+            "%s bits, scale %.4g, wrap-around probability per round <= %.2g",
+            dim,
+            coded.d,
+            coded.bits,
+            coded.scale,
+            coded.wrap_probability,
+        )
 
     def round_end(server_round: int) -> None:
         progress.current.update(zip(names, legacy.current, strict=True))
@@ -54,6 +71,8 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
         initial=[progress.current[n] for n in names],
         min_nodes=plan.min_nodes,
         ab_scale=ab.scale(cfg.ab.interactions, plan.privatize.clip_norm) if with_ab else None,
+        discrete=coded,
+        run_id=context.run_id,
     )
     legacy.stopped_at = progress.stopped_at
     workflow = secagg_workflow(
@@ -61,7 +80,9 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
         timeout=cfg.secagg.timeout,
         # m_min users; a simulation node hosting k users carries up to k of them
         min_masked=max(1, math.ceil(plan.m_min / cfg.users_per_node)),
-        shapes=[plan.shapes[n] for n in names] + ([(ab.FIELDS,)] if with_ab else []),
+        shapes=([plan.shapes[n] for n in names] if coded is None else [(coded.d,)])
+        + ([(ab.FIELDS,)] if with_ab else []),
+        fixed_range=coded is not None,
     )
     workflow(
         grid,

@@ -252,25 +252,70 @@ def privacy_noise(
     target_epsilon: Annotated[float, typer.Option(help="User-level ε to stay under")] = 1.0,
     delta: Annotated[float, typer.Option(help="δ")] = 1e-5,
     accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
+    noise_mode: Annotated[
+        str, typer.Option(help="distributed (Gaussian) | skellam (integers in SecAgg+)")
+    ] = "distributed",
+    numbers: Annotated[
+        int, typer.Option(help="skellam: numbers in the shared update (population: 3072)")
+    ] = 3072,
+    min_clients: Annotated[
+        int, typer.Option(help="skellam: m_min, the noise shares a sum holds (0: per-round)")
+    ] = 0,
+    clip_norm: Annotated[float, typer.Option(help="skellam: dp.clip-norm C")] = 0.05,
 ) -> None:
     """Print the noise multiplier σ that DP-FedAvg needs for a target user-level ε.
 
     This is the physical limit: below this σ no training schedule meets the target. The
-    noise on the averaged update is σC/m, so a small federation pays in utility.
+    noise on the averaged update is σC/m, so a small federation pays in utility. In
+    ``skellam`` mode the σ also pays for the rounding and for the general subsampling bound
+    (the encoding is derived from C, σ, m_min, the population and the update's length).
     """
     from common.dp.accounting import epsilon, noise_for_target
 
     if not 0 < per_round <= population:
         raise typer.BadParameter("need 0 < per-round <= population")
+    if noise_mode not in ("distributed", "skellam"):
+        raise typer.BadParameter("--noise-mode must be distributed or skellam")
     q = per_round / population
+    rounding = None
+    if noise_mode == "skellam":
+        rounding = _skellam_rounding(
+            population, min_clients or per_round, numbers=numbers, clip_norm=clip_norm
+        )
     sigma = noise_for_target(
         target_epsilon=target_epsilon,
         delta=delta,
         sample_rate=q,
         steps=rounds,
         accountant=accountant,
+        rounding=rounding,
     )
-    eps = epsilon([(sigma, q, rounds)], delta=delta, accountant=accountant)
+    entry = (sigma, q, rounds) if rounding is None else (sigma, q, rounds, rounding(sigma))
+    eps = epsilon([entry], delta=delta, accountant=accountant)
+    _print_noise(population, per_round, rounds, target_epsilon, delta, sigma, eps)
+    console.print(
+        f"assumes uniform sampling of {per_round}/{population} users per round ({accountant} "
+        "accountant); a device that cannot verify the sampling charges q = 1 per round it joins."
+        + (
+            " skellam: RDP of the distributed Skellam mechanism with its rounding, Zhu & Wang's "
+            "general Poisson-subsampling bound"
+            if rounding is not None
+            else ""
+        )
+    )
+
+
+def _print_noise(  # noqa: PLR0913
+    population: int,
+    per_round: int,
+    rounds: int,
+    target_epsilon: float,
+    delta: float,
+    sigma: float,
+    eps: float,
+) -> None:
+    """The noise table of ``fedpersona privacy noise``."""
+    q = per_round / population
     table = Table(title="DP-FedAvg noise for a user-level budget")
     for col in (
         "population",
@@ -296,10 +341,21 @@ def privacy_noise(
         f"{sigma / per_round:.4f}",
     )
     console.print(table)
-    console.print(
-        f"assumes uniform sampling of {per_round}/{population} users per round ({accountant} "
-        "accountant); a device that cannot verify the sampling charges q = 1 per round it joins."
-    )
+
+
+def _skellam_rounding(population: int, m_min: int, *, numbers: int, clip_norm: float):  # type: ignore[no-untyped-def]
+    """σ -> the rounding a skellam round's charge carries, as a federation of ``population``
+    users with noise shares sized for ``m_min`` derives it."""
+    import math
+
+    from common.dp.privatize import Privatize
+
+    def rounding(sigma: float) -> tuple[float, float, float]:
+        share = sigma * clip_norm / math.sqrt(m_min)
+        privatize = Privatize(clip_norm, share, max_contributions=population)
+        return privatize.discrete_params(numbers).charge
+
+    return rounding
 
 
 def main() -> None:

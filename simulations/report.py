@@ -185,6 +185,10 @@ def _facts(summary: dict[str, Any], ev: dict[str, Any]) -> list[str]:
         f"style chance level {ev['generation']['style_chance']:.3f}",
         f"privacy: {summary['privacy'].get('user_level', {}).get('assumes', '')}",
     ]
+    if summary.get("client_audit"):  # the user-level audit, beside the accountant's ε
+        from simulations.client_audit import describe
+
+        facts.append(describe(summary["client_audit"]))
     if ev.get("canaries"):
         c = ev["canaries"]
         facts.append(

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from common.config import parse_run_config
+from common.config import RunConfig, parse_run_config
 from common.flower_env import flower_env
 from common.supervise import free_port
 from simulations.corpora import corpus_federation, scaled_min_clients
@@ -224,13 +224,27 @@ def simulate(
     summary = run_dir / "summary.json"
     if not summary.exists():
         raise RuntimeError(f"the run wrote no summary; see {run_dir / 'flwr.log'}")
+    _after_run(run_dir, cfg, cold_start_users, on_line)
+    return run_dir
+
+
+def _after_run(
+    run_dir: Path, cfg: RunConfig, cold_start_users: int, on_line: Callable[[str], None] | None
+) -> None:
+    """What the simulation measures once the federation is done: the users who never joined
+    on the released model, and the user-level audit when the run has canary clients."""
     if cold_start_users:
         from simulations.cold_start import add_to_summary
 
         if on_line:
             on_line(f"fedpersona: evaluating {cold_start_users} users who never joined")
         add_to_summary(run_dir, cold_start_users)
-    return run_dir
+    if cfg.audit.canary_clients:
+        from simulations import client_audit
+
+        result = client_audit.add_to_summary(run_dir)
+        if on_line:
+            on_line(f"fedpersona: {client_audit.describe(result)}")
 
 
 # Where the Flower commands are: this interpreter's bin, even when the venv is not activated.

@@ -113,14 +113,18 @@ def secagg_device_round(
     drop: dict[str, set[int]] | None = None,
     min_masked: int | None = None,
     params_override: dict[str, Any] | None = None,
+    offer_override: dict[str, Any] | None = None,
+    server_run_id: int = 1,
 ) -> tuple[InProcessGrid, Any]:
     """One SecAgg+ round of fedpersona's real ClientApp on ``nodes`` (run config ``raw``),
     through Flower's workflow as the ServerApp builds it: quantization derived for all the
     nodes, noise shares sized by ``dp.min-clients`` (else all of them), and a strategy that
     releases at least ``min_updates`` and unmasks a sum of at least ``min_masked`` (default
     ``min_updates``). ``params_override`` replaces SecAgg+ parameters (a server that bends
-    them). Returns the grid (what was delivered and received) and the strategy (its recorder,
-    its current model)."""
+    them). In ``skellam`` mode the server derives the integer encoding as the ServerApp does;
+    ``offer_override`` replaces fields of it and ``server_run_id`` seeds its rotation (a server
+    that publishes other parameters than the devices derive). Returns the grid (what was
+    delivered and received) and the strategy (its recorder, its current model)."""
     from dataclasses import replace
 
     import numpy as np
@@ -140,10 +144,13 @@ def secagg_device_round(
     rt = get_runtime(cfg)
     n = len(nodes)
     grid = InProcessGrid(fedpersona_app, nodes, run_config=raw, drop=drop)
+    privatize = Privatize.of(cfg, n)
+    dim = sum(int(np.prod(rt.shapes[name])) for name in rt.shared_names)
+    coded = privatize.discrete_params(dim) if privatize.discrete else None
     params = derive_secagg_params(
-        Privatize.of(cfg, n),
+        privatize,
         num_clients=n,
-        num_params=sum(int(np.prod(rt.shapes[name])) for name in rt.shared_names) + ab.FIELDS,
+        num_params=dim + (0 if coded else ab.FIELDS),
         num_shares=1.0,
         reconstruction_threshold=threshold,
     )
@@ -154,10 +161,13 @@ def secagg_device_round(
         initial=[rt.init[name].numpy() for name in rt.shared_names],
         min_nodes=n,
         ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
+        discrete=replace(coded, **(offer_override or {})) if coded else None,
+        run_id=server_run_id,
     )
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     masked = min_updates if min_masked is None else min_masked
-    secagg_workflow(params, timeout=30, min_masked=masked, evaluate=False)(
-        grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy)
+    workflow = secagg_workflow(
+        params, timeout=30, min_masked=masked, evaluate=False, fixed_range=coded is not None
     )
+    workflow(grid, LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy))
     return grid, strategy

@@ -464,25 +464,26 @@ def test_the_mix_weight_keeps_the_prior_unless_the_evidence_says_otherwise() -> 
     assert pick_mix_weight(_losses_by_weight(shifted({})), prior=0.5) == 0.5
     assert pick_mix_weight(_losses_by_weight(shifted({})), prior=0.0) == 0.0
     # The prior raises every example's loss: the local-only model is served.
-    hurts = shifted({0.5: 0.05, 1.0: 0.1, 2.0: 0.2, 4.0: 0.4})
+    hurts = shifted({0.5: 0.05, 1.0: 0.1, 2.0: 0.2})
     assert pick_mix_weight(_losses_by_weight(hurts), prior=0.5) == 0.0
     # A prior taken too far for this user steps down to the largest weight that still helps.
-    too_far = shifted({0.5: -0.03, 1.0: -0.04, 2.0: 0.3, 4.0: 0.8})
+    too_far = shifted({0.5: -0.03, 1.0: -0.04, 2.0: 0.3})
     assert pick_mix_weight(_losses_by_weight(too_far), prior=2.0) == 1.0
     assert pick_mix_weight(_losses_by_weight(hurts), prior=2.0) == 0.0
     # A small, noisy gain keeps the prior; a consistent larger gain takes the larger weight.
     noisy = shifted({1.0: -0.01}, jitter=0.05)
     assert pick_mix_weight(_losses_by_weight(noisy), prior=0.5) == 0.5
-    helps = shifted({0.5: -0.01, 1.0: -0.02, 2.0: -0.05, 4.0: -0.03})
-    assert pick_mix_weight(_losses_by_weight(helps), prior=0.5) == 2.0
+    helps = shifted({0.5: -0.01, 1.0: -0.04, 2.0: -0.03})
+    assert pick_mix_weight(_losses_by_weight(helps), prior=0.5) == 1.0
+    assert max(MIX_WEIGHTS) == 2.0  # weight 4 left users worse off (blend.MIX_WEIGHTS)
     # One example is no evidence: the local-only model. Two that agree on a gain of 5 standard
     # errors are not evidence either (a t of 5 at one degree of freedom is p ~ 0.06); six that
     # agree as well are.
     assert pick_mix_weight(lambda w: [3.0 - w], prior=0.5) == 0.0
-    two = {w: [3.0, 3.2] for w in MIX_WEIGHTS} | {4.0: [2.9, 3.05]}
+    two = {w: [3.0, 3.2] for w in MIX_WEIGHTS} | {2.0: [2.9, 3.05]}
     assert pick_mix_weight(_losses_by_weight(two), prior=0.5) == 0.5
-    six = {w: [3.0, 3.2] * 3 for w in MIX_WEIGHTS} | {4.0: [2.9, 3.05] * 3}
-    assert pick_mix_weight(_losses_by_weight(six), prior=0.5) == 4.0
+    six = {w: [3.0, 3.2] * 3 for w in MIX_WEIGHTS} | {2.0: [2.9, 3.05] * 3}
+    assert pick_mix_weight(_losses_by_weight(six), prior=0.5) == 2.0
     # The prior is earned: a global adapter no better than the base model on these examples
     # (a small federation's noise) gets weight 0 unless a weight shows a gain with evidence.
     base = [4.0] * len(alone)
@@ -502,7 +503,7 @@ def test_the_mix_weight_keeps_the_prior_unless_the_evidence_says_otherwise() -> 
         pick_mix_weight(
             _losses_by_weight(helps), prior=0.5, base=base, global_alone=[4.1] * len(alone)
         )
-        == 2.0
+        == 1.0
     )
 
 
@@ -588,3 +589,14 @@ def test_a_paused_device_declines_charging_nothing_until_resumed(tmp_path) -> No
         sent = device.state.meta.history[-1]["sent"]
         assert {t["name"] for t in sent["tensors"]} == set(g)
         assert sent["bytes"] == sum(4 * t.numel() for t in g.values())
+
+
+def test_the_mix_weight_replay_weights_losses_by_reply_tokens_as_the_summary_does() -> None:
+    from simulations.mix_weights import mean_loss, shares
+
+    # Per example the two weights tie (2.0 each); per reply token the local-only model wins.
+    half = {"0.0": [1.0, 3.0], "1.0": [2.0, 2.0], "tokens": [3, 1]}
+    assert mean_loss(half, 0.0) == 1.5 and mean_loss(half, "1.0") == 2.0
+    assert shares([{"test": half}], [1.0]) == (0.0, 0.0)
+    older = {k: v for k, v in half.items() if k != "tokens"}  # files kept before the tokens
+    assert mean_loss(older, 0.0) == mean_loss(older, 1.0) == 2.0

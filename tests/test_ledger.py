@@ -110,7 +110,7 @@ def test_saved_epsilon_is_the_accountants_and_v1_ledgers_still_load(tmp_path) ->
 
     # Assert: the stored ε is Opacus' for exactly these events, and a v1 ledger (events
     # without their run) recomputes it.
-    assert state["version"] == 3
+    assert state["version"] == 4
     assert {e["run"] for e in v1.events} == {""}
     assert state["epsilon"]["user"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
     assert loaded.summary() == ledger.summary()

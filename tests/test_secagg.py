@@ -329,3 +329,74 @@ def test_simulation_nodes_hosting_users_aggregate_per_user(tmp_path) -> None:
     rows = expand_hosted(dict(reply.content["metrics"]))
     assert [int(r["partition_id"]) for r in rows] == [3, 4, 5]
     assert all("personal_loss" in r and "local_only_loss" in r for r in rows)
+
+
+def test_canary_clients_ride_in_the_sum_along_their_directions(tmp_path) -> None:
+    # Prepare: 4 users on one simulation node, 4 canary clients on another, every client in
+    # the round (q = 1), no noise: the released sum moves by C along each canary that took
+    # part, and the round's training loss is the users' alone.
+    from client.client_app import evaluate as client_evaluate
+    from common import audit
+    from common.serialization import to_arrayrecord
+    from server.recorder import expand_hosted
+    from tests.conftest import make_context, make_message
+
+    raw = tiny_run_config(
+        **{
+            "data.num-users": 8,
+            "audit.canary-clients": 4,
+            "simulation.users-per-node": 4,
+            "sampling": "poisson",
+            "fraction-train": 1.0,
+            "dp.noise-mode": "none",
+            "dp.min-clients": 3,
+            "train.local-steps": 1,
+            "ab.interactions": 0,
+            "simulation.device-root": str(tmp_path / "hosted"),
+        }
+    )
+    cfg = parse_run_config(raw)
+    rt = get_runtime(cfg)
+    names = rt.shared_names
+    nodes = {nid: {"partition-id": nid - 1, "num-partitions": 2} for nid in (1, 2)}
+    params = derive_secagg_params(
+        Privatize(cfg.dp.clip_norm, 0.0),
+        num_clients=2,
+        num_params=sum(int(np.prod(rt.shapes[n])) for n in names),
+        num_shares=1.0,
+        reconstruction_threshold=0.6,
+        max_weight=4.0,
+    )
+    strategy = SecAggDPStrategy(
+        RoundOptions(recorder=RoundRecorder(None), min_updates=3),
+        shared_names=names,
+        initial=[rt.init[n].numpy() for n in names],
+        min_nodes=2,
+    )
+    grid = InProcessGrid(fedpersona_app, nodes, run_config=raw)
+
+    # Execute: one round; each node's evaluation.
+    _run_round(grid, strategy, params, min_masked=2)
+    replies = [
+        client_evaluate(
+            make_message(to_arrayrecord({n: rt.init[n] for n in names}), "evaluate"),
+            make_context(raw, nodes[nid]),
+        )
+        for nid in (1, 2)
+    ]
+
+    # Assert: the canaries that took part moved the sum by C along their directions, the
+    # others not at all (beyond the users' chance projections); the loss is the users' (a
+    # random tiny model: about ln of its vocabulary); only the four users are evaluated.
+    record = strategy.recorder._train[1]
+    included = audit.clients_included(cfg)
+    m = record["updates"]
+    assert m == 4 + sum(included) and 0 < sum(included) < 4
+    assert record["train_loss"] > 10.0
+    mean = {n: strategy.current[i] - rt.init[n].numpy() for i, n in enumerate(names)}
+    scores = audit.client_scores(cfg, {1: (m, mean)})
+    c = cfg.dp.clip_norm
+    for took_part, score in zip(included, scores, strict=True):
+        assert abs(score - (c if took_part else 0.0)) < 0.5 * c
+    rows = [r for reply in replies for r in expand_hosted(dict(reply.content["metrics"]))]
+    assert sorted(int(r["partition_id"]) for r in rows) == [0, 1, 2, 3]

@@ -57,6 +57,7 @@ from client.store.state import (
 from common import ab
 from common.config import RunConfig
 from common.data import Encoded, Sample, encode
+from common.dp.discrete import DiscreteParams, offer_problem, round_seed
 from common.dp.privatize import Privatize, uniform_weights
 from common.lora import (
     get_lora_tensors,
@@ -118,12 +119,19 @@ class TrainResult:
         metrics: Scalar metrics allowed to leave the device.
         declined: The ledger refused this round; nothing was trained or spent.
         ab: The round's A/B counts ``[n, Σr, Σr²]`` per arm (``common/ab.py``), or ``None``.
+        encoded: ``skellam`` mode: the update as the integers SecAgg+ masks (rotated, scaled,
+            rounded, with the device's noise share; :mod:`common.dp.discrete`), and
+            ``update`` is empty; ``None`` when declined or in another mode.
+        canary: A canary client of the privacy audit sent it (:mod:`client.federation.canary`),
+            not a user: it counts in the sum, not in the users' training metrics.
     """
 
     update: dict[str, torch.Tensor]
     metrics: dict[str, float | int]
     declined: bool
     ab: np.ndarray | None = None
+    encoded: np.ndarray | None = None
+    canary: bool = False
 
 
 # Rounds whose record keeps every tensor's name and shape (older ones keep the totals).
@@ -153,14 +161,23 @@ def round_record(
 
 
 def what_leaves(
-    update: Mapping[str, torch.Tensor], masked: bool, ab_counts: np.ndarray | None
+    update: Mapping[str, torch.Tensor],
+    masked: bool,
+    ab_counts: np.ndarray | None,
+    *,
+    encoded: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """What a round's reply carries, for the owner's record: each tensor's name, shape and
-    bytes (32-bit numbers: the update's floats, or SecAgg+'s masked integers in their place),
-    the A/B counts' numbers and whether the server saw it masked — never a value."""
+    bytes (32-bit numbers: the update's floats, or SecAgg+'s masked integers in their place;
+    in ``skellam`` mode the one rotated integer vector), the A/B counts' numbers and whether
+    the server saw it masked — never a value."""
     tensors = [
         {"name": n, "shape": list(t.shape), "bytes": 4 * t.numel()} for n, t in update.items()
     ]
+    if encoded is not None:
+        tensors.append(
+            {"name": "skellam-integers", "shape": [int(encoded.size)], "bytes": 4 * encoded.size}
+        )
     return {
         "masked": masked,
         "tensors": tensors,
@@ -288,7 +305,7 @@ class Device(DeviceEvaluation):
 
     def planned_charges(
         self, server_round: int, *, run: str = "", self_sampled: bool = False
-    ) -> tuple[tuple[float, float, int] | None, tuple[float, float, int] | None]:
+    ) -> tuple[tuple | None, tuple | None]:
         """``(record, user)`` charges of round ``server_round`` of run ``run``
         (:meth:`DevicePolicy.planned_charges`)."""
         return self.policy.planned_charges(
@@ -298,7 +315,27 @@ class Device(DeviceEvaluation):
             server_round=server_round,
             run=run,
             self_sampled=self_sampled,
+            rounding=self.discrete.charge if self.privatize.discrete else None,
         )
+
+    @property
+    def privatize(self) -> Privatize:
+        """How this device privatizes its update (from the public run config only)."""
+        return Privatize.of(self.cfg, self.num_partitions)
+
+    @property
+    def discrete(self) -> DiscreteParams:
+        """``skellam`` mode: the integer encoding this device derives for its shared update."""
+        dim = sum(int(np.prod(self.rt.shapes[n])) for n in self.rt.shared_names)
+        return self.privatize.discrete_params(dim)
+
+    def offer_problem(self, offer: Mapping[str, Any] | None, *, run: str, server_round: int):
+        """``skellam`` mode: why this device will not encode under the server's round config
+        ``offer`` (its seed, scale, bit width and length must be the device's own derivation,
+        :func:`common.dp.discrete.offer_problem`); ``None``: it will, or nothing is encoded."""
+        if not self.privatize.discrete or offer is None:
+            return None
+        return offer_problem(dict(offer), self.discrete, round_seed(run, server_round))
 
     def ab_counts(
         self,
@@ -346,9 +383,11 @@ class Device(DeviceEvaluation):
         run: str = "",
         masked: bool | None = None,
         self_sampled: bool = False,
+        offer: Mapping[str, Any] | None = None,
     ) -> TrainResult:
         """One round: check the round against the device's policy and ledger, train locally,
-        clip and noise the shared update.
+        clip and noise the shared update (in ``skellam`` mode: encode it as integers with its
+        noise share, :attr:`TrainResult.encoded`).
 
         Args:
             global_shared: The server's shared tensors.
@@ -357,12 +396,17 @@ class Device(DeviceEvaluation):
             masked: The update leaves under SecAgg+ masking (default: ``secagg.enabled``,
                 for in-process callers; the ClientApp says what the message shows).
             self_sampled: The device drew its own participation coin at ``fraction-train``.
+            offer: The round's config from the server (``skellam`` mode: checked by
+                :meth:`offer_problem`; the round is declined with the reason on a mismatch).
 
         Personal tensors and the ledger are saved here; only the returned update and metrics
         may leave the device (through the outbound-record builder).
         """
         masked = self.cfg.secagg.enabled if masked is None else masked
         try:
+            problem = self.offer_problem(offer, run=run, server_round=server_round)
+            if problem is not None:
+                raise PolicyRefused(problem)
             record, user = self._admit(
                 server_round, run=run, masked=masked, self_sampled=self_sampled
             )
@@ -372,14 +416,7 @@ class Device(DeviceEvaluation):
         personal = self.state.load_personal()
         ab_counts = self.ab_counts(global_shared, personal, server_round)
         start = self.rt.strategy.round_start(self.rt.init, global_shared, personal)
-        seed = zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user}".encode())
-        common = dict(
-            steps=self.cfg.train.local_steps,
-            batch_size=self.cfg.train.batch_size,
-            learning_rate=self.cfg.train.learning_rate,
-            seed=seed,
-            pad_id=self.pad_id,
-        )
+        common = self._train_args(server_round)
         loss, after, update = self._train_locally(start, common)
         local_only = None
         if self.local_baseline and not self.rt.strategy.local_only_personal:
@@ -392,17 +429,16 @@ class Device(DeviceEvaluation):
                 precision=self.cfg.train.precision,
                 **common,
             )
-        update, norm = Privatize.of(self.cfg, self.num_partitions)(update)
-
+        names, privatize = self.rt.shared_names, self.privatize
+        update, norm, encoded = privatize.leaving(update, names, run=run, server_round=server_round)
+        sent = what_leaves(update, masked, ab_counts, encoded=encoded)
         self._commit(
             server_round,
             run=run,
             personal=({n: start[n] for n in self.rt.personal_names}, after),
             local_only=local_only,
             charges=(record, user),
-            record=round_record(
-                server_round, run, loss=loss, norm=norm, sent=what_leaves(update, masked, ab_counts)
-            ),
+            record=round_record(server_round, run, loss=loss, norm=norm, sent=sent),
         )
         weight = 1 if uniform_weights(self.cfg) else len(self.train_set)
         return TrainResult(
@@ -417,6 +453,17 @@ class Device(DeviceEvaluation):
             },
             declined=False,
             ab=ab_counts,
+            encoded=encoded,
+        )
+
+    def _train_args(self, server_round: int) -> dict[str, Any]:
+        """The round's local-training settings (the seed from the round and the user)."""
+        return dict(
+            steps=self.cfg.train.local_steps,
+            batch_size=self.cfg.train.batch_size,
+            learning_rate=self.cfg.train.learning_rate,
+            seed=zlib.crc32(f"{self.cfg.seed}:{server_round}:{self.user}".encode()),
+            pad_id=self.pad_id,
         )
 
     def _commit(

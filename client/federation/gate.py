@@ -122,6 +122,15 @@ def secagg_setup_problem(
         )
     privatize = Privatize.of(cfg, num_partitions)  # what this device's update will be
     needed = privatize.clipping_range
+    if privatize.discrete and (
+        clipping != needed or target != privatize.quantization_range or modulus != 2**32
+    ):
+        return (
+            f"the SecAgg+ range (clipping {clipping:g}, {target} levels, modulus {modulus}) "
+            f"is not the identity on this device's {privatize.bits}-bit integers: skellam "
+            f"mode needs clipping {needed:g}, {privatize.quantization_range} levels and "
+            "modulus 2^32, derived from the run config"
+        )
     if not clipping >= needed * (1 - 1e-9):
         return (
             f"the SecAgg+ clipping range {clipping:g} would cut this device's update (entries up "
@@ -209,7 +218,12 @@ def setup_refusal(
             reason = too_few_examples(len(train), cfg.data.min_examples)
         if reason is None:
             record, user = policy.planned_charges(
-                cfg, ledger, num_train=len(train), server_round=ledger.last_round(run) + 1, run=run
+                cfg,
+                ledger,
+                num_train=len(train),
+                server_round=ledger.last_round(run) + 1,
+                run=run,
+                rounding=_rounding(cfg, n),
             )
             try:
                 ledger.check(record=record, user=user)
@@ -222,6 +236,16 @@ def setup_refusal(
         )
     logger.warning("device leaves this round at SecAgg+ setup: %s", reason)
     return reason
+
+
+def _rounding(cfg: RunConfig, num_partitions: int) -> tuple[float, float, float] | None:
+    """``skellam`` mode: the rounding a round's charge carries (``None`` otherwise)."""
+    privatize = Privatize.of(cfg, num_partitions)
+    if not privatize.discrete:
+        return None
+    from client.federation.runtime import shared_dim
+
+    return privatize.discrete_params(shared_dim(cfg)).charge
 
 
 def cohort_refusal(

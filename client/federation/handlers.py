@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +21,15 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from client.federation.canary import hosted_canaries
 from client.federation.device import Device, open_node_store
 from client.federation.gate import federation_size
 from client.federation.runtime import get_runtime, shared_shapes
 from client.federation.simulated import engine_time, simulated_user
-from common import ab
+from common import ab, audit
 from common.config import RunConfig, parse_run_config
-from common.dp.privatize import ab_in_range
+from common.dp.discrete import centred
+from common.dp.privatize import Privatize, ab_in_range
 from common.sampling import poisson_sample
 from common.serialization import (
     ALLOWED_EVAL_METRICS,
@@ -142,6 +145,33 @@ def _parse_incoming(
     return tensors, _round(content[CONFIG_KEY].get("server-round")), False
 
 
+def _fit_config(content: RecordDict) -> dict[str, Any]:
+    """The legacy fit message's config (the server's round config: ``skellam`` mode's offer
+    among it); empty for a Message-API message."""
+    record = content.config_records.get("fitins.config")
+    return dict(record) if record is not None else {}
+
+
+def _encoded_sum(
+    cfg: RunConfig, privatize: Privatize, vectors: list[np.ndarray | None], legacy: bool
+) -> np.ndarray:
+    """``skellam`` mode: what a node masks — the sum of its users' integer vectors as
+    centred residues (zeros, sent with weight 0, when none trained).
+
+    Raises:
+        ValueError: Outside the SecAgg+ path (the integers are meant to be masked).
+    """
+    if not legacy:
+        raise ValueError('dp.noise-mode = "skellam" runs only through SecAgg+ (secagg.enabled)')
+    dim = sum(int(np.prod(s)) for s in shared_shapes(cfg).values())
+    params = privatize.discrete_params(dim)
+    total = np.zeros(params.d, dtype=np.int64)
+    for vector in vectors:
+        if vector is not None:
+            total += vector
+    return centred(total, params.bits)
+
+
 def _masked(content: RecordDict, legacy: bool) -> bool:
     """The reply will leave SecAgg+-masked: a training message inside the protocol's
     masked-vector stage (Flower's ``secaggplus_mod`` keeps the stage's config record in it)."""
@@ -187,13 +217,14 @@ def _train_hosted(
     the OS's randomness) and trains on its own device exactly as a one-user node would: own
     store, ledger, clipping and noise share. The node sends the mean of the updates that
     arrived with their count as weight (``users``), so the server's weighted mean is the mean
-    over users; declines are counted, nothing of them is sent.
+    over users; declines are counted, nothing of them is sent (canary clients: the audit's).
     """
     cfg = parse_run_config(dict(context.run_config))
     rt = get_runtime(cfg)
     global_shared, server_round, legacy = _incoming(content, cfg, "fitins")
-    chosen = poisson_sample(users, cfg.fraction_train)
-    results = []
+    run = str(context.run_id)
+    results, with_data = hosted_canaries(cfg, users, server_round=server_round, run=run)
+    chosen = poisson_sample(with_data, cfg.fraction_train)
     device_s = 0.0
     for user in chosen:
         with _hosted_device(context, cfg, user) as device:
@@ -202,30 +233,44 @@ def _train_hosted(
                 device.train(
                     global_shared,
                     server_round=server_round,
-                    run=str(context.run_id),
+                    run=run,
                     masked=_masked(content, legacy),
                     self_sampled=True,  # the coin above, at fraction-train
+                    offer=_fit_config(content),
                 )
             )
             device_s += time.perf_counter() - start
     sent = [r for r in results if not r.declined]
     k = len(sent)
-    update = {
-        n: (sum(r.update[n] for r in sent) / k if k else torch.zeros_like(t))
-        for n, t in global_shared.items()
-    }
+    privatize = Privatize.of(cfg, cfg.data.num_users)
+    encoded = None
+    if privatize.discrete:  # the users' integers, summed (each carries its own noise share)
+        encoded = _encoded_sum(cfg, privatize, [r.encoded for r in sent], legacy)
+        update: dict[str, torch.Tensor] = {}
+    else:
+        update = {
+            n: (sum(r.update[n] for r in sent) / k if k else torch.zeros_like(t))
+            for n, t in global_shared.items()
+        }
+    trained = [r.metrics["train_loss"] for r in sent if not r.canary]
     metrics: dict[str, float | int] = {
         "users": k,
         "weight": k,
         "declined": len(results) - k,
         "num-examples": int(sum(r.metrics["num-examples"] for r in sent)),
-        "train_loss": sum(r.metrics["train_loss"] for r in sent) / k if k else 0.0,
+        # No loss from a node whose updates all came from the audit's canary clients.
+        **({"train_loss": sum(trained) / max(len(trained), 1)} if trained or not sent else {}),
         "record_epsilon": max((r.metrics["record_epsilon"] for r in results), default=0.0),
         "user_epsilon": max((r.metrics["user_epsilon"] for r in results), default=0.0),
     }
     counts = sum((r.ab for r in sent if r.ab is not None), np.zeros(ab.FIELDS))
     ab_vector = None
-    if legacy:
+    if legacy and encoded is not None:
+        # skellam: weight 1 (SecAgg+'s identity quantizer) for a sum of k >= 1 users' integers
+        metrics[NUM_EXAMPLES_KEY] = int(k > 0)
+        if cfg.ab.interactions:
+            ab_vector = counts
+    elif legacy:
         metrics[NUM_EXAMPLES_KEY] = k  # SecAgg+ weights the mean update by it
         if cfg.ab.interactions:  # the weighted mean over nodes must sum the counts
             ab_vector = ab_in_range(cfg, counts / max(k, 1))
@@ -238,6 +283,7 @@ def _train_hosted(
         allowed_metrics=ALLOWED_TRAIN_METRICS,
         legacy="fitres" if legacy else None,
         ab_vector=ab_vector,
+        discrete=encoded,
     )
     engine_time(context, cfg, server_round, started=started, device_s=device_s, users=len(chosen))
     return record
@@ -250,6 +296,8 @@ def _evaluate_hosted(content: RecordDict, context: Context, users: list[int]) ->
     global_shared, server_round, legacy = _incoming(content, cfg, "evaluateins")
     metrics: dict[str, float | int] = {}
     for i, user in enumerate(users):
+        if audit.canary_client(cfg, user) is not None:  # no data, nothing to evaluate
+            continue
         with _hosted_device(context, cfg, user) as device:
             row = device.evaluate(global_shared, server_round=server_round)
         metrics.update({f"{k}{HOSTED_SEP}{i}": v for k, v in row.items()})
@@ -277,8 +325,15 @@ def train(content: RecordDict, context: Context, *, started: float | None = None
             server_round=server_round,
             run=str(context.run_id),
             masked=_masked(content, legacy),
+            offer=_fit_config(content),
         )
         device_s = time.perf_counter() - start
+        privatize = device.privatize
+        encoded = (
+            _encoded_sum(device.cfg, privatize, [result.encoded], legacy)
+            if privatize.discrete
+            else None
+        )
     metrics = dict(result.metrics)
     cfg = device.cfg
     ab_vector = None
@@ -288,16 +343,17 @@ def train(content: RecordDict, context: Context, *, started: float | None = None
         if cfg.ab.interactions:
             # Every device appends the same-shaped vector (zeros when declining).
             counts = result.ab if result.ab is not None else np.zeros(ab.FIELDS)
-            ab_vector = ab_in_range(cfg, counts)
+            ab_vector = counts if encoded is not None else ab_in_range(cfg, counts)
     elif result.ab is not None:
         metrics.update(ab.to_metrics(result.ab))
     record = build_outbound_record(
-        result.update,
+        {} if encoded is not None else result.update,
         shared_names=device.rt.shared_names,
         metrics=metrics,
         allowed_metrics=ALLOWED_TRAIN_METRICS,
         legacy="fitres" if legacy else None,
         ab_vector=ab_vector,
+        discrete=encoded,
     )
     engine_time(context, cfg, server_round, started=started, device_s=device_s, users=1)
     return record

@@ -29,14 +29,22 @@ from common.config import PrivacyCaps
 # Version 2 adds "epsilon", the lifetime ε per kind computed at save time; version 3 adds each
 # event's "run" (the federation run it was charged in: round numbers restart with each run).
 # Older ledgers still load (their ε is computed when asked for; their events' run is "").
-LEDGER_VERSION = 3
+# Version 4 lets a user-level event carry "discrete": a skellam round's rounding
+# (Δ1/C, Δ2/C, s·C), which its ε depends on (common/dp/accounting.py).
+LEDGER_VERSION = 4
 LEDGER_BLOB = "ledger"
 KINDS = ("record", "user")
 EVENT_KEYS = {"kind", "time", "run", "round", "noise_multiplier", "sample_rate", "steps"}
+DISCRETE_KEY = "discrete"
 DECLINED_KEYS = {"round", "time", "reason"}
 
 
-def epsilon(history: list[tuple[float, float, int]], *, delta: float, accountant: str) -> float:
+def _rounding(v: Any) -> bool:
+    """A skellam event's rounding: three finite positive numbers (Δ1/C, Δ2/C, s·C)."""
+    return type(v) is list and len(v) == 3 and all(_real(x) and x > 0 for x in v)
+
+
+def epsilon(history: list[tuple], *, delta: float, accountant: str) -> float:
     """ε of ``history`` from the Opacus accountant (imported here: it loads torch)."""
     from common.dp.accounting import epsilon as accountant_epsilon
 
@@ -74,9 +82,10 @@ class PrivacyLedger:
         # Lifetime ε per kind for exactly these events, once computed (or loaded).
         self._epsilon: dict[str, float] | None = {"record": 0.0, "user": 0.0}
 
-    def _history(self, kind: str, since: float | None = None) -> list[tuple[float, float, int]]:
+    def _history(self, kind: str, since: float | None = None) -> list[tuple]:
         return [
             (e["noise_multiplier"], e["sample_rate"], e["steps"])
+            + ((tuple(e[DISCRETE_KEY]),) if DISCRETE_KEY in e else ())
             for e in self.events
             if e["kind"] == kind and (since is None or e["time"] >= since)
         ]
@@ -105,9 +114,7 @@ class PrivacyLedger:
             default=0,
         )
 
-    def _after(
-        self, kind: str, planned: list[tuple[float, float, int]], since: float | None
-    ) -> float:
+    def _after(self, kind: str, planned: list[tuple], since: float | None) -> float:
         return epsilon(
             self._history(kind, since) + planned,
             delta=self.policy.delta,
@@ -117,11 +124,12 @@ class PrivacyLedger:
     def check(
         self,
         *,
-        record: tuple[float, float, int] | None,
-        user: tuple[float, float, int] | None,
+        record: tuple | None,
+        user: tuple | None,
         now: float | None = None,
     ) -> dict[str, float]:
-        """What spending ``record`` / ``user`` (each ``(σ, q, steps)``) would bring ε to.
+        """What spending ``record`` / ``user`` (each ``(σ, q, steps)``, a skellam round's with
+        its rounding as a fourth element) would bring ε to.
 
         Returns:
             ``{"record": ε_after, "user": ε_after}``.
@@ -156,8 +164,8 @@ class PrivacyLedger:
         self,
         *,
         server_round: int,
-        record: tuple[float, float, int] | None,
-        user: tuple[float, float, int] | None,
+        record: tuple | None,
+        user: tuple | None,
         now: float | None = None,
         run: str = "",
     ) -> None:
@@ -167,19 +175,20 @@ class PrivacyLedger:
         for kind, planned in (("record", record), ("user", user)):
             if planned is None:
                 continue
-            sigma, q, steps = planned
+            sigma, q, steps = planned[:3]
             self._epsilon = None
-            self.events.append(
-                {
-                    "kind": kind,
-                    "time": now,
-                    "run": str(run),
-                    "round": int(server_round),
-                    "noise_multiplier": float(sigma),
-                    "sample_rate": float(q),
-                    "steps": int(steps),
-                }
-            )
+            event: dict[str, Any] = {
+                "kind": kind,
+                "time": now,
+                "run": str(run),
+                "round": int(server_round),
+                "noise_multiplier": float(sigma),
+                "sample_rate": float(q),
+                "steps": int(steps),
+            }
+            if len(planned) == 4 and planned[3] is not None:
+                event[DISCRETE_KEY] = [float(v) for v in planned[3]]
+            self.events.append(event)
 
     def note_declined(self, *, server_round: int, reason: str, now: float | None = None) -> None:
         """Remember a round this device declined (nothing was spent)."""
@@ -220,7 +229,7 @@ class PrivacyLedger:
         """
         required = {"version", "accountant", "delta", "events", "declined"}
         version = state.get("version") if isinstance(state, dict) else None
-        if type(version) is not int or version not in (1, 2, LEDGER_VERSION):
+        if type(version) is not int or version not in range(1, LEDGER_VERSION + 1):
             raise ValueError(f"ledger version {version!r:.40} is not 1 to {LEDGER_VERSION}")
         if version >= 2:
             required = required | {"epsilon"}
@@ -243,8 +252,17 @@ class PrivacyLedger:
         for e in state["events"]:
             if version < 3 and isinstance(e, dict) and "run" not in e:
                 e = {**e, "run": ""}
-            if not isinstance(e, dict) or set(e) != EVENT_KEYS or e["kind"] not in KINDS:
+            if (
+                not isinstance(e, dict)
+                or set(e) - {DISCRETE_KEY} != EVENT_KEYS
+                or e["kind"] not in KINDS
+            ):
                 raise ValueError(f"malformed ledger event {e!r:.200}")
+            if DISCRETE_KEY in e and (e["kind"] != "user" or not _rounding(e[DISCRETE_KEY])):
+                raise ValueError(
+                    "invalid ledger event: discrete must be a user-level event's three "
+                    f"positive numbers (event {e!r:.200})"
+                )
             for key, (valid, what) in EVENT_CHECKS.items():
                 if not valid(e[key]):
                     raise ValueError(

@@ -103,7 +103,7 @@ class DevicePolicy(PrivacyCaps):
             **asdict(p.caps),
             min_noise_multiplier=dp.noise_multiplier if dp.adds_noise else 0.0,
             min_cohort=1,
-            require_secagg=dp.noise_mode == "distributed" and cfg.secagg.enabled,
+            require_secagg=dp.distributed and cfg.secagg.enabled,
             trust_server_noise=dp.noise_mode == "central",
             trust_server_sampling=p.verifiable_sampling,
         )
@@ -183,7 +183,7 @@ class DevicePolicy(PrivacyCaps):
                 "the round asks for central noise, which the server adds and this device cannot "
                 "verify; its policy does not trust server-added noise"
             )
-        if sigma > 0 and dp.noise_mode == "distributed":
+        if dp.distributed:
             if self.require_secagg and not masked:
                 return (
                     "the round asks for distributed noise without SecAgg+ masking: the server "
@@ -206,9 +206,12 @@ class DevicePolicy(PrivacyCaps):
         server_round: int,
         run: str = "",
         self_sampled: bool = False,
-    ) -> tuple[tuple[float, float, int] | None, tuple[float, float, int] | None]:
+        rounding: tuple[float, float, float] | None = None,
+    ) -> tuple[tuple | None, tuple | None]:
         """``(record, user)`` charges of round ``server_round`` of run ``run`` for a device
-        with ``num_train`` training samples, each ``(σ, q, steps)`` or ``None``.
+        with ``num_train`` training samples, each ``(σ, q, steps)`` or ``None``; in
+        ``skellam`` mode the user charge carries the round's ``rounding`` as a fourth element
+        (:attr:`common.dp.discrete.DiscreteParams.charge`).
 
         User level: a round the device joins costs one Gaussian mechanism at q = 1 (rounds it
         sits out cost nothing) unless the policy credits the sampling (:meth:`sample_rate`).
@@ -228,6 +231,10 @@ class DevicePolicy(PrivacyCaps):
             if q < 1.0:
                 steps = max(1, server_round - ledger.last_round(run))
             user = (dp.noise_multiplier, q, steps)
+            if dp.discrete:
+                if rounding is None:
+                    raise ValueError("a skellam round's charge needs its rounding")
+                user = (*user, tuple(rounding))
         return record, user
 
     def sample_rate(self, cfg: RunConfig, *, self_sampled: bool) -> float:

@@ -84,3 +84,17 @@ def shared_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the shared tensors for ``cfg`` (what the server sends)."""
     rt = get_runtime(cfg)
     return {n: rt.shapes[n] for n in rt.shared_names}
+
+
+def shared_dim(cfg: RunConfig) -> int:
+    """How many numbers the shared update holds for ``cfg``, from the model's skeleton (on
+    the ``meta`` device: no weights loaded, as the server derives it)."""
+    import math
+
+    from common.lora import build_skeleton
+    from common.model import load_model_config
+
+    strategy = strategy_for(cfg)
+    shapes = lora_shapes(build_skeleton(load_model_config(cfg.model.name), cfg.model, strategy))
+    shared, _, _ = strategy.split(list(shapes))
+    return sum(math.prod(shapes[n]) for n in shared)

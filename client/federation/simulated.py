@@ -36,6 +36,8 @@ def simulated_user(cfg: RunConfig, partition_id: int, num_partitions: int) -> Us
     Raises:
         ValueError: If the partition id is out of range or too few roles qualify.
     """
+    # Canary clients of the audit take no user's data (common.audit.data_partition).
+    partition_id, num_partitions = audit.data_partition(cfg, partition_id, num_partitions)
     return user_for_partition(
         cfg.data, seed=cfg.seed, partition_id=partition_id, num_partitions=num_partitions
     )

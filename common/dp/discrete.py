@@ -42,6 +42,7 @@ noise come from a generator seeded with 128 bits of the OS's randomness per enco
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import secrets
@@ -94,6 +95,25 @@ def round_seed(run_id: int | str, server_round: int) -> int:
 def rotation_signs(seed: int, d: int) -> np.ndarray:
     """The rotation's ±1 signs ``D`` for a seed (public)."""
     return np.random.default_rng(seed).integers(0, 2, size=d, dtype=np.int8) * 2.0 - 1.0
+
+
+def bits_for(max_contributions: int) -> int:
+    """``b`` for sums of up to ``max_contributions`` updates: the most SecAgg+'s 32-bit field
+    allows, since Flower's weight factor sums ``n·2^b`` in it: ``(n + 1)·2^b <= 2^32``.
+
+    Raises:
+        ValueError: If fewer than 8 bits remain.
+    """
+    n = int(max_contributions)
+    if n < 1:
+        raise ValueError(f"a sum needs at least one update, got {max_contributions}")
+    bits = min(MAX_BITS, int(math.floor(MODULUS_BITS - math.log2(n + 1))))
+    if bits < 8:
+        raise ValueError(
+            f"{n} updates per round leave {bits} bits per number under SecAgg+'s 32-bit "
+            "modulus; sample fewer devices per round"
+        )
+    return bits
 
 
 def wrap_probability(
@@ -176,6 +196,13 @@ class DiscreteParams:
         t = self.norm_bound
         return t * min(math.sqrt(self.d), t) / self.scale
 
+    @property
+    def charge(self) -> tuple[float, float, float]:
+        """``(Δ1/C, Δ2/C, s·C)``: what the Skellam accountant needs beyond σ and q, in units
+        of ``C`` (:class:`common.dp.skellam.SkellamRound` with variance σ²)."""
+        c = self.clip_norm
+        return (self.l1_sensitivity / c, self.l2_sensitivity / c, self.scale * c)
+
     @classmethod
     def derive(
         cls,
@@ -202,13 +229,7 @@ class DiscreteParams:
         if n < 1:
             raise ValueError(f"a sum needs at least one update, got {max_contributions}")
         d = padded_dim(dim)
-        # Flower's weight factor sums n·2^b in the same 32-bit field: (n + 1)·2^b <= 2^32.
-        bits = min(MAX_BITS, int(math.floor(MODULUS_BITS - math.log2(n + 1))))
-        if bits < 8:
-            raise ValueError(
-                f"{n} updates per round leave {bits} bits per number under SecAgg+'s 32-bit "
-                "modulus; sample fewer devices per round"
-            )
+        bits = bits_for(n)
 
         def bound(scale: float) -> float:
             return wrap_probability(
@@ -243,7 +264,17 @@ class DiscreteParams:
         return params
 
 
-def _centred(values: np.ndarray, bits: int) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def derived(
+    *, dim: int, clip_norm: float, share_std: float, max_contributions: int
+) -> DiscreteParams:
+    """:meth:`DiscreteParams.derive`, computed once per setting (a bisection of 200 bounds)."""
+    return DiscreteParams.derive(
+        dim=dim, clip_norm=clip_norm, share_std=share_std, max_contributions=max_contributions
+    )
+
+
+def centred(values: np.ndarray, bits: int) -> np.ndarray:
     """Integers as their residues modulo ``2^bits`` in ``[-2^(bits-1), 2^(bits-1))``."""
     half = np.int64(1) << (bits - 1)
     return ((values.astype(np.int64) + half) & ((half << 1) - 1)) - half
@@ -287,7 +318,7 @@ def encode(
     lam = params.skellam_lambda
     if lam > 0:
         ints += rng.poisson(lam, params.d) - rng.poisson(lam, params.d)
-    return _centred(ints, params.bits)
+    return centred(ints, params.bits)
 
 
 def decode(total: np.ndarray, params: DiscreteParams, seed: int) -> np.ndarray:
@@ -296,5 +327,48 @@ def decode(total: np.ndarray, params: DiscreteParams, seed: int) -> np.ndarray:
     t = np.asarray(total)
     if t.shape != (params.d,):
         raise ValueError(f"a sum of {t.size} numbers, expected {params.d}")
-    ints = _centred(np.rint(t).astype(np.int64), params.bits)
+    ints = centred(np.rint(t).astype(np.int64), params.bits)
     return (fwht(ints / params.scale) * rotation_signs(seed, params.d))[: params.dim]
+
+
+def unmasked_sum(mean: np.ndarray, weight: float, bits: int) -> np.ndarray:
+    """The integer sum SecAgg+ unmasked, from what Flower hands the strategy: its weighted
+    mean ``Σ w_i·y_i / Σ w_i`` of the devices' integer vectors (each sent with weight 1, or 0
+    when it declined and sent zeros), times ``weight`` = ``Σ w_i``, as centred residues modulo
+    ``2^bits``. Exact: the mean is a float64 ratio of integers below ``2^32``."""
+    m = np.asarray(mean, dtype=np.float64)
+    if not np.all(np.isfinite(m)):
+        raise ValueError("the unmasked sum is not finite")
+    return centred(np.rint(m * float(weight)).astype(np.int64), bits)
+
+
+def offer(params: DiscreteParams, seed: int) -> dict[str, int | float | str]:
+    """What the server publishes with a round (in its fit config) so that every device can
+    check it against its own derivation: seed, scale, bit width, vector length."""
+    return {
+        "discrete-seed": str(seed),
+        "discrete-scale": float(params.scale),
+        "discrete-bits": int(params.bits),
+        "discrete-dim": int(params.dim),
+    }
+
+
+def offer_problem(config: dict, params: DiscreteParams, seed: int) -> str | None:
+    """Why a device will not encode its update under the server's ``config`` (``None``: it
+    matches what the device derived itself from the public run config)."""
+    expected = offer(params, seed)
+    for key, value in expected.items():
+        got = config.get(key)
+        if got is None:
+            return f"the round's config has no {key} (the skellam noise mode needs it)"
+        same = (
+            math.isclose(float(got), value, rel_tol=1e-12)
+            if key == "discrete-scale"
+            else (str(got) == str(value))
+        )
+        if not same:
+            return (
+                f"the server's {key} = {got!r:.40} is not the {value!r} this device derives "
+                "from the run config; it encodes its update only with its own parameters"
+            )
+    return None

@@ -10,6 +10,11 @@ An update leaves a device as:
    integers over ``[-R, R]``, ``R`` = :attr:`Privatize.clipping_range`: ``C`` plus
    :data:`NOISE_TAIL_SIGMAS` standard deviations of the share.
 
+In ``skellam`` mode steps 2 and 3 are one, exact for what the server sees
+(:mod:`common.dp.discrete`): the device rotates, scales and rounds its clipped update into
+integers and adds its Skellam share there (:meth:`Privatize.encode`); SecAgg+'s range is set so
+that its quantizer is the identity on those integers (``R = 2^(b-1)``, ``2^b`` levels).
+
 :class:`Privatize` is where ``dp.clip-norm`` and ``dp.noise-multiplier`` become the numbers an
 update is privatized with: the device calls it on its update, the server derives SecAgg+'s
 range (:func:`common.secagg.derive_secagg_params`) and its central noise from the same object,
@@ -24,7 +29,7 @@ torch is imported only when an update is privatized: the gate checks a setup wit
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +38,8 @@ from common.config import RunConfig
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+    from common.dp.discrete import DiscreteParams
 
 # SecAgg+ clips each entry at C plus this many standard deviations of the device's noise
 # share: an entry is cut only where its noise passes 7σ (erfc(7/√2) ≈ 2.6e-12 per entry;
@@ -61,13 +68,17 @@ class Privatize:
 
     Attributes:
         clip_norm: ``C`` (0: updates are not clipped; no DP, no SecAgg+).
-        noise_std: A device's per-entry noise share under distributed DP (0 otherwise).
+        noise_std: A device's per-entry noise share under distributed DP (0 otherwise); in
+            ``skellam`` mode the standard deviation of its Skellam share (unscaled).
         central_std: The server's per-entry noise on the sum under central DP (0 otherwise).
+        max_contributions: ``skellam`` mode: the most updates one sum may hold (the
+            federation's size: it sets the bit width and the wrap-around bound); 0 otherwise.
     """
 
     clip_norm: float
     noise_std: float = 0.0
     central_std: float = 0.0
+    max_contributions: int = 0
 
     @classmethod
     def of(cls, cfg: RunConfig, num_nodes: int) -> Privatize:
@@ -82,13 +93,89 @@ class Privatize:
                 min_clients=cfg.m_min(num_nodes),
             )
         central = dp.noise_multiplier * dp.clip_norm if dp.noise_mode == "central" else 0.0
-        return cls(dp.clip_norm, share, central if dp.adds_noise else 0.0)
+        return cls(
+            dp.clip_norm,
+            share,
+            central if dp.adds_noise else 0.0,
+            max(1, num_nodes) if dp.discrete else 0,
+        )
+
+    @property
+    def discrete(self) -> bool:
+        """Noise shares are Skellam integers inside SecAgg+ (``dp.noise-mode = "skellam"``)."""
+        return self.max_contributions > 0
+
+    @property
+    def bits(self) -> int:
+        """``skellam`` mode's bit width ``b`` (:func:`common.dp.discrete.bits_for`)."""
+        from common.dp.discrete import bits_for
+
+        if not self.discrete:
+            raise ValueError("only the skellam noise mode has a bit width")
+        return bits_for(self.max_contributions)
 
     @property
     def clipping_range(self) -> float:
         """``R``: the largest entry SecAgg+ must quantize without cutting it (``C`` plus
-        :data:`NOISE_TAIL_SIGMAS` standard deviations of the device's noise share)."""
+        :data:`NOISE_TAIL_SIGMAS` standard deviations of the device's noise share); in
+        ``skellam`` mode ``2^(b-1)``, which with :attr:`quantization_range` makes SecAgg+'s
+        quantizer the identity on the devices' integers."""
+        if self.discrete:
+            return float(2 ** (self.bits - 1))
         return self.clip_norm + NOISE_TAIL_SIGMAS * self.noise_std
+
+    @property
+    def quantization_range(self) -> int | None:
+        """``skellam`` mode: SecAgg+'s fixed quantization range ``2^b`` (``None`` otherwise:
+        it is sized for each round's cohort, :func:`common.secagg.quantization_range_for`)."""
+        return 2**self.bits if self.discrete else None
+
+    def discrete_params(self, dim: int) -> DiscreteParams:
+        """``skellam`` mode: the derived rotation length, bit width and scale for updates of
+        ``dim`` numbers (the same on every device and on the server)."""
+        from common.dp.discrete import derived
+
+        if not self.discrete:
+            raise ValueError("only the skellam noise mode encodes updates as integers")
+        return derived(
+            dim=int(dim),
+            clip_norm=float(self.clip_norm),
+            share_std=float(self.noise_std),
+            max_contributions=int(self.max_contributions),
+        )
+
+    def encode(
+        self, update: Mapping[str, torch.Tensor], names: Sequence[str], seed: int
+    ) -> np.ndarray:
+        """``skellam`` mode: a clipped update (``names`` order) as the integers the device
+        hands to SecAgg+ — rotated with the round's public ``seed``, scaled, rounded, given
+        its Skellam share, reduced modulo ``2^b`` (:func:`common.dp.discrete.encode`)."""
+        import numpy as np
+
+        from common.dp.discrete import encode
+
+        flat = np.concatenate(
+            [update[n].detach().to("cpu").double().reshape(-1).numpy() for n in names]
+        )
+        return encode(flat, self.discrete_params(flat.size), seed)
+
+    def leaving(
+        self,
+        update: Mapping[str, torch.Tensor],
+        names: Sequence[str],
+        *,
+        run: str,
+        server_round: int,
+    ) -> tuple[dict[str, torch.Tensor], float | None, np.ndarray | None]:
+        """What leaves a device for ``update`` in round ``server_round`` of run ``run``:
+        ``(clipped and noised update, its norm before clipping, None)``, or in ``skellam``
+        mode ``({}, norm, its integers)`` — the clipped update itself never leaves."""
+        from common.dp.discrete import round_seed
+
+        clipped, norm = self(update)
+        if not self.discrete:
+            return clipped, norm, None
+        return {}, norm, self.encode(clipped, names, round_seed(run, server_round))
 
     def __call__(
         self, update: Mapping[str, torch.Tensor]
@@ -96,7 +183,8 @@ class Privatize:
         """``update`` clipped to ``C`` and given this device's noise share (a fresh dict).
 
         Returns:
-            ``(privatized update, its L2 norm before clipping)`` — the norm is ``None`` when
+            ``(privatized update, its L2 norm before clipping)`` (in ``skellam`` mode clipped
+            only: its noise is added as integers by :meth:`encode`) — the norm is ``None`` when
             updates are not clipped.
 
         Raises:
@@ -108,7 +196,7 @@ class Privatize:
         out, norm = dict(update), None
         if self.clip_norm > 0:
             out, norm = clip_update(out, clip_norm=self.clip_norm)
-        if self.noise_std > 0:
+        if self.noise_std > 0 and not self.discrete:
             out = add_gaussian_noise(out, std=self.noise_std)
         return out, norm
 

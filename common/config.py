@@ -315,12 +315,31 @@ class SecAggConfig:
     """SecAgg+ settings; the quantization parameters are derived (see common.secagg)."""
 
     enabled: bool = True
-    num_shares: float = 1.0
+    # 0: each round's neighbourhood size from its cohort (common.secagg.neighbourhood_size).
+    num_shares: float = 0.0
     reconstruction_threshold: float = 0.67
     timeout: float = 600.0
+    # What the derived neighbourhood size assumes: the largest fraction of a round's devices
+    # that drop out after sharing keys, and of devices that collude with the server.
+    dropout_rate: float = 0.1
+    corrupt_rate: float = 0.1
 
     def __post_init__(self) -> None:
-        _require(self.num_shares > 0, "secagg.num-shares", "must be > 0 (count or fraction)")
+        _require(
+            self.num_shares >= 0,
+            "secagg.num-shares",
+            "must be >= 0 (0: derived from the cohort; a count; or a fraction of the cohort)",
+        )
+        _require(
+            self.num_shares > 0 or self.reconstruction_threshold <= 1,
+            "secagg.reconstruction-threshold",
+            "must be a fraction of the neighbours (<= 1) when secagg.num-shares = 0 (derived)",
+        )
+        for key, rate in (
+            ("secagg.dropout-rate", self.dropout_rate),
+            ("secagg.corrupt-rate", self.corrupt_rate),
+        ):
+            _require(0 <= rate < 0.5, key, f"must be in [0, 0.5), got {rate}")
         _require(
             self.reconstruction_threshold > 0,
             "secagg.reconstruction-threshold",
@@ -495,6 +514,36 @@ class ServerConfig:
         _require(self.tau > 0, "server.tau", f"must be > 0, got {self.tau}")
 
 
+# Ray's own resource names, which have their own keys (simulation.client-cpus, …).
+_RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """Custom Ray resources from ``"name=amount,…"`` (``""``: none).
+
+    Raises:
+        ValueError: An item without ``=``, an empty or built-in name, a repeated name, or an
+            amount that is not a finite number > 0.
+    """
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, amount = (x.strip() for x in item.partition("="))
+        if not sep or not name:
+            raise ValueError(f"{item!r} is not name=amount")
+        if name in _RAY_BUILTIN_RESOURCES or name in out:
+            raise ValueError(
+                f"{name!r} is built in or repeated (CPUs, GPUs and memory have their own keys)"
+            )
+        try:
+            value = float(amount)
+        except ValueError:
+            raise ValueError(f"{item!r}: {amount!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{item!r}: the amount must be a finite number > 0")
+        out[name] = value
+    return out
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs, parsed from ``context.run_config``."""
@@ -521,6 +570,11 @@ class RunConfig:
     run_name: str = field(default="", metadata={"key": "output.run-name"})
     device_root: str = field(default="", metadata={"key": "simulation.device-root"})
     users_per_node: int = field(default=1, metadata={"key": "simulation.users-per-node"})
+    # What each simulated node's ClientApp asks of Ray (simulations/cluster.py).
+    client_cpus: float = field(default=1.0, metadata={"key": "simulation.client-cpus"})
+    client_gpus: float = field(default=0.0, metadata={"key": "simulation.client-gpus"})
+    client_memory_mb: int = field(default=0, metadata={"key": "simulation.client-memory-mb"})
+    client_resources: str = field(default="", metadata={"key": "simulation.client-resources"})
     server: ServerConfig = field(default_factory=ServerConfig)
     resume: bool = True
 
@@ -559,6 +613,7 @@ class RunConfig:
             f"must be >= 1, got {self.users_per_node}",
         )
         self._check_canary_clients()
+        self._check_client_resources()
         if self.users_per_node > 1:
             # A node hosting several simulated users samples each of them itself (Poisson)
             # and sends their mean update weighted by their count.
@@ -596,6 +651,24 @@ class RunConfig:
             "personalization.strategy",
             f"must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}",
         )
+
+    def _check_client_resources(self) -> None:
+        """What a simulated node asks of Ray: a CPU share, GPUs, memory, custom resources."""
+        _require(
+            self.client_cpus > 0, "simulation.client-cpus", f"must be > 0, got {self.client_cpus}"
+        )
+        _require(
+            self.client_gpus >= 0, "simulation.client-gpus", f"must be >= 0, got {self.client_gpus}"
+        )
+        _require(
+            self.client_memory_mb >= 0,
+            "simulation.client-memory-mb",
+            f"must be >= 0 (0 = not reserved), got {self.client_memory_mb}",
+        )
+        try:
+            parse_resources(self.client_resources)
+        except ValueError as err:
+            raise ValueError(f"invalid run config `simulation.client-resources`: {err}") from None
 
     def _check_canary_clients(self) -> None:
         """The audit's canary clients are hosted simulation clients, beside >= 2 users."""

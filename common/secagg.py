@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from common.dp.privatize import Privatize
 
@@ -30,6 +31,85 @@ class SecAggParams:
     quantization_range: int
     modulus_range: int
     quantization_step: float
+
+
+# Bell et al. (CCS 2020) size SecAgg+'s neighbourhoods for a statistical security parameter
+# of 40 bits (no device's update exposed, the survivors' graph connected) and 20 bits of
+# correctness (every dropped device's masks recoverable); these are theirs.
+SECURITY_BITS = 40
+CORRECTNESS_BITS = 20
+
+
+def _log_binomial_tail(n: int, p: float, k: int) -> float:
+    """``log P[Binomial(n, p) >= k]`` (``-inf`` when impossible), summed exactly in logs."""
+    if k <= 0:
+        return 0.0
+    if k > n or p <= 0:
+        return -math.inf
+    if p >= 1:
+        return 0.0
+    terms = [
+        math.lgamma(n + 1)
+        - math.lgamma(i + 1)
+        - math.lgamma(n - i + 1)
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+        for i in range(k, n + 1)
+    ]
+    top = max(terms)
+    return top + math.log(sum(math.exp(t - top) for t in terms))
+
+
+def neighbourhood_failure(
+    cohort: int, shares: int, *, threshold: float, dropout: float, corrupt: float
+) -> tuple[float, float]:
+    """log2 of the union bounds over a round of ``cohort`` devices, each with ``shares``
+    neighbours (itself included, on Flower's randomly shuffled ring) and a reconstruction
+    threshold of ``round(threshold · shares)`` (Flower's rule):
+
+    * **security**: some device has at least the threshold of colluding neighbours (its
+      masks are then recoverable: its update is exposed), or ``shares // 2`` consecutive
+      devices on the ring all drop out or collude (the survivors' graph splits, and a partial
+      sum could be unmasked);
+    * **correctness**: some device that drops out keeps fewer than the threshold of
+      surviving neighbours (its masks cannot be removed: the round fails).
+
+    Each device drops out with probability ``dropout`` and colludes with ``corrupt``,
+    independently (the ring is shuffled by the server each round).
+    """
+    t = max(2, round(threshold * shares))
+    others = shares - 1
+    log_n = math.log(cohort)
+    exposed = _log_binomial_tail(others, corrupt, t)
+    split = (shares // 2) * math.log(dropout + corrupt) if dropout + corrupt > 0 else -math.inf
+    top = max(exposed, split)
+    security = (
+        -math.inf
+        if top == -math.inf
+        else log_n + top + math.log(math.exp(exposed - top) + math.exp(split - top))
+    )
+    stuck = _log_binomial_tail(others, dropout, others - t + 1)
+    correctness = log_n + stuck if stuck > -math.inf else -math.inf
+    return security / math.log(2), correctness / math.log(2)
+
+
+def neighbourhood_size(
+    cohort: int, *, threshold: float, dropout: float, corrupt: float, at_least: int = 0
+) -> int:
+    """Each device's SecAgg+ neighbours (itself included) for a round of ``cohort`` devices:
+    the fewest (odd, as Flower's ring needs) whose :func:`neighbourhood_failure` bounds are
+    below 2^-40 and 2^-20, and at least ``at_least`` (the m_min a device counts its cohort
+    by, which it can only see among its neighbours); ``cohort`` (everyone) when none smaller
+    does. Grows as log(cohort): 10,000 devices share keys with about a hundred neighbours
+    each instead of 10,000 (the server routes ``cohort × shares`` key shares).
+    """
+    for shares in range(max(3, at_least | 1), cohort, 2):
+        security, correctness = neighbourhood_failure(
+            cohort, shares, threshold=threshold, dropout=dropout, corrupt=corrupt
+        )
+        if security <= -SECURITY_BITS and correctness <= -CORRECTNESS_BITS:
+            return shares
+    return cohort
 
 
 def quantization_range_for(num_clients: int) -> int:
@@ -61,6 +141,30 @@ def _discrete_range(
         )
     params = privatize.discrete_params(num_params)
     return privatize.clipping_range, int(privatize.quantization_range or 0), 1.0 / params.scale
+
+
+def _share_counts(num_shares: float, reconstruction_threshold: float) -> tuple[Any, Any]:
+    """``secagg.num-shares`` and ``secagg.reconstruction-threshold`` as Flower takes them: a
+    count (int) or a fraction (float).
+
+    Raises:
+        ValueError: A count of 2 or less, or a threshold count not below the share count.
+    """
+    # 0: derived for each round's cohort (neighbourhood_size); Flower's workflow is built
+    # with everyone (1.0) and told each round's size.
+    shares: int | float = int(num_shares) if num_shares > 1 else float(num_shares)
+    if isinstance(shares, int) and shares <= 2:
+        raise ValueError(
+            "secagg.num-shares as a count must be > 2 (or 0: derived, or a fraction in (0, 1])"
+        )
+    threshold: int | float = (
+        int(reconstruction_threshold)
+        if reconstruction_threshold > 1
+        else float(reconstruction_threshold)
+    )
+    if isinstance(threshold, int) and isinstance(shares, int) and threshold >= shares:
+        raise ValueError("secagg.reconstruction-threshold must be below secagg.num-shares")
+    return shares, threshold
 
 
 def derive_secagg_params(
@@ -121,16 +225,7 @@ def derive_secagg_params(
                 f"per entry) with {num_clients} clients; lower dp.clip-norm's ratio to the "
                 "noise, or sample fewer clients per round"
             )
-    shares: int | float = int(num_shares) if num_shares > 1 else float(num_shares)
-    if isinstance(shares, int) and shares <= 2:
-        raise ValueError("secagg.num-shares as a count must be > 2 (or a fraction in (0, 1])")
-    threshold: int | float = (
-        int(reconstruction_threshold)
-        if reconstruction_threshold > 1
-        else float(reconstruction_threshold)
-    )
-    if isinstance(threshold, int) and isinstance(shares, int) and threshold >= shares:
-        raise ValueError("secagg.reconstruction-threshold must be below secagg.num-shares")
+    shares, threshold = _share_counts(num_shares, reconstruction_threshold)
     return SecAggParams(
         num_shares=shares,
         reconstruction_threshold=threshold,

@@ -21,6 +21,7 @@ abort rule is the strategy's m_min.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -115,6 +116,8 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
         min_masked: The fewest masked vectors a sum may be unmasked from (m_min nodes).
         fixed_range: Keep the quantization range as given (``skellam`` mode: it is the
             identity on the devices' integers) instead of sizing it for each round's cohort.
+        neighbours: Each round's neighbourhood size from its cohort
+            (:func:`common.secagg.neighbourhood_size`); ``None``: ``num_shares`` as given.
         **kwargs: ``SecAggPlusWorkflow`` arguments.
     """
 
@@ -124,9 +127,11 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
         shapes: list[tuple[int, ...]] | None = None,
         min_masked: int = 2,
         fixed_range: bool = False,
+        neighbours: Callable[[int], int] | None = None,
         **kwargs,
     ) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**kwargs)
+        self.neighbours = neighbours
         # SecAgg+ puts the quantized weight factor first.
         self.masked_shapes = [(1,), *shapes] if shapes is not None else None
         self.min_masked = min_masked
@@ -156,19 +161,23 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
         log(INFO, "Secure aggregation completed.")
 
     def setup_stage(self, grid, context, state: WorkflowState) -> bool:  # type: ignore[no-untyped-def]
-        """Flower's stage, with the quantization range sized for the cohort actually sampled
-        (never above the planned one): more nodes than planned must not wrap the modulus.
-        A fixed range (``skellam`` mode) stays as it is: its bit width was derived for the
-        largest sum the federation can hold."""
-        if self.fixed_range:
-            return super().setup_stage(grid, context, state)
+        """Flower's stage, sized for the cohort actually sampled: the neighbourhoods (when
+        derived) and the quantization range (never above the planned one: more nodes than
+        planned must not wrap the modulus). A fixed range (``skellam`` mode) stays as it is:
+        its bit width was derived for the largest sum the federation can hold."""
         strategy = context.strategy
         configure = strategy.configure_fit
         planned = self._planned_quantization_range
 
         def sized(*args, **kwargs):  # type: ignore[no-untyped-def]
             chosen = configure(*args, **kwargs)
-            self.quantization_range = min(planned, quantization_range_for(len(chosen)))
+            cohort = len(chosen)
+            if self.neighbours is not None and cohort >= 2:
+                shares = self.neighbours(cohort)
+                self.num_shares = 1.0 if shares >= cohort else shares
+                log(INFO, "SecAgg+: %s devices, %s neighbours each", cohort, min(shares, cohort))
+            if not self.fixed_range:
+                self.quantization_range = min(planned, quantization_range_for(cohort))
             return chosen
 
         strategy.configure_fit = sized
@@ -222,15 +231,23 @@ def secagg_workflow(
     evaluate: bool = True,
     shapes: list[tuple[int, ...]] | None = None,
     fixed_range: bool = False,
+    neighbours: Callable[[int], int] | None = None,
 ) -> DefaultWorkflow:
     """Flower's ``DefaultWorkflow`` whose fit rounds run :class:`RobustSecAggPlusWorkflow`
-    (``shapes``: what each masked vector must hold; ``min_masked``, ``fixed_range``: see
-    there)."""
+    (``shapes``: what each masked vector must hold; ``min_masked``, ``fixed_range``,
+    ``neighbours``: see there). ``params.num_shares`` 0 (derived) needs ``neighbours``.
+
+    Raises:
+        ValueError: ``num_shares`` 0 without ``neighbours``.
+    """
+    if not params.num_shares and neighbours is None:
+        raise ValueError("secagg.num-shares = 0 (derived) needs the neighbourhood rule")
     fit = RobustSecAggPlusWorkflow(
         shapes=shapes,
         min_masked=min_masked,
         fixed_range=fixed_range,
-        num_shares=params.num_shares,
+        neighbours=neighbours if not params.num_shares else None,
+        num_shares=params.num_shares or 1.0,
         reconstruction_threshold=params.reconstruction_threshold,
         max_weight=params.max_weight,
         clipping_range=params.clipping_range,

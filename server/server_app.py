@@ -8,6 +8,7 @@ each released round, and ``summary.json`` says what the ε assumes.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from logging import INFO
@@ -20,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import ab
 from common.config import parse_run_config
-from common.secagg import derive_secagg_params
+from common.secagg import derive_secagg_params, neighbourhood_size
 from common.serialization import from_arrayrecord, to_arrayrecord
 from server.outputs import write_outputs
 from server.progress import Progress, plan_run, start
@@ -83,6 +84,15 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
         shapes=([plan.shapes[n] for n in names] if coded is None else [(coded.d,)])
         + ([(ab.FIELDS,)] if with_ab else []),
         fixed_range=coded is not None,
+        # secagg.num-shares 0: each round's neighbourhoods from its cohort, never fewer than
+        # the m_min a device checks its cohort by (client/federation/gate.py)
+        neighbours=functools.partial(
+            neighbourhood_size,
+            threshold=cfg.secagg.reconstruction_threshold,
+            dropout=cfg.secagg.dropout_rate,
+            corrupt=cfg.secagg.corrupt_rate,
+            at_least=plan.m_min,
+        ),
     )
     workflow(
         grid,

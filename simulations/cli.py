@@ -52,6 +52,13 @@ def simulate(
             "per user (text/Markdown, chat JSONL, mbox), or one JSONL of records with a user id"
         ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the ClientApps on this existing Ray cluster (host:port of its head; "
+            "default: $RAY_ADDRESS, else a Ray of the run's own on this machine)"
+        ),
+    ] = None,
 ) -> None:
     """Run a local multi-client federation (Flower Simulation Engine on Ray)."""
     from common.config import parse_set
@@ -87,7 +94,13 @@ def simulate(
 
         try:
             run_dir = run(
-                preset, overrides, out, run_name=name or None, on_line=on_line, on_round=on_round
+                preset,
+                overrides,
+                out,
+                run_name=name or None,
+                on_line=on_line,
+                on_round=on_round,
+                ray_address=ray_address,
             )
         except (ValueError, RuntimeError, TimeoutError) as err:
             console.print(f"[red]error:[/red] {err}")

@@ -22,8 +22,6 @@ class Preset:
     name: str
     num_supernodes: int  # simulated users (Flower nodes: users / simulation.users-per-node)
     run_config: dict[str, Any] = field(default_factory=dict)
-    cpus_per_client: int = 1
-    gpus_per_client: float = 0.0
     # Users after the federation's, never sampled: the released model is measured on them.
     cold_start_users: int = 0
 

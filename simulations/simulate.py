@@ -35,6 +35,14 @@ import psutil
 from common.config import RunConfig, parse_run_config
 from common.flower_env import flower_env
 from common.supervise import free_port
+from simulations.cluster import (
+    ClientResources,
+    describe_cluster,
+    engine_environment,
+    probe,
+    record_placement,
+    resolve_address,
+)
 from simulations.corpora import corpus_federation, scaled_min_clients
 from simulations.presets import Preset, get_preset
 
@@ -160,6 +168,7 @@ def simulate(
     run_name: str | None = None,
     on_line: Callable[[str], None] | None = None,
     on_round: Callable[[int, int], None] | None = None,
+    ray_address: str | None = None,
 ) -> Path:
     """Run one simulated federation and return its run directory (with ``summary.json``).
 
@@ -170,10 +179,13 @@ def simulate(
         run_name: Run directory name; default ``<preset>-<strategy>-<timestamp>``.
         on_line: Called with every line Flower prints.
         on_round: Called with ``(round, total)`` when a round starts.
+        ray_address: A Ray cluster to run the ClientApps on (else ``$RAY_ADDRESS``, else
+            a Ray of the run's own on this machine; :mod:`simulations.cluster`).
 
     Raises:
         ValueError: On an invalid preset or config (before anything starts).
-        RuntimeError: If the run fails or writes no summary.
+        RuntimeError: If the run fails or writes no summary (a
+            :class:`~simulations.cluster.ClusterError` for a cluster that cannot run it).
     """
     spec = get_preset(preset)
     run_config, corpus, cold_start_users = _plan(spec, overrides or {}, on_line)
@@ -191,30 +203,25 @@ def simulate(
     run_dir.mkdir(parents=True)
     if corpus is not None:
         (run_dir / "corpus.json").write_text(json.dumps(corpus.to_json(), indent=1))
+    address = resolve_address(ray_address)
+    resources = ClientResources.of(cfg)
+    if address is not None:
+        line = describe_cluster(address, probe(address, run_dir, resources), resources)
+        if on_line:
+            on_line(f"fedpersona: {line}")
     port = free_port()
     config_file = _write_run_config(run_dir, run_config)
     # Ray's socket paths must stay short (see ray_temp_base): not under run_dir, not named
     # after the run; where it is goes into FLWR_HOME, for whoever looks for its processes.
     ray_tmp = Path(tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir=ray_base))
     env = _environment(run_dir / ".flwr", port, ray_tmp)
+    env.update(engine_environment(env, run_dir, address, resources))
     # SIGTERM must unwind through `finally` too, or the superlink and Ray outlive us.
     previous = _exit_on_sigterm()
     superlink = _start_superlink(run_dir, port, env)
     try:
         _wait_port(port, superlink)
-        cmd = [
-            str(BIN_DIR / "flwr"),
-            "run",
-            str(PROJECT_DIR),
-            "fedpersona-sim",
-            "--stream",
-            "--run-config",
-            str(config_file),
-            "--federation-config",
-            f"num-supernodes={num_supernodes} "
-            f"client-resources-num-cpus={int(spec.cpus_per_client)} "
-            f"client-resources-num-gpus={spec.gpus_per_client}",
-        ]
+        cmd = _flwr_run(config_file, num_supernodes, resources)
         _follow(cmd, env, run_dir, cfg.num_server_rounds, on_line=on_line, on_round=on_round)
     finally:
         stop_process_tree(superlink)
@@ -224,8 +231,28 @@ def simulate(
     summary = run_dir / "summary.json"
     if not summary.exists():
         raise RuntimeError(f"the run wrote no summary; see {run_dir / 'flwr.log'}")
+    record_placement(run_dir, address, on_line)
     _after_run(run_dir, cfg, cold_start_users, on_line)
     return run_dir
+
+
+def _flwr_run(config_file: Path, num_supernodes: int, resources: ClientResources) -> list[str]:
+    """The ``flwr run`` command of a simulation."""
+    return [
+        str(BIN_DIR / "flwr"),
+        "run",
+        str(PROJECT_DIR),
+        "fedpersona-sim",
+        "--stream",
+        "--run-config",
+        str(config_file),
+        "--federation-config",
+        # Flower's record of it (whole CPUs); the engine asks Ray for what the run config
+        # says ($FEDPERSONA_CLIENT_RESOURCES, simulations/engine.py)
+        f"num-supernodes={num_supernodes} "
+        f"client-resources-num-cpus={max(1, math.ceil(resources.cpus))} "
+        f"client-resources-num-gpus={resources.gpus}",
+    ]
 
 
 def _after_run(

@@ -1,8 +1,8 @@
 """Benchmark: the coordinator's cost per round against the cohort — SuperLink + ServerApp with
 SecAgg+ and distributed DP, one simulated device per Flower node (each a SecAgg+ participant).
 
-For each cohort (every device takes part in every round), a federation of the tiny model runs
-two rounds; round 2 is measured on the server's own processes only — the SuperLink and the
+For each cohort (every device takes part), a federation of the tiny model runs one round,
+measured from its start to its release on the server's own processes only — the SuperLink and the
 simulation process, which holds the ServerApp, the message routing and the dispatch to Ray —
 never the Ray workers that run the devices: CPU seconds (user + system), wall seconds, and
 the peak RSS of those two processes over the run. Both SecAgg+ neighbourhoods are measured:
@@ -44,17 +44,18 @@ TARGET = 10_000
 
 
 def overrides(cohort: int, num_shares: float) -> dict:
-    """One round per phase, every device in it, as little client work as a round allows."""
+    """One round, every device in it, as little client work as a round allows."""
     return {
         "data.num-users": cohort,
         "data.min-lines": 5,
+        "data.min-examples": 2,  # every role of 5+ lines trains: all devices take part
         "data.max-test-samples": 2,
         "data.max-select-samples": 2,
         "train.local-steps": 1,
         "fraction-train": 1.0,
         "fraction-evaluate": 2 / cohort,
         "evaluate-every": 0,
-        "num-server-rounds": 2,
+        "num-server-rounds": 1,
         "ab.interactions": 0,
         "privacy.epsilon-cap": 100.0,
         "dp.min-clients": 50,
@@ -112,16 +113,16 @@ class ServerMeter:
 
 
 def measure(cohort: int, num_shares: float, out: Path) -> dict:
-    """Round 2 of a two-round federation of ``cohort`` devices, on the server's processes."""
+    """One round of ``cohort`` devices, on the server's processes."""
     meter = ServerMeter()
     neighbours: list[str] = []
 
     def on_round(current: int, total: int) -> None:
-        if current == 2:
+        if current == 1:
             meter.mark("start")
 
     def on_line(line: str) -> None:
-        if "fedpersona round 2:" in line and "end" not in meter.marks:
+        if "fedpersona round 1:" in line and "end" not in meter.marks:
             meter.mark("end")
         if "neighbours each" in line:
             neighbours.append(line.split("SecAgg+:")[-1].strip())

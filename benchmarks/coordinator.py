@@ -5,7 +5,9 @@ For each cohort (every device takes part), a federation of the tiny model runs o
 measured from its start to its release on the server's own processes only — the SuperLink and the
 simulation process, which holds the ServerApp, the message routing and the dispatch to Ray —
 never the Ray workers that run the devices: CPU seconds (user + system), wall seconds, and
-the peak RSS of those two processes over the run. Both SecAgg+ neighbourhoods are measured:
+the peak RSS of those two processes over the run; and, within them, the CPU the ServerApp's
+own thread spent on each SecAgg+ stage (setup, share keys, collect masked vectors, unmask),
+from the workflow's log line. Both SecAgg+ neighbourhoods are measured:
 derived from the cohort (``secagg.num-shares = 0``, the default: Bell et al.'s
 logarithmic neighbourhoods) and everyone (``1.0``: Flower's default, quadratic).
 
@@ -116,6 +118,7 @@ def measure(cohort: int, num_shares: float, out: Path) -> dict:
     """One round of ``cohort`` devices, on the server's processes."""
     meter = ServerMeter()
     neighbours: list[str] = []
+    stages: dict[str, float] = {}
 
     def on_round(current: int, total: int) -> None:
         if current == 1:
@@ -126,6 +129,9 @@ def measure(cohort: int, num_shares: float, out: Path) -> dict:
             meter.mark("end")
         if "neighbours each" in line:
             neighbours.append(line.split("SecAgg+:")[-1].strip())
+        if "SecAgg+ server compute (s):" in line:
+            parts = line.split("(s):")[-1].split(",")
+            stages.update({p.split()[0]: float(p.split()[1]) for p in parts if p.strip()})
 
     label = "derived" if num_shares == 0 else "all"
     start = time.perf_counter()
@@ -144,6 +150,9 @@ def measure(cohort: int, num_shares: float, out: Path) -> dict:
         "neighbours": label,
         "neighbourhood": neighbours[-1] if neighbours else None,
         "server_cpu_s": cpu1 - cpu0,
+        # the CPU of the ServerApp's workflow thread per SecAgg+ stage
+        "serverapp_stages_s": stages,
+        "serverapp_s": sum(stages.values()),
         "round_wall_s": t1 - t0,
         "server_peak_rss_mib": meter.peak / 2**20,
         "cpu_ms_per_device": 1000 * (cpu1 - cpu0) / cohort,
@@ -178,14 +187,17 @@ def fit(rows: list[dict], key: str) -> dict:
 
 def markdown(rows: list[dict], fits: dict) -> str:
     lines = [
-        "| neighbours | cohort | each device's | server CPU s | per device ms | round wall s "
+        "| neighbours | cohort | each device's | server CPU s | per device ms | ServerApp's "
+        "SecAgg+ compute s (setup / share keys / collect / unmask) | round wall s "
         "| server peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        stages = " / ".join(f"{v:.2f}" for v in r["serverapp_stages_s"].values())
         lines.append(
             f"| {r['neighbours']} | {r['cohort']} | {r['neighbourhood']} | "
-            f"{r['server_cpu_s']:.1f} | {r['cpu_ms_per_device']:.1f} | {r['round_wall_s']:.1f} | "
+            f"{r['server_cpu_s']:.1f} | {r['cpu_ms_per_device']:.1f} | "
+            f"{r['serverapp_s']:.2f} ({stages}) | {r['round_wall_s']:.1f} | "
             f"{r['server_peak_rss_mib']:.0f} |"
         )
     lines.append("")
@@ -215,6 +227,11 @@ def main() -> None:
         series = [r for r in rows if r["neighbours"] == label]
         if len(series) >= 2:
             fits[f"{label}: server CPU s"] = fit(series, "server_cpu_s")
+            fits[f"{label}: ServerApp's SecAgg+ compute s"] = fit(series, "serverapp_s")
+            for stage in series[-1]["serverapp_stages_s"]:
+                for r in series:
+                    r[f"stage_{stage}"] = max(r["serverapp_stages_s"].get(stage, 0.0), 1e-3)
+                fits[f"{label}: {stage} s"] = fit(series, f"stage_{stage}")
             fits[f"{label}: server peak RSS MiB"] = fit(series, "server_peak_rss_mib")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_coordinator.json").write_text(

@@ -21,6 +21,7 @@ abort rule is the strategy's m_min.)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from logging import INFO, WARNING
 
@@ -149,8 +150,16 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
             self.unmask_stage,
         )
         log(INFO, "Secure aggregation commencing.")
+        spent: list[str] = []
         for step in steps:
-            if not step(grid, context, state):
+            start = time.thread_time()
+            ok = step(grid, context, state)
+            spent.append(f"{step.__name__.removesuffix('_stage')} {time.thread_time() - start:.2f}")
+            if not ok or step is steps[-1]:
+                # The CPU the workflow's thread spent on each stage (waiting for devices costs
+                # none): the coordinator's own cost, read by benchmarks/coordinator.py.
+                log(INFO, "SecAgg+ server compute (s): %s", ", ".join(spent))
+            if not ok:
                 log(INFO, "Secure aggregation halted.")
                 if state.nid_to_proxies:  # devices were sampled: nothing is released
                     current_round = context.state.config_records[MAIN_CONFIGS_RECORD][

@@ -13,6 +13,9 @@ over to Flower's ``flwr_simulation``. The backend differs from Flower's where a 
 * an actor lost with its node fails only the call it was running — the round counts that
   device as dropped, as SecAgg+ does any dropout — and is replaced where the cluster still
   has room, instead of being handed the next calls (Flower's pool puts it back);
+* its dispatch loop hands every node its next message in one pass over the stored messages
+  per sweep (:func:`add_messages_to_queue`), where Flower's scans them all once per node —
+  the cost that grew worst with the cohort (docs/cluster.md);
 * every call is counted against the Ray node that ran it, in ``engine-nodes.json`` in the run
   directory (``$FEDPERSONA_ENGINE_PLACEMENT``), which ``fedpersona simulate`` adds to the
   summary.
@@ -38,6 +41,8 @@ from flwr.supercore import log
 
 from simulations.cluster import PLACEMENT_ENV, RESOURCES_ENV, ClientResources
 
+# Flower's own dispatch loop, for a LinkState add_messages_to_queue cannot read.
+vce_api_original: Any = None
 # How long Ray may take to place a new ClientApp actor (start its worker process, import).
 PLACEMENT_WAIT_S = 120.0
 # How long a call waits for a free actor before it fails (every actor busy or lost).
@@ -235,11 +240,53 @@ class PlacedRayBackend(raybackend.RayBackend):
             self.placed.terminate()
 
 
+def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:  # type: ignore[no-untyped-def]
+    """Flower's dispatch loop (``vce_api.add_messages_to_queue``: every 0.1 s, hand each
+    node its next undelivered message), in one pass over the stored messages per sweep.
+
+    Flower's asks the LinkState once per node, and each ask scans and re-validates every
+    stored message: n nodes × the cohort's messages per sweep, for as long as a round lasts —
+    at 100 devices most of the simulation process's CPU, and cubic in the cohort over a
+    round. Here one sweep validates each stored message once and delivers at most one per
+    node, as Flower's does (a node's context is never in two workers at once). A LinkState
+    other than Flower's in-memory one goes through Flower's loop.
+    """
+    from flwr.supercore.date import now
+
+    store = getattr(state, "message_ins_store", None)
+    if store is None or not hasattr(state, "_check_stored_messages"):
+        vce_api_original(state, queue, nodes_mapping, f_stop)
+        return
+    while not f_stop.is_set():
+        ready: dict[int, Any] = {}
+        with state.lock:
+            ids = list(store)
+            state._check_stored_messages(set(ids))  # drops expired and foreign messages
+            for msg_id in ids:
+                message = store.get(msg_id)
+                if message is None or message.metadata.delivered_at != "":
+                    continue
+                node = message.metadata.dst_node_id
+                if node in nodes_mapping and node not in ready:
+                    ready[node] = message
+            delivered_at = now().isoformat()
+            for message in ready.values():
+                message.metadata.delivered_at = delivered_at
+        for message in ready.values():
+            queue.put(message)
+        f_stop.wait(0.1)
+
+
 def main() -> None:
-    """``flwr-simulation`` with :class:`PlacedRayBackend` in place of Flower's."""
+    """``flwr-simulation`` with :class:`PlacedRayBackend` in place of Flower's, and
+    :func:`add_messages_to_queue` in place of its dispatch loop."""
+    global vce_api_original
+    from flwr.server.superlink.fleet.vce import vce_api
     from flwr.simulation.app import flwr_simulation
 
     raybackend.RayBackend = PlacedRayBackend  # what Flower's start_vce instantiates
+    vce_api_original = vce_api.add_messages_to_queue
+    vce_api.add_messages_to_queue = add_messages_to_queue  # what its run_api starts
     sys.argv[0] = "flwr-simulation"  # Flower names its exit event after it
     flwr_simulation()
 

@@ -107,6 +107,48 @@ class _MaskedVectorGate:
         return kept
 
 
+# How often a stage asks for its replies: at the grid's own interval (Flower's: 0.1 s in a
+# simulation, 3 s over gRPC), never more often than every 2 ms per reply still awaited (each
+# ask passes every awaited message id, so n devices asked at a fixed interval cost n² over a
+# stage that lasts ∝ n), and at least every 5 s.
+_PULL_PER_PENDING_S, _PULL_MAX_S = 0.002, 5.0
+
+
+class _PacedGrid:
+    """A grid proxy whose ``send_and_receive`` paces its asks for replies by how many it
+    still awaits (:data:`_PULL_PER_PENDING_S`), through the grid's own ``push_messages`` and
+    ``pull_messages`` (the in-memory grid of a simulation and the gRPC one of a deployment)."""
+
+    def __init__(self, grid) -> None:  # type: ignore[no-untyped-def]
+        self._grid = grid
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        pending = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout or 0.0)
+        replies: list = []
+        while pending and (timeout is None or time.monotonic() < end):
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                floor = float(getattr(self._grid, "pull_interval", 3.0))
+                pace = max(floor, min(_PULL_MAX_S, _PULL_PER_PENDING_S * len(pending)))
+                time.sleep(pace if timeout is None else min(pace, max(0.0, end - time.monotonic())))
+        return replies
+
+
+def _paced(grid):  # type: ignore[no-untyped-def]
+    """``grid`` behind :class:`_PacedGrid` where it is one of Flower's polling grids (the
+    in-memory one of a simulation, the gRPC/HTTP one of a deployment); any other as is."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return _PacedGrid(grid) if type(grid) in (InMemoryGrid, HttpGrid) else grid
+
+
 class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
     """``SecAggPlusWorkflow`` that survives a client lost before the masked vectors and
     rejects malformed masked vectors (their senders count as dropouts).
@@ -151,6 +193,7 @@ class RobustSecAggPlusWorkflow(SecAggPlusWorkflow):
         )
         log(INFO, "Secure aggregation commencing.")
         spent: list[str] = []
+        grid = _paced(grid)
         for step in steps:
             start = time.thread_time()
             ok = step(grid, context, state)

@@ -29,12 +29,12 @@ import contextlib
 import json
 import math
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
+from benchmarks.scaling import PeakRSS
 from simulations.simulate import simulate
 
 MODELS = {
@@ -66,17 +66,15 @@ def overrides(cohort: int, num_shares: float) -> dict:
     }
 
 
-class ServerMeter:
-    """The server's processes among this one's descendants: CPU at marks, peak RSS."""
+class ServerMeter(PeakRSS):
+    """The server's processes among this one's descendants: their peak RSS, and their CPU at
+    marks."""
 
     def __init__(self) -> None:
-        self.peak = 0
-        self.marks: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        super().__init__()
+        self.marks: dict[str, tuple[float, float]] = {}
 
-    @staticmethod
-    def processes() -> list[psutil.Process]:
+    def processes(self) -> list[psutil.Process]:
         out = []
         for proc in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
@@ -94,24 +92,7 @@ class ServerMeter:
         return total
 
     def mark(self, name: str) -> None:
-        self.marks[name] = (self.cpu(), time.perf_counter())  # type: ignore[assignment]
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            rss = 0
-            for proc in self.processes():
-                with contextlib.suppress(psutil.Error):
-                    rss += proc.memory_info().rss
-            self.peak = max(self.peak, rss)
-            self._stop.wait(0.5)
-
-    def __enter__(self) -> ServerMeter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.marks[name] = (self.cpu(), time.perf_counter())
 
 
 def measure(cohort: int, num_shares: float, out: Path) -> dict:

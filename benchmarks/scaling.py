@@ -18,7 +18,8 @@ from simulations.simulate import simulate
 
 
 class PeakRSS:
-    """Polls the summed RSS of this process and all its descendants (Ray workers included)."""
+    """Polls the summed RSS of this process and all its descendants (Ray workers included),
+    or of the processes a subclass's :meth:`processes` names."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
@@ -26,11 +27,14 @@ class PeakRSS:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
+    def processes(self) -> list[psutil.Process]:
         me = psutil.Process()
+        return [me, *me.children(recursive=True)]
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             total = 0
-            for p in [me, *me.children(recursive=True)]:
+            for p in self.processes():
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                     total += p.memory_info().rss
             self.peak = max(self.peak, total)

@@ -74,7 +74,11 @@ class TextStream:
         if self._prompt:
             self._prompt = False
             return
-        self.ids.extend(int(i) for i in value.reshape(-1).tolist())
+        self.add(value.reshape(-1).tolist())
+
+    def add(self, ids: Sequence[int]) -> None:
+        """New completion token ids (no prompt call first)."""
+        self.ids.extend(int(i) for i in ids)
         self._emit(final=False)
 
     def end(self) -> None:

@@ -124,7 +124,7 @@ def test_feedback_scores_prequentially_in_either_serving_precision(tmp_path, pre
 
     store = open_test_store(tmp_path / "dev")
     init_device(store, model="tiny")
-    a = Assistant(store, feedback_lr=0.5, precision=precision)
+    a = Assistant(store, feedback_lr=0.5, precision=precision, engine="torch")
     assert (a.served is not None) == (precision == "bfloat16")
     answer = a.ask("Tell me about the sea.", n=1, max_new_tokens=8, seed=0)
     a.feedback(answer.interaction_id, preferred="The sea is wide and grey.")  # personal moves

@@ -21,6 +21,7 @@ client/assistant/conversation.py.)
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -44,8 +45,9 @@ from client.assistant.engine import Retrieved, build_messages, rerank, retrieve
 from client.assistant.evidence import choose_variant
 from client.assistant.experts import ExpertRouter, install, load_router
 from client.assistant.feedback import FeedbackLearning
+from client.assistant.llama_path import LlamaPath, open_runtime
 from client.assistant.profile import Profile, extract_context
-from client.federation.runtime import Runtime, get_runtime
+from client.federation.runtime import Runtime
 from client.store import LocalStore
 from client.store import status as device_status
 from common import ab
@@ -84,9 +86,12 @@ class Assistant(FeedbackLearning):
             layers (the layers below run once per feedback; ``None``: all layers).
         ab_test: Take part in the federated A/B test: each answer comes from the personal or
             the global model by a coin flip, and its rating is reported as a secure sum.
-        precision: ``auto``, ``float32`` or ``bfloat16``: whether answers come from a bf16
+        precision: ``auto``, ``float32`` or ``bfloat16``: whether torch answers from a bf16
             copy of the model (:func:`common.serving.serving_model`; on a CPU only); default:
             the device's ``train.precision``.
+        engine: ``auto``, ``llama.cpp`` or ``torch``: what answers on a CPU
+            (:func:`client.assistant.llama_path.open_runtime`); default: ``$FEDPERSONA_ENGINE``,
+            else ``auto`` (llama.cpp where it loads and agrees with torch).
     """
 
     def __init__(
@@ -99,13 +104,20 @@ class Assistant(FeedbackLearning):
         feedback_layers: int | None = 4,
         ab_test: bool = False,
         precision: str | None = None,
+        engine: str | None = None,
     ) -> None:
         self.store = store
         self.ab_test = ab_test
         self.lock = threading.RLock()  # one generation / adaptation at a time
         self.cfg = device_status.load_settings(store)
-        # Answers come from a bf16 copy where the CPU has native bf16 (client.federation.runtime).
-        self.rt: Runtime = get_runtime(self.cfg, serving=precision or self.cfg.train.precision)
+        # Answers come from llama.cpp on a CPU; else from a bf16 copy where the CPU has native
+        # bf16 (client.federation.runtime), else from the model itself.
+        self.engine = engine or os.environ.get("FEDPERSONA_ENGINE") or "auto"
+        self.rt: Runtime
+        self.llama: LlamaPath | None
+        self.rt, self.llama = open_runtime(
+            self.cfg, engine=self.engine, precision=precision or self.cfg.train.precision
+        )
         self.served = self.rt.served
         self.state = device_status.open_state(store, self.cfg)
         self.embedder = embedder or get_embedder()
@@ -158,6 +170,8 @@ class Assistant(FeedbackLearning):
             tensors = self.global_tensors()
         self.swap_ms = hot_swap(self.rt.model, tensors)
         self.variant = variant
+        if self.llama is not None:
+            self.llama.ready()  # converts the new adapters now, before the next answer needs them
         return variant
 
     # ---- embeddings ---------------------------------------------------------------------
@@ -238,7 +252,21 @@ class Assistant(FeedbackLearning):
         cancel: threading.Event | None = None,
     ) -> list[Generated]:
         """``n`` sampled completions of ``prompt_ids`` under the loaded adapter
-        (:func:`common.generation.sample`; ``on_text`` streams when ``n == 1``)."""
+        (:func:`common.generation.sample`; ``on_text`` streams when ``n == 1``): through
+        llama.cpp where it holds these adapters, else through torch."""
+        key = None if self.llama is None else self.llama.ready()
+        if key is not None:
+            return self.llama.generate(  # type: ignore[union-attr]
+                key,
+                prompt_ids,
+                n=n,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed,
+                stop=stop,
+                on_text=on_text,
+                cancel=cancel,
+            )
         return sample(
             self.rt.model if self.served is None else self.served.refresh(),
             self.rt.tokenizer,

@@ -14,6 +14,7 @@ tensors stay fp32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -40,6 +41,8 @@ class Runtime:
     trainable_names: list[str]
     base_ref: str
     served: ServingCopy | None = None
+    # The assistant's llama.cpp path (client.assistant.llama_path.LlamaPath), made once per model.
+    llama: Any = None
 
 
 _RUNTIMES: dict[tuple, Runtime] = {}
@@ -56,6 +59,9 @@ def get_runtime(cfg: RunConfig, *, serving: str | None = None) -> Runtime:
     key = (cfg.model, cfg.strategy, cfg.personalization, serving)
     if key not in _RUNTIMES:
         strategy = strategy_for(cfg)
+        for old in _RUNTIMES.values():  # llama.cpp's native memory goes with its runtime
+            if old.llama is not None:
+                old.llama.close()
         _RUNTIMES.clear()  # one model per process: a new config replaces the old one
         base = load_base_for(cfg.model)
         model = build_peft_model(base, cfg.model, strategy)

@@ -157,7 +157,7 @@ def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> 
             "now": MODEL_THREAD.call(_direct, assistant, repeats, max_tokens),
             "old (fp32 answers, all-layer feedback)": MODEL_THREAD.call(
                 _direct,
-                Assistant(store, precision="float32", feedback_layers=None),
+                Assistant(store, precision="float32", feedback_layers=None, engine="torch"),
                 repeats,
                 max_tokens,
             ),
@@ -182,6 +182,7 @@ def bench(model: str = "smollm2", *, repeats: int = 5, max_tokens: int = 64) -> 
         "three_candidates_s": statistics.median(three),
         "feedback_s": statistics.median(feedback),
         "answers_in_bf16": assistant.served is not None,
+        "answers_through": "llama.cpp" if assistant.llama is not None else "torch",
         "paths": paths,
         **_path_ratios(paths),
         "runs": runs,
@@ -199,10 +200,16 @@ def _direct(assistant, repeats: int, max_tokens: int) -> dict:  # type: ignore[n
     three, speed, feedback, forced = [], [], [], []
     model = assistant.rt.model if assistant.served is None else assistant.served.refresh()
     prompt = render(assistant.rt.tokenizer, CONVERSATION)
+    key = None if assistant.llama is None else assistant.llama.ready()
     for i in range(repeats):  # 3 candidates of exactly max_tokens tokens: the issue's figure
         start = time.perf_counter()
-        sample(model, assistant.rt.tokenizer, [prompt], n=3, max_new_tokens=max_tokens,
-               min_new_tokens=max_tokens, seed=i)  # fmt: skip
+        if key is not None:  # what answers: llama.cpp where it does
+            assistant.llama.generate(key, prompt, n=3, max_new_tokens=max_tokens,
+                                     min_new_tokens=max_tokens, temperature=0.8,
+                                     seed=i)  # fmt: skip
+        else:
+            sample(model, assistant.rt.tokenizer, [prompt], n=3, max_new_tokens=max_tokens,
+                   min_new_tokens=max_tokens, seed=i)  # fmt: skip
         forced.append(time.perf_counter() - start)
     for i in range(repeats):
         start = time.perf_counter()
@@ -222,8 +229,8 @@ def _direct(assistant, repeats: int, max_tokens: int) -> dict:  # type: ignore[n
 
 @torch.no_grad()
 def _bare_first_token(assistant, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
-    """The model alone (the one that answers: the bf16 serving copy where there is one): the
-    same rendered prompt, prefill + one sampled token (median)."""
+    """The model alone (the one that answers: llama.cpp, or the bf16 serving copy where
+    there is one): the same rendered prompt, prefill + one sampled token (median)."""
     from client.assistant.engine import build_messages
 
     tok = assistant.rt.tokenizer
@@ -234,6 +241,14 @@ def _bare_first_token(assistant, repeats: int = 5) -> float:  # type: ignore[no-
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     times = []
+    if assistant.llama is not None and (key := assistant.llama.ready()) is not None:
+        prompt = ids["input_ids"][0].tolist()
+        for _ in range(repeats + 1):  # the prompt computed from nothing each time
+            assistant.llama.engine.use(None)
+            start = time.perf_counter()
+            assistant.llama.generate(key, prompt, n=1, max_new_tokens=1, temperature=0.8)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
     model = assistant.rt.model if assistant.served is None else assistant.served.refresh()
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -284,7 +299,9 @@ def markdown(r: dict) -> str:
     lines = ["| answering | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     lines.append(
         f"\n{r['model']} · {r['prompt_tokens']} prompt tokens · {r['threads']} threads · "
-        f"median of {r['repeats']} · answers in {'bf16' if r.get('answers_in_bf16') else 'fp32'}"
+        f"median of {r['repeats']} · answers through "
+        f"{r.get('answers_through', 'torch')} "
+        f"({'bf16' if r.get('answers_in_bf16') else 'fp32'} torch)"
     )
     return "\n".join(lines)
 

@@ -174,8 +174,18 @@ class LlamaEngine:
             for key in [k for k in self._adapters if k not in keep and k != self.active]:
                 self.lib.llama_adapter_lora_free(self._adapters.pop(key))
 
+    def forget(self) -> None:
+        """Drop every computed cell: the next prompt is computed from nothing."""
+        with self.lock:
+            self.lib.llama_memory_clear(self.mem, False)
+            self._cached = []
+
     def use(self, key: str | None) -> None:
         """Answer with the adapter ``key`` (``None``: the bare base) from the next decode on."""
+        with self.lock:
+            self._use(key)
+
+    def _use(self, key: str | None) -> None:
         if key == self.active:
             return
         if key is not None and key not in self._adapters:
@@ -183,7 +193,7 @@ class LlamaEngine:
         arr = (self.lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[key]) if key else None
         scales = (ctypes.c_float * 1)(1.0) if key else None
         self.lib.llama_set_adapters_lora(self.ctx, arr, 1 if key else 0, scales)
-        self.lib.llama_memory_clear(self.mem, True)  # cells computed under other weights
+        self.lib.llama_memory_clear(self.mem, False)  # cells computed under other weights
         self._cached = []
         self.active = key
 
@@ -231,15 +241,25 @@ class LlamaEngine:
             self._cached += list(chunk)
         return rows if all_logits else [self._row(self.batch.n_tokens - 1)]
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Next-token logits at every position of ``ids`` (for parity checks)."""
+    def logits(self, ids: Sequence[int], *, adapter: str | None) -> np.ndarray:
+        """Next-token logits at every position of ``ids`` under ``adapter`` (parity checks)."""
         with self.lock:
+            self._use(adapter)
             return np.stack(self._prompt(ids, all_logits=True))
+
+    def warm(self, ids: Sequence[int], *, adapter: str | None) -> None:
+        """Compute ``ids``' cells under ``adapter`` ahead of a prompt that begins with them
+        (the user's system prompt, while the device is idle)."""
+        with self.lock:
+            if not self.closed and (adapter is None or adapter in self._adapters):
+                self._use(adapter)
+                self._prompt(ids)
 
     def sample(
         self,
         prompt: Sequence[int],
         *,
+        adapter: str | None,
         tokenizer: Any,
         eos: set[int],
         n: int = 1,
@@ -251,8 +271,8 @@ class LlamaEngine:
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> list[Generated]:
-        """``n`` sampled completions of ``prompt`` (as :func:`common.generation.sample` for
-        one prompt; ``on_text`` streams when ``n == 1``).
+        """``n`` sampled completions of ``prompt`` under ``adapter`` (as
+        :func:`common.generation.sample` for one prompt; ``on_text`` streams when ``n == 1``).
 
         Raises:
             ValueError: ``n`` above the engine's sequences, or a prompt that leaves no room.
@@ -268,6 +288,7 @@ class LlamaEngine:
             TextStream(tokenizer, stop=stop, on_text=on_text if n == 1 else None) for _ in range(n)
         ]
         with self.lock:
+            self._use(adapter)
             first = self._prompt(prompt)[0]
             for s in range(1, n):
                 self.lib.llama_memory_seq_cp(self.mem, 0, s, 0, len(prompt))

@@ -64,7 +64,7 @@ def test_adapters_on_every_target_give_torch_fp32s_logits(path) -> None:
     ids = render(rt.tokenizer, PROMPT)
 
     # Execute: llama.cpp's and torch's next-token logits at every position.
-    got = lp.engine.logits(ids)
+    got = lp.engine.logits(ids, adapter=lp.ready())
     with torch.no_grad():
         rt.model.eval()
         ref = rt.model(input_ids=torch.tensor([ids])).logits[0].numpy()
@@ -142,27 +142,41 @@ def test_sampling_streams_stops_cancels_and_repeats_with_a_seed(path) -> None:
 
 
 def test_a_conversation_reuses_its_prompt_and_a_new_adapter_clears_it(path) -> None:
-    # Prepare: a first turn answered.
+    # Prepare: a first turn answered; the system prompt of a new conversation warmed.
     rt, lp = path
     key = lp.ready()
     first = render(rt.tokenizer, PROMPT)
     lp.generate(key, first, n=1, seed=0, temperature=0.8, max_new_tokens=4)
-    longer = render(
-        rt.tokenizer,
-        [
-            *PROMPT,
-            {"role": "assistant", "content": "Risotto."},
-            {"role": "user", "content": "How?"},
-        ],
-    )
+    turn = [
+        *PROMPT,
+        {"role": "assistant", "content": "Risotto."},
+        {"role": "user", "content": "How?"},
+    ]
+    longer = render(rt.tokenizer, turn)
+    system = [{"role": "system", "content": "You are terse."}]
+    warm = rt.tokenizer.apply_chat_template(system, tokenize=True, return_dict=True)["input_ids"]
+    fresh_question = render(rt.tokenizer, [*system, {"role": "user", "content": "Hi?"}])
 
     # Execute / Assert: the next turn keeps the cells of the shared prefix, and the logits
     # computed that way equal a fresh computation's.
-    lp.engine._prompt(longer)
-    assert len(lp.engine._cached) == len(longer)
-    reused = lp.engine._row(lp.engine.batch.n_tokens - 1)
-    fresh = lp.engine.logits(longer)[-1]
+    with lp.engine.lock:
+        lp.engine._prompt(longer)
+        assert len(lp.engine._cached) == len(longer)
+        reused = lp.engine._row(lp.engine.batch.n_tokens - 1)
+    fresh = lp.engine.logits(longer, adapter=key)[-1]
     assert np.allclose(reused, fresh, atol=1e-4)
+
+    # A warmed system prompt is where a new question's prompt begins.
+    lp.latest = key
+    lp.warm(list(warm))
+    lp.wait()
+    assert lp.engine._cached == list(warm) and fresh_question[: len(warm)] == list(warm)
+    with lp.engine.lock:
+        from_warm = lp.engine._prompt(fresh_question)[0]
+        assert lp.engine.batch.n_tokens == len(fresh_question) - len(warm)  # only the rest
+    assert np.allclose(from_warm, lp.engine.logits(fresh_question, adapter=key)[-1], atol=1e-4)
+
+    # Other weights: nothing computed is kept.
     lp.engine.use(None)
     assert lp.engine._cached == []
 

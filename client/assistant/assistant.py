@@ -52,7 +52,7 @@ from client.store import LocalStore
 from client.store import status as device_status
 from common import ab
 from common.embedding import Embedder, get_embedder, user_embedding
-from common.generation import Generated, sample
+from common.generation import Generated, render, sample
 from common.lora import export_adapter
 from common.pii import scrub
 
@@ -168,11 +168,28 @@ class Assistant(FeedbackLearning):
             tensors = {**self.global_tensors(), **self.router.mix(self.user_vector())}
         else:
             tensors = self.global_tensors()
+        if self.llama is not None:  # the other model a request may name, converted now too
+            other = "global" if variant == "personal" else "personal"
+            hot_swap(self.rt.model, self._tensors_for(other))
+            self.llama.ready()
         self.swap_ms = hot_swap(self.rt.model, tensors)
         self.variant = variant
         if self.llama is not None:
             self.llama.ready()  # converts the new adapters now, before the next answer needs them
+            self._warm_llama()
         return variant
+
+    def _warm_llama(self) -> None:
+        """Have llama.cpp compute the user's system prompt while idle (the next request
+        computes only its own part: a first token in milliseconds, not a whole prefill)."""
+        if self.llama is not None:
+            context = extract_context(task=None)
+            a, b = (
+                render(self.rt.tokenizer, build_messages(self.profile, q, context=context))
+                for q in ("a", "b")
+            )
+            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), 0)
+            self.llama.warm(a[:same])  # the system prompt and the template's opening of a turn
 
     # ---- embeddings ---------------------------------------------------------------------
 
@@ -459,6 +476,7 @@ class Assistant(FeedbackLearning):
         with self.lock:
             self.profile = self.profile.updated(changes)
             self.store.put_profile(self.profile.to_dict())
+            self._warm_llama()
             return self.profile
 
     def _load_router(self) -> ExpertRouter | None:

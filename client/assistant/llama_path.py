@@ -120,6 +120,7 @@ class LlamaPath:
         self._lru: OrderedDict[str, None] = OrderedDict()
         self._guard = threading.Lock()
         self.kl: float | None = None
+        self.latest: str | None = None  # the adapter of the model's tensors when last seen
         self.failed: str | None = None  # why a conversion failed: the torch model answers
 
     @classmethod
@@ -149,6 +150,7 @@ class LlamaPath:
     def _convert(self, key: str, snap: Snapshot) -> None:
         try:
             self._load(key, snap)
+            self._remember(key)
             log.info("llama.cpp: adapter %s ready", key[:12])
         except (GGUFError, OSError) as err:
             self.failed = str(err)
@@ -158,11 +160,15 @@ class LlamaPath:
                 self._pending.pop(key, None)
 
     def _remember(self, key: str) -> None:
-        self._lru[key] = None
-        self._lru.move_to_end(key)
-        while len(self._lru) > KEEP_ADAPTERS:
-            self._lru.popitem(last=False)
-        self.engine.drop_adapters(set(self._lru))
+        """``key`` was just used or loaded: keep it, free the least recently used beyond
+        :data:`KEEP_ADAPTERS`."""
+        with self._guard:
+            self._lru[key] = None
+            self._lru.move_to_end(key)
+            while len(self._lru) > KEEP_ADAPTERS:
+                self._lru.popitem(last=False)
+            keep = set(self._lru)
+        self.engine.drop_adapters(keep)
 
     def ready(self) -> str | None:
         """The loaded adapter for the model's tensors now, or ``None`` while it is converted
@@ -170,7 +176,7 @@ class LlamaPath:
         if self.engine.closed:
             return None  # its runtime was replaced (another model in this process): torch answers
         snap = snapshot(self.model)
-        key = snapshot_id(snap)
+        key = self.latest = snapshot_id(snap)
         if self.engine.has(key):
             self._remember(key)
             return key
@@ -183,6 +189,25 @@ class LlamaPath:
             key[:12],
         )
         return None
+
+    def warm(self, ids: list[int]) -> None:
+        """Compute ``ids`` — how the next prompt begins: the user's system prompt — under the
+        adapter :meth:`ready` saw last, on the worker thread (after the conversion it may
+        wait for): the next request computes only what follows."""
+        key = self.latest
+        if key is None or self.engine.closed or not ids:
+            return
+        with self._guard:
+            self._pending[f"warm-{key}"] = self._worker.submit(self._warm, key, ids)
+
+    def _warm(self, key: str, ids: list[int]) -> None:
+        try:
+            self.engine.warm(ids, adapter=key)
+        except (LlamaUnavailable, ValueError) as err:  # a failed warm-up costs only time
+            log.warning("llama.cpp: warming the system prompt failed (%s)", err)
+        finally:
+            with self._guard:
+                self._pending.pop(f"warm-{key}", None)
 
     def wait(self, timeout: float = 60.0) -> None:
         """Block until the conversions started so far are done (tests, benchmarks, start-up)."""
@@ -203,7 +228,6 @@ class LlamaPath:
         key = snapshot_id(snap)
         self._load(key, snap)
         self._remember(key)
-        self.engine.use(key)
         texts = [
             self.tokenizer(_PARITY_TEXT)["input_ids"],
             self.tokenizer.apply_chat_template(PARITY_CHAT, tokenize=True, return_dict=True)[
@@ -219,7 +243,8 @@ class LlamaPath:
                     ref = (
                         self.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
                     )
-                got = torch.from_numpy(self.engine.logits(ids)).float().log_softmax(-1)
+                got = self.engine.logits(ids, adapter=key)
+                got = torch.from_numpy(got).float().log_softmax(-1)
                 kls.append(float((ref.exp() * (ref - got)).sum(-1).mean()))
         finally:
             self.model.train(was_training)
@@ -236,12 +261,16 @@ class LlamaPath:
     ) -> list[Generated]:
         """Sample with the adapter ``key`` (:meth:`ready`'s); options as
         :meth:`common.llama_serving.LlamaEngine.sample`'s."""
-        self.engine.use(key)
         sampling = Sampling(
             temperature=temperature, top_k=self.top_k, top_p=options.pop("top_p", 0.95)
         )
         return self.engine.sample(
-            prompt_ids, tokenizer=self.tokenizer, eos=self.eos, sampling=sampling, **options
+            prompt_ids,
+            adapter=key,
+            tokenizer=self.tokenizer,
+            eos=self.eos,
+            sampling=sampling,
+            **options,
         )
 
     def close(self) -> None:

@@ -171,6 +171,7 @@ def _user_wait(repeats: int) -> dict[str, Any]:
     from client.api.app import create_app, serve_in_background
     from client.assistant.assistant import Assistant
     from client.assistant.model_thread import MODEL_THREAD
+    from common.gguf_lora import snapshot
 
     with tempfile.TemporaryDirectory(prefix="fp-bench-llama-") as tmp:
         store = _new_store(Path(tmp), "smollm2")
@@ -184,10 +185,11 @@ def _user_wait(repeats: int) -> dict[str, Any]:
         MODEL_THREAD.call(assistant.activate)
         if assistant.llama is not None:
             assistant.llama.wait()
+        # What answers is not a zero adapter: the norm of Σ ΔW = B·A over the adapted weights.
+        delta_norm = sum(float((b @ a).norm()) for a, b in snapshot(assistant.rt.model).values())
         ask = _timed(
             lambda i: MODEL_THREAD.call(
                 assistant.ask, CONVERSATION, n=3, max_new_tokens=MAX_TOKENS, seed=i,
-                model="personal",
             ),
             repeats,
         )  # fmt: skip
@@ -196,7 +198,7 @@ def _user_wait(repeats: int) -> dict[str, Any]:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
             api = _timed(
                 lambda i: client.chat.completions.create(
-                    model="fedpersona-personal", messages=CONVERSATION, max_tokens=MAX_TOKENS,
+                    model="fedpersona", messages=CONVERSATION, max_tokens=MAX_TOKENS,
                     seed=i,
                     extra_body={"candidates": 3},
                 ),
@@ -206,6 +208,8 @@ def _user_wait(repeats: int) -> dict[str, Any]:
         store.close()
     return {
         "engine": engine,
+        "variant": assistant.variant,
+        "adapter_delta_norm": delta_norm,
         "assistant_load_s": load_s,
         "ask_three_s": statistics.median(ask),
         "api_three_s": statistics.median(api),
@@ -304,7 +308,8 @@ def markdown(r: dict[str, Any]) -> str:
          f"{bf['weight_bytes_per_step'] / 1e6:.0f} MB ({bf['weights_gb_per_s']:.2f} GB/s) / "
          f"{ll['weight_bytes_per_step'] / 1e6:.0f} MB ({ll['weights_gb_per_s']:.2f} GB/s); "
          f"the machine copies {r['copy_bandwidth_gb_per_s']:.2f} GB/s"),
-        (f"`Assistant.ask` (what `device ask` runs), 3 × ≤ 64 tokens, through {w['engine']}",
+        (f"`Assistant.ask` (what `device ask` runs), 3 × ≤ 64 tokens, through {w['engine']} "
+         f"({w['variant']} model, Σ‖ΔW‖ {w['adapter_delta_norm']:.2f})",
          f"{w['ask_three_s']:.2f} s (target ≤ 2.5 s)"),
         ("the OpenAI-compatible API, 3 candidates × ≤ 64 tokens",
          f"{w['api_three_s']:.2f} s (target ≤ 2.5 s)"),

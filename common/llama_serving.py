@@ -197,6 +197,11 @@ class LlamaEngine:
         self._cached = []
         self.active = key
 
+    def fits(self, prompt: int, n: int, max_new_tokens: int) -> bool:
+        """Whether ``n`` candidates of ``max_new_tokens`` after a ``prompt``-token prompt fit
+        the context's cells (the candidates share the prompt's)."""
+        return 1 <= n <= self.n_seq and prompt + n * max_new_tokens <= self.n_ctx
+
     # ---- decoding -------------------------------------------------------------------------
 
     def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:

@@ -298,3 +298,24 @@ def test_the_engine_refuses_what_does_not_fit(path) -> None:
         lp.generate(key, [1, 2], n=9, temperature=0.8, max_new_tokens=4)
     with pytest.raises((GGUFError, LlamaUnavailable), match="nope.gguf"):
         LlamaEngine(Path(base_gguf("tiny")).with_name("nope.gguf"), n_ctx=64)
+
+
+def test_what_llama_cpp_cannot_answer_goes_to_torch(path, monkeypatch, caplog) -> None:
+    rt, lp = path
+    ids = render(rt.tokenizer, PROMPT)
+
+    # Candidates that do not fit the shared cells (3 × 64 after 400 prompt tokens in 512).
+    with caplog.at_level(logging.INFO):
+        assert lp.answer([1] * 400, n=3, max_new_tokens=64, temperature=0.8) is None
+    assert "exceed its 512 cells; torch answers" in caplog.text
+
+    # A failure before anything streamed: torch answers; after a piece streamed: raised.
+    def fail(*_a, on_text=None, **_k):  # type: ignore[no-untyped-def]
+        if on_text is not None:
+            on_text("Hello")
+        raise LlamaUnavailable("llama_decode failed (1)")
+
+    monkeypatch.setattr(lp.engine, "sample", fail)
+    assert lp.answer(ids, n=2, max_new_tokens=8, temperature=0.8) is None
+    with pytest.raises(LlamaUnavailable):
+        lp.answer(ids, n=1, max_new_tokens=8, temperature=0.8, on_text=lambda piece: None)

@@ -271,10 +271,8 @@ class Assistant(FeedbackLearning):
         """``n`` sampled completions of ``prompt_ids`` under the loaded adapter
         (:func:`common.generation.sample`; ``on_text`` streams when ``n == 1``): through
         llama.cpp where it holds these adapters, else through torch."""
-        key = None if self.llama is None else self.llama.ready()
-        if key is not None:
-            return self.llama.generate(  # type: ignore[union-attr]
-                key,
+        if self.llama is not None:
+            answer = self.llama.answer(
                 prompt_ids,
                 n=n,
                 max_new_tokens=max_new_tokens,
@@ -284,6 +282,8 @@ class Assistant(FeedbackLearning):
                 on_text=on_text,
                 cancel=cancel,
             )
+            if answer is not None:
+                return answer
         return sample(
             self.rt.model if self.served is None else self.served.refresh(),
             self.rt.tokenizer,

@@ -273,6 +273,39 @@ class LlamaPath:
             **options,
         )
 
+    def answer(
+        self, prompt_ids: list[int], *, n: int, max_new_tokens: int, on_text: Any = None, **kw: Any
+    ) -> list[Generated] | None:
+        """The answer through llama.cpp with the model's adapters now, or ``None`` where torch
+        must answer (the log says why): the adapters are still converting, the candidates do
+        not fit the context's cells, or llama.cpp failed before anything was streamed."""
+        key = self.ready()
+        if key is None:
+            return None
+        if not self.engine.fits(len(prompt_ids), n, max_new_tokens):
+            log.info(
+                "llama.cpp: %d prompt tokens and %d × %d new ones exceed its %d cells; "
+                "torch answers",
+                len(prompt_ids), n, max_new_tokens, self.engine.n_ctx,
+            )  # fmt: skip
+            return None
+        streamed: list[str] = []
+
+        def tee(piece: str) -> None:
+            streamed.append(piece)
+            on_text(piece)
+
+        try:
+            return self.generate(
+                key, prompt_ids, n=n, max_new_tokens=max_new_tokens,
+                on_text=None if on_text is None else tee, **kw,
+            )  # fmt: skip
+        except LlamaUnavailable as err:
+            if streamed:  # the user already has part of this answer: no second one
+                raise
+            log.warning("llama.cpp failed (%s); torch answers", err)
+            return None
+
     def close(self) -> None:
         """Stop the conversion worker and free llama.cpp's memory."""
         self._worker.shutdown(wait=True)

@@ -132,6 +132,8 @@ class Assistant(FeedbackLearning):
         # Prompt + answer must fit the model's positions; tests shrink it to see turns dropped.
         self.context_tokens = int(self.rt.model.config.max_position_embeddings)
         self.activate()
+        if self.llama is not None:  # start-up: the first answer already comes from llama.cpp
+            self.llama.wait()
 
     # ---- model state --------------------------------------------------------------------
 

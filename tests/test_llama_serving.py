@@ -319,3 +319,32 @@ def test_what_llama_cpp_cannot_answer_goes_to_torch(path, monkeypatch, caplog) -
     assert lp.answer(ids, n=2, max_new_tokens=8, temperature=0.8) is None
     with pytest.raises(LlamaUnavailable):
         lp.answer(ids, n=1, max_new_tokens=8, temperature=0.8, on_text=lambda piece: None)
+
+
+def test_a_round_from_the_devices_worker_answers_from_the_next_request(tmp_path) -> None:
+    # Prepare: a device's assistant, and the same store opened as its worker opens it.
+    from client.store import status as device_status
+    from common.gguf_lora import snapshot_id
+    from tests.conftest import tiny_assistant
+
+    store, assistant, _ = tiny_assistant(tmp_path / "dev")
+    try:
+        before = snapshot_id(snapshot(assistant.rt.model))
+        worker = device_status.open_state(store, assistant.cfg)
+        shared = assistant.global_tensors()
+        shared = {n: t + 0.25 for n, t in shared.items() if n in assistant.rt.shared_names}
+        worker.save_global(shared)
+        worker.meta.last_round = 7
+        worker.save_meta()
+
+        # Execute: the next request.
+        assistant.ask("Tell me about the sea.", n=1, max_new_tokens=4, seed=0)
+        assistant.llama.wait()
+
+        # Assert: the round's adapters answer (loaded into torch, converted for llama.cpp).
+        assert assistant.state.meta.last_round == 7
+        after = snapshot_id(snapshot(assistant.rt.model))
+        assert after != before and assistant.llama.ready() == after
+        assert assistant.follow_rounds() is False  # nothing new since
+    finally:
+        store.close()

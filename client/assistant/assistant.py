@@ -193,6 +193,24 @@ class Assistant(FeedbackLearning):
             same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), 0)
             self.llama.warm(a[:same])  # the system prompt and the template's opening of a turn
 
+    def follow_rounds(self) -> bool:
+        """Take up what a federated round in the device's worker (another process, the same
+        store) wrote since this assistant looked: the global and personal tensors, the mixing
+        weight and the federation's held-out losses. Returns whether a round arrived (then the
+        new model answers from this request on; llama.cpp once its adapter is converted)."""
+        fresh = device_status.open_state(self.store, self.cfg)
+        old, new = self.state.meta, fresh.meta
+        if (new.last_round, new.mix_weight) == (old.last_round, old.mix_weight):
+            return False
+        self.state = fresh
+        if new.personal_loss is not None and new.global_loss is not None:
+            self.gate.federated = (new.personal_loss, new.global_loss)
+        logger.info(
+            "round %d arrived from the device's worker: its adapters answer now", new.last_round
+        )
+        self.activate()
+        return True
+
     # ---- embeddings ---------------------------------------------------------------------
 
     def user_vector(self) -> np.ndarray:
@@ -345,6 +363,7 @@ class Assistant(FeedbackLearning):
         with self.lock:
             marks = [time.perf_counter()]
             self.store.maybe_purge()
+            self.follow_rounds()
             ready = self._prepare(last, turns, task=task, system=system, room=max_new_tokens)
             marks.append(time.perf_counter())
             variant, why, stored_variant = self._choose_model(model)

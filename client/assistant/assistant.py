@@ -291,31 +291,19 @@ class Assistant(FeedbackLearning):
         """``n`` sampled completions of ``prompt_ids`` under the loaded adapter
         (:func:`common.generation.sample`; ``on_text`` streams when ``n == 1``): through
         llama.cpp where it holds these adapters, else through torch."""
-        if self.llama is not None:
-            answer = self.llama.answer(
-                prompt_ids,
-                n=n,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                seed=seed,
-                stop=stop,
-                on_text=on_text,
-                cancel=cancel,
-            )
-            if answer is not None:
-                return answer
-        return sample(
-            self.rt.model if self.served is None else self.served.refresh(),
-            self.rt.tokenizer,
-            [prompt_ids],
-            n=n,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-            stop=stop,
-            on_text=on_text,
-            cancel=cancel,
-        )[0]
+        options: dict[str, Any] = {
+            "n": n,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "seed": seed,
+            "stop": stop,
+            "on_text": on_text,
+            "cancel": cancel,
+        }
+        if self.llama is not None and (answer := self.llama.answer(prompt_ids, **options)):
+            return answer
+        model = self.rt.model if self.served is None else self.served.refresh()
+        return sample(model, self.rt.tokenizer, [prompt_ids], **options)[0]
 
     def ask(
         self,

@@ -52,7 +52,8 @@ llama_cpp() {
       "llama-cpp-python==$LLAMA" || return 1
     rm -rf "$WHEELS" && mv "$WHEELS.part" "$WHEELS"
   fi
-  pip_install --no-deps "$WHEELS"/llama_cpp_python-*.whl
+  # Its dependencies but one (jinja2, numpy, typing-extensions) come with torch; diskcache, pinned.
+  pip_install --no-deps "$WHEELS"/llama_cpp_python-*.whl "diskcache==5.6.3"
 }
 
 step "virtual environment (.venv, $("$PY" -V 2>&1))" "$PY" -m venv .venv

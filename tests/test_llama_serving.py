@@ -348,3 +348,38 @@ def test_a_round_from_the_devices_worker_answers_from_the_next_request(tmp_path)
         assert assistant.follow_rounds() is False  # nothing new since
     finally:
         store.close()
+
+
+def test_an_expert_mix_follows_a_profile_change_into_llama_cpp(tmp_path) -> None:
+    # Prepare: a device answering with two expert adapters (the mix follows the user vector).
+    from client.assistant.assistant import Assistant
+    from client.store.state import init_device
+    from common.gguf_lora import snapshot_id
+    from tests.conftest import open_test_store
+    from tests.test_assistant import _expert_adapter
+
+    store = open_test_store(tmp_path / "dev")
+    init_device(store, model="tiny", strategy="fedsa")
+    try:
+        assistant = Assistant(store)
+        for name, scale, about in (
+            ("cooking", 0.5, "recipes and cooking"),
+            ("code", -0.5, "python code"),
+        ):
+            adapter = _expert_adapter(assistant, tmp_path / name, scale)
+            assistant.add_expert(name, adapter, about=about)
+        assert assistant.variant == "experts"
+        assistant.llama.wait()
+        before = assistant.llama.ready()
+
+        # Execute: the user says what they care about.
+        assistant.set_profile({"domains": ["python programming", "debugging code"]})
+        assistant.llama.wait()
+
+        # Assert: a new mix, converted; llama.cpp answers with it and agrees with torch.
+        after = assistant.llama.ready()
+        assert after is not None and after != before
+        assert after == snapshot_id(snapshot(assistant.rt.model))
+        assert assistant.llama.parity() < 1e-5
+    finally:
+        store.close()

@@ -481,11 +481,15 @@ class Assistant(FeedbackLearning):
     # ---- profile, experts, status -------------------------------------------------------
 
     def set_profile(self, changes: dict[str, Any]) -> Profile:
-        """Change explicit preferences (validated; ``implicit`` cannot be set)."""
+        """Change explicit preferences (validated; ``implicit`` cannot be set). The expert mix
+        follows the profile (it is in the user's embedding), so it is mixed again."""
         with self.lock:
             self.profile = self.profile.updated(changes)
             self.store.put_profile(self.profile.to_dict())
-            self._warm_llama()
+            if self.router is not None:
+                self.activate()  # warms the new system prompt too
+            else:
+                self._warm_llama()
             return self.profile
 
     def _load_router(self) -> ExpertRouter | None:

@@ -189,7 +189,7 @@ class LlamaEngine:
         if key == self.active:
             return
         if key is not None and key not in self._adapters:
-            raise KeyError(f"adapter {key} is not loaded")
+            raise LlamaUnavailable(f"the adapter {key} is no longer loaded")
         arr = (self.lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[key]) if key else None
         scales = (ctypes.c_float * 1)(1.0) if key else None
         self.lib.llama_set_adapters_lora(self.ctx, arr, 1 if key else 0, scales)

@@ -279,7 +279,8 @@ def test_a_conversion_that_fails_leaves_torch_answering(path, monkeypatch, caplo
     def refuse(*_a, **_k):  # type: ignore[no-untyped-def]
         raise GGUFError("llama.cpp could not load the adapter /proc/self/fd/9")
 
-    monkeypatch.setattr(lp, "_load", refuse)
+    calls: list[int] = []
+    monkeypatch.setattr(lp, "_load", lambda *a: (calls.append(1), refuse())[1])
     with torch.no_grad():
         next(p for n, p in rt.model.named_parameters() if "lora_B" in n).add_(1.0)
     with caplog.at_level(logging.WARNING):
@@ -287,6 +288,7 @@ def test_a_conversion_that_fails_leaves_torch_answering(path, monkeypatch, caplo
         lp.wait()
         assert lp.ready() is None
     assert "cannot take this adapter" in caplog.text and lp.failed
+    assert calls == [1]  # the same tensors are not converted again on every request
 
 
 def test_the_engine_refuses_what_does_not_fit(path) -> None:

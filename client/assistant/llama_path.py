@@ -122,6 +122,7 @@ class LlamaPath:
         self.kl: float | None = None
         self.latest: str | None = None  # the adapter of the model's tensors when last seen
         self.failed: str | None = None  # why a conversion failed: the torch model answers
+        self._refused: set[str] = set()  # adapters llama.cpp could not take
 
     @classmethod
     def open(cls, model: Any, tokenizer: Any, name: str, *, n_ctx: int) -> LlamaPath:
@@ -154,6 +155,8 @@ class LlamaPath:
             log.info("llama.cpp: adapter %s ready", key[:12])
         except (GGUFError, OSError) as err:
             self.failed = str(err)
+            with self._guard:
+                self._refused.add(key)  # not tried again for the same tensors
             log.warning("llama.cpp cannot take this adapter (%s); torch answers", err)
         finally:
             with self._guard:
@@ -181,6 +184,8 @@ class LlamaPath:
             self._remember(key)
             return key
         with self._guard:
+            if key in self._refused:
+                return None
             if key not in self._pending:
                 self._pending[key] = self._worker.submit(self._convert, key, snap)
         log.info(

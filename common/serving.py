@@ -37,7 +37,7 @@ SERVING_PRECISIONS = ("auto", "float32", "bfloat16")
 # sampling noise of temperature-0.8 answers; a broken conversion shows as ≫ 0.1.
 PARITY_KL = 0.02
 _CACHE_ATTR = "_fedpersona_serving_copies"
-_PARITY_TEXT = (
+PARITY_TEXT = (
     "The assistant answers in a friendly, concise way. A user asked how to cook mushroom "
     "risotto for two people, and the assistant listed the ingredients and the steps."
 )
@@ -117,17 +117,28 @@ def frozen_base_to(model: Any, dtype: torch.dtype) -> None:
 
 
 @torch.no_grad()
-def parity_kl(model: Any, tokenizer: Any, copy_: ServingCopy) -> float:
-    """Mean KL(fp32 ‖ bf16 copy) of next-token distributions over :data:`_PARITY_TEXT`."""
-    ids = tokenizer(_PARITY_TEXT, return_tensors="pt")["input_ids"]
+def reference_logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """``model``'s next-token log-probabilities (fp32) at every position of ``ids``, computed
+    in eval mode (its training mode restored after)."""
     was_training = model.training
     model.eval()
     try:
-        ref = model(input_ids=ids).logits.float().log_softmax(-1)
+        return model(input_ids=ids).logits.float().log_softmax(-1)
     finally:
         model.train(was_training)
-    got = copy_.refresh()(input_ids=ids).logits.float().log_softmax(-1)
+
+
+def mean_kl(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """Mean KL(ref ‖ got) over positions of next-token distributions given as log-probs."""
     return float((ref.exp() * (ref - got)).sum(-1).mean())
+
+
+@torch.no_grad()
+def parity_kl(model: Any, tokenizer: Any, copy_: ServingCopy) -> float:
+    """Mean KL(fp32 ‖ bf16 copy) of next-token distributions over :data:`PARITY_TEXT`."""
+    ids = tokenizer(PARITY_TEXT, return_tensors="pt")["input_ids"]
+    ref = reference_logprobs(model, ids)
+    return mean_kl(ref, copy_.refresh()(input_ids=ids).logits.float().log_softmax(-1))
 
 
 def serving_model(model: Any, tokenizer: Any, precision: str = "auto") -> ServingCopy | None:

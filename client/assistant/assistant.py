@@ -53,6 +53,7 @@ from client.store import status as device_status
 from common import ab
 from common.embedding import Embedder, get_embedder, user_embedding
 from common.generation import Generated, render, sample
+from common.llama_serving import common_prefix
 from common.lora import export_adapter
 from common.pii import scrub
 
@@ -190,8 +191,7 @@ class Assistant(FeedbackLearning):
                 render(self.rt.tokenizer, build_messages(self.profile, q, context=context))
                 for q in ("a", "b")
             )
-            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), 0)
-            self.llama.warm(a[:same])  # the system prompt and the template's opening of a turn
+            self.llama.warm(a[: common_prefix(a, b)])  # the system prompt, a turn's opening
 
     def _catch_up(self) -> None:
         """Before a request: what retention expired is purged, and a round the device's

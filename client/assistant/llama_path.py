@@ -39,7 +39,7 @@ from common.generation import Generated, eos_ids
 from common.gguf_lora import GGUFError, Snapshot, snapshot, snapshot_id, write_adapter, write_base
 from common.llama_serving import LlamaEngine, LlamaUnavailable, Sampling
 from common.model import cache_dir, gguf_path, model_dir
-from common.serving import _PARITY_TEXT
+from common.serving import PARITY_TEXT, mean_kl, reference_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -234,25 +234,16 @@ class LlamaPath:
         self._load(key, snap)
         self._remember(key)
         texts = [
-            self.tokenizer(_PARITY_TEXT)["input_ids"],
+            self.tokenizer(PARITY_TEXT)["input_ids"],
             self.tokenizer.apply_chat_template(PARITY_CHAT, tokenize=True, return_dict=True)[
                 "input_ids"
             ],
         ]
         kls = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for ids in texts:
-                with torch.no_grad():
-                    ref = (
-                        self.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-                    )
-                got = self.engine.logits(ids, adapter=key)
-                got = torch.from_numpy(got).float().log_softmax(-1)
-                kls.append(float((ref.exp() * (ref - got)).sum(-1).mean()))
-        finally:
-            self.model.train(was_training)
+        for ids in texts:
+            ref = reference_logprobs(self.model, torch.tensor([ids]))[0]
+            got = torch.from_numpy(self.engine.logits(ids, adapter=key)).float().log_softmax(-1)
+            kls.append(mean_kl(ref, got))
         kl = sum(kls) / len(kls)
         if not kl < PARITY_KL:
             raise ParityError(
@@ -336,7 +327,7 @@ def open_runtime(cfg: Any, *, engine: str, precision: str) -> tuple[Any, LlamaPa
     if engine != "torch" and select_device()[0].type == "cpu":
         # The torch model stays fp32: it is parity's reference and answers while adapters convert.
         rt = get_runtime(cfg, serving="float32")
-        llama = getattr(rt, "llama", None)
+        llama = rt.llama
         if llama is None:
             try:
                 llama = LlamaPath.open(

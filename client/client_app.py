@@ -21,7 +21,7 @@ import logging
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.federation import worker
 from client.federation.errors import DeviceError, error_code
@@ -42,14 +42,6 @@ def secagg_when_requested(msg: Message, ctxt: Context, call_next):  # type: igno
     if ctxt.node_config.get(worker.SOCKET_KEY) and msg.metadata.message_type == MessageType.TRAIN:
         return Message(content=_forward(worker.SECAGG, msg, ctxt), reply_to=msg)
     return checked_secaggplus(msg, ctxt, call_next)
-
-
-# The code the server gets when a device refuses at a stage (the reason stays in its log).
-_REFUSAL_CODES = {
-    Stage.SETUP: "declined",
-    Stage.COLLECT_MASKED_VECTORS: "cohort-too-small",
-    Stage.UNMASK: "unmask-refused",
-}
 
 
 logger = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ ALLOWED_TRAIN_METRICS = frozenset(
         "weight",
         "users",
         "declined",
+        "noise_shares",  # late declines' noise shares a masked reply carries (weight 1 each)
         "record_epsilon",
         "user_epsilon",
         *ab.METRIC_KEYS,

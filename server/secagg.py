@@ -434,7 +434,9 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
         counts = None
         if self.discrete is not None:
             mean, counts = self._decoded(server_round, mean, results, users=m)
-        elif self.ab_scale and len(mean) == len(self.current) + 1:
+        else:
+            mean = self._over_users(mean, results, rows)
+        if self.discrete is None and self.ab_scale and len(mean) == len(self.current) + 1:
             # The A/B counts rode along, scaled; the mean over the m participants × m × scale
             # is the federation-wide sum (the only thing SecAgg+ reveals).
             counts = ab.from_masked(mean[-1], users=m, ab_scale=self.ab_scale)
@@ -452,6 +454,22 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
             return None, {}
         self.current = [released[n] for n in names]
         return ndarrays_to_parameters(self.current), {}
+
+    @staticmethod
+    def _over_users(
+        mean: list[np.ndarray],
+        results: list[tuple[ClientProxy, FitRes]],
+        rows: list[dict[str, float]],
+    ) -> list[np.ndarray]:
+        """The mean over the updates of users who trained, from Flower's mean over every masked
+        vector's weight: a device that declined late sent its noise share alone with weight 1
+        (``noise_shares``; ``client/federation/device.py``), which is in the sum and in
+        Flower's total weight, but is nobody's update."""
+        shares = sum(int(r.get("noise_shares", 0)) for r in rows)
+        weight = sum(res.num_examples for _, res in results)
+        if not mean or shares <= 0 or weight <= shares:
+            return mean
+        return [np.asarray(a) * (weight / (weight - shares)) for a in mean]
 
     def _seed(self, server_round: int) -> int:
         """The rotation's public seed for ``server_round`` of this run."""

@@ -113,9 +113,17 @@ def test_a_device_declines_a_weaker_round_and_its_ledger_is_unchanged(
         with caplog.at_level(logging.WARNING, logger="client.federation.device"):
             result = device.train(_global(cfg), server_round=1, run="2", masked=True)
 
-        # Assert: declined, zeros, nothing charged or trained, the reason logged and kept.
+        # Assert: declined, nothing charged or trained, the reason logged and kept; what
+        # leaves is zeros — or, with distributed noise, inside the masked stage it already
+        # joined, its noise share alone (weight 1 in the sum, nobody's update).
         assert result.declined and result.metrics["declined"] == 1
-        assert all(not t.any() for t in result.update.values())
+        assert result.noise_share == cfg.dp.distributed
+        flat = torch.cat([t.reshape(-1) for t in result.update.values()])
+        if result.noise_share:
+            assert flat.std().item() == pytest.approx(device.privatize.noise_std, rel=0.1)
+            assert result.metrics["noise_shares"] == 1
+        else:
+            assert not flat.any()
         assert device.ledger.events == events
         after = device.state.load_personal()
         assert all(torch.equal(after[n], personal[n]) for n in personal)
@@ -168,7 +176,8 @@ def test_two_runs_in_a_row_charge_every_round_of_each(tmp_path) -> None:
     try:
         # Execute: run "1" round 3, then a new run "2" whose round numbers restart, round 2.
         for run, rnd in (("1", 3), ("2", 2), ("2", 5)):
-            assert not device.train(g, server_round=rnd, run=run, self_sampled=True).declined
+            result = device.train(g, server_round=rnd, run=run, masked=True, self_sampled=True)
+            assert not result.declined
 
         # Assert: 3 steps, then 2 (rounds 1–2 of the new run), then 3 (rounds 3–5).
         user = [e for e in device.ledger.events if e["kind"] == "user"]

@@ -240,11 +240,11 @@ def test_ledger_declines_at_cap_and_the_round_still_completes(tmp_path) -> None:
     assert len(after["declined"]) == 1 and "budget exhausted" in after["declined"][0]["reason"]
     for nid in (1, 2, 3, 5):
         assert [e["round"] for e in ledgers[nid]["events"]] == [1]
-    # The A/B counts of the 4 participants arrived as one securely summed vector.
+    # The A/B vector rode in the sum, and it is empty: real devices rate nothing by
+    # themselves, whatever the server's `ab.simulate-ratings` asks (their users rated nothing).
     (counts,) = strategy.recorder.ab_rounds
-    k = cfg.ab.interactions
-    assert counts[0] + counts[3] == pytest.approx(4 * k, abs=1e-3)  # n_global + n_personal
-    assert 4 * k <= counts[1] + counts[4] <= 5 * 4 * k + 1e-3  # ratings in 1..5
+    assert cfg.ab.simulate_ratings and cfg.ab.interactions > 0
+    assert np.abs(counts).max() == pytest.approx(0.0, abs=1e-3)
     moved = sum(
         float(np.abs(c - rt.init[n].numpy()).sum())
         for c, n in zip(strategy.current, rt.shared_names, strict=True)

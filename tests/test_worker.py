@@ -127,8 +127,11 @@ def test_worker_answers_like_the_clientapp_process(tmp_path, sock_dir) -> None:
     finally:
         _stop(proc)
 
-    # Assert: the same evaluation, and the worker's round 2 committed to its device's store.
-    assert dict(remote.content["metrics"]) == pytest.approx(dict(local.content["metrics"]))
+    # Assert: the same evaluation, and the worker's round 2 committed to its device's store;
+    # the partition id the ClientApp forwarded is nobody's label on a real device.
+    labels = {"partition_id", "rounds_trained"}
+    here_metrics = {k: v for k, v in local.content["metrics"].items() if k not in labels}
+    assert dict(remote.content["metrics"]) == pytest.approx(here_metrics)
     shared = initial_shared(cfg)
     assert set(trained.content["arrays"].keys()) == set(shared)
     for name, tensor in shared.items():
@@ -253,10 +256,10 @@ def test_a_device_whose_worker_is_down_answers_with_a_code_only(tmp_path, sock_d
 def test_a_worker_without_a_device_refuses_a_store_named_by_the_clientapp() -> None:
     with pytest.raises(ValueError, match="started without one"):
         worker._node_config({"data-dir": "/somewhere", "key-file": "/k"}, None)
-    assert worker._node_config({"partition-id": 3, "data-dir": "/x"}, {"data-dir": "/mine"}) == {
-        "partition-id": 3,
-        "data-dir": "/mine",
-    }
+    # A worker for a device takes nothing the ClientApp sends: no store, no partition label
+    # (it would plant the audit's canaries), no federation size (it sizes the noise share).
+    sent = {"partition-id": 3, "num-partitions": 10**6, "data-dir": "/x"}
+    assert worker._node_config(sent, {"data-dir": "/mine"}) == {"data-dir": "/mine"}
 
 
 def test_a_worker_that_cannot_unlock_its_store_does_not_start(tmp_path, sock_dir) -> None:

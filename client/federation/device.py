@@ -124,6 +124,10 @@ class TrainResult:
             ``update`` is empty; ``None`` when declined or in another mode.
         canary: A canary client of the privacy audit sent it (:mod:`client.federation.canary`),
             not a user: it counts in the sum, not in the users' training metrics.
+        noise_share: The device declined inside the masked stage of a SecAgg+ round it had
+            joined, and ``update`` (or ``encoded``) is its share of the round's noise alone:
+            it sits in the sum the server unmasks with weight 1 (a zero update), so the sum
+            carries every masked vector's noise (:meth:`Device._decline`).
     """
 
     update: dict[str, torch.Tensor]
@@ -132,6 +136,7 @@ class TrainResult:
     ab: np.ndarray | None = None
     encoded: np.ndarray | None = None
     canary: bool = False
+    noise_share: bool = False
 
 
 # Rounds whose record keeps every tensor's name and shape (older ones keep the totals).
@@ -203,6 +208,10 @@ class Device(DeviceEvaluation):
         policy: What the device accepts from the server (:mod:`client.federation.policy`); default:
             the policy kept in its store, else — kept there from now on — the protective defaults
             (:meth:`simulated` passes the simulation's own run config).
+        simulated: A simulation's device (:meth:`simulated`): only such a device plants the
+            audit's canaries or rates answers for the A/B test by itself; on a real device
+            nothing the server sends (``partition-id``, ``audit.*``, ``ab.simulate-ratings``)
+            changes what it trains on or reports.
     """
 
     def __init__(
@@ -215,8 +224,10 @@ class Device(DeviceEvaluation):
         user: str | None = None,
         local_baseline: bool | None = None,
         policy: DevicePolicy | None = None,
+        simulated: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.simulated = simulated
         self.local_baseline = cfg.eval.local_only if local_baseline is None else local_baseline
         self.partition_id = partition_id
         self.num_partitions = num_partitions
@@ -263,6 +274,7 @@ class Device(DeviceEvaluation):
             user=user.user,
             # Whoever runs the simulation owns its devices: their policy is its config.
             policy=DevicePolicy.load(store) or DevicePolicy.from_run_config(cfg),
+            simulated=True,
         )
 
     def _encoded(self) -> tuple[tuple[Encoded, ...], tuple[Encoded, ...], tuple[Encoded, ...]]:
@@ -276,6 +288,7 @@ class Device(DeviceEvaluation):
             content,
             len(self.held_out),
             self.partition_id,
+            self.simulated,
             self.cfg.model.name,
             self.cfg.data,
             self.cfg.audit,
@@ -287,7 +300,10 @@ class Device(DeviceEvaluation):
                 return tuple(encode(Sample(e.prompt, e.reply), tok, n) for e in examples)
 
             # Audit canaries (the audit's own secrets, not the user's) join the training set.
-            train = enc(self.train_examples) + planted_canaries(self.cfg, self.partition_id, tok, n)
+            canaries = planted_canaries(
+                self.cfg, self.partition_id if self.simulated else None, tok, n
+            )
+            train = enc(self.train_examples) + canaries
             reported = self.held_out[0::2][: self.cfg.data.max_test_samples]
             rest = self.held_out[1::2] + self.held_out[2 * len(reported) :: 2]
             test = enc(reported)
@@ -357,7 +373,7 @@ class Device(DeviceEvaluation):
         pairs = [(v, r) for _, v, r in stored if v in ab.ARMS]
         if stored:
             self.store.set_meta("ab_reported_until", str(stored[-1][0]))
-        if self.cfg.ab.simulate_ratings:
+        if self.cfg.ab.simulate_ratings and self.simulated:
             models = {
                 "base": self.rt.init,
                 "global": self.global_model(global_shared),
@@ -393,8 +409,10 @@ class Device(DeviceEvaluation):
             global_shared: The server's shared tensors.
             server_round: The round number (in federation run ``run``).
             run: The federation run (the ledger keys its charges by it).
-            masked: The update leaves under SecAgg+ masking (default: ``secagg.enabled``,
-                for in-process callers; the ClientApp says what the message shows).
+            masked: The update leaves under SecAgg+ masking: true only where the caller
+                masks it (:func:`client.federation.secagg_stage.masking`); default, for a
+                simulation's in-process callers: ``secagg.enabled`` on a simulated device,
+                false on a real one.
             self_sampled: The device drew its own participation coin at ``fraction-train``.
             offer: The round's config from the server (``skellam`` mode: checked by
                 :meth:`offer_problem`; the round is declined with the reason on a mismatch).
@@ -402,7 +420,8 @@ class Device(DeviceEvaluation):
         Personal tensors and the ledger are saved here; only the returned update and metrics
         may leave the device (through the outbound-record builder).
         """
-        masked = self.cfg.secagg.enabled if masked is None else masked
+        if masked is None:
+            masked = self.cfg.secagg.enabled and self.simulated
         try:
             problem = self.offer_problem(offer, run=run, server_round=server_round)
             if problem is not None:
@@ -411,7 +430,7 @@ class Device(DeviceEvaluation):
                 server_round, run=run, masked=masked, self_sampled=self_sampled
             )
         except (Paused, PolicyRefused, BudgetExhausted, TooFewExamples) as err:
-            return self._decline(global_shared, server_round, err)
+            return self._decline(global_shared, server_round, err, masked=masked, run=run)
 
         personal = self.state.load_personal()
         ab_counts = self.ab_counts(global_shared, personal, server_round)
@@ -510,7 +529,8 @@ class Device(DeviceEvaluation):
 
         Raises:
             Paused: The owner paused the federation on this device.
-            PolicyRefused: The owner's policy refuses the round's terms.
+            PolicyRefused: The owner's policy refuses the round's terms, or the device
+                already sent an update in this round.
             TooFewExamples: Fewer examples than ``data.min-examples``.
             BudgetExhausted: A charge would pass a cap.
         """
@@ -523,6 +543,11 @@ class Device(DeviceEvaluation):
         reason = self.policy.refusal(self.cfg, num_partitions=self.num_partitions, masked=masked)
         if reason is not None:
             raise PolicyRefused(reason)
+        if self.sent_in(run, server_round):
+            raise PolicyRefused(
+                f"this device already sent an update in round {server_round} of run {run!r}; "
+                "it answers each round once"
+            )
         shortfall = too_few_examples(len(self.train_examples), self.cfg.data.min_examples)
         if shortfall is not None:
             raise TooFewExamples(shortfall)
@@ -530,15 +555,42 @@ class Device(DeviceEvaluation):
         self.ledger.check(record=record, user=user)
         return record, user
 
+    def sent_in(self, run: str, server_round: int) -> bool:
+        """Whether this device already sent an update in round ``server_round`` of ``run``
+        (its history keeps every trained round)."""
+        return any(
+            "sent" in h and h.get("run") == run and h.get("round") == server_round
+            for h in self.state.meta.history
+        )
+
     def _decline(
-        self, global_shared: dict[str, torch.Tensor], server_round: int, err: Exception
+        self,
+        global_shared: dict[str, torch.Tensor],
+        server_round: int,
+        err: Exception,
+        *,
+        masked: bool,
+        run: str,
     ) -> TrainResult:
-        """A declined round: logged and kept in the ledger with its reason; a zero update of
-        weight 0 is all that leaves."""
-        logger.warning("device %s declines round %s: %s", self.user, server_round, err)
-        self.ledger.note_declined(server_round=server_round, reason=str(err))
+        """A declined round: logged and kept in the ledger with its reason; nothing is charged.
+
+        Outside SecAgg+'s masked stage a zero update of weight 0 is all that leaves. Inside it
+        the device is already in the cohort whose sum the server will unmask — its neighbours
+        counted it when they checked the cohort — so with distributed noise it sends its noise
+        share alone (a zero update, noised as any other; :attr:`TrainResult.noise_share`): a
+        device that leaves late takes nothing away from the noise the others were promised.
+        """
+        share = masked and self.cfg.dp.distributed
+        reason = str(err) + (" (its noise share alone was sent, masked)" if share else "")
+        logger.warning("device %s declines round %s: %s", self.user, server_round, reason)
+        self.ledger.note_declined(server_round=server_round, reason=reason)
         self.ledger.save(self.store)
         zeros = {n: torch.zeros_like(t) for n, t in global_shared.items()}
+        encoded = None
+        if share:
+            zeros, _, encoded = self.privatize.leaving(
+                zeros, self.rt.shared_names, run=run, server_round=server_round
+            )
         return TrainResult(
             zeros,
             {
@@ -546,9 +598,12 @@ class Device(DeviceEvaluation):
                 "declined": 1,
                 "weight": 0,
                 "num-examples": 0,
+                **({"noise_shares": 1} if share else {}),
                 **self._privacy_metrics(),
             },
             declined=True,
+            encoded=encoded,
+            noise_share=share,
         )
 
     def _train_locally(

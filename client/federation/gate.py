@@ -1,10 +1,11 @@
 """The device's checks of a SecAgg+ round before it joins the cohort and before it masks.
 
-**At setup** a real device decides whether it will contribute (its privacy policy, its
-training examples, its ledger — :func:`setup_refusal`); if not, it leaves the round there,
-before any key is shared. A device that stayed in and then sent a zero update would stay in
-everyone's cohort while adding no noise: with 7 of 8 declining, the server would unmask the
-lone contributor's update with an eighth of the promised noise.
+**At setup** a real device decides whether it will contribute (its owner's pause, its
+privacy policy, its training examples, its ledger — :func:`setup_refusal`); if not, it leaves
+the round there, before any key is shared. A device that stayed in and then sent a zero update
+would stay in everyone's cohort while adding no noise: with 7 of 8 declining, the server would
+unmask the lone contributor's update with an eighth of the promised noise — so a device that
+declines later than setup sends its noise share alone (``client/federation/device.py``).
 
 Each device adds N(0, (σC)²/m_min) to its update, so the released sum carries the promised
 (σC)² of noise only if at least m_min devices mask a vector into it. When the masked vectors
@@ -203,12 +204,17 @@ def setup_refusal(
         return None
     from client.federation.ledger import BudgetExhausted
     from client.store.examples import device_examples, split, too_few_examples
+    from client.store.state import paused_since
 
     n = node_federation_size(cfg, node_config)
     with open_real_store(node_config) as store:
         policy = DevicePolicy.of(store)
         ledger = PrivacyLedger.load(store, policy.caps)
-        reason = policy.refusal(cfg, num_partitions=n, masked=True)
+        reason = None
+        if paused_since(store) is not None:
+            reason = "paused by the device's owner (`fedpersona device federation resume`)"
+        if reason is None:
+            reason = policy.refusal(cfg, num_partitions=n, masked=True)
         if reason is None and secagg is not None:
             reason = secagg_setup_problem(
                 cfg, secagg, required=required_cohort(cfg, policy, n), num_partitions=n

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from flwr.app import Context, RecordDict
 from flwr.common import parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 from client.federation.canary import hosted_canaries
 from client.federation.device import Device, open_node_store
 from client.federation.gate import federation_size
 from client.federation.runtime import get_runtime, shared_shapes
+from client.federation.secagg_stage import masking
 from client.federation.simulated import engine_time, simulated_user
 from common import ab, audit
 from common.config import RunConfig, parse_run_config
@@ -172,12 +172,6 @@ def _encoded_sum(
     return centred(total, params.bits)
 
 
-def _masked(content: RecordDict, legacy: bool) -> bool:
-    """The reply will leave SecAgg+-masked: a training message inside the protocol's
-    masked-vector stage (Flower's ``secaggplus_mod`` keeps the stage's config record in it)."""
-    return legacy and RECORD_KEY_CONFIGS in content.config_records
-
-
 def _round(value: object) -> int:
     """The server round from a message's config: a positive integer."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -234,7 +228,7 @@ def _train_hosted(
                     global_shared,
                     server_round=server_round,
                     run=run,
-                    masked=_masked(content, legacy),
+                    masked=masking(),
                     self_sampled=True,  # the coin above, at fraction-train
                     offer=_fit_config(content),
                 )
@@ -242,14 +236,17 @@ def _train_hosted(
             device_s += time.perf_counter() - start
     sent = [r for r in results if not r.declined]
     k = len(sent)
+    # What is masked: the users who trained, and the noise shares of those who declined late.
+    carried = sent + [r for r in results if r.noise_share]
+    w = len(carried)
     privatize = Privatize.of(cfg, cfg.data.num_users)
     encoded = None
     if privatize.discrete:  # the users' integers, summed (each carries its own noise share)
-        encoded = _encoded_sum(cfg, privatize, [r.encoded for r in sent], legacy)
+        encoded = _encoded_sum(cfg, privatize, [r.encoded for r in carried], legacy)
         update: dict[str, torch.Tensor] = {}
     else:
         update = {
-            n: (sum(r.update[n] for r in sent) / k if k else torch.zeros_like(t))
+            n: (sum(r.update[n] for r in carried) / w if w else torch.zeros_like(t))
             for n, t in global_shared.items()
         }
     trained = [r.metrics["train_loss"] for r in sent if not r.canary]
@@ -257,6 +254,7 @@ def _train_hosted(
         "users": k,
         "weight": k,
         "declined": len(results) - k,
+        **({"noise_shares": w - k} if w > k else {}),
         "num-examples": int(sum(r.metrics["num-examples"] for r in sent)),
         # No loss from a node whose updates all came from the audit's canary clients.
         **({"train_loss": sum(trained) / max(len(trained), 1)} if trained or not sent else {}),
@@ -266,14 +264,15 @@ def _train_hosted(
     counts = sum((r.ab for r in sent if r.ab is not None), np.zeros(ab.FIELDS))
     ab_vector = None
     if legacy and encoded is not None:
-        # skellam: weight 1 (SecAgg+'s identity quantizer) for a sum of k >= 1 users' integers
-        metrics[NUM_EXAMPLES_KEY] = int(k > 0)
+        # skellam: weight 1 (SecAgg+'s identity quantizer) for a sum of w >= 1 integer vectors
+        metrics[NUM_EXAMPLES_KEY] = int(w > 0)
         if cfg.ab.interactions:
             ab_vector = counts
     elif legacy:
-        metrics[NUM_EXAMPLES_KEY] = k  # SecAgg+ weights the mean update by it
+        # SecAgg+ weights the mean by it; the server counts users (``users``) and rescales.
+        metrics[NUM_EXAMPLES_KEY] = w
         if cfg.ab.interactions:  # the weighted mean over nodes must sum the counts
-            ab_vector = ab_in_range(cfg, counts / max(k, 1))
+            ab_vector = ab_in_range(cfg, counts / max(w, 1))
     elif cfg.ab.interactions and k:
         metrics.update(ab.to_metrics(counts))
     record = build_outbound_record(
@@ -324,7 +323,7 @@ def train(content: RecordDict, context: Context, *, started: float | None = None
             global_shared,
             server_round=server_round,
             run=str(context.run_id),
-            masked=_masked(content, legacy),
+            masked=masking(),
             offer=_fit_config(content),
         )
         device_s = time.perf_counter() - start
@@ -338,8 +337,9 @@ def train(content: RecordDict, context: Context, *, started: float | None = None
     cfg = device.cfg
     ab_vector = None
     if legacy:
-        # SecAgg+ sums the update weighted by num_examples: 1 per participant, 0 if declined.
-        metrics[NUM_EXAMPLES_KEY] = int(metrics["weight"])
+        # SecAgg+ sums the update weighted by num_examples: 1 per participant, 0 if declined
+        # (1 for a late decline's noise share: the server counts users, ``declined``).
+        metrics[NUM_EXAMPLES_KEY] = 1 if result.noise_share else int(metrics["weight"])
         if cfg.ab.interactions:
             # Every device appends the same-shaped vector (zeros when declining).
             counts = result.ab if result.ab is not None else np.zeros(ab.FIELDS)

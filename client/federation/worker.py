@@ -83,11 +83,11 @@ _UNIX_PATH_MAX = 104  # the shortest sun_path limit among Linux (108) and macOS 
 
 PING = "ping"  # a health probe: the worker answers it without touching any device state
 SECAGG = "secagg"  # a SecAgg+ stage message: the worker runs the device's side of the protocol
-# What a device's worker is told at its start and a ClientApp cannot change: its store.
+# What a device's worker is told at its start and a ClientApp cannot change: its store. A
+# worker for a device takes nothing else from the node config a ClientApp sends either: a
+# forwarded ``partition-id`` would make it plant the audit's canaries, a ``num-partitions``
+# would size its noise share (``--num-partitions`` is the owner's, given to the worker).
 STORE_KEYS = ("data-dir", "key-file", "retention-days", "local-only-baseline")
-# Node-config keys a ClientApp may forward: labels and the federation size (a larger one only
-# raises m_min, which the device then requires of every cohort; see client.federation.gate).
-FORWARDED_KEYS = ("partition-id", "num-partitions")
 _SECAGG_RUNS = 8  # SecAgg+ protocol states kept (one per run in progress)
 
 
@@ -330,8 +330,8 @@ def _answer(
 
 
 def _node_config(sent: Mapping[str, Any], device: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The node config a message runs under: the worker's device, never a store the ClientApp
-    names (see the module docstring).
+    """The node config a message runs under: the worker's device and nothing the ClientApp
+    sends (:data:`STORE_KEYS`); a worker without a device (a simulation's) takes the sent one.
 
     Raises:
         ValueError: A worker without a device got a message naming a store.
@@ -345,7 +345,7 @@ def _node_config(sent: Mapping[str, Any], device: Mapping[str, Any] | None) -> d
                 "(`fedpersona device worker --data-dir …`), not named by the ClientApp"
             )
         return dict(sent)
-    return {**{k: sent[k] for k in FORWARDED_KEYS if k in sent}, **device}
+    return dict(device)
 
 
 def _run(

@@ -1,0 +1,254 @@
+"""The device keeps its promise against a server that lies and ships its own code.
+
+Each test plays the dishonest party — a ClientApp relaying what it likes to the device's
+worker over the worker's real socket, or a server running a whole SecAgg+ cohort of fake
+devices around one real one (:class:`tests.lying_server.LyingServer`) — and asserts what left
+the device: the bytes the server could read once it took every mask off, their noise, their
+weight, and what the device's ledger charged. docs/privacy.md ("Threat model") points here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord
+from flwr.app.message_type import MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from client.federation.errors import DeviceError
+from client.federation.policy import DevicePolicy
+from client.store.state import set_paused
+from common.config import parse_run_config
+from common.dp.privatize import Privatize
+from tests.conftest import (
+    device_node_config,
+    initial_shared,
+    open_test_store,
+    stored_device_state,
+    tiny_run_config,
+)
+from tests.lying_server import LyingServer
+from tests.test_worker import _start_worker, _stop
+
+# What the lying server claims, all of it within the default policy's terms: σ 7.1 over a
+# cohort of m_min = 8 under SecAgg+ (the fakes make up the cohort).
+CLAIMS = {"dp.min-clients": 8, "data.num-users": 9, "train.local-steps": 1}
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="fpd-", dir="/tmp"))  # a Unix socket path is short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def device(tmp_path, sock_dir) -> Iterator[Callable[..., Path]]:
+    """``device(policy)``: a real device (a role's examples in its store, ``policy`` kept
+    there; ``None``: the defaults ``device init`` keeps) and its worker; returns the socket."""
+    started: list[Any] = []
+
+    def start(policy: DevicePolicy | None = None) -> Path:
+        data_dir = tmp_path / "device"
+        device_node_config(data_dir, 0, 4, policy=policy)
+        if policy is None:
+            with open_test_store(data_dir) as store:
+                DevicePolicy().save(store)
+        sock = sock_dir / "w.sock"
+        started.append(_start_worker(sock, data_dir))
+        return sock
+
+    yield start
+    for proc in started:
+        _stop(proc)
+
+
+def _ledger(tmp_path: Path) -> dict[str, Any]:
+    return stored_device_state(tmp_path / "device")["ledger"] or {"events": [], "declined": []}
+
+
+def _shared(raw: dict[str, Any]) -> list[np.ndarray]:
+    return [t.numpy() for t in initial_shared(parse_run_config(raw)).values()]
+
+
+def _privatize(raw: dict[str, Any]) -> Privatize:
+    return Privatize.of(parse_run_config(raw), 9)
+
+
+# ---- the reply is masked only where the worker masks it ---------------------------------
+
+
+def test_a_plain_train_message_carrying_the_secagg_record_is_judged_unmasked(
+    tmp_path, device
+) -> None:
+    # Prepare: a device on its default (strict) policy; a server that claims a cohort of a
+    # million (each device's noise share σC/1000) and relays a legacy fit message with
+    # SecAgg+'s config record as a plain `train` message, never running the protocol.
+    raw = tiny_run_config(**{**CLAIMS, "dp.min-clients": 1_000_000})
+    server = LyingServer(device(), raw)
+    content = server.fitins(_shared(raw))
+    content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(
+        {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: [], Key.SOURCE_LIST: []}
+    )
+
+    # Execute
+    reply = server.send(content, kind="train")
+
+    # Assert: nothing of the user left: a zero update of weight 0 (the policy judged the
+    # reply unmasked and declined), nothing charged, the reason kept.
+    arrays = [a.numpy() for a in reply.array_records["fitres.parameters"].values()]
+    assert arrays and all(not a.any() for a in arrays)
+    assert reply.config_records["fitres.metrics"]["declined"] == 1
+    ledger = _ledger(tmp_path)
+    assert ledger["events"] == []
+    assert "without SecAgg+ masking" in ledger["declined"][-1]["reason"]
+
+
+def test_a_secagg_stage_in_a_message_that_is_not_training_is_refused(tmp_path, device) -> None:
+    # Prepare: Flower's mod hands a SecAgg+ message whose type is not TRAIN straight to the
+    # training callback; a server sends one as an evaluation.
+    raw = tiny_run_config(**CLAIMS)
+    server = LyingServer(device(), raw)
+    content = server.fitins(_shared(raw))
+    content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(
+        {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: [], Key.SOURCE_LIST: []}
+    )
+
+    # Execute / Assert: refused with a code; nothing trained or charged.
+    with pytest.raises(DeviceError, match="rejected-message"):
+        server.send(content, message_type=MessageType.EVALUATE)
+    assert _ledger(tmp_path)["events"] == []
+    assert stored_device_state(tmp_path / "device")["personal"] is None
+
+
+def test_a_source_named_twice_does_not_count_toward_the_cohort(tmp_path, device) -> None:
+    # Prepare: the device requires a cohort of 8 (m_min); 7 fakes share keys with it, but at
+    # the masked-vector stage the server says only 6 of them are left — and names one twice.
+    raw = tiny_run_config(**CLAIMS)
+    server = LyingServer(device(), raw, fakes=7)
+    server.setup(clipping_range=_privatize(raw).clipping_range)
+    server.share_keys()
+    left = list(server.neighbours)[:6]
+    sources = [*left, left[0]]
+
+    # Execute / Assert: the device counts 7 distinct devices, refuses to mask, trains nothing.
+    with pytest.raises(DeviceError, match="cohort-too-small"):
+        server.collect(_shared(raw), sources=sources)
+    ledger = _ledger(tmp_path)
+    assert ledger["events"] == []
+    assert "only 7 devices" in ledger["declined"][-1]["reason"]
+
+
+def test_an_update_asked_for_twice_in_one_round_leaves_once(tmp_path, device) -> None:
+    # Prepare: a device whose owner allows several rounds (cap 8); the server runs round 1
+    # with its fakes, then restarts the protocol and asks for round 1 again.
+    raw = tiny_run_config(**CLAIMS)
+    server = LyingServer(device(DevicePolicy(epsilon_cap=8.0)), raw)
+    share = _privatize(raw).noise_std
+
+    # Execute
+    first = server.round(_shared(raw), clipping_range=_privatize(raw).clipping_range)
+    again = server.round(_shared(raw), clipping_range=_privatize(raw).clipping_range)
+
+    # Assert: one charge; the second reply is the device's noise share alone (a zero update,
+    # weight 1), so what the server holds twice is one update under two independent noises.
+    ledger = _ledger(tmp_path)
+    assert [(e["round"], e["kind"]) for e in ledger["events"]] == [(1, "user")]
+    assert "already sent an update in round 1" in ledger["declined"][-1]["reason"]
+    metrics = server.last_reply.config_records["fitres.metrics"]
+    assert metrics["declined"] == 1 and metrics["noise_shares"] == 1
+    for recovered in (first, again):
+        assert recovered.weight == pytest.approx(1.0)
+        assert recovered.vector.std() == pytest.approx(share, rel=0.1)
+
+
+# ---- a device that leaves after set-up still sends its noise share ----------------------
+
+
+def _pause(store: Any) -> None:
+    set_paused(store, True)
+
+
+def _purge(store: Any) -> None:
+    store.purge_expired(now=time.time() + 10 * 365 * 86400)  # every example is past retention
+
+
+def _period_cap(store: Any) -> None:
+    policy = DevicePolicy.load(store) or DevicePolicy()
+    policy.with_changes(period_days=30.0, period_epsilon_cap=0.01).save(store)
+
+
+LATE_REFUSALS = {"paused": _pause, "retention purge": _purge, "period cap": _period_cap}
+
+
+@pytest.mark.parametrize("refusal", [*LATE_REFUSALS, "skellam offer"])
+def test_a_device_that_declines_after_setup_still_sends_its_noise_share(
+    tmp_path, device, refusal
+) -> None:
+    # Prepare: the device joins at setup; before the masked-vector stage its owner pauses it,
+    # retention purges its examples or a period cap comes into force — or, in skellam mode,
+    # the server publishes another seed than the device derives.
+    skellam = refusal == "skellam offer"
+    raw = tiny_run_config(
+        **CLAIMS,
+        **({"dp.noise-mode": "skellam", "dp.noise-multiplier": 6.0} if skellam else {}),
+    )
+    privatize = _privatize(raw)
+    server = LyingServer(device(), raw)
+    if skellam:
+        server.setup(
+            clipping_range=privatize.clipping_range,
+            target_range=privatize.quantization_range,
+        )
+    else:
+        server.setup(clipping_range=privatize.clipping_range)
+    server.share_keys()
+    fit_config: dict[str, Any] = {}
+    if skellam:
+        from client.federation.runtime import shared_dim
+        from common.dp.discrete import offer, round_seed
+
+        params = privatize.discrete_params(shared_dim(parse_run_config(raw)))
+        fit_config = offer(params, round_seed(server.run_id, 1) + 1)  # not the device's seed
+    else:
+        with open_test_store(tmp_path / "device") as store:
+            LATE_REFUSALS[refusal](store)
+
+    # Execute
+    recovered = server.unmask_device(server.collect(_shared(raw), fit_config=fit_config))
+
+    # Assert: declined, nothing charged — and what it masked is its noise share alone with
+    # weight 1, so the sum the server unmasks still carries every masked vector's noise.
+    ledger = _ledger(tmp_path)
+    assert ledger["events"] == []
+    assert "noise share alone was sent" in ledger["declined"][-1]["reason"]
+    assert recovered.weight == pytest.approx(1.0)
+    if skellam:
+        from client.federation.runtime import shared_dim
+
+        params = privatize.discrete_params(shared_dim(parse_run_config(raw)))
+        integers = recovered.raw - 2 ** (params.bits - 1)  # centred: the Skellam share alone
+        assert integers.std() == pytest.approx(params.scale * privatize.noise_std, rel=0.1)
+    else:
+        assert recovered.vector.std() == pytest.approx(privatize.noise_std, rel=0.1)
+
+
+def test_a_paused_device_leaves_at_setup(tmp_path, device) -> None:
+    # Prepare: the owner paused the device before the round.
+    raw = tiny_run_config(**CLAIMS)
+    sock = device()
+    with open_test_store(tmp_path / "device") as store:
+        set_paused(store, True)
+    server = LyingServer(sock, raw)
+
+    # Execute / Assert: it leaves before any key is shared; the pause is the reason kept.
+    with pytest.raises(DeviceError, match="declined"):
+        server.setup(clipping_range=_privatize(raw).clipping_range)
+    assert "paused" in _ledger(tmp_path)["declined"][-1]["reason"]

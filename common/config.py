@@ -252,12 +252,22 @@ class DPConfig:
     ``central`` (the server adds N(0, (σC)²) to the unmasked sum) or ``none`` (clipping only
     when ``clip_norm`` > 0). ``min_clients`` is m_min, the fewest updates the server accepts
     for a round (0: every sampled client must report).
+
+    ``honest_fraction`` h: the share of any cohort the noise is sized to hold honest devices:
+    each device's share is σC/√⌊h·m_min⌋, so that the honest ⌊h·m_min⌋ of a cohort of m_min
+    add N(0, (σC)²) between them even when the rest are the server's own (h = 1: every device
+    is honest). ``share_floor``: every device's share is at least ``share_floor``·C, so that
+    its update alone — every other member of its cohort the server's — is a Gaussian mechanism
+    with noise multiplier ``share_floor`` (0: no floor). Both are what the devices' policies
+    check (``client/federation/policy.py``); docs/privacy.md, "Threat model".
     """
 
     noise_mode: str = "distributed"
     clip_norm: float = 0.05
     noise_multiplier: float = 7.1
     min_clients: int = 0
+    honest_fraction: float = 1.0
+    share_floor: float = 0.0
     local_enabled: bool = field(default=False, metadata={"key": "dp.local.enabled"})
     local_noise_multiplier: float = field(
         default=1.0, metadata={"key": "dp.local.noise-multiplier"}
@@ -282,6 +292,16 @@ class DPConfig:
             f"must be >= 0, got {self.noise_multiplier}",
         )
         _require(self.min_clients >= 0, "dp.min-clients", f"must be >= 0, got {self.min_clients}")
+        _require(
+            finite_number(self.honest_fraction) and 0 < self.honest_fraction <= 1,
+            "dp.honest-fraction",
+            f"must be in (0, 1], got {self.honest_fraction}",
+        )
+        _require(
+            finite_number(self.share_floor) and self.share_floor >= 0,
+            "dp.share-floor",
+            f"must be >= 0 (0: no floor), got {self.share_floor}",
+        )
         _require(
             self.local_noise_multiplier >= 0,
             "dp.local.noise-multiplier",
@@ -366,6 +386,9 @@ class PrivacyCaps:
         accountant: ``rdp`` or ``prv``.
         period_days: Length of a budget period (0 = no per-period cap).
         period_epsilon_cap: Cap on the ε spent within one period (0 = none).
+        worst_case_epsilon_cap: Cap on the ε of the device's updates *alone* — each with only
+            its own noise share, as if every other member of its cohorts were the server's
+            (the ledger's ``alone`` budget; 0 = no cap, it is reported either way).
     """
 
     epsilon_cap: float = 1.0
@@ -373,6 +396,7 @@ class PrivacyCaps:
     accountant: str = "rdp"
     period_days: float = 0.0
     period_epsilon_cap: float = 0.0
+    worst_case_epsilon_cap: float = 0.0
 
     def __post_init__(self) -> None:
         for ok, key, what in self._checks():
@@ -405,6 +429,11 @@ class PrivacyCaps:
             (
                 finite_number(self.period_epsilon_cap) and self.period_epsilon_cap >= 0,
                 "period-epsilon-cap",
+                ">= 0 (0 = none)",
+            ),
+            (
+                finite_number(self.worst_case_epsilon_cap) and self.worst_case_epsilon_cap >= 0,
+                "worst-case-epsilon-cap",
                 ">= 0 (0 = none)",
             ),
         ]
@@ -690,6 +719,11 @@ class RunConfig:
         if self.dp.min_clients > 0:
             return self.dp.min_clients
         return max(2, int(num_nodes * self.fraction_train))
+
+    def honest_cohort(self, num_nodes: int) -> int:
+        """The honest devices each device's noise share is sized for: ``⌊h·m_min⌋`` (at least
+        1), h = ``dp.honest-fraction``."""
+        return max(1, math.floor(self.dp.honest_fraction * self.m_min(num_nodes) + 1e-9))
 
     def run_dir(self, run_id: int) -> Path:
         """Where this run's outputs go: ``<output.dir>/<output.run-name>``.

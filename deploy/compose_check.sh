@@ -154,6 +154,7 @@ cat >"$WORK/run.toml" <<EOF
 "train.local-steps" = 4
 "train.batch-size" = 2
 "dp.clip-norm" = 0.005
+"dp.honest-fraction" = 0.5
 "round-timeout" = 300
 "output.run-name" = "$name"
 EOF

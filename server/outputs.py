@@ -264,6 +264,7 @@ def write_outputs(progress: Progress, timings: dict[str, float]) -> dict:
                 if plan.privatize.discrete
                 else None
             ),
+            privatize=plan.privatize,
         ),
         ab_test=ab.summarize(recorder.ab_rounds, secure=cfg.secagg.enabled)
         if recorder.ab_rounds

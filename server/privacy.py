@@ -13,7 +13,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.dp.discrete import DiscreteParams
-from common.dp.privatize import NOISE_TAIL_SIGMAS
+from common.dp.privatize import NOISE_TAIL_SIGMAS, Privatize
 
 
 def secagg_clip_probability(*, updates: int, num_params: int) -> float:
@@ -37,12 +37,15 @@ def privacy_report(  # type: ignore[no-untyped-def]
     num_params: int = 0,
     round_updates: tuple[int, ...] = (),
     discrete: DiscreteParams | None = None,
+    privatize: Privatize | None = None,
 ) -> dict:
     """What the printed ε means and what it assumes.
 
     ``num_params`` (entries of the shared update) and ``round_updates`` (updates in each
     released round) size the effective δ under SecAgg+ clipping
     (:func:`secagg_clip_probability`). ``discrete``: ``skellam`` mode's derived parameters.
+    ``privatize``: the devices' privatize step (distributed noise: what each device's update
+    alone carries, :func:`worst_case`).
     """
     dp = cfg.dp
     if not dp.adds_noise:
@@ -68,6 +71,8 @@ def privacy_report(  # type: ignore[no-untyped-def]
         }
         if discrete is not None:
             user.update(_skellam(discrete))
+        if dp.distributed and privatize is not None:
+            user["worst_case"] = worst_case(cfg, privatize, m_min=m_min, discrete=discrete)
     return {
         "user_level": user,
         "record_level": {
@@ -80,6 +85,33 @@ def privacy_report(  # type: ignore[no-untyped-def]
         "not_covered": "the scalar metrics devices report in the clear (train and held-out "
         "losses, counts) are not part of any ε above",
         "device_epsilon_cap": cfg.privacy.epsilon_cap,
+    }
+
+
+def worst_case(
+    cfg: RunConfig, privatize: Privatize, *, m_min: int, discrete: DiscreteParams | None = None
+) -> dict[str, Any]:
+    """What the user-level ε assumes about honesty, and what one update is worth without it:
+    each device's noise share, the honest devices it is sized for, and the ε of one round's
+    update with its own share as the only noise (every other device of its cohort the
+    server's) — the ``alone`` charge of every device's ledger."""
+    from common.dp.accounting import epsilon
+
+    sigma = privatize.alone_noise_multiplier
+    entry: tuple = (sigma, 1.0, 1) if discrete is None else (sigma, 1.0, 1, discrete.charge)
+    return {
+        "honest_fraction": cfg.dp.honest_fraction,
+        "honest_devices": max(1, math.floor(cfg.dp.honest_fraction * m_min + 1e-9)),
+        "share_floor": cfg.dp.share_floor,
+        "noise_share_std": privatize.noise_std,
+        "alone_noise_multiplier": sigma,
+        "alone_epsilon_per_round": epsilon([entry], delta=cfg.privacy.delta),
+        "note": "each device's noise share is sized so that the honest "
+        "⌊honest_fraction·m_min⌋ of a cohort add N(0, (σC)²) between them; a server whose own "
+        "devices fill more of a cohort than 1 − honest_fraction removes their noise and "
+        "learns more than the user-level ε. alone_epsilon_per_round is the worst case: one "
+        "round's update with only the device's own share (q = 1), as every ledger also "
+        "charges it (its `alone` budget; docs/privacy.md, Threat model)",
     }
 
 
@@ -111,11 +143,13 @@ def _assumes(cfg: RunConfig, m_min: int, sample_rate: float) -> str:
     share = (
         "its share of Skellam noise as integers inside SecAgg+"
         if cfg.dp.discrete
-        else "N(0, (σC)²/m_min) before SecAgg+"
+        else "N(0, (σC)²/⌊h·m_min⌋) before SecAgg+"
     )
+    h = cfg.dp.honest_fraction
+    honest = max(1, math.floor(h * m_min + 1e-9))
     trust = (
-        f"at least m_min={m_min} of each round's participants are honest (each adds "
-        f"{share}); the server never sees a noise-free sum"
+        f"at least {honest} (h={h:g} of m_min={m_min}) of each round's participants are "
+        f"honest (each adds {share}); the server never sees a noise-free sum"
         if cfg.dp.distributed
         else "a trusted server (it adds the noise after unmasking the sum)"
     )
@@ -148,8 +182,9 @@ def _guarantee(cfg: RunConfig, num_params: int, round_updates: tuple[int, ...]) 
         "trust": (
             "honest-but-curious server that runs SecAgg+ as published; no collusion of "
             "the server with as many of a round's devices as the SecAgg+ "
-            "reconstruction threshold; at least m_min honest devices in each released "
-            "round, each adding its share of the noise"
+            "reconstruction threshold; at least ⌊dp.honest-fraction·m_min⌋ honest devices "
+            "(not the server's own) in each released round, each adding its share of the "
+            "noise"
             if distributed
             else "a trusted server that adds the noise to the unmasked sum; devices "
             "cannot verify it and decline unless their owner trusts server noise"

@@ -73,6 +73,9 @@ def tiny_run_config(out: Path, name: str, **overrides: Any) -> dict[str, Any]:
         "train.batch-size": 2,
         "train.learning-rate": 0.05,
         "dp.clip-norm": 0.005,
+        # What real devices accept by default: at most half of a cohort honest (with 2
+        # devices, each share is then the whole of σC).
+        "dp.honest-fraction": 0.5,
         "round-timeout": 300,
         "output.dir": str(out),
         "output.run-name": name,

@@ -136,11 +136,13 @@ def fill_store_with_role(
 def permissive_policy(**changes: Any) -> Any:
     """The privacy policy of the in-process tests' devices: their owners accept the tiny
     federation of 4 the tests run, Flower's Message API without SecAgg+, server-added noise and
-    rounds with no noise (tests/test_policy.py checks the defaults)."""
+    rounds with no noise, every device of a cohort honest (tests/test_policy.py checks the
+    defaults)."""
     from client.federation.policy import DevicePolicy
 
     accepts = {
         "min_cohort": 1,
+        "honest_fraction": 1.0,
         "require_secagg": False,
         "min_noise_multiplier": 0.0,
         "trust_server_noise": True,

@@ -235,18 +235,30 @@ def test_privacy_show_and_set_through_the_cli(tmp_path, run) -> None:
 
     from client.federation.policy import DevicePolicy
 
-    shown = json.loads(run("privacy", "show", *unlock).output)
-    assert shown == {
+    def policy_shown() -> dict:
+        shown = json.loads(run("privacy", "show", *unlock).output)
+        # What the ledger spent, and what its ε assumes, beside the policy.
+        assert shown.pop("spent") == {"record_epsilon": 0, "user_epsilon": 0, "alone_epsilon": 0}
+        assert "at least 0.5 of every cohort" in shown.pop("assumes")
+        return shown
+
+    assert policy_shown() == {
         k.replace("_", "-"): v for k, v in DevicePolicy().to_dict().items() if k != "version"
     }
     changed = json.loads(
-        run("privacy", "set", *unlock, "--min-cohort", "20", "--epsilon-cap", "2").output
-    )
+        run(
+            "privacy", "set", *unlock, "--min-cohort", "20", "--epsilon-cap", "2",
+            "--max-cohort", "500", "--worst-case-epsilon-cap", "8",
+        ).output
+    )  # fmt: skip
     assert changed["min-cohort"] == 20 and changed["epsilon-cap"] == 2.0
-    assert json.loads(run("privacy", "show", *unlock).output) == changed
+    assert changed["max-cohort"] == 500 and changed["worst-case-epsilon-cap"] == 8.0
+    assert policy_shown() == changed
     refused = run("privacy", "set", *unlock, "--delta", "2", ok=False)
     assert refused.exit_code == 1 and "delta" in refused.output
-    assert json.loads(run("privacy", "show", *unlock).output) == changed
+    refused = run("privacy", "set", *unlock, "--honest-fraction", "1.5", ok=False)
+    assert refused.exit_code == 1 and "honest-fraction" in refused.output
+    assert policy_shown() == changed
 
 
 def test_chat_remembers_the_conversation_and_takes_feedback(tmp_path, run, monkeypatch) -> None:

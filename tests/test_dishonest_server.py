@@ -26,6 +26,7 @@ from client.federation.errors import DeviceError
 from client.federation.policy import DevicePolicy
 from client.store.state import set_paused
 from common.config import parse_run_config
+from common.dp.accounting import epsilon
 from common.dp.privatize import Privatize
 from tests.conftest import (
     device_node_config,
@@ -38,8 +39,14 @@ from tests.lying_server import LyingServer
 from tests.test_worker import _start_worker, _stop
 
 # What the lying server claims, all of it within the default policy's terms: σ 7.1 over a
-# cohort of m_min = 8 under SecAgg+ (the fakes make up the cohort).
-CLAIMS = {"dp.min-clients": 8, "data.num-users": 9, "train.local-steps": 1}
+# cohort of m_min = 8 under SecAgg+, shares sized for half of it honest (the fakes make up
+# the cohort).
+CLAIMS = {
+    "dp.min-clients": 8,
+    "dp.honest-fraction": 0.5,
+    "data.num-users": 9,
+    "train.local-steps": 1,
+}
 
 
 @pytest.fixture
@@ -252,3 +259,62 @@ def test_a_paused_device_leaves_at_setup(tmp_path, device) -> None:
     with pytest.raises(DeviceError, match="declined"):
         server.setup(clipping_range=_privatize(raw).clipping_range)
     assert "paused" in _ledger(tmp_path)["declined"][-1]["reason"]
+
+
+# ---- noise that holds under lies: the honest share, the cohort ceiling, the floor -------
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        {"dp.min-clients": 1_000_000},  # each share σC/√500,000: nothing left of the noise
+        {"dp.honest-fraction": 1.0},  # every member of the cohort honest
+    ],
+    ids=["a cohort of a million", "every device honest"],
+)
+def test_a_round_sized_for_more_honest_devices_than_the_device_accepts_ends_at_setup(
+    tmp_path, device, claim
+) -> None:
+    # Prepare: a device on its default policy (at most half of a cohort honest, shares sized
+    # for at most 10,000 honest devices); a server whose cohort is all its own fakes.
+    raw = tiny_run_config(**{**CLAIMS, **claim})
+    server = LyingServer(device(), raw)
+
+    # Execute / Assert: it leaves before a key is shared; nothing trained, charged or sent.
+    with pytest.raises(DeviceError, match="declined"):
+        server.setup(clipping_range=_privatize(raw).clipping_range)
+    ledger = _ledger(tmp_path)
+    assert ledger["events"] == [] and "at SecAgg+ setup" in ledger["declined"][-1]["reason"]
+    assert stored_device_state(tmp_path / "device")["personal"] is None
+
+
+def test_with_a_share_floor_an_update_alone_keeps_the_worst_case_epsilon(tmp_path, device):
+    # Prepare: a federation whose shares are at least 4·C (dp.share-floor); a device whose
+    # owner caps the worst case — its updates with only its own noise — between what one and
+    # two such rounds cost; a server whose every other cohort member is its own.
+    raw = tiny_run_config(**{**CLAIMS, "dp.share-floor": 4.0})
+    one = epsilon([(4.0, 1.0, 1)], delta=1e-5)
+    two = epsilon([(4.0, 1.0, 2)], delta=1e-5)
+    server = LyingServer(
+        device(DevicePolicy(epsilon_cap=8.0, worst_case_epsilon_cap=(one + two) / 2)), raw
+    )
+    privatize = _privatize(raw)
+    assert privatize.noise_std == pytest.approx(4.0 * 0.05)  # the floor, above σC/√4
+
+    # Execute: round 1, fully unmasked by the server; then round 2.
+    alone = server.round(_shared(raw), clipping_range=privatize.clipping_range)
+    server_two = LyingServer(server.sock, raw, run_id=server.run_id)
+    with pytest.raises(DeviceError, match="declined"):
+        server_two.setup(clipping_range=privatize.clipping_range)
+
+    # Assert: what the server read of round 1 carries the floor's noise (its update is
+    # within C, so the rest is noise), the ledger's alone ε is that of σ = 4 once; round 2
+    # would pass the owner's worst-case cap, so the device left at setup.
+    update_norm = 0.05
+    noise = float(np.sqrt(max(alone.vector.var() - update_norm**2 / alone.vector.size, 0)))
+    assert noise == pytest.approx(4.0 * 0.05, rel=0.1)
+    ledger = _ledger(tmp_path)
+    (event,) = ledger["events"]
+    assert event["alone_noise_multiplier"] == pytest.approx(4.0)
+    assert ledger["epsilon"]["alone"] == pytest.approx(one)
+    assert "worst-case budget exhausted" in ledger["declined"][-1]["reason"]

@@ -75,6 +75,7 @@ def test_round_trip_and_rejects_wrong_state(tmp_path) -> None:
         {**state, "accountant": "prv"},
         {**state, "events": [{"kind": "user"}]},
         {**state, "events": [{**state["events"][0], "sample_rate": 2.0}]},
+        {**state, "events": [{**state["events"][0], "alone_noise_multiplier": -1.0}]},
     ):
         with pytest.raises(ValueError):
             PrivacyLedger(policy).load_state_dict(bad)
@@ -110,8 +111,13 @@ def test_saved_epsilon_is_the_accountants_and_v1_ledgers_still_load(tmp_path) ->
 
     # Assert: the stored ε is Opacus' for exactly these events, and a v1 ledger (events
     # without their run) recomputes it.
-    assert state["version"] == 4
+    assert state["version"] == 5
     assert {e["run"] for e in v1.events} == {""}
+    # A version-4 ledger (kept before the alone kind) loads with nothing spent alone.
+    v4 = PrivacyLedger(policy)
+    v4_eps = {k: v for k, v in state["epsilon"].items() if k != "alone"}
+    v4.load_state_dict({**state, "version": 4, "epsilon": v4_eps})
+    assert v4.epsilon("alone") == 0.0 and v4.summary() == ledger.summary()
     assert state["epsilon"]["user"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
     assert loaded.summary() == ledger.summary()
     assert v1.epsilon("user") == pytest.approx(state["epsilon"]["user"], rel=1e-12)
@@ -119,7 +125,13 @@ def test_saved_epsilon_is_the_accountants_and_v1_ledgers_still_load(tmp_path) ->
     # A new charge invalidates the stored value.
     loaded.charge(server_round=3, record=None, user=(3.0, 1.0, 1))
     assert loaded.epsilon("user") > state["epsilon"]["user"]
-    for bad in ({"user": -1.0, "record": 0.0}, {"user": float("nan"), "record": 0.0}, {"user": 1}):
+    bad_eps = (
+        {"user": -1.0, "record": 0.0},
+        {"user": float("nan"), "record": 0.0},
+        {"user": 1},
+        {"user": 0.0, "record": 0.0, "alone": -1.0},
+    )
+    for bad in bad_eps:
         with pytest.raises(ValueError, match="epsilon"):
             PrivacyLedger(policy).load_state_dict({**state, "epsilon": bad})
     with pytest.raises(ValueError, match="keys"):
@@ -164,9 +176,9 @@ def test_device_charges_match_the_server_accountant_with_verifiable_sampling(tmp
     sigma = device.cfg.dp.noise_multiplier
 
     # Execute
-    _, first = device.planned_charges(1)
+    first = device.planned_charges(1).user
     device.ledger.charge(server_round=1, record=None, user=first)
-    _, later = device.planned_charges(4)
+    later = device.planned_charges(4).user
     device.ledger.charge(server_round=4, record=None, user=later)
 
     # Assert: the device has charged all four federation rounds at rate q, as the server does.
@@ -185,9 +197,12 @@ def test_without_verifiable_sampling_each_joined_round_costs_q_one(tmp_path) -> 
         partition_id=1,
         num_partitions=4,
     )
-    record, user = device.planned_charges(7)
+    record, user, alone = device.planned_charges(7)
     assert record is None
     assert user == (device.cfg.dp.noise_multiplier, 1.0, 1)
+    # Alone: one round of its update with its own noise share only (σC/√m_min over C).
+    m_min = device.cfg.m_min(4)
+    assert alone == (pytest.approx(device.cfg.dp.noise_multiplier / m_min**0.5), 1.0, 1)
 
 
 def test_local_dp_sgd_charges_record_level_epsilon(tmp_path) -> None:

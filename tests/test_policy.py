@@ -27,8 +27,14 @@ from tests.conftest import (
     tiny_run_config,
 )
 
-# What the default policy accepts: SecAgg+-masked distributed noise, σ >= 1, m_min >= 8.
-HONEST = {"data.num-users": 8, "dp.noise-multiplier": 7.1, "privacy.epsilon-cap": 1.0}
+# What the default policy accepts: SecAgg+-masked distributed noise, σ >= 1, m_min >= 8,
+# shares sized for at most half of a cohort honest, and for at most 10,000 honest devices.
+HONEST = {
+    "data.num-users": 8,
+    "dp.noise-multiplier": 7.1,
+    "dp.honest-fraction": 0.5,
+    "privacy.epsilon-cap": 1.0,
+}
 
 ATTACKS = {
     "noise off": {"dp.noise-mode": "none"},
@@ -36,6 +42,8 @@ ATTACKS = {
     "σ below the floor": {"dp.noise-multiplier": 0.5},
     "m_min = 1": {"dp.min-clients": 1},
     "central noise": {"dp.noise-mode": "central"},
+    "every device assumed honest": {"dp.honest-fraction": 1.0},
+    "a cohort of a million": {"dp.min-clients": 1_000_000},
 }
 
 

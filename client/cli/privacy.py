@@ -30,15 +30,24 @@ def _policy_dict(policy) -> dict:  # type: ignore[no-untyped-def]
 
 @privacy_app.command("show")
 def privacy_show(data_dir: DataDir, key_file: KeyFile = None) -> None:
-    """Print the policy every round's instructions are checked against."""
+    """Print the policy every round's instructions are checked against, and what the ledger
+    has spent under it: user-level ε (at least ``honest-fraction`` of every cohort honest)
+    and the worst case, this device's updates alone."""
     from client.federation.policy import DevicePolicy
+    from client.store.status import budget
 
     with open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
         try:
             policy = DevicePolicy.of(store)
+            spent = budget(store)
         except ValueError as err:
             raise fail(err) from None
-    print(json.dumps(_policy_dict(policy), indent=1))
+    shown = {
+        **_policy_dict(policy),
+        "spent": {k: spent[k] for k in ("record_epsilon", "user_epsilon", "alone_epsilon")},
+        "assumes": spent["assumes"],
+    }
+    print(json.dumps(shown, indent=1))
 
 
 @privacy_app.command("set")
@@ -52,6 +61,18 @@ def privacy_set(
     ] = None,
     min_cohort: Annotated[
         int | None, typer.Option(help="Least m_min a round may size the noise share by")
+    ] = None,
+    honest_fraction: Annotated[
+        float | None,
+        typer.Option(help="Largest share of a cohort assumed honest (rounds assuming more: no)"),
+    ] = None,
+    max_cohort: Annotated[
+        int | None,
+        typer.Option(help="Most honest devices a round may size the noise share for"),
+    ] = None,
+    worst_case_epsilon_cap: Annotated[
+        float | None,
+        typer.Option(help="Cap on the ε of this device's updates alone (0: report only)"),
     ] = None,
     require_secagg: Annotated[
         bool | None, typer.Option(help="Distributed noise only under SecAgg+ masking")
@@ -76,6 +97,9 @@ def privacy_set(
             "delta": delta,
             "min_noise_multiplier": min_noise_multiplier,
             "min_cohort": min_cohort,
+            "honest_fraction": honest_fraction,
+            "max_cohort": max_cohort,
+            "worst_case_epsilon_cap": worst_case_epsilon_cap,
             "require_secagg": require_secagg,
             "trust_server_noise": trust_server_noise,
             "trust_server_sampling": trust_server_sampling,

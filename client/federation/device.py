@@ -38,7 +38,7 @@ import torch
 from client.federation import baseline
 from client.federation.evaluation import DeviceEvaluation
 from client.federation.gate import open_real_store
-from client.federation.ledger import BudgetExhausted, PrivacyLedger
+from client.federation.ledger import BudgetExhausted, Charges, PrivacyLedger
 from client.federation.policy import DevicePolicy, PolicyRefused
 from client.federation.runtime import get_runtime
 from client.federation.simulated import planted_canaries, simulated_ratings, simulated_user
@@ -321,14 +321,15 @@ class Device(DeviceEvaluation):
 
     def planned_charges(
         self, server_round: int, *, run: str = "", self_sampled: bool = False
-    ) -> tuple[tuple | None, tuple | None]:
-        """``(record, user)`` charges of round ``server_round`` of run ``run``
+    ) -> Charges:
+        """``(record, user, alone)`` charges of round ``server_round`` of run ``run``
         (:meth:`DevicePolicy.planned_charges`)."""
         return self.policy.planned_charges(
             self.cfg,
             self.ledger,
             num_train=len(self.train_set),
             server_round=server_round,
+            num_partitions=self.num_partitions,
             run=run,
             self_sampled=self_sampled,
             rounding=self.discrete.charge if self.privatize.discrete else None,
@@ -426,9 +427,7 @@ class Device(DeviceEvaluation):
             problem = self.offer_problem(offer, run=run, server_round=server_round)
             if problem is not None:
                 raise PolicyRefused(problem)
-            record, user = self._admit(
-                server_round, run=run, masked=masked, self_sampled=self_sampled
-            )
+            charges = self._admit(server_round, run=run, masked=masked, self_sampled=self_sampled)
         except (Paused, PolicyRefused, BudgetExhausted, TooFewExamples) as err:
             return self._decline(global_shared, server_round, err, masked=masked, run=run)
 
@@ -456,7 +455,7 @@ class Device(DeviceEvaluation):
             run=run,
             personal=({n: start[n] for n in self.rt.personal_names}, after),
             local_only=local_only,
-            charges=(record, user),
+            charges=charges,
             record=round_record(server_round, run, loss=loss, norm=norm, sent=sent),
         )
         weight = 1 if uniform_weights(self.cfg) else len(self.train_set)
@@ -492,7 +491,7 @@ class Device(DeviceEvaluation):
         run: str,
         personal: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
         local_only: dict[str, torch.Tensor] | None,
-        charges: tuple[tuple[float, float, int] | None, tuple[float, float, int] | None],
+        charges: Charges,
         record: dict[str, Any],
     ) -> None:
         """Keep a trained round in one store transaction: a device killed here restarts with
@@ -503,7 +502,7 @@ class Device(DeviceEvaluation):
             personal: The personal tensors before and after the round (merged with any
                 feedback the user gave meanwhile: device serve, another process).
             local_only: The local-only baseline's tensors after the round, if it trained.
-            charges: The round's ``(record, user)`` charges.
+            charges: The round's ``(record, user, alone)`` charges.
             record: The round's entry in the device's history.
         """
         before, after = personal
@@ -511,9 +510,7 @@ class Device(DeviceEvaluation):
             self.state.update_personal(before, {n: after[n] for n in self.rt.personal_names})
             if local_only is not None:
                 baseline.save(self.store, local_only)
-            self.ledger.charge(
-                server_round=server_round, record=charges[0], user=charges[1], run=run
-            )
+            self.ledger.charge(server_round=server_round, run=run, **charges._asdict())
             self.ledger.save(self.store)
             self.state.meta.rounds_trained += 1
             self.state.meta.last_round = server_round
@@ -521,10 +518,8 @@ class Device(DeviceEvaluation):
             _trim_sent(self.state.meta.history)
             self.state.save_meta()
 
-    def _admit(
-        self, server_round: int, *, run: str, masked: bool, self_sampled: bool
-    ) -> tuple[tuple[float, float, int] | None, tuple[float, float, int] | None]:
-        """The round's ``(record, user)`` charges, once the policy, the data and the ledger
+    def _admit(self, server_round: int, *, run: str, masked: bool, self_sampled: bool) -> Charges:
+        """The round's ``(record, user, alone)`` charges, once the policy, the data and the ledger
         all admit it.
 
         Raises:
@@ -551,9 +546,9 @@ class Device(DeviceEvaluation):
         shortfall = too_few_examples(len(self.train_examples), self.cfg.data.min_examples)
         if shortfall is not None:
             raise TooFewExamples(shortfall)
-        record, user = self.planned_charges(server_round, run=run, self_sampled=self_sampled)
-        self.ledger.check(record=record, user=user)
-        return record, user
+        charges = self.planned_charges(server_round, run=run, self_sampled=self_sampled)
+        self.ledger.check(**charges._asdict())
+        return charges
 
     def sent_in(self, run: str, server_round: int) -> bool:
         """Whether this device already sent an update in round ``server_round`` of ``run``

@@ -223,16 +223,17 @@ def setup_refusal(
             train, _ = split(device_examples(store), cfg.data.test_fraction)
             reason = too_few_examples(len(train), cfg.data.min_examples)
         if reason is None:
-            record, user = policy.planned_charges(
+            charges = policy.planned_charges(
                 cfg,
                 ledger,
                 num_train=len(train),
                 server_round=ledger.last_round(run) + 1,
+                num_partitions=n,
                 run=run,
                 rounding=_rounding(cfg, n),
             )
             try:
-                ledger.check(record=record, user=user)
+                ledger.check(**charges._asdict())
             except BudgetExhausted as err:
                 reason = str(err)
         if reason is None:

@@ -7,6 +7,13 @@ Two budgets, each an Opacus accountant history:
   which this device actually sent an update. With no verifiable sampling the device charges
   each round at sample rate 1 (no amplification credit).
 
+And a third budget, the worst case the user-level ε assumes away:
+
+* **alone** — each update the device sent with its own noise share as the only noise (σ =
+  share / C, q = 1; kept on the round's user-level event): what a server learns if every
+  other member of the device's cohorts is its own (fake devices whose masks and noise it
+  knows). Capped by ``worst-case-epsilon-cap`` when the owner sets one; always reported.
+
 Before training, :meth:`PrivacyLedger.check` computes what the round would cost and raises
 :class:`BudgetExhausted` if either ε would pass ``privacy.epsilon-cap``; the device then
 declines the round. Lifetime totals are never erased: an optional per-period cap (e.g. 30
@@ -21,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from client.store import LocalStore, StoreCorrupted
 from common.config import PrivacyCaps
@@ -31,9 +38,14 @@ from common.config import PrivacyCaps
 # Older ledgers still load (their ε is computed when asked for; their events' run is "").
 # Version 4 lets a user-level event carry "discrete": a skellam round's rounding
 # (Δ1/C, Δ2/C, s·C), which its ε depends on (common/dp/accounting.py).
-LEDGER_VERSION = 4
+# Version 5 lets a user-level event carry "alone_noise_multiplier": the σ of that round's
+# update with only this device's noise share (the "alone" budget, ALONE).
+LEDGER_VERSION = 5
 LEDGER_BLOB = "ledger"
-KINDS = ("record", "user")
+KINDS = ("record", "user")  # the kinds of events
+ALONE = "alone"  # the worst-case budget, read off the user-level events that carry ALONE_KEY
+BUDGETS = (*KINDS, ALONE)
+ALONE_KEY = "alone_noise_multiplier"
 EVENT_KEYS = {"kind", "time", "run", "round", "noise_multiplier", "sample_rate", "steps"}
 DISCRETE_KEY = "discrete"
 DECLINED_KEYS = {"round", "time", "reason"}
@@ -71,6 +83,15 @@ class BudgetExhausted(RuntimeError):
     """Releasing this round's update would push ε past a cap."""
 
 
+class Charges(NamedTuple):
+    """One round's planned charges per kind, each ``(σ, q, steps)`` (a skellam round's with
+    its rounding as a fourth element) or ``None``."""
+
+    record: tuple | None
+    user: tuple | None
+    alone: tuple | None = None
+
+
 class PrivacyLedger:
     """Record- and user-level privacy spend of one device, with caps and persistence."""
 
@@ -80,26 +101,34 @@ class PrivacyLedger:
         self.events: list[dict[str, Any]] = []
         self.declined: list[dict[str, Any]] = []
         # Lifetime ε per kind for exactly these events, once computed (or loaded).
-        self._epsilon: dict[str, float] | None = {"record": 0.0, "user": 0.0}
+        self._epsilon: dict[str, float] | None = dict.fromkeys(BUDGETS, 0.0)
 
     def _history(self, kind: str, since: float | None = None) -> list[tuple]:
+        """The accountant history of budget ``kind`` (:data:`BUDGETS`), from ``since`` on."""
+        recent = [e for e in self.events if since is None or e["time"] >= since]
+        if kind == ALONE:  # each update alone: one mechanism at q = 1 with its own share
+            return [
+                (e[ALONE_KEY], 1.0, 1) + ((tuple(e[DISCRETE_KEY]),) if DISCRETE_KEY in e else ())
+                for e in recent
+                if ALONE_KEY in e
+            ]
         return [
             (e["noise_multiplier"], e["sample_rate"], e["steps"])
             + ((tuple(e[DISCRETE_KEY]),) if DISCRETE_KEY in e else ())
-            for e in self.events
-            if e["kind"] == kind and (since is None or e["time"] >= since)
+            for e in recent
+            if e["kind"] == kind
         ]
 
     def epsilon(self, kind: str) -> float:
-        """Lifetime ε of ``kind`` (``record`` or ``user``)."""
-        if kind not in KINDS:
+        """Lifetime ε of budget ``kind`` (``record``, ``user`` or ``alone``)."""
+        if kind not in BUDGETS:
             raise ValueError(f"unknown budget kind {kind!r}")
         if self._epsilon is None:
             self._epsilon = {
                 k: epsilon(
                     self._history(k), delta=self.policy.delta, accountant=self.policy.accountant
                 )
-                for k in KINDS
+                for k in BUDGETS
             }
         return self._epsilon[kind]
 
@@ -126,23 +155,36 @@ class PrivacyLedger:
         *,
         record: tuple | None,
         user: tuple | None,
+        alone: tuple | None = None,
         now: float | None = None,
     ) -> dict[str, float]:
-        """What spending ``record`` / ``user`` (each ``(σ, q, steps)``, a skellam round's with
-        its rounding as a fourth element) would bring ε to.
+        """What spending ``record`` / ``user`` / ``alone`` (each ``(σ, q, steps)``, a skellam
+        round's with its rounding as a fourth element; :class:`Charges`) would bring ε to.
 
         Returns:
-            ``{"record": ε_after, "user": ε_after}``.
+            ``{kind: ε_after}`` for each of :data:`BUDGETS`.
 
         Raises:
-            BudgetExhausted: If a lifetime or period cap would be exceeded.
+            BudgetExhausted: If a lifetime or period cap would be exceeded (``alone``: the
+                worst-case cap, when set).
         """
         now = time.time() if now is None else now
         result: dict[str, float] = {}
-        for kind, planned in (("record", record), ("user", user)):
+        for kind, planned in zip(BUDGETS, (record, user, alone), strict=True):
             steps = [planned] if planned is not None else []
             eps = self._after(kind, steps, None)
             result[kind] = eps
+            if kind == ALONE:
+                cap = self.policy.worst_case_epsilon_cap
+                if steps and cap > 0 and eps > cap:
+                    raise BudgetExhausted(
+                        f"worst-case budget exhausted: this device's updates alone (its own "
+                        f"noise share the only noise) would reach ε = {eps:.3f} > cap "
+                        f"{cap:.3f}; the device declines this round. Raise "
+                        "`worst-case-epsilon-cap`, or join federations with a higher "
+                        "dp.share-floor."
+                    )
+                continue
             if steps and eps > self.policy.epsilon_cap:
                 raise BudgetExhausted(
                     f"privacy budget exhausted: {kind}-level ε would reach {eps:.3f} > cap "
@@ -166,13 +208,20 @@ class PrivacyLedger:
         server_round: int,
         record: tuple | None,
         user: tuple | None,
+        alone: tuple | None = None,
         now: float | None = None,
         run: str = "",
     ) -> None:
         """Record the spend of round ``server_round`` of federation run ``run``, whose update
-        was actually sent."""
+        was actually sent. ``alone`` (its σ) rides on the user-level event: the same update.
+
+        Raises:
+            ValueError: An ``alone`` charge without a user-level one.
+        """
         now = time.time() if now is None else now
-        for kind, planned in (("record", record), ("user", user)):
+        if alone is not None and user is None:
+            raise ValueError("an alone charge belongs to a user-level charge of the same round")
+        for kind, planned in zip(KINDS, (record, user), strict=True):
             if planned is None:
                 continue
             sigma, q, steps = planned[:3]
@@ -188,6 +237,8 @@ class PrivacyLedger:
             }
             if len(planned) == 4 and planned[3] is not None:
                 event[DISCRETE_KEY] = [float(v) for v in planned[3]]
+            if kind == "user" and alone is not None:
+                event[ALONE_KEY] = float(alone[0])
             self.events.append(event)
 
     def note_declined(self, *, server_round: int, reason: str, now: float | None = None) -> None:
@@ -205,6 +256,7 @@ class PrivacyLedger:
         return {
             "record_epsilon": self.epsilon("record"),
             "user_epsilon": self.epsilon("user"),
+            "alone_epsilon": self.epsilon("alone"),
             "epsilon_cap": self.policy.epsilon_cap,
             "delta": self.policy.delta,
             "rounds_charged": float(self.rounds_charged()),
@@ -218,7 +270,7 @@ class PrivacyLedger:
             "delta": self.policy.delta,
             "events": [dict(e) for e in self.events],
             "declined": [dict(d) for d in self.declined],
-            "epsilon": {kind: self.epsilon(kind) for kind in KINDS},
+            "epsilon": {kind: self.epsilon(kind) for kind in BUDGETS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -254,10 +306,17 @@ class PrivacyLedger:
                 e = {**e, "run": ""}
             if (
                 not isinstance(e, dict)
-                or set(e) - {DISCRETE_KEY} != EVENT_KEYS
+                or set(e) - {DISCRETE_KEY, ALONE_KEY} != EVENT_KEYS
                 or e["kind"] not in KINDS
             ):
                 raise ValueError(f"malformed ledger event {e!r:.200}")
+            if ALONE_KEY in e and (
+                e["kind"] != "user" or not _real(e[ALONE_KEY]) or e[ALONE_KEY] < 0
+            ):
+                raise ValueError(
+                    f"invalid ledger event: {ALONE_KEY} must be a user-level event's finite "
+                    f"number >= 0 (event {e!r:.200})"
+                )
             if DISCRETE_KEY in e and (e["kind"] != "user" or not _rounding(e[DISCRETE_KEY])):
                 raise ValueError(
                     "invalid ledger event: discrete must be a user-level event's three "
@@ -278,10 +337,12 @@ class PrivacyLedger:
         cached = None
         if "epsilon" in state:
             cached = state["epsilon"]
+            if version < 5 and isinstance(cached, dict) and "alone" not in cached:
+                cached = {**cached, "alone": 0.0}  # kept before the alone kind: no such event
             # ε may be inf (a noiseless round), never NaN or negative; JSON keeps inf as Infinity.
             if (
                 not isinstance(cached, dict)
-                or set(cached) != set(KINDS)
+                or set(cached) != set(BUDGETS)
                 or not all(type(v) in (int, float) and v >= 0 for v in cached.values())
             ):
                 raise ValueError(f"malformed ledger epsilon {cached!r:.200}")

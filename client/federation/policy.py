@@ -13,7 +13,16 @@ decline.
 * ``min_noise_multiplier``: the least σ a round may carry; a round with no noise (ε = ∞) is
   refused unless this is 0.
 * ``min_cohort``: the least m_min (updates the server must aggregate before releasing a sum)
-  a round may claim; each device's share of distributed noise is σC/√m_min.
+  a round may claim; each device's share of distributed noise is σC/√⌊h·m_min⌋.
+* ``honest_fraction``: the largest share of a cohort the device believes honest. A round
+  whose noise shares assume more (``dp.honest-fraction``) is refused: against a server that
+  runs fake devices, whose masks and noise it knows, only the honest shares count.
+* ``max_cohort``: the most honest devices a round may size each share for (⌊h·m_min⌋): a
+  server that claims a cohort of a million would otherwise get each update with a
+  thousandth of the noise.
+* ``worst_case_epsilon_cap`` (:class:`common.config.PrivacyCaps`): the ledger also charges
+  each update as if it were alone — its own share the only noise (``alone``) — and, when
+  this is set, declines a round that would take that ε past it.
 * ``require_secagg``: distributed noise only under SecAgg+ masking (unmasked, the server sees
   each update with σ/√m_min of noise, not σ).
 * ``trust_server_noise``: accept ``central`` noise, which the server adds to the unmasked sum
@@ -33,12 +42,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from client.federation.ledger import PrivacyLedger
+from client.federation.ledger import Charges, PrivacyLedger
 from client.store import LocalStore, StoreCorrupted
 from common.config import PrivacyCaps, RunConfig, finite_number
+from common.dp.privatize import Privatize
 
 POLICY_BLOB = "privacy_policy"
-POLICY_VERSION = 1
+# Version 2 adds honest_fraction, max_cohort and worst_case_epsilon_cap; a version-1 policy
+# loads with their defaults (its owner never chose them).
+POLICY_VERSION = 2
 
 # Upper bounds on work a server can ask of a device (each a run-config key and its attribute
 # path): a server must not exhaust a device's CPU, memory or disk. Run-config parsing bounds
@@ -51,6 +63,11 @@ KNOB_LIMITS: dict[str, tuple[str, int]] = {
     "audit.canaries": ("audit.canaries", 64),
     "audit.canary-repeats": ("audit.canary_repeats", 100),
 }
+
+
+# A simulation's devices accept the cohorts their owner, the simulation, sizes.
+SIMULATION_MAX_COHORT = 1_000_000_000
+VERSION_2_KEYS = ("honest_fraction", "max_cohort", "worst_case_epsilon_cap")
 
 
 class PolicyRefused(RuntimeError):
@@ -71,6 +88,8 @@ class DevicePolicy(PrivacyCaps):
 
     min_noise_multiplier: float = 1.0
     min_cohort: int = 8
+    honest_fraction: float = 0.5
+    max_cohort: int = 10_000
     require_secagg: bool = True
     trust_server_noise: bool = False
     trust_server_sampling: bool = False
@@ -84,6 +103,12 @@ class DevicePolicy(PrivacyCaps):
                 ">= 0",
             ),
             (type(self.min_cohort) is int and self.min_cohort >= 1, "min-cohort", ">= 1"),
+            (
+                finite_number(self.honest_fraction) and 0 < self.honest_fraction <= 1,
+                "honest-fraction",
+                "in (0, 1]",
+            ),
+            (type(self.max_cohort) is int and self.max_cohort >= 1, "max-cohort", ">= 1"),
         ]
         for name in ("require_secagg", "trust_server_noise", "trust_server_sampling"):
             checks.append((type(getattr(self, name)) is bool, name.replace("_", "-"), "a bool"))
@@ -103,6 +128,8 @@ class DevicePolicy(PrivacyCaps):
             **asdict(p.caps),
             min_noise_multiplier=dp.noise_multiplier if dp.adds_noise else 0.0,
             min_cohort=1,
+            honest_fraction=dp.honest_fraction,
+            max_cohort=SIMULATION_MAX_COHORT,
             require_secagg=dp.distributed and cfg.secagg.enabled,
             trust_server_noise=dp.noise_mode == "central",
             trust_server_sampling=p.verifiable_sampling,
@@ -120,8 +147,11 @@ class DevicePolicy(PrivacyCaps):
             ValueError: Wrong version, missing or unknown keys, or an invalid value.
         """
         names = {f.name for f in fields(cls)}
-        if not isinstance(state, dict) or state.get("version") != POLICY_VERSION:
-            raise ValueError(f"device privacy policy must be version {POLICY_VERSION}")
+        version = state.get("version") if isinstance(state, dict) else None
+        if version not in (1, POLICY_VERSION):
+            raise ValueError(f"device privacy policy must be version 1 to {POLICY_VERSION}")
+        if version == 1:  # kept before these keys existed: their defaults
+            state = {**{k: getattr(cls(), k) for k in VERSION_2_KEYS}, **state}
         if set(state) != names | {"version"}:
             raise ValueError(f"device privacy policy must have exactly the keys {sorted(names)}")
         return cls(**{k: v for k, v in state.items() if k != "version"})
@@ -195,6 +225,18 @@ class DevicePolicy(PrivacyCaps):
                     f"the round sizes each device's noise share for a cohort of {m_min} "
                     f"(m_min); this device's policy requires at least {self.min_cohort}"
                 )
+            if dp.honest_fraction > self.honest_fraction:
+                return (
+                    f"the round sizes each device's noise share as if {dp.honest_fraction:g} of "
+                    f"a cohort were honest (dp.honest-fraction); this device assumes at most "
+                    f"{self.honest_fraction:g} (a server's own devices add noise it can remove)"
+                )
+            honest = cfg.honest_cohort(num_partitions)
+            if honest > self.max_cohort:
+                return (
+                    f"the round sizes each device's noise share for {honest} honest devices; "
+                    f"this device's policy sizes its share for at most {self.max_cohort}"
+                )
         return None
 
     def planned_charges(
@@ -204,13 +246,15 @@ class DevicePolicy(PrivacyCaps):
         *,
         num_train: int,
         server_round: int,
+        num_partitions: int,
         run: str = "",
         self_sampled: bool = False,
         rounding: tuple[float, float, float] | None = None,
-    ) -> tuple[tuple | None, tuple | None]:
-        """``(record, user)`` charges of round ``server_round`` of run ``run`` for a device
-        with ``num_train`` training samples, each ``(σ, q, steps)`` or ``None``; in
-        ``skellam`` mode the user charge carries the round's ``rounding`` as a fourth element
+    ) -> Charges:
+        """The ``(record, user, alone)`` charges of round ``server_round`` of run ``run`` for
+        a device with ``num_train`` training samples in a federation of ``num_partitions``,
+        each ``(σ, q, steps)`` or ``None``; in ``skellam`` mode the user and alone charges
+        carry the round's ``rounding`` as a fourth element
         (:attr:`common.dp.discrete.DiscreteParams.charge`).
 
         User level: a round the device joins costs one Gaussian mechanism at q = 1 (rounds it
@@ -218,24 +262,30 @@ class DevicePolicy(PrivacyCaps):
         With the credit every round of the run counts at rate q, so joining round t charges
         the rounds of this run since the device's last charge in it (all t in a new run) —
         the same history the server's accountant holds.
+
+        Alone (the worst case, every other device of the cohort the server's): the update
+        with its own noise share only, one mechanism at q = 1 with σ = share / C.
         """
         dp = cfg.dp
         record = None
         if dp.local_enabled:
             q = min(1.0, cfg.train.batch_size / max(num_train, 1))
             record = (dp.local_noise_multiplier, q, cfg.train.local_steps)
-        user = None
+        user = alone = None
         if dp.adds_noise:
             q = self.sample_rate(cfg, self_sampled=self_sampled)
             steps = 1
             if q < 1.0:
                 steps = max(1, server_round - ledger.last_round(run))
             user = (dp.noise_multiplier, q, steps)
+            if dp.distributed:
+                alone = (Privatize.of(cfg, num_partitions).alone_noise_multiplier, 1.0, 1)
             if dp.discrete:
                 if rounding is None:
                     raise ValueError("a skellam round's charge needs its rounding")
                 user = (*user, tuple(rounding))
-        return record, user
+                alone = (*alone, tuple(rounding)) if alone is not None else None
+        return Charges(record, user, alone)
 
     def sample_rate(self, cfg: RunConfig, *, self_sampled: bool) -> float:
         """The sampling rate this device credits for a round it joins: the server's

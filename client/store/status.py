@@ -87,7 +87,9 @@ def budget(store: LocalStore) -> dict[str, Any]:
     return {
         "record_epsilon": s["record_epsilon"],
         "user_epsilon": s["user_epsilon"],
+        "alone_epsilon": s["alone_epsilon"],
         "epsilon_cap": p.epsilon_cap,
+        "worst_case_epsilon_cap": p.worst_case_epsilon_cap,
         "delta": p.delta,
         "accountant": p.accountant,
         "rounds_charged": int(s["rounds_charged"]),
@@ -101,8 +103,17 @@ def budget(store: LocalStore) -> dict[str, Any]:
                 if p.trust_server_sampling
                 else "q only where the device drew its own coin, else 1 (no amplification)"
             )
-            + "; the server sees only the SecAgg+ sum if secure aggregation is on. "
-            "Record-level ε: the device's own DP-SGD. On-device feedback adaptation "
+            + "; the server sees only the SecAgg+ sum if secure aggregation is on, and "
+            f"at least {p.honest_fraction:g} of every cohort this device joins is honest (not "
+            "the server's own devices: this device declines rounds that assume more). Alone "
+            "ε (the worst case): the same updates with only this device's own noise share, "
+            "as if every other device of its cohorts were the server's"
+            + (
+                f" (capped at {p.worst_case_epsilon_cap:g})"
+                if p.worst_case_epsilon_cap > 0
+                else " (reported, not capped)"
+            )
+            + ". Record-level ε: the device's own DP-SGD. On-device feedback adaptation "
             "changes only personal parameters, which never leave the device."
         ),
     }
@@ -264,7 +275,12 @@ def privacy(store: LocalStore, *, shared_numbers: int | None = None) -> dict[str
                 "time": d["time"],
                 "joined": False,
                 "reason": d["reason"],
-                "sent": "a decline: no update, nothing charged",
+                "sent": (
+                    "its noise share alone, masked (it had joined the SecAgg+ cohort): no "
+                    "update, nothing charged"
+                    if "noise share alone" in d["reason"]
+                    else "a decline: no update, nothing charged"
+                ),
                 "noise_multiplier": None,
                 "sample_rate": None,
                 "steps": None,

@@ -3,9 +3,11 @@
 An update leaves a device as:
 
 1. **clip** to L2 norm ``C`` (``dp.clip-norm``): user-level DP's sensitivity bound;
-2. **noise** — under distributed DP, the device's share N(0, (σC)²/m_min) of the round's noise
-   (σ = ``dp.noise-multiplier``): any ``m >= m_min`` shares sum to at least N(0, (σC)²), so
-   the server never holds a noise-free sum (see :mod:`common.dp.noise`);
+2. **noise** — under distributed DP, the device's share N(0, (σC)²/⌊h·m_min⌋) of the round's
+   noise (σ = ``dp.noise-multiplier``, h = ``dp.honest-fraction``): the honest ``⌊h·m_min⌋``
+   of any cohort of ``m >= m_min`` shares sum to at least N(0, (σC)²), so the server never
+   holds a sum with less noise unless more than ``1 - h`` of a cohort is its own (see
+   :mod:`common.dp.noise`); never below ``dp.share-floor``·C, the noise of the update alone;
 3. **quantize** — SecAgg+ (Flower's ``secaggplus_mod``) maps every entry of the result into
    integers over ``[-R, R]``, ``R`` = :attr:`Privatize.clipping_range`: ``C`` plus
    :data:`NOISE_TAIL_SIGMAS` standard deviations of the share.
@@ -82,16 +84,19 @@ class Privatize:
 
     @classmethod
     def of(cls, cfg: RunConfig, num_nodes: int) -> Privatize:
-        """What the run config asks of a federation of ``num_nodes`` devices (m_min from
-        ``dp.min-clients``, else every device the server samples per round)."""
+        """What the run config asks of a federation of ``num_nodes`` devices: each device's
+        share sized for the honest ``⌊h·m_min⌋`` of a cohort (m_min from ``dp.min-clients``,
+        else every device the server samples per round; h = ``dp.honest-fraction``), and at
+        least ``dp.share-floor``·C."""
         dp = cfg.dp
         share = 0.0
         if dp.distributed:
             share = distributed_noise_std(
                 noise_multiplier=dp.noise_multiplier,
                 clip_norm=dp.clip_norm,
-                min_clients=cfg.m_min(num_nodes),
+                min_clients=cfg.honest_cohort(num_nodes),
             )
+            share = max(share, dp.share_floor * dp.clip_norm)
         central = dp.noise_multiplier * dp.clip_norm if dp.noise_mode == "central" else 0.0
         return cls(
             dp.clip_norm,
@@ -99,6 +104,12 @@ class Privatize:
             central if dp.adds_noise else 0.0,
             max(1, num_nodes) if dp.discrete else 0,
         )
+
+    @property
+    def alone_noise_multiplier(self) -> float:
+        """The noise multiplier of one device's update alone: its own share over C (the
+        worst case, every other device of its cohort the server's; 0 without a share)."""
+        return self.noise_std / self.clip_norm if self.clip_norm > 0 else 0.0
 
     @property
     def discrete(self) -> bool:

@@ -513,6 +513,11 @@ class EvalConfig:
     """
 
     local_only: bool = False
+    # Devices add their held-out losses of the model each round starts from to that round's
+    # SecAgg+ sum (common/loss_sums.py): the server learns the cohort's mean, never one
+    # device's, from devices whose owners do not share per-device losses (policy
+    # share-losses). Gaussian noise shares only (not skellam).
+    secure_sums: bool = False
 
 
 @dataclass(frozen=True)
@@ -668,6 +673,12 @@ class RunConfig:
             f'"{self.dp.noise_mode}" needs secagg.enabled = true: unmasked, the server would see '
             'each update with only its share of the noise (use "central", which trusts the '
             "server)",
+        )
+        _require(
+            not self.eval.secure_sums or (self.secagg.enabled and not self.dp.discrete),
+            "eval.secure-sums",
+            "needs secagg.enabled = true and a noise mode other than skellam (the losses ride "
+            "in the masked vector beside the real-valued update)",
         )
         _require(
             self.personalization.update == "change" or not self.dp.local_enabled,

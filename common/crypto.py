@@ -90,12 +90,51 @@ def _long_enough(passphrase: str, where: str) -> Secret:
     return Secret(passphrase=passphrase)
 
 
+# The passphrase this process was given at a prompt (:func:`keep_secret`), and those it read
+# from pipes (``/dev/fd/N``: readable once): held in memory, never put back into an
+# environment a process listing or a child would see.
+_KEPT: Secret | None = None
+_PIPED: dict[str, Secret] = {}
+
+
+def keep_secret(secret: Secret) -> None:
+    """Hold ``secret`` for this process's later :func:`resolve_secret` calls (a long-lived
+    worker opens its store once per message)."""
+    global _KEPT
+    _KEPT = secret
+
+
+def read_passphrase_file(path: str | Path) -> str:
+    """The passphrase in ``path`` (its one line): a regular file must be private to its owner,
+    as a key file is; a pipe (``/dev/fd/N``) or a container secret's mount is read as is.
+
+    Raises:
+        InsecureKeyFile: A regular file other users may read.
+        ValueError: It cannot be read.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISREG(mode) and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise InsecureKeyFile(
+                f"passphrase file {path} is readable by other users (mode "
+                f"{stat.S_IMODE(mode):o}); run `chmod 600 {path}`"
+            )
+        return path.read_text().removesuffix("\n")
+    except OSError as err:
+        raise ValueError(
+            f"cannot read the passphrase file {path} ({PASSPHRASE_FILE_ENV}): {err.strerror}"
+        ) from None
+
+
 def resolve_secret(*, passphrase: str | None = None, key_file: Path | str | None = None) -> Secret:
-    """The secret to use: an explicit passphrase, a key file, ``$FEDPERSONA_PASSPHRASE``, or
-    the file ``$FEDPERSONA_PASSPHRASE_FILE`` names (its one line).
+    """The secret to use: an explicit passphrase, a key file, ``$FEDPERSONA_PASSPHRASE``, the
+    file ``$FEDPERSONA_PASSPHRASE_FILE`` names (its one line, :func:`read_passphrase_file`;
+    a pipe's, read once, is remembered), or the one this process keeps (:func:`keep_secret`).
 
     Raises:
         NoSecret: If none is given anywhere.
+        InsecureKeyFile: The passphrase file is readable by other users.
         ValueError: If the one given is too short or its file cannot be read.
     """
     if passphrase is not None:
@@ -106,12 +145,15 @@ def resolve_secret(*, passphrase: str | None = None, key_file: Path | str | None
     if env:
         return _long_enough(env, f"${PASSPHRASE_ENV}")
     file = os.environ.get(PASSPHRASE_FILE_ENV)
+    if file in _PIPED:
+        return _PIPED[file]
     if file:  # e.g. a container secret: not in the environment `docker inspect` shows
-        try:
-            text = Path(file).read_text()
-        except OSError as err:
-            raise ValueError(f"cannot read {PASSPHRASE_FILE_ENV}={file}: {err.strerror}") from None
-        return _long_enough(text.removesuffix("\n"), f"the passphrase in {file}")
+        secret = _long_enough(read_passphrase_file(file), f"the passphrase in {file}")
+        if not Path(file).is_file():  # a pipe: it cannot be read again
+            _PIPED[file] = secret
+        return secret
+    if _KEPT is not None:
+        return _KEPT
     raise NoSecret(
         f"no key for the device store: pass --key-file, or set {PASSPHRASE_ENV} or "
         f"{PASSPHRASE_FILE_ENV} (or enter a passphrase when asked)"

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
-from common import ab
+from common import ab, loss_sums
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -50,6 +50,7 @@ ALLOWED_EVAL_METRICS = frozenset(
         "local_only_loss",
         "mix_weight",
         "win",
+        "losses_withheld",  # a real device whose owner shares no per-device losses
         "record_epsilon",
         "user_epsilon",
         "declined_rounds",
@@ -180,6 +181,7 @@ def build_outbound_record(
     legacy: str | None = None,
     ab_vector: np.ndarray | None = None,
     discrete: np.ndarray | None = None,
+    loss_vector: np.ndarray | None = None,
 ) -> RecordDict:
     """Build the only record a device sends to the server.
 
@@ -196,6 +198,8 @@ def build_outbound_record(
         ab_vector: ``fitres`` only: the scaled A/B counts (``common/ab.py``), appended after
             the shared tensors so that SecAgg+ sums them with the update (``skellam`` mode:
             the counts themselves, as integers).
+        loss_vector: ``fitres`` only: the scaled held-out losses (``common/loss_sums.py``,
+            ``eval.secure-sums``), appended last so that SecAgg+ sums them too.
         discrete: ``fitres`` only, ``skellam`` mode: the update encoded as integers
             (:mod:`common.dp.discrete`), sent in place of the tensors (``shared`` is then
             empty); float64, which holds them exactly, for SecAgg+'s identity quantizer.
@@ -229,6 +233,12 @@ def build_outbound_record(
             if ab_vector.shape != (ab.FIELDS,):
                 raise ValueError(f"A/B vector must have shape ({ab.FIELDS},)")
             arrays.append(np.asarray(ab_vector, dtype=dtype))
+        if loss_vector is not None:
+            if discrete is not None or loss_vector.shape != (len(loss_sums.FIELDS),):
+                raise ValueError(
+                    f"a loss vector has shape ({len(loss_sums.FIELDS)},), beside real numbers"
+                )
+            arrays.append(np.asarray(loss_vector, dtype=dtype))
         res = FitRes(status, ndarrays_to_parameters(arrays), num_examples, scalars)
         return compat.fitres_to_recorddict(res, keep_input=False)
     if legacy == "evaluateres":

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what the browser tests (tests/test_webapp.py, marker `browser`) need: Debian's
-# chromium and the Python playwright package in .venv.
+# chromium and the Python playwright package in .venv; and Debian's bubblewrap, the sandbox
+# `fedpersona device join` runs the server's ClientApp code in (client/federation/sandbox.py),
+# which the device tests exercise.
 #
 # Only the Python package: `playwright install` downloads a browser build from outside the
 # package registries; the tests drive /usr/bin/chromium through executable_path instead.
@@ -24,6 +26,19 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     chromium fonts-dejavu-core >/dev/null
+fi
+
+if ! command -v bwrap >/dev/null; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+    echo "browser_setup: installing Debian bubblewrap (the ClientApp sandbox)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      bubblewrap >/dev/null || echo "browser_setup: bubblewrap could not be installed"
+  else
+    echo "browser_setup: no bwrap and no apt-get as root: the sandbox tests will skip"
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

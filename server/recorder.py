@@ -145,13 +145,26 @@ class RoundRecorder:
             record["user_epsilon_prv"] = self.accountant.epsilon("prv")
         self._train[server_round] = record
 
+    def cohort_losses(self, server_round: int, losses: dict[str, float]) -> None:
+        """Record the held-out losses the round's participants summed under SecAgg+ (the
+        model the round started from; ``eval.secure-sums``): their number and mean losses."""
+        record = self._train.setdefault(server_round, {})
+        record["cohort_losses"] = {
+            **losses,
+            "of": "the model this round started from (the previous release), on each "
+            "participant's held-out text; the server saw only the SecAgg+ sums",
+        }
+        log(INFO, "fedpersona round %s: cohort losses (SecAgg+ sums) %s", server_round, losses)
+
     def ab(self, server_round: int, counts: np.ndarray) -> None:
         """Record the round's summed A/B counts ``[n, Σr, Σr²]`` per arm."""
         self.ab_rounds.append(np.asarray(counts, dtype=np.float64))
         log(INFO, "fedpersona round %s: A/B counts %s", server_round, np.round(counts, 3).tolist())
 
     def evaluated(self, server_round: int, rows: list[dict[str, float]]) -> dict[str, Any]:
-        """Record an evaluation phase and close the round; returns the round's record."""
+        """Record an evaluation phase and close the round; returns the round's record. Rows
+        of devices whose owners withheld their losses are counted (``losses_withheld``)."""
+        withheld = sum(1 for row in rows if row.get("losses_withheld"))
         rows = [user for row in rows for user in expand_hosted(row)]
         for row in rows:
             self.clients[client_key(row)] = row
@@ -170,6 +183,8 @@ class RoundRecorder:
                 record["win_vs_local"] = statistics.fmean(
                     r["personal_loss"] < r["local_only_loss"] for r in local
                 )
+        if withheld:
+            record["losses_withheld"] = withheld
         record["seconds"] = time.time() - self._start.get(server_round, time.time())
         self.rounds.append(record)
         log(

@@ -47,7 +47,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
-from common import ab
+from common import ab, loss_sums
 from common.dp import discrete
 from common.dp.discrete import DiscreteParams
 from common.sampling import fixed_sample, poisson_sample
@@ -324,6 +324,8 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
         min_nodes: Nodes to wait for before sampling.
         ab_scale: Scale of the A/B counts appended to the update (``None``: not appended,
             or, with ``discrete``, appended as integers).
+        loss_clip_norm: ``eval.secure-sums``: the clip norm the devices' held-out loss
+            entries are scaled by (``common/loss_sums.py``), appended last; ``None``: none.
         discrete: ``skellam`` mode's parameters: devices send their updates as integers
             (:mod:`common.dp.discrete`), which the strategy decodes from the unmasked sum;
             ``None``: devices send real numbers.
@@ -341,10 +343,12 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
         initial: list[np.ndarray],
         min_nodes: int,
         ab_scale: float | None = None,
+        loss_clip_norm: float | None = None,
         discrete: DiscreteParams | None = None,
         run_id: int | str = "",
     ) -> None:
         super().__init__()
+        self.loss_clip_norm = loss_clip_norm
         self.discrete = discrete
         self.run_id = run_id
         self._adopt(options)
@@ -436,6 +440,11 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
             mean, counts = self._decoded(server_round, mean, results, users=m)
         else:
             mean = self._over_users(mean, results, rows)
+        losses = None
+        if self.discrete is None and self.loss_clip_norm and len(mean) > len(self.current):
+            # The devices' held-out losses rode along last: only the cohort's sums are seen.
+            sums = loss_sums.from_masked(mean[-1], users=m, clip_norm=self.loss_clip_norm)
+            losses, mean = loss_sums.summarize(sums), mean[:-1]
         if self.discrete is None and self.ab_scale and len(mean) == len(self.current) + 1:
             # The A/B counts rode along, scaled; the mean over the m participants × m × scale
             # is the federation-wide sum (the only thing SecAgg+ reveals).
@@ -450,6 +459,8 @@ class SecAggDPStrategy(RoundSchedule, Strategy):
             failures=len(failures) + lost,
             ab_counts=counts,
         )
+        if losses:
+            self.recorder.cohort_losses(server_round, losses)
         if released is None:
             return None, {}
         self.current = [released[n] for n in names]

@@ -19,7 +19,7 @@ from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.serverapp import Grid, ServerApp
 
-from common import ab
+from common import ab, loss_sums
 from common.config import parse_run_config
 from common.secagg import derive_secagg_params, neighbourhood_size
 from common.serialization import from_arrayrecord, to_arrayrecord
@@ -36,6 +36,8 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
     plan, cfg = progress.plan, progress.plan.cfg
     names = plan.shared_names
     with_ab = bool(cfg.ab.interactions)
+    with_losses = cfg.eval.secure_sums
+    aux = (ab.FIELDS if with_ab else 0) + (len(loss_sums.FIELDS) if with_losses else 0)
     privatize = plan.privatize
     dim = sum(plan.init[n].numel() for n in names)
     coded = privatize.discrete_params(dim) if privatize.discrete else None
@@ -46,7 +48,7 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
         num_clients=max(2, plan.num_hosts if plan.hosts else plan.max_cohort),
         # skellam: every node sends weight 1 (SecAgg+'s quantizer is then the identity)
         max_weight=1.0 if coded is not None else float(cfg.users_per_node),
-        num_params=dim + (ab.FIELDS if with_ab and coded is None else 0),
+        num_params=dim + (aux if coded is None else 0),
         num_shares=cfg.secagg.num_shares,
         reconstruction_threshold=cfg.secagg.reconstruction_threshold,
     )
@@ -72,6 +74,7 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
         initial=[progress.current[n] for n in names],
         min_nodes=plan.min_nodes,
         ab_scale=ab.scale(cfg.ab.interactions, plan.privatize.clip_norm) if with_ab else None,
+        loss_clip_norm=plan.privatize.clip_norm if with_losses else None,
         discrete=coded,
         run_id=context.run_id,
     )
@@ -82,7 +85,8 @@ def run_secagg(progress: Progress, remaining: int, grid: Grid, context: Context)
         # m_min users; a simulation node hosting k users carries up to k of them
         min_masked=max(1, math.ceil(plan.m_min / cfg.users_per_node)),
         shapes=([plan.shapes[n] for n in names] if coded is None else [(coded.d,)])
-        + ([(ab.FIELDS,)] if with_ab else []),
+        + ([(ab.FIELDS,)] if with_ab else [])
+        + ([(len(loss_sums.FIELDS),)] if with_losses else []),
         fixed_range=coded is not None,
         # secagg.num-shares 0: each round's neighbourhoods from its cohort, never fewer than
         # the m_min a device checks its cohort by (client/federation/gate.py)

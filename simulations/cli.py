@@ -373,6 +373,9 @@ def _skellam_rounding(population: int, m_min: int, *, numbers: int, clip_norm: f
 
 def main() -> None:
     """Console-script entry point."""
+    from client.cli import options
+
+    options.AS_PROCESS = True  # a long-lived device command may start over (passphrase)
     app()
 
 

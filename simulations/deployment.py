@@ -57,8 +57,9 @@ def device_key(data_dir: Path) -> Path:
     return key_beside(data_dir, create=True)
 
 
-# What the test devices' owners accept beyond the defaults: a federation of 2 or 3 devices.
-TEST_POLICY = ("--min-cohort", "2")
+# What the test devices' owners accept beyond the defaults: a federation of 2 or 3 devices,
+# and their per-device held-out losses sent to the server (the tests read them).
+TEST_POLICY = ("--min-cohort", "2", "--share-losses")
 
 
 def tiny_run_config(out: Path, name: str, **overrides: Any) -> dict[str, Any]:

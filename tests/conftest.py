@@ -136,13 +136,14 @@ def fill_store_with_role(
 def permissive_policy(**changes: Any) -> Any:
     """The privacy policy of the in-process tests' devices: their owners accept the tiny
     federation of 4 the tests run, Flower's Message API without SecAgg+, server-added noise and
-    rounds with no noise, every device of a cohort honest (tests/test_policy.py checks the
-    defaults)."""
+    rounds with no noise, every device of a cohort honest, and they share their held-out losses
+    (tests/test_policy.py and tests/test_dishonest_server.py check the defaults)."""
     from client.federation.policy import DevicePolicy
 
     accepts = {
         "min_cohort": 1,
         "honest_fraction": 1.0,
+        "share_losses": True,
         "require_secagg": False,
         "min_noise_multiplier": 0.0,
         "trust_server_noise": True,

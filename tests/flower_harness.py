@@ -132,7 +132,7 @@ def secagg_device_round(
 
     from client.client_app import app as fedpersona_app
     from client.federation.runtime import get_runtime
-    from common import ab
+    from common import ab, loss_sums
     from common.config import parse_run_config
     from common.dp.privatize import Privatize
     from common.secagg import derive_secagg_params
@@ -150,7 +150,7 @@ def secagg_device_round(
     params = derive_secagg_params(
         privatize,
         num_clients=n,
-        num_params=dim + (0 if coded else ab.FIELDS),
+        num_params=dim + (0 if coded else ab.FIELDS + len(loss_sums.FIELDS)),
         num_shares=1.0,
         reconstruction_threshold=threshold,
     )
@@ -161,6 +161,7 @@ def secagg_device_round(
         initial=[rt.init[name].numpy() for name in rt.shared_names],
         min_nodes=n,
         ab_scale=ab.scale(cfg.ab.interactions, cfg.dp.clip_norm),
+        loss_clip_norm=cfg.dp.clip_norm if cfg.eval.secure_sums else None,
         discrete=replace(coded, **(offer_override or {})) if coded else None,
         run_id=server_run_id,
     )

@@ -145,6 +145,9 @@ def test_chat_feedback_profile_budget_metrics(server) -> None:
         ("PUT", "/v1/profile", {"shoe_size": 9}, 400, "unknown profile key"),
         ("POST", "/v1/forget", {}, 400, "confirm"),
         ("POST", "/v1/forget", {"confirm": "yes"}, 400, "confirm"),
+        ("PUT", "/v1/chats", {"chats": []}, 400, '"active"'),
+        ("PUT", "/v1/chats", {"active": None, "chats": [{"id": 1}]}, 400, "string `id`"),
+        ("PUT", "/v1/chats", {"active": None, "chats": [{"id": "a"}]}, 400, "`messages`"),
     ],
 )
 def test_bad_requests_get_4xx_and_change_nothing(server, method, path, body, status, message):
@@ -171,3 +174,37 @@ def test_only_loopback_binds() -> None:
     check_loopback("127.0.0.1")
     with pytest.raises(ValueError, match="127.0.0.1"):
         check_loopback("0.0.0.0")
+
+
+def test_the_web_apps_chats_live_in_the_encrypted_store_and_the_purge_reaches_them(
+    server,
+) -> None:
+    # Prepare: two chats, one of them a year old.
+    import time
+
+    from client.store.chats import CHATS_BLOB
+
+    client, token, assistant = server
+    now_ms = time.time() * 1000
+    year_ago = now_ms - 365 * 86400 * 1000
+    chats = {
+        "active": "old",
+        "chats": [
+            {"id": "new", "title": "t", "created": now_ms, "messages": [
+                {"role": "user", "content": "hello", "ts": now_ms}]},
+            {"id": "old", "title": "t", "created": year_ago, "messages": [
+                {"role": "user", "content": "long ago", "ts": year_ago}]},
+        ],
+    }  # fmt: skip
+
+    # Execute
+    put = client.put("/v1/chats", headers=_auth(token), json=chats)
+    got = client.get("/v1/chats", headers=_auth(token)).json()
+    assistant.store.purge_expired()
+
+    # Assert: kept as sent (encrypted with the rest of the store); the purge dropped the
+    # turns past retention, and the chat they left empty.
+    assert put.status_code == 200 and got == chats
+    kept = assistant.store.get_json(CHATS_BLOB)
+    assert [c["id"] for c in kept["chats"]] == ["new"] and kept["active"] is None
+    assert client.get("/v1/chats", headers=_auth(token)).json() == kept

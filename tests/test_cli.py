@@ -153,8 +153,10 @@ def test_clientapp_and_assistant_share_one_store_with_no_plaintext_at_rest(tmp_p
     d = tmp_path / "dev"
     key = tmp_path / "dev.key"
     run("init", "--data-dir", str(d), "--model", "tiny", "--key-file", str(key), "--new-key-file")
-    # This round comes without SecAgg+ from a federation of 4: its owner accepts that.
+    # This round comes without SecAgg+ from a federation of 4, all assumed honest: its owner
+    # accepts that.
     policy = ["--min-cohort", "1", "--no-require-secagg", "--min-noise-multiplier", "0"]
+    policy += ["--honest-fraction", "1"]
     run("privacy", "set", "--data-dir", str(d), "--key-file", str(key), *policy)
     raw = tiny_run_config()
     cfg = parse_run_config(raw)
@@ -352,6 +354,7 @@ def test_a_short_passphrase_from_the_environment_is_refused_naming_the_minimum(
         monkeypatch.setenv(PASSPHRASE_ENV, "short")
     else:
         (tmp_path / "pass").write_text("short\n")
+        (tmp_path / "pass").chmod(0o600)
         monkeypatch.setenv(PASSPHRASE_FILE_ENV, str(tmp_path / "pass"))
 
     # Execute: with a terminal-less stdin that would answer a prompt

@@ -164,7 +164,9 @@ def test_unregistered_and_keyless_supernodes_are_refused(tls_deployment) -> None
 def test_tls_authenticated_process_isolated_federation_runs_two_rounds(tls_deployment) -> None:
     # Prepare
     d = tls_deployment
-    config = tiny_run_config(d.root, "tls", **{"data.num-users": REGISTERED})
+    config = tiny_run_config(
+        d.root, "tls", **{"data.num-users": REGISTERED, "eval.secure-sums": True}
+    )
 
     # Execute
     code, parents, clientapps = _finish_watching_apps(d.run(config), d, timeout=900)
@@ -175,6 +177,11 @@ def test_tls_authenticated_process_isolated_federation_runs_two_rounds(tls_deplo
     assert all(row["released"] for row in summary["rounds"])
     # Unlabelled devices: the summary knows them by node, and each trained on its own import.
     assert {row["user"] for row in summary["clients"]} == {f"node-{n}" for n in d.registered}
+    # The devices' held-out losses also came as the cohort's SecAgg+ sums, every round.
+    for row in summary["rounds"]:
+        cohort = row["cohort_losses"]
+        assert cohort["devices"] == REGISTERED
+        assert 0 < cohort["base_loss"] < 16 and 0 < cohort["personal_loss"] < 16
     for i in range(REGISTERED):
         with open_test_store(d.root / f"device{i}") as store:
             assert store.get_json("device")["rounds_trained"] == 2

@@ -138,7 +138,11 @@ def test_evaluate_then_export_a_loadable_personal_adapter(tmp_path) -> None:
     metrics = dict(reply.content["metrics"])
     assert "arrays" not in reply.content
     # Everything allowed but the baseline (not asked for) and blend's mixing weight.
-    assert set(metrics) == ALLOWED_EVAL_METRICS - {"local_only_loss", "mix_weight"}
+    assert set(metrics) == ALLOWED_EVAL_METRICS - {
+        "local_only_loss",
+        "mix_weight",
+        "losses_withheld",
+    }
     assert metrics["win"] == int(metrics["personal_loss"] < metrics["global_loss"])
     model = PeftModel.from_pretrained(load_base_model("tiny"), str(adapter))
     assert model.peft_config["default"].r == 2 * cfg.model.lora_r

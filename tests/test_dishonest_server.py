@@ -9,6 +9,7 @@ weight, and what the device's ledger charged. docs/privacy.md ("Threat model") p
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -22,6 +23,7 @@ from flwr.app import ConfigRecord
 from flwr.app.message_type import MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from client.federation import worker
 from client.federation.errors import DeviceError
 from client.federation.policy import DevicePolicy
 from client.store.state import set_paused
@@ -318,3 +320,283 @@ def test_with_a_share_floor_an_update_alone_keeps_the_worst_case_epsilon(tmp_pat
     assert event["alone_noise_multiplier"] == pytest.approx(4.0)
     assert ledger["epsilon"]["alone"] == pytest.approx(one)
     assert "worst-case budget exhausted" in ledger["declined"][-1]["reason"]
+
+
+# ---- evaluation under the owner's rules -------------------------------------------------
+
+
+def _evaluate(server: LyingServer, tensors: list[np.ndarray], server_round: int) -> dict:
+    """An evaluation message (the SecAgg+ path's legacy records) relayed to the worker."""
+    from flwr.common import EvaluateIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    ins = EvaluateIns(ndarrays_to_parameters(tensors), {"server-round": server_round})
+    content = compat.evaluateins_to_recorddict(ins, True)
+    reply = server.send(content, kind="evaluate", message_type=MessageType.EVALUATE)
+    return dict(reply.config_records["evaluateres.metrics"])
+
+
+def _crafted(raw: dict[str, Any], seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0, 0.05, a.shape).astype(np.float32) for a in _shared(raw)]
+
+
+def test_evaluation_in_a_loop_is_no_loss_oracle(tmp_path, device) -> None:
+    # Prepare: a device on its default policy that never trained; a server that asks it to
+    # evaluate crafted adapters again and again (loss differences would answer questions
+    # about the user's text).
+    raw = tiny_run_config(**CLAIMS)
+    server = LyingServer(device(), raw)
+
+    # Execute
+    replies = [_evaluate(server, _crafted(raw, seed), server_round=1) for seed in range(4)]
+
+    # Assert: no loss, no count left; the crafted tensors were not taken up as the served
+    # global model; nothing was computed into the store.
+    for reply in replies:
+        assert reply == {"losses_withheld": 1}
+    state = stored_device_state(tmp_path / "device")
+    with open_test_store(tmp_path / "device") as store:
+        assert store.get_blob("global") is None
+    assert not [h for h in (state["device"] or {}).get("history", []) if "global_loss" in h]
+
+
+def test_a_device_that_shares_losses_reports_once_the_release_of_a_round_it_trained_in(
+    tmp_path, device
+) -> None:
+    # Prepare: the owner shares per-device losses; the device trains round 1 with the fakes.
+    raw = tiny_run_config(**CLAIMS)
+    server = LyingServer(device(DevicePolicy(epsilon_cap=8.0, share_losses=True)), raw)
+    server.round(_shared(raw), clipping_range=_privatize(raw).clipping_range)
+    release, other = _crafted(raw, 1), _crafted(raw, 2)
+
+    # Execute: the round's release, other tensors for the same round, the release again,
+    # and a round it never trained in.
+    first = _evaluate(server, release, server_round=1)
+    swapped = _evaluate(server, other, server_round=1)
+    again = _evaluate(server, release, server_round=1)
+    untrained = _evaluate(server, release, server_round=2)
+
+    # Assert: one answer (the owner shares losses), then nothing; the model it serves is the
+    # first tensors of the round it trained in.
+    assert {"base_loss", "global_loss", "personal_loss"} <= set(first)
+    assert "losses_withheld" not in first
+    assert swapped == again == untrained == {"losses_withheld": 1}
+    with open_test_store(tmp_path / "device") as store:
+        from client.store.state import tensors_from_bytes
+
+        served = tensors_from_bytes(store.get_blob("global"), "global")
+    assert sorted(float(t.float().abs().sum()) for t in served.values()) == pytest.approx(
+        sorted(float(np.abs(a.astype(np.float16).astype(np.float32)).sum()) for a in release),
+        rel=1e-3,
+    )
+
+
+# ---- A/B counts: only with the owner's consent, only summed under SecAgg+ ----------------
+
+
+def _rate(data_dir: Path, ratings: list[tuple[str, float]]) -> None:
+    """The user rated answers the assistant gave with ``(variant, rating)``."""
+    with open_test_store(data_dir) as store:
+        for variant, rating in ratings:
+            i = store.add_interaction("q", "a", variant=variant)
+            store.add_feedback(i, "rating", value=rating)
+
+
+@pytest.mark.parametrize("consent", [False, True], ids=["no consent", "consent"])
+def test_ab_counts_leave_only_with_consent_and_only_masked(tmp_path, device, consent) -> None:
+    # Prepare: the user rated three answers; the server runs the A/B test with its fakes.
+    raw = tiny_run_config(**CLAIMS)
+    sock = device(DevicePolicy(epsilon_cap=8.0, share_ab_counts=consent))
+    _rate(tmp_path / "device", [("global", 2.0), ("personal", 5.0), ("personal", 4.0)])
+    server = LyingServer(sock, raw)
+
+    # Execute
+    recovered = server.round(_shared(raw), clipping_range=_privatize(raw).clipping_range)
+
+    # Assert: the A/B entries the server reads (scaled into the update's range, 6 numbers
+    # after the update) are the counts only with consent, zeros without.
+    from common import ab
+
+    cfg = parse_run_config(raw)
+    counts = recovered.vector[-ab.FIELDS :] * ab.scale(cfg.ab.interactions, cfg.dp.clip_norm)
+    expected = ab.counts([("global", 2.0), ("personal", 5.0), ("personal", 4.0)])
+    if consent:
+        np.testing.assert_allclose(counts, expected, atol=0.05)
+    else:
+        np.testing.assert_allclose(counts, 0.0, atol=0.05)
+
+
+def test_ab_counts_never_leave_in_the_clear(tmp_path, device) -> None:
+    # Prepare: an owner who consents to A/B counts and accepts rounds without SecAgg+; a
+    # server that runs the Message API (no masking) and asks for the A/B test.
+    from common.serialization import to_arrayrecord
+    from tests.conftest import make_message, permissive_policy
+
+    raw = tiny_run_config(**{"secagg.enabled": False, "dp.noise-mode": "central"})
+    sock = device(permissive_policy(share_ab_counts=True))
+    _rate(tmp_path / "device", [("global", 3.0), ("personal", 4.0)])
+    server = LyingServer(sock, raw)
+    msg = make_message(to_arrayrecord(initial_shared(parse_run_config(raw))), "train")
+
+    # Execute
+    reply = server.send(msg.content, kind="train")
+
+    # Assert: it trained, and no A/B number rode in the clear metrics.
+    metrics = dict(reply.metric_records["metrics"])
+    assert metrics["declined"] == 0
+    assert not [k for k in metrics if k.startswith("ab_")]
+
+
+def test_losses_leave_as_the_cohorts_sum_only(tmp_path) -> None:
+    # Prepare: three real devices whose owners share no per-device losses, in a SecAgg+ round
+    # that asks for the loss sums; what each would report, computed on its own first.
+    from client.federation.device import Device
+    from tests.conftest import permissive_policy
+    from tests.flower_harness import secagg_device_round
+
+    raw = tiny_run_config(**{"data.num-users": 3, "train.local-steps": 1, "eval.secure-sums": True})
+    cfg = parse_run_config(raw)
+    policy = permissive_policy(require_secagg=True)
+    nodes = {n: device_node_config(tmp_path / f"d{n}", n - 1, 3, policy=policy) for n in (1, 2, 3)}
+    own = []
+    for n in nodes:
+        with open_test_store(tmp_path / f"d{n}") as store:
+            own.append(Device(cfg, store=store, num_partitions=3).loss_entry(initial_shared(cfg)))
+
+    # Execute
+    grid, strategy = secagg_device_round(raw, nodes, min_updates=3)
+
+    # Assert: the server holds the cohort's number and mean losses, equal to the devices' own
+    # within SecAgg+'s quantization; what each device relayed was its masked vector only.
+    cohort = strategy.recorder._train[1]["cohort_losses"]
+    mean = np.mean(own, axis=0)
+    assert cohort["devices"] == 3
+    for i, name in enumerate(("base_loss", "global_loss", "personal_loss"), start=1):
+        assert cohort[name] == pytest.approx(mean[i], abs=1e-3)
+    for _, stage, reply in grid.received:
+        if stage == "collect_masked_vectors":
+            assert not reply.content.array_records or all(
+                not len(r) for r in reply.content.array_records.values()
+            )
+
+
+# ---- the server's code on the device: the executor's sandbox, the passphrase -------------
+
+_PROBE = r"""
+import json, os, sys
+out = {}
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "done"
+    except Exception as err:
+        out[name] = type(err).__name__
+attempt("read store", lambda: [open(os.path.join(sys.argv[1], f), "rb").read()
+                               for f in os.listdir(sys.argv[1])])
+attempt("read key file", lambda: open(sys.argv[2], "rb").read())
+attempt("read passphrase file", lambda: open(sys.argv[3], "rb").read())
+attempt("read join's environment", lambda: open(f"/proc/{sys.argv[4]}/environ", "rb").read())
+attempt("write the venv", lambda: open(os.path.join(sys.prefix, "planted.py"), "w").write("x"))
+attempt("read the worker key", lambda: open(sys.argv[5], "rb").read())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    __import__("client.federation.sandbox", fromlist=["problem"]).problem() is not None,
+    reason="bubblewrap cannot run here (scripts/browser_setup.sh installs it)",
+)
+def test_the_clientapp_executor_sandbox_keeps_the_device_out_of_reach(tmp_path, sock_dir) -> None:
+    # Prepare: a device's store, key file and passphrase file; a process standing for `join`
+    # with the passphrase in its environment; the worker's socket folder with its key.
+    import os
+    import subprocess
+    import sys
+
+    from client.federation.sandbox import sandboxed
+
+    data_dir = tmp_path / "device"
+    device_node_config(data_dir, 0, 4)
+    key = data_dir.with_name("device.key")
+    secret_file = tmp_path / "passphrase"
+    secret_file.write_text("correct horse battery staple\n")
+    secret_file.chmod(0o600)
+    join = subprocess.Popen(
+        ["sleep", "60"], env={**os.environ, "FEDPERSONA_PASSPHRASE": "correct horse"}
+    )
+    home = sock_dir / "clientapp-home"
+    home.mkdir()
+    (sock_dir / "w.sock.key").write_text("k")
+    probe = [sys.executable, "-c", _PROBE, str(data_dir), str(key), str(secret_file)]
+    probe += [str(join.pid), str(sock_dir / "w.sock.key")]
+
+    # Execute: the probe as the executor runs, inside the sandbox.
+    try:
+        command = sandboxed(
+            probe, readable=[sock_dir], writable=[home], hidden=[data_dir, key, secret_file],
+            home=home,
+        )  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        join.kill()
+        join.wait()
+
+    # Assert: it runs (Python, the venv), reads what a ClientApp needs, and none of the rest.
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["read the worker key"] == "done"
+    for what in ("read store", "read key file", "read passphrase file", "write the venv"):
+        assert seen[what] != "done", (what, seen)
+    assert seen["read join's environment"] in ("FileNotFoundError", "PermissionError"), seen
+    assert not Path(sys.prefix, "planted.py").exists()
+
+
+def test_a_passphrase_file_others_may_read_is_refused(tmp_path, monkeypatch) -> None:
+    from common.crypto import PASSPHRASE_FILE_ENV, InsecureKeyFile, resolve_secret
+
+    secret_file = tmp_path / "passphrase"
+    secret_file.write_text("correct horse battery staple\n")
+    secret_file.chmod(0o644)
+    monkeypatch.delenv("FEDPERSONA_PASSPHRASE", raising=False)
+    monkeypatch.setenv(PASSPHRASE_FILE_ENV, str(secret_file))
+    with pytest.raises(InsecureKeyFile, match="chmod 600"):
+        resolve_secret()
+    secret_file.chmod(0o600)
+    assert resolve_secret().passphrase == "correct horse battery staple"
+
+
+def test_a_worker_keeps_no_passphrase_in_its_environment(tmp_path, sock_dir) -> None:
+    # Prepare: a store under a passphrase, and a worker started with it in its environment.
+    import os
+    import subprocess
+    import sys
+
+    from client.store import LocalStore
+    from common.crypto import Secret
+    from simulations.simulate import PROJECT_DIR
+
+    phrase = "correct horse battery staple"
+    LocalStore.open(tmp_path / "dev", Secret(passphrase=phrase), create=True).close()
+    sock = sock_dir / "p.sock"
+    cmd = [sys.executable, "-m", "simulations.cli", "device", "worker", "--socket", str(sock)]
+    cmd += ["--data-dir", str(tmp_path / "dev"), "--no-preload"]
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_DIR, env={**os.environ, "FEDPERSONA_PASSPHRASE": phrase},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not worker.key_path(sock).exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.2)
+
+        # Execute: what another process of the user reads of it.
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        alive = worker.ping(sock)
+    finally:
+        _stop(proc)
+
+    # Assert: it runs, unlocked, and its environment holds no passphrase.
+    assert alive
+    assert phrase.encode() not in environ and b"FEDPERSONA_PASSPHRASE=" not in environ

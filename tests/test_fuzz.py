@@ -55,7 +55,7 @@ from tests.conftest import device_key, open_test_store
 CHECKS = [not_a_server_error, response_schema_conformance]
 # A valid request to /v1/forget erases the store (tests/test_openai_client.py checks it).
 UNFUZZED = ("/v1/forget",)
-OPERATIONS = 13  # every operation of the spec but UNFUZZED
+OPERATIONS = 15  # every operation of the spec but UNFUZZED
 PROTECTED = ("/v1/", "/metrics")
 # Generation cost: the tiny model samples every token on the CPU, so the assistant behind the
 # API samples at most this many candidates and tokens, whatever a valid request asked for

@@ -453,6 +453,7 @@ def test_passphrase_from_a_secret_file(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
     secret = tmp_path / "passphrase-0"
     secret.write_text("a long enough passphrase\n")
+    secret.chmod(0o600)  # like a key file, private to its owner
     monkeypatch.setenv(PASSPHRASE_FILE_ENV, str(secret))
     assert resolve_secret() == Secret(passphrase="a long enough passphrase")
     monkeypatch.setenv(PASSPHRASE_FILE_ENV, str(tmp_path / "missing"))

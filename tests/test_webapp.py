@@ -268,24 +268,28 @@ def test_login_rejects_a_wrong_token_keeps_the_right_one_and_logs_out(
     pg.get_by_role("button", name="Sign in").click()
     expect(pg.locator("#login-error")).to_contain_text("not accepted")
     expect(pg.get_by_role("navigation", name="Pages")).to_be_hidden()
-    assert pg.evaluate("localStorage.getItem('fedpersona.token')") is None
+    assert pg.evaluate("sessionStorage.getItem('fedpersona.token')") is None
 
     login(pg, server)
-    assert pg.evaluate("localStorage.getItem('fedpersona.token')") == server.token
+    # The token lives for the browser session only, never in its persistent storage.
+    assert pg.evaluate("sessionStorage.getItem('fedpersona.token')") == server.token
+    assert pg.evaluate("localStorage.getItem('fedpersona.token')") is None
     options = pg.locator("#model-select option").evaluate_all("os => os.map(o => o.value)")
     assert options[0] == "fedpersona" and "fedpersona-personal" in options
     assert pg.locator("#model-select").input_value() == "fedpersona"
     v1 = [r for r in watch.requests if "/v1/" in r.url]
     assert v1 and v1[-1].headers.get("authorization") == f"Bearer {server.token}"
 
+    # Plain-text chats an earlier version left in the browser go at the next load.
+    pg.evaluate("localStorage.setItem('fedpersona.chats', '{\"chats\": []}')")
     pg.reload()  # the kept token signs in again
     expect(pg.get_by_role("navigation", name="Pages")).to_be_visible()
-    pg.evaluate("localStorage.setItem('fedpersona.chats', '{\"chats\": []}')")
+    assert pg.evaluate("localStorage.getItem('fedpersona.chats')") is None
     pg.get_by_role("button", name="Log out").click()
     expect(pg.get_by_label("API token")).to_be_visible()
     expect(pg.locator("#login-error")).to_contain_text("Signed out")
-    assert pg.evaluate("localStorage.getItem('fedpersona.token')") is None
-    assert pg.evaluate("localStorage.getItem('fedpersona.chats')") is None
+    assert pg.evaluate("sessionStorage.getItem('fedpersona.token')") is None
+    assert set(pg.evaluate("Object.keys(localStorage)")) <= {"fedpersona.options"}
 
 
 def test_a_401_returns_to_the_login_form_with_a_message(page, server) -> None:
@@ -293,7 +297,7 @@ def test_a_401_returns_to_the_login_form_with_a_message(page, server) -> None:
     nav = pg.get_by_role("navigation", name="Pages")
     # At start-up (a kept token that is no longer valid) ...
     login(pg, server)
-    pg.evaluate("localStorage.setItem('fedpersona.token', 'y'.repeat(43))")
+    pg.evaluate("sessionStorage.setItem('fedpersona.token', 'y'.repeat(43))")
     pg.reload()
     expect(pg.get_by_label("API token")).to_be_visible()
     expect(pg.locator("#login-error")).to_contain_text("Signed out")
@@ -304,7 +308,7 @@ def test_a_401_returns_to_the_login_form_with_a_message(page, server) -> None:
     pg.get_by_role("link", name="Profile").click()
     expect(pg.locator("#login-error")).to_contain_text("Signed out")
     expect(nav).to_be_hidden()
-    assert pg.evaluate("localStorage.getItem('fedpersona.token')") is None
+    assert pg.evaluate("sessionStorage.getItem('fedpersona.token')") is None
 
 
 def test_keyboard_alone_signs_in_and_moves_between_pages_with_visible_focus(page, server) -> None:
@@ -513,7 +517,13 @@ def test_markup_in_answers_and_profile_shows_as_text_and_never_runs(page, server
     assert seen[:3] == [pieces[0], "".join(pieces[:2]), payload], seen
     expect(pg.locator("#messages > li.user .text").last).to_contain_text("<b>bold</b>")
     expect(pg.locator("#chat-list")).to_contain_text("<b>bold</b>")
-    pg.reload()  # rendered again from localStorage
+    # The chat is kept in the device's encrypted store, not in the browser, and comes back
+    # from there.
+    pg.wait_for_function("state.saving === null")
+    assert "fedpersona.chats" not in pg.evaluate("Object.keys(localStorage)")
+    kept = server.assistant.store.get_json("webapp_chats")
+    assert payload in [m["content"] for c in kept["chats"] for m in c["messages"]]
+    pg.reload()  # rendered again from the store
     expect(pg.locator("#messages > li.assistant .text").last).to_have_text(payload)
 
     pg.goto(server.url + "/#profile")

@@ -19,6 +19,8 @@ from client.assistant.model_thread import MODEL_THREAD
 from client.assistant.profile import CHOICES
 from client.store import LocalStore
 from client.store import status as device_status
+from client.store.chats import CHATS_BLOB, check_chats
+from client.store.chats import EMPTY as EMPTY_CHATS
 from client.store.state import set_paused
 
 # Ids are SQLite INTEGERs: a larger one made the store raise OverflowError (a 500).
@@ -119,6 +121,24 @@ def _learning_routes(
 
 def _data_routes(router: APIRouter, assistant: Assistant, guard: Guard) -> None:
     """What the device holds and spends: the ledger, rounds, status, export and forget."""
+
+    @router.get("/v1/chats", dependencies=[Depends(guard.auth)], responses=ERRORS)
+    def get_chats() -> dict[str, Any]:
+        """The web app's conversations, from the encrypted store (``client/store/chats.py``)."""
+        with assistant.lock:
+            saved = assistant.store.get_json(CHATS_BLOB)
+        return saved if isinstance(saved, dict) else dict(EMPTY_CHATS)
+
+    @router.put("/v1/chats", dependencies=[Depends(guard.auth)], responses=ERRORS)
+    def put_chats(chats: dict[str, Any]) -> dict[str, Any]:
+        """Keep the web app's conversations in the encrypted store (the whole list)."""
+        try:
+            check_chats(chats)
+        except ValueError as err:
+            raise ApiError(400, str(err), param="chats") from None
+        with assistant.lock:
+            assistant.store.put_json(CHATS_BLOB, chats)
+        return {"saved": len(chats["chats"])}
 
     @router.get("/v1/budget", dependencies=[Depends(guard.auth)], responses=ERRORS)
     def budget() -> dict[str, Any]:

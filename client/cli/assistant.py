@@ -229,6 +229,10 @@ def serve(
     """Serve the local HTTP API (OpenAI-compatible chat) on 127.0.0.1."""
     import uvicorn
 
+    from client.cli.options import passphrase_out_of_environment
+
+    passphrase_out_of_environment()
+
     from client.api.app import check_loopback, create_app
 
     try:

@@ -6,7 +6,6 @@ store (:mod:`client.federation.worker`); ``federation pause|resume`` is the owne
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +13,7 @@ import typer
 
 from client.cli import options
 from client.store import DEFAULT_RETENTION_DAYS, LocalStore, StoreError
-from common.crypto import PASSPHRASE_ENV, StoreKeyError
+from common.crypto import StoreKeyError, keep_secret
 
 NumPartitions = Annotated[
     int | None,
@@ -50,9 +49,10 @@ def worker(
 
     from client.federation.worker import serve
 
+    options.passphrase_out_of_environment()
     secret = options.secret_of(key_file)
-    if secret.passphrase is not None:  # typed at the prompt: this process alone keeps it
-        os.environ[PASSPHRASE_ENV] = secret.passphrase
+    if secret.passphrase is not None:  # typed, or read from a pipe: this process keeps it
+        keep_secret(secret)
     try:  # unlock (creating on first use) now, or fail before any ClientApp waits on it
         LocalStore.open(data_dir, secret, retention_days=retention_days, create=True).close()
     except (StoreError, StoreKeyError, FileNotFoundError, ValueError) as err:
@@ -111,6 +111,7 @@ def join(
     """
     from client.federation.join import JoinError, JoinPlan
 
+    options.passphrase_out_of_environment()
     try:
         plan = JoinPlan(
             address=address,

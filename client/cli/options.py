@@ -4,6 +4,7 @@ passphrase from the environment, or typed when asked) and the error line."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,14 @@ import typer
 from rich.console import Console
 
 from client.store import LocalStore, StoreError
-from common.crypto import PASSPHRASE_ENV, NoSecret, Secret, StoreKeyError, resolve_secret
+from common.crypto import (
+    PASSPHRASE_ENV,
+    PASSPHRASE_FILE_ENV,
+    NoSecret,
+    Secret,
+    StoreKeyError,
+    resolve_secret,
+)
 
 app = typer.Typer(help="The on-device assistant (encrypted, local, private).", no_args_is_help=True)
 console = Console()
@@ -36,13 +44,37 @@ def secret_of(key_file: Path | None, *, confirm: bool = False) -> Secret:
     except NoSecret as err:
         if not sys.stdin.isatty():
             raise fail(err) from None
-    except ValueError as err:
+    except (ValueError, StoreKeyError) as err:
         raise fail(err) from None
     phrase = typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm)
     try:
         return Secret(passphrase=phrase)
     except ValueError as err:
         raise fail(err) from None
+
+
+# Set by the console script's entry point: this process is the command itself (not a test
+# calling the app), so it may start over (:func:`passphrase_out_of_environment`).
+AS_PROCESS = False
+
+
+def passphrase_out_of_environment() -> None:
+    """Run this long-lived command (``device join``, ``worker``, ``serve``) without
+    ``$FEDPERSONA_PASSPHRASE`` in its environment: any process of the same user may read
+    ``/proc/<pid>/environ``, which keeps a process's environment as it started. If it is set,
+    the command starts over (``exec``, the same pid) with the variable removed and the
+    passphrase in a pipe only this process holds (``$FEDPERSONA_PASSPHRASE_FILE=/dev/fd/N``,
+    read once)."""
+    value = os.environ.get(PASSPHRASE_ENV)
+    if not value or not AS_PROCESS:
+        return
+    read, write = os.pipe()
+    os.write(write, (value + "\n").encode())
+    os.close(write)
+    os.set_inheritable(read, True)
+    env = {k: v for k, v in os.environ.items() if k != PASSPHRASE_ENV}
+    env[PASSPHRASE_FILE_ENV] = f"/dev/fd/{read}"
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def fail(err: Exception) -> typer.Exit:

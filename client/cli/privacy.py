@@ -28,6 +28,24 @@ def _policy_dict(policy) -> dict:  # type: ignore[no-untyped-def]
     return {k.replace("_", "-"): v for k, v in policy.to_dict().items() if k != "version"}
 
 
+def _changed_policy(store, changes: dict):  # type: ignore[no-untyped-def]
+    """The store's policy with ``changes``, kept there (δ is fixed once charged).
+
+    Raises:
+        ValueError: A value the policy refuses, or a new δ under existing charges.
+    """
+    from client.federation.ledger import LEDGER_BLOB
+    from client.federation.policy import DevicePolicy
+
+    policy = DevicePolicy.of(store)
+    new = policy.with_changes(**changes)
+    ledger = store.get_json(LEDGER_BLOB)
+    if new.delta != policy.delta and isinstance(ledger, dict) and ledger.get("events"):
+        raise ValueError(f"the ledger holds charges at δ = {policy.delta:g}; δ cannot change now")
+    new.save(store)
+    return new
+
+
 @privacy_app.command("show")
 def privacy_show(data_dir: DataDir, key_file: KeyFile = None) -> None:
     """Print the policy every round's instructions are checked against, and what the ledger
@@ -83,41 +101,26 @@ def privacy_set(
     trust_server_sampling: Annotated[
         bool | None, typer.Option(help="Credit the server's claimed sampling rate")
     ] = None,
+    share_losses: Annotated[
+        bool | None,
+        typer.Option(help="Send per-device held-out losses (else only SecAgg+ sums)"),
+    ] = None,
+    max_evaluations: Annotated[
+        int | None, typer.Option(help="Evaluations of a round's release answered")
+    ] = None,
+    share_ab_counts: Annotated[
+        bool | None,
+        typer.Option(help="Add your A/B rating counts to the SecAgg+ sum (else none leave)"),
+    ] = None,
     period_days: Annotated[float | None, typer.Option(help="Budget period (0: none)")] = None,
     period_epsilon_cap: Annotated[float | None, typer.Option(help="ε cap per period")] = None,
 ) -> None:
     """Change the policy (the options given); print the result."""
-    from client.federation.ledger import LEDGER_BLOB
-    from client.federation.policy import DevicePolicy
-
-    changes = {
-        k: v
-        for k, v in {
-            "epsilon_cap": epsilon_cap,
-            "delta": delta,
-            "min_noise_multiplier": min_noise_multiplier,
-            "min_cohort": min_cohort,
-            "honest_fraction": honest_fraction,
-            "max_cohort": max_cohort,
-            "worst_case_epsilon_cap": worst_case_epsilon_cap,
-            "require_secagg": require_secagg,
-            "trust_server_noise": trust_server_noise,
-            "trust_server_sampling": trust_server_sampling,
-            "period_days": period_days,
-            "period_epsilon_cap": period_epsilon_cap,
-        }.items()
-        if v is not None
-    }
+    given = {k: v for k, v in locals().items() if k not in ("data_dir", "key_file")}
+    changes = {k: v for k, v in given.items() if v is not None}
     with open_store(data_dir, key_file, DEFAULT_RETENTION_DAYS) as store:
         try:
-            policy = DevicePolicy.of(store)
-            new = policy.with_changes(**changes)
-            ledger = store.get_json(LEDGER_BLOB)
-            if new.delta != policy.delta and isinstance(ledger, dict) and ledger.get("events"):
-                raise ValueError(
-                    f"the ledger holds charges at δ = {policy.delta:g}; δ cannot change now"
-                )
-            new.save(store)
+            new = _changed_policy(store, changes)
         except ValueError as err:
             raise fail(err) from None
     print(json.dumps(_policy_dict(new), indent=1))

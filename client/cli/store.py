@@ -176,11 +176,12 @@ def _federation_rows(f: dict) -> list[tuple[str, str]]:
         service += f"; paused since {when(f['paused_since'])} (declines every round)"
     rows = [
         ("federation", service),
+        *([("server's code runs", f["isolation"])] if f.get("isolation") else []),
         (
             "rounds",
             f"{f['rounds_joined']} joined, {f['rounds_declined']} declined; last "
             f"{when(f['last_round_time'])}; user ε {f['user_epsilon']:.3f} / cap "
-            f"{f['epsilon_cap']:g}",
+            f"{f['epsilon_cap']:g}; alone (worst case) ε {f['alone_epsilon']:.3f}",
         ),
     ]
     for d in f["declined"][-3:]:
@@ -202,6 +203,7 @@ def _federation_rows(f: dict) -> list[tuple[str, str]]:
                 + (f": {shapes}" + (f" and {more} more" if more > 0 else "") if shapes else ""),
             )
         )
+    rows.extend(("may leave", line) for line in f["leaves"])
     return rows
 
 

@@ -23,6 +23,7 @@ client/federation/runtime.py.)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import zlib
@@ -50,11 +51,12 @@ from client.store.state import (
     META_BLOB,
     SETTINGS_BLOB,
     DeviceState,
+    as_stored,
     lora_fingerprint,
     paused_since,
     settings_from,
 )
-from common import ab
+from common import ab, loss_sums
 from common.config import RunConfig
 from common.data import Encoded, Sample, encode
 from common.dp.discrete import DiscreteParams, offer_problem, round_seed
@@ -78,6 +80,25 @@ ENCODED_CACHE_SIZE = 16
 # DP-SGD's Poisson batches and noise come from the OS's randomness (``None``): a seed from the
 # round and the user would let the server rebuild the batches. Tests may fix it.
 DP_SGD_SEED: int | None = None
+
+
+# The release a real device last evaluated: run, round, the tensors' digest and how often.
+EVALUATED_BLOB = "evaluated_release"
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A digest of global tensors as the store keeps them (names, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(as_stored(dict(tensors)).items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _same_round(seen: Any, run: str, server_round: int) -> bool:
+    """Whether a kept :data:`EVALUATED_BLOB` record is of round ``server_round`` of ``run``."""
+    return isinstance(seen, dict) and seen.get("run") == run and seen.get("round") == server_round
 
 
 def open_node_store(
@@ -124,6 +145,9 @@ class TrainResult:
             ``update`` is empty; ``None`` when declined or in another mode.
         canary: A canary client of the privacy audit sent it (:mod:`client.federation.canary`),
             not a user: it counts in the sum, not in the users' training metrics.
+        losses: ``eval.secure-sums`` inside SecAgg+'s masked stage: the held-out losses of
+            the model the round started from (:func:`common.loss_sums.vector`), summed with
+            the cohort's; ``None`` otherwise (zeros ride in the masked vector).
         noise_share: The device declined inside the masked stage of a SecAgg+ round it had
             joined, and ``update`` (or ``encoded``) is its share of the round's noise alone:
             it sits in the sum the server unmasks with weight 1 (a zero update), so the sum
@@ -137,6 +161,7 @@ class TrainResult:
     encoded: np.ndarray | None = None
     canary: bool = False
     noise_share: bool = False
+    losses: np.ndarray | None = None
 
 
 # Rounds whose record keeps every tensor's name and shape (older ones keep the totals).
@@ -364,10 +389,12 @@ class Device(DeviceEvaluation):
 
         Ratings the assistant recorded in the store come first; in simulation a simulated
         user rates answers to held-out prompts (``common.ab.simulated_rating``). At most
-        ``ab.interactions`` per round, so the vector stays inside the SecAgg+ range.
+        ``ab.interactions`` per round, so the vector stays inside the SecAgg+ range. A real
+        device counts its user's ratings only with the owner's consent (policy
+        ``share-ab-counts``): ``None`` otherwise (zeros ride in the masked vector).
         """
         k = self.cfg.ab.interactions
-        if k == 0:
+        if k == 0 or not (self.simulated or self.policy.share_ab_counts):
             return None
         last = int(self.store.get_meta("ab_reported_until", "0") or 0)
         stored = self.store.rated_variants(after_feedback_id=last)[-k:]
@@ -433,20 +460,11 @@ class Device(DeviceEvaluation):
 
         personal = self.state.load_personal()
         ab_counts = self.ab_counts(global_shared, personal, server_round)
+        losses = self.loss_entry(global_shared) if masked and self.cfg.eval.secure_sums else None
         start = self.rt.strategy.round_start(self.rt.init, global_shared, personal)
         common = self._train_args(server_round)
         loss, after, update = self._train_locally(start, common)
-        local_only = None
-        if self.local_baseline and not self.rt.strategy.local_only_personal:
-            local_only, _ = baseline.train_round(
-                self.rt.model,
-                baseline.load(self.store),
-                strategy=self.rt.strategy,
-                init=self.rt.init,
-                examples=self.train_set,
-                precision=self.cfg.train.precision,
-                **common,
-            )
+        local_only = self._train_baseline(common)
         names, privatize = self.rt.shared_names, self.privatize
         update, norm, encoded = privatize.leaving(update, names, run=run, server_round=server_round)
         sent = what_leaves(update, masked, ab_counts, encoded=encoded)
@@ -472,7 +490,87 @@ class Device(DeviceEvaluation):
             declined=False,
             ab=ab_counts,
             encoded=encoded,
+            losses=losses,
         )
+
+    def _train_baseline(self, common: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The local-only baseline's round with the same settings, where the device trains
+        one (its tensors after), else ``None``."""
+        if not self.local_baseline or self.rt.strategy.local_only_personal:
+            return None
+        local_only, _ = baseline.train_round(
+            self.rt.model,
+            baseline.load(self.store),
+            strategy=self.rt.strategy,
+            init=self.rt.init,
+            examples=self.train_set,
+            precision=self.cfg.train.precision,
+            **common,
+        )
+        return local_only
+
+    @torch.no_grad()
+    def loss_entry(self, global_shared: dict[str, torch.Tensor]) -> np.ndarray:
+        """This device's entry in a round's SecAgg+ loss sums (``eval.secure-sums``): the
+        held-out losses of the base, the global and the served model as the round starts —
+        the tensors it trains from, as it would serve them — changing nothing."""
+        report = self.held_out_report(as_stored(global_shared))
+        return loss_sums.vector(
+            base=report["base_loss"], global_=report["global_loss"], served=report["personal_loss"]
+        )
+
+    def evaluate(
+        self, global_shared: dict[str, torch.Tensor], *, server_round: int, run: str = ""
+    ) -> dict[str, float | int]:
+        """:meth:`DeviceEvaluation.evaluate`, under the owner's rules on a real device.
+
+        A real device evaluates — and takes up as the model it serves — only the global
+        tensors of a round it trained in (the release it contributed to under terms it
+        accepted), only the first tensors such a round brings, at most ``max-evaluations``
+        times per round, and not while paused. Its per-device losses leave only when its
+        owner shares them (policy ``share-losses``); otherwise the reply says they were
+        withheld (``losses_withheld``) and carries nothing else. A simulated device (the
+        simulation reads its own devices) reports every round.
+        """
+        if self.simulated:
+            return super().evaluate(global_shared, server_round=server_round)
+        withheld: dict[str, float | int] = {"losses_withheld": 1, "num-examples": 0}
+        digest = _digest(global_shared)
+        reason = self._evaluation_refusal(run, server_round, digest)
+        if reason is not None:
+            logger.warning("device does not evaluate round %s: %s", server_round, reason)
+            return withheld
+        seen = self.store.get_json(EVALUATED_BLOB)
+        count = seen["count"] if _same_round(seen, run, server_round) else 0
+        self.store.put_json(
+            EVALUATED_BLOB,
+            {"run": run, "round": server_round, "digest": digest, "count": count + 1},
+        )
+        metrics = super().evaluate(global_shared, server_round=server_round)
+        return metrics if self.policy.share_losses else withheld
+
+    def _evaluation_refusal(self, run: str, server_round: int, digest: str) -> str | None:
+        """Why a real device will not evaluate these global tensors (``None``: it will)."""
+        if paused_since(self.store) is not None:
+            return "paused by the device's owner"
+        terms = self.policy.refusal(self.cfg, num_partitions=self.num_partitions, masked=True)
+        if terms is not None:
+            return f"the run's terms are not this device's: {terms}"
+        if not self.sent_in(run, server_round):
+            return (
+                f"it did not train in round {server_round} of run {run!r}: these tensors are "
+                "no release it took part in"
+            )
+        seen = self.store.get_json(EVALUATED_BLOB)
+        if _same_round(seen, run, server_round):
+            if seen["digest"] != digest:
+                return "the round's release was already evaluated, and these tensors differ"
+            if seen["count"] >= self.policy.max_evaluations:
+                return (
+                    f"round {server_round} was evaluated {seen['count']} time(s) already "
+                    f"(max-evaluations {self.policy.max_evaluations})"
+                )
+        return None
 
     def _train_args(self, server_round: int) -> dict[str, Any]:
         """The round's local-training settings (the seed from the round and the user)."""

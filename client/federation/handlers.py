@@ -21,12 +21,12 @@ from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 from client.federation.canary import hosted_canaries
-from client.federation.device import Device, open_node_store
+from client.federation.device import Device, TrainResult, open_node_store
 from client.federation.gate import federation_size
 from client.federation.runtime import get_runtime, shared_shapes
 from client.federation.secagg_stage import masking
 from client.federation.simulated import engine_time, simulated_user
-from common import ab, audit
+from common import ab, audit, loss_sums
 from common.config import RunConfig, parse_run_config
 from common.dp.discrete import centred
 from common.dp.privatize import Privatize, ab_in_range
@@ -95,12 +95,9 @@ def _optional_int(node: object, key: str) -> int | None:
     value = node.get(key) if hasattr(node, "get") else None  # type: ignore[union-attr]
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"node config `{key}` must be an integer, got {value!r}")
-    try:
+    if not isinstance(value, bool) and isinstance(value, (int, str)) and str(value).isdigit():
         return int(value)
-    except ValueError:
-        raise ValueError(f"node config `{key}` must be an integer, got {value!r}") from None
+    raise ValueError(f"node config `{key}` must be an integer >= 0, got {value!r}")
 
 
 def _incoming(
@@ -249,18 +246,7 @@ def _train_hosted(
             n: (sum(r.update[n] for r in carried) / w if w else torch.zeros_like(t))
             for n, t in global_shared.items()
         }
-    trained = [r.metrics["train_loss"] for r in sent if not r.canary]
-    metrics: dict[str, float | int] = {
-        "users": k,
-        "weight": k,
-        "declined": len(results) - k,
-        **({"noise_shares": w - k} if w > k else {}),
-        "num-examples": int(sum(r.metrics["num-examples"] for r in sent)),
-        # No loss from a node whose updates all came from the audit's canary clients.
-        **({"train_loss": sum(trained) / max(len(trained), 1)} if trained or not sent else {}),
-        "record_epsilon": max((r.metrics["record_epsilon"] for r in results), default=0.0),
-        "user_epsilon": max((r.metrics["user_epsilon"] for r in results), default=0.0),
-    }
+    metrics = _hosted_metrics(results, sent, noise_shares=w - k)
     counts = sum((r.ab for r in sent if r.ab is not None), np.zeros(ab.FIELDS))
     ab_vector = None
     if legacy and encoded is not None:
@@ -275,6 +261,10 @@ def _train_hosted(
             ab_vector = ab_in_range(cfg, counts / max(w, 1))
     elif cfg.ab.interactions and k:
         metrics.update(ab.to_metrics(counts))
+    loss_vector = None
+    if legacy and cfg.eval.secure_sums:  # the weighted mean over nodes must sum the entries
+        entries = sum((r.losses for r in sent if r.losses is not None), loss_sums.nothing())
+        loss_vector = loss_sums.to_masked(entries / max(w, 1), clip_norm=cfg.dp.clip_norm)
     record = build_outbound_record(
         update,
         shared_names=rt.shared_names,
@@ -283,9 +273,29 @@ def _train_hosted(
         legacy="fitres" if legacy else None,
         ab_vector=ab_vector,
         discrete=encoded,
+        loss_vector=loss_vector,
     )
     engine_time(context, cfg, server_round, started=started, device_s=device_s, users=len(chosen))
     return record
+
+
+def _hosted_metrics(
+    results: list[TrainResult], sent: list[TrainResult], *, noise_shares: int
+) -> dict[str, float | int]:
+    """A simulation node's clear metrics: its users who trained, declined or sent only
+    their noise share, their examples, mean training loss and largest ε."""
+    trained = [r.metrics["train_loss"] for r in sent if not r.canary]
+    return {
+        "users": len(sent),
+        "weight": len(sent),
+        "declined": len(results) - len(sent),
+        **({"noise_shares": noise_shares} if noise_shares else {}),
+        "num-examples": int(sum(r.metrics["num-examples"] for r in sent)),
+        # No loss from a node whose updates all came from the audit's canary clients.
+        **({"train_loss": sum(trained) / max(len(trained), 1)} if trained or not sent else {}),
+        "record_epsilon": max((r.metrics["record_epsilon"] for r in results), default=0.0),
+        "user_epsilon": max((r.metrics["user_epsilon"] for r in results), default=0.0),
+    }
 
 
 def _evaluate_hosted(content: RecordDict, context: Context, users: list[int]) -> RecordDict:
@@ -298,7 +308,7 @@ def _evaluate_hosted(content: RecordDict, context: Context, users: list[int]) ->
         if audit.canary_client(cfg, user) is not None:  # no data, nothing to evaluate
             continue
         with _hosted_device(context, cfg, user) as device:
-            row = device.evaluate(global_shared, server_round=server_round)
+            row = device.evaluate(global_shared, server_round=server_round, run=str(context.run_id))
         metrics.update({f"{k}{HOSTED_SEP}{i}": v for k, v in row.items()})
     metrics[NUM_EXAMPLES_KEY] = len(users)
     return build_outbound_record(
@@ -335,7 +345,10 @@ def train(content: RecordDict, context: Context, *, started: float | None = None
         )
     metrics = dict(result.metrics)
     cfg = device.cfg
-    ab_vector = None
+    ab_vector = loss_vector = None
+    if legacy and cfg.eval.secure_sums:  # every device appends it (zeros when declining)
+        entry = result.losses if result.losses is not None else loss_sums.nothing()
+        loss_vector = loss_sums.to_masked(entry, clip_norm=cfg.dp.clip_norm)
     if legacy:
         # SecAgg+ sums the update weighted by num_examples: 1 per participant, 0 if declined
         # (1 for a late decline's noise share: the server counts users, ``declined``).
@@ -344,7 +357,7 @@ def train(content: RecordDict, context: Context, *, started: float | None = None
             # Every device appends the same-shaped vector (zeros when declining).
             counts = result.ab if result.ab is not None else np.zeros(ab.FIELDS)
             ab_vector = counts if encoded is not None else ab_in_range(cfg, counts)
-    elif result.ab is not None:
+    elif result.ab is not None and device.simulated:  # a real device's: only under SecAgg+
         metrics.update(ab.to_metrics(result.ab))
     record = build_outbound_record(
         {} if encoded is not None else result.update,
@@ -354,6 +367,7 @@ def train(content: RecordDict, context: Context, *, started: float | None = None
         legacy="fitres" if legacy else None,
         ab_vector=ab_vector,
         discrete=encoded,
+        loss_vector=loss_vector,
     )
     engine_time(context, cfg, server_round, started=started, device_s=device_s, users=1)
     return record
@@ -366,7 +380,7 @@ def evaluate(content: RecordDict, context: Context) -> RecordDict:
         return _evaluate_hosted(content, context, hosted)
     with _device(context) as device:
         global_shared, server_round, legacy = _incoming(content, device.cfg, "evaluateins")
-        metrics = device.evaluate(global_shared, server_round=server_round)
+        metrics = device.evaluate(global_shared, server_round=server_round, run=str(context.run_id))
     return build_outbound_record(
         {},
         shared_names=device.rt.shared_names,

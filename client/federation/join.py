@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.federation.sandbox import problem as sandbox_problem
+from client.federation.sandbox import sandboxed
 from client.store import FEDERATION_FILES
 from common.atomic import atomic_write_bytes
 from common.crypto import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
@@ -265,12 +267,41 @@ def diagnose_supernode(plan: JoinPlan, code: int, tail: list[str]) -> str | None
     return None
 
 
-def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Child]:
-    """The worker, the SuperNode and its ClientApp executor, in start order."""
+def _sandboxed_executor(
+    plan: JoinPlan, run_dir: Path, executor: list[str]
+) -> tuple[list[str], dict[str, str]]:
+    """The executor's command under bubblewrap, and its environment: its own Flower home
+    (the app bundles it installs) in the run folder, never the store's."""
+    exec_home = run_dir / "clientapp-home"
+    exec_home.mkdir(mode=0o700, exist_ok=True)
+    passphrase_file = os.environ.get(PASSPHRASE_FILE_ENV)
+    hidden = [plan.data_dir, *([plan.key_file] if plan.key_file is not None else [])]
+    if passphrase_file:
+        hidden.append(Path(passphrase_file))
+    command = sandboxed(
+        executor, readable=[run_dir], writable=[exec_home], hidden=hidden, home=exec_home
+    )
+    return command, flower_env(exec_home, drop=(PASSPHRASE_ENV, PASSPHRASE_FILE_ENV))
+
+
+def children(
+    plan: JoinPlan, run_dir: Path, passphrase: str | None, *, sandbox: bool = False
+) -> list[Child]:
+    """The worker, the SuperNode and its ClientApp executor, in start order; with
+    ``sandbox``, the executor under bubblewrap (:mod:`client.federation.sandbox`)."""
     from client.federation.worker import SOCKET_KEY, ping
 
     env = flower_env(plan.data_dir / "flwr", drop=(PASSPHRASE_ENV, PASSPHRASE_FILE_ENV))
     sock = run_dir / "worker.sock"
+    # One service: the SuperNode and its executor prove themselves to each other with a
+    # secret (Flower's SuperExec authentication), so another local user cannot act as the
+    # executor on the runtime API. Parts (--part) share a network namespace of their own
+    # instead (docker-compose.yml: the executor in its SuperNode's).
+    auth = (
+        []
+        if plan.part is not None
+        else ["--superexec-auth-secret-file", str(superexec_secret(run_dir))]
+    )
     runtime = plan.runtime_port or free_port()
     node_health, exec_health = free_port(), free_port()
     worker = [
@@ -303,12 +334,15 @@ def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Chil
         "--auth-supernode-private-key", str(plan.node_key),
         "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime),
         "--health-server-address", f"127.0.0.1:{node_health}",
-        "--node-config", f'{SOCKET_KEY}="{sock}"',
+        "--node-config", f'{SOCKET_KEY}="{sock}"', *auth,
     ]  # fmt: skip
     executor = [
         str(BIN / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{runtime}",
-        "--insecure", "--health-server-address", f"127.0.0.1:{exec_health}",
+        "--insecure", "--health-server-address", f"127.0.0.1:{exec_health}", *auth,
     ]  # fmt: skip
+    exec_env = env
+    if sandbox:
+        executor, exec_env = _sandboxed_executor(plan, run_dir, executor)
     every = [
         Child(
             "worker",
@@ -326,9 +360,50 @@ def children(plan: JoinPlan, run_dir: Path, passphrase: str | None) -> list[Chil
             ready=lambda: port_open(runtime),
             diagnose=lambda code, tail: diagnose_supernode(plan, code, tail),
         ),
-        Child("clientapp-executor", executor, env=env, ready=lambda: port_open(exec_health)),
+        Child("clientapp-executor", executor, env=exec_env, ready=lambda: port_open(exec_health)),
     ]
     return [c for c in every if plan.runs(c.name)]
+
+
+def superexec_secret(run_dir: Path) -> Path:
+    """``<run_dir>/superexec.secret``: 32 random bytes (0600), made once per run folder
+    (written aside, then linked into place)."""
+    path = run_dir / "superexec.secret"
+    if path.exists():
+        return path
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".secret-")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(os.urandom(32))
+        with contextlib.suppress(FileExistsError):  # another part made it meanwhile
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return path
+
+
+SANDBOXED = "bubblewrap"
+
+
+def isolation(plan: JoinPlan, logger: logging.Logger) -> str:
+    """How the ClientApp executor (the server's code) runs: :data:`SANDBOXED`, in a part of
+    its own (``--part``: its container isolates it), or ``none: <why>`` — said at start, in
+    the log, and kept in the service's state (``device status``)."""
+    if not plan.runs("clientapp-executor"):
+        return "no executor in this part"
+    if plan.part is not None:
+        return "its own part (--part clientapp-executor: its container isolates it)"
+    why = sandbox_problem()
+    if why is None:
+        return SANDBOXED
+    logger.warning(
+        "the ClientApp executor runs WITHOUT a sandbox: %s. The server's ClientApp code then "
+        "runs as your user and could read what your user can — this device's store files "
+        "(encrypted), its key file, node key and passphrase file — and write the software it "
+        "runs from (docs/deploy.md, 'Who may run code on a device').",
+        why,
+    )
+    return f"none: {why}"
 
 
 def write_state(
@@ -337,6 +412,7 @@ def write_state(
     *,
     joined_at: float,
     server: dict[str, Any] | None = None,
+    isolated: str = "",
 ) -> None:
     """``<data-dir>/federation.json``: the federation, the service's processes and the last
     check of the server (``server``: ``reachable``, ``checked_at``, ``error``)."""
@@ -349,6 +425,8 @@ def write_state(
         "updated_at": time.time(),
         "processes": processes,
         "server": server,
+        # How the server's ClientApp code runs here: in a sandbox, or not (and why).
+        "isolation": isolated,
     }
     if plan.part is not None:
         state["part"] = plan.part
@@ -414,10 +492,11 @@ def join(
     joined_at = time.time()
     server: dict[str, Any] | None = None
     processes: dict[str, Any] = {}
+    isolated = isolation(plan, logger)
 
     def record(now: dict[str, Any] | None = None) -> None:
         processes.update(now or {})
-        write_state(plan, processes, joined_at=joined_at, server=server)
+        write_state(plan, processes, joined_at=joined_at, server=server, isolated=isolated)
 
     def probe() -> None:
         """Check the server answers (TLS with the federation's CA); record it."""
@@ -434,7 +513,7 @@ def join(
 
     try:
         sup = Supervisor(
-            children(plan, run_dir, passphrase),
+            children(plan, run_dir, passphrase, sandbox=isolated == SANDBOXED),
             logger=logger,
             on_change=record,
             tick=(PROBE_S, probe) if plan.runs("supernode") else None,

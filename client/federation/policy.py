@@ -20,6 +20,12 @@ decline.
 * ``max_cohort``: the most honest devices a round may size each share for (⌊h·m_min⌋): a
   server that claims a cohort of a million would otherwise get each update with a
   thousandth of the noise.
+* ``share_losses``: per-device held-out losses leave in an evaluation reply only when the
+  owner allows it; otherwise they leave only summed under SecAgg+ (``eval.secure-sums``). A
+  real device evaluates only the global tensors of a round it trained in, at most
+  ``max_evaluations`` times per round, and serves a new global model only from such a round.
+* ``share_ab_counts``: the A/B test's counts of the user's ratings leave only with the
+  owner's consent, and only inside the SecAgg+ sum (never in the clear).
 * ``worst_case_epsilon_cap`` (:class:`common.config.PrivacyCaps`): the ledger also charges
   each update as if it were alone — its own share the only noise (``alone``) — and, when
   this is set, declines a round that would take that ε past it.
@@ -48,8 +54,8 @@ from common.config import PrivacyCaps, RunConfig, finite_number
 from common.dp.privatize import Privatize
 
 POLICY_BLOB = "privacy_policy"
-# Version 2 adds honest_fraction, max_cohort and worst_case_epsilon_cap; a version-1 policy
-# loads with their defaults (its owner never chose them).
+# Version 2 adds the VERSION_2_KEYS; a version-1 policy loads with their defaults (its owner
+# never chose them).
 POLICY_VERSION = 2
 
 # Upper bounds on work a server can ask of a device (each a run-config key and its attribute
@@ -67,7 +73,14 @@ KNOB_LIMITS: dict[str, tuple[str, int]] = {
 
 # A simulation's devices accept the cohorts their owner, the simulation, sizes.
 SIMULATION_MAX_COHORT = 1_000_000_000
-VERSION_2_KEYS = ("honest_fraction", "max_cohort", "worst_case_epsilon_cap")
+VERSION_2_KEYS = (
+    "honest_fraction",
+    "max_cohort",
+    "worst_case_epsilon_cap",
+    "share_losses",
+    "max_evaluations",
+    "share_ab_counts",
+)
 
 
 class PolicyRefused(RuntimeError):
@@ -93,6 +106,9 @@ class DevicePolicy(PrivacyCaps):
     require_secagg: bool = True
     trust_server_noise: bool = False
     trust_server_sampling: bool = False
+    share_losses: bool = False
+    max_evaluations: int = 1
+    share_ab_counts: bool = False
 
     def _checks(self) -> list[tuple[bool, str, str]]:
         checks = [
@@ -109,8 +125,19 @@ class DevicePolicy(PrivacyCaps):
                 "in (0, 1]",
             ),
             (type(self.max_cohort) is int and self.max_cohort >= 1, "max-cohort", ">= 1"),
+            (
+                type(self.max_evaluations) is int and self.max_evaluations >= 1,
+                "max-evaluations",
+                ">= 1",
+            ),
         ]
-        for name in ("require_secagg", "trust_server_noise", "trust_server_sampling"):
+        for name in (
+            "require_secagg",
+            "trust_server_noise",
+            "trust_server_sampling",
+            "share_losses",
+            "share_ab_counts",
+        ):
             checks.append((type(getattr(self, name)) is bool, name.replace("_", "-"), "a bool"))
         return checks
 
@@ -133,6 +160,9 @@ class DevicePolicy(PrivacyCaps):
             require_secagg=dp.distributed and cfg.secagg.enabled,
             trust_server_noise=dp.noise_mode == "central",
             trust_server_sampling=p.verifiable_sampling,
+            # The simulation reads its own devices' stores: its per-user tables.
+            share_losses=True,
+            share_ab_counts=True,
         )
 
     def to_dict(self) -> dict[str, Any]:

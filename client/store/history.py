@@ -261,6 +261,7 @@ class History(Connection):
             cur.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_purge', ?)", (str(now),)
             )
+        removed += self._purge_chats(cutoff)
         if removed:
             logger.info(
                 "retention: purged %d interaction(s) and example(s) older than %g days",
@@ -268,6 +269,19 @@ class History(Connection):
                 self.retention_days,
             )
         return int(removed)
+
+    def _purge_chats(self, cutoff: float) -> int:
+        """Drop the web app's chat turns older than ``cutoff`` (:mod:`client.store.chats`);
+        return how many went."""
+        from client.store.chats import CHATS_BLOB, without_older
+
+        chats = self.get_json(CHATS_BLOB)  # type: ignore[attr-defined]
+        if not isinstance(chats, dict):
+            return 0
+        kept, removed = without_older(chats, cutoff)
+        if kept != chats:
+            self.put_json(CHATS_BLOB, kept)  # type: ignore[attr-defined]
+        return removed
 
     def maybe_purge(self, *, now: float | None = None) -> int:
         """:meth:`purge_expired` if the last purge is more than a day old."""

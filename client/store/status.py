@@ -204,6 +204,8 @@ def federation(store: LocalStore) -> dict[str, Any]:
         "connected": None if service is None else service.get("connected"),
         "server_error": None if service is None else service.get("server_error"),
         "processes": {} if service is None else service.get("processes", {}),
+        # How `join` runs the server's ClientApp code here (client/federation/sandbox.py).
+        "isolation": None if service is None else service.get("isolation"),
         "paused_since": paused_since(store),
         "rounds_joined": int(s["rounds_charged"]),
         "rounds_declined": len(declined),
@@ -212,6 +214,8 @@ def federation(store: LocalStore) -> dict[str, Any]:
         "epsilon_cap": p.epsilon_cap,
         "last_round_time": max(times, default=None),
         "sent": sent[-10:],
+        "alone_epsilon": s["alone_epsilon"],
+        "leaves": what_leaves(p)["leaves"],
     }
 
 
@@ -224,6 +228,36 @@ NEVER_LEAVES = (
     "the personal adapter (it trains here and stays here)",
     "the store's key, passphrase and API token",
 )
+
+
+def what_leaves(policy: DevicePolicy) -> dict[str, list[str]]:
+    """What may leave this device under its owner's ``policy`` (``leaves``), and what never
+    does (``never_leaves``), in words for the privacy page and ``device status``."""
+    leaves = [
+        "in each round it joins: the update of the shared adapter, clipped to norm C with its "
+        "share of the noise, masked by SecAgg+ (the server sees only the cohort's sum)"
+        + ("" if policy.require_secagg else ", or unmasked where the round has no SecAgg+"),
+        "beside it, allow-listed numbers: whether it declined, how many examples it trained "
+        "on, its training loss and the ε it has spent",
+        "if a round asks for them (eval.secure-sums): its held-out losses of the model the "
+        "round started from, only inside the SecAgg+ sum",
+    ]
+    never = list(NEVER_LEAVES)
+    if policy.share_losses:
+        leaves.append(
+            "after a round it trained in: its held-out losses of that round's release, "
+            "once per round (share-losses is on)"
+        )
+    else:
+        never.append("your held-out losses, one by one (share-losses is off)")
+    if policy.share_ab_counts:
+        leaves.append(
+            "how many of your ratings each model got and their sums (the A/B test), only "
+            "inside the SecAgg+ sum (share-ab-counts is on)"
+        )
+    else:
+        never[1] = "your ratings, preferred answers and edits, and any count of them"
+    return {"leaves": leaves, "never_leaves": never}
 
 
 def privacy(store: LocalStore, *, shared_numbers: int | None = None) -> dict[str, Any]:
@@ -291,7 +325,7 @@ def privacy(store: LocalStore, *, shared_numbers: int | None = None) -> dict[str
         "federation": federation(store),
         "budget": budget(store),
         "rounds": rounds,
-        "never_leaves": list(NEVER_LEAVES),
+        **what_leaves(p),
         "retention_days": store.retention_days,
         "last_purge": float(store.get_meta("last_purge", "0") or 0),
         "stored": {

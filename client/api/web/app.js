@@ -6,12 +6,20 @@
 //   hidden attribute only;
 // * every piece of server or model data goes into the page as text (textContent, text nodes
 //   and attribute values), never parsed as HTML (no HTML-setting property or call appears here);
-// * the API token lives in localStorage and is sent only as an Authorization header on
-//   same-origin fetches; never in a URL and never in a cookie (credentials: "omit").
+// * the API token lives in sessionStorage (gone when the browser closes) and is sent only as an
+//   Authorization header on same-origin fetches; never in a URL and never in a cookie
+//   (credentials: "omit");
+// * the chats live in the device's encrypted store (GET/PUT /v1/chats), never in the
+//   browser's storage: the retention purge and `forget` reach them there.
 "use strict";
 
 const TOKEN_KEY = "fedpersona.token";
-const CHATS_KEY = "fedpersona.chats";
+const CHATS_KEY = "fedpersona.chats"; // where earlier versions kept plain-text chats
+const SAVE_DELAY_MS = 400; // chats are written to the store at most this often
+
+// What earlier versions left in this browser's persistent storage goes at once.
+localStorage.removeItem(TOKEN_KEY);
+localStorage.removeItem(CHATS_KEY);
 const OPTIONS_KEY = "fedpersona.options";
 const PAGES = ["chat", "profile", "privacy", "model"];
 
@@ -100,35 +108,60 @@ const sendJSON = async (method, path, body) => (await api(path, { method, body }
 // ---- state --------------------------------------------------------------------------------
 
 const state = {
-  token: localStorage.getItem(TOKEN_KEY),
+  token: sessionStorage.getItem(TOKEN_KEY),
   models: [],
-  store: loadChats(),
+  store: { active: null, chats: [] },
+  saving: null, // the timer of the next write of the chats to the store
   streaming: null, // AbortController of the answer being streamed
   erased: false,
   profile: null,
 };
 
-function loadChats() {
-  try {
-    const saved = JSON.parse(localStorage.getItem(CHATS_KEY));
-    if (saved && Array.isArray(saved.chats)) {
-      // An answer still streaming when the page closed never finished.
-      for (const m of saved.chats.flatMap((c) => c.messages || [])) {
-        if (m.pending) {
-          delete m.pending;
-          m.error = "interrupted";
-        }
+/** The chats the device's store keeps for this page. */
+async function loadChats() {
+  const saved = await getJSON("/v1/chats");
+  if (saved && Array.isArray(saved.chats)) {
+    // An answer still streaming when the page closed never finished.
+    for (const m of saved.chats.flatMap((c) => c.messages || [])) {
+      if (m.pending) {
+        delete m.pending;
+        m.error = "interrupted";
       }
-      return saved;
     }
-  } catch {
-    // a corrupted entry starts afresh rather than breaking the page
+    return saved;
   }
   return { active: null, chats: [] };
 }
 
+// A page closed within SAVE_DELAY_MS of a change still writes it (a request that outlives
+// the page).
+window.addEventListener("pagehide", () => {
+  if (!state.saving || !state.token) return;
+  clearTimeout(state.saving);
+  state.saving = null;
+  fetch("/v1/chats", {
+    method: "PUT",
+    keepalive: true,
+    credentials: "omit",
+    headers: { Authorization: `Bearer ${state.token}`, "Content-Type": "application/json" },
+    body: JSON.stringify(state.store),
+  });
+});
+
+/** Write the chats to the device's encrypted store, soon (one write for a burst of changes). */
 function saveChats() {
-  localStorage.setItem(CHATS_KEY, JSON.stringify(state.store));
+  if (state.saving) clearTimeout(state.saving);
+  state.saving = setTimeout(async () => {
+    state.saving = null;
+    if (!state.token || state.erased) return;
+    try {
+      await sendJSON("PUT", "/v1/chats", state.store);
+    } catch (err) {
+      if (err.status !== 401 && err.status !== 410) {
+        banner(`Your chats could not be saved on the device: ${err.message}`);
+      }
+    }
+  }, SAVE_DELAY_MS);
 }
 
 function activeChat() {
@@ -147,7 +180,8 @@ function loadOptions() {
 
 function signOut(message = "") {
   state.token = null;
-  localStorage.removeItem(TOKEN_KEY);
+  state.store = { active: null, chats: [] };
+  sessionStorage.removeItem(TOKEN_KEY);
   if (state.streaming) state.streaming.abort();
   show($("nav"), false);
   for (const p of PAGES) show($(`page-${p}`), false);
@@ -162,8 +196,9 @@ async function signIn(token) {
   const res = await api("/v1/models", { token });
   const models = (await res.json()).data || [];
   state.token = token;
-  localStorage.setItem(TOKEN_KEY, token);
+  sessionStorage.setItem(TOKEN_KEY, token);
   setModels(models);
+  state.store = await loadChats();
   $("login-error").textContent = "";
   show($("page-login"), false);
   show($("nav"), true);
@@ -188,12 +223,9 @@ $("login-form").addEventListener("submit", async (event) => {
   }
 });
 
-// Logging out leaves nothing readable in this browser: the chats are plain-text copies of
-// what the device keeps encrypted.
+// Logging out leaves nothing in this browser: the chats stay in the device's encrypted store.
 $("logout").addEventListener("click", () => {
-  state.store = { active: null, chats: [] };
-  localStorage.removeItem(CHATS_KEY);
-  signOut("Signed out. This browser's chats were cleared.");
+  signOut("Signed out. Your chats stay on the device, encrypted.");
 });
 
 function banner(text) {
@@ -377,7 +409,7 @@ $("chat-form").addEventListener("submit", async (event) => {
 
   const chat = activeChat() || newChat();
   if (!chat.messages.length) chat.title = chatTitle(prompt);
-  const question = { role: "user", content: prompt };
+  const question = { role: "user", content: prompt, ts: Date.now() };
   chat.messages.push(question);
   const body = {
     model,
@@ -387,7 +419,7 @@ $("chat-form").addEventListener("submit", async (event) => {
     max_tokens: maxTokens,
     temperature,
   };
-  const answer = { role: "assistant", content: "", pending: true };
+  const answer = { role: "assistant", content: "", pending: true, ts: Date.now() };
   chat.messages.push(answer);
   $("prompt").value = "";
   saveChats();
@@ -840,6 +872,7 @@ function renderPrivacy(p) {
       : el("p", { class: "muted" }, "No federated rounds yet: nothing has left this device."),
   );
   renderFederation(p.federation || {});
+  $("leaves").replaceChildren(...(p.leaves || []).map((x) => el("li", {}, x)));
   $("never-leaves").replaceChildren(...(p.never_leaves || []).map((x) => el("li", {}, x)));
   const s = p.stored || {};
   facts($("stored"), [
@@ -928,9 +961,8 @@ $("forget-form").addEventListener("submit", async (event) => {
   $("forget-error").textContent = "";
   try {
     const result = await sendJSON("POST", "/v1/forget", { confirm: "forget" });
-    // The chats in this browser are copies of the erased history: they go too.
+    // The chats were in the erased store: this page's copy goes too.
     state.store = { active: null, chats: [] };
-    localStorage.removeItem(CHATS_KEY);
     markErased();
     showErased(result.erased || []);
   } catch (err) {

@@ -600,3 +600,28 @@ def test_a_worker_keeps_no_passphrase_in_its_environment(tmp_path, sock_dir) -> 
     # Assert: it runs, unlocked, and its environment holds no passphrase.
     assert alive
     assert phrase.encode() not in environ and b"FEDPERSONA_PASSPHRASE=" not in environ
+
+
+@pytest.mark.parametrize("order", ["skip key sharing", "replay key sharing", "unmask first"])
+def test_secagg_stages_out_of_order_are_refused_before_anything_is_trained(
+    tmp_path, device, order
+) -> None:
+    # Prepare: a server that skips, replays or reorders SecAgg+'s stages (Flower's own stage
+    # check refuses these already; the test keeps it so, through the worker).
+    raw = tiny_run_config(**CLAIMS)
+    server = LyingServer(device(), raw)
+    clip = _privatize(raw).clipping_range
+
+    # Execute / Assert: refused with a code; nothing trained, charged or sent.
+    with pytest.raises(DeviceError):
+        if order == "skip key sharing":
+            server.setup(clipping_range=clip)
+            server.collect(_shared(raw))
+        elif order == "replay key sharing":
+            server.setup(clipping_range=clip)
+            server.share_keys()
+            server.share_keys()
+        else:
+            server._stage(Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: [1], Key.DEAD_NODE_ID_LIST: []})
+    assert _ledger(tmp_path)["events"] == []
+    assert stored_device_state(tmp_path / "device")["personal"] is None

@@ -144,9 +144,15 @@ document.addEventListener("securitypolicyviolation", (e) =>
 
 @pytest.fixture
 def page(browser, server) -> Iterator[tuple[Page, Watch]]:
-    """A fresh browser context (empty localStorage) and page, and what it did. On teardown:
-    every request went to 127.0.0.1, none carried the token in its URL, no cookie was set, no
-    CSP violation and no uncaught script error happened."""
+    """A fresh browser context (empty storage) and page over a device with no chats kept
+    (they live in its store: client/store/chats.py), and what it did. On teardown: every
+    request went to 127.0.0.1, none carried the token in its URL, no cookie was set, no CSP
+    violation and no uncaught script error happened."""
+    from client.store import StoreError
+    from client.store.chats import CHATS_BLOB
+
+    with contextlib.suppress(StoreError):  # forgotten by test_forget_erases_everything
+        server.assistant.store.put_json(CHATS_BLOB, {"active": None, "chats": []})
     context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
     context.add_init_script(CSP_LISTENER)
     pg = context.new_page()
@@ -519,7 +525,10 @@ def test_markup_in_answers_and_profile_shows_as_text_and_never_runs(page, server
     expect(pg.locator("#chat-list")).to_contain_text("<b>bold</b>")
     # The chat is kept in the device's encrypted store, not in the browser, and comes back
     # from there.
-    pg.wait_for_function("state.saving === null")
+    deadline = time.monotonic() + 10  # written within SAVE_DELAY_MS (page.wait_for_function
+    while pg.evaluate("state.saving !== null"):  # would need eval, which the CSP forbids)
+        assert time.monotonic() < deadline, "the chats were not saved"
+        pg.wait_for_timeout(100)
     assert "fedpersona.chats" not in pg.evaluate("Object.keys(localStorage)")
     kept = server.assistant.store.get_json("webapp_chats")
     assert payload in [m["content"] for c in kept["chats"] for m in c["messages"]]

@@ -58,25 +58,42 @@ def sock_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def _worker() -> Iterator[tuple[Path, Path]]:
+    """One device worker for the module's tests: its store is ``<dir>/device``, a link each
+    test points at a device of its own (the worker opens the store it names per message), and
+    its key file ``<dir>/device.key`` is every test device's."""
+    root = Path(tempfile.mkdtemp(prefix="fpd-", dir="/tmp"))  # a Unix socket path is short
+    link, first = root / "device", root / "first"
+    device_node_config(first, 0, 4)
+    shutil.copy2(first.with_name("first.key"), link.with_name("device.key"))
+    link.symlink_to(first)
+    proc = _start_worker(root / "w.sock", link)
+    yield root / "w.sock", link
+    _stop(proc)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
-def device(tmp_path, sock_dir) -> Iterator[Callable[..., Path]]:
+def device(tmp_path, _worker) -> Callable[..., Path]:
     """``device(policy)``: a real device (a role's examples in its store, ``policy`` kept
-    there; ``None``: the defaults ``device init`` keeps) and its worker; returns the socket."""
-    started: list[Any] = []
+    there; ``None``: the defaults ``device init`` keeps) in ``tmp_path / "device"``, served
+    by the module's worker; returns the worker's socket."""
+    sock, link = _worker
 
     def start(policy: DevicePolicy | None = None) -> Path:
         data_dir = tmp_path / "device"
+        shutil.copy2(link.with_name("device.key"), data_dir.with_name("device.key"))
         device_node_config(data_dir, 0, 4, policy=policy)
         if policy is None:
             with open_test_store(data_dir) as store:
                 DevicePolicy().save(store)
-        sock = sock_dir / "w.sock"
-        started.append(_start_worker(sock, data_dir))
+        staged = link.with_name("device.next")
+        staged.symlink_to(data_dir)
+        staged.replace(link)  # the worker's next message opens this device's store
         return sock
 
-    yield start
-    for proc in started:
-        _stop(proc)
+    return start
 
 
 def _ledger(tmp_path: Path) -> dict[str, Any]:
